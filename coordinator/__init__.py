@@ -1,0 +1,1 @@
+"""The coordinator: run manifest, gRPC API, peer registry, checkpoint publishing."""

@@ -1,0 +1,154 @@
+"""Checkpoint directories on disk: atomic finalisation, listing and verification. No torch.
+
+A published checkpoint is `<root>/step-<epoch:08d>/` holding HF-format files and `crowdtrain.json`,
+which lists the sha256 and size of every other file. A checkpoint exists only once its directory
+has been renamed into place, after every file was written and fsynced; leftovers of an interrupted
+write (`.tmp-*`) are removed at start-up and never listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from peer.data import sha256_file
+
+logger = logging.getLogger(__name__)
+
+META_NAME = "crowdtrain.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match its recorded hashes."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    run_id: str
+    step: int  # the swarm epoch the state was taken at
+    samples_seen: int  # epochs x target batch size: a lower bound of the samples the model learnt from
+    eval_loss: float  # nats per token on the run's held-out split
+    created_unix_s: float
+    manifest_sha256: str
+    previous_step: int | None
+    files: tuple[FileEntry, ...]
+
+    def to_json(self) -> str:
+        d = dict(
+            self.__dict__,
+            files={f.name: {"sha256": f.sha256, "size_bytes": f.size_bytes} for f in self.files},
+        )
+        return json.dumps(dict(format_version=FORMAT_VERSION, **d), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointMeta:
+        raw = json.loads(text)
+        if raw.pop("format_version", None) != FORMAT_VERSION:
+            raise CheckpointError(f"{META_NAME} has an unsupported format; upgrade crowdtrain")
+        files = tuple(FileEntry(n, v["sha256"], v["size_bytes"]) for n, v in sorted(raw.pop("files").items()))
+        return cls(files=files, **raw)
+
+
+def step_dirname(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def new_staging_dir(root: Path, step: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".tmp-{step_dirname(step)}-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    return path
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finalize(staging: Path, root: Path, meta_without_files: CheckpointMeta) -> CheckpointMeta:
+    """Hash every file in `staging`, write crowdtrain.json, fsync, and rename into place atomically."""
+    entries = []
+    for path in sorted(staging.iterdir()):
+        if path.name == META_NAME or not path.is_file():
+            continue
+        _fsync_path(path)
+        entries.append(FileEntry(path.name, sha256_file(path), path.stat().st_size))
+    meta = CheckpointMeta(**{**meta_without_files.__dict__, "files": tuple(entries)})
+    (staging / META_NAME).write_text(meta.to_json())
+    _fsync_path(staging / META_NAME)
+    _fsync_path(staging)
+    final = root / step_dirname(meta.step)
+    if final.exists():
+        raise CheckpointError(f"checkpoint {final} already exists")
+    os.rename(staging, final)
+    _fsync_path(root)
+    return meta
+
+
+def clean_staging(root: Path) -> int:
+    """Remove leftovers of interrupted writes; returns how many were removed."""
+    removed = 0
+    if root.is_dir():
+        for path in root.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def read_meta(directory: Path) -> CheckpointMeta:
+    try:
+        return CheckpointMeta.from_json((directory / META_NAME).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no {META_NAME}: not a crowdtrain checkpoint") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory / META_NAME} is malformed: {e}") from e
+
+
+def list_checkpoints(root: Path) -> list[CheckpointMeta]:
+    """Published checkpoints, oldest first."""
+    metas = []
+    if root.is_dir():
+        for path in sorted(root.glob("step-*")):
+            try:
+                metas.append(read_meta(path))
+            except CheckpointError as e:
+                logger.warning("ignoring %s: %s", path, e)
+    return metas
+
+
+def verify_dir(directory: Path, expected: CheckpointMeta | None = None) -> CheckpointMeta:
+    """Check every file against crowdtrain.json (and, if given, against `expected`'s list)."""
+    meta = read_meta(directory)
+    if expected is not None and (meta.step, meta.files) != (expected.step, expected.files):
+        raise CheckpointError(
+            f"{directory / META_NAME} does not match the coordinator's listing of step {expected.step}"
+        )
+    for entry in meta.files:
+        path = directory / entry.name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != entry.size_bytes:
+            raise CheckpointError(f"{path} has {size} bytes, expected {entry.size_bytes}")
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise CheckpointError(
+                f"{path} is corrupted: sha256 {digest[:12]}..., expected {entry.sha256[:12]}..."
+            )
+    return meta

@@ -1,0 +1,121 @@
+"""A client of the coordinator API with deadlines and capped exponential backoff. No torch.
+
+Only this module catches `grpc.RpcError`; callers see `CoordinatorUnavailable` (retryable: the
+network or the coordinator is down) or `CoordinatorRejected` (the coordinator said no).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from protos import coordinator_pb2 as pb
+from protos import coordinator_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class CoordinatorUnavailable(ConnectionError):
+    """The coordinator could not be reached (wrong address, down, or the network is)."""
+
+
+class CoordinatorRejected(RuntimeError):
+    """The coordinator answered with an error that retrying will not fix."""
+
+
+def parse_address(address: str) -> str:
+    """Validate HOST:PORT and return it; raises ValueError with what to type instead."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator address {address!r} is not HOST:PORT (for example 203.0.113.7:50051)")
+    return address
+
+
+class CoordinatorClient:
+    def __init__(self, address: str, rpc_timeout_s: float = 10.0):
+        self.address = parse_address(address)
+        self.rpc_timeout_s = rpc_timeout_s
+        self._channel = grpc.insecure_channel(
+            self.address, options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., T], request, timeout_s: float | None = None) -> T:
+        try:
+            return method(request, timeout=timeout_s or self.rpc_timeout_s)
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+            if code in _RETRYABLE:
+                raise CoordinatorUnavailable(
+                    f"coordinator at {self.address} is unreachable ({code.name}: {details})"
+                ) from None
+            raise CoordinatorRejected(
+                f"coordinator at {self.address} refused: {code.name}: {details}"
+            ) from None
+
+    def join(self, request: pb.JoinRequest) -> pb.JoinResponse:
+        return self._call(self._stub.Join, request)
+
+    def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        return self._call(self._stub.Heartbeat, request)
+
+    def leave(self, session_id: str, reason: str) -> None:
+        self._call(self._stub.Leave, pb.LeaveRequest(session_id=session_id, reason=reason), timeout_s=3.0)
+
+    def list_checkpoints(self) -> pb.ListCheckpointsResponse:
+        return self._call(self._stub.ListCheckpoints, pb.ListCheckpointsRequest())
+
+
+def retry_until(
+    fn: Callable[[], T],
+    *,
+    deadline_s: float,
+    what: str,
+    stop: threading.Event | None = None,
+    initial_backoff_s: float = 0.5,
+    max_backoff_s: float = 10.0,
+) -> T:
+    """Call `fn` until it succeeds, retrying `CoordinatorUnavailable` with capped jittered backoff.
+
+    Gives up after `deadline_s` seconds with a CoordinatorUnavailable saying what to check.
+    """
+    start = time.monotonic()
+    backoff = initial_backoff_s
+    while True:
+        try:
+            return fn()
+        except CoordinatorUnavailable as e:
+            elapsed = time.monotonic() - start
+            if elapsed + backoff > deadline_s or (stop is not None and stop.is_set()):
+                raise CoordinatorUnavailable(
+                    f"{e}; gave up on {what} after {elapsed:.0f}s - check the address and that the "
+                    "coordinator is running and reachable from this machine"
+                ) from None
+            logger.warning("%s: %s; retrying in %.1fs", what, e, backoff)
+            if stop is not None:
+                stop.wait(backoff)
+            else:
+                time.sleep(backoff)
+            backoff = min(max_backoff_s, backoff * 2) * random.uniform(0.8, 1.2)

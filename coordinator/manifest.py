@@ -1,0 +1,295 @@
+"""The run manifest: everything a peer needs to train the same model on the same data as the swarm.
+
+The coordinator owns the manifest; peers receive it in `Join` and must not deviate from it. It is
+plain JSON on the wire (`RunManifest.to_json` / `RunManifest.from_json`) and imports neither torch
+nor hivemind, so the coordinator's CLI stays light.
+
+Presets describe whole runs (model size, data budget, swarm knobs). `tiny` trains visibly on two CPU
+cores in a few minutes; `base125m` is a realistic ~125M-parameter Llama-style model for GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass
+
+MANIFEST_FORMAT_VERSION = 1
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+class ManifestError(ValueError):
+    """A manifest or preset is unknown, malformed or from an incompatible version."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str  # a transformers model type, e.g. "llama"
+    config: dict  # kwargs for transformers.AutoConfig.for_model(model_type, **config)
+    init_seed: int  # every peer initialises the same weights from this seed (on CPU)
+    num_parameters: int  # for people; computed from the config when the run is created
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    kind: str  # "byte-level-bpe"
+    vocab_size: int
+    sha256: str  # of the tokenizer.json text shipped beside the manifest
+    eos_token: str = EOS_TOKEN
+    pad_token: str = PAD_TOKEN
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    name: str  # file name, served at <http_base_url>/data/<name>
+    sha256: str
+    size_bytes: int
+    num_documents: int
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str  # where the text came from, for provenance ("python-stdlib 3.11.7", or the user's paths)
+    seq_len: int  # tokens per training sequence
+    eval_fraction: float  # share of documents held out for evaluation
+    eval: ShardSpec  # the held-out documents
+    shards: tuple[ShardSpec, ...]  # training shards; each peer reads one
+    eval_max_sequences: int  # how many held-out sequences an evaluation uses
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    learning_rate: float
+    weight_decay: float
+    betas: tuple[float, float]
+    warmup_epochs: int  # linear learning-rate warm-up, counted in swarm epochs
+    max_grad_norm: float  # clip the averaged gradient to this norm (0 disables)
+
+
+@dataclass(frozen=True)
+class SwarmSpec:
+    target_batch_size: int  # samples the whole swarm accumulates per epoch (one optimizer step)
+    batch_size_per_step: int  # default micro-batch of one peer; peers may override
+    matchmaking_time_s: float  # raise when peers log "could not find a group" (slow links, many peers)
+    averaging_timeout_s: float  # an all-reduce that takes longer is abandoned; raise for big models
+    average_state_every: int  # average parameters and optimizer state every N epochs
+    load_state_timeout_s: float  # how long a joiner waits for one peer to send the state
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    run_id: str  # prefix of every DHT key of the run
+    preset: str
+    created_unix_s: float
+    model: ModelSpec
+    tokenizer: TokenizerSpec
+    data: DataSpec
+    optim: OptimSpec
+    swarm: SwarmSpec
+    format_version: int = MANIFEST_FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunManifest:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"run manifest is not valid JSON: {e}") from e
+        if raw.get("format_version") != MANIFEST_FORMAT_VERSION:
+            raise ManifestError(
+                f"run manifest format {raw.get('format_version')!r} is not supported by this crowdtrain "
+                f"(expects {MANIFEST_FORMAT_VERSION}); upgrade with `pip install -U crowdtrain`"
+            )
+        return _from_dict(cls, raw)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def _from_dict(cls, raw):
+    """Build a (nested) frozen dataclass from its `asdict` form, rejecting unknown or missing keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ManifestError(f"{cls.__name__} has unknown fields {sorted(unknown)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING:
+                raise ManifestError(f"{cls.__name__} lacks field {f.name!r}")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], raw[f.name])
+    return cls(**kwargs)
+
+
+def _convert(tp, value):
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value)
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v) for v in value)
+        return tuple(_convert(a, v) for a, v in zip(args, value, strict=True))
+    return value
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A whole run's shape. Sizes are Llama-style; counts in names say their unit."""
+
+    name: str
+    description: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int
+    seq_len: int
+    tie_word_embeddings: bool
+    max_corpus_bytes: int  # 0 = use the whole corpus
+    num_shards: int
+    eval_fraction: float
+    eval_max_sequences: int
+    optim: OptimSpec
+    swarm: SwarmSpec
+    init_seed: int = 1234
+
+    def model_config(self) -> dict:
+        return dict(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.seq_len,
+            tie_word_embeddings=self.tie_word_embeddings,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+        )
+
+    def num_parameters(self) -> int:
+        """Exact parameter count of a Llama model of this shape (no biases, RMSNorm weights)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        per_layer = 4 * h * h + 3 * h * i + 2 * h
+        embeddings = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + h
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="tiny",
+            description="0.7M parameters; trains visibly on 2 CPU cores in a few minutes",
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=384,
+            vocab_size=2048,
+            seq_len=128,
+            tie_word_embeddings=True,
+            max_corpus_bytes=6_000_000,
+            num_shards=8,
+            eval_fraction=0.02,
+            eval_max_sequences=64,
+            optim=OptimSpec(
+                learning_rate=3e-3, weight_decay=0.01, betas=(0.9, 0.95), warmup_epochs=3, max_grad_norm=1.0
+            ),
+            swarm=SwarmSpec(
+                target_batch_size=256,
+                batch_size_per_step=16,
+                matchmaking_time_s=3.0,
+                averaging_timeout_s=30.0,
+                average_state_every=5,
+                load_state_timeout_s=60.0,
+            ),
+        ),
+        Preset(
+            name="base125m",
+            description="~124M parameters (GPT-2-small-sized Llama); for volunteers with GPUs",
+            hidden_size=768,
+            num_layers=12,
+            num_heads=12,
+            intermediate_size=2560,
+            vocab_size=32768,
+            seq_len=1024,
+            tie_word_embeddings=True,
+            max_corpus_bytes=0,
+            num_shards=64,
+            eval_fraction=0.01,
+            eval_max_sequences=128,
+            optim=OptimSpec(
+                learning_rate=6e-4, weight_decay=0.1, betas=(0.9, 0.95), warmup_epochs=20, max_grad_norm=1.0
+            ),
+            swarm=SwarmSpec(
+                target_batch_size=512,
+                batch_size_per_step=16,
+                matchmaking_time_s=15.0,
+                averaging_timeout_s=120.0,
+                average_state_every=5,
+                load_state_timeout_s=600.0,
+            ),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ManifestError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def build_manifest(
+    preset: Preset,
+    *,
+    run_id: str,
+    created_unix_s: float,
+    tokenizer: TokenizerSpec,
+    data: DataSpec,
+) -> RunManifest:
+    """Pure: combine a preset with the run's tokenizer and dataset into the manifest peers receive."""
+    if tokenizer.vocab_size != preset.vocab_size:
+        raise ManifestError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but preset {preset.name!r} expects {preset.vocab_size}; "
+            "the corpus is probably too small to learn that many merges - give the coordinator more text"
+        )
+    return RunManifest(
+        run_id=run_id,
+        preset=preset.name,
+        created_unix_s=created_unix_s,
+        model=ModelSpec(
+            model_type="llama",
+            config=preset.model_config(),
+            init_seed=preset.init_seed,
+            num_parameters=preset.num_parameters(),
+        ),
+        tokenizer=tokenizer,
+        data=data,
+        optim=preset.optim,
+        swarm=preset.swarm,
+    )
+
+
+__all__ = [
+    "PRESETS",
+    "DataSpec",
+    "ManifestError",
+    "ModelSpec",
+    "OptimSpec",
+    "Preset",
+    "RunManifest",
+    "ShardSpec",
+    "SwarmSpec",
+    "TokenizerSpec",
+    "build_manifest",
+    "get_preset",
+]

@@ -1,0 +1,161 @@
+"""The checkpoint publisher: fetches the swarm's state as a client peer, evaluates it, publishes it.
+
+It joins the swarm through its own client-mode DHT node, so it never serves state and never takes
+part in an averaging round: it only downloads what the peers already share (the same path a late
+joiner uses). Every `interval_s` it checks the swarm's global epoch; when it advanced past the last
+published checkpoint it loads the state, evaluates it on the held-out split and writes an HF-format
+directory atomically (see `checkpoints.finalize`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+
+from coordinator import checkpoints
+from coordinator.manifest import RunManifest
+
+logger = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(
+        self,
+        manifest: RunManifest,
+        tokenizer_json: str,
+        eval_shard: Path,
+        checkpoint_root: Path,
+        initial_peers: list[str],
+        *,
+        interval_s: float,
+        listen_host: str,
+    ):
+        self.manifest, self.tokenizer_json = manifest, tokenizer_json
+        self.eval_shard, self.root = eval_shard, checkpoint_root
+        self.initial_peers, self.interval_s, self.listen_host = initial_peers, interval_s, listen_host
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._dht = self._opt = None
+        self.last_error = ""
+
+    def start(self) -> Publisher:
+        """Build the model and join the swarm; call from the main thread (hivemind needs it)."""
+        from tokenizers import Tokenizer
+        from transformers.utils import logging as hf_logging
+
+        from peer.data import read_shard, tokenize_blocks
+        from peer.model import build_model, evaluate
+        from peer.swarm import make_optimizer, start_dht
+
+        hf_logging.disable_progress_bar()  # no tqdm bars in an operator's log
+        self.model = build_model(self.manifest)
+        tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        blocks = tokenize_blocks(tokenizer, read_shard(self.eval_shard), self.manifest.data.seq_len)
+        self.eval_blocks = blocks[: self.manifest.data.eval_max_sequences]
+        self.initial_eval_loss = evaluate(self.model, self.eval_blocks)
+        logger.info(
+            "publisher: initial model eval loss %.4f on %d held-out sequences",
+            self.initial_eval_loss,
+            len(self.eval_blocks),
+        )
+        self._dht = start_dht(self.initial_peers, listen_host=self.listen_host, client_mode=True)
+        self._opt = make_optimizer(
+            self.manifest,
+            self.model,
+            self._dht,
+            batch_size_per_step=self.manifest.swarm.batch_size_per_step,
+            verbose=False,
+        )
+        self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.manifest.swarm.load_state_timeout_s + 10)
+            self._thread = None
+        if self._opt is not None:
+            self._opt.shutdown()
+            self._opt = None
+        if self._dht is not None:
+            self._dht.shutdown()
+            self._dht = None
+
+    def __enter__(self) -> Publisher:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def global_epoch(self) -> int:
+        return self._opt.tracker.global_epoch if self._opt is not None else 0
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.publish_once()
+                self.last_error = ""
+            except Exception as e:  # never let one bad round kill the publisher
+                self.last_error = f"{type(e).__name__}: {e}"
+                logger.exception("publisher: round failed, will retry in %.0fs", self.interval_s)
+
+    def latest_step(self) -> int:
+        metas = checkpoints.list_checkpoints(self.root)
+        return metas[-1].step if metas else 0
+
+    def publish_once(self) -> checkpoints.CheckpointMeta | None:
+        from peer.model import evaluate, hf_tokenizer
+
+        last = self.latest_step()
+        global_epoch = self.global_epoch
+        if global_epoch <= last:
+            logger.debug(
+                "publisher: swarm at epoch %d, latest checkpoint %d: nothing new", global_epoch, last
+            )
+            return None
+        state_averager = self._opt.state_averager
+        before = state_averager.local_epoch
+        t0 = time.monotonic()
+        state_averager.load_state_from_peers(timeout=self.manifest.swarm.load_state_timeout_s)
+        epoch = state_averager.local_epoch
+        if epoch <= last or epoch == before:
+            logger.info(
+                "publisher: no peer served a state newer than epoch %d (swarm at %d); will retry",
+                last,
+                global_epoch,
+            )
+            return None
+        eval_loss = evaluate(self.model, self.eval_blocks)
+        if not math.isfinite(eval_loss):
+            logger.warning("publisher: state of epoch %d has non-finite eval loss; not publishing it", epoch)
+            return None
+        staging = checkpoints.new_staging_dir(self.root, epoch)
+        self.model.save_pretrained(staging)
+        hf_tokenizer(self.tokenizer_json, self.manifest).save_pretrained(staging)
+        meta = checkpoints.finalize(
+            staging,
+            self.root,
+            checkpoints.CheckpointMeta(
+                run_id=self.manifest.run_id,
+                step=epoch,
+                samples_seen=epoch * self.manifest.swarm.target_batch_size,
+                eval_loss=eval_loss,
+                created_unix_s=time.time(),
+                manifest_sha256=self.manifest.sha256(),
+                previous_step=last or None,
+                files=(),
+            ),
+        )
+        logger.info(
+            "published checkpoint step=%d eval_loss=%.4f (initial %.4f) in %.1fs",
+            epoch,
+            eval_loss,
+            self.initial_eval_loss,
+            time.monotonic() - t0,
+        )
+        return meta

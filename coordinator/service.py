@@ -1,0 +1,192 @@
+"""The gRPC servicer (a thin translation layer) and the server factory.
+
+The servicer turns protos into `PeerRecord`s and back; every decision lives in `registry` and the
+store. Domain errors map to gRPC status codes in one place (`_abort`). No torch, no hivemind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator import checkpoints
+from coordinator.registry import HealthSettings, PeerRecord
+from coordinator.store import Store
+from protos import coordinator_pb2 as pb
+from protos import coordinator_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name  # "crowdtrain.v1.Coordinator"
+
+
+class PortInUseError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the servicer hands to joining peers; fixed for the life of the process."""
+
+    manifest_json: str
+    manifest_sha256: str
+    tokenizer_json: str
+    num_shards: int
+    http_base_url: str
+    checkpoint_root: Path
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        run: RunInfo,
+        store: Store,
+        health_settings: HealthSettings,
+        initial_peers: Callable[[], list[str]],
+        clock: Callable[[], float] = time.time,
+    ):
+        self.run, self.store, self.health = run, store, health_settings
+        self.initial_peers, self.clock = initial_peers, clock
+        self._join_lock = threading.Lock()
+
+    def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
+        now = self.clock()
+        with self._join_lock:  # shard assignment must not race between two joiners
+            previous = (
+                self.store.get_peer(request.previous_session_id) if request.previous_session_id else None
+            )
+            shard_index = previous.shard_index if previous else self.store.count_peers() % self.run.num_shards
+            record = PeerRecord(
+                session_id=uuid.uuid4().hex,
+                name=request.name[:64] or "anonymous",
+                joined_unix_s=now,
+                last_seen_unix_s=now,
+                phase="joining",
+                version=request.version[:32],
+                device=request.device[:64],
+                shard_index=shard_index,
+            )
+            self.store.upsert_peer(record)
+        logger.info(
+            "peer %r joined (session %s, shard %d, %s)",
+            record.name,
+            record.session_id[:8],
+            shard_index,
+            record.device,
+        )
+        return pb.JoinResponse(
+            session_id=record.session_id,
+            manifest_json=self.run.manifest_json,
+            manifest_sha256=self.run.manifest_sha256,
+            tokenizer_json=self.run.tokenizer_json,
+            initial_peers=self.initial_peers(),
+            settings=pb.PeerSettings(
+                heartbeat_interval_s=self.health.heartbeat_interval_s,
+                shard_index=shard_index,
+                http_base_url=self.run.http_base_url,
+            ),
+        )
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        record = self.store.get_peer(request.session_id)
+        if record is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}; join again")
+        updated = dataclasses.replace(
+            record,
+            last_seen_unix_s=self.clock(),
+            left_unix_s=None,
+            left_reason="",
+            dht_peer_id=request.dht_peer_id or record.dht_peer_id,
+            name=request.name[:64] or record.name,
+            version=request.version[:32] or record.version,
+            device=request.device[:64] or record.device,
+            phase=request.phase or record.phase,
+            samples_per_s=_finite(request.samples_per_s),
+            local_epoch=request.local_epoch,
+            loss=request.loss if math.isfinite(request.loss) else math.nan,
+            uptime_s=_finite(request.uptime_s),
+            samples_total=request.samples_total,
+            swarm_size=request.swarm_size,
+        )
+        self.store.upsert_peer(updated)
+        return pb.HeartbeatResponse(
+            heartbeat_interval_s=self.health.heartbeat_interval_s, global_epoch=self._global_epoch()
+        )
+
+    def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
+        record = self.store.get_peer(request.session_id)
+        if record is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}")
+        now = self.clock()
+        self.store.upsert_peer(
+            dataclasses.replace(
+                record, left_unix_s=now, last_seen_unix_s=now, left_reason=request.reason[:200]
+            )
+        )
+        logger.info("peer %r left (%s)", record.name, request.reason or "no reason given")
+        return pb.LeaveResponse()
+
+    def ListCheckpoints(self, request, context) -> pb.ListCheckpointsResponse:
+        base = self.run.http_base_url
+        return pb.ListCheckpointsResponse(
+            http_base_url=base,
+            checkpoints=[
+                pb.CheckpointInfo(
+                    step=m.step,
+                    created_unix_s=m.created_unix_s,
+                    eval_loss=m.eval_loss,
+                    samples_seen=m.samples_seen,
+                    files=[
+                        pb.CheckpointFile(name=f.name, sha256=f.sha256, size_bytes=f.size_bytes)
+                        for f in m.files
+                    ],
+                    url=f"{base}/checkpoints/{m.step}",
+                )
+                for m in checkpoints.list_checkpoints(self.run.checkpoint_root)
+            ],
+        )
+
+    def _global_epoch(self) -> int:
+        return max((p.local_epoch for p in self.store.list_peers() if p.left_unix_s is None), default=0)
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+def create_server(
+    servicer: CoordinatorServicer, host: str, port: int, max_workers: int = 16
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Bind the coordinator API plus the standard health service; returns (server, bound port, health)."""
+    # so_reuseport=0: a second coordinator on the same port must fail, not silently share it
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=[("grpc.so_reuseport", 0), ("grpc.max_send_message_length", 64 << 20)],
+    )
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:
+        raise PortInUseError(
+            f"cannot listen for gRPC on {host}:{port} ({e}); another process uses it - stop it or pass --grpc-port 0"
+        ) from e
+    if bound == 0:
+        raise PortInUseError(
+            f"cannot listen for gRPC on {host}:{port}; another process uses it - stop it or pass --grpc-port 0"
+        )
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer

@@ -1,0 +1,1 @@
+"""The volunteer side: model, data, hivemind training loop, heartbeats, pull."""

@@ -1,0 +1,136 @@
+"""Heartbeats from a volunteer to the coordinator, on a background thread that never raises.
+
+Training never waits for the coordinator: when it is unreachable the reporter logs one warning,
+backs off (capped), keeps trying, and logs again once it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from coordinator.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
+from protos import coordinator_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerStats:
+    """What a peer reports; the trainer publishes a new immutable snapshot after each step."""
+
+    phase: str = "joining"
+    local_epoch: int = 0
+    loss: float = math.nan
+    samples_per_s: float = 0.0
+    samples_total: int = 0
+    swarm_size: int = 0
+    dht_peer_id: str = ""
+
+
+class StatsBox:
+    """A thread-safe holder of the latest PeerStats."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stats = PeerStats()
+
+    def get(self) -> PeerStats:
+        with self._lock:
+            return self._stats
+
+    def update(self, **changes) -> None:
+        with self._lock:
+            self._stats = replace(self._stats, **changes)
+
+
+class HeartbeatReporter:
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        session_id: str,
+        stats: StatsBox,
+        *,
+        name: str,
+        version: str,
+        device: str,
+        interval_s: float,
+        max_backoff_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.client, self.session_id, self.stats = client, session_id, stats
+        self.name, self.version, self.device = name, version, device
+        self.interval_s, self.max_backoff_s, self.clock = interval_s, max_backoff_s, clock
+        self.started = clock()
+        self.sent = self.failed = 0
+        self.global_epoch = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> HeartbeatReporter:
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.client.rpc_timeout_s + 1)
+            self._thread = None
+
+    def __enter__(self) -> HeartbeatReporter:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def beat_once(self) -> bool:
+        """Send one heartbeat; returns whether it was delivered. Never raises."""
+        s = self.stats.get()
+        request = pb.HeartbeatRequest(
+            session_id=self.session_id,
+            dht_peer_id=s.dht_peer_id,
+            name=self.name,
+            version=self.version,
+            device=self.device,
+            samples_per_s=s.samples_per_s,
+            local_epoch=s.local_epoch,
+            loss=s.loss,
+            uptime_s=self.clock() - self.started,
+            samples_total=s.samples_total,
+            swarm_size=s.swarm_size,
+            phase=s.phase,
+        )
+        try:
+            response = self.client.heartbeat(request)
+        except (CoordinatorUnavailable, CoordinatorRejected) as e:
+            if self.failed == 0:
+                logger.warning("heartbeat failed (%s); training continues, will keep trying", e)
+            self.failed += 1
+            return False
+        except Exception as e:  # a bug here must never reach the training loop
+            logger.exception("heartbeat crashed: %r", e)
+            self.failed += 1
+            return False
+        if self.failed:
+            logger.info("coordinator reachable again after %d failed heartbeat(s)", self.failed)
+        self.failed = 0
+        self.sent += 1
+        self.global_epoch = response.global_epoch
+        if response.heartbeat_interval_s > 0:
+            self.interval_s = response.heartbeat_interval_s
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            delivered = self.beat_once()
+            delay = (
+                self.interval_s
+                if delivered
+                else min(self.max_backoff_s, self.interval_s * 2 ** min(self.failed, 5))
+            )
+            self._stop.wait(delay)

@@ -1,0 +1,84 @@
+"""The shared transformer, built from the run manifest with `transformers` and random init.
+
+Every peer and the coordinator's publisher build the same initial weights: the init is seeded by
+`manifest.model.init_seed` and done on the CPU, then moved to the device. Nothing is downloaded.
+
+    model = build_model(manifest)                     # LlamaForCausalLM, identical on every peer
+    loss = evaluate(model, eval_blocks, batch_size=16) # mean next-token cross-entropy, nats
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tokenizers import Tokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from coordinator.manifest import RunManifest
+
+
+def build_config(manifest: RunManifest):
+    return AutoConfig.for_model(
+        manifest.model.model_type,
+        bos_token_id=None,
+        eos_token_id=0,  # EOS_TOKEN is the tokenizer's first special token
+        pad_token_id=1,
+        **manifest.model.config,
+    )
+
+
+def build_model(manifest: RunManifest, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """The run's model with its deterministic initial weights, in float32 on `device`."""
+    config = build_config(manifest)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(manifest.model.init_seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, max_new_tokens=64
+    )
+    return model.to(device)
+
+
+def hf_tokenizer(tokenizer_json: str, manifest: RunManifest) -> PreTrainedTokenizerFast:
+    """Wrap the run's `tokenizers` tokenizer so `AutoTokenizer.from_pretrained` can load it later."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
+        eos_token=manifest.tokenizer.eos_token,
+        pad_token=manifest.tokenizer.pad_token,
+        model_max_length=manifest.data.seq_len,
+    )
+    return tok
+
+
+def as_batch(blocks: Sequence[list[int]], device: str | torch.device) -> torch.Tensor:
+    return torch.tensor(blocks, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def evaluate(model: PreTrainedModel, blocks: Sequence[list[int]], batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats per token) over `blocks`; the model is left in train mode."""
+    if not blocks:
+        raise ValueError("evaluate() needs at least one block")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = as_batch(blocks[i : i + batch_size], device)
+        out = model(input_ids=batch, labels=batch)
+        n = batch.shape[0] * (batch.shape[1] - 1)  # every position but the last predicts a token
+        total += out.loss.float().item() * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

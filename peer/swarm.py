@@ -1,0 +1,123 @@
+"""hivemind wiring shared by volunteers and the coordinator's publisher.
+
+Both must build the optimizer identically (same optimizer class, scheduler and offloading), or the
+state one downloads from the other will not line up tensor for tensor. hivemind 1.1.12 pitfalls
+handled here (see docs/hivemind.md): the fork start method, SIGINT being ignored after an averager
+is created (callers install their handlers afterwards), and the optimizer needing the main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from collections.abc import Sequence
+
+import torch
+
+from coordinator.manifest import RunManifest
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmError(RuntimeError):
+    """The peer could not join the swarm's DHT; the message says what to check."""
+
+
+def use_fork_start_method() -> None:
+    """hivemind's averager is an mp.Process that cannot be pickled: only 'fork' works."""
+    mp.set_start_method("fork", force=True)
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips the (swarm-averaged) gradient norm right before each update."""
+
+    def __init__(self, params, *, max_grad_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.max_grad_norm > 0:
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        return super().step(closure)
+
+
+def start_dht(
+    initial_peers: Sequence[str],
+    *,
+    listen_host: str = "0.0.0.0",
+    port: int = 0,
+    announce_host: str = "",
+    client_mode: bool = False,
+    identity_path: str | None = None,
+):
+    """Start a hivemind DHT node; raises SwarmError naming the bootstrap peers when it cannot join."""
+    import hivemind
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    kwargs = dict(host_maddrs=[f"/ip4/{listen_host}/tcp/{port}"], client_mode=client_mode)
+    if announce_host and port:
+        kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+    if identity_path:
+        kwargs["identity_path"] = identity_path
+    try:
+        return hivemind.DHT(
+            initial_peers=list(initial_peers),
+            start=True,
+            record_validators=[RSASignatureValidator()],
+            **kwargs,
+        )
+    except Exception as e:  # hivemind raises P2PDaemonError, P2PHandlerError, asyncio errors, ...
+        raise SwarmError(
+            f"could not start the swarm's DHT node ({type(e).__name__}: {e}); bootstrap peers were "
+            f"{list(initial_peers) or 'none'} - check that this machine can reach them (firewall, VPN), "
+            "or pass --client-mode when behind NAT"
+        ) from e
+
+
+def make_optimizer(
+    manifest: RunManifest, model: torch.nn.Module, dht, *, batch_size_per_step: int, verbose: bool
+):
+    """The run's hivemind.Optimizer: gradients averaged every `target_batch_size` samples, then AdamW.
+
+    Must be called from the main thread (hivemind installs a signal handler), and afterwards the
+    caller must re-install its own SIGINT/SIGTERM handlers.
+    """
+    import hivemind
+
+    optim, swarm = manifest.optim, manifest.swarm
+
+    def optimizer_factory(params):
+        return ClippedAdamW(
+            params,
+            lr=optim.learning_rate,
+            betas=tuple(optim.betas),
+            weight_decay=optim.weight_decay,
+            max_grad_norm=optim.max_grad_norm,
+        )
+
+    def scheduler_factory(opt):
+        warmup = max(1, optim.warmup_epochs)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / warmup))
+
+    return hivemind.Optimizer(
+        dht=dht,
+        run_id=manifest.run_id,
+        target_batch_size=swarm.target_batch_size,
+        batch_size_per_step=batch_size_per_step,
+        optimizer=optimizer_factory,
+        params=model.parameters(),
+        scheduler=scheduler_factory,
+        matchmaking_time=swarm.matchmaking_time_s,
+        averaging_timeout=swarm.averaging_timeout_s,
+        load_state_timeout=swarm.load_state_timeout_s,
+        average_state_every=swarm.average_state_every,
+        offload_optimizer=True,
+        delay_optimizer_step=False,
+        delay_grad_averaging=False,
+        delay_state_averaging=True,
+        # hivemind warns (and can deadlock) when a request may outlive the matchmaking window
+        averager_opts=dict(request_timeout=max(0.5, min(3.0, swarm.matchmaking_time_s / 2))),
+        verbose=verbose,
+    )

@@ -1,0 +1,335 @@
+"""A volunteer: join the run, build the model, load the swarm's state, train, heartbeat, leave.
+
+    crowdtrain peer --coordinator 127.0.0.1:50051
+    crowdtrain peer --coordinator 127.0.0.1:50051 --device cpu --threads 1 --batch-size 8   # tiny CPU
+
+One log line per swarm epoch:
+
+    epoch=12 loss=5.231 samples_per_s=88.1 swarm_peers=2 lr=3.0e-03 samples_total=3456
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+from coordinator.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
+from coordinator.config import PeerConfig
+from coordinator.manifest import RunManifest, ShardSpec
+from peer.data import sha256_file
+from peer.heartbeat import HeartbeatReporter, StatsBox
+from protos import coordinator_pb2 as pb
+
+logger = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+class PeerError(RuntimeError):
+    """The volunteer cannot take part; the message says what to do."""
+
+
+def download_shard(base_url: str, shard: ShardSpec, cache_dir: Path, timeout_s: float = 120.0) -> Path:
+    """Fetch one data shard into the cache (atomically) unless a verified copy is there already."""
+    path = cache_dir / shard.name
+    if path.exists() and path.stat().st_size == shard.size_bytes and sha256_file(path) == shard.sha256:
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    url = f"{base_url}/data/{shard.name}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise PeerError(
+            f"could not download data shard {url}: {e}; is the coordinator's HTTP port reachable?"
+        ) from e
+    if sha256_file(tmp) != shard.sha256:
+        tmp.unlink(missing_ok=True)
+        raise PeerError(
+            f"data shard {url} does not match the manifest's sha256; the download was corrupted, retry"
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def pick_device(requested: str):
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PeerError(
+            "--device cuda was requested but torch sees no CUDA GPU; use --device cpu or install a CUDA build"
+        )
+    return device
+
+
+def describe_device(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+class Volunteer:
+    """One training peer. `run()` blocks until stopped (SIGINT/SIGTERM, --max-epochs or an error)."""
+
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.name = config.name or socket.gethostname()
+        self.stop_event = threading.Event()
+        self.stats = StatsBox()
+        self.client = CoordinatorClient(config.coordinator)
+        self.dht = self.opt = self.heartbeat = None
+        self.session_id = ""
+
+    # ------------------------------------------------------------------ setup
+
+    def join(self) -> pb.JoinResponse:
+        import torch
+
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
+        self.device = pick_device(self.config.device)
+        self.device_label = describe_device(self.device)
+        request = pb.JoinRequest(name=self.name, version=VERSION, device=self.device_label)
+        response = retry_until(
+            lambda: self.client.join(request),
+            deadline_s=self.config.join_timeout_s,
+            what=f"joining the run at {self.config.coordinator}",
+            stop=self.stop_event,
+        )
+        self.session_id = response.session_id
+        return response
+
+    def _install_signal_handlers(self) -> None:
+        main_pid = os.getpid()
+
+        def handler(signum, frame):
+            if os.getpid() != main_pid:
+                # a hivemind child forked from us, hit by a signal sent to the whole process group
+                # (Ctrl+C in a terminal, `kill -- -PGID`): die as if no handler were installed
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            if self.stop_event.is_set():
+                raise KeyboardInterrupt  # a second signal: stop waiting for a clean exit
+            logger.info("received %s, leaving the swarm after this step", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    # ------------------------------------------------------------------ main
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        try:
+            return self._run()
+        finally:
+            self.shutdown()
+
+    def _run(self) -> int:
+        import torch
+        from tokenizers import Tokenizer
+
+        from peer.data import batches_forever, read_shard, tokenize_blocks
+        from peer.model import as_batch, build_model, num_parameters
+        from peer.swarm import make_optimizer, start_dht, use_fork_start_method
+
+        joined = self.join()
+        manifest = RunManifest.from_json(joined.manifest_json)
+        if manifest.sha256() != joined.manifest_sha256:
+            raise PeerError("the run manifest arrived corrupted (sha256 mismatch); restart the peer")
+        settings = joined.settings
+        logger.info(
+            "joined run %s as %r (session %s): %s model, shard %d, device %s",
+            manifest.run_id,
+            self.name,
+            self.session_id[:8],
+            manifest.preset,
+            settings.shard_index,
+            self.device_label,
+        )
+        self.heartbeat = HeartbeatReporter(
+            self.client,
+            self.session_id,
+            self.stats,
+            name=self.name,
+            version=VERSION,
+            device=self.device_label,
+            interval_s=settings.heartbeat_interval_s,
+        ).start()
+
+        cache_dir = Path(self.config.cache_dir).expanduser() / manifest.run_id
+        shard = manifest.data.shards[settings.shard_index % len(manifest.data.shards)]
+        shard_path = download_shard(settings.http_base_url, shard, cache_dir)
+        tokenizer = Tokenizer.from_str(joined.tokenizer_json)
+        blocks = tokenize_blocks(tokenizer, read_shard(shard_path), manifest.data.seq_len)
+        batch_size = self.config.batch_size or manifest.swarm.batch_size_per_step
+        seed = self.config.seed or zlib.crc32(self.session_id.encode())
+        batches = batches_forever(blocks, batch_size, seed)
+        logger.info(
+            "shard %s: %d sequences of %d tokens; batch size %d",
+            shard.name,
+            len(blocks),
+            manifest.data.seq_len,
+            batch_size,
+        )
+
+        use_fork_start_method()
+        model = build_model(manifest, self.device)
+        logger.info("model: %s with %.2fM parameters", manifest.model.model_type, num_parameters(model) / 1e6)
+        self.dht = start_dht(
+            list(joined.initial_peers),
+            listen_host=self.config.listen_host,
+            announce_host=self.config.announce_host,
+            client_mode=self.config.client_mode,
+        )
+        self.stats.update(dht_peer_id=self.dht.peer_id.to_base58())
+        self.opt = make_optimizer(manifest, model, self.dht, batch_size_per_step=batch_size, verbose=False)
+        self._install_signal_handlers()  # hivemind's averager just set SIGINT to "ignored"
+
+        self._catch_up(manifest)
+        if self.stop_event.is_set():
+            return 0
+
+        self.stats.update(phase="training", local_epoch=self.opt.local_epoch)
+        use_amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        epoch, epoch_losses, epoch_samples, epoch_t0 = self.opt.local_epoch, [], 0, time.monotonic()
+        samples_total, ema_rate = 0, 0.0
+        model.train()
+        while not self.stop_event.is_set():
+            t0 = time.monotonic()
+            batch = as_batch(next(batches), self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = model(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise PeerError(
+                    f"training loss became {loss.item()} at epoch {self.opt.local_epoch}; lower the learning rate"
+                )
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad()
+            loss_value = loss.item()
+            samples_total += batch.shape[0]
+            rate = batch.shape[0] / max(time.monotonic() - t0, 1e-6)
+            ema_rate = rate if ema_rate == 0 else 0.9 * ema_rate + 0.1 * rate
+            epoch_losses.append(loss_value)
+            epoch_samples += batch.shape[0]
+            swarm_peers = self.opt.tracker.global_progress.num_peers
+            self.stats.update(
+                local_epoch=self.opt.local_epoch,
+                loss=loss_value,
+                samples_per_s=ema_rate,
+                samples_total=samples_total,
+                swarm_size=swarm_peers,
+            )
+            if self.opt.local_epoch != epoch:
+                elapsed = time.monotonic() - epoch_t0
+                logger.info(
+                    "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d",
+                    self.opt.local_epoch,
+                    sum(epoch_losses) / len(epoch_losses),
+                    epoch_samples / max(elapsed, 1e-6),
+                    swarm_peers,
+                    self.opt.opt.param_groups[0]["lr"],
+                    samples_total,
+                )
+                epoch, epoch_losses, epoch_samples, epoch_t0 = self.opt.local_epoch, [], 0, time.monotonic()
+                if self.config.max_epochs and epoch >= self.config.max_epochs:
+                    logger.info("reached --max-epochs %d, leaving", self.config.max_epochs)
+                    break
+        if self.config.save_dir:
+            self._save(model, joined.tokenizer_json, manifest)
+        return 0
+
+    def _save(self, model, tokenizer_json: str, manifest: RunManifest) -> None:
+        """Write this peer's model to --save-dir atomically (staging directory, then rename)."""
+        import shutil
+
+        from peer.model import hf_tokenizer
+
+        out = Path(self.config.save_dir).expanduser()
+        staging = out.with_name(f".{out.name}.saving-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        hf_tokenizer(tokenizer_json, manifest).save_pretrained(staging)
+        (staging / "epoch.txt").write_text(f"{self.opt.local_epoch}\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(staging, out)
+        logger.info("saved this peer's model at epoch %d to %s", self.opt.local_epoch, out)
+
+    def _catch_up(self, manifest: RunManifest) -> None:
+        """Before the first step: learn the swarm's epoch and, if it is ahead, download its state."""
+        tracker = self.opt.tracker
+        self.stats.update(phase="loading_state")
+        wait_s = max(10.0, 3 * manifest.swarm.matchmaking_time_s)
+        if not tracker.fetched_global_progress_this_epoch.wait(wait_s):
+            logger.warning(
+                "no progress records from the swarm after %.0fs; starting from the run's initial weights",
+                wait_s,
+            )
+            return
+        global_epoch = tracker.global_epoch
+        if global_epoch <= self.opt.local_epoch:
+            logger.info("swarm is at epoch %d: starting from the run's initial weights", global_epoch)
+            return
+        logger.info(
+            "swarm is at epoch %d with %d peer(s): loading its state",
+            global_epoch,
+            tracker.global_progress.num_peers,
+        )
+        deadline = time.monotonic() + 3 * manifest.swarm.load_state_timeout_s
+        while not self.stop_event.is_set() and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            self.opt.load_state_from_peers()
+            if self.opt.local_epoch >= global_epoch - 1:
+                logger.info(
+                    "loaded the swarm's state at epoch %d in %.1fs",
+                    self.opt.local_epoch,
+                    time.monotonic() - t0,
+                )
+                return
+            logger.warning(
+                "state from peers was at epoch %d, swarm at %d; retrying", self.opt.local_epoch, global_epoch
+            )
+        raise PeerError(
+            f"could not load the swarm's state within {3 * manifest.swarm.load_state_timeout_s:.0f}s; "
+            "other peers may be overloaded or unreachable - restart later"
+        )
+
+    # ------------------------------------------------------------------ teardown
+
+    def shutdown(self) -> None:
+        """Leave the run and stop hivemind's processes; idempotent, safe from any exit path."""
+        self.stop_event.set()
+        if self.heartbeat is not None:
+            self.heartbeat.shutdown()
+            self.heartbeat = None
+        if self.session_id:
+            try:
+                self.client.leave(self.session_id, reason="shutdown")
+            except (CoordinatorUnavailable, CoordinatorRejected) as e:
+                logger.info("could not tell the coordinator we leave: %s", e)
+            self.session_id = ""
+        if self.opt is not None:
+            self.opt.shutdown()
+            self.opt = None
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+        self.client.close()

@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny corpus, a CLI process launcher that always reaps what it started."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator.demo import Child, cli_command, spawn, stop_children
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """A few hundred small, varied Python-like documents: enough for 4 shards and a held-out split."""
+    root = tmp_path / "corpus"
+    for i in range(240):
+        sub = root / f"pkg{i % 7}"
+        sub.mkdir(parents=True, exist_ok=True)
+        body = "\n".join(
+            f"def function_{i}_{j}(value_{j}, other={j}):\n    return value_{j} * {i} + other  # note {i * j}\n"
+            for j in range(1 + i % 9)
+        )
+        (sub / f"mod_{i:03d}.py").write_text(f'"""Module {i}."""\n\n{body}\n')
+    return root
+
+
+class Launcher:
+    """Start `crowdtrain` subcommands as real processes; logs go to the test's tmp dir."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+
+    def start(self, name: str, *args: str) -> Child:
+        child = spawn(name, cli_command(*args), self.log_dir, echo=False)
+        self.children.append(child)
+        return child
+
+    def wait_for_line(self, child: Child, pattern: str, timeout_s: float, start: int = 0) -> re.Match:
+        """Wait until `child` prints a line matching `pattern` (searching from line index `start`)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        seen = start
+        while time.monotonic() < deadline:
+            lines = child.lines
+            for line in lines[seen:]:
+                if m := regex.search(line):
+                    return m
+            seen = len(lines)
+            if child.proc.poll() is not None and seen == len(child.lines):
+                break
+            time.sleep(0.2)
+        tail = "\n".join(child.lines[-30:])
+        raise AssertionError(
+            f"{child.name} printed no line matching {pattern!r} in {timeout_s:.0f}s; last lines:\n{tail}"
+        )
+
+    def wait_for_endpoints(self, data_dir: Path, child: Child, timeout_s: float = 300) -> dict:
+        deadline = time.monotonic() + timeout_s
+        path = data_dir / "endpoints.json"
+        while time.monotonic() < deadline:
+            if path.exists():
+                return json.loads(path.read_text())
+            assert child.proc.poll() is None, "coordinator exited:\n" + "\n".join(child.lines[-30:])
+            time.sleep(0.2)
+        raise AssertionError(
+            "coordinator did not write endpoints.json in time:\n" + "\n".join(child.lines[-30:])
+        )
+
+    def stop_all(self) -> None:
+        stop_children(self.children)
+
+
+def descendants_alive(pids: list[int]) -> list[int]:
+    """PIDs from `pids`' process groups that still exist (p2pd daemons, hivemind children)."""
+    alive = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            stat = (proc_dir / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        state, pgid = fields[0], int(fields[2])
+        if pgid in pids and state != "Z":
+            alive.append(int(proc_dir.name))
+    return alive
+
+
+@pytest.fixture
+def launcher(tmp_path: Path):
+    launcher = Launcher(tmp_path)
+    try:
+        yield launcher
+    finally:
+        launcher.stop_all()
+        groups = [c.proc.pid for c in launcher.children]
+        leftovers = descendants_alive(groups)
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    # urllib honours http_proxy; our servers are on 127.0.0.1
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    yield

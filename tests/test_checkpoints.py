@@ -1,0 +1,151 @@
+"""Checkpoint finalisation, HTTP serving with Range, and `pull` verification, in process."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from coordinator import checkpoints
+from coordinator.checkpoints import CheckpointError, CheckpointMeta
+from coordinator.registry import HealthSettings
+from coordinator.service import CoordinatorServicer, RunInfo, create_server
+from coordinator.store import Store
+from coordinator.webserver import WebContext, WebServer
+from peer.pull import PullError, pull
+from tests.test_manifest_and_data import _manifest
+
+
+def _meta(step: int, previous: int | None = None) -> CheckpointMeta:
+    return CheckpointMeta(
+        run_id="ct_test",
+        step=step,
+        samples_seen=step * 256,
+        eval_loss=5.0,
+        created_unix_s=1.0,
+        manifest_sha256="m",
+        previous_step=previous,
+        files=(),
+    )
+
+
+def _publish_real_model(root: Path, tmp_path: Path, small_corpus: Path, step: int) -> CheckpointMeta:
+    from peer.model import build_model, hf_tokenizer
+
+    manifest = _manifest(tmp_path, small_corpus)
+    staging = checkpoints.new_staging_dir(root, step)
+    build_model(manifest).save_pretrained(staging)
+    tokenizer_json = tmp_path / "tok.json"
+    from peer import data
+
+    _, _, tok = data.build_dataset(
+        [small_corpus],
+        tmp_path / "d2",
+        source_label="t",
+        num_shards=4,
+        eval_fraction=0.05,
+        max_bytes=0,
+        seq_len=manifest.data.seq_len,
+        eval_max_sequences=8,
+        vocab_size=400,
+    )
+    tokenizer_json.write_text(tok)
+    hf_tokenizer(tok, manifest).save_pretrained(staging)
+    return checkpoints.finalize(staging, root, _meta(step))
+
+
+def test_finalize_lists_and_verifies_and_detects_tampering(tmp_path: Path):
+    root = tmp_path / "ckpt"
+    staging = checkpoints.new_staging_dir(root, 3)
+    (staging / "a.bin").write_bytes(b"x" * 1000)
+    (staging / "b.txt").write_text("hello")
+    meta = checkpoints.finalize(staging, root, _meta(3))
+    assert [f.name for f in meta.files] == ["a.bin", "b.txt"]
+    assert checkpoints.list_checkpoints(root) == [meta]
+    assert checkpoints.verify_dir(root / "step-00000003") == meta
+    path = root / "step-00000003" / "a.bin"
+    data = bytearray(path.read_bytes())
+    data[500] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        checkpoints.verify_dir(root / "step-00000003")
+    path.write_bytes(bytes(data[:10]))
+    with pytest.raises(CheckpointError, match="bytes"):
+        checkpoints.verify_dir(root / "step-00000003")
+
+
+def test_unfinished_writes_are_never_listed_and_are_cleaned(tmp_path: Path):
+    root = tmp_path / "ckpt"
+    staging = checkpoints.new_staging_dir(root, 9)
+    (staging / "model.safetensors").write_bytes(b"half")
+    assert checkpoints.list_checkpoints(root) == []
+    assert checkpoints.clean_staging(root) == 1
+    assert list(root.iterdir()) == []
+
+
+@pytest.fixture
+def coordinator_with_checkpoint(tmp_path: Path, small_corpus: Path):
+    root = tmp_path / "ckpt"
+    meta = _publish_real_model(root, tmp_path, small_corpus, step=5)
+    store = Store(tmp_path / "state.sqlite3")
+    health = HealthSettings(2.0, 10.0)
+    web = WebServer(
+        WebContext(tmp_path / "d2", frozenset(), root, "{}", store, health), "127.0.0.1", 0
+    ).start()
+    base = f"http://127.0.0.1:{web.port}"
+    servicer = CoordinatorServicer(RunInfo("{}", "x", "{}", 1, base, root), store, health, initial_peers=list)
+    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", base, root, meta
+    finally:
+        server.stop(0).wait()
+        web.shutdown()
+        store.close()
+
+
+def test_pull_gives_a_verified_hf_loadable_directory(coordinator_with_checkpoint, tmp_path: Path):
+    address, _, _, meta = coordinator_with_checkpoint
+    out = tmp_path / "pulled"
+    got = pull(address, out)
+    assert got.step == meta.step
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("def f(x):", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    with pytest.raises(PullError, match="available steps: 5"):
+        pull(address, tmp_path / "other", step=4)
+
+
+def test_pull_refuses_a_corrupted_file_and_writes_nothing(coordinator_with_checkpoint, tmp_path: Path):
+    address, _, root, _ = coordinator_with_checkpoint
+    served = root / "step-00000005" / "model.safetensors"
+    data = bytearray(served.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    served.write_bytes(bytes(data))
+    out = tmp_path / "pulled"
+    with pytest.raises(PullError, match="corrupted"):
+        pull(address, out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pulled")], "staging left behind"
+
+
+def test_http_range_requests_resume_downloads(coordinator_with_checkpoint):
+    _, base, root, _ = coordinator_with_checkpoint
+    whole = (root / "step-00000005" / "model.safetensors").read_bytes()
+    for url in (f"{base}/checkpoints/latest/model.safetensors", f"{base}/checkpoints/5/model.safetensors"):
+        request = urllib.request.Request(url, headers={"Range": "bytes=100-"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 206
+            assert response.headers["Content-Range"] == f"bytes 100-{len(whole) - 1}/{len(whole)}"
+            assert response.read() == whole[100:]
+    with urllib.request.urlopen(f"{base}/checkpoints/5/crowdtrain.json", timeout=10) as response:
+        assert CheckpointMeta.from_json(response.read().decode()).step == 5
+    for bad in ("/checkpoints/5/../../state.sqlite3", "/checkpoints/7/config.json", "/data/../state.sqlite3"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + bad, timeout=10)
+        assert e.value.code == 404

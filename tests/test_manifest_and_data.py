@@ -1,0 +1,166 @@
+"""Pure unit tests: presets and manifests, corpus splitting, sharding, tokenizer determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from coordinator.manifest import (
+    PRESETS,
+    ManifestError,
+    RunManifest,
+    TokenizerSpec,
+    build_manifest,
+    get_preset,
+)
+from peer import data
+
+
+def _docs(n: int) -> list[data.Document]:
+    return [data.Document(f"root/m{i:04d}.py", f"x_{i} = {i}\n" * (1 + i % 5)) for i in range(n)]
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    docs = _docs(600)
+    eval_a, shards_a = data.split_documents(docs, num_shards=4, eval_fraction=0.05)
+    eval_b, shards_b = data.split_documents(list(reversed(docs)), num_shards=4, eval_fraction=0.05)
+    # input order does not matter: assignment depends on the path only (eval keeps the given order)
+    assert sorted(d.path for d in eval_a) == sorted(d.path for d in eval_b)
+    assert [sorted(d.path for d in s) for s in shards_a] == [sorted(d.path for d in s) for s in shards_b]
+    eval_paths = {d.path for d in eval_a}
+    shard_paths = [d.path for s in shards_a for d in s]
+    assert not eval_paths & set(shard_paths), "held-out documents leaked into training shards"
+    assert len(eval_paths) + len(shard_paths) == len(docs)
+    assert 10 <= len(eval_paths) <= 55  # ~5% of 600, with hashing noise
+    assert all(len(s) > 100 for s in shards_a)  # roughly balanced
+
+
+def test_byte_budget_takes_a_spread_subset_that_grows_monotonically():
+    docs = _docs(400)
+    small_eval, small_shards = data.split_documents(docs, num_shards=2, eval_fraction=0.1, max_bytes=2_000)
+    big_eval, big_shards = data.split_documents(docs, num_shards=2, eval_fraction=0.1, max_bytes=6_000)
+    small = {d.path for d in small_eval} | {d.path for s in small_shards for d in s}
+    big = {d.path for d in big_eval} | {d.path for s in big_shards for d in s}
+    assert small < big
+    assert sum(len(d.text) for d in docs if d.path in small) < 2_100
+
+
+def test_too_small_corpus_is_a_clear_error():
+    with pytest.raises(data.DataError, match="too small"):
+        data.split_documents(_docs(3), num_shards=8, eval_fraction=0.1)
+
+
+def test_missing_and_empty_sources_name_the_path(tmp_path: Path):
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.iter_documents([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no UTF-8 text"):
+        data.iter_documents([tmp_path / "empty"])
+
+
+def test_tokenizer_training_is_deterministic_and_round_trips(small_corpus: Path, tmp_path: Path):
+    kwargs = dict(
+        source_label="test",
+        num_shards=4,
+        eval_fraction=0.05,
+        max_bytes=0,
+        seq_len=32,
+        eval_max_sequences=8,
+        vocab_size=400,
+    )
+    spec_a, tok_a, json_a = data.build_dataset([small_corpus], tmp_path / "a", **kwargs)
+    spec_b, tok_b, json_b = data.build_dataset([small_corpus], tmp_path / "b", **kwargs)
+    assert json_a == json_b and tok_a == tok_b and spec_a == spec_b
+    for shard in (spec_a.eval, *spec_a.shards):
+        path = tmp_path / "a" / shard.name
+        assert data.sha256_file(path) == shard.sha256 and path.stat().st_size == shard.size_bytes
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(json_a)
+    text = "def function_1_2(value_2, other=2):\n    return value_2 * 1 + other  # ünïcode"
+    assert tok.decode(tok.encode(text).ids) == text
+    blocks = data.tokenize_blocks(tok, data.read_shard(tmp_path / "a" / spec_a.shards[0].name), 32)
+    assert blocks and all(len(b) == 32 for b in blocks)
+
+
+def test_batches_cover_the_shard_before_repeating():
+    blocks = [[i] for i in range(10)]
+    it = data.batches_forever(blocks, batch_size=5, seed=1)
+    first_pass = [b[0] for batch in (next(it), next(it)) for b in batch]
+    assert sorted(first_pass) == list(range(10))
+
+
+def _manifest(tmp_path: Path, small_corpus: Path, preset_name: str = "tiny") -> RunManifest:
+    preset = dataclasses.replace(get_preset(preset_name), vocab_size=400, num_shards=4, eval_fraction=0.05)
+    spec, tok, _ = data.build_dataset(
+        [small_corpus],
+        tmp_path / "d",
+        source_label="t",
+        num_shards=4,
+        eval_fraction=0.05,
+        max_bytes=0,
+        seq_len=preset.seq_len,
+        eval_max_sequences=8,
+        vocab_size=400,
+    )
+    return build_manifest(preset, run_id="ct_test", created_unix_s=1.0, tokenizer=tok, data=spec)
+
+
+def test_manifest_round_trips_through_json(tmp_path: Path, small_corpus: Path):
+    manifest = _manifest(tmp_path, small_corpus)
+    again = RunManifest.from_json(manifest.to_json())
+    assert again == manifest and again.sha256() == manifest.sha256()
+    assert isinstance(again.data.shards, tuple) and isinstance(again.optim.betas, tuple)
+
+
+def test_manifest_rejects_other_versions_and_unknown_fields(tmp_path: Path, small_corpus: Path):
+    raw = json.loads(_manifest(tmp_path, small_corpus).to_json())
+    with pytest.raises(ManifestError, match="format"):
+        RunManifest.from_json(json.dumps(dict(raw, format_version=99)))
+    with pytest.raises(ManifestError, match="unknown fields"):
+        RunManifest.from_json(json.dumps(dict(raw, surprise=1)))
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        RunManifest.from_json("{")
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ManifestError, match="tiny"):
+        get_preset("huge")
+
+
+def test_tokenizer_size_must_match_the_preset():
+    tok = TokenizerSpec(kind="byte-level-bpe", vocab_size=100, sha256="0" * 64)
+    with pytest.raises(ManifestError, match="more text"):
+        build_manifest(get_preset("tiny"), run_id="r", created_unix_s=0.0, tokenizer=tok, data=None)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_count_matches_the_built_model(name: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    preset = PRESETS[name]
+    config = AutoConfig.for_model("llama", **preset.model_config())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == preset.num_parameters()
+    if name == "base125m":
+        assert 115e6 < preset.num_parameters() < 135e6
+
+
+def test_identical_initial_weights_and_sane_initial_loss(tmp_path: Path, small_corpus: Path):
+    import torch
+
+    from peer.model import build_model, evaluate
+
+    manifest = _manifest(tmp_path, small_corpus)
+    a, b = build_model(manifest), build_model(manifest)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    blocks = [[i % 400 for i in range(k, k + manifest.data.seq_len)] for k in range(4)]
+    loss = evaluate(a, blocks)
+    assert abs(loss - math.log(400)) < 0.5  # a random init predicts roughly uniformly

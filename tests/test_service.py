@@ -1,0 +1,148 @@
+"""In-process gRPC on 127.0.0.1:0: join, heartbeat, leave, checkpoints, health; persistence."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
+from coordinator.registry import HealthSettings, PeerState, compute_state
+from coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
+from coordinator.store import Store
+from protos import coordinator_pb2 as pb
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    store = Store(tmp_path / "state.sqlite3")
+    clock = Clock()
+    run = RunInfo(
+        manifest_json='{"run": 1}',
+        manifest_sha256="abc",
+        tokenizer_json="{}",
+        num_shards=3,
+        http_base_url="http://127.0.0.1:1",
+        checkpoint_root=tmp_path / "checkpoints",
+    )
+    health = HealthSettings(heartbeat_interval_s=2.0, heartbeat_timeout_s=10.0)
+    servicer = CoordinatorServicer(
+        run, store, health, initial_peers=lambda: ["/ip4/127.0.0.1/tcp/1/p2p/x"], clock=clock
+    )
+    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server.start()
+    client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=5)
+    try:
+        yield client, store, clock, port, health
+    finally:
+        client.close()
+        server.stop(0).wait()
+        store.close()
+
+
+def test_join_assigns_shards_round_robin_and_ships_the_run(served):
+    client, store, clock, port, _ = served
+    responses = [client.join(pb.JoinRequest(name=f"p{i}", version="0.1.0", device="cpu")) for i in range(4)]
+    assert [r.settings.shard_index for r in responses] == [0, 1, 2, 0]
+    assert len({r.session_id for r in responses}) == 4
+    r = responses[0]
+    assert r.manifest_json == '{"run": 1}' and r.manifest_sha256 == "abc" and r.tokenizer_json == "{}"
+    assert list(r.initial_peers) == ["/ip4/127.0.0.1/tcp/1/p2p/x"]
+    assert r.settings.heartbeat_interval_s == 2.0 and r.settings.http_base_url == "http://127.0.0.1:1"
+    # a returning peer keeps its shard
+    again = client.join(pb.JoinRequest(name="p1", previous_session_id=responses[1].session_id))
+    assert again.settings.shard_index == 1
+
+
+def test_heartbeat_then_silence_then_leave(served):
+    client, store, clock, _, health = served
+    sid = client.join(pb.JoinRequest(name="<b>bob</b>", device="cpu")).session_id
+    clock.now += 1
+    client.heartbeat(
+        pb.HeartbeatRequest(
+            session_id=sid,
+            phase="training",
+            samples_per_s=42.0,
+            local_epoch=7,
+            loss=5.5,
+            dht_peer_id="12D3Koo",
+            swarm_size=2,
+            samples_total=1000,
+        )
+    )
+    record = store.get_peer(sid)
+    assert (record.local_epoch, record.loss, record.samples_per_s, record.dht_peer_id) == (
+        7,
+        5.5,
+        42.0,
+        "12D3Koo",
+    )
+    assert record.name == "<b>bob</b>"  # stored verbatim; escaping is the views' job
+    assert compute_state(clock.now, record, health)[0] is PeerState.ONLINE
+    clock.now += 11
+    assert compute_state(clock.now, store.get_peer(sid), health)[0] is PeerState.DEAD
+    client.heartbeat(pb.HeartbeatRequest(session_id=sid, phase="training", loss=math.nan))
+    record = store.get_peer(sid)
+    assert math.isnan(record.loss) and compute_state(clock.now, record, health)[0] is PeerState.ONLINE
+    client.leave(sid, reason="bye")
+    state, reason = compute_state(clock.now, store.get_peer(sid), health)
+    assert state is PeerState.LEFT and "bye" in reason
+
+
+def test_unknown_session_is_rejected_not_retried(served):
+    client = served[0]
+    with pytest.raises(CoordinatorRejected, match="NOT_FOUND"):
+        client.heartbeat(pb.HeartbeatRequest(session_id="nope"))
+
+
+def test_health_service_reports_serving(served):
+    port = served[3]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "crowdtrain.v1.Coordinator"):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_second_server_on_the_same_port_fails_clearly(served, tmp_path: Path):
+    port = served[3]
+    servicer = CoordinatorServicer(None, None, None, initial_peers=list)
+    with pytest.raises(PortInUseError, match="--grpc-port 0"):
+        create_server(servicer, "127.0.0.1", port)
+
+
+def test_store_survives_reopen(served, tmp_path: Path):
+    client, store, *_ = served
+    sid = client.join(pb.JoinRequest(name="durable")).session_id
+    store.set_meta({"k": "v"})
+    reopened = Store(tmp_path / "state.sqlite3")
+    try:
+        assert reopened.get_peer(sid).name == "durable" and reopened.get_meta("k") == "v"
+    finally:
+        reopened.close()
+
+
+def test_unreachable_coordinator_gives_up_with_advice():
+    client = CoordinatorClient("127.0.0.1:1", rpc_timeout_s=0.5)
+    with pytest.raises(CoordinatorUnavailable, match="check the address"):
+        retry_until(
+            lambda: client.join(pb.JoinRequest()), deadline_s=1.5, what="joining", initial_backoff_s=0.2
+        )
+    client.close()
+
+
+@pytest.mark.parametrize("bad", ["localhost", "host:", ":50051", "host:99999", "http://host"])
+def test_bad_addresses_are_rejected(bad):
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        CoordinatorClient(bad)
