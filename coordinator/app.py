@@ -204,7 +204,6 @@ class Coordinator:
         state_path = self.data_dir / "state.sqlite3"
         if not state_path.exists():
             get_preset(self.config.preset)  # fail on a typo before writing anything
-            self.data_dir.mkdir(parents=True, exist_ok=True)
             manifest, tokenizer_json = create_run(self.config, self.data_dir)
             self.store = Store(state_path)
             self.store.set_meta({"manifest_json": manifest.to_json(), "tokenizer_json": tokenizer_json})

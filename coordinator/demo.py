@@ -65,19 +65,24 @@ def spawn(name: str, args: list[str], log_dir: Path, echo: bool) -> Child:
     return child
 
 
-def stop_children(children: list[Child], timeout_s: float = 30.0) -> None:
-    """SIGTERM every child's process group, then SIGKILL whatever is left after `timeout_s`."""
-    for child in children:
-        if child.proc.poll() is None:
-            _signal_group(child.proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for child in children:
-        try:
-            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop in %.0fs; killing it", child.name, timeout_s)
-        _signal_group(child.proc.pid, signal.SIGKILL)  # also reaps p2pd daemons left in the group
-        child.proc.wait()
+def stop_children(children: list[Child], timeout_s: float = 60.0) -> None:
+    """Stop the peers (children[1:]) before the coordinator (children[0]) they say goodbye to.
+
+    Each gets SIGTERM (to its main process only, so it can shut its hivemind children down in
+    order), then its whole process group is SIGKILLed: that reaps anything left, p2pd included.
+    """
+    for batch in (children[1:], children[:1]):  # all peers at once, then the coordinator
+        for child in batch:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in batch:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0fs; killing it", child.name, timeout_s)
+            _signal_group(child.proc.pid, signal.SIGKILL)
+            child.proc.wait()
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -101,6 +106,9 @@ def wait_for_endpoints(path: Path, child: Child, timeout_s: float) -> dict:
 def generate_sample(model_dir: Path, prompt: str = "def ", max_new_tokens: int = 48) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -85,8 +86,10 @@ def make_optimizer(
     caller must re-install its own SIGINT/SIGTERM handlers.
     """
     import hivemind
+    from hivemind.optim.grad_averager import GradientAverager
 
     optim, swarm = manifest.optim, manifest.swarm
+    request_timeout_s = max(0.5, min(3.0, swarm.matchmaking_time_s / 2))
 
     def optimizer_factory(params):
         return ClippedAdamW(
@@ -117,7 +120,9 @@ def make_optimizer(
         delay_optimizer_step=False,
         delay_grad_averaging=False,
         delay_state_averaging=True,
-        # hivemind warns (and can deadlock) when a request may outlive the matchmaking window
-        averager_opts=dict(request_timeout=max(0.5, min(3.0, swarm.matchmaking_time_s / 2))),
+        # hivemind warns (and can deadlock) when a request may outlive the matchmaking window;
+        # 1.1.12 forwards averager_opts to the state averager only, hence the factory for gradients
+        averager_opts=dict(request_timeout=request_timeout_s),
+        grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout_s),
         verbose=verbose,
     )

@@ -119,10 +119,12 @@ class Volunteer:
 
         def handler(signum, frame):
             if os.getpid() != main_pid:
-                # a hivemind child forked from us, hit by a signal sent to the whole process group
-                # (Ctrl+C in a terminal, `kill -- -PGID`): die as if no handler were installed
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
+                # a hivemind child forked from us. Ctrl+C in a terminal sends SIGINT to the whole
+                # process group: ignore it, the parent shuts its children down in order. SIGTERM is
+                # what hivemind itself sends a child that did not stop in time: obey it.
+                if signum == signal.SIGTERM:
+                    signal.signal(signum, signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
                 return
             if self.stop_event.is_set():
                 raise KeyboardInterrupt  # a second signal: stop waiting for a clean exit

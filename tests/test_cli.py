@@ -1,0 +1,85 @@
+"""The real `crowdtrain` CLI on bad input: one clear `error:` line, exit 1, nothing half-written."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.demo import cli_command
+
+
+def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout_s)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from coordinator.cli import main\n"
+        "try:\n    main(['coordinator', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'hivemind' not in sys.modules, 'heavy import'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--checkpoint-interval-s" in result.stdout
+
+
+def test_peer_with_a_wrong_address_says_what_to_check():
+    result = run_cli("peer", "--coordinator", "127.0.0.1:1", "--join-timeout-s", "3")
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "127.0.0.1:1" in line and "check the address" in line
+
+
+def test_peer_with_a_malformed_address():
+    result = run_cli("peer", "--coordinator", "example.org")
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "HOST:PORT" in line
+
+
+def test_unknown_preset_writes_nothing(tmp_path: Path):
+    result = run_cli("coordinator", "--data-dir", str(tmp_path / "run"), "--preset", "huge")
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "unknown preset 'huge'" in line and "tiny" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_data_path_writes_nothing(tmp_path: Path):
+    missing = tmp_path / "no-such-corpus"
+    result = run_cli("coordinator", "--data-dir", str(tmp_path / "run"), "--data", str(missing))
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert str(missing) in line and "does not exist" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port"])
+def test_taken_port_is_reported_with_the_fix(tmp_path: Path, flag: str):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--http-port" if flag == "--grpc-port" else "--grpc-port"
+        result = run_cli("coordinator", "--data-dir", str(tmp_path / "run"), flag, str(port), other, "0")
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert f"127.0.0.1:{port}" in line and f"{flag} 0" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_pull_from_nowhere_fails_cleanly(tmp_path: Path):
+    result = run_cli("pull", "--coordinator", "127.0.0.1:1", "--out", str(tmp_path / "model"))
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "unreachable" in line
+    assert not (tmp_path / "model").exists()
