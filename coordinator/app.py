@@ -175,6 +175,7 @@ class Coordinator:
                 maddrs,
                 interval_s=cfg.checkpoint_interval_s,
                 listen_host=cfg.host,
+                device=cfg.device,
             ).start()
 
         self.endpoints = {

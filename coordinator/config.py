@@ -38,6 +38,7 @@ class CoordinatorConfig:
     checkpoint_interval_s: float = _f(
         60.0, "how often to fetch the swarm's state and publish it (0 disables)"
     )
+    device: str = _f("cpu", "where the publisher evaluates checkpoints: cpu, cuda or cuda:N")
     heartbeat_interval_s: float = _f(5.0, "how often peers send heartbeats")
     heartbeat_timeout_s: float = _f(20.0, "a peer silent for this long is considered dead")
 

@@ -92,6 +92,27 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def wait_for_line(child: Child, pattern: str, timeout_s: float, start: int = 0) -> re.Match:
+    """Wait until `child` prints a line matching `pattern` (searching from line index `start`)."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout_s
+    seen = start
+    while time.monotonic() < deadline:
+        exited = child.proc.poll() is not None
+        lines = child.lines
+        for line in lines[seen:]:
+            if m := regex.search(line):
+                return m
+        seen = len(lines)
+        if exited:
+            break
+        time.sleep(0.2)
+    tail = "\n".join(child.lines[-30:])
+    raise TimeoutError(
+        f"{child.name} printed no line matching {pattern!r} in {timeout_s:.0f}s; last lines:\n{tail}"
+    )
+
+
 def wait_for_endpoints(path: Path, child: Child, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -32,10 +32,12 @@ class Publisher:
         *,
         interval_s: float,
         listen_host: str,
+        device: str = "cpu",
     ):
         self.manifest, self.tokenizer_json = manifest, tokenizer_json
         self.eval_shard, self.root = eval_shard, checkpoint_root
         self.initial_peers, self.interval_s, self.listen_host = initial_peers, interval_s, listen_host
+        self.device = device
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dht = self._opt = None
@@ -51,7 +53,7 @@ class Publisher:
         from peer.swarm import make_optimizer, start_dht
 
         hf_logging.disable_progress_bar()  # no tqdm bars in an operator's log
-        self.model = build_model(self.manifest)
+        self.model = build_model(self.manifest, self.device)
         tokenizer = Tokenizer.from_str(self.tokenizer_json)
         blocks = tokenize_blocks(tokenizer, read_shard(self.eval_shard), self.manifest.data.seq_len)
         self.eval_blocks = blocks[: self.manifest.data.eval_max_sequences]

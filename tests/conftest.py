@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 
-from coordinator.demo import Child, cli_command, spawn, stop_children
+from coordinator.demo import Child, cli_command, spawn, stop_children, wait_for_endpoints, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -43,35 +41,16 @@ class Launcher:
         return child
 
     def wait_for_line(self, child: Child, pattern: str, timeout_s: float, start: int = 0) -> re.Match:
-        """Wait until `child` prints a line matching `pattern` (searching from line index `start`)."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout_s
-        seen = start
-        while time.monotonic() < deadline:
-            lines = child.lines
-            for line in lines[seen:]:
-                if m := regex.search(line):
-                    return m
-            seen = len(lines)
-            if child.proc.poll() is not None and seen == len(child.lines):
-                break
-            time.sleep(0.2)
-        tail = "\n".join(child.lines[-30:])
-        raise AssertionError(
-            f"{child.name} printed no line matching {pattern!r} in {timeout_s:.0f}s; last lines:\n{tail}"
-        )
+        try:
+            return wait_for_line(child, pattern, timeout_s, start)
+        except TimeoutError as e:
+            raise AssertionError(str(e)) from None
 
     def wait_for_endpoints(self, data_dir: Path, child: Child, timeout_s: float = 300) -> dict:
-        deadline = time.monotonic() + timeout_s
-        path = data_dir / "endpoints.json"
-        while time.monotonic() < deadline:
-            if path.exists():
-                return json.loads(path.read_text())
-            assert child.proc.poll() is None, "coordinator exited:\n" + "\n".join(child.lines[-30:])
-            time.sleep(0.2)
-        raise AssertionError(
-            "coordinator did not write endpoints.json in time:\n" + "\n".join(child.lines[-30:])
-        )
+        try:
+            return wait_for_endpoints(data_dir / "endpoints.json", child, timeout_s)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}:\n" + "\n".join(child.lines[-30:])) from None
 
     def stop_all(self) -> None:
         stop_children(self.children)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run on a lent GPU machine (no internet): install the carried wheels, then scripts/gpu_smoke.py.
+# The machine has torch, transformers, tokenizers and safetensors; hivemind, grpcio >= 1.85.1,
+# protobuf >= 7.35.1 and their dependencies travel as wheels in .whl/ (see docs/gpu.md).
+#   bash scripts/gpu_smoke.sh [--preset base125m] [--device cuda] [--train-s 120]
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 no_proxy=127.0.0.1,localhost
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, hivemind, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'hivemind', hivemind.__version__, 'transformers', transformers.__version__)"
+exec python3 scripts/gpu_smoke.py "$@"
