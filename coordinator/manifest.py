@@ -229,7 +229,9 @@ PRESETS: dict[str, Preset] = {
                 learning_rate=6e-4, weight_decay=0.1, betas=(0.9, 0.95), warmup_epochs=20, max_grad_norm=1.0
             ),
             swarm=SwarmSpec(
-                target_batch_size=512,
+                # 4096 x 1024 tokens per step: one epoch must take several matchmaking windows of
+                # compute, or peers spend their time waiting for groups (measured: docs/gpu.md)
+                target_batch_size=4096,
                 batch_size_per_step=16,
                 matchmaking_time_s=15.0,
                 averaging_timeout_s=120.0,

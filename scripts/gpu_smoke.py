@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -194,6 +195,9 @@ def swarm_check(preset: str, device: str, train_s: float) -> dict:
         result["stop_s"] = round(time.monotonic() - t_stop, 1)
         result["exit_codes"] = [c.proc.returncode for c in children]
         result["logs"] = str(work)
+        if os.environ.get("OUT"):
+            for child in children:
+                shutil.copy(child.log_path, Path(os.environ["OUT"], child.log_path.name))
     return result
 
 
