@@ -13,12 +13,13 @@ same tokenizer.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import random
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,15 +245,29 @@ def tokenize_blocks(tokenizer: Tokenizer, texts: Sequence[str], seq_len: int) ->
     return [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
 
 
-def batches_forever(blocks: Sequence[list[int]], batch_size: int, seed: int) -> Iterator[list[list[int]]]:
-    """Endless shuffled mini-batches of blocks; each pass over the shard uses a new permutation."""
-    if len(blocks) < batch_size:
-        raise DataError(
-            f"shard has {len(blocks)} sequences, fewer than one batch of {batch_size}; lower --batch-size"
-        )
-    rng = random.Random(seed)
-    order = list(range(len(blocks)))
-    while True:
+def rotating_batches(
+    num_shards: int,
+    first_shard: int,
+    load_blocks: Callable[[int], list[list[int]] | None],
+    batch_size: int,
+    seed: int,
+) -> Iterator[list[list[int]]]:
+    """Endless shuffled mini-batches: one pass over the peer's own shard, then the next shard, ...
+
+    Peers start on different shards (the coordinator assigns them round-robin) and then walk the
+    whole dataset, so a small swarm still sees all of it. `load_blocks(i)` returns shard i's blocks,
+    or None when it cannot be fetched right now (coordinator down): the previous shard is reused.
+    """
+    blocks: list[list[int]] | None = None
+    for k in itertools.count():
+        loaded = load_blocks((first_shard + k) % num_shards)
+        if loaded is not None and len(loaded) >= batch_size:
+            blocks = loaded
+        elif blocks is None:
+            size = "unavailable" if loaded is None else f"only {len(loaded)} sequences"
+            raise DataError(f"data shard {first_shard} is {size}; need at least one batch of {batch_size}")
+        rng = random.Random(seed * 1_000_003 + k)
+        order = list(range(len(blocks)))
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):
             yield [blocks[j] for j in order[i : i + batch_size]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import warnings
 from collections.abc import Sequence
 from functools import partial
 
@@ -87,6 +88,9 @@ def make_optimizer(
     """
     import hivemind
     from hivemind.optim.grad_averager import GradientAverager
+
+    # hivemind replays the LR schedule up to the loaded epoch before any optimizer step: expected
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
     optim, swarm = manifest.optim, manifest.swarm
     request_timeout_s = max(0.5, min(3.0, swarm.matchmaking_time_s / 2))

@@ -147,7 +147,7 @@ class Volunteer:
         import torch
         from tokenizers import Tokenizer
 
-        from peer.data import batches_forever, read_shard, tokenize_blocks
+        from peer.data import read_shard, rotating_batches, tokenize_blocks
         from peer.model import as_batch, build_model, num_parameters
         from peer.swarm import make_optimizer, start_dht, use_fork_start_method
 
@@ -157,7 +157,7 @@ class Volunteer:
             raise PeerError("the run manifest arrived corrupted (sha256 mismatch); restart the peer")
         settings = joined.settings
         logger.info(
-            "joined run %s as %r (session %s): %s model, shard %d, device %s",
+            "joined run %s as %r (session %s): %s model, first shard %d, device %s",
             manifest.run_id,
             self.name,
             self.session_id[:8],
@@ -176,20 +176,26 @@ class Volunteer:
         ).start()
 
         cache_dir = Path(self.config.cache_dir).expanduser() / manifest.run_id
-        shard = manifest.data.shards[settings.shard_index % len(manifest.data.shards)]
-        shard_path = download_shard(settings.http_base_url, shard, cache_dir)
         tokenizer = Tokenizer.from_str(joined.tokenizer_json)
-        blocks = tokenize_blocks(tokenizer, read_shard(shard_path), manifest.data.seq_len)
         batch_size = self.config.batch_size or manifest.swarm.batch_size_per_step
+        first_shard = settings.shard_index % len(manifest.data.shards)
+
+        def load_blocks(index: int) -> list[list[int]] | None:
+            shard = manifest.data.shards[index]
+            try:
+                path = download_shard(settings.http_base_url, shard, cache_dir)
+            except PeerError as e:
+                if index == first_shard:
+                    raise
+                logger.warning("%s; training on the previous shard again", e)
+                return None
+            blocks = tokenize_blocks(tokenizer, read_shard(path), manifest.data.seq_len)
+            logger.info("data: %s, %d sequences of %d tokens", shard.name, len(blocks), manifest.data.seq_len)
+            return blocks
+
         seed = self.config.seed or zlib.crc32(self.session_id.encode())
-        batches = batches_forever(blocks, batch_size, seed)
-        logger.info(
-            "shard %s: %d sequences of %d tokens; batch size %d",
-            shard.name,
-            len(blocks),
-            manifest.data.seq_len,
-            batch_size,
-        )
+        batches = rotating_batches(len(manifest.data.shards), first_shard, load_blocks, batch_size, seed)
+        next_batch = next(batches)  # fetch the first shard now: a data problem fails before joining the swarm
 
         use_fork_start_method()
         model = build_model(manifest, self.device)
@@ -215,7 +221,7 @@ class Volunteer:
         model.train()
         while not self.stop_event.is_set():
             t0 = time.monotonic()
-            batch = as_batch(next(batches), self.device)
+            batch = as_batch(next_batch, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = model(input_ids=batch, labels=batch).loss
             if not torch.isfinite(loss):
@@ -225,6 +231,7 @@ class Volunteer:
             loss.backward()
             self.opt.step()
             self.opt.zero_grad()
+            next_batch = next(batches)
             loss_value = loss.item()
             samples_total += batch.shape[0]
             rate = batch.shape[0] / max(time.monotonic() - t0, 1e-6)

@@ -87,11 +87,27 @@ def test_tokenizer_training_is_deterministic_and_round_trips(small_corpus: Path,
     assert blocks and all(len(b) == 32 for b in blocks)
 
 
-def test_batches_cover_the_shard_before_repeating():
-    blocks = [[i] for i in range(10)]
-    it = data.batches_forever(blocks, batch_size=5, seed=1)
-    first_pass = [b[0] for batch in (next(it), next(it)) for b in batch]
-    assert sorted(first_pass) == list(range(10))
+def test_batches_walk_every_shard_starting_from_the_assigned_one():
+    shards = {i: [[i, j] for j in range(4)] for i in range(3)}
+    loads = []
+
+    def load(i):
+        loads.append(i)
+        return shards[i]
+
+    it = data.rotating_batches(3, 1, load, batch_size=2, seed=7)
+    seen = [next(it) for _ in range(8)]  # two batches per shard
+    assert loads == [1, 2, 0, 1]
+    firsts = [batch[0][0] for batch in seen]
+    assert firsts == [1, 1, 2, 2, 0, 0, 1, 1]
+    assert sorted(b[1] for batch in seen[:2] for b in batch) == [0, 1, 2, 3]  # a full pass, no repeats
+
+
+def test_batches_reuse_the_last_shard_when_the_next_cannot_be_fetched():
+    it = data.rotating_batches(2, 0, lambda i: [[0, j] for j in range(2)] if i == 0 else None, 2, seed=1)
+    assert all(next(it)[0][0] == 0 for _ in range(5))
+    with pytest.raises(data.DataError, match="unavailable"):
+        next(data.rotating_batches(2, 1, lambda i: None, 2, seed=1))
 
 
 def _manifest(tmp_path: Path, small_corpus: Path, preset_name: str = "tiny") -> RunManifest:
