@@ -9,6 +9,8 @@ Everything it knows lives under DATA_DIR and survives restarts:
     DATA_DIR/data/              the run's eval and training shards (served over HTTP)
     DATA_DIR/checkpoints/       published checkpoints, one directory per step
     DATA_DIR/endpoints.json     bound addresses, rewritten at every start
+
+Open the HTTP address in a browser for the live dashboard.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pathlib import Path
 from coordinator import checkpoints
 from coordinator.config import CoordinatorConfig
 from coordinator.manifest import ManifestError, RunManifest, build_manifest, get_preset
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import HealthSettings
 from coordinator.service import CoordinatorServicer, RunInfo, create_server
+from coordinator.status import SwarmProgress, SwarmStatus, build_status
 from coordinator.store import Store
 from coordinator.webserver import WebContext, WebServer
 
@@ -92,10 +96,12 @@ class Coordinator:
         self.config = config
         self.data_dir = Path(config.data_dir).expanduser()
         self.checkpoint_root = self.data_dir / "checkpoints"
-        self.health = HealthSettings(config.heartbeat_interval_s, config.heartbeat_timeout_s)
+        self.health = HealthSettings(
+            config.heartbeat_interval_s, config.heartbeat_timeout_s, config.contribution_grace_s
+        )
         self.public_host = config.public_host or _guess_public_host(config.host)
         self.store: Store | None = None
-        self.dht = self.publisher = self.web = self.grpc_server = None
+        self.dht = self.publisher = self.web = self.grpc_server = self.monitor = None
         self.endpoints: dict = {}
         self._stopped = threading.Event()
 
@@ -133,6 +139,16 @@ class Coordinator:
         if not dht_port:
             dht_port = int(maddrs[0].split("/tcp/")[1].split("/")[0])
             self.store.set_meta({"dht_port": str(dht_port)})
+        from coordinator.monitor import SwarmMonitor
+
+        self.monitor = SwarmMonitor(
+            self.dht,
+            manifest.run_id,
+            self.store,
+            self.health,
+            poll_interval_s=min(2.0, cfg.heartbeat_interval_s),
+        ).start()
+        self.metrics = CoordinatorMetrics(self.status)
 
         self.web = WebServer(
             WebContext(
@@ -141,7 +157,8 @@ class Coordinator:
                 checkpoint_root=self.checkpoint_root,
                 manifest_json=manifest.to_json(),
                 store=self.store,
-                health=self.health,
+                status=self.status,
+                metrics=self.metrics,
             ),
             cfg.host,
             cfg.http_port,
@@ -160,6 +177,8 @@ class Coordinator:
             self.store,
             self.health,
             initial_peers=lambda: maddrs,
+            status=self.status,
+            heartbeat_latency=self.metrics.heartbeat_latency.observe,
         )
         self.grpc_server, grpc_port, _ = create_server(servicer, cfg.host, cfg.grpc_port)
         self.grpc_server.start()
@@ -230,6 +249,18 @@ class Coordinator:
         logger.info("resuming run %s from %s", manifest.run_id, self.data_dir)
         return manifest, tokenizer_json
 
+    def status(self) -> SwarmStatus:
+        """The swarm as every view shows it (pure `build_status` over the store and the monitor)."""
+        return build_status(
+            time.time(),
+            self.manifest.run_id,
+            self.store.list_peers(),
+            self.store.contribution_totals(),
+            self.health,
+            self.monitor.progress if self.monitor is not None else SwarmProgress(),
+            checkpoints.list_checkpoints(self.checkpoint_root),
+        )
+
     def wait(self) -> None:
         self._stopped.wait()
 
@@ -249,6 +280,9 @@ class Coordinator:
         if self.web is not None:
             self.web.shutdown()
             self.web = None
+        if self.monitor is not None:
+            self.monitor.shutdown()
+            self.monitor = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None

@@ -96,6 +96,81 @@ def cmd_pull(config: cfg.PullConfig) -> int:
     return 0
 
 
+def _ago(now: float, t: float) -> str:
+    s = max(0.0, now - t)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
+
+
+def format_status(status, now: float) -> str:
+    """Render a GetStatusResponse as the operator's table."""
+    s = status.summary
+    loss = (
+        f"{s.latest_eval_loss:.3f} (step {s.latest_checkpoint_step})"
+        if s.latest_checkpoint_step >= 0
+        else "none yet"
+    )
+    states = ", ".join(f"{n} {state}" for state, n in sorted(s.peers_by_state.items()) if n) or "no peers"
+    lines = [
+        f"run {s.run_id}: global epoch {s.global_epoch}, swarm {s.samples_per_s:.1f} samples/s, "
+        f"latest checkpoint eval loss {loss}, {s.total_contributed_samples} samples contributed",
+        f"peers: {states}",
+        "",
+    ]
+    header = ("NAME", "STATE", "REASON", "DEVICE", "SAMPLES/S", "EPOCH", "CONTRIBUTED", "LAST SEEN")
+    rows = [
+        (
+            p.name,
+            p.state,
+            p.reason,
+            p.device,
+            f"{p.samples_per_s:.1f}",
+            str(p.local_epoch),
+            str(p.contributed_samples),
+            _ago(now, p.last_seen_unix_s),
+        )
+        for p in status.peers
+    ]
+    widths = [min(60, max(len(r[i]) for r in [header, *rows])) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell[:60].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_status(config: cfg.StatusConfig) -> int:
+    import time
+
+    from coordinator.client import CoordinatorClient
+
+    with CoordinatorClient(config.coordinator) as client:
+        while True:
+            text = format_status(client.get_status(), time.time())
+            if config.watch_s > 0:
+                print("\033[2J\033[H" + text, flush=True)
+                time.sleep(config.watch_s)
+            else:
+                print(text)
+                return 0
+
+
+def cmd_ban(config: cfg.BanConfig) -> int:
+    from pathlib import Path
+
+    from coordinator.store import Store
+
+    path = Path(config.data_dir).expanduser() / "state.sqlite3"
+    if not path.exists():
+        raise OSError(f"{path} does not exist; pass the coordinator's --data-dir")
+    store = Store(path)
+    try:
+        changed = store.set_banned(config.peer, not config.unban)
+    finally:
+        store.close()
+    if not changed:
+        raise ValueError(f"no peer named {config.peer!r} (or with that session or DHT id) in {path}")
+    print(f"{'unbanned' if config.unban else 'banned'} {changed} session(s) of {config.peer!r}")
+    return 0
+
+
 def cmd_demo(config: cfg.DemoConfig) -> int:
     from coordinator.demo import run_demo
 
@@ -110,6 +185,12 @@ COMMANDS = {
     ),
     "peer": (cfg.PeerConfig, cmd_peer, "donate compute: join a run and train"),
     "pull": (cfg.PullConfig, cmd_pull, "download and verify a published checkpoint"),
+    "status": (cfg.StatusConfig, cmd_status, "show every peer's health and the swarm's progress"),
+    "ban": (
+        cfg.BanConfig,
+        cmd_ban,
+        "refuse a peer's joins and heartbeats (run on the coordinator's machine)",
+    ),
     "demo": (cfg.DemoConfig, cmd_demo, "run a coordinator and peers locally and watch them train"),
 }
 

@@ -87,6 +87,9 @@ class CoordinatorClient:
     def list_checkpoints(self) -> pb.ListCheckpointsResponse:
         return self._call(self._stub.ListCheckpoints, pb.ListCheckpointsRequest())
 
+    def get_status(self) -> pb.GetStatusResponse:
+        return self._call(self._stub.GetStatus, pb.GetStatusRequest())
+
 
 def retry_until(
     fn: Callable[[], T],

@@ -41,6 +41,10 @@ class CoordinatorConfig:
     device: str = _f("cpu", "where the publisher evaluates checkpoints: cpu, cuda or cuda:N")
     heartbeat_interval_s: float = _f(5.0, "how often peers send heartbeats")
     heartbeat_timeout_s: float = _f(20.0, "a peer silent for this long is considered dead")
+    contribution_grace_s: float = _f(
+        45.0,
+        "a training peer missing from the swarm's progress records this long is flagged 'not contributing'",
+    )
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,19 @@ class PullConfig:
     )
     step: int = _f(-1, "which checkpoint to download (-1: the latest)")
     timeout_s: float = _f(600.0, "give up when the download takes longer than this")
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    coordinator: str = _f(REQUIRED, "HOST:PORT of the coordinator's gRPC API")
+    watch_s: float = _f(0.0, "refresh every this many seconds until Ctrl+C (0: print once)")
+
+
+@dataclass(frozen=True)
+class BanConfig:
+    data_dir: str = _f(REQUIRED, "the coordinator's data directory (run this on the coordinator's machine)")
+    peer: str = _f(REQUIRED, "peer name, session id or DHT peer id to ban")
+    unban: bool = _f(False, "lift the ban instead")
 
 
 @dataclass(frozen=True)

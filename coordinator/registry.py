@@ -1,7 +1,10 @@
-"""Peer health as a pure function of (now, record, settings) -> (state, reason).
+"""Peer health as pure functions of (now, record, settings): no clocks, no I/O.
 
-No clocks, no I/O: the servicer and the status views call `compute_state` with the current time,
-and tests move the clock instead of sleeping.
+Two sources of truth meet here: heartbeats sent to the coordinator (`last_seen_unix_s`, `phase`)
+and the swarm's own hivemind progress records in the DHT (`dht_last_seen_unix_s`). A peer that
+heartbeats but is absent from the progress records is "not contributing"; one that appears in the
+progress records but never heartbeats (`source == "dht"`) is still shown. Tests move the clock
+instead of sleeping and assert on the reason text.
 """
 
 from __future__ import annotations
@@ -13,24 +16,28 @@ from dataclasses import dataclass
 
 class PeerState(str, enum.Enum):
     JOINING = "JOINING"  # joined, still loading the model, data or swarm state
-    ONLINE = "ONLINE"  # heartbeats arrive and it trains
-    STALE = "STALE"  # heartbeats are late; it may be overloaded or its link stalls
+    ONLINE = "ONLINE"  # heartbeats (or progress records) arrive and it trains
+    STALE = "STALE"  # late; it may be overloaded, suspended, or its link stalls
     DEAD = "DEAD"  # silent longer than the heartbeat timeout
     LEFT = "LEFT"  # said goodbye
+    BANNED = "BANNED"  # refused by the operator (`crowdtrain ban`)
 
 
 @dataclass(frozen=True)
 class HealthSettings:
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
+    # how long a training peer may be missing from the DHT progress records before it is flagged
+    # "not contributing" (progress records are re-published at least every 30 s by hivemind)
+    contribution_grace_s: float = 45.0
 
 
 @dataclass(frozen=True)
 class PeerRecord:
-    session_id: str
+    session_id: str  # coordinator-assigned; "dht:<peer id>" for peers known only from the DHT
     name: str
     joined_unix_s: float
-    last_seen_unix_s: float
+    last_seen_unix_s: float  # last heartbeat (or, for DHT-only peers, last progress record)
     phase: str = "joining"  # as last reported: "joining", "loading_state", "training"
     left_unix_s: float | None = None
     left_reason: str = ""
@@ -44,25 +51,49 @@ class PeerRecord:
     uptime_s: float = 0.0
     samples_total: int = 0
     swarm_size: int = 0
+    source: str = "heartbeat"  # "heartbeat" or "dht"
+    dht_last_seen_unix_s: float | None = None  # last time its progress record was in the DHT
+    banned: bool = False
 
 
 def compute_state(now: float, record: PeerRecord, settings: HealthSettings) -> tuple[PeerState, str]:
     """The peer's state and a human-readable reason for it."""
+    if record.banned:
+        return PeerState.BANNED, "banned by the operator; its joins and heartbeats are refused"
     if record.left_unix_s is not None:
         return PeerState.LEFT, f"left {now - record.left_unix_s:.0f}s ago" + (
             f": {record.left_reason}" if record.left_reason else ""
         )
     silent_s = now - record.last_seen_unix_s
+    what = "progress record" if record.source == "dht" else "heartbeat"
     if silent_s > settings.heartbeat_timeout_s:
-        return (
-            PeerState.DEAD,
-            f"no heartbeat for {silent_s:.0f}s (timeout {settings.heartbeat_timeout_s:.0f}s)",
-        )
-    if silent_s > 2 * settings.heartbeat_interval_s:
+        return PeerState.DEAD, f"no {what} for {silent_s:.0f}s (timeout {settings.heartbeat_timeout_s:.0f}s)"
+    if record.source == "heartbeat" and silent_s > 2 * settings.heartbeat_interval_s:
         return (
             PeerState.STALE,
             f"last heartbeat {silent_s:.0f}s ago (expected every {settings.heartbeat_interval_s:.0f}s)",
         )
     if record.phase != "training":
-        return PeerState.JOINING, f"{record.phase.replace('_', ' ')}"
-    return PeerState.ONLINE, f"training at {record.samples_per_s:.1f} samples/s, epoch {record.local_epoch}"
+        return PeerState.JOINING, record.phase.replace("_", " ")
+    contributing, why = contribution(now, record, settings)
+    base = f"training at {record.samples_per_s:.1f} samples/s, epoch {record.local_epoch}"
+    return PeerState.ONLINE, base if contributing else f"{base}; not contributing: {why}"
+
+
+def contribution(now: float, record: PeerRecord, settings: HealthSettings) -> tuple[bool, str]:
+    """Whether the swarm's own records confirm this peer's work, and why not."""
+    if record.source == "dht":
+        return True, "seen only in the swarm's progress records (sends no heartbeats)"
+    if record.phase != "training":
+        return False, f"still {record.phase.replace('_', ' ')}"
+    since = now - (
+        record.dht_last_seen_unix_s if record.dht_last_seen_unix_s is not None else record.joined_unix_s
+    )
+    if record.dht_last_seen_unix_s is None and since > settings.contribution_grace_s:
+        return (
+            False,
+            f"heartbeats arrive but it never appeared in the swarm's progress records ({since:.0f}s)",
+        )
+    if since > settings.contribution_grace_s:
+        return False, f"heartbeats arrive but it left the swarm's progress records {since:.0f}s ago"
+    return True, "in the swarm's progress records"

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from coordinator import checkpoints
 from coordinator.registry import HealthSettings, PeerRecord
+from coordinator.status import SwarmStatus
 from coordinator.store import Store
 from protos import coordinator_pb2 as pb
 from protos import coordinator_pb2_grpc as pb_grpc
@@ -55,13 +57,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         health_settings: HealthSettings,
         initial_peers: Callable[[], list[str]],
         clock: Callable[[], float] = time.time,
+        status: Callable[[], SwarmStatus] | None = None,
+        heartbeat_latency: Callable[[float], None] = lambda seconds: None,
     ):
         self.run, self.store, self.health = run, store, health_settings
         self.initial_peers, self.clock = initial_peers, clock
+        self.status, self.heartbeat_latency = status, heartbeat_latency
         self._join_lock = threading.Lock()
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         now = self.clock()
+        if self.store.is_banned(request.name):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"peer name {request.name!r} is banned by the operator"
+            )
         with self._join_lock:  # shard assignment must not race between two joiners
             previous = (
                 self.store.get_peer(request.previous_session_id) if request.previous_session_id else None
@@ -99,9 +108,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        t0 = time.perf_counter()
         record = self.store.get_peer(request.session_id)
         if record is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}; join again")
+        if record.banned:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this peer is banned by the operator")
         updated = dataclasses.replace(
             record,
             last_seen_unix_s=self.clock(),
@@ -120,9 +132,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             swarm_size=request.swarm_size,
         )
         self.store.upsert_peer(updated)
-        return pb.HeartbeatResponse(
-            heartbeat_interval_s=self.health.heartbeat_interval_s, global_epoch=self._global_epoch()
-        )
+        response = pb.HeartbeatResponse(heartbeat_interval_s=self.health.heartbeat_interval_s)
+        self.heartbeat_latency(time.perf_counter() - t0)
+        return response
 
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         record = self.store.get_peer(request.session_id)
@@ -157,8 +169,39 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             ],
         )
 
-    def _global_epoch(self) -> int:
-        return max((p.local_epoch for p in self.store.list_peers() if p.left_unix_s is None), default=0)
+    def GetStatus(self, request, context) -> pb.GetStatusResponse:
+        if self.status is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this coordinator keeps no swarm status")
+        status = self.status()
+        s = status.summary
+        return pb.GetStatusResponse(
+            summary=pb.SwarmSummary(
+                run_id=s.run_id,
+                global_epoch=s.global_epoch,
+                samples_per_s=s.samples_per_s,
+                latest_eval_loss=s.latest_eval_loss,
+                latest_checkpoint_step=s.latest_checkpoint_step,
+                peers_by_state=s.peers_by_state,
+                total_contributed_samples=s.total_contributed_samples,
+            ),
+            peers=[
+                pb.PeerStatus(
+                    session_id=v.session_id,
+                    name=v.name,
+                    state=v.state,
+                    reason=v.reason,
+                    device=v.device,
+                    samples_per_s=v.samples_per_s,
+                    local_epoch=v.local_epoch,
+                    contributed_samples=v.contributed_samples,
+                    last_seen_unix_s=v.last_seen_unix_s,
+                    contributing=v.contributing,
+                    dht_peer_id=v.dht_peer_id,
+                    loss=v.loss,
+                )
+                for v in status.peers
+            ],
+        )
 
 
 def _finite(x: float) -> float:
@@ -177,6 +220,11 @@ def create_server(
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # server reflection, so `grpcurl -plaintext HOST:PORT list` works without the .proto files
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as e:

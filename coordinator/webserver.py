@@ -2,9 +2,14 @@
 
     GET /data/<shard>                         training/eval shards named in the manifest
     GET /checkpoints/<step|latest>/<file>     checkpoint files; `curl -C -` / `wget -c` resume works
+    GET /                                     the live dashboard (no external scripts)
     GET /api/v1/run                           the run manifest
-    GET /api/v1/checkpoints                   published checkpoints, oldest first
+    GET /api/v1/state                         summary: global epoch, throughput, peers by state, ...
     GET /api/v1/peers                         every peer with its state and the reason for it
+    GET /api/v1/history                       swarm throughput/epoch/loss over time, eval loss per checkpoint
+    GET /api/v1/contributors                  contribution leaderboard (samples per peer)
+    GET /api/v1/checkpoints                   published checkpoints, oldest first
+    GET /metrics                              Prometheus metrics
     GET /healthz                              "ok"
 
 Standard library only (ThreadingHTTPServer); every path is resolved against an allow-list, never
@@ -16,22 +21,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import re
 import threading
-import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from coordinator import checkpoints
-from coordinator.registry import HealthSettings, compute_state
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.status import SwarmStatus, contributors
 from coordinator.store import Store
 
 logger = logging.getLogger(__name__)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK_BYTES = 1 << 20
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+_STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +51,8 @@ class WebContext:
     checkpoint_root: Path
     manifest_json: str
     store: Store
-    health: HealthSettings
-    clock: Callable[[], float] = time.time
-
-
-def _json_safe(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    status: Callable[[], SwarmStatus]
+    metrics: CoordinatorMetrics | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -68,6 +74,14 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path == "/healthz":
                 return self._send_bytes(b"ok\n", "text/plain", send_body)
+            if path in ("/", "/index.html"):
+                return self._static("index.html", send_body)
+            if len(parts) == 2 and parts[0] == "static":
+                return self._static(parts[1], send_body)
+            if path == "/metrics" and self.ctx.metrics is not None:
+                return self._send_bytes(
+                    generate_latest(self.ctx.metrics.registry), CONTENT_TYPE_LATEST, send_body
+                )
             if parts[:2] == ["api", "v1"] and len(parts) == 3:
                 return self._api(parts[2], send_body)
             if len(parts) == 2 and parts[0] == "data" and parts[1] in self.ctx.data_files:
@@ -78,22 +92,32 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.send_error(HTTPStatus.NOT_FOUND, f"no such resource {path}")
 
+    def _static(self, name: str, send_body: bool) -> None:
+        path = STATIC_DIR / name
+        if name not in {p.name for p in STATIC_DIR.iterdir()} or path.suffix not in _STATIC_TYPES:
+            return self.send_error(HTTPStatus.NOT_FOUND, f"no static file {name!r}")
+        self._send_bytes(path.read_bytes(), _STATIC_TYPES[path.suffix], send_body)
+
     def _api(self, name: str, send_body: bool) -> None:
         ctx = self.ctx
         if name == "run":
             body = ctx.manifest_json
         elif name == "checkpoints":
             body = json.dumps(
-                [json.loads(m.to_json()) for m in checkpoints.list_checkpoints(ctx.checkpoint_root)], indent=1
+                [json.loads(m.to_json()) for m in checkpoints.list_checkpoints(ctx.checkpoint_root)]
             )
+        elif name == "state":
+            body = json.dumps(ctx.status().to_json_dict()["summary"])
         elif name == "peers":
-            now = ctx.clock()
-            rows = []
-            for record in ctx.store.list_peers():
-                state, reason = compute_state(now, record, ctx.health)
-                row = {k: _json_safe(v) for k, v in dataclasses.asdict(record).items()}
-                rows.append(dict(row, state=state.value, reason=reason))
-            body = json.dumps(rows, indent=1)
+            body = json.dumps(ctx.status().to_json_dict()["peers"])
+        elif name == "contributors":
+            body = json.dumps(contributors(ctx.status(), ctx.store.contribution_totals()))
+        elif name == "history":
+            evals = [
+                {"t": m.created_unix_s, "step": m.step, "eval_loss": m.eval_loss}
+                for m in checkpoints.list_checkpoints(ctx.checkpoint_root)
+            ]
+            body = json.dumps({"swarm": ctx.store.history(), "eval": evals})
         else:
             return self.send_error(HTTPStatus.NOT_FOUND, f"no API {name!r}")
         self._send_bytes(body.encode(), "application/json", send_body)

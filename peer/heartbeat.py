@@ -67,7 +67,6 @@ class HeartbeatReporter:
         self.interval_s, self.max_backoff_s, self.clock = interval_s, max_backoff_s, clock
         self.started = clock()
         self.sent = self.failed = 0
-        self.global_epoch = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -120,7 +119,6 @@ class HeartbeatReporter:
             logger.info("coordinator reachable again after %d failed heartbeat(s)", self.failed)
         self.failed = 0
         self.sent += 1
-        self.global_epoch = response.global_epoch
         if response.heartbeat_interval_s > 0:
             self.interval_s = response.heartbeat_interval_s
         return True

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -145,6 +146,7 @@ class Volunteer:
 
     def _run(self) -> int:
         import torch
+        from hivemind.utils import get_dht_time
         from tokenizers import Tokenizer
 
         from peer.data import read_shard, rotating_batches, tokenize_blocks
@@ -218,6 +220,8 @@ class Volunteer:
         use_amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         epoch, epoch_losses, epoch_samples, epoch_t0 = self.opt.local_epoch, [], 0, time.monotonic()
         samples_total, ema_rate = 0, 0.0
+        # a live status line on a terminal; plain epoch log lines when output is a file or a pipe
+        live, last_draw = sys.stderr.isatty(), 0.0
         model.train()
         while not self.stop_event.is_set():
             t0 = time.monotonic()
@@ -246,7 +250,17 @@ class Volunteer:
                 samples_total=samples_total,
                 swarm_size=swarm_peers,
             )
+            if live and time.monotonic() - last_draw >= 0.5:
+                last_draw = time.monotonic()
+                eta_s = max(0.0, self.opt.tracker.estimated_next_update_time - get_dht_time())
+                sys.stderr.write(
+                    f"\r\033[Kepoch {self.opt.local_epoch} | loss {loss_value:.3f} | {ema_rate:.1f} samples/s | "
+                    f"swarm {swarm_peers} peers | next averaging in {eta_s:.0f}s"
+                )
+                sys.stderr.flush()
             if self.opt.local_epoch != epoch:
+                if live:
+                    sys.stderr.write("\r\033[K")  # the epoch log line replaces the live status line
                 elapsed = time.monotonic() - epoch_t0
                 logger.info(
                     "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d",

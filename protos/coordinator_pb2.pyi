@@ -73,12 +73,10 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., dht_peer_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., uptime_s: _Optional[float] = ..., samples_total: _Optional[int] = ..., swarm_size: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_s", "global_epoch")
+    __slots__ = ("heartbeat_interval_s",)
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
-    GLOBAL_EPOCH_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
-    global_epoch: int
-    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., global_epoch: _Optional[int] = ...) -> None: ...
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("session_id", "reason")
@@ -129,3 +127,68 @@ class ListCheckpointsResponse(_message.Message):
     checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
     http_base_url: str
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ..., http_base_url: _Optional[str] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("session_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTING_FIELD_NUMBER: _ClassVar[int]
+    DHT_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    name: str
+    state: str
+    reason: str
+    device: str
+    samples_per_s: float
+    local_epoch: int
+    contributed_samples: int
+    last_seen_unix_s: float
+    contributing: bool
+    dht_peer_id: str
+    loss: float
+    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class SwarmSummary(_message.Message):
+    __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id")
+    class PeersByStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    GLOBAL_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LATEST_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LATEST_CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    PEERS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_CONTRIBUTED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    global_epoch: int
+    samples_per_s: float
+    latest_eval_loss: float
+    latest_checkpoint_step: int
+    peers_by_state: _containers.ScalarMap[str, int]
+    total_contributed_samples: int
+    run_id: str
+    def __init__(self, global_epoch: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., latest_eval_loss: _Optional[float] = ..., latest_checkpoint_step: _Optional[int] = ..., peers_by_state: _Optional[_Mapping[str, int]] = ..., total_contributed_samples: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("summary", "peers")
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    summary: SwarmSummary
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    def __init__(self, summary: _Optional[_Union[SwarmSummary, _Mapping]] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...

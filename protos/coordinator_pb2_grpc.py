@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/crowdtrain.v1.Coordinator/GetStatus',
+                request_serializer=protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -88,6 +93,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """The swarm as the coordinator sees it: every peer's state with the reason, and a summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=protos_dot_coordinator__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=protos_dot_coordinator__pb2.GetStatusRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.GetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class Coordinator:
             '/crowdtrain.v1.Coordinator/ListCheckpoints',
             protos_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
             protos_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crowdtrain.v1.Coordinator/GetStatus',
+            protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
+            protos_dot_coordinator__pb2.GetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

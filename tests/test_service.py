@@ -146,3 +146,30 @@ def test_unreachable_coordinator_gives_up_with_advice():
 def test_bad_addresses_are_rejected(bad):
     with pytest.raises(ValueError, match="HOST:PORT"):
         CoordinatorClient(bad)
+
+
+def test_banned_peers_are_refused(served):
+    client, store, *_ = served
+    sid = client.join(pb.JoinRequest(name="mallory")).session_id
+    assert store.set_banned("mallory", True) == 1
+    with pytest.raises(CoordinatorRejected, match="PERMISSION_DENIED"):
+        client.heartbeat(pb.HeartbeatRequest(session_id=sid, phase="training"))
+    with pytest.raises(CoordinatorRejected, match="banned"):
+        client.join(pb.JoinRequest(name="mallory"))
+    # a heartbeat that raced with the ban cannot undo it
+    record = store.get_peer(sid)
+    store.upsert_peer(record.__class__(**{**record.__dict__, "banned": False}))
+    assert store.get_peer(sid).banned
+
+
+def test_reflection_lists_the_services(served):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    port = served[3]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"crowdtrain.v1.Coordinator", "grpc.health.v1.Health"} <= names

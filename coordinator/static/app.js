@@ -1,0 +1,184 @@
+// crowdtrain dashboard: polls the coordinator's JSON API and redraws. No external scripts.
+// Everything a peer can choose (its name, device, reason text) is inserted with textContent, never as HTML.
+"use strict";
+
+const REFRESH_MS = Number(new URLSearchParams(location.search).get("refresh")) || 2000;
+const SVG = "http://www.w3.org/2000/svg";
+
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+
+function fmt(x, digits = 1) {
+  return x === null || x === undefined || Number.isNaN(x) ? "-" : Number(x).toFixed(digits);
+}
+
+function ago(t) {
+  const s = Math.max(0, Date.now() / 1000 - t);
+  if (s < 120) return `${s.toFixed(0)}s ago`;
+  if (s < 7200) return `${(s / 60).toFixed(0)}m ago`;
+  return `${(s / 3600).toFixed(1)}h ago`;
+}
+
+function bytes(n) {
+  return n > 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n > 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${(n / 1e3).toFixed(0)} kB`;
+}
+
+function fillTable(id, rows) {
+  const body = document.querySelector(`#${id} tbody`);
+  body.replaceChildren(...rows);
+}
+
+function renderSummary(s) {
+  document.getElementById("run-id").textContent = s.run_id;
+  document.getElementById("global-epoch").textContent = s.global_epoch;
+  document.getElementById("samples-per-s").textContent = `${fmt(s.samples_per_s)} /s`;
+  document.getElementById("eval-loss").textContent =
+    s.latest_checkpoint_step >= 0 ? `${fmt(s.latest_eval_loss, 3)} @ ${s.latest_checkpoint_step}` : "-";
+  document.getElementById("checkpoint-count").textContent = s.checkpoints;
+  const states = document.getElementById("peer-states");
+  states.replaceChildren();
+  for (const [state, n] of Object.entries(s.peers_by_state)) {
+    if (!n) continue;
+    const badge = el("span", `${n} ${state}`, `badge ${state}`);
+    badge.style.marginRight = "4px";
+    states.append(badge);
+  }
+  if (!states.childElementCount) states.textContent = "none";
+}
+
+function renderPeers(peers) {
+  fillTable("peers", peers.map((p) => {
+    const tr = el("tr");
+    tr.dataset.session = p.session_id;
+    tr.dataset.state = p.state;
+    const reason = el("td", p.reason, p.state === "ONLINE" && !p.contributing ? "warn" : "");
+    tr.append(
+      el("td", p.name, "name"),
+      (() => { const td = el("td"); td.append(el("span", p.state, `badge ${p.state}`)); return td; })(),
+      reason,
+      el("td", p.device),
+      el("td", fmt(p.samples_per_s), "num"),
+      el("td", p.local_epoch, "num"),
+      el("td", fmt(p.loss, 3), "num"),
+      el("td", p.contributed_samples, "num"),
+      el("td", ago(p.last_seen_unix_s)),
+    );
+    return tr;
+  }));
+}
+
+function renderContributors(rows) {
+  const total = rows.reduce((a, r) => a + r.samples, 0) || 1;
+  fillTable("contributors", rows.slice(0, 20).map((r, i) => {
+    const tr = el("tr");
+    tr.append(el("td", i + 1), el("td", r.name), el("td", r.samples, "num"), el("td", `${(100 * r.samples / total).toFixed(1)}%`, "num"));
+    return tr;
+  }));
+}
+
+function renderCheckpoints(list) {
+  fillTable("checkpoints", list.slice().reverse().map((c) => {
+    const tr = el("tr");
+    const links = el("td");
+    for (const name of Object.keys(c.files).sort()) {
+      const a = el("a", name);
+      a.href = `/checkpoints/${c.step}/${encodeURIComponent(name)}`;
+      links.append(a, document.createTextNode(" "));
+    }
+    const size = Object.values(c.files).reduce((a, f) => a + f.size_bytes, 0);
+    tr.append(el("td", c.step, "num"), el("td", new Date(c.created_unix_s * 1000).toLocaleString()),
+      el("td", fmt(c.eval_loss, 3), "num"), el("td", bytes(size), "num"), links);
+    return tr;
+  }));
+}
+
+// A small line chart: series = [{points: [[x, y], ...], color}], drawn into an SVG viewBox 600x220.
+function lineChart(svg, series, yLabel) {
+  svg.replaceChildren();
+  const W = 600, H = 220, L = 48, R = 10, T = 10, B = 24;
+  const all = series.flatMap((s) => s.points).filter(([, y]) => y !== null && Number.isFinite(y));
+  if (!all.length) {
+    const t = document.createElementNS(SVG, "text");
+    t.setAttribute("x", W / 2); t.setAttribute("y", H / 2); t.setAttribute("text-anchor", "middle");
+    t.textContent = "no data yet";
+    svg.append(t);
+    return;
+  }
+  const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
+  let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  if (x1 === x0) x1 = x0 + 1;
+  if (y1 === y0) { y1 += 1; y0 -= 1; }
+  const pad = (y1 - y0) * 0.08; y0 -= pad; y1 += pad;
+  const sx = (x) => L + (x - x0) / (x1 - x0) * (W - L - R);
+  const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
+  for (let i = 0; i <= 4; i++) {
+    const y = y0 + (y1 - y0) * i / 4;
+    const line = document.createElementNS(SVG, "line");
+    line.setAttribute("class", "axis");
+    line.setAttribute("x1", L); line.setAttribute("x2", W - R); line.setAttribute("y1", sy(y)); line.setAttribute("y2", sy(y));
+    const label = document.createElementNS(SVG, "text");
+    label.setAttribute("x", L - 6); label.setAttribute("y", sy(y) + 4); label.setAttribute("text-anchor", "end");
+    label.textContent = y.toFixed(y1 - y0 < 5 ? 2 : 0);
+    svg.append(line, label);
+  }
+  const span = document.createElementNS(SVG, "text");
+  span.setAttribute("x", W - R); span.setAttribute("y", H - 6); span.setAttribute("text-anchor", "end");
+  span.textContent = `last ${((x1 - x0) / 60).toFixed(1)} min`;
+  svg.append(span);
+  for (const s of series) {
+    const pts = s.points.filter(([, y]) => y !== null && Number.isFinite(y));
+    if (!pts.length) continue;
+    const path = document.createElementNS(SVG, "path");
+    path.setAttribute("class", "series");
+    path.setAttribute("stroke", s.color);
+    path.setAttribute("d", pts.map(([x, y], i) => `${i ? "L" : "M"}${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "));
+    svg.append(path);
+    for (const [x, y] of pts) {
+      const c = document.createElementNS(SVG, "circle");
+      c.setAttribute("class", "point");
+      c.setAttribute("cx", sx(x)); c.setAttribute("cy", sy(y)); c.setAttribute("r", s.radius || 2);
+      c.setAttribute("fill", s.color);
+      svg.append(c);
+    }
+  }
+}
+
+function renderCharts(history) {
+  const swarm = history.swarm;
+  lineChart(document.getElementById("chart-throughput"),
+    [{ points: swarm.map((h) => [h.t, h.samples_per_s]), color: "#16a34a" }]);
+  lineChart(document.getElementById("chart-loss"), [
+    { points: swarm.map((h) => [h.t, h.train_loss]), color: "#9ca3af", radius: 1.5 },
+    { points: history.eval.map((e) => [e.t, e.eval_loss]), color: "#2563eb", radius: 3 },
+  ]);
+}
+
+async function getJSON(path) {
+  const response = await fetch(path, { cache: "no-store" });
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  return response.json();
+}
+
+async function refresh() {
+  try {
+    const [state, peers, history, contributors, checkpoints] = await Promise.all(
+      ["state", "peers", "history", "contributors", "checkpoints"].map((n) => getJSON(`/api/v1/${n}`)));
+    renderSummary(state);
+    renderPeers(peers);
+    renderCharts(history);
+    renderContributors(contributors);
+    renderCheckpoints(checkpoints);
+    document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    document.body.dataset.ready = "1";
+  } catch (e) {
+    document.getElementById("updated").textContent = `coordinator unreachable (${e.message}); retrying`;
+  } finally {
+    setTimeout(refresh, REFRESH_MS);
+  }
+}
+
+refresh();

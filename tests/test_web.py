@@ -1,0 +1,162 @@
+"""The HTTP views in process: JSON API, dashboard files, and /metrics agreeing with the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.checkpoints import CheckpointMeta, finalize, list_checkpoints, new_staging_dir
+from coordinator.client import CoordinatorClient
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.registry import HealthSettings
+from coordinator.service import CoordinatorServicer, RunInfo, create_server
+from coordinator.status import SwarmProgress, build_status
+from coordinator.store import Store
+from coordinator.webserver import WebContext, WebServer
+from protos import coordinator_pb2 as pb
+
+EVIL = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture
+def site(tmp_path: Path):
+    store = Store(tmp_path / "s.sqlite3")
+    health = HealthSettings(2.0, 10.0, 20.0)
+    root = tmp_path / "ckpt"
+    clock = [2000.0]
+    progress = SwarmProgress(global_epoch=7, samples_per_s=123.5, num_peers=2, read_unix_s=1999.0)
+
+    def status():
+        return build_status(
+            clock[0],
+            "ct_test",
+            store.list_peers(),
+            store.contribution_totals(),
+            health,
+            progress,
+            list_checkpoints(root),
+        )
+
+    metrics = CoordinatorMetrics(status)
+    web = WebServer(
+        WebContext(tmp_path, frozenset(), root, "{}", store, status, metrics), "127.0.0.1", 0
+    ).start()
+    servicer = CoordinatorServicer(
+        RunInfo("{}", "x", "{}", 2, "http://x", root),
+        store,
+        health,
+        initial_peers=list,
+        clock=lambda: clock[0],
+        status=status,
+        heartbeat_latency=metrics.heartbeat_latency.observe,
+    )
+    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{web.port}", f"127.0.0.1:{port}", store, root, clock
+    finally:
+        server.stop(0).wait()
+        web.shutdown()
+        store.close()
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.headers["Content-Type"], response.read()
+
+
+def test_metrics_match_the_json_api(site):
+    base, address, store, root, clock = site
+    with CoordinatorClient(address) as client:
+        a = client.join(pb.JoinRequest(name=EVIL, device="cpu")).session_id
+        b = client.join(pb.JoinRequest(name="bob", device="cpu")).session_id
+        for sid in (a, b):
+            client.heartbeat(
+                pb.HeartbeatRequest(session_id=sid, phase="training", samples_per_s=5, dht_peer_id=sid[:6])
+            )
+        client.leave(b, "bye")
+    store.add_contributions([(a[:6], 1, 100), (a[:6], 2, 50), (b[:6], 1, 30)])
+    staging = new_staging_dir(root, 3)
+    (staging / "f").write_text("x")
+    finalize(staging, root, CheckpointMeta("ct_test", 3, 768, 4.25, 1990.0, "m", None, ()))
+
+    state = json.loads(get(f"{base}/api/v1/state")[2])
+    families = {f.name: f for f in text_string_to_metric_families(get(f"{base}/metrics")[2].decode())}
+    by_state = {s.labels["state"]: s.value for s in families["crowdtrain_peers"].samples}
+    assert by_state == {k: float(v) for k, v in state["peers_by_state"].items()}
+    assert by_state["ONLINE"] == 1 and by_state["LEFT"] == 1
+    scalar = {name: families[name].samples[0].value for name in families if len(families[name].samples) == 1}
+    assert scalar["crowdtrain_global_epoch"] == state["global_epoch"] == 7
+    assert scalar["crowdtrain_swarm_samples_per_second"] == state["samples_per_s"] == 123.5
+    assert scalar["crowdtrain_eval_loss"] == state["latest_eval_loss"] == 4.25
+    assert scalar["crowdtrain_checkpoints"] == state["checkpoints"] == 1
+    assert scalar["crowdtrain_contributed_samples"] == state["total_contributed_samples"] == 180
+    latency = {s.name: s.value for s in families["crowdtrain_heartbeat_latency_seconds"].samples}
+    assert latency["crowdtrain_heartbeat_latency_seconds_count"] == 2
+
+    peers = json.loads(get(f"{base}/api/v1/peers")[2])
+    assert {p["name"] for p in peers} == {EVIL, "bob"}  # JSON carries the raw name; views escape it
+    leaders = json.loads(get(f"{base}/api/v1/contributors")[2])
+    assert [(r["name"], r["samples"]) for r in leaders] == [(EVIL, 150), ("bob", 30)]
+    history = json.loads(get(f"{base}/api/v1/history")[2])
+    assert history["eval"] == [{"t": 1990.0, "step": 3, "eval_loss": 4.25}]
+
+
+def test_grpc_status_matches_the_json_api(site):
+    base, address, store, _, clock = site
+    with CoordinatorClient(address) as client:
+        sid = client.join(pb.JoinRequest(name="carol", device="cuda:0")).session_id
+        client.heartbeat(pb.HeartbeatRequest(session_id=sid, phase="loading_state"))
+        status = client.get_status()
+    assert status.summary.global_epoch == 7 and status.summary.peers_by_state["JOINING"] == 1
+    [peer] = status.peers
+    assert (peer.name, peer.state, peer.reason, peer.device) == (
+        "carol",
+        "JOINING",
+        "loading state",
+        "cuda:0",
+    )
+    assert math.isnan(status.summary.latest_eval_loss) and status.summary.latest_checkpoint_step == -1
+    from coordinator.cli import format_status
+
+    table = format_status(status, now=clock[0] + 3)
+    assert "carol" in table and "JOINING" in table and "3s ago" in table
+
+
+def test_dashboard_is_self_contained(site):
+    base = site[0]
+    status, content_type, body = get(f"{base}/")
+    assert status == 200 and content_type.startswith("text/html")
+    html = body.decode()
+    assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html, (
+        "external resource"
+    )
+    js = get(f"{base}/static/app.js")[2].decode()
+    assert "innerHTML" not in js, "peer-supplied text must never be parsed as HTML"
+    assert get(f"{base}/static/style.css")[0] == 200
+    with pytest.raises(urllib.error.HTTPError):
+        get(f"{base}/static/..%2Fwebserver.py")
+
+
+def test_status_rpc_without_a_status_source_is_unimplemented(tmp_path: Path):
+    store = Store(tmp_path / "s.sqlite3")
+    servicer = CoordinatorServicer(
+        RunInfo("{}", "x", "{}", 1, "http://x", tmp_path), store, HealthSettings(1, 2), initial_peers=list
+    )
+    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server.start()
+    try:
+        with (
+            CoordinatorClient(f"127.0.0.1:{port}") as client,
+            pytest.raises(Exception, match="UNIMPLEMENTED"),
+        ):
+            client.get_status()
+        assert client is not None and grpc is not None
+    finally:
+        server.stop(0).wait()
+        store.close()
