@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.checkpoints import CheckpointMeta, finalize, list_checkpoints, new_staging_dir
-from coordinator.client import CoordinatorClient
+from coordinator.client import CoordinatorClient, CoordinatorRejected
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import HealthSettings
 from coordinator.service import CoordinatorServicer, RunInfo, create_server
