@@ -8,7 +8,8 @@ Everything it knows lives under DATA_DIR and survives restarts:
     DATA_DIR/dht.key            identity of the bootstrap DHT node (stable multiaddr)
     DATA_DIR/data/              the run's eval and training shards (served over HTTP)
     DATA_DIR/checkpoints/       published checkpoints, one directory per step
-    DATA_DIR/endpoints.json     bound addresses, rewritten at every start
+    DATA_DIR/endpoints.json     bound addresses, rewritten at every start (ports given as 0 are
+                                chosen once and reused by later starts while they are free)
 
 Open the HTTP address in a browser for the live dashboard.
 """
@@ -29,7 +30,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.manifest import ManifestError, RunManifest, build_manifest, get_preset
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import HealthSettings
-from coordinator.service import CoordinatorServicer, RunInfo, create_server
+from coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
 from coordinator.status import SwarmProgress, SwarmStatus, build_status
 from coordinator.store import Store
 from coordinator.webserver import WebContext, WebServer
@@ -150,18 +151,17 @@ class Coordinator:
         ).start()
         self.metrics = CoordinatorMetrics(self.status)
 
-        self.web = WebServer(
-            WebContext(
-                data_dir=self.data_dir / "data",
-                data_files=frozenset([manifest.data.eval.name, *(s.name for s in manifest.data.shards)]),
-                checkpoint_root=self.checkpoint_root,
-                manifest_json=manifest.to_json(),
-                store=self.store,
-                status=self.status,
-                metrics=self.metrics,
-            ),
-            cfg.host,
-            cfg.http_port,
+        web_context = WebContext(
+            data_dir=self.data_dir / "data",
+            data_files=frozenset([manifest.data.eval.name, *(s.name for s in manifest.data.shards)]),
+            checkpoint_root=self.checkpoint_root,
+            manifest_json=manifest.to_json(),
+            store=self.store,
+            status=self.status,
+            metrics=self.metrics,
+        )
+        self.web = self._bind(
+            "http_port", cfg.http_port, lambda port: WebServer(web_context, cfg.host, port)
         ).start()
         http_base_url = f"http://{self.public_host}:{self.web.port}"
 
@@ -180,7 +180,9 @@ class Coordinator:
             status=self.status,
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
         )
-        self.grpc_server, grpc_port, _ = create_server(servicer, cfg.host, cfg.grpc_port)
+        self.grpc_server, grpc_port, _ = self._bind(
+            "grpc_port", cfg.grpc_port, lambda port: create_server(servicer, cfg.host, port)
+        )
         self.grpc_server.start()
 
         if with_publisher and cfg.checkpoint_interval_s > 0:
@@ -216,6 +218,22 @@ class Coordinator:
             self.endpoints["grpc"],
         )
         logger.info("downloads at %s, DHT bootstrap %s", http_base_url, maddrs[0])
+
+    def _bind(self, key: str, requested: int, bind):
+        """Bind `requested`; with 0, reuse the port this data dir had last time (so peers and
+        bookmarks keep working across restarts) and fall back to a free one if it is taken."""
+        stored = int(self.store.get_meta(key) or 0)
+        if requested or not stored:
+            result = bind(requested)
+        else:
+            try:
+                result = bind(stored)
+            except (OSError, PortInUseError):
+                logger.warning("port %d used by this run before is taken; picking a free one", stored)
+                result = bind(0)
+        port = result.port if isinstance(result, WebServer) else result[1]
+        self.store.set_meta({key: str(port)})
+        return result
 
     def _load_or_create_run(self) -> tuple[RunManifest, str]:
         # fail fast, before spending a minute building a run, when a fixed port is taken

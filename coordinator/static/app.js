@@ -112,7 +112,9 @@ function lineChart(svg, series, yLabel) {
   let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
   if (x1 === x0) x1 = x0 + 1;
   if (y1 === y0) { y1 += 1; y0 -= 1; }
-  const pad = (y1 - y0) * 0.08; y0 -= pad; y1 += pad;
+  const pad = (y1 - y0) * 0.08;
+  y0 = y0 >= 0 && y0 - pad < 0 ? 0 : y0 - pad;  // rates and losses are never negative
+  y1 += pad;
   const sx = (x) => L + (x - x0) / (x1 - x0) * (W - L - R);
   const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   for (let i = 0; i <= 4; i++) {
