@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state
+from coordinator.registry import HealthSettings, PeerRecord, is_online
 from coordinator.status import SwarmProgress
 from coordinator.store import Store
 
@@ -175,8 +175,8 @@ class SwarmMonitor:
     def _append_history(self, now: float) -> None:
         online = [
             p
-            for p in self.store.list_peers()
-            if compute_state(now, p, self.health)[0] is PeerState.ONLINE and p.source == "heartbeat"
+            for p in self.store.peers_unordered()
+            if p.source == "heartbeat" and is_online(now, p, self.health)
         ]
         losses = [p.loss for p in online if math.isfinite(p.loss)]
         self.store.append_history(

@@ -97,3 +97,12 @@ def contribution(now: float, record: PeerRecord, settings: HealthSettings) -> tu
     if since > settings.contribution_grace_s:
         return False, f"heartbeats arrive but it left the swarm's progress records {since:.0f}s ago"
     return True, "in the swarm's progress records"
+
+
+def is_online(now: float, record: PeerRecord, settings: HealthSettings) -> bool:
+    """Fast check of `compute_state(...)[0] is ONLINE` without building a reason, for aggregates
+    over many peers (the coordinator's history tick must not hold the GIL for long)."""
+    if record.banned or record.left_unix_s is not None or record.phase != "training":
+        return False
+    limit = settings.heartbeat_timeout_s if record.source == "dht" else 2 * settings.heartbeat_interval_s
+    return now - record.last_seen_unix_s <= limit

@@ -6,6 +6,7 @@ store. Domain errors map to gRPC status codes in one place (`_abort`). No torch,
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -13,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,17 @@ class RunInfo:
     checkpoint_root: Path
 
 
-class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+class Rejected(Exception):
+    """A request the coordinator refuses; carries the gRPC status the client will see."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class CoordinatorServicer:
+    """The coordinator's RPCs as plain methods: protos in, protos out, `Rejected` for refusals."""
+
     def __init__(
         self,
         run: RunInfo,
@@ -68,7 +78,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         now = self.clock()
         if self.store.is_banned(request.name):
-            context.abort(
+            raise Rejected(
                 grpc.StatusCode.PERMISSION_DENIED, f"peer name {request.name!r} is banned by the operator"
             )
         with self._join_lock:  # shard assignment must not race between two joiners
@@ -111,9 +121,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         t0 = time.perf_counter()
         record = self.store.get_peer(request.session_id)
         if record is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}; join again")
+            raise Rejected(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}; join again")
         if record.banned:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this peer is banned by the operator")
+            raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "this peer is banned by the operator")
         updated = dataclasses.replace(
             record,
             last_seen_unix_s=self.clock(),
@@ -131,7 +141,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             samples_total=request.samples_total,
             swarm_size=request.swarm_size,
         )
-        self.store.upsert_peer(updated)
+        self.store.upsert_peer(updated, durable=False)  # written behind: heartbeats are frequent
         response = pb.HeartbeatResponse(heartbeat_interval_s=self.health.heartbeat_interval_s)
         self.heartbeat_latency(time.perf_counter() - t0)
         return response
@@ -139,7 +149,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         record = self.store.get_peer(request.session_id)
         if record is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}")
+            raise Rejected(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}")
         now = self.clock()
         self.store.upsert_peer(
             dataclasses.replace(
@@ -171,7 +181,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def GetStatus(self, request, context) -> pb.GetStatusResponse:
         if self.status is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this coordinator keeps no swarm status")
+            raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "this coordinator keeps no swarm status")
         status = self.status()
         s = status.summary
         return pb.GetStatusResponse(
@@ -208,33 +218,111 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-def create_server(
-    servicer: CoordinatorServicer, host: str, port: int, max_workers: int = 16
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Bind the coordinator API plus the standard health service; returns (server, bound port, health)."""
-    # so_reuseport=0: a second coordinator on the same port must fail, not silently share it
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        options=[("grpc.so_reuseport", 0), ("grpc.max_send_message_length", 64 << 20)],
-    )
-    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    # server reflection, so `grpcurl -plaintext HOST:PORT list` works without the .proto files
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+class _AioAdapter(pb_grpc.CoordinatorServicer):
+    """Serves the plain servicer on grpc.aio: one event-loop thread, no GIL hand-offs between
+    worker threads (see docs/figures.md for the tail latency this buys)."""
+
+    def __init__(self, servicer: CoordinatorServicer):
+        self.servicer = servicer
+
+    async def _call(self, method, request, context):
+        try:
+            return method(request, context)
+        except Rejected as e:
+            await context.abort(e.code, e.message)
+
+    async def Join(self, request, context):
+        return await self._call(self.servicer.Join, request, context)
+
+    async def Heartbeat(self, request, context):
+        return await self._call(self.servicer.Heartbeat, request, context)
+
+    async def Leave(self, request, context):
+        return await self._call(self.servicer.Leave, request, context)
+
+    async def ListCheckpoints(self, request, context):
+        return await self._call(self.servicer.ListCheckpoints, request, context)
+
+    async def GetStatus(self, request, context):
+        return await self._call(self.servicer.GetStatus, request, context)
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when available (it ships with hivemind): a cheaper event loop per RPC."""
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as e:
-        raise PortInUseError(
-            f"cannot listen for gRPC on {host}:{port} ({e}); another process uses it - stop it or pass --grpc-port 0"
-        ) from e
-    if bound == 0:
-        raise PortInUseError(
-            f"cannot listen for gRPC on {host}:{port}; another process uses it - stop it or pass --grpc-port 0"
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class GrpcServer:
+    """A grpc.aio server on its own event-loop thread, with the thread-pool server's interface:
+    `start()`, `stop(grace)` (idempotent; returns self, whose `wait()` is a no-op)."""
+
+    def __init__(self, servicer: CoordinatorServicer, host: str, port: int):
+        self._loop = _new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._thread.start()
+        try:
+            self._server, self.port, self.health = self._run(self._build(servicer, host, port))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _run(self, coro, timeout_s: float | None = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    async def _build(self, servicer: CoordinatorServicer, host: str, port: int):
+        # so_reuseport=0: a second coordinator on the same port must fail, not silently share it
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_send_message_length", 64 << 20)]
         )
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, bound, health_servicer
+        pb_grpc.add_CoordinatorServicer_to_server(_AioAdapter(servicer), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        # server reflection, so `grpcurl -plaintext HOST:PORT list` works without the .proto files
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        advice = "another process uses it - stop it or pass --grpc-port 0"
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:
+            raise PortInUseError(f"cannot listen for gRPC on {host}:{port} ({e}); {advice}") from e
+        if bound == 0:
+            raise PortInUseError(f"cannot listen for gRPC on {host}:{port}; {advice}")
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        return server, bound, health_servicer
+
+    def start(self) -> GrpcServer:
+        self._run(self._server.start())
+        return self
+
+    def stop(self, grace: float | None = None) -> GrpcServer:
+        if not self._loop.is_closed():
+            try:
+                self._run(self._server.stop(grace), timeout_s=(grace or 0) + 10)
+            finally:
+                self._close_loop()
+        return self
+
+    def wait(self) -> None:
+        """Compatibility with grpc.Server.stop(...).wait(): stop() already waited."""
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+def create_server(servicer: CoordinatorServicer, host: str, port: int) -> tuple[GrpcServer, int, object]:
+    """Bind the coordinator API, health checking and reflection; returns (server, bound port, health)."""
+    server = GrpcServer(servicer, host, port)
+    return server, server.port, server.health

@@ -7,11 +7,14 @@ any moment restarts with everything it acknowledged.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sqlite3
 import threading
 from pathlib import Path
 
 from coordinator.registry import PeerRecord
+
+logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,35 +64,106 @@ _ADDED_COLUMNS = {
     "banned": "INTEGER NOT NULL DEFAULT 0",
 }
 _PEER_FIELDS = [f.name for f in dataclasses.fields(PeerRecord)]
+_UPSERT = (
+    f"INSERT INTO peers ({', '.join(_PEER_FIELDS)}) VALUES ({', '.join('?' for _ in _PEER_FIELDS)}) "
+    "ON CONFLICT (session_id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in _PEER_FIELDS if name not in ("session_id", "banned"))
+)
+
+
+def _row(record: PeerRecord) -> list:
+    row = [getattr(record, name) for name in _PEER_FIELDS]
+    loss = _PEER_FIELDS.index("loss")
+    if row[loss] != row[loss]:  # NaN is stored as NULL
+        row[loss] = None
+    return row
 
 
 class Store:
-    def __init__(self, path: Path):
+    """SQLite is the record; peers are also kept in memory so heartbeats never wait on the disk.
+
+    Joins, leaves and bans are written through at once. Heartbeat fields (last seen, throughput,
+    loss, ...) are written behind in one transaction every `flush_interval_s` (0: at once), so a
+    kill -9 loses at most that much of them, never a peer. `crowdtrain ban` writes from another
+    process; bans are picked up from the database at every flush.
+    """
+
+    def __init__(self, path: Path, flush_interval_s: float = 0.5):
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the in-memory peers; never held while touching the disk
+        self._db_lock = threading.Lock()  # guards the SQLite connection
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")  # `crowdtrain ban` may hold the write lock briefly
         existing = {row[1] for row in self._db.execute("PRAGMA table_info(peers)")}
         for column, decl in _ADDED_COLUMNS.items():
             if existing and column not in existing:
                 self._db.execute(f"ALTER TABLE peers ADD COLUMN {column} {decl}")
         self._db.executescript(_SCHEMA)
+        rows = self._db.execute(f"SELECT {', '.join(_PEER_FIELDS)} FROM peers").fetchall()
+        self._peers: dict[str, PeerRecord] = {}
+        self._by_dht: dict[str, set[str]] = {}  # dht_peer_id -> session ids
+        for record in map(self._to_record, rows):
+            self._remember(record)
+        self._dirty: set[str] = set()
+        self._data_version = None
+        self.flush_interval_s = flush_interval_s
+        self._closed = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if flush_interval_s > 0:
+            self._flusher = threading.Thread(target=self._flush_loop, name="store-flush", daemon=True)
+            self._flusher.start()
 
     def close(self) -> None:
-        with self._lock:
+        """Flush pending writes and close; idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._flusher is not None:
+            self._flusher.join()
+        self.flush()
+        with self._db_lock:
             self._db.close()
+
+    def _flush_loop(self) -> None:
+        while not self._closed.wait(self.flush_interval_s):
+            try:
+                self.flush()
+            except sqlite3.Error as e:  # a locked or full disk must not kill the flusher
+                logger.warning("could not write peer updates to %s: %s; will retry", self.path, e)
+
+    def flush(self) -> None:
+        """Write heartbeat updates behind, and pick up bans made by `crowdtrain ban`."""
+        with self._db_lock:
+            with self._lock:
+                dirty = [self._peers[sid] for sid in self._dirty]
+                self._dirty.clear()
+            if dirty:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.executemany(_UPSERT, [_row(r) for r in dirty])
+            # another process (`crowdtrain ban`) committed: re-read the bans
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return
+            self._data_version = version
+            banned = {row[0] for row in self._db.execute("SELECT session_id FROM peers WHERE banned = 1")}
+        with self._lock:
+            for sid, record in self._peers.items():
+                if record.banned != (sid in banned):
+                    self._peers[sid] = dataclasses.replace(record, banned=sid in banned)
 
     # ------------------------------------------------------------------ meta
 
     def get_meta(self, key: str) -> str | None:
-        with self._lock:
+        with self._db_lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, items: dict[str, str]) -> None:
         """Set several keys in one transaction (all or nothing)."""
-        with self._lock, self._db:
+        with self._db_lock, self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(items.items())
@@ -97,46 +171,42 @@ class Store:
 
     # ------------------------------------------------------------------ peers
 
-    def upsert_peer(self, record: PeerRecord) -> None:
-        """Insert or update a peer. `banned` is only ever set by `set_banned` (the operator), so a
-        heartbeat racing with `crowdtrain ban` cannot undo a ban."""
-        row = dataclasses.asdict(record)
-        if row["loss"] != row["loss"]:  # NaN is stored as NULL
-            row["loss"] = None
-        placeholders = ", ".join("?" for _ in _PEER_FIELDS)
-        updates = ", ".join(
-            f"{name} = excluded.{name}" for name in _PEER_FIELDS if name not in ("session_id", "banned")
-        )
+    def upsert_peer(self, record: PeerRecord, durable: bool = True) -> None:
+        """Insert or update a peer; `durable=False` defers the write to the next flush.
+
+        `banned` is only ever changed by `set_banned` (the operator), so a heartbeat racing with
+        `crowdtrain ban` cannot undo a ban.
+        """
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO peers ({', '.join(_PEER_FIELDS)}) VALUES ({placeholders}) "
-                f"ON CONFLICT (session_id) DO UPDATE SET {updates}",
-                [row[name] for name in _PEER_FIELDS],
-            )
+            previous = self._peers.get(record.session_id)
+            if previous is not None and previous.banned != record.banned:
+                record = dataclasses.replace(record, banned=previous.banned)
+            self._remember(record)
+            if not (durable or self.flush_interval_s <= 0):
+                self._dirty.add(record.session_id)
+                return
+        with self._db_lock:
+            with self._lock:  # write the newest state, whichever writer got here first
+                latest = self._peers[record.session_id]
+                self._dirty.discard(record.session_id)
+            self._db.execute(_UPSERT, _row(latest))
 
     def get_peer(self, session_id: str) -> PeerRecord | None:
         with self._lock:
-            row = self._db.execute(
-                f"SELECT {', '.join(_PEER_FIELDS)} FROM peers WHERE session_id = ?", (session_id,)
-            ).fetchone()
-        return self._to_record(row) if row else None
+            return self._peers.get(session_id)
 
     def list_peers(self) -> list[PeerRecord]:
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(_PEER_FIELDS)} FROM peers ORDER BY joined_unix_s"
-            ).fetchall()
-        return [self._to_record(r) for r in rows]
+            peers = list(self._peers.values())
+        return sorted(peers, key=lambda p: p.joined_unix_s)
 
-    def get_peer_by_dht_id(self, dht_peer_id: str) -> PeerRecord | None:
-        """The most recent session that reported this DHT peer id."""
+    def peers_unordered(self) -> list[PeerRecord]:
         with self._lock:
-            row = self._db.execute(
-                f"SELECT {', '.join(_PEER_FIELDS)} FROM peers WHERE dht_peer_id = ? "
-                "ORDER BY last_seen_unix_s DESC LIMIT 1",
-                (dht_peer_id,),
-            ).fetchone()
-        return self._to_record(row) if row else None
+            return list(self._peers.values())
+
+    def count_peers(self) -> int:
+        with self._lock:
+            return len(self._peers)
 
     def mark_dht_seen(self, dht_peer_id: str, now: float, epoch: int, samples_per_s: float = 0.0) -> bool:
         """Note that `dht_peer_id` is in the swarm's progress records; False if no peer has that id.
@@ -144,80 +214,43 @@ class Store:
         Heartbeating peers get `dht_last_seen_unix_s`; DHT-only peers also get their liveness and
         progress from the record, since they send nothing else.
         """
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            hb = self._db.execute(
-                "UPDATE peers SET dht_last_seen_unix_s = ? WHERE dht_peer_id = ? AND source = 'heartbeat'",
-                (now, dht_peer_id),
-            ).rowcount
-            dht = self._db.execute(
-                "UPDATE peers SET dht_last_seen_unix_s = ?, last_seen_unix_s = ?, local_epoch = ?, samples_per_s = ? "
-                "WHERE dht_peer_id = ? AND source = 'dht'",
-                (now, now, epoch, samples_per_s, dht_peer_id),
-            ).rowcount
-        return bool(hb or dht)
+        with self._lock:
+            sessions = self._by_dht.get(dht_peer_id, ())
+            for sid in sessions:
+                record = self._peers[sid]
+                if record.source == "dht":
+                    record = dataclasses.replace(
+                        record, last_seen_unix_s=now, local_epoch=epoch, samples_per_s=samples_per_s
+                    )
+                self._peers[sid] = dataclasses.replace(record, dht_last_seen_unix_s=now)
+                self._dirty.add(sid)
+            return bool(sessions)
 
     def set_banned(self, who: str, banned: bool) -> int:
         """Ban (or unban) every session whose name, session id or DHT peer id is `who`."""
-        with self._lock:
-            cursor = self._db.execute(
+        with self._db_lock:
+            changed = self._db.execute(
                 "UPDATE peers SET banned = ? WHERE name = ? OR session_id = ? OR dht_peer_id = ?",
                 (int(banned), who, who, who),
-            )
-            return cursor.rowcount
-
-    def is_banned(self, name: str, dht_peer_id: str = "") -> bool:
+            ).rowcount
         with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM peers WHERE banned = 1 AND (name = ? OR (dht_peer_id != '' AND dht_peer_id = ?)) LIMIT 1",
-                (name, dht_peer_id),
-            ).fetchone()
-        return row is not None
+            for sid, record in self._peers.items():
+                if who in (record.name, record.session_id, record.dht_peer_id):
+                    self._peers[sid] = dataclasses.replace(record, banned=banned)
+        return changed
 
-    # ------------------------------------------------------------------ contributions and history
-
-    def add_contributions(self, rows: list[tuple[str, int, int]]) -> None:
-        """Record (dht_peer_id, epoch, samples); a later, larger count for the same epoch wins."""
-        if not rows:
-            return
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO contributions (dht_peer_id, epoch, samples) VALUES (?, ?, ?) "
-                "ON CONFLICT (dht_peer_id, epoch) DO UPDATE SET samples = MAX(samples, excluded.samples)",
-                rows,
-            )
-
-    def contribution_totals(self) -> dict[str, int]:
+    def is_banned(self, name: str) -> bool:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT dht_peer_id, SUM(samples) FROM contributions GROUP BY dht_peer_id"
-            )
-            return {peer_id: int(total) for peer_id, total in rows}
+            return any(r.banned and r.name == name for r in self._peers.values())
 
-    def append_history(
-        self, t: float, global_epoch: int, samples_per_s: float, peers_training: int, train_loss: float | None
-    ) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO history (t, global_epoch, samples_per_s, peers_training, train_loss) VALUES (?, ?, ?, ?, ?)",
-                (t, global_epoch, samples_per_s, peers_training, train_loss),
-            )
-
-    def history(self, since_unix_s: float = 0.0, max_points: int = 2000) -> list[dict]:
-        """History rows since a time, thinned evenly to at most `max_points`."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT t, global_epoch, samples_per_s, peers_training, train_loss FROM history WHERE t >= ? ORDER BY t",
-                (since_unix_s,),
-            ).fetchall()
-        step = max(1, -(-len(rows) // max_points))
-        keys = ("t", "global_epoch", "samples_per_s", "peers_training", "train_loss")
-        return [dict(zip(keys, r, strict=True)) for r in rows[::step]]
-
-    def count_peers(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM peers").fetchone()[0]
+    def _remember(self, record: PeerRecord) -> None:
+        """Put a record in memory and keep the DHT-id index current; call with the lock held."""
+        previous = self._peers.get(record.session_id)
+        if previous is not None and previous.dht_peer_id != record.dht_peer_id:
+            self._by_dht.get(previous.dht_peer_id, set()).discard(record.session_id)
+        self._peers[record.session_id] = record
+        if record.dht_peer_id:
+            self._by_dht.setdefault(record.dht_peer_id, set()).add(record.session_id)
 
     @staticmethod
     def _to_record(row) -> PeerRecord:
@@ -226,3 +259,44 @@ class Store:
             values["loss"] = float("nan")
         values["banned"] = bool(values["banned"])
         return PeerRecord(**values)
+
+    # ------------------------------------------------------------------ contributions and history
+
+    def add_contributions(self, rows: list[tuple[str, int, int]]) -> None:
+        """Record (dht_peer_id, epoch, samples); a later, larger count for the same epoch wins."""
+        if not rows:
+            return
+        with self._db_lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO contributions (dht_peer_id, epoch, samples) VALUES (?, ?, ?) "
+                "ON CONFLICT (dht_peer_id, epoch) DO UPDATE SET samples = MAX(samples, excluded.samples)",
+                rows,
+            )
+
+    def contribution_totals(self) -> dict[str, int]:
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT dht_peer_id, SUM(samples) FROM contributions GROUP BY dht_peer_id"
+            )
+            return {peer_id: int(total) for peer_id, total in rows}
+
+    def append_history(
+        self, t: float, global_epoch: int, samples_per_s: float, peers_training: int, train_loss: float | None
+    ) -> None:
+        with self._db_lock:
+            self._db.execute(
+                "INSERT INTO history (t, global_epoch, samples_per_s, peers_training, train_loss) VALUES (?, ?, ?, ?, ?)",
+                (t, global_epoch, samples_per_s, peers_training, train_loss),
+            )
+
+    def history(self, since_unix_s: float = 0.0, max_points: int = 2000) -> list[dict]:
+        """History rows since a time, thinned evenly to at most `max_points`."""
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT t, global_epoch, samples_per_s, peers_training, train_loss FROM history WHERE t >= ? ORDER BY t",
+                (since_unix_s,),
+            ).fetchall()
+        step = max(1, -(-len(rows) // max_points))
+        keys = ("t", "global_epoch", "samples_per_s", "peers_training", "train_loss")
+        return [dict(zip(keys, r, strict=True)) for r in rows[::step]]

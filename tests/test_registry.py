@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state, contribution
+from coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state, contribution, is_online
 
 SETTINGS = HealthSettings(heartbeat_interval_s=5.0, heartbeat_timeout_s=20.0, contribution_grace_s=45.0)
 BASE = PeerRecord(
@@ -81,6 +81,7 @@ def test_every_state_is_reachable_and_every_combination_has_a_reason():
         )
         state, reason = compute_state(1000.0 + silent, record, SETTINGS)
         assert reason, (state, record)
+        assert is_online(1000.0 + silent, record, SETTINGS) == (state is PeerState.ONLINE), (state, record)
         seen.add(state)
     assert seen == set(PeerState)
 
