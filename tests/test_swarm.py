@@ -103,17 +103,29 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
         assert max(int(m.group(4)) for m in lines) >= 2, "peer never saw the others"
         assert float(lines[-1].group(2)) < float(lines[0].group(2)) - 1.0, "training loss did not fall"
 
-    # --- parameters agree after averaging (the peers trained on different shards)
+    # --- parameters agree after averaging. The peers trained on different shards, so without
+    # averaging they would be about as far apart as each is from the initial weights; hivemind
+    # tolerates a failed or partial round (a peer then applies its local gradient for the missing
+    # part until the next state averaging), so "agree" means: far closer to each other than to init.
+    import urllib.request
+
+    from coordinator.manifest import RunManifest
+    from peer.model import build_model
+
+    with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
+        initial = build_model(RunManifest.from_json(response.read().decode())).state_dict()
     states = [load_file(tmp_path / f"saved-{i}" / "model.safetensors") for i in range(3)]
     epochs = [int((tmp_path / f"saved-{i}" / "epoch.txt").read_text()) for i in range(3)]
     assert epochs == [MAX_EPOCHS] * 3
-    max_diff = 0.0
-    for other in states[1:]:
-        for name, tensor in states[0].items():
-            scale = tensor.abs().max().item() + 1e-8
-            diff = (tensor - other[name]).abs().max().item()
-            assert diff <= 1e-3 * scale, f"{name}: peers differ by {diff} (scale {scale})"
-            max_diff = max(max_diff, diff)
+
+    def distance(a: dict, b: dict) -> float:
+        return sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) ** 0.5
+
+    travelled = distance(states[0], initial)
+    gaps = [distance(states[0], other) for other in states[1:]]
+    max_diff = max(gaps) / travelled
+    assert travelled > 1.0, f"peer 0 barely moved from its initial weights ({travelled})"
+    assert max_diff < 0.05, f"peers differ by {gaps} while training moved them {travelled}"
 
     # --- pull that checkpoint with the CLI; transformers loads it, generates, and scores it as published
     step, published_loss = published
@@ -149,7 +161,7 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
     (ARTIFACTS / "swarm_summary.txt").write_text(
         f"initial eval loss {initial_loss:.3f}; first checkpoint >= 1 nat better: step {step} eval loss "
         f"{published_loss:.3f} (recomputed from the pull: {pulled_loss:.3f}); late joiner first loss "
-        f"{first_loss:.3f} vs swarm {swarm_loss:.3f}; max parameter difference between peers {max_diff:.2e}\n"
+        f"{first_loss:.3f} vs swarm {swarm_loss:.3f}; parameter distance between peers / distance travelled from init {max_diff:.2e}\n"
         f"sample: {text!r}\n"
     )
     for child in launcher.children:
