@@ -62,6 +62,18 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _tune_gc_for_a_long_running_server() -> None:
+    """Full garbage collections over thousands of open peer streams paused the coordinator for
+    hundreds of ms (p99 heartbeat latency 730 ms at 2,000/s; 22 ms with the collector off, see
+    docs/figures.md). Move start-up objects out of the collector's view and collect the young
+    generations far less often; reference counting still frees everything acyclic at once."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
     import signal
 
@@ -70,6 +82,7 @@ def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
     coordinator = Coordinator(config)
     try:
         coordinator.start()
+        _tune_gc_for_a_long_running_server()
         # installed after start(): hivemind's averager (in the publisher) sets SIGINT to "ignored"
         signal.signal(signal.SIGINT, lambda *_: coordinator.stop())
         signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())

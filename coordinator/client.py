@@ -7,6 +7,7 @@ network or the coordinator is down) or `CoordinatorRejected` (the coordinator sa
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -66,20 +67,16 @@ class CoordinatorClient:
         try:
             return method(request, timeout=timeout_s or self.rpc_timeout_s)
         except grpc.RpcError as e:
-            code, details = e.code(), e.details()
-            if code in _RETRYABLE:
-                raise CoordinatorUnavailable(
-                    f"coordinator at {self.address} is unreachable ({code.name}: {details})"
-                ) from None
-            raise CoordinatorRejected(
-                f"coordinator at {self.address} refused: {code.name}: {details}"
-            ) from None
+            raise _translate(e, self.address) from None
 
     def join(self, request: pb.JoinRequest) -> pb.JoinResponse:
         return self._call(self._stub.Join, request)
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         return self._call(self._stub.Heartbeat, request)
+
+    def heartbeat_stream(self) -> HeartbeatStream:
+        return HeartbeatStream(self._stub, self.address, self.rpc_timeout_s)
 
     def leave(self, session_id: str, reason: str) -> None:
         self._call(self._stub.Leave, pb.LeaveRequest(session_id=session_id, reason=reason), timeout_s=3.0)
@@ -89,6 +86,73 @@ class CoordinatorClient:
 
     def get_status(self) -> pb.GetStatusResponse:
         return self._call(self._stub.GetStatus, pb.GetStatusRequest())
+
+
+def _translate(e: grpc.RpcError, address: str) -> Exception:
+    code, details = e.code(), e.details()
+    if code in _RETRYABLE or code is grpc.StatusCode.CANCELLED:
+        return CoordinatorUnavailable(f"coordinator at {address} is unreachable ({code.name}: {details})")
+    return CoordinatorRejected(f"coordinator at {address} refused: {code.name}: {details}")
+
+
+class HeartbeatStream:
+    """One long-lived HeartbeatStream call; `send` blocks until the answer arrives.
+
+    A watchdog cancels the call when no answer comes within `rpc_timeout_s` (a hung or stopped
+    coordinator); any failure closes the stream and the next `send` opens a new one. A coordinator
+    too old for streams answers UNIMPLEMENTED: then `send` falls back to unary heartbeats.
+    """
+
+    def __init__(self, stub, address: str, rpc_timeout_s: float):
+        self._stub, self.address, self.rpc_timeout_s = stub, address, rpc_timeout_s
+        self._queue: queue.Queue | None = None
+        self._responses = None
+        self._unary = False
+
+    def _requests(self, q: queue.Queue):
+        while (item := q.get()) is not None:
+            yield item
+
+    def send(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        if self._unary:
+            try:
+                return self._stub.Heartbeat(request, timeout=self.rpc_timeout_s)
+            except grpc.RpcError as e:
+                raise _translate(e, self.address) from None
+        if self._responses is None:
+            self._queue = queue.Queue()
+            self._responses = self._stub.HeartbeatStream(self._requests(self._queue))
+        self._queue.put(request)
+        watchdog = threading.Timer(self.rpc_timeout_s, self._responses.cancel)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return next(self._responses)
+        except grpc.RpcError as e:
+            self.close()
+            if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                self._unary = True
+                return self.send(request)
+            if e.code() is grpc.StatusCode.CANCELLED and not watchdog.is_alive():
+                raise CoordinatorUnavailable(
+                    f"coordinator at {self.address} did not answer a heartbeat within {self.rpc_timeout_s:.0f}s"
+                ) from None
+            raise _translate(e, self.address) from None
+        except StopIteration:
+            self.close()
+            raise CoordinatorUnavailable(
+                f"coordinator at {self.address} closed the heartbeat stream"
+            ) from None
+        finally:
+            watchdog.cancel()
+
+    def close(self) -> None:
+        """End the call; idempotent."""
+        if self._queue is not None:
+            self._queue.put(None)
+        if self._responses is not None:
+            self._responses.cancel()
+        self._queue = self._responses = None
 
 
 def retry_until(

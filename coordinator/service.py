@@ -237,6 +237,13 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
     async def Heartbeat(self, request, context):
         return await self._call(self.servicer.Heartbeat, request, context)
 
+    async def HeartbeatStream(self, request_iterator, context):
+        async for request in request_iterator:
+            try:
+                yield self.servicer.Heartbeat(request, context)
+            except Rejected as e:
+                await context.abort(e.code, e.message)
+
     async def Leave(self, request, context):
         return await self._call(self.servicer.Leave, request, context)
 

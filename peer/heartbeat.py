@@ -1,7 +1,8 @@
 """Heartbeats from a volunteer to the coordinator, on a background thread that never raises.
 
 Training never waits for the coordinator: when it is unreachable the reporter logs one warning,
-backs off (capped), keeps trying, and logs again once it is back.
+backs off (capped), keeps trying, and logs again once it is back. Heartbeats travel over one
+long-lived gRPC stream (see `coordinator.client.HeartbeatStream`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class HeartbeatReporter:
         self.sent = self.failed = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stream = client.heartbeat_stream()
 
     def start(self) -> HeartbeatReporter:
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -77,6 +79,7 @@ class HeartbeatReporter:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._stream.close()  # unblocks a send waiting for an answer
         if self._thread is not None:
             self._thread.join(timeout=self.client.rpc_timeout_s + 1)
             self._thread = None
@@ -105,7 +108,7 @@ class HeartbeatReporter:
             phase=s.phase,
         )
         try:
-            response = self.client.heartbeat(request)
+            response = self._stream.send(request)
         except (CoordinatorUnavailable, CoordinatorRejected) as e:
             if self.failed == 0:
                 logger.warning("heartbeat failed (%s); training continues, will keep trying", e)

@@ -7,13 +7,15 @@ Starts a real `crowdtrain coordinator` (tiny preset, no publisher) as its own pr
 --peers simulated peers, then for each rate sends heartbeats open-loop (on a fixed schedule, so a
 slow server cannot slow the load down) round-robin over the peers, and prints achieved throughput
 and latency percentiles side by side. Target on 2 cores: 2,000 heartbeats/s with p99 < 50 ms
-(20,000 peers at a 10 s interval).
+(20,000 peers at a 10 s interval). Both heartbeat paths are measured side by side: the stream
+peers use, and unary calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import sys
@@ -45,7 +47,54 @@ async def join_all(stub, peers: int, concurrency: int = 64) -> list[str]:
     return sessions
 
 
-async def drive(stub, sessions: list[str], rate: float, duration_s: float) -> dict:
+class Streams:
+    """One HeartbeatStream call per simulated peer, opened lazily, used one message at a time."""
+
+    def __init__(self, stub, n: int):
+        self.stub, self.calls, self.locks = stub, [None] * n, [asyncio.Lock() for _ in range(n)]
+
+    async def send(self, i: int, request) -> None:
+        async with self.locks[i]:
+            if self.calls[i] is None:
+                self.calls[i] = self.stub.HeartbeatStream()
+            try:
+                await self.calls[i].write(request)
+                await self.calls[i].read()
+            except BaseException:
+                self.calls[i].cancel()
+                self.calls[i] = None  # a peer reconnects after an error
+                raise
+
+    async def close(self) -> None:
+        for call in self.calls:
+            if call is not None:
+                call.cancel()
+
+
+async def join_all_streams(streams: Streams, sessions: list[str], concurrency: int = 64) -> None:
+    queue = iter(range(len(sessions)))
+
+    async def worker():
+        for i in queue:
+            await streams.send(i, pb.HeartbeatRequest(session_id=sessions[i], phase="training"))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def drive(stub, sessions: list[str], rate: float, duration_s: float, streams: Streams | None) -> dict:
+    # this process holds 20,000 calls: its own garbage collector would pause it for hundreds of ms
+    # and show up as server latency, so collect once and pause the collector while measuring
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        return await _drive(stub, sessions, rate, duration_s, streams)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+async def _drive(stub, sessions: list[str], rate: float, duration_s: float, streams: Streams | None) -> dict:
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     errors = 0
@@ -59,11 +108,17 @@ async def drive(stub, sessions: list[str], rate: float, duration_s: float) -> di
     async def one(i: int):
         nonlocal errors
         t0 = time.perf_counter()
+        k = i % len(requests)
         try:
-            await stub.Heartbeat(requests[i % len(requests)], timeout=10)
+            if streams is None:
+                await stub.Heartbeat(requests[k], timeout=10)
+            else:
+                await asyncio.wait_for(streams.send(k, requests[k]), 10)
             latencies.append(time.perf_counter() - t0)
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as e:
             errors += 1
+            if errors <= 3:
+                print(f"heartbeat failed: {e!r}"[:300], flush=True)
 
     tasks = []
     start = loop.time()
@@ -87,6 +142,7 @@ async def drive(stub, sessions: list[str], rate: float, duration_s: float) -> di
         )
 
     return {
+        "mode": "unary" if streams is None else "stream",
         "target_per_s": rate,
         "achieved_per_s": round(len(latencies) / elapsed, 1),
         "sent": n,
@@ -98,18 +154,28 @@ async def drive(stub, sessions: list[str], rate: float, duration_s: float) -> di
     }
 
 
-async def bench(address: str, peers: int, rates: list[float], duration_s: float) -> list[dict]:
+async def bench(
+    address: str, peers: int, rates: list[float], duration_s: float, modes: list[str]
+) -> list[dict]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         t0 = time.perf_counter()
         sessions = await join_all(stub, peers)
         print(f"joined {peers} simulated peers in {time.perf_counter() - t0:.1f}s", flush=True)
-        await drive(stub, sessions, min(rates), 3.0)  # warm-up
         results = []
-        for rate in rates:
-            result = await drive(stub, sessions, rate, duration_s)
-            print(json.dumps(result), flush=True)
-            results.append(result)
+        for mode in modes:
+            streams = Streams(stub, peers) if mode == "stream" else None
+            if streams is not None:  # open every peer's stream first, as a running swarm has them open
+                t0 = time.perf_counter()
+                await join_all_streams(streams, sessions)
+                print(f"opened {peers} heartbeat streams in {time.perf_counter() - t0:.1f}s", flush=True)
+            await drive(stub, sessions, min(rates), 3.0, streams)  # warm-up
+            for rate in rates:
+                result = await drive(stub, sessions, rate, duration_s, streams)
+                print(json.dumps(result), flush=True)
+                results.append(result)
+            if streams is not None:
+                await streams.close()
         return results
 
 
@@ -118,6 +184,13 @@ def main() -> int:
     parser.add_argument("--peers", type=int, default=20_000)
     parser.add_argument("--rates", type=float, nargs="+", default=[2000.0])
     parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["stream", "unary"],
+        choices=["stream", "unary"],
+        help="stream: one HeartbeatStream per peer (what peers use); unary: one Heartbeat call each",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="crowdtrain-bench-"))
     coordinator = spawn(
@@ -142,15 +215,22 @@ def main() -> int:
     )
     try:
         endpoints = wait_for_endpoints(work / "coord" / "endpoints.json", coordinator, timeout_s=300)
-        results = asyncio.run(bench(endpoints["grpc"], args.peers, args.rates, args.duration_s))
+        results = asyncio.run(bench(endpoints["grpc"], args.peers, args.rates, args.duration_s, args.modes))
     finally:
         stop_children([coordinator])
-    print(f"\n{'target/s':>10} {'achieved/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}")
+    print(
+        f"\n{'mode':>7} {'target/s':>9} {'achieved/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}"
+    )
     for r in results:
         print(
-            f"{r['target_per_s']:>10.0f} {r['achieved_per_s']:>11.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-            f"{r['max_ms']:>8.2f} {r['errors']:>7d}"
+            f"{r['mode']:>7} {r['target_per_s']:>9.0f} {r['achieved_per_s']:>11.1f} {r['p50_ms']:>8.2f} "
+            f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r['errors']:>7d}"
         )
+    by_key = {(r["mode"], r["target_per_s"]): r for r in results}
+    for rate in args.rates:
+        if ("stream", rate) in by_key and ("unary", rate) in by_key:
+            st, un = by_key[("stream", rate)], by_key[("unary", rate)]
+            print(f"at {rate:.0f}/s: p99 unary/stream = {un['p99_ms'] / st['p99_ms']:.1f}x")
     print(f"(target: >= 2000/s with p99 < 50 ms; {args.peers} simulated peers; logs in {work})")
     return 0
 

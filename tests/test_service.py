@@ -173,3 +173,34 @@ def test_reflection_lists_the_services(served):
         )
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"crowdtrain.v1.Coordinator", "grpc.health.v1.Health"} <= names
+
+
+def test_heartbeat_stream_answers_in_order_and_survives_a_restart(served, tmp_path: Path):
+    client, store, clock, port, health = served
+    sid = client.join(pb.JoinRequest(name="streamer")).session_id
+    stream = client.heartbeat_stream()
+    for epoch in range(5):
+        response = stream.send(pb.HeartbeatRequest(session_id=sid, phase="training", local_epoch=epoch))
+        assert response.heartbeat_interval_s == health.heartbeat_interval_s
+        assert store.get_peer(sid).local_epoch == epoch
+    with pytest.raises(CoordinatorRejected, match="NOT_FOUND"):
+        stream.send(pb.HeartbeatRequest(session_id="nope"))
+    # the stream was closed by the refusal; the next send opens a new one
+    stream.send(pb.HeartbeatRequest(session_id=sid, phase="training", local_epoch=9))
+    assert store.get_peer(sid).local_epoch == 9
+    stream.close()
+    stream.close()
+
+
+def test_heartbeat_stream_reports_a_silent_coordinator():
+    import socket
+
+    with socket.socket() as s:  # accepts TCP connections but never speaks HTTP/2
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        client = CoordinatorClient(f"127.0.0.1:{s.getsockname()[1]}", rpc_timeout_s=1.0)
+        stream = client.heartbeat_stream()
+        with pytest.raises(CoordinatorUnavailable):
+            stream.send(pb.HeartbeatRequest(session_id="x"))
+        stream.close()
+        client.close()
