@@ -28,6 +28,30 @@ def small_corpus(tmp_path: Path) -> Path:
     return root
 
 
+def make_run(tmp_path: Path, corpus: Path):
+    """A tiny run (vocab 400) over `corpus`: (manifest, tokenizer JSON), with its shards in tmp_path/d."""
+    import dataclasses
+
+    from coordinator.manifest import build_manifest, get_preset
+    from peer import data
+
+    preset = dataclasses.replace(get_preset("tiny"), vocab_size=400, num_shards=4, eval_fraction=0.05)
+    spec, tok, tokenizer_json = data.build_dataset(
+        [corpus],
+        tmp_path / "d",
+        source_label="t",
+        num_shards=4,
+        eval_fraction=0.05,
+        max_bytes=0,
+        seq_len=preset.seq_len,
+        eval_max_sequences=8,
+        vocab_size=400,
+    )
+    return build_manifest(
+        preset, run_id="ct_test", created_unix_s=1.0, tokenizer=tok, data=spec
+    ), tokenizer_json
+
+
 class Launcher:
     """Start `crowdtrain` subcommands as real processes; logs go to the test's tmp dir."""
 
@@ -39,6 +63,28 @@ class Launcher:
         child = spawn(name, cli_command(*args), self.log_dir, echo=False)
         self.children.append(child)
         return child
+
+    def start_peer(
+        self, name: str, grpc_address: str, cache_dir: Path, *extra: str, label: str = ""
+    ) -> Child:
+        """A CPU volunteer with one thread on 127.0.0.1, as the swarm tests run them."""
+        return self.start(
+            label or name,
+            "peer",
+            "--coordinator",
+            grpc_address,
+            "--name",
+            name,
+            "--listen-host",
+            "127.0.0.1",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(cache_dir),
+            *extra,
+        )
 
     def wait_for_line(self, child: Child, pattern: str, timeout_s: float, start: int = 0) -> re.Match:
         try:

@@ -14,7 +14,7 @@ from coordinator.service import CoordinatorServicer, RunInfo, create_server
 from coordinator.store import Store
 from coordinator.webserver import WebContext, WebServer
 from peer.pull import PullError, pull
-from tests.test_manifest_and_data import _manifest
+from tests.conftest import make_run
 
 
 def _meta(step: int, previous: int | None = None) -> CheckpointMeta:
@@ -33,25 +33,10 @@ def _meta(step: int, previous: int | None = None) -> CheckpointMeta:
 def _publish_real_model(root: Path, tmp_path: Path, small_corpus: Path, step: int) -> CheckpointMeta:
     from peer.model import build_model, hf_tokenizer
 
-    manifest = _manifest(tmp_path, small_corpus)
+    manifest, tokenizer_json = make_run(tmp_path, small_corpus)
     staging = checkpoints.new_staging_dir(root, step)
     build_model(manifest).save_pretrained(staging)
-    tokenizer_json = tmp_path / "tok.json"
-    from peer import data
-
-    _, _, tok = data.build_dataset(
-        [small_corpus],
-        tmp_path / "d2",
-        source_label="t",
-        num_shards=4,
-        eval_fraction=0.05,
-        max_bytes=0,
-        seq_len=manifest.data.seq_len,
-        eval_max_sequences=8,
-        vocab_size=400,
-    )
-    tokenizer_json.write_text(tok)
-    hf_tokenizer(tok, manifest).save_pretrained(staging)
+    hf_tokenizer(tokenizer_json, manifest).save_pretrained(staging)
     return checkpoints.finalize(staging, root, _meta(step))
 
 
@@ -91,7 +76,7 @@ def coordinator_with_checkpoint(tmp_path: Path, small_corpus: Path):
     store = Store(tmp_path / "state.sqlite3")
     health = HealthSettings(2.0, 10.0)
     web = WebServer(
-        WebContext(tmp_path / "d2", frozenset(), root, "{}", store, health), "127.0.0.1", 0
+        WebContext(tmp_path / "d", frozenset(), root, "{}", store, health), "127.0.0.1", 0
     ).start()
     base = f"http://127.0.0.1:{web.port}"
     servicer = CoordinatorServicer(RunInfo("{}", "x", "{}", 1, base, root), store, health, initial_peers=list)

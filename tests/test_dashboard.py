@@ -78,25 +78,8 @@ def test_dashboard_health_and_coordinator_crash(launcher, tmp_path: Path):
     endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
     base = endpoints["http"]
 
-    def peer(name: str, label: str):
-        return launcher.start(
-            label,
-            "peer",
-            "--coordinator",
-            endpoints["grpc"],
-            "--name",
-            name,
-            "--listen-host",
-            "127.0.0.1",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        )
-
-    alice, evil = peer("alice", "peer-alice"), peer(EVIL, "peer-evil")
+    alice = launcher.start_peer("alice", endpoints["grpc"], tmp_path / "cache", label="peer-alice")
+    evil = launcher.start_peer(EVIL, endpoints["grpc"], tmp_path / "cache", label="peer-evil")
     wait_until(lambda: states(base) == {"alice": "ONLINE", EVIL: "ONLINE"}, 300, "both peers ONLINE")
     wait_until(lambda: api(base, "checkpoints"), 180, "a published checkpoint")
     wait_until(

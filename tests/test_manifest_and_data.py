@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ from coordinator.manifest import (
     get_preset,
 )
 from peer import data
+from tests.conftest import make_run
 
 
 def _docs(n: int) -> list[data.Document]:
@@ -110,20 +110,8 @@ def test_batches_reuse_the_last_shard_when_the_next_cannot_be_fetched():
         next(data.rotating_batches(2, 1, lambda i: None, 2, seed=1))
 
 
-def _manifest(tmp_path: Path, small_corpus: Path, preset_name: str = "tiny") -> RunManifest:
-    preset = dataclasses.replace(get_preset(preset_name), vocab_size=400, num_shards=4, eval_fraction=0.05)
-    spec, tok, _ = data.build_dataset(
-        [small_corpus],
-        tmp_path / "d",
-        source_label="t",
-        num_shards=4,
-        eval_fraction=0.05,
-        max_bytes=0,
-        seq_len=preset.seq_len,
-        eval_max_sequences=8,
-        vocab_size=400,
-    )
-    return build_manifest(preset, run_id="ct_test", created_unix_s=1.0, tokenizer=tok, data=spec)
+def _manifest(tmp_path: Path, small_corpus: Path) -> RunManifest:
+    return make_run(tmp_path, small_corpus)[0]
 
 
 def test_manifest_round_trips_through_json(tmp_path: Path, small_corpus: Path):

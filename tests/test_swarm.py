@@ -50,21 +50,10 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
     assert abs(initial_loss - math.log(2048)) < 0.5
 
     def start_peer(i: int):
-        return launcher.start(
+        return launcher.start_peer(
             f"peer-{i}",
-            "peer",
-            "--coordinator",
             endpoints["grpc"],
-            "--name",
-            f"peer-{i}",
-            "--listen-host",
-            "127.0.0.1",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--cache-dir",
-            str(tmp_path / "cache"),
+            tmp_path / "cache",
             "--max-epochs",
             str(MAX_EPOCHS),
             "--save-dir",
