@@ -31,6 +31,7 @@ from coordinator.manifest import ManifestError, RunManifest, build_manifest, get
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import HealthSettings
 from coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
+from coordinator.signing import load_or_create_key, new_key, public_key_hex, save_key
 from coordinator.status import SwarmProgress, SwarmStatus, build_status
 from coordinator.store import Store
 from coordinator.webserver import WebContext, WebServer
@@ -49,7 +50,7 @@ def _guess_public_host(host: str) -> str:
             return "127.0.0.1"
 
 
-def create_run(config: CoordinatorConfig, data_dir: Path) -> tuple[RunManifest, str]:
+def create_run(config: CoordinatorConfig, data_dir: Path, signing_public_key: str) -> tuple[RunManifest, str]:
     """Build a new run from the preset and corpus: shards, tokenizer, manifest. Pure of the store."""
     from peer.data import build_dataset, default_corpus, default_corpus_label
 
@@ -74,6 +75,7 @@ def create_run(config: CoordinatorConfig, data_dir: Path) -> tuple[RunManifest, 
         created_unix_s=time.time(),
         tokenizer=tokenizer,
         data=data,
+        signing_public_key=signing_public_key,
     )
     logger.info("created run %s (preset %s) in %.1fs", manifest.run_id, preset.name, time.monotonic() - t0)
     return manifest, tokenizer_json
@@ -104,6 +106,7 @@ class Coordinator:
         self.store: Store | None = None
         self.dht = self.publisher = self.web = self.grpc_server = self.monitor = None
         self.endpoints: dict = {}
+        self._key = None
         self._stopped = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -173,6 +176,7 @@ class Coordinator:
                 num_shards=len(manifest.data.shards),
                 http_base_url=http_base_url,
                 checkpoint_root=self.checkpoint_root,
+                signing_public_key=public_key_hex(self._signing_key()),
             ),
             self.store,
             self.health,
@@ -197,6 +201,9 @@ class Coordinator:
                 interval_s=cfg.checkpoint_interval_s,
                 listen_host=cfg.host,
                 device=cfg.device,
+                signing_key=self._signing_key(),
+                max_regression_nats=cfg.max_eval_regression_nats,
+                on_reject=lambda step, reason: self.store.add_rejection(time.time(), step, reason),
             ).start()
 
         self.endpoints = {
@@ -218,6 +225,12 @@ class Coordinator:
             self.endpoints["grpc"],
         )
         logger.info("downloads at %s, DHT bootstrap %s", http_base_url, maddrs[0])
+
+    def _signing_key(self):
+        """DATA_DIR/signing.key, created with the run; its public half is in the manifest."""
+        if self._key is None:
+            self._key = load_or_create_key(self.data_dir / "signing.key")
+        return self._key
 
     def _bind(self, key: str, requested: int, bind):
         """Bind `requested`; with 0, reuse the port this data dir had last time (so peers and
@@ -242,7 +255,10 @@ class Coordinator:
         state_path = self.data_dir / "state.sqlite3"
         if not state_path.exists():
             get_preset(self.config.preset)  # fail on a typo before writing anything
-            manifest, tokenizer_json = create_run(self.config, self.data_dir)
+            key = new_key()
+            manifest, tokenizer_json = create_run(self.config, self.data_dir, public_key_hex(key))
+            save_key(self.data_dir / "signing.key", key)  # only once the run exists: nothing half-written
+            self._key = key
             self.store = Store(state_path)
             self.store.set_meta({"manifest_json": manifest.to_json(), "tokenizer_json": tokenizer_json})
             return manifest, tokenizer_json
@@ -277,6 +293,7 @@ class Coordinator:
             self.health,
             self.monitor.progress if self.monitor is not None else SwarmProgress(),
             checkpoints.list_checkpoints(self.checkpoint_root),
+            self.store.rejections(),
         )
 
     def wait(self) -> None:

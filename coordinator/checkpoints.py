@@ -8,6 +8,7 @@ write (`.tmp-*`) are removed at start-up and never listed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator import signing
 from peer.data import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -45,13 +47,24 @@ class CheckpointMeta:
     manifest_sha256: str
     previous_step: int | None
     files: tuple[FileEntry, ...]
+    public_key: str = ""  # the coordinator's Ed25519 public key (hex) that signed this checkpoint
+    signature: str = ""  # Ed25519 signature (hex) of signing_payload()
 
-    def to_json(self) -> str:
+    def _as_dict(self) -> dict:
         d = dict(
             self.__dict__,
             files={f.name: {"sha256": f.sha256, "size_bytes": f.size_bytes} for f in self.files},
         )
-        return json.dumps(dict(format_version=FORMAT_VERSION, **d), indent=2, sort_keys=True)
+        return dict(format_version=FORMAT_VERSION, **d)
+
+    def to_json(self) -> str:
+        return json.dumps(self._as_dict(), indent=2, sort_keys=True)
+
+    def signing_payload(self) -> bytes:
+        """Canonical bytes the signature covers: every field but the signature itself."""
+        d = self._as_dict()
+        d.pop("signature")
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, text: str) -> CheckpointMeta:
@@ -81,8 +94,10 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def finalize(staging: Path, root: Path, meta_without_files: CheckpointMeta) -> CheckpointMeta:
-    """Hash every file in `staging`, write crowdtrain.json, fsync, and rename into place atomically."""
+def finalize(
+    staging: Path, root: Path, meta_without_files: CheckpointMeta, signing_key=None
+) -> CheckpointMeta:
+    """Hash every file in `staging`, sign and write crowdtrain.json, fsync, rename into place atomically."""
     entries = []
     for path in sorted(staging.iterdir()):
         if path.name == META_NAME or not path.is_file():
@@ -90,6 +105,9 @@ def finalize(staging: Path, root: Path, meta_without_files: CheckpointMeta) -> C
         _fsync_path(path)
         entries.append(FileEntry(path.name, sha256_file(path), path.stat().st_size))
     meta = CheckpointMeta(**{**meta_without_files.__dict__, "files": tuple(entries)})
+    if signing_key is not None:
+        meta = dataclasses.replace(meta, public_key=signing.public_key_hex(signing_key), signature="")
+        meta = dataclasses.replace(meta, signature=signing.sign_hex(signing_key, meta.signing_payload()))
     (staging / META_NAME).write_text(meta.to_json())
     _fsync_path(staging / META_NAME)
     _fsync_path(staging)
@@ -132,9 +150,28 @@ def list_checkpoints(root: Path) -> list[CheckpointMeta]:
     return metas
 
 
-def verify_dir(directory: Path, expected: CheckpointMeta | None = None) -> CheckpointMeta:
-    """Check every file against crowdtrain.json (and, if given, against `expected`'s list)."""
+def verify_signature(meta: CheckpointMeta, public_key: str | None) -> None:
+    """Check crowdtrain.json's signature; with `public_key`, also that the run's key made it."""
+    if not meta.signature:
+        raise CheckpointError(f"step {meta.step} is not signed; refusing it")
+    if public_key is not None and meta.public_key != public_key:
+        raise CheckpointError(
+            f"step {meta.step} was signed by key {meta.public_key[:16]}..., not the run's key {public_key[:16]}..."
+        )
+    if not signing.verify_hex(meta.public_key, meta.signing_payload(), meta.signature):
+        raise CheckpointError(f"step {meta.step}: the signature of {META_NAME} does not match its contents")
+
+
+def verify_dir(
+    directory: Path, expected: CheckpointMeta | None = None, public_key: str | None = None
+) -> CheckpointMeta:
+    """Check the signature, then every file against crowdtrain.json (and `expected`'s list, if given).
+
+    `public_key` (hex) pins the signer; without it the signature only proves crowdtrain.json is
+    intact and was made by whoever holds the key recorded in it.
+    """
     meta = read_meta(directory)
+    verify_signature(meta, public_key)
     if expected is not None and (meta.step, meta.files) != (expected.step, expected.files):
         raise CheckpointError(
             f"{directory / META_NAME} does not match the coordinator's listing of step {expected.step}"

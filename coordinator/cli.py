@@ -127,6 +127,7 @@ def format_status(status, now: float) -> str:
         f"run {s.run_id}: global epoch {s.global_epoch}, swarm {s.samples_per_s:.1f} samples/s, "
         f"latest checkpoint eval loss {loss}, {s.total_contributed_samples} samples contributed",
         f"peers: {states}",
+        *([f"last refused checkpoint: {s.last_rejection}"] if s.last_rejection else []),
         "",
     ]
     header = ("NAME", "STATE", "REASON", "DEVICE", "SAMPLES/S", "EPOCH", "CONTRIBUTED", "LAST SEEN")
@@ -184,6 +185,21 @@ def cmd_ban(config: cfg.BanConfig) -> int:
     return 0
 
 
+def cmd_verify(config: cfg.VerifyConfig) -> int:
+    from pathlib import Path
+
+    from coordinator.checkpoints import verify_dir
+
+    meta = verify_dir(Path(config.directory), public_key=config.public_key or None)
+    who = (
+        "the run's key"
+        if config.public_key
+        else f"key {meta.public_key[:16]}... (pass --public-key to pin the run's key)"
+    )
+    print(f"step {meta.step}: {len(meta.files)} files match crowdtrain.json, signed by {who}")
+    return 0
+
+
 def cmd_demo(config: cfg.DemoConfig) -> int:
     from coordinator.demo import run_demo
 
@@ -198,6 +214,11 @@ COMMANDS = {
     ),
     "peer": (cfg.PeerConfig, cmd_peer, "donate compute: join a run and train"),
     "pull": (cfg.PullConfig, cmd_pull, "download and verify a published checkpoint"),
+    "verify": (
+        cfg.VerifyConfig,
+        cmd_verify,
+        "check a downloaded checkpoint offline: signature and every sha256",
+    ),
     "status": (cfg.StatusConfig, cmd_status, "show every peer's health and the swarm's progress"),
     "ban": (
         cfg.BanConfig,

@@ -39,6 +39,9 @@ class CoordinatorConfig:
         60.0, "how often to fetch the swarm's state and publish it (0 disables)"
     )
     device: str = _f("cpu", "where the publisher evaluates checkpoints: cpu, cuda or cuda:N")
+    max_eval_regression_nats: float = _f(
+        0.5, "refuse to publish a state whose eval loss is this much worse than the last checkpoint's"
+    )
     heartbeat_interval_s: float = _f(5.0, "how often peers send heartbeats")
     heartbeat_timeout_s: float = _f(20.0, "a peer silent for this long is considered dead")
     contribution_grace_s: float = _f(
@@ -77,6 +80,14 @@ class PullConfig:
 
 
 @dataclass(frozen=True)
+class VerifyConfig:
+    directory: str = _f(REQUIRED, "a checkpoint directory (from `crowdtrain pull`)", positional=True)
+    public_key: str = _f(
+        "", "the run's Ed25519 public key, hex (from /api/v1/run); without it only integrity is checked"
+    )
+
+
+@dataclass(frozen=True)
 class StatusConfig:
     coordinator: str = _f(REQUIRED, "HOST:PORT of the coordinator's gRPC API")
     watch_s: float = _f(0.0, "refresh every this many seconds until Ctrl+C (0: print once)")
@@ -109,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         tp = hints[f.name]
         kwargs: dict = {"help": f.metadata.get("help", ""), "dest": f.name}
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=tp, help=kwargs["help"], metavar=f.name.upper())
+            continue
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["default"] = f.default

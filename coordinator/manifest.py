@@ -90,6 +90,7 @@ class RunManifest:
     optim: OptimSpec
     swarm: SwarmSpec
     format_version: int = MANIFEST_FORMAT_VERSION
+    signing_public_key: str = ""  # hex Ed25519 key that signs the run's checkpoints
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=2)
@@ -257,6 +258,7 @@ def build_manifest(
     created_unix_s: float,
     tokenizer: TokenizerSpec,
     data: DataSpec,
+    signing_public_key: str = "",
 ) -> RunManifest:
     """Pure: combine a preset with the run's tokenizer and dataset into the manifest peers receive."""
     if tokenizer.vocab_size != preset.vocab_size:
@@ -278,6 +280,7 @@ def build_manifest(
         data=data,
         optim=preset.optim,
         swarm=preset.swarm,
+        signing_public_key=signing_public_key,
     )
 
 

@@ -10,13 +10,14 @@ directory atomically (see `checkpoints.finalize`).
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from coordinator import checkpoints
 from coordinator.manifest import RunManifest
+from coordinator.vetting import check_candidate, model_card
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,15 @@ class Publisher:
         interval_s: float,
         listen_host: str,
         device: str = "cpu",
+        signing_key=None,
+        max_regression_nats: float = 0.5,
+        on_reject: Callable[[int, str], None] = lambda step, reason: None,
     ):
         self.manifest, self.tokenizer_json = manifest, tokenizer_json
         self.eval_shard, self.root = eval_shard, checkpoint_root
         self.initial_peers, self.interval_s, self.listen_host = initial_peers, interval_s, listen_host
-        self.device = device
+        self.device, self.signing_key = device, signing_key
+        self.max_regression_nats, self.on_reject = max_regression_nats, on_reject
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dht = self._opt = None
@@ -54,6 +59,9 @@ class Publisher:
 
         hf_logging.disable_progress_bar()  # no tqdm bars in an operator's log
         self.model = build_model(self.manifest, self.device)
+        self.expected_shapes = {
+            k: tuple(v.shape) for k, v in build_model(self.manifest, "meta").state_dict().items()
+        }
         tokenizer = Tokenizer.from_str(self.tokenizer_json)
         blocks = tokenize_blocks(tokenizer, read_shard(self.eval_shard), self.manifest.data.seq_len)
         self.eval_blocks = blocks[: self.manifest.data.eval_max_sequences]
@@ -133,12 +141,30 @@ class Publisher:
             )
             return None
         eval_loss = evaluate(self.model, self.eval_blocks)
-        if not math.isfinite(eval_loss):
-            logger.warning("publisher: state of epoch %d has non-finite eval loss; not publishing it", epoch)
+        metas = checkpoints.list_checkpoints(self.root)
+        problem = check_candidate(
+            dict(self.model.state_dict()),
+            self.expected_shapes,
+            eval_loss,
+            metas[-1].eval_loss if metas else None,
+            self.max_regression_nats,
+        )
+        if problem is not None:
+            logger.warning("publisher: not publishing the state of epoch %d: %s", epoch, problem)
+            self.on_reject(epoch, problem)
             return None
         staging = checkpoints.new_staging_dir(self.root, epoch)
         self.model.save_pretrained(staging)
         hf_tokenizer(self.tokenizer_json, self.manifest).save_pretrained(staging)
+        (staging / "README.md").write_text(
+            model_card(
+                self.manifest,
+                step=epoch,
+                eval_loss=eval_loss,
+                contributing_peers=self._opt.tracker.global_progress.num_peers,
+                created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            )
+        )
         meta = checkpoints.finalize(
             staging,
             self.root,
@@ -152,6 +178,7 @@ class Publisher:
                 previous_step=last or None,
                 files=(),
             ),
+            signing_key=self.signing_key,
         )
         logger.info(
             "published checkpoint step=%d eval_loss=%.4f (initial %.4f) in %.1fs",

@@ -47,6 +47,7 @@ class RunInfo:
     num_shards: int
     http_base_url: str
     checkpoint_root: Path
+    signing_public_key: str = ""
 
 
 class Rejected(Exception):
@@ -163,6 +164,7 @@ class CoordinatorServicer:
         base = self.run.http_base_url
         return pb.ListCheckpointsResponse(
             http_base_url=base,
+            signing_public_key=self.run.signing_public_key,
             checkpoints=[
                 pb.CheckpointInfo(
                     step=m.step,
@@ -193,6 +195,7 @@ class CoordinatorServicer:
                 latest_checkpoint_step=s.latest_checkpoint_step,
                 peers_by_state=s.peers_by_state,
                 total_contributed_samples=s.total_contributed_samples,
+                last_rejection=s.last_rejection,
             ),
             peers=[
                 pb.PeerStatus(

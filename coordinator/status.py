@@ -56,6 +56,8 @@ class SwarmSummary:
     checkpoints: int
     total_contributed_samples: int
     progress_read_unix_s: float
+    rejected_checkpoints: int = 0  # states the publisher refused (recent ones)
+    last_rejection: str = ""  # "step N: reason" of the newest refusal
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ def build_status(
     health: HealthSettings,
     progress: SwarmProgress,
     checkpoints: Sequence[CheckpointMeta],
+    rejections: Sequence[dict] = (),
 ) -> SwarmStatus:
     views = []
     for record in peers:
@@ -125,6 +128,8 @@ def build_status(
         checkpoints=len(checkpoints),
         total_contributed_samples=sum(contribution_totals.values()),
         progress_read_unix_s=progress.read_unix_s,
+        rejected_checkpoints=len(rejections),
+        last_rejection=f"step {rejections[0]['step']}: {rejections[0]['reason']}" if rejections else "",
     )
     # live peers first, then by name
     order = {s.value: i for i, s in enumerate((PeerState.ONLINE, PeerState.JOINING, PeerState.STALE))}

@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS contributions (
     samples INTEGER NOT NULL,
     PRIMARY KEY (dht_peer_id, epoch)
 );
+-- states the publisher refused to publish, and why
+CREATE TABLE IF NOT EXISTS rejections (t REAL NOT NULL, step INTEGER NOT NULL, reason TEXT NOT NULL);
 -- one row per monitor tick: the swarm over time
 CREATE TABLE IF NOT EXISTS history (
     t REAL NOT NULL,
@@ -280,6 +282,18 @@ class Store:
                 "SELECT dht_peer_id, SUM(samples) FROM contributions GROUP BY dht_peer_id"
             )
             return {peer_id: int(total) for peer_id, total in rows}
+
+    def add_rejection(self, t: float, step: int, reason: str) -> None:
+        with self._db_lock:
+            self._db.execute("INSERT INTO rejections (t, step, reason) VALUES (?, ?, ?)", (t, step, reason))
+
+    def rejections(self, limit: int = 100) -> list[dict]:
+        """Most recent first."""
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT t, step, reason FROM rejections ORDER BY t DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [{"t": t, "step": step, "reason": reason} for t, step, reason in rows]
 
     def append_history(
         self, t: float, global_epoch: int, samples_per_s: float, peers_training: int, train_loss: float | None

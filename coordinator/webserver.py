@@ -9,6 +9,7 @@
     GET /api/v1/history                       swarm throughput/epoch/loss over time, eval loss per checkpoint
     GET /api/v1/contributors                  contribution leaderboard (samples per peer)
     GET /api/v1/checkpoints                   published checkpoints, oldest first
+    GET /api/v1/rejections                    states the publisher refused, newest first, with the reason
     GET /metrics                              Prometheus metrics
     GET /healthz                              "ok"
 
@@ -110,6 +111,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.dumps(ctx.status().to_json_dict()["summary"])
         elif name == "peers":
             body = json.dumps(ctx.status().to_json_dict()["peers"])
+        elif name == "rejections":
+            body = json.dumps(ctx.store.rejections())
         elif name == "contributors":
             body = json.dumps(contributors(ctx.status(), ctx.store.contribution_totals()))
         elif name == "history":

@@ -3,9 +3,11 @@
     crowdtrain pull --coordinator 127.0.0.1:50051 --out ./model
     python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('./model')"
 
-Files land in a hidden staging directory beside OUT and are checked against both the coordinator's
-listing and the checkpoint's own crowdtrain.json before OUT is renamed into place, so OUT is either
-the complete, verified checkpoint or untouched.
+Files land in a hidden staging directory beside OUT and are checked before OUT is renamed into
+place: crowdtrain.json's Ed25519 signature against the run's public key (from the coordinator),
+then every file's size and sha256 against both crowdtrain.json and the coordinator's listing. OUT
+is either the complete, verified checkpoint or untouched. `crowdtrain verify OUT --public-key KEY`
+repeats the check offline.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) 
                 previous_step=None,
                 files=expected_files,
             ),
+            public_key=listing.signing_public_key or None,
         )
         if out.exists():
             shutil.rmtree(out)

@@ -121,12 +121,14 @@ class CheckpointInfo(_message.Message):
     def __init__(self, step: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., eval_loss: _Optional[float] = ..., samples_seen: _Optional[int] = ..., files: _Optional[_Iterable[_Union[CheckpointFile, _Mapping]]] = ..., url: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsResponse(_message.Message):
-    __slots__ = ("checkpoints", "http_base_url")
+    __slots__ = ("checkpoints", "http_base_url", "signing_public_key")
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     HTTP_BASE_URL_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
     http_base_url: str
-    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ..., http_base_url: _Optional[str] = ...) -> None: ...
+    signing_public_key: str
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ..., http_base_url: _Optional[str] = ..., signing_public_key: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -161,7 +163,7 @@ class PeerStatus(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class SwarmSummary(_message.Message):
-    __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id")
+    __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id", "last_rejection")
     class PeersByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +178,7 @@ class SwarmSummary(_message.Message):
     PEERS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_CONTRIBUTED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_REJECTION_FIELD_NUMBER: _ClassVar[int]
     global_epoch: int
     samples_per_s: float
     latest_eval_loss: float
@@ -183,7 +186,8 @@ class SwarmSummary(_message.Message):
     peers_by_state: _containers.ScalarMap[str, int]
     total_contributed_samples: int
     run_id: str
-    def __init__(self, global_epoch: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., latest_eval_loss: _Optional[float] = ..., latest_checkpoint_step: _Optional[int] = ..., peers_by_state: _Optional[_Mapping[str, int]] = ..., total_contributed_samples: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+    last_rejection: str
+    def __init__(self, global_epoch: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., latest_eval_loss: _Optional[float] = ..., latest_checkpoint_step: _Optional[int] = ..., peers_by_state: _Optional[_Mapping[str, int]] = ..., total_contributed_samples: _Optional[int] = ..., run_id: _Optional[str] = ..., last_rejection: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("summary", "peers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.request
 from pathlib import Path
 
@@ -11,10 +12,13 @@ from coordinator import checkpoints
 from coordinator.checkpoints import CheckpointError, CheckpointMeta
 from coordinator.registry import HealthSettings
 from coordinator.service import CoordinatorServicer, RunInfo, create_server
+from coordinator.signing import new_key, public_key_hex, sign_hex
 from coordinator.store import Store
 from coordinator.webserver import WebContext, WebServer
 from peer.pull import PullError, pull
 from tests.conftest import make_run
+
+KEY = new_key()  # the coordinator's signing key in these tests
 
 
 def _meta(step: int, previous: int | None = None) -> CheckpointMeta:
@@ -37,7 +41,7 @@ def _publish_real_model(root: Path, tmp_path: Path, small_corpus: Path, step: in
     staging = checkpoints.new_staging_dir(root, step)
     build_model(manifest).save_pretrained(staging)
     hf_tokenizer(tokenizer_json, manifest).save_pretrained(staging)
-    return checkpoints.finalize(staging, root, _meta(step))
+    return checkpoints.finalize(staging, root, _meta(step), signing_key=KEY)
 
 
 def test_finalize_lists_and_verifies_and_detects_tampering(tmp_path: Path):
@@ -45,7 +49,7 @@ def test_finalize_lists_and_verifies_and_detects_tampering(tmp_path: Path):
     staging = checkpoints.new_staging_dir(root, 3)
     (staging / "a.bin").write_bytes(b"x" * 1000)
     (staging / "b.txt").write_text("hello")
-    meta = checkpoints.finalize(staging, root, _meta(3))
+    meta = checkpoints.finalize(staging, root, _meta(3), signing_key=KEY)
     assert [f.name for f in meta.files] == ["a.bin", "b.txt"]
     assert checkpoints.list_checkpoints(root) == [meta]
     assert checkpoints.verify_dir(root / "step-00000003") == meta
@@ -79,7 +83,12 @@ def coordinator_with_checkpoint(tmp_path: Path, small_corpus: Path):
         WebContext(tmp_path / "d", frozenset(), root, "{}", store, health), "127.0.0.1", 0
     ).start()
     base = f"http://127.0.0.1:{web.port}"
-    servicer = CoordinatorServicer(RunInfo("{}", "x", "{}", 1, base, root), store, health, initial_peers=list)
+    servicer = CoordinatorServicer(
+        RunInfo("{}", "x", "{}", 1, base, root, signing_public_key=public_key_hex(KEY)),
+        store,
+        health,
+        initial_peers=list,
+    )
     server, port, _ = create_server(servicer, "127.0.0.1", 0)
     server.start()
     try:
@@ -134,3 +143,49 @@ def test_http_range_requests_resume_downloads(coordinator_with_checkpoint):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(base + bad, timeout=10)
         assert e.value.code == 404
+
+
+def test_signature_pins_the_run_key_and_covers_every_field(tmp_path: Path):
+    root = tmp_path / "ckpt"
+    staging = checkpoints.new_staging_dir(root, 4)
+    (staging / "model.safetensors").write_bytes(b"weights")
+    meta = checkpoints.finalize(staging, root, _meta(4), signing_key=KEY)
+    directory = root / "step-00000004"
+    assert checkpoints.verify_dir(directory, public_key=public_key_hex(KEY)) == meta
+    with pytest.raises(CheckpointError, match="not the run's key"):
+        checkpoints.verify_dir(directory, public_key=public_key_hex(new_key()))
+    # an attacker edits the listing (new hash for a swapped file) but cannot re-sign it
+    text = (directory / "crowdtrain.json").read_text()
+    (directory / "crowdtrain.json").write_text(text.replace('"eval_loss": 5.0', '"eval_loss": 1.0'))
+    with pytest.raises(CheckpointError, match="signature"):
+        checkpoints.verify_dir(directory)
+    # ... or re-signs it with their own key: caught once the run's key is pinned
+    forged_key = new_key()
+    forged = dataclasses.replace(meta, eval_loss=1.0, public_key=public_key_hex(forged_key), signature="")
+    forged = dataclasses.replace(forged, signature=sign_hex(forged_key, forged.signing_payload()))
+    (directory / "crowdtrain.json").write_text(forged.to_json())
+    checkpoints.verify_dir(directory)  # self-consistent...
+    with pytest.raises(CheckpointError, match="not the run's key"):
+        checkpoints.verify_dir(directory, public_key=public_key_hex(KEY))
+
+
+def test_verify_command_checks_a_pulled_directory_offline(coordinator_with_checkpoint, tmp_path: Path):
+    import subprocess
+
+    from coordinator.demo import cli_command
+
+    address = coordinator_with_checkpoint[0]
+    out = tmp_path / "pulled"
+    pull(address, out)
+    key = public_key_hex(KEY)
+    ok = subprocess.run(
+        cli_command("verify", str(out), "--public-key", key), capture_output=True, text=True, timeout=60
+    )
+    assert ok.returncode == 0 and "signed by the run's key" in ok.stdout, ok.stderr
+    data = bytearray((out / "tokenizer.json").read_bytes())
+    data[10] ^= 1
+    (out / "tokenizer.json").write_bytes(bytes(data))
+    bad = subprocess.run(
+        cli_command("verify", str(out), "--public-key", key), capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 1 and "corrupted" in bad.stderr

@@ -40,6 +40,7 @@ def site(tmp_path: Path):
             health,
             progress,
             list_checkpoints(root),
+            store.rejections(),
         )
 
     metrics = CoordinatorMetrics(status)
@@ -85,7 +86,10 @@ def test_metrics_match_the_json_api(site):
     (staging / "f").write_text("x")
     finalize(staging, root, CheckpointMeta("ct_test", 3, 768, 4.25, 1990.0, "m", None, ()))
 
+    store.add_rejection(1995.0, 4, "eval loss 9.0 is worse than the last published 4.25")
     state = json.loads(get(f"{base}/api/v1/state")[2])
+    assert state["last_rejection"] == "step 4: eval loss 9.0 is worse than the last published 4.25"
+    assert json.loads(get(f"{base}/api/v1/rejections")[2])[0]["step"] == 4
     families = {f.name: f for f in text_string_to_metric_families(get(f"{base}/metrics")[2].decode())}
     by_state = {s.labels["state"]: s.value for s in families["crowdtrain_peers"].samples}
     assert by_state == {k: float(v) for k, v in state["peers_by_state"].items()}
@@ -95,6 +99,7 @@ def test_metrics_match_the_json_api(site):
     assert scalar["crowdtrain_swarm_samples_per_second"] == state["samples_per_s"] == 123.5
     assert scalar["crowdtrain_eval_loss"] == state["latest_eval_loss"] == 4.25
     assert scalar["crowdtrain_checkpoints"] == state["checkpoints"] == 1
+    assert scalar["crowdtrain_rejected_checkpoints"] == state["rejected_checkpoints"] == 1
     assert scalar["crowdtrain_contributed_samples"] == state["total_contributed_samples"] == 180
     latency = {s.name: s.value for s in families["crowdtrain_heartbeat_latency_seconds"].samples}
     assert latency["crowdtrain_heartbeat_latency_seconds_count"] == 2

@@ -174,6 +174,8 @@ async function refresh() {
     renderCharts(history);
     renderContributors(contributors);
     renderCheckpoints(checkpoints);
+    document.getElementById("rejection").textContent =
+      state.last_rejection ? `refused to publish ${state.last_rejection}` : "";
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.ready = "1";
   } catch (e) {

@@ -1,0 +1,64 @@
+"""What may be published: finite tensors of the manifest's shapes, no eval-loss regression."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from coordinator.vetting import check_candidate, model_card
+from tests.conftest import make_run
+
+SHAPES = {"a": (2, 3), "b": (4,)}
+
+
+def _tensors(**overrides):
+    tensors = {"a": torch.zeros(2, 3), "b": torch.ones(4)}
+    tensors.update(overrides)
+    return tensors
+
+
+def test_a_healthy_state_passes():
+    assert check_candidate(_tensors(), SHAPES, 5.0, 5.2, 0.5) is None
+    assert check_candidate(_tensors(), SHAPES, 5.4, 5.0, 0.5) is None  # within the margin
+    assert check_candidate(_tensors(), SHAPES, 9.0, None, 0.5) is None  # nothing published yet
+
+
+def test_nan_or_inf_anywhere_is_refused():
+    bad = torch.ones(4)
+    bad[2] = math.nan
+    assert "b contains NaN" in check_candidate(_tensors(b=bad), SHAPES, 5.0, None, 0.5)
+    assert "contains NaN or infinite" in check_candidate(
+        _tensors(a=torch.full((2, 3), math.inf)), SHAPES, 5.0, None, 0.5
+    )
+    assert "eval loss is nan" in check_candidate(_tensors(), SHAPES, math.nan, None, 0.5)
+
+
+def test_shape_or_name_mismatch_is_refused():
+    assert "shape (3, 2)" in check_candidate(_tensors(a=torch.zeros(3, 2)), SHAPES, 5.0, None, 0.5)
+    assert "missing ['b']" in check_candidate({"a": torch.zeros(2, 3)}, SHAPES, 5.0, None, 0.5)
+
+
+def test_eval_loss_regression_beyond_the_margin_is_refused():
+    reason = check_candidate(_tensors(), SHAPES, 5.6, 5.0, 0.5)
+    assert "worse than the last published 5.0000 by 0.6000 nats (allowed 0.5000)" in reason
+
+
+def test_model_card_states_what_a_downloader_needs(tmp_path: Path, small_corpus: Path):
+    manifest, _ = make_run(tmp_path, small_corpus)
+    card = model_card(manifest, step=12, eval_loss=4.5, contributing_peers=3, created="2026-11-27 12:00 UTC")
+    for needle in (
+        manifest.run_id,
+        "step 12",
+        "llama",
+        f"{12 * manifest.swarm.target_batch_size:,} sequences",
+        "4.5000 nats/token",
+        f"perplexity {math.exp(4.5):.2f}",
+        "| 3 |",
+        manifest.data.source,
+        "license: apache-2.0",
+        "Intended use and limitations",
+        manifest.sha256(),
+    ):
+        assert needle in card, needle
