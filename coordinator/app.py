@@ -204,6 +204,9 @@ class Coordinator:
                 signing_key=self._signing_key(),
                 max_regression_nats=cfg.max_eval_regression_nats,
                 on_reject=lambda step, reason: self.store.add_rejection(time.time(), step, reason),
+                keep_last=cfg.keep_last_checkpoints,
+                keep_every=cfg.keep_every_steps,
+                in_use=web_context.downloads.in_use,
             ).start()
 
         self.endpoints = {

@@ -119,6 +119,25 @@ def finalize(
     return meta
 
 
+def retention_victims(steps: list[int], keep_last: int, keep_every: int, in_use: set[int]) -> list[int]:
+    """Pure: which published steps to delete. Keeps the newest `keep_last` (never fewer than one,
+    so the latest always survives), every step divisible by `keep_every` (0: none), and any step
+    in `in_use` (being downloaded right now)."""
+    ordered = sorted(steps)
+    keep = set(ordered[-max(1, keep_last) :])
+    if keep_every > 0:
+        keep |= {s for s in ordered if s % keep_every == 0}
+    return [s for s in ordered if s not in keep and s not in in_use]
+
+
+def remove_checkpoint(root: Path, step: int) -> None:
+    """Take a checkpoint out of the listing atomically (rename), then delete its files."""
+    path = root / step_dirname(step)
+    doomed = root / f".tmp-deleting-{step_dirname(step)}-{time.monotonic_ns()}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def clean_staging(root: Path) -> int:
     """Remove leftovers of interrupted writes; returns how many were removed."""
     removed = 0

@@ -39,6 +39,10 @@ class CoordinatorConfig:
         60.0, "how often to fetch the swarm's state and publish it (0 disables)"
     )
     device: str = _f("cpu", "where the publisher evaluates checkpoints: cpu, cuda or cuda:N")
+    keep_last_checkpoints: int = _f(5, "retention: keep this many newest checkpoints (at least the latest)")
+    keep_every_steps: int = _f(
+        0, "retention: also keep every checkpoint whose step is a multiple of this (0: none)"
+    )
     max_eval_regression_nats: float = _f(
         0.5, "refuse to publish a state whose eval loss is this much worse than the last checkpoint's"
     )

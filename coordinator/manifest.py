@@ -118,7 +118,10 @@ def _from_dict(cls, raw):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - names
     if unknown:
-        raise ManifestError(f"{cls.__name__} has unknown fields {sorted(unknown)}")
+        raise ManifestError(
+            f"{cls.__name__} has fields this crowdtrain does not know ({sorted(unknown)}): it comes from a newer "
+            "version; upgrade with `pip install -U crowdtrain`"
+        )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:

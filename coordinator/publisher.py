@@ -37,12 +37,16 @@ class Publisher:
         signing_key=None,
         max_regression_nats: float = 0.5,
         on_reject: Callable[[int, str], None] = lambda step, reason: None,
+        keep_last: int = 5,
+        keep_every: int = 0,
+        in_use: Callable[[], set[int]] = set,
     ):
         self.manifest, self.tokenizer_json = manifest, tokenizer_json
         self.eval_shard, self.root = eval_shard, checkpoint_root
         self.initial_peers, self.interval_s, self.listen_host = initial_peers, interval_s, listen_host
         self.device, self.signing_key = device, signing_key
         self.max_regression_nats, self.on_reject = max_regression_nats, on_reject
+        self.keep_last, self.keep_every, self.in_use = keep_last, keep_every, in_use
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dht = self._opt = None
@@ -187,4 +191,15 @@ class Publisher:
             self.initial_eval_loss,
             time.monotonic() - t0,
         )
+        self.prune()
         return meta
+
+    def prune(self) -> list[int]:
+        """Apply retention: delete old checkpoints, never the latest nor one being downloaded."""
+        steps = [m.step for m in checkpoints.list_checkpoints(self.root)]
+        victims = checkpoints.retention_victims(steps, self.keep_last, self.keep_every, self.in_use())
+        for step in victims:
+            checkpoints.remove_checkpoint(self.root, step)
+        if victims:
+            logger.info("retention: removed checkpoints %s", victims)
+        return victims

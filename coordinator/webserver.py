@@ -45,6 +45,28 @@ STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
 
 
+class DownloadTracker:
+    """Counts the checkpoint downloads in flight per step, so retention never deletes one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active: dict[int, int] = {}
+
+    def begin(self, step: int) -> None:
+        with self._lock:
+            self._active[step] = self._active.get(step, 0) + 1
+
+    def end(self, step: int) -> None:
+        with self._lock:
+            self._active[step] -= 1
+            if not self._active[step]:
+                del self._active[step]
+
+    def in_use(self) -> set[int]:
+        with self._lock:
+            return set(self._active)
+
+
 @dataclasses.dataclass(frozen=True)
 class WebContext:
     data_dir: Path
@@ -54,6 +76,7 @@ class WebContext:
     store: Store
     status: Callable[[], SwarmStatus]
     metrics: CoordinatorMetrics | None = None
+    downloads: DownloadTracker = dataclasses.field(default_factory=DownloadTracker)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -134,7 +157,11 @@ class _Handler(BaseHTTPRequestHandler):
         allowed = {f.name for f in meta.files} | {checkpoints.META_NAME} if meta else set()
         if meta is None or name not in allowed:
             return self.send_error(HTTPStatus.NOT_FOUND, f"no checkpoint file {step}/{name}")
-        self._send_file(self.ctx.checkpoint_root / checkpoints.step_dirname(meta.step) / name, send_body)
+        self.ctx.downloads.begin(meta.step)
+        try:
+            self._send_file(self.ctx.checkpoint_root / checkpoints.step_dirname(meta.step) / name, send_body)
+        finally:
+            self.ctx.downloads.end(meta.step)
 
     def _send_bytes(self, body: bytes, content_type: str, send_body: bool) -> None:
         self.send_response(HTTPStatus.OK)

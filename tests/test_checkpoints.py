@@ -189,3 +189,48 @@ def test_verify_command_checks_a_pulled_directory_offline(coordinator_with_check
         cli_command("verify", str(out), "--public-key", key), capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 1 and "corrupted" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("steps", "keep_last", "keep_every", "in_use", "victims"),
+    [
+        ([1, 2, 3, 4, 5, 6], 2, 0, set(), [1, 2, 3, 4]),
+        ([1, 2, 3, 4, 5, 6], 2, 3, set(), [1, 2, 4]),
+        ([1, 2, 3, 4, 5, 6], 2, 0, {1, 4}, [2, 3]),
+        ([7], 0, 0, set(), []),  # the latest always survives
+        ([2, 9, 4], 1, 0, set(), [2, 4]),
+    ],
+)
+def test_retention_keeps_the_newest_the_milestones_and_what_is_being_downloaded(
+    steps, keep_last, keep_every, in_use, victims
+):
+    assert checkpoints.retention_victims(steps, keep_last, keep_every, in_use) == victims
+
+
+def test_pruning_never_touches_a_checkpoint_being_downloaded(tmp_path: Path):
+    root = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        staging = checkpoints.new_staging_dir(root, step)
+        (staging / "model.safetensors").write_bytes(bytes(range(256)) * (32 << 10))  # 8 MiB
+        checkpoints.finalize(staging, root, _meta(step), signing_key=KEY)
+    store = Store(tmp_path / "s.sqlite3")
+    ctx = WebContext(tmp_path, frozenset(), root, "{}", store, status=lambda: None)
+    web = WebServer(ctx, "127.0.0.1", 0).start()
+    try:
+        response = urllib.request.urlopen(
+            f"http://127.0.0.1:{web.port}/checkpoints/1/model.safetensors", timeout=10
+        )
+        assert len(response.read(1024)) == 1024  # the server is now blocked mid-file
+        assert ctx.downloads.in_use() == {1}
+        victims = checkpoints.retention_victims([1, 2, 3], 1, 0, ctx.downloads.in_use())
+        assert victims == [2]
+        for step in victims:
+            checkpoints.remove_checkpoint(root, step)
+        rest = response.read()
+        assert len(rest) + 1024 == 8 << 20  # the download completed despite pruning
+        response.close()
+        assert [m.step for m in checkpoints.list_checkpoints(root)] == [1, 3]
+        assert not list(root.glob(".tmp-*"))
+    finally:
+        web.shutdown()
+        store.close()
