@@ -29,7 +29,7 @@ from coordinator import checkpoints
 from coordinator.config import CoordinatorConfig
 from coordinator.manifest import ManifestError, RunManifest, build_manifest, get_preset
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.registry import HealthSettings
+from coordinator.registry import HealthSettings, is_online
 from coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
 from coordinator.signing import load_or_create_key, new_key, public_key_hex, save_key
 from coordinator.status import SwarmProgress, SwarmStatus, build_status
@@ -183,6 +183,7 @@ class Coordinator:
             initial_peers=lambda: maddrs,
             status=self.status,
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
+            resume_step=self.resume_step,
         )
         self.grpc_server, grpc_port, _ = self._bind(
             "grpc_port", cfg.grpc_port, lambda port: create_server(servicer, cfg.host, port)
@@ -298,6 +299,17 @@ class Coordinator:
             checkpoints.list_checkpoints(self.checkpoint_root),
             self.store.rejections(),
         )
+
+    def resume_step(self) -> int:
+        """The checkpoint a joining peer should start from: the latest one when nobody is training
+        (the whole swarm left and volunteers come back), else 0 (load the live state from peers)."""
+        metas = checkpoints.list_checkpoints(self.checkpoint_root)
+        if not metas:
+            return 0
+        now = time.time()
+        if any(is_online(now, p, self.health) for p in self.store.peers_unordered()):
+            return 0
+        return metas[-1].step
 
     def wait(self) -> None:
         self._stopped.wait()

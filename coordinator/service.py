@@ -70,10 +70,11 @@ class CoordinatorServicer:
         clock: Callable[[], float] = time.time,
         status: Callable[[], SwarmStatus] | None = None,
         heartbeat_latency: Callable[[float], None] = lambda seconds: None,
+        resume_step: Callable[[], int] = lambda: 0,
     ):
         self.run, self.store, self.health = run, store, health_settings
         self.initial_peers, self.clock = initial_peers, clock
-        self.status, self.heartbeat_latency = status, heartbeat_latency
+        self.status, self.heartbeat_latency, self.resume_step = status, heartbeat_latency, resume_step
         self._join_lock = threading.Lock()
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
@@ -115,6 +116,7 @@ class CoordinatorServicer:
                 heartbeat_interval_s=self.health.heartbeat_interval_s,
                 shard_index=shard_index,
                 http_base_url=self.run.http_base_url,
+                resume_from_step=self.resume_step(),
             ),
         )
 

@@ -202,6 +202,9 @@ class Volunteer:
         use_fork_start_method()
         model = build_model(manifest, self.device)
         logger.info("model: %s with %.2fM parameters", manifest.model.model_type, num_parameters(model) / 1e6)
+        resume_step = settings.resume_from_step
+        if resume_step > 0:  # nobody is training: start from the community's latest checkpoint
+            self._load_checkpoint(model, resume_step, cache_dir)
         self.dht = start_dht(
             list(joined.initial_peers),
             listen_host=self.config.listen_host,
@@ -211,6 +214,8 @@ class Volunteer:
         self.stats.update(dht_peer_id=self.dht.peer_id.to_base58())
         self.opt = make_optimizer(manifest, model, self.dht, batch_size_per_step=batch_size, verbose=False)
         self._install_signal_handlers()  # hivemind's averager just set SIGINT to "ignored"
+        if resume_step > 0:
+            self._continue_epoch_count(resume_step)
 
         self._catch_up(manifest)
         if self.stop_event.is_set():
@@ -296,6 +301,36 @@ class Volunteer:
         os.rename(staging, out)
         logger.info("saved this peer's model at epoch %d to %s", self.opt.local_epoch, out)
 
+    def _load_checkpoint(self, model, step: int, cache_dir: Path) -> None:
+        """Download (verified, see peer/pull.py) and load the weights of a published checkpoint."""
+        import torch
+        from safetensors.torch import load_file
+
+        from peer.pull import pull
+
+        out = cache_dir / "resume-checkpoint"
+        meta = pull(self.config.coordinator, out, step=step)
+        state = load_file(str(out / "model.safetensors"), device=str(self.device))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise PeerError(
+                f"checkpoint step {step} does not fit the run's model (missing {missing}, unexpected {unexpected})"
+            )
+        with torch.no_grad():
+            model.tie_weights()
+        logger.info(
+            "resuming the run from published checkpoint step %d (eval loss %.4f)", step, meta.eval_loss
+        )
+
+    def _continue_epoch_count(self, step: int) -> None:
+        """Number epochs on from the checkpoint, as hivemind does after loading state from a peer
+        (optimizer statistics start afresh; the learning-rate schedule catches up to `step`)."""
+        averager = self.opt.state_averager
+        averager.local_epoch = step
+        averager._update_scheduler()  # hivemind's own catch-up of the LR schedule to local_epoch
+        self.opt.tracker.report_local_progress(local_epoch=step, samples_accumulated=0)
+
     def _catch_up(self, manifest: RunManifest) -> None:
         """Before the first step: learn the swarm's epoch and, if it is ahead, download its state."""
         tracker = self.opt.tracker
@@ -309,7 +344,11 @@ class Volunteer:
             return
         global_epoch = tracker.global_epoch
         if global_epoch <= self.opt.local_epoch:
-            logger.info("swarm is at epoch %d: starting from the run's initial weights", global_epoch)
+            logger.info(
+                "swarm is at epoch %d, we are at %d: nothing newer to load",
+                global_epoch,
+                self.opt.local_epoch,
+            )
             return
         logger.info(
             "swarm is at epoch %d with %d peer(s): loading its state",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\rcrowdtrain.v1\"Y\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x1b\n\x13previous_session_id\x18\x04 \x01(\t\"X\n\x0cPeerSettings\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x15\n\rhttp_base_url\x18\x03 \x01(\t\"\xb0\x01\n\x0cJoinResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x15\n\rinitial_peers\x18\x05 \x03(\t\x12-\n\x08settings\x18\x06 \x01(\x0b\x32\x1b.crowdtrain.v1.PeerSettings\"\xf0\x01\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ht_peer_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rsamples_per_s\x18\x06 \x01(\x01\x12\x13\n\x0blocal_epoch\x18\x07 \x01(\x03\x12\x0c\n\x04loss\x18\x08 \x01(\x01\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x15\n\rsamples_total\x18\n \x01(\x03\x12\x12\n\nswarm_size\x18\x0b \x01(\r\x12\r\n\x05phase\x18\x0c \x01(\t\"1\n\x11HeartbeatResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"2\n\x0cLeaveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"\x18\n\x16ListCheckpointsRequest\"B\n\x0e\x43heckpointFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\x9a\x01\n\x0e\x43heckpointInfo\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0e\x63reated_unix_s\x18\x02 \x01(\x01\x12\x11\n\teval_loss\x18\x03 \x01(\x01\x12\x14\n\x0csamples_seen\x18\x04 \x01(\x03\x12,\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x1d.crowdtrain.v1.CheckpointFile\x12\x0b\n\x03url\x18\x06 \x01(\t\"\x80\x01\n\x17ListCheckpointsResponse\x12\x32\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1d.crowdtrain.v1.CheckpointInfo\x12\x15\n\rhttp_base_url\x18\x02 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\t\"\x12\n\x10GetStatusRequest\"\xf9\x01\n\nPeerStatus\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rsamples_per_s\x18\x06 \x01(\x01\x12\x13\n\x0blocal_epoch\x18\x07 \x01(\x03\x12\x1b\n\x13\x63ontributed_samples\x18\x08 \x01(\x03\x12\x18\n\x10last_seen_unix_s\x18\t \x01(\x01\x12\x14\n\x0c\x63ontributing\x18\n \x01(\x08\x12\x13\n\x0b\x64ht_peer_id\x18\x0b \x01(\t\x12\x0c\n\x04loss\x18\x0c \x01(\x01\"\xbc\x02\n\x0cSwarmSummary\x12\x14\n\x0cglobal_epoch\x18\x01 \x01(\x03\x12\x15\n\rsamples_per_s\x18\x02 \x01(\x01\x12\x18\n\x10latest_eval_loss\x18\x03 \x01(\x01\x12\x1e\n\x16latest_checkpoint_step\x18\x04 \x01(\x03\x12\x45\n\x0epeers_by_state\x18\x05 \x03(\x0b\x32-.crowdtrain.v1.SwarmSummary.PeersByStateEntry\x12!\n\x19total_contributed_samples\x18\x06 \x01(\x03\x12\x0e\n\x06run_id\x18\x07 \x01(\t\x12\x16\n\x0elast_rejection\x18\x08 \x01(\t\x1a\x33\n\x11PeersByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"k\n\x11GetStatusResponse\x12,\n\x07summary\x18\x01 \x01(\x0b\x32\x1b.crowdtrain.v1.SwarmSummary\x12(\n\x05peers\x18\x02 \x03(\x0b\x32\x19.crowdtrain.v1.PeerStatus2\xee\x03\n\x0b\x43oordinator\x12?\n\x04Join\x12\x1a.crowdtrain.v1.JoinRequest\x1a\x1b.crowdtrain.v1.JoinResponse\x12N\n\tHeartbeat\x12\x1f.crowdtrain.v1.HeartbeatRequest\x1a .crowdtrain.v1.HeartbeatResponse\x12X\n\x0fHeartbeatStream\x12\x1f.crowdtrain.v1.HeartbeatRequest\x1a .crowdtrain.v1.HeartbeatResponse(\x01\x30\x01\x12\x42\n\x05Leave\x12\x1b.crowdtrain.v1.LeaveRequest\x1a\x1c.crowdtrain.v1.LeaveResponse\x12`\n\x0fListCheckpoints\x12%.crowdtrain.v1.ListCheckpointsRequest\x1a&.crowdtrain.v1.ListCheckpointsResponse\x12N\n\tGetStatus\x12\x1f.crowdtrain.v1.GetStatusRequest\x1a .crowdtrain.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\rcrowdtrain.v1\"Y\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x1b\n\x13previous_session_id\x18\x04 \x01(\t\"r\n\x0cPeerSettings\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x15\n\rhttp_base_url\x18\x03 \x01(\t\x12\x18\n\x10resume_from_step\x18\x04 \x01(\x03\"\xb0\x01\n\x0cJoinResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x15\n\rinitial_peers\x18\x05 \x03(\t\x12-\n\x08settings\x18\x06 \x01(\x0b\x32\x1b.crowdtrain.v1.PeerSettings\"\xf0\x01\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ht_peer_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rsamples_per_s\x18\x06 \x01(\x01\x12\x13\n\x0blocal_epoch\x18\x07 \x01(\x03\x12\x0c\n\x04loss\x18\x08 \x01(\x01\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x15\n\rsamples_total\x18\n \x01(\x03\x12\x12\n\nswarm_size\x18\x0b \x01(\r\x12\r\n\x05phase\x18\x0c \x01(\t\"1\n\x11HeartbeatResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"2\n\x0cLeaveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"\x18\n\x16ListCheckpointsRequest\"B\n\x0e\x43heckpointFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\x9a\x01\n\x0e\x43heckpointInfo\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0e\x63reated_unix_s\x18\x02 \x01(\x01\x12\x11\n\teval_loss\x18\x03 \x01(\x01\x12\x14\n\x0csamples_seen\x18\x04 \x01(\x03\x12,\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x1d.crowdtrain.v1.CheckpointFile\x12\x0b\n\x03url\x18\x06 \x01(\t\"\x80\x01\n\x17ListCheckpointsResponse\x12\x32\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1d.crowdtrain.v1.CheckpointInfo\x12\x15\n\rhttp_base_url\x18\x02 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\t\"\x12\n\x10GetStatusRequest\"\xf9\x01\n\nPeerStatus\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rsamples_per_s\x18\x06 \x01(\x01\x12\x13\n\x0blocal_epoch\x18\x07 \x01(\x03\x12\x1b\n\x13\x63ontributed_samples\x18\x08 \x01(\x03\x12\x18\n\x10last_seen_unix_s\x18\t \x01(\x01\x12\x14\n\x0c\x63ontributing\x18\n \x01(\x08\x12\x13\n\x0b\x64ht_peer_id\x18\x0b \x01(\t\x12\x0c\n\x04loss\x18\x0c \x01(\x01\"\xbc\x02\n\x0cSwarmSummary\x12\x14\n\x0cglobal_epoch\x18\x01 \x01(\x03\x12\x15\n\rsamples_per_s\x18\x02 \x01(\x01\x12\x18\n\x10latest_eval_loss\x18\x03 \x01(\x01\x12\x1e\n\x16latest_checkpoint_step\x18\x04 \x01(\x03\x12\x45\n\x0epeers_by_state\x18\x05 \x03(\x0b\x32-.crowdtrain.v1.SwarmSummary.PeersByStateEntry\x12!\n\x19total_contributed_samples\x18\x06 \x01(\x03\x12\x0e\n\x06run_id\x18\x07 \x01(\t\x12\x16\n\x0elast_rejection\x18\x08 \x01(\t\x1a\x33\n\x11PeersByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"k\n\x11GetStatusResponse\x12,\n\x07summary\x18\x01 \x01(\x0b\x32\x1b.crowdtrain.v1.SwarmSummary\x12(\n\x05peers\x18\x02 \x03(\x0b\x32\x19.crowdtrain.v1.PeerStatus2\xee\x03\n\x0b\x43oordinator\x12?\n\x04Join\x12\x1a.crowdtrain.v1.JoinRequest\x1a\x1b.crowdtrain.v1.JoinResponse\x12N\n\tHeartbeat\x12\x1f.crowdtrain.v1.HeartbeatRequest\x1a .crowdtrain.v1.HeartbeatResponse\x12X\n\x0fHeartbeatStream\x12\x1f.crowdtrain.v1.HeartbeatRequest\x1a .crowdtrain.v1.HeartbeatResponse(\x01\x30\x01\x12\x42\n\x05Leave\x12\x1b.crowdtrain.v1.LeaveRequest\x1a\x1c.crowdtrain.v1.LeaveResponse\x12`\n\x0fListCheckpoints\x12%.crowdtrain.v1.ListCheckpointsRequest\x1a&.crowdtrain.v1.ListCheckpointsResponse\x12N\n\tGetStatus\x12\x1f.crowdtrain.v1.GetStatusRequest\x1a .crowdtrain.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=43
   _globals['_JOINREQUEST']._serialized_end=132
   _globals['_PEERSETTINGS']._serialized_start=134
-  _globals['_PEERSETTINGS']._serialized_end=222
-  _globals['_JOINRESPONSE']._serialized_start=225
-  _globals['_JOINRESPONSE']._serialized_end=401
-  _globals['_HEARTBEATREQUEST']._serialized_start=404
-  _globals['_HEARTBEATREQUEST']._serialized_end=644
-  _globals['_HEARTBEATRESPONSE']._serialized_start=646
-  _globals['_HEARTBEATRESPONSE']._serialized_end=695
-  _globals['_LEAVEREQUEST']._serialized_start=697
-  _globals['_LEAVEREQUEST']._serialized_end=747
-  _globals['_LEAVERESPONSE']._serialized_start=749
-  _globals['_LEAVERESPONSE']._serialized_end=764
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=766
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=790
-  _globals['_CHECKPOINTFILE']._serialized_start=792
-  _globals['_CHECKPOINTFILE']._serialized_end=858
-  _globals['_CHECKPOINTINFO']._serialized_start=861
-  _globals['_CHECKPOINTINFO']._serialized_end=1015
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1018
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1146
-  _globals['_GETSTATUSREQUEST']._serialized_start=1148
-  _globals['_GETSTATUSREQUEST']._serialized_end=1166
-  _globals['_PEERSTATUS']._serialized_start=1169
-  _globals['_PEERSTATUS']._serialized_end=1418
-  _globals['_SWARMSUMMARY']._serialized_start=1421
-  _globals['_SWARMSUMMARY']._serialized_end=1737
-  _globals['_SWARMSUMMARY_PEERSBYSTATEENTRY']._serialized_start=1686
-  _globals['_SWARMSUMMARY_PEERSBYSTATEENTRY']._serialized_end=1737
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1739
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1846
-  _globals['_COORDINATOR']._serialized_start=1849
-  _globals['_COORDINATOR']._serialized_end=2343
+  _globals['_PEERSETTINGS']._serialized_end=248
+  _globals['_JOINRESPONSE']._serialized_start=251
+  _globals['_JOINRESPONSE']._serialized_end=427
+  _globals['_HEARTBEATREQUEST']._serialized_start=430
+  _globals['_HEARTBEATREQUEST']._serialized_end=670
+  _globals['_HEARTBEATRESPONSE']._serialized_start=672
+  _globals['_HEARTBEATRESPONSE']._serialized_end=721
+  _globals['_LEAVEREQUEST']._serialized_start=723
+  _globals['_LEAVEREQUEST']._serialized_end=773
+  _globals['_LEAVERESPONSE']._serialized_start=775
+  _globals['_LEAVERESPONSE']._serialized_end=790
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=792
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=816
+  _globals['_CHECKPOINTFILE']._serialized_start=818
+  _globals['_CHECKPOINTFILE']._serialized_end=884
+  _globals['_CHECKPOINTINFO']._serialized_start=887
+  _globals['_CHECKPOINTINFO']._serialized_end=1041
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1044
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1172
+  _globals['_GETSTATUSREQUEST']._serialized_start=1174
+  _globals['_GETSTATUSREQUEST']._serialized_end=1192
+  _globals['_PEERSTATUS']._serialized_start=1195
+  _globals['_PEERSTATUS']._serialized_end=1444
+  _globals['_SWARMSUMMARY']._serialized_start=1447
+  _globals['_SWARMSUMMARY']._serialized_end=1763
+  _globals['_SWARMSUMMARY_PEERSBYSTATEENTRY']._serialized_start=1712
+  _globals['_SWARMSUMMARY_PEERSBYSTATEENTRY']._serialized_end=1763
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1765
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1872
+  _globals['_COORDINATOR']._serialized_start=1875
+  _globals['_COORDINATOR']._serialized_end=2369
 # @@protoc_insertion_point(module_scope)

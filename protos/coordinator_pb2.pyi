@@ -19,14 +19,16 @@ class JoinRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., previous_session_id: _Optional[str] = ...) -> None: ...
 
 class PeerSettings(_message.Message):
-    __slots__ = ("heartbeat_interval_s", "shard_index", "http_base_url")
+    __slots__ = ("heartbeat_interval_s", "shard_index", "http_base_url", "resume_from_step")
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     HTTP_BASE_URL_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
     shard_index: int
     http_base_url: str
-    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., shard_index: _Optional[int] = ..., http_base_url: _Optional[str] = ...) -> None: ...
+    resume_from_step: int
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., shard_index: _Optional[int] = ..., http_base_url: _Optional[str] = ..., resume_from_step: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("session_id", "manifest_json", "manifest_sha256", "tokenizer_json", "initial_peers", "settings")
