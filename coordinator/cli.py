@@ -185,6 +185,22 @@ def cmd_ban(config: cfg.BanConfig) -> int:
     return 0
 
 
+def cmd_checkpoints(config: cfg.CheckpointsConfig) -> int:
+    import time
+
+    from peer.pull import list_published
+
+    listed, public_key = list_published(config.coordinator)
+    print(f"{len(listed)} checkpoint(s); signed by {public_key or 'an unknown key'}")
+    print(f"{'STEP':>8}  {'PUBLISHED (UTC)':<19}  {'EVAL LOSS':>9}  {'SIZE MB':>8}")
+    for c in listed:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.created_unix_s))
+        print(
+            f"{c.step:>8}  {when:<19}  {c.eval_loss:>9.4f}  {sum(f.size_bytes for f in c.files) / 1e6:>8.1f}"
+        )
+    return 0
+
+
 def cmd_verify(config: cfg.VerifyConfig) -> int:
     from pathlib import Path
 
@@ -214,6 +230,11 @@ COMMANDS = {
     ),
     "peer": (cfg.PeerConfig, cmd_peer, "donate compute: join a run and train"),
     "pull": (cfg.PullConfig, cmd_pull, "download and verify a published checkpoint"),
+    "checkpoints": (
+        cfg.CheckpointsConfig,
+        cmd_checkpoints,
+        "list published checkpoints (step, time, eval loss, size)",
+    ),
     "verify": (
         cfg.VerifyConfig,
         cmd_verify,

@@ -75,12 +75,17 @@ class PeerConfig:
 
 @dataclass(frozen=True)
 class PullConfig:
-    coordinator: str = _f(REQUIRED, "HOST:PORT of the coordinator's gRPC API")
+    coordinator: str = _f(REQUIRED, "HOST:PORT of the coordinator's gRPC API, or its http://HOST:PORT")
     out: str = _f(
         REQUIRED, "directory to write the checkpoint to (created; replaced if it holds an older pull)"
     )
     step: int = _f(-1, "which checkpoint to download (-1: the latest)")
     timeout_s: float = _f(600.0, "give up when the download takes longer than this")
+
+
+@dataclass(frozen=True)
+class CheckpointsConfig:
+    coordinator: str = _f(REQUIRED, "HOST:PORT of the coordinator's gRPC API, or its http://HOST:PORT")
 
 
 @dataclass(frozen=True)

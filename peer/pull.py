@@ -1,23 +1,28 @@
 """Download a published checkpoint, verify every file, and leave an HF-loadable directory.
 
-    crowdtrain pull --coordinator 127.0.0.1:50051 --out ./model
-    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('./model')"
+    crowdtrain pull --coordinator 127.0.0.1:50051 --out ./model            # via the gRPC API
+    crowdtrain pull --coordinator http://127.0.0.1:8080 --out ./model      # via plain HTTP
+    python -c "from transformers import pipeline; print(pipeline('text-generation', model='./model')('def '))"
 
-Files land in a hidden staging directory beside OUT and are checked before OUT is renamed into
-place: crowdtrain.json's Ed25519 signature against the run's public key (from the coordinator),
-then every file's size and sha256 against both crowdtrain.json and the coordinator's listing. OUT
-is either the complete, verified checkpoint or untouched. `crowdtrain verify OUT --public-key KEY`
-repeats the check offline.
+Files land in a hidden staging directory beside OUT (`.OUT.pull-step-N`) and are checked before
+OUT is renamed into place: crowdtrain.json's Ed25519 signature against the run's public key (from
+the coordinator), then every file's size and sha256 against both crowdtrain.json and the
+coordinator's listing. OUT is either the complete, verified checkpoint or untouched. An
+interrupted pull resumes where it stopped (HTTP Range); a staging directory that fails
+verification is deleted. `crowdtrain verify OUT --public-key KEY` repeats the check offline.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator import checkpoints
@@ -31,51 +36,144 @@ class PullError(RuntimeError):
     """The checkpoint could not be downloaded or verified; OUT was left untouched."""
 
 
-def _download(url: str, dest: Path, deadline: float) -> None:
-    timeout = max(1.0, deadline - time.monotonic())
+@dataclass(frozen=True)
+class Listed:
+    """One checkpoint as the coordinator lists it."""
+
+    step: int
+    eval_loss: float
+    created_unix_s: float
+    files: tuple[FileEntry, ...]
+    url: str  # base URL of the checkpoint's files
+
+
+def list_published(coordinator: str) -> tuple[list[Listed], str]:
+    """(checkpoints oldest first, the run's signing public key) from `HOST:PORT` (gRPC) or an HTTP URL."""
+    if coordinator.startswith(("http://", "https://")):
+        base = coordinator.rstrip("/")
+        try:
+            metas = [CheckpointMeta.from_json(json.dumps(m)) for m in _get_json(f"{base}/api/v1/checkpoints")]
+            public_key = _get_json(f"{base}/api/v1/run").get("signing_public_key", "")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise PullError(
+                f"could not list checkpoints at {base}: {e}; is that the coordinator's HTTP address?"
+            ) from e
+        listed = [
+            Listed(m.step, m.eval_loss, m.created_unix_s, m.files, f"{base}/checkpoints/{m.step}")
+            for m in metas
+        ]
+        return listed, public_key
+    with CoordinatorClient(coordinator) as client:
+        listing = client.list_checkpoints()
+    listed = [
+        Listed(
+            c.step,
+            c.eval_loss,
+            c.created_unix_s,
+            tuple(sorted((FileEntry(f.name, f.sha256, f.size_bytes) for f in c.files), key=lambda f: f.name)),
+            c.url,
+        )
+        for c in listing.checkpoints
+    ]
+    return listed, listing.signing_public_key
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+class _Progress:
+    """One line on a terminal (bytes, percent, MB/s); silent when stderr is not a terminal."""
+
+    def __init__(self, total_bytes: int):
+        self.total, self.done, self.t0, self.last = total_bytes, 0, time.monotonic(), 0.0
+        self.live = sys.stderr.isatty()
+
+    def add(self, n: int, name: str) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.live and (now - self.last > 0.2 or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-6) / 1e6
+            pct = 100 * self.done / max(self.total, 1)
+            sys.stderr.write(
+                f"\r\033[K{name}: {self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB ({pct:.0f}%) {rate:.1f} MB/s"
+            )
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.live:
+            sys.stderr.write("\n")
+
+
+def _download(url: str, dest: Path, size: int, deadline: float, progress: _Progress) -> None:
+    """Fetch `url` into `dest`, continuing a partial file with an HTTP Range request."""
+    have = dest.stat().st_size if dest.exists() else 0
+    if have > size:
+        dest.unlink()
+        have = 0
+    progress.add(have, dest.name)
+    if have == size:
+        return
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                if time.monotonic() > deadline:
-                    raise PullError(f"download of {url} exceeded the time limit; raise --timeout-s")
+        with urllib.request.urlopen(request, timeout=max(1.0, deadline - time.monotonic())) as response:
+            mode = "ab" if have and response.status == 206 else "wb"  # a server ignoring Range: start over
+            with open(dest, mode) as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    progress.add(len(chunk), dest.name)
+                    if time.monotonic() > deadline:
+                        raise PullError(
+                            f"download of {url} exceeded the time limit; run pull again to resume"
+                        )
     except urllib.error.HTTPError as e:
         raise PullError(
             f"{url}: HTTP {e.code} {e.reason}; the checkpoint may have been pruned, pull again"
         ) from e
     except (urllib.error.URLError, OSError) as e:
-        raise PullError(f"could not download {url}: {e}; is the coordinator's HTTP port reachable?") from e
+        raise PullError(f"could not download {url}: {e}; run pull again to resume") from e
 
 
 def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) -> CheckpointMeta:
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()) and not (out / checkpoints.META_NAME).exists():
         raise PullError(f"{out} exists and is not a crowdtrain checkpoint; choose another --out or empty it")
-    with CoordinatorClient(coordinator) as client:
-        listing = client.list_checkpoints()
-    if not listing.checkpoints:
+    listed, public_key = list_published(coordinator)
+    if not listed:
         raise PullError(f"the coordinator at {coordinator} has published no checkpoint yet; try again later")
     if step < 0:
-        info = listing.checkpoints[-1]
+        info = listed[-1]
     else:
-        info = next((c for c in listing.checkpoints if c.step == step), None)
+        info = next((c for c in listed if c.step == step), None)
         if info is None:
-            steps = ", ".join(str(c.step) for c in listing.checkpoints)
-            raise PullError(f"no checkpoint at step {step}; available steps: {steps}")
-    expected_files = tuple(
-        sorted((FileEntry(f.name, f.sha256, f.size_bytes) for f in info.files), key=lambda f: f.name)
-    )
+            raise PullError(
+                f"no checkpoint at step {step}; available steps: {', '.join(str(c.step) for c in listed)}"
+            )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.pull-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = out.parent / f".{out.name}.pull-step-{info.step}"  # stable name: an interrupted pull resumes
+    staging.mkdir(exist_ok=True)
     deadline = time.monotonic() + timeout_s
-    t0, total = time.monotonic(), 0
+    t0 = time.monotonic()
+    # crowdtrain.json is small and must be fetched whole; it may have changed since an earlier try
+    (staging / checkpoints.META_NAME).unlink(missing_ok=True)
+    sizes = {f.name: f.size_bytes for f in info.files}
+    progress = _Progress(sum(sizes.values()))
     try:
-        for name in [checkpoints.META_NAME, *(f.name for f in expected_files)]:
-            _download(f"{info.url}/{name}", staging / name, deadline)
-            total += (staging / name).stat().st_size
+        _download(
+            f"{info.url}/{checkpoints.META_NAME}",
+            staging / checkpoints.META_NAME,
+            1 << 30,
+            deadline,
+            _Progress(0),
+        )
+        for name, size in sizes.items():
+            _download(f"{info.url}/{name}", staging / name, size, deadline, progress)
+    finally:
+        progress.close()
+    try:
         meta = checkpoints.verify_dir(
             staging,
             expected=CheckpointMeta(
@@ -86,20 +184,20 @@ def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) 
                 created_unix_s=0.0,
                 manifest_sha256="",
                 previous_step=None,
-                files=expected_files,
+                files=info.files,
             ),
-            public_key=listing.signing_public_key or None,
+            public_key=public_key or None,
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
     except CheckpointError as e:
+        shutil.rmtree(staging, ignore_errors=True)  # never resume from bytes that failed verification
         raise PullError(f"verification failed, nothing was written to {out}: {e}") from e
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(staging, out)
     elapsed = time.monotonic() - t0
+    total = sum(sizes.values())
     logger.info(
-        "pulled step %d (eval loss %.4f) to %s: %.1f MB in %.1fs, every sha256 verified",
+        "pulled step %d (eval loss %.4f) to %s: %.1f MB in %.1fs, signature and every sha256 verified",
         meta.step,
         meta.eval_loss,
         out,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import urllib.request
 from pathlib import Path
 
@@ -80,7 +81,16 @@ def coordinator_with_checkpoint(tmp_path: Path, small_corpus: Path):
     store = Store(tmp_path / "state.sqlite3")
     health = HealthSettings(2.0, 10.0)
     web = WebServer(
-        WebContext(tmp_path / "d", frozenset(), root, "{}", store, health), "127.0.0.1", 0
+        WebContext(
+            tmp_path / "d",
+            frozenset(),
+            root,
+            json.dumps({"signing_public_key": public_key_hex(KEY)}),
+            store,
+            status=lambda: None,
+        ),
+        "127.0.0.1",
+        0,
     ).start()
     base = f"http://127.0.0.1:{web.port}"
     servicer = CoordinatorServicer(
@@ -113,6 +123,48 @@ def test_pull_gives_a_verified_hf_loadable_directory(coordinator_with_checkpoint
     assert generated.shape[1] > ids["input_ids"].shape[1]
     with pytest.raises(PullError, match="available steps: 5"):
         pull(address, tmp_path / "other", step=4)
+
+
+def test_pull_over_plain_http_and_the_checkpoints_listing(coordinator_with_checkpoint, tmp_path: Path):
+    import subprocess
+
+    from coordinator.demo import cli_command
+
+    address, base, _, meta = coordinator_with_checkpoint
+    assert pull(base, tmp_path / "via-http").step == meta.step
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=str(tmp_path / "via-http"))
+    assert generator("def ", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("def ")
+    for where in (address, base):
+        listing = subprocess.run(
+            cli_command("checkpoints", "--coordinator", where), capture_output=True, text=True, timeout=60
+        )
+        assert listing.returncode == 0, listing.stderr
+        assert public_key_hex(KEY) in listing.stdout and f"{meta.step:>8}" in listing.stdout
+
+
+def test_an_interrupted_pull_resumes_with_range_and_bad_bytes_are_not_reused(
+    coordinator_with_checkpoint, tmp_path: Path
+):
+    address, _, root, meta = coordinator_with_checkpoint
+    served = (root / "step-00000005" / "model.safetensors").read_bytes()
+    staging = tmp_path / f".pulled.pull-step-{meta.step}"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(served[: len(served) // 3])  # what a killed pull left
+    assert pull(address, tmp_path / "pulled").step == meta.step  # completes the file, verifies
+    assert (tmp_path / "pulled" / "model.safetensors").read_bytes() == served
+    assert not staging.exists()
+
+    staging = tmp_path / f".again.pull-step-{meta.step}"
+    staging.mkdir()
+    garbage = bytearray(served[: len(served) // 3])
+    garbage[100] ^= 0xFF  # a partial file that went bad on disk
+    (staging / "model.safetensors").write_bytes(bytes(garbage))
+    with pytest.raises(PullError, match="corrupted"):
+        pull(address, tmp_path / "again")
+    assert not (tmp_path / "again").exists() and not staging.exists()
+    assert pull(address, tmp_path / "again").step == meta.step  # a fresh try succeeds
 
 
 def test_pull_refuses_a_corrupted_file_and_writes_nothing(coordinator_with_checkpoint, tmp_path: Path):
