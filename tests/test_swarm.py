@@ -44,6 +44,8 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
         "8",
         "--heartbeat-interval-s",
         "2",
+        "--keep-last-checkpoints",
+        "1000",  # the test pulls an early checkpoint at the end
     )
     endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
     initial_loss = endpoints["initial_eval_loss"]
