@@ -62,10 +62,12 @@ class HeartbeatReporter:
         interval_s: float,
         max_backoff_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        on_reconnect: Callable[[], None] = lambda: None,
     ):
         self.client, self.session_id, self.stats = client, session_id, stats
         self.name, self.version, self.device = name, version, device
         self.interval_s, self.max_backoff_s, self.clock = interval_s, max_backoff_s, clock
+        self.on_reconnect = on_reconnect
         self.started = clock()
         self.sent = self.failed = 0
         self._stop = threading.Event()
@@ -120,6 +122,10 @@ class HeartbeatReporter:
             return False
         if self.failed:
             logger.info("coordinator reachable again after %d failed heartbeat(s)", self.failed)
+            try:
+                self.on_reconnect()
+            except Exception as e:  # must never reach the training loop
+                logger.warning("after reconnecting: %r", e)
         self.failed = 0
         self.sent += 1
         if response.heartbeat_interval_s > 0:

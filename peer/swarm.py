@@ -78,6 +78,33 @@ def start_dht(
         ) from e
 
 
+async def _ping_all(peer_ids, _dht, node) -> int:
+    """Runs inside hivemind's DHT process (so it must be a picklable module-level function)."""
+    import asyncio
+
+    results = await asyncio.gather(*(node.protocol.call_ping(p) for p in peer_ids), return_exceptions=True)
+    return sum(1 for r in results if r is not None and not isinstance(r, BaseException))
+
+
+def rejoin_bootstrap_peers(dht, initial_peers: Sequence[str], timeout_s: float = 30.0) -> int:
+    """Ping the coordinator's bootstrap node(s) again and put them back in our routing table.
+
+    hivemind drops a peer from the routing table once it stops answering; after the coordinator
+    restarts (same identity and address, empty memory) neither side would otherwise look for the
+    other, and the swarm would split from the coordinator's publisher and monitor. Returns how
+    many answered. Called when heartbeats reach the coordinator again.
+    """
+    if dht is None or not initial_peers:
+        return 0
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    peer_ids = list({PeerID.from_base58(Multiaddr(m)["p2p"]) for m in initial_peers})
+    answered = dht.run_coroutine(partial(_ping_all, peer_ids), return_future=True).result(timeout=timeout_s)
+    logger.info("re-joined the swarm through %d of %d bootstrap peer(s)", answered, len(peer_ids))
+    return answered
+
+
 def make_optimizer(
     manifest: RunManifest, model: torch.nn.Module, dht, *, batch_size_per_step: int, verbose: bool
 ):

@@ -27,6 +27,7 @@ from coordinator.config import PeerConfig
 from coordinator.manifest import RunManifest, ShardSpec
 from peer.data import sha256_file
 from peer.heartbeat import HeartbeatReporter, StatsBox
+from peer.swarm import rejoin_bootstrap_peers
 from protos import coordinator_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class Volunteer:
             version=VERSION,
             device=self.device_label,
             interval_s=settings.heartbeat_interval_s,
+            on_reconnect=lambda: rejoin_bootstrap_peers(self.dht, list(joined.initial_peers)),
         ).start()
 
         cache_dir = Path(self.config.cache_dir).expanduser() / manifest.run_id

@@ -1,0 +1,145 @@
+"""Checkpoint publishing latency and pull throughput, measured on a real local swarm.
+
+    .venv/bin/python scripts/bench_checkpoints.py                       # tiny, 2 CPU peers, 3 minutes
+    python scripts/bench_checkpoints.py --preset base125m --device cuda --peers 2 --minutes 4   # on a GPU
+
+Publish latency is "epoch reached -> checkpoint downloadable": from the moment the first peer logs
+epoch S to the moment /api/v1/checkpoints lists step S (it includes waiting for the publisher's
+next round, --checkpoint-interval-s). Pull throughput compares `crowdtrain pull` (download +
+signature + sha256 of every file + atomic rename) with plain `curl` of the same files, in the
+same run, and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from coordinator.demo import cli_command, spawn, stop_children, wait_for_endpoints  # noqa: E402
+
+EPOCH = re.compile(r"epoch=(\d+) loss=")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--checkpoint-interval-s", type=float, default=10.0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="crowdtrain-bench-ckpt-"))
+    children = []
+    try:
+        coord = spawn(
+            "coordinator",
+            cli_command(
+                "coordinator",
+                "--data-dir",
+                str(work / "coord"),
+                "--preset",
+                args.preset,
+                "--device",
+                args.device,
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+                "--checkpoint-interval-s",
+                str(args.checkpoint_interval_s),
+                "--keep-last-checkpoints",
+                "1000",
+            ),
+            work,
+            echo=False,
+        )
+        children.append(coord)
+        endpoints = wait_for_endpoints(work / "coord" / "endpoints.json", coord, timeout_s=600)
+        for i in range(args.peers):
+            children.append(
+                spawn(
+                    f"peer-{i}",
+                    cli_command(
+                        "peer",
+                        "--coordinator",
+                        endpoints["grpc"],
+                        "--device",
+                        args.device,
+                        "--listen-host",
+                        "127.0.0.1",
+                        "--cache-dir",
+                        str(work / "cache"),
+                        "--threads",
+                        "1" if args.device == "cpu" else "0",
+                    ),
+                    work,
+                    echo=False,
+                )
+            )
+        epoch_seen: dict[int, float] = {}
+        ckpt_seen: dict[int, float] = {}
+        scanned = [0] * len(children)
+        end = time.monotonic() + args.minutes * 60
+        while time.monotonic() < end:
+            now = time.monotonic()
+            for k, child in enumerate(children[1:], start=1):
+                lines = child.lines
+                for line in lines[scanned[k] :]:
+                    if m := EPOCH.search(line):
+                        epoch_seen.setdefault(int(m.group(1)), now)
+                scanned[k] = len(lines)
+            with urllib.request.urlopen(f"{endpoints['http']}/api/v1/checkpoints", timeout=10) as response:
+                for meta in json.loads(response.read()):
+                    ckpt_seen.setdefault(meta["step"], now)
+            time.sleep(0.2)
+        latencies = {s: ckpt_seen[s] - epoch_seen[s] for s in ckpt_seen if s in epoch_seen}
+        print(f"publish latency (epoch reached -> downloadable), {len(latencies)} checkpoints:")
+        for step, lat in sorted(latencies.items()):
+            print(f"  step {step:>5}: {lat:6.1f}s")
+        if latencies:
+            values = sorted(latencies.values())
+            print(
+                f"  median {statistics.median(values):.1f}s, max {values[-1]:.1f}s "
+                f"(interval {args.checkpoint_interval_s:.0f}s)"
+            )
+
+        from peer.pull import list_published, pull
+
+        listed, _ = list_published(endpoints["grpc"])
+        latest = listed[-1]
+        size = sum(f.size_bytes for f in latest.files)
+        curl_dir = work / "curl"
+        curl_dir.mkdir()
+        t0 = time.monotonic()
+        for f in latest.files:
+            subprocess.run(
+                ["curl", "-sf", "-o", str(curl_dir / f.name), f"{latest.url}/{f.name}"], check=True
+            )
+        curl_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        pull(endpoints["grpc"], work / "pulled", step=latest.step)
+        pull_s = time.monotonic() - t0
+        print(f"\npull of step {latest.step} ({size / 1e6:.1f} MB, {len(latest.files)} files):")
+        print(f"  curl (download only)              {curl_s:7.2f}s  {size / 1e6 / curl_s:8.1f} MB/s")
+        print(f"  crowdtrain pull (download+verify) {pull_s:7.2f}s  {size / 1e6 / pull_s:8.1f} MB/s")
+        print(f"  pull / curl time ratio            {pull_s / curl_s:7.2f}x")
+    finally:
+        stop_children(children)
+        shutil.rmtree(work / "pulled", ignore_errors=True)
+    print(f"(logs in {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
