@@ -43,6 +43,27 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "coordinator.cli", *args]
 
 
+def coordinator_command(data_dir: Path, *extra: str) -> list[str]:
+    """`crowdtrain coordinator` for a local swarm: its run in `data_dir`, free ports (see endpoints.json)."""
+    return cli_command(
+        "coordinator", "--data-dir", str(data_dir), "--grpc-port", "0", "--http-port", "0", *extra
+    )
+
+
+def local_peer_command(grpc_address: str, cache_dir: Path, *extra: str) -> list[str]:
+    """`crowdtrain peer` listening on 127.0.0.1 only, with its own data cache."""
+    return cli_command(
+        "peer",
+        "--coordinator",
+        grpc_address,
+        "--listen-host",
+        "127.0.0.1",
+        "--cache-dir",
+        str(cache_dir),
+        *extra,
+    )
+
+
 def spawn(name: str, args: list[str], log_dir: Path, echo: bool) -> Child:
     """Start a crowdtrain process in its own session; tee its output to a log and, filtered, to us."""
     log_path = log_dir / f"{name}.log"
@@ -153,16 +174,10 @@ def run_demo(config: DemoConfig) -> int:
     try:
         coord = spawn(
             "coordinator",
-            cli_command(
-                "coordinator",
-                "--data-dir",
-                str(data_dir),
+            coordinator_command(
+                data_dir,
                 "--preset",
                 config.preset,
-                "--grpc-port",
-                "0",
-                "--http-port",
-                "0",
                 "--checkpoint-interval-s",
                 str(config.checkpoint_interval_s),
             ),
@@ -179,20 +194,15 @@ def run_demo(config: DemoConfig) -> int:
             children.append(
                 spawn(
                     f"peer-{i}",
-                    cli_command(
-                        "peer",
-                        "--coordinator",
+                    local_peer_command(
                         endpoints["grpc"],
+                        workdir / "cache",
                         "--name",
                         f"demo-peer-{i}",
-                        "--listen-host",
-                        "127.0.0.1",
                         "--threads",
                         str(threads),
                         "--device",
                         "cpu",
-                        "--cache-dir",
-                        str(workdir / "cache"),
                     ),
                     workdir,
                     echo=True,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.demo import cli_command, spawn, stop_children, wait_for_endpoints  # noqa: E402
+from coordinator.demo import coordinator_command, local_peer_command, spawn, stop_children, wait_for_endpoints  # noqa: E402
 
 EPOCH = re.compile(r"epoch=(\d+) loss=")
 
@@ -44,18 +44,12 @@ def main() -> int:
     try:
         coord = spawn(
             "coordinator",
-            cli_command(
-                "coordinator",
-                "--data-dir",
-                str(work / "coord"),
+            coordinator_command(
+                work / "coord",
                 "--preset",
                 args.preset,
                 "--device",
                 args.device,
-                "--grpc-port",
-                "0",
-                "--http-port",
-                "0",
                 "--checkpoint-interval-s",
                 str(args.checkpoint_interval_s),
                 "--keep-last-checkpoints",
@@ -70,16 +64,11 @@ def main() -> int:
             children.append(
                 spawn(
                     f"peer-{i}",
-                    cli_command(
-                        "peer",
-                        "--coordinator",
+                    local_peer_command(
                         endpoints["grpc"],
+                        work / "cache",
                         "--device",
                         args.device,
-                        "--listen-host",
-                        "127.0.0.1",
-                        "--cache-dir",
-                        str(work / "cache"),
                         "--threads",
                         "1" if args.device == "cpu" else "0",
                     ),

@@ -25,7 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.demo import cli_command, spawn, stop_children, wait_for_endpoints, wait_for_line  # noqa: E402
+from coordinator.demo import (  # noqa: E402
+    coordinator_command,
+    local_peer_command,
+    spawn,
+    stop_children,
+    wait_for_endpoints,
+    wait_for_line,
+)
 
 EPOCH = r"epoch=(\d+) loss=([\d.]+) samples_per_s=([\d.]+) swarm_peers=(\d+)"
 
@@ -111,20 +118,8 @@ def swarm_check(preset: str, device: str, train_s: float) -> dict:
         t0 = time.monotonic()
         coord = spawn(
             "coordinator",
-            cli_command(
-                "coordinator",
-                "--data-dir",
-                str(work / "coord"),
-                "--preset",
-                preset,
-                "--device",
-                device,
-                "--grpc-port",
-                "0",
-                "--http-port",
-                "0",
-                "--checkpoint-interval-s",
-                "20",
+            coordinator_command(
+                work / "coord", "--preset", preset, "--device", device, "--checkpoint-interval-s", "20"
             ),
             work,
             echo=True,
@@ -137,18 +132,8 @@ def swarm_check(preset: str, device: str, train_s: float) -> dict:
         def peer(i: int):
             child = spawn(
                 f"peer-{i}",
-                cli_command(
-                    "peer",
-                    "--coordinator",
-                    endpoints["grpc"],
-                    "--name",
-                    f"gpu-peer-{i}",
-                    "--device",
-                    device,
-                    "--listen-host",
-                    "127.0.0.1",
-                    "--cache-dir",
-                    str(work / "cache"),
+                local_peer_command(
+                    endpoints["grpc"], work / "cache", "--name", f"gpu-peer-{i}", "--device", device
                 ),
                 work,
                 echo=True,

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.demo import Child, cli_command, spawn, stop_children, wait_for_endpoints, wait_for_line
+from coordinator.demo import (
+    Child,
+    cli_command,
+    coordinator_command,
+    local_peer_command,
+    spawn,
+    stop_children,
+    wait_for_endpoints,
+    wait_for_line,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -64,27 +73,21 @@ class Launcher:
         self.children.append(child)
         return child
 
+    def start_coordinator(self, data_dir: Path, *extra: str, name: str = "coordinator") -> Child:
+        child = spawn(name, coordinator_command(data_dir, *extra), self.log_dir, echo=False)
+        self.children.append(child)
+        return child
+
     def start_peer(
         self, name: str, grpc_address: str, cache_dir: Path, *extra: str, label: str = ""
     ) -> Child:
         """A CPU volunteer with one thread on 127.0.0.1, as the swarm tests run them."""
-        return self.start(
-            label or name,
-            "peer",
-            "--coordinator",
-            grpc_address,
-            "--name",
-            name,
-            "--listen-host",
-            "127.0.0.1",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--cache-dir",
-            str(cache_dir),
-            *extra,
+        args = ("--name", name, "--threads", "1", "--device", "cpu", *extra)
+        child = spawn(
+            label or name, local_peer_command(grpc_address, cache_dir, *args), self.log_dir, echo=False
         )
+        self.children.append(child)
+        return child
 
     def wait_for_line(self, child: Child, pattern: str, timeout_s: float, start: int = 0) -> re.Match:
         try:

@@ -20,19 +20,12 @@ pytestmark = pytest.mark.swarm
 def test_kill_9_during_a_checkpoint_write(launcher, tmp_path: Path):
     data_dir = tmp_path / "coordinator"
     args = (
-        "coordinator",
-        "--data-dir",
-        str(data_dir),
-        "--grpc-port",
-        "0",
-        "--http-port",
-        "0",
         "--checkpoint-interval-s",
         "1",
         "--keep-last-checkpoints",
         "1000",
     )
-    coordinator = launcher.start("coordinator", *args)
+    coordinator = launcher.start_coordinator(data_dir, *args)
     endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
     launcher.start_peer("trainer", endpoints["grpc"], tmp_path / "cache")
     root = data_dir / "checkpoints"
@@ -52,7 +45,7 @@ def test_kill_9_during_a_checkpoint_write(launcher, tmp_path: Path):
     before = [m.step for m in checkpoints.list_checkpoints(root)]
     assert before, "the previous checkpoint must still be listed"
 
-    restarted = launcher.start("coordinator-restarted", *args)
+    restarted = launcher.start_coordinator(data_dir, *args, name="coordinator-restarted")
     launcher.wait_for_line(restarted, r"coordinator ready", timeout_s=300)
     assert not list(root.glob(".tmp-*")), "leftovers of the interrupted write must be removed"
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:

@@ -58,13 +58,6 @@ def test_dashboard_health_and_coordinator_crash(launcher, tmp_path: Path):
 
     data_dir = tmp_path / "coordinator"
     coordinator_args = (
-        "coordinator",
-        "--data-dir",
-        str(data_dir),
-        "--grpc-port",
-        "0",
-        "--http-port",
-        "0",
         "--checkpoint-interval-s",
         "8",
         "--heartbeat-interval-s",
@@ -74,7 +67,7 @@ def test_dashboard_health_and_coordinator_crash(launcher, tmp_path: Path):
         "--contribution-grace-s",
         "40",
     )
-    coordinator = launcher.start("coordinator", *coordinator_args)
+    coordinator = launcher.start_coordinator(data_dir, *coordinator_args)
     endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
     base = endpoints["http"]
 
@@ -160,7 +153,7 @@ def test_dashboard_health_and_coordinator_crash(launcher, tmp_path: Path):
     coordinator.proc.wait()
     epochs_seen = len([line for line in alice.lines if "epoch=" in line])
     launcher.wait_for_line(alice, r"epoch=\d+ loss=", timeout_s=120, start=len(alice.lines))
-    restarted = launcher.start("coordinator-restarted", *coordinator_args)
+    restarted = launcher.start_coordinator(data_dir, *coordinator_args, name="coordinator-restarted")
     launcher.wait_for_line(restarted, r"coordinator ready", timeout_s=300)
     new_endpoints = json.loads((data_dir / "endpoints.json").read_text())
     assert (new_endpoints["grpc"], new_endpoints["http"]) == (endpoints["grpc"], endpoints["http"]), (

@@ -21,15 +21,8 @@ def checkpoints(base: str) -> list[dict]:
 
 def test_full_swarm_restart_resumes_from_the_latest_checkpoint(launcher, tmp_path: Path):
     data_dir = tmp_path / "coordinator"
-    coordinator = launcher.start(
-        "coordinator",
-        "coordinator",
-        "--data-dir",
-        str(data_dir),
-        "--grpc-port",
-        "0",
-        "--http-port",
-        "0",
+    coordinator = launcher.start_coordinator(
+        data_dir,
         "--checkpoint-interval-s",
         "5",
         "--heartbeat-interval-s",

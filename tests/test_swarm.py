@@ -31,15 +31,8 @@ def epoch_lines(child) -> list[re.Match]:
 
 def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path: Path):
     data_dir = tmp_path / "coordinator"
-    coordinator = launcher.start(
-        "coordinator",
-        "coordinator",
-        "--data-dir",
-        str(data_dir),
-        "--grpc-port",
-        "0",
-        "--http-port",
-        "0",
+    coordinator = launcher.start_coordinator(
+        data_dir,
         "--checkpoint-interval-s",
         "8",
         "--heartbeat-interval-s",
