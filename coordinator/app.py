@@ -208,6 +208,8 @@ class Coordinator:
                 keep_last=cfg.keep_last_checkpoints,
                 keep_every=cfg.keep_every_steps,
                 in_use=web_context.downloads.in_use,
+                agreement_peers=cfg.state_agreement_peers,
+                agreement_rel_tol=cfg.state_agreement_rel_tol,
             ).start()
 
         self.endpoints = {

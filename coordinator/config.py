@@ -46,6 +46,12 @@ class CoordinatorConfig:
     max_eval_regression_nats: float = _f(
         0.5, "refuse to publish a state whose eval loss is this much worse than the last checkpoint's"
     )
+    state_agreement_peers: int = _f(
+        2, "ask this many peers for the state and publish only what they agree on (1: trust one)"
+    )
+    state_agreement_rel_tol: float = _f(
+        0.01, "peers' states agree when their relative L2 distance is at most this"
+    )
     heartbeat_interval_s: float = _f(5.0, "how often peers send heartbeats")
     heartbeat_timeout_s: float = _f(20.0, "a peer silent for this long is considered dead")
     contribution_grace_s: float = _f(

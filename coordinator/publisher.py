@@ -1,10 +1,12 @@
 """The checkpoint publisher: fetches the swarm's state as a client peer, evaluates it, publishes it.
 
 It joins the swarm through its own client-mode DHT node, so it never serves state and never takes
-part in an averaging round: it only downloads what the peers already share (the same path a late
+part in an averaging round: it only downloads what the peers already share (the same RPC a late
 joiner uses). Every `interval_s` it checks the swarm's global epoch; when it advanced past the last
-published checkpoint it loads the state, evaluates it on the held-out split and writes an HF-format
-directory atomically (see `checkpoints.finalize`).
+published checkpoint it downloads the state from several peers and keeps one only if a majority of
+them agree on it (`agreement.judge`: one forged donor cannot publish its state), evaluates it on the
+held-out split (`vetting.check_candidate`) and writes an HF-format directory atomically, signed
+(see `checkpoints.finalize`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from coordinator import checkpoints
+from coordinator.agreement import FetchedState, judge
 from coordinator.manifest import RunManifest
+from coordinator.statefetch import StateFetcher
 from coordinator.vetting import check_candidate, model_card
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,9 @@ class Publisher:
         keep_last: int = 5,
         keep_every: int = 0,
         in_use: Callable[[], set[int]] = set,
+        agreement_peers: int = 2,
+        agreement_rel_tol: float = 0.01,
+        max_donors_asked: int = 4,
     ):
         self.manifest, self.tokenizer_json = manifest, tokenizer_json
         self.eval_shard, self.root = eval_shard, checkpoint_root
@@ -47,9 +54,11 @@ class Publisher:
         self.device, self.signing_key = device, signing_key
         self.max_regression_nats, self.on_reject = max_regression_nats, on_reject
         self.keep_last, self.keep_every, self.in_use = keep_last, keep_every, in_use
+        self.agreement_peers, self.agreement_rel_tol = agreement_peers, agreement_rel_tol
+        self.max_donors_asked = max(max_donors_asked, agreement_peers)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._dht = self._opt = None
+        self._dht = self._opt = self._fetcher = None
         self.last_error = ""
 
     def start(self) -> Publisher:
@@ -83,6 +92,12 @@ class Publisher:
             batch_size_per_step=self.manifest.swarm.batch_size_per_step,
             verbose=False,
         )
+        self._fetcher = StateFetcher(
+            self._dht,
+            self.manifest.run_id,
+            num_parameters=len(list(self.model.parameters())),
+            timeout_s=self.manifest.swarm.load_state_timeout_s,
+        )
         self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
         self._thread.start()
         return self
@@ -92,6 +107,9 @@ class Publisher:
         if self._thread is not None:
             self._thread.join(timeout=self.manifest.swarm.load_state_timeout_s + 10)
             self._thread = None
+        if self._fetcher is not None:
+            self._fetcher.shutdown()
+            self._fetcher = None
         if self._opt is not None:
             self._opt.shutdown()
             self._opt = None
@@ -123,6 +141,8 @@ class Publisher:
         return metas[-1].step if metas else 0
 
     def publish_once(self) -> checkpoints.CheckpointMeta | None:
+        import torch
+
         from peer.model import evaluate, hf_tokenizer
 
         last = self.latest_step()
@@ -132,18 +152,14 @@ class Publisher:
                 "publisher: swarm at epoch %d, latest checkpoint %d: nothing new", global_epoch, last
             )
             return None
-        state_averager = self._opt.state_averager
-        before = state_averager.local_epoch
         t0 = time.monotonic()
-        state_averager.load_state_from_peers(timeout=self.manifest.swarm.load_state_timeout_s)
-        epoch = state_averager.local_epoch
-        if epoch <= last or epoch == before:
-            logger.info(
-                "publisher: no peer served a state newer than epoch %d (swarm at %d); will retry",
-                last,
-                global_epoch,
-            )
+        state = self.fetch_agreed_state(last)
+        if state is None:
             return None
+        epoch = state.epoch
+        with torch.no_grad():
+            for param, loaded in zip(self.model.parameters(), state.tensors, strict=True):
+                param.copy_(loaded)
         eval_loss = evaluate(self.model, self.eval_blocks)
         metas = checkpoints.list_checkpoints(self.root)
         problem = check_candidate(
@@ -193,6 +209,37 @@ class Publisher:
         )
         self.prune()
         return meta
+
+    def fetch_agreed_state(self, last: int) -> FetchedState | None:
+        """A state newer than `last` that a majority of the peers asked agree on, else None.
+
+        Asks `agreement_peers` donors first, then one more at a time (up to `max_donors_asked`)
+        while no majority emerges. Disagreements and outvoted peers are recorded via `on_reject`.
+        """
+        donors = self._fetcher.donors()
+        states: list[FetchedState] = []
+        verdict = judge(states, len(donors), self.agreement_rel_tol)
+        for asked, peer in enumerate(donors[: self.max_donors_asked], start=1):
+            state = self._fetcher.fetch(peer)
+            if state is not None and state.epoch > last:
+                states.append(state)
+            elif state is not None:
+                logger.info("publisher: peer %s serves epoch %d, not newer than %d", peer, state.epoch, last)
+            if asked < min(self.agreement_peers, len(donors)):
+                continue
+            verdict = judge(states, len(donors), self.agreement_rel_tol)
+            if verdict.decision == "publish":
+                break
+        if verdict.decision == "disagree" or verdict.dissenters:
+            self.on_reject(verdict.chosen.epoch if verdict.chosen else states[0].epoch, verdict.reason)
+        if verdict.decision != "publish":
+            level = logging.WARNING if verdict.decision == "disagree" else logging.INFO
+            logger.log(
+                level, "publisher: not publishing yet (%d donors listed): %s", len(donors), verdict.reason
+            )
+            return None
+        logger.info("publisher: state of epoch %d chosen: %s", verdict.chosen.epoch, verdict.reason)
+        return verdict.chosen
 
     def prune(self) -> list[int]:
         """Apply retention: delete old checkpoints, never the latest nor one being downloaded."""

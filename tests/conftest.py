@@ -89,6 +89,12 @@ class Launcher:
         self.children.append(child)
         return child
 
+    def start_program(self, name: str, args: list[str]) -> Child:
+        """Any other program (tests' own helpers), reaped like the rest."""
+        child = spawn(name, args, self.log_dir, echo=False)
+        self.children.append(child)
+        return child
+
     def wait_for_line(self, child: Child, pattern: str, timeout_s: float, start: int = 0) -> re.Match:
         try:
             return wait_for_line(child, pattern, timeout_s, start)
