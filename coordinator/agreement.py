@@ -84,6 +84,8 @@ def judge(states: Sequence[FetchedState], donors_listed: int, rel_tol: float) ->
     dissent = [s for s in same_epoch if all(s is not b for b in best)]
     agreeing = ", ".join(short(s.peer) for s in best)
     if len(best) >= 2 and len(best) > len(dissent):
+        spread = max(relative_distance(best[0].tensors, s.tensors) for s in best[1:])
+        agreeing += f"; distance {spread:.2e}"
         if not dissent:
             return Verdict("publish", f"{len(best)} peers agree ({agreeing})", best[0])
         return Verdict(

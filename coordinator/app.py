@@ -184,6 +184,7 @@ class Coordinator:
             status=self.status,
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
             resume_step=self.resume_step,
+            downloads=web_context.downloads,
         )
         self.grpc_server, grpc_port, _ = self._bind(
             "grpc_port", cfg.grpc_port, lambda port: create_server(servicer, cfg.host, port)

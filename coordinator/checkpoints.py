@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,3 +209,25 @@ def verify_dir(
                 f"{path} is corrupted: sha256 {digest[:12]}..., expected {entry.sha256[:12]}..."
             )
     return meta
+
+
+class DownloadTracker:
+    """Counts the checkpoint downloads in flight per step, so retention never deletes one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active: dict[int, int] = {}
+
+    def begin(self, step: int) -> None:
+        with self._lock:
+            self._active[step] = self._active.get(step, 0) + 1
+
+    def end(self, step: int) -> None:
+        with self._lock:
+            self._active[step] -= 1
+            if not self._active[step]:
+                del self._active[step]
+
+    def in_use(self) -> set[int]:
+        with self._lock:
+            return set(self._active)

@@ -11,7 +11,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -83,6 +83,16 @@ class CoordinatorClient:
 
     def list_checkpoints(self) -> pb.ListCheckpointsResponse:
         return self._call(self._stub.ListCheckpoints, pb.ListCheckpointsRequest())
+
+    def download_checkpoint_file(
+        self, step: int, name: str, offset: int, timeout_s: float
+    ) -> Iterator[pb.FileChunk]:
+        """Stream one checkpoint file from `offset`; errors surface as CoordinatorUnavailable/Rejected."""
+        request = pb.DownloadCheckpointFileRequest(step=step, name=name, offset=offset)
+        try:
+            yield from self._stub.DownloadCheckpointFile(request, timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise _translate(e, self.address) from None
 
     def get_status(self) -> pb.GetStatusResponse:
         return self._call(self._stub.GetStatus, pb.GetStatusRequest())

@@ -47,6 +47,8 @@ class Publisher:
         agreement_peers: int = 2,
         agreement_rel_tol: float = 0.01,
         max_donors_asked: int = 4,
+        agreement_attempts: int = 3,
+        agreement_retry_s: float = 1.0,
     ):
         self.manifest, self.tokenizer_json = manifest, tokenizer_json
         self.eval_shard, self.root = eval_shard, checkpoint_root
@@ -56,6 +58,7 @@ class Publisher:
         self.keep_last, self.keep_every, self.in_use = keep_last, keep_every, in_use
         self.agreement_peers, self.agreement_rel_tol = agreement_peers, agreement_rel_tol
         self.max_donors_asked = max(max_donors_asked, agreement_peers)
+        self.agreement_attempts, self.agreement_retry_s = agreement_attempts, agreement_retry_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dht = self._opt = self._fetcher = None
@@ -213,23 +216,31 @@ class Publisher:
     def fetch_agreed_state(self, last: int) -> FetchedState | None:
         """A state newer than `last` that a majority of the peers asked agree on, else None.
 
-        Asks `agreement_peers` donors first, then one more at a time (up to `max_donors_asked`)
-        while no majority emerges. Disagreements and outvoted peers are recorded via `on_reject`.
+        Downloads from `agreement_peers` donors at once. Honest peers can still disagree for a
+        moment (hivemind bumps a peer's epoch before its optimizer step lands, and applies a
+        background state average later), so on no majority it asks again after
+        `agreement_retry_s`, one more donor each time (up to `max_donors_asked`), at most
+        `agreement_attempts` times. A final disagreement, and any outvoted peer, is recorded.
         """
         donors = self._fetcher.donors()
+        asked = min(self.agreement_peers, len(donors))
+        limit = min(self.max_donors_asked, len(donors))
         states: list[FetchedState] = []
         verdict = judge(states, len(donors), self.agreement_rel_tol)
-        for asked, peer in enumerate(donors[: self.max_donors_asked], start=1):
-            state = self._fetcher.fetch(peer)
-            if state is not None and state.epoch > last:
-                states.append(state)
-            elif state is not None:
-                logger.info("publisher: peer %s serves epoch %d, not newer than %d", peer, state.epoch, last)
-            if asked < min(self.agreement_peers, len(donors)):
-                continue
+        for attempt in range(self.agreement_attempts if donors else 0):
+            if attempt and self._stop.wait(self.agreement_retry_s):
+                return None
+            states = self._fetcher.fetch_all(donors[:asked])
+            stale = [s for s in states if s.epoch <= last]
+            if stale:
+                logger.info(
+                    "publisher: %d donor(s) serve epoch <= %d, the latest checkpoint", len(stale), last
+                )
+            states = [s for s in states if s.epoch > last]
             verdict = judge(states, len(donors), self.agreement_rel_tol)
             if verdict.decision == "publish":
                 break
+            asked = min(asked + 1, limit)
         if verdict.decision == "disagree" or verdict.dissenters:
             self.on_reject(verdict.chosen.epoch if verdict.chosen else states[0].epoch, verdict.reason)
         if verdict.decision != "publish":

@@ -10,12 +10,14 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,6 +32,7 @@ from protos import coordinator_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
+FILE_CHUNK_BYTES = 1 << 20  # per DownloadCheckpointFile message; well under gRPC's 4 MiB default
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name  # "crowdtrain.v1.Coordinator"
 
 
@@ -71,10 +74,12 @@ class CoordinatorServicer:
         status: Callable[[], SwarmStatus] | None = None,
         heartbeat_latency: Callable[[float], None] = lambda seconds: None,
         resume_step: Callable[[], int] = lambda: 0,
+        downloads: checkpoints.DownloadTracker | None = None,
     ):
         self.run, self.store, self.health = run, store, health_settings
         self.initial_peers, self.clock = initial_peers, clock
         self.status, self.heartbeat_latency, self.resume_step = status, heartbeat_latency, resume_step
+        self.downloads = downloads or checkpoints.DownloadTracker()
         self._join_lock = threading.Lock()
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
@@ -183,6 +188,35 @@ class CoordinatorServicer:
             ],
         )
 
+    def open_checkpoint_file(self, request: pb.DownloadCheckpointFileRequest) -> tuple[BinaryIO, int, int]:
+        """(open file positioned at request.offset, file size, step) for DownloadCheckpointFile.
+
+        The caller streams the file and must close it; while it is open, count it in `downloads`
+        so that retention does not delete the checkpoint under the reader.
+        """
+        metas = checkpoints.list_checkpoints(self.run.checkpoint_root)
+        if not metas:
+            raise Rejected(grpc.StatusCode.NOT_FOUND, "no checkpoint has been published yet")
+        meta = metas[-1] if request.step == 0 else next((m for m in metas if m.step == request.step), None)
+        if meta is None:
+            available = ", ".join(str(m.step) for m in metas)
+            raise Rejected(
+                grpc.StatusCode.NOT_FOUND, f"no checkpoint at step {request.step} (have {available})"
+            )
+        if request.name not in {f.name for f in meta.files} | {checkpoints.META_NAME}:
+            raise Rejected(grpc.StatusCode.NOT_FOUND, f"checkpoint {meta.step} has no file {request.name!r}")
+        path = self.run.checkpoint_root / checkpoints.step_dirname(meta.step) / request.name
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - the caller closes it when the stream ends
+        except FileNotFoundError:
+            raise Rejected(grpc.StatusCode.NOT_FOUND, f"checkpoint {meta.step} was just pruned") from None
+        size = os.fstat(f.fileno()).st_size
+        if not 0 <= request.offset <= size:
+            f.close()
+            raise Rejected(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside 0..{size}")
+        f.seek(request.offset)
+        return f, size, meta.step
+
     def GetStatus(self, request, context) -> pb.GetStatusResponse:
         if self.status is None:
             raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "this coordinator keeps no swarm status")
@@ -257,6 +291,22 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
 
     async def GetStatus(self, request, context):
         return await self._call(self.servicer.GetStatus, request, context)
+
+    async def DownloadCheckpointFile(self, request, context):
+        try:
+            f, size, step = self.servicer.open_checkpoint_file(request)
+        except Rejected as e:
+            await context.abort(e.code, e.message)
+        downloads = self.servicer.downloads
+        downloads.begin(step)
+        try:
+            with f:
+                offset = request.offset
+                while data := await asyncio.to_thread(f.read, FILE_CHUNK_BYTES):  # disk off the loop
+                    yield pb.FileChunk(data=data, offset=offset, size_bytes=size, step=step)
+                    offset += len(data)
+        finally:
+            downloads.end(step)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

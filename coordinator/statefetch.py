@@ -65,13 +65,20 @@ class StateFetcher:
 
         return [PeerID(k).to_base58() for k in sorted(priorities, key=priorities.get, reverse=True)]
 
-    def fetch(self, peer: str) -> FetchedState | None:
-        """The parameters `peer` serves and the epoch it claims, or None (logged) if it could not."""
-        try:
-            return self._run(asyncio.wait_for(self._fetch(peer), self.timeout_s), self.timeout_s + 10)
-        except Exception as e:  # a donor that left, refused, timed out or sent garbage
-            logger.warning("could not download the state of peer %s: %s: %s", peer, type(e).__name__, e)
-            return None
+    def fetch_all(self, peers: list[str]) -> list[FetchedState]:
+        """`fetch` from all of `peers` at once (so their states are as close in time as can be)."""
+
+        async def one(peer: str) -> FetchedState | None:
+            try:
+                return await asyncio.wait_for(self._fetch(peer), self.timeout_s)
+            except Exception as e:  # a donor that left, refused, timed out or sent garbage
+                logger.warning("could not download the state of peer %s: %s: %s", peer, type(e).__name__, e)
+                return None
+
+        async def gather():
+            return await asyncio.gather(*(one(peer) for peer in peers))
+
+        return [s for s in self._run(gather(), self.timeout_s + 10) if s is not None]
 
     async def _fetch(self, peer: str) -> FetchedState | None:
         from hivemind.compression import deserialize_torch_tensor

@@ -45,28 +45,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
 
 
-class DownloadTracker:
-    """Counts the checkpoint downloads in flight per step, so retention never deletes one."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._active: dict[int, int] = {}
-
-    def begin(self, step: int) -> None:
-        with self._lock:
-            self._active[step] = self._active.get(step, 0) + 1
-
-    def end(self, step: int) -> None:
-        with self._lock:
-            self._active[step] -= 1
-            if not self._active[step]:
-                del self._active[step]
-
-    def in_use(self) -> set[int]:
-        with self._lock:
-            return set(self._active)
-
-
 @dataclasses.dataclass(frozen=True)
 class WebContext:
     data_dir: Path
@@ -76,7 +54,7 @@ class WebContext:
     store: Store
     status: Callable[[], SwarmStatus]
     metrics: CoordinatorMetrics | None = None
-    downloads: DownloadTracker = dataclasses.field(default_factory=DownloadTracker)
+    downloads: checkpoints.DownloadTracker = dataclasses.field(default_factory=checkpoints.DownloadTracker)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -1,6 +1,6 @@
 """Download a published checkpoint, verify every file, and leave an HF-loadable directory.
 
-    crowdtrain pull --coordinator 127.0.0.1:50051 --out ./model            # via the gRPC API
+    crowdtrain pull --coordinator 127.0.0.1:50051 --out ./model            # gRPC stream
     crowdtrain pull --coordinator http://127.0.0.1:8080 --out ./model      # via plain HTTP
     python -c "from transformers import pipeline; print(pipeline('text-generation', model='./model')('def '))"
 
@@ -8,7 +8,7 @@ Files land in a hidden staging directory beside OUT (`.OUT.pull-step-N`) and are
 OUT is renamed into place: crowdtrain.json's Ed25519 signature against the run's public key (from
 the coordinator), then every file's size and sha256 against both crowdtrain.json and the
 coordinator's listing. OUT is either the complete, verified checkpoint or untouched. An
-interrupted pull resumes where it stopped (HTTP Range); a staging directory that fails
+interrupted pull resumes where it stopped (HTTP Range, or the gRPC stream's offset); a staging directory that fails
 verification is deleted. `crowdtrain verify OUT --public-key KEY` repeats the check offline.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from coordinator import checkpoints
 from coordinator.checkpoints import CheckpointError, CheckpointMeta, FileEntry
-from coordinator.client import CoordinatorClient
+from coordinator.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +107,45 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _download(url: str, dest: Path, size: int, deadline: float, progress: _Progress) -> None:
-    """Fetch `url` into `dest`, continuing a partial file with an HTTP Range request."""
+def _already_have(dest: Path, size: int, progress: _Progress) -> int:
+    """Bytes of `dest` left by an interrupted pull (0 if none, or if it cannot be a prefix)."""
     have = dest.stat().st_size if dest.exists() else 0
     if have > size:
         dest.unlink()
         have = 0
     progress.add(have, dest.name)
+    return have
+
+
+def _download_grpc(
+    client: CoordinatorClient, step: int, dest: Path, size: int, deadline: float, progress: _Progress
+) -> None:
+    """Fetch one file over the DownloadCheckpointFile stream, continuing a partial file."""
+    have = _already_have(dest, size, progress)
+    if have == size:
+        return
+    chunks = client.download_checkpoint_file(
+        step, dest.name, have, timeout_s=max(1.0, deadline - time.monotonic())
+    )
+    try:
+        with open(dest, "ab" if have else "wb") as f:
+            for chunk in chunks:
+                if chunk.offset != have:
+                    raise PullError(
+                        f"{dest.name}: the coordinator sent bytes at {chunk.offset}, expected {have}"
+                    )
+                f.write(chunk.data)
+                have += len(chunk.data)
+                progress.add(len(chunk.data), dest.name)
+    except CoordinatorRejected as e:
+        raise PullError(f"{e}; the checkpoint may have been pruned, pull again") from e
+    except (CoordinatorUnavailable, OSError) as e:
+        raise PullError(f"downloading {dest.name} failed: {e}; run pull again to resume") from e
+
+
+def _download(url: str, dest: Path, size: int, deadline: float, progress: _Progress) -> None:
+    """Fetch `url` into `dest`, continuing a partial file with an HTTP Range request."""
+    have = _already_have(dest, size, progress)
     if have == size:
         return
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -161,18 +193,22 @@ def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) 
     (staging / checkpoints.META_NAME).unlink(missing_ok=True)
     sizes = {f.name: f.size_bytes for f in info.files}
     progress = _Progress(sum(sizes.values()))
-    try:
-        _download(
-            f"{info.url}/{checkpoints.META_NAME}",
-            staging / checkpoints.META_NAME,
-            1 << 30,
-            deadline,
-            _Progress(0),
-        )
-        for name, size in sizes.items():
+    client = None if coordinator.startswith(("http://", "https://")) else CoordinatorClient(coordinator)
+
+    def fetch(name: str, size: int, progress: _Progress) -> None:
+        if client is not None:  # gRPC stream from HOST:PORT, else HTTP from the URL
+            _download_grpc(client, info.step, staging / name, size, deadline, progress)
+        else:
             _download(f"{info.url}/{name}", staging / name, size, deadline, progress)
+
+    try:
+        fetch(checkpoints.META_NAME, 1 << 30, _Progress(0))
+        for name, size in sizes.items():
+            fetch(name, size, progress)
     finally:
         progress.close()
+        if client is not None:
+            client.close()
     try:
         meta = checkpoints.verify_dir(
             staging,

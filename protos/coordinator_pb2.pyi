@@ -122,6 +122,28 @@ class CheckpointInfo(_message.Message):
     url: str
     def __init__(self, step: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., eval_loss: _Optional[float] = ..., samples_seen: _Optional[int] = ..., files: _Optional[_Iterable[_Union[CheckpointFile, _Mapping]]] = ..., url: _Optional[str] = ...) -> None: ...
 
+class DownloadCheckpointFileRequest(_message.Message):
+    __slots__ = ("step", "name", "offset")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    name: str
+    offset: int
+    def __init__(self, step: _Optional[int] = ..., name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("data", "offset", "size_bytes", "step")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    size_bytes: int
+    step: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., size_bytes: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
 class ListCheckpointsResponse(_message.Message):
     __slots__ = ("checkpoints", "http_base_url", "signing_public_key")
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.DownloadCheckpointFile = channel.unary_stream(
+                '/crowdtrain.v1.Coordinator/DownloadCheckpointFile',
+                request_serializer=protos_dot_coordinator__pb2.DownloadCheckpointFileRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.FileChunk.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/crowdtrain.v1.Coordinator/GetStatus',
                 request_serializer=protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
@@ -107,6 +112,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadCheckpointFile(self, request, context):
+        """One file of a published checkpoint, in chunks; `offset` resumes an interrupted download.
+        Peers resuming a run and `crowdtrain pull HOST:PORT` use this; curl and wget use HTTP.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """The swarm as the coordinator sees it: every peer's state with the reason, and a summary.
         """
@@ -141,6 +154,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=protos_dot_coordinator__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'DownloadCheckpointFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCheckpointFile,
+                    request_deserializer=protos_dot_coordinator__pb2.DownloadCheckpointFileRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.FileChunk.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -283,6 +301,33 @@ class Coordinator:
             '/crowdtrain.v1.Coordinator/ListCheckpoints',
             protos_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
             protos_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCheckpointFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/crowdtrain.v1.Coordinator/DownloadCheckpointFile',
+            protos_dot_coordinator__pb2.DownloadCheckpointFileRequest.SerializeToString,
+            protos_dot_coordinator__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,8 +6,8 @@
 Publish latency is "epoch reached -> checkpoint downloadable": from the moment the first peer logs
 epoch S to the moment /api/v1/checkpoints lists step S (it includes waiting for the publisher's
 next round, --checkpoint-interval-s). Pull throughput compares `crowdtrain pull` (download +
-signature + sha256 of every file + atomic rename) with plain `curl` of the same files, in the
-same run, and prints the ratio.
+signature + sha256 of every file + atomic rename), over the gRPC stream and over HTTP, with plain
+`curl` of the same files, in the same run, and prints the ratios.
 """
 
 from __future__ import annotations
@@ -116,16 +116,20 @@ def main() -> int:
                 ["curl", "-sf", "-o", str(curl_dir / f.name), f"{latest.url}/{f.name}"], check=True
             )
         curl_s = time.monotonic() - t0
-        t0 = time.monotonic()
-        pull(endpoints["grpc"], work / "pulled", step=latest.step)
-        pull_s = time.monotonic() - t0
         print(f"\npull of step {latest.step} ({size / 1e6:.1f} MB, {len(latest.files)} files):")
-        print(f"  curl (download only)              {curl_s:7.2f}s  {size / 1e6 / curl_s:8.1f} MB/s")
-        print(f"  crowdtrain pull (download+verify) {pull_s:7.2f}s  {size / 1e6 / pull_s:8.1f} MB/s")
-        print(f"  pull / curl time ratio            {pull_s / curl_s:7.2f}x")
+        print(f"  curl over HTTP (download only)          {curl_s:7.2f}s  {size / 1e6 / curl_s:8.1f} MB/s")
+        for label, source in (("gRPC stream", endpoints["grpc"]), ("HTTP", endpoints["http"])):
+            t0 = time.monotonic()
+            pull(source, work / f"pulled-{label[:4]}", step=latest.step)
+            pull_s = time.monotonic() - t0
+            print(
+                f"  crowdtrain pull, {label:<11} (+verify) {pull_s:7.2f}s  {size / 1e6 / pull_s:8.1f} MB/s"
+                f"  = {pull_s / curl_s:.2f}x curl's time"
+            )
     finally:
         stop_children(children)
-        shutil.rmtree(work / "pulled", ignore_errors=True)
+        for pulled in work.glob("pulled-*"):
+            shutil.rmtree(pulled, ignore_errors=True)
     print(f"(logs in {work})")
     return 0
 

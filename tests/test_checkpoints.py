@@ -144,10 +144,12 @@ def test_pull_over_plain_http_and_the_checkpoints_listing(coordinator_with_check
         assert public_key_hex(KEY) in listing.stdout and f"{meta.step:>8}" in listing.stdout
 
 
-def test_an_interrupted_pull_resumes_with_range_and_bad_bytes_are_not_reused(
-    coordinator_with_checkpoint, tmp_path: Path
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_an_interrupted_pull_resumes_and_bad_bytes_are_not_reused(
+    coordinator_with_checkpoint, tmp_path: Path, transport: str
 ):
-    address, _, root, meta = coordinator_with_checkpoint
+    grpc_address, base, root, meta = coordinator_with_checkpoint
+    address = grpc_address if transport == "grpc" else base
     served = (root / "step-00000005" / "model.safetensors").read_bytes()
     staging = tmp_path / f".pulled.pull-step-{meta.step}"
     staging.mkdir()
@@ -178,6 +180,29 @@ def test_pull_refuses_a_corrupted_file_and_writes_nothing(coordinator_with_check
         pull(address, out)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pulled")], "staging left behind"
+
+
+def test_grpc_streaming_download_resumes_at_an_offset_and_refuses_unknown_files(coordinator_with_checkpoint):
+    from coordinator.client import CoordinatorClient, CoordinatorRejected
+
+    address, _, root, meta = coordinator_with_checkpoint
+    whole = (root / "step-00000005" / "model.safetensors").read_bytes()
+    with CoordinatorClient(address) as client:
+        for step in (0, 5):  # 0 is the latest
+            chunks = list(client.download_checkpoint_file(step, "model.safetensors", 100, timeout_s=30))
+            assert b"".join(c.data for c in chunks) == whole[100:]
+            assert chunks[0].offset == 100 and {c.size_bytes for c in chunks} == {len(whole)}
+            assert {c.step for c in chunks} == {5}
+        assert len(chunks) == -(-(len(whole) - 100) // (1 << 20)), "streamed in 1 MiB chunks"
+        signed = b"".join(c.data for c in client.download_checkpoint_file(5, "crowdtrain.json", 0, 30))
+        assert CheckpointMeta.from_json(signed.decode()).step == 5
+        for step, name, offset, error in (
+            (7, "config.json", 0, "NOT_FOUND: no checkpoint at step 7"),
+            (5, "../state.sqlite3", 0, "NOT_FOUND"),
+            (5, "model.safetensors", len(whole) + 1, "OUT_OF_RANGE"),
+        ):
+            with pytest.raises(CoordinatorRejected, match=error):
+                list(client.download_checkpoint_file(step, name, offset, timeout_s=30))
 
 
 def test_http_range_requests_resume_downloads(coordinator_with_checkpoint):
