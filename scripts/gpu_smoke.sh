@@ -3,6 +3,7 @@
 # The machine has torch, transformers, tokenizers and safetensors; hivemind, grpcio >= 1.85.1,
 # protobuf >= 7.35.1 and their dependencies travel as wheels in .whl/ (see docs/gpu.md).
 #   bash scripts/gpu_smoke.sh [--preset base125m] [--device cuda] [--train-s 120]
+#   bash scripts/gpu_smoke.sh scripts/bench_checkpoints.py --preset base125m --device cuda  # another script
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -13,4 +14,7 @@ fi
 export PYTHONUNBUFFERED=1 no_proxy=127.0.0.1,localhost
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, hivemind, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'hivemind', hivemind.__version__, 'transformers', transformers.__version__)"
+if [[ "${1:-}" == scripts/*.py ]]; then
+  exec python3 "$@"
+fi
 exec python3 scripts/gpu_smoke.py "$@"
