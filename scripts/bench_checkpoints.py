@@ -131,9 +131,9 @@ def main() -> int:
         stop_children(children)
         for pulled in work.glob("pulled-*"):
             shutil.rmtree(pulled, ignore_errors=True)
-    if os.environ.get("OUT"):  # the device machine sends $OUT back
-        for child in children:
-            shutil.copy(child.log_path, Path(os.environ["OUT"], child.log_path.name))
+        if os.environ.get("OUT"):  # the device machine sends $OUT back
+            for child in children:
+                shutil.copy(child.log_path, Path(os.environ["OUT"], child.log_path.name))
     print(f"(logs in {work})")
     return 0
 
