@@ -234,7 +234,7 @@ PRESETS: dict[str, Preset] = {
             ),
             swarm=SwarmSpec(
                 # 4096 x 1024 tokens per step: one epoch must take several matchmaking windows of
-                # compute, or peers spend their time waiting for groups (measured: docs/gpu.md)
+                # compute, or peers spend their time waiting for groups (measured: docs/figures.md)
                 target_batch_size=4096,
                 batch_size_per_step=16,
                 matchmaking_time_s=15.0,

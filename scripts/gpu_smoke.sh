@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Run on a lent GPU machine (no internet): install the carried wheels, then scripts/gpu_smoke.py.
 # The machine has torch, transformers, tokenizers and safetensors; hivemind, grpcio >= 1.85.1,
-# protobuf >= 7.35.1 and their dependencies travel as wheels in .whl/ (see docs/gpu.md).
+# protobuf >= 7.35.1 and the rest travel as Python 3.12 wheels in .whl/ (not committed; carried):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d .whl hivemind==1.1.12 grpcio grpcio-health-checking grpcio-reflection protobuf \
+#     prometheus-client cryptography uvloop <and hivemind's own dependencies, see `pip show hivemind`>
 #   bash scripts/gpu_smoke.sh [--preset base125m] [--device cuda] [--train-s 120]
 #   bash scripts/gpu_smoke.sh scripts/bench_checkpoints.py --preset base125m --device cuda  # another script
 set -euo pipefail
