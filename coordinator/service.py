@@ -243,6 +243,7 @@ class CoordinatorServicer:
                     samples_per_s=v.samples_per_s,
                     local_epoch=v.local_epoch,
                     contributed_samples=v.contributed_samples,
+                    computed_samples=v.computed_samples,
                     last_seen_unix_s=v.last_seen_unix_s,
                     contributing=v.contributing,
                     dht_peer_id=v.dht_peer_id,

@@ -38,7 +38,8 @@ class PeerView:
     samples_per_s: float
     local_epoch: int
     loss: float
-    contributed_samples: int
+    computed_samples: int  # samples it reports having processed (heartbeats), accepted or not
+    contributed_samples: int  # samples the swarm's progress records show it contributed
     last_seen_unix_s: float
     joined_unix_s: float
     dht_peer_id: str
@@ -105,6 +106,7 @@ def build_status(
                 samples_per_s=record.samples_per_s,
                 local_epoch=record.local_epoch,
                 loss=record.loss,
+                computed_samples=record.samples_total,
                 contributed_samples=contribution_totals.get(record.dht_peer_id, 0)
                 if record.dht_peer_id
                 else 0,

@@ -32,6 +32,7 @@ from protos import coordinator_pb2 as pb
 
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
+STATE_LOAD_ATTEMPTS = 5  # then fall back to the latest published checkpoint
 
 
 class PeerError(RuntimeError):
@@ -219,7 +220,7 @@ class Volunteer:
         if resume_step > 0:
             self._continue_epoch_count(resume_step)
 
-        self._catch_up(manifest)
+        self._catch_up(manifest, model, cache_dir)
         if self.stop_event.is_set():
             return 0
 
@@ -333,7 +334,7 @@ class Volunteer:
         averager._update_scheduler()  # hivemind's own catch-up of the LR schedule to local_epoch
         self.opt.tracker.report_local_progress(local_epoch=step, samples_accumulated=0)
 
-    def _catch_up(self, manifest: RunManifest) -> None:
+    def _catch_up(self, manifest: RunManifest, model, cache_dir: Path) -> None:
         """Before the first step: learn the swarm's epoch and, if it is ahead, download its state."""
         tracker = self.opt.tracker
         self.stats.update(phase="loading_state")
@@ -358,7 +359,7 @@ class Volunteer:
             tracker.global_progress.num_peers,
         )
         deadline = time.monotonic() + 3 * manifest.swarm.load_state_timeout_s
-        while not self.stop_event.is_set() and time.monotonic() < deadline:
+        for attempt in range(1, STATE_LOAD_ATTEMPTS + 1):
             t0 = time.monotonic()
             self.opt.load_state_from_peers()
             if self.opt.local_epoch >= global_epoch - 1:
@@ -369,12 +370,53 @@ class Volunteer:
                 )
                 return
             logger.warning(
-                "state from peers was at epoch %d, swarm at %d; retrying", self.opt.local_epoch, global_epoch
+                "attempt %d/%d: no peer served a state at the swarm's epoch %d (we have %d); retrying",
+                attempt,
+                STATE_LOAD_ATTEMPTS,
+                global_epoch,
+                self.opt.local_epoch,
             )
-        raise PeerError(
-            f"could not load the swarm's state within {3 * manifest.swarm.load_state_timeout_s:.0f}s; "
-            "other peers may be overloaded or unreachable - restart later"
+            if time.monotonic() > deadline or self.stop_event.wait(min(2.0 * attempt, 10.0)):
+                break
+        if self.stop_event.is_set():
+            return
+        self._fall_back_to_checkpoint(model, cache_dir, global_epoch)
+
+    def _fall_back_to_checkpoint(self, model, cache_dir: Path, global_epoch: int) -> None:
+        """No peer could serve the swarm's state: start from the latest published checkpoint.
+
+        The weights are at most one publishing interval old; we then take part in the swarm's
+        current epoch (as hivemind itself does when a peer is one epoch behind), and the next
+        state-averaging round pulls our parameters to the swarm's.
+        """
+        import torch
+
+        from peer.pull import PullError, list_published
+
+        try:
+            listed, _ = list_published(self.config.coordinator)
+        except (PullError, CoordinatorUnavailable, CoordinatorRejected) as e:
+            listed = []
+            logger.warning("could not list published checkpoints: %s", e)
+        if not listed or listed[-1].step <= self.opt.local_epoch:
+            raise PeerError(
+                f"no peer could send the swarm's state (epoch {global_epoch}) and no newer checkpoint is "
+                "published; the other peers may be overloaded or unreachable - restart later"
+            )
+        step = listed[-1].step
+        logger.warning(
+            "no peer could send the swarm's state: starting from published checkpoint step %d "
+            "and joining the swarm at epoch %d",
+            step,
+            global_epoch,
         )
+        self._load_checkpoint(model, step, cache_dir)
+        # the optimizer works on its own (offloaded) copy of the parameters: refresh it too
+        offloaded = [p for group in self.opt.state_averager.optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            for copy, param in zip(offloaded, model.parameters(), strict=True):
+                copy.copy_(param)
+        self._continue_epoch_count(max(step, global_epoch))
 
     # ------------------------------------------------------------------ teardown
 

@@ -70,3 +70,43 @@ def test_full_swarm_restart_resumes_from_the_latest_checkpoint(launcher, tmp_pat
     assert int(m.group(1)) > latest["step"]
     assert float(m.group(2)) < latest["eval_loss"] + 0.25
     assert re.search(r"resuming", "\n".join(second.lines))
+
+
+def test_a_joiner_falls_back_to_the_latest_checkpoint_when_no_peer_can_send_the_state(
+    launcher, tmp_path: Path
+):
+    import os
+
+    data_dir = tmp_path / "coordinator"
+    coordinator = launcher.start_coordinator(data_dir, "--checkpoint-interval-s", "5")
+    endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
+    donor = launcher.start_peer("donor", endpoints["grpc"], tmp_path / "cache-1")
+    target = endpoints["initial_eval_loss"] - 1.0
+    start = 0
+    while True:  # a checkpoint clearly better than random weights
+        m = launcher.wait_for_line(
+            coordinator, r"published checkpoint step=(\d+) eval_loss=([\d.]+)", 420, start
+        )
+        start = next(i for i, line in enumerate(coordinator.lines) if m.group(0) in line) + 1
+        if float(m.group(2)) <= target:
+            break
+    # the only peer that could send the state freezes (a closed laptop lid): its record stays in the DHT
+    os.killpg(donor.proc.pid, signal.SIGSTOP)
+    try:
+        joiner = launcher.start_peer("joiner", endpoints["grpc"], tmp_path / "cache-2")
+        fell_back = launcher.wait_for_line(
+            joiner,
+            r"starting from published checkpoint step (\d+) and joining the swarm at epoch (\d+)",
+            timeout_s=300,
+        )
+        latest = checkpoints(endpoints["http"])[-1]
+        assert int(fell_back.group(1)) == latest["step"]
+        first = launcher.wait_for_line(joiner, EPOCH_LINE, timeout_s=300)
+        assert float(first.group(2)) < endpoints["initial_eval_loss"] - 0.7, "trained from the checkpoint"
+    finally:
+        os.killpg(donor.proc.pid, signal.SIGCONT)
+    # the donor wakes up and both go on training together
+    n = len(donor.lines)
+    launcher.wait_for_line(donor, EPOCH_LINE, timeout_s=300, start=n)
+    m = len(joiner.lines)
+    launcher.wait_for_line(joiner, EPOCH_LINE, timeout_s=300, start=m)
