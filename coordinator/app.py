@@ -127,9 +127,10 @@ class Coordinator:
         if removed:
             logger.warning("removed %d unfinished checkpoint write(s) left by a previous crash", removed)
 
-        from peer.swarm import start_dht, use_fork_start_method
+        from peer.swarm import start_dht, tie_children_to_this_process, use_fork_start_method
 
         use_fork_start_method()
+        tie_children_to_this_process()  # no orphans, even after kill -9
         stored_port = int(self.store.get_meta("dht_port") or 0)
         dht_port = cfg.dht_port or stored_port
         self.dht = start_dht(

@@ -228,7 +228,7 @@ class Chaos:
         self.pgids: set[int] = set()
         self.all_incarnations: list[Incarnation] = []
         self.pending_dead: dict[str, float] = {}  # name -> when it was killed/stopped
-        self.awaiting_epoch_after_cont: dict[str, float] = {}
+        self.awaiting_epoch_after_cont: dict[str, tuple[float, int]] = {}
         self.awaiting_survivor_epoch: list[float] = []
         self.outages: list[tuple[float, float]] = []
         self.steps_seen: set[int] = set()
@@ -237,7 +237,10 @@ class Chaos:
         self.t0 = 0.0
         self.lab = None  # WanLab when config.wan
         self.partitioned_until: dict[int, float] = {}
-        self.awaiting_epoch_after_heal: dict[str, float] = {}
+        self.awaiting_epoch_after_heal: dict[str, tuple[float, int]] = {}
+        self.stopped_at: dict[int, float] = {}  # slot -> when it was stopped or partitioned
+        self.faulted: dict[str, list[tuple[float, float]]] = {}  # name -> intervals it was stopped/cut off
+        self.swarm_epoch = 0  # the highest epoch any peer logged so far
 
     # ------------------------------------------------------------------ processes
 
@@ -294,6 +297,7 @@ class Chaos:
         child = spawn(name, args, self.work, echo=False)
         self.pgids.add(child.proc.pid)
         inc = Incarnation(name=name, child=child, started=time.monotonic())
+        self.faulted[name] = []
         self.slots[slot] = inc
         self.all_incarnations.append(inc)
 
@@ -338,11 +342,13 @@ class Chaos:
                 self.slots[fault.slot] = None
             elif fault.kind == "partition":
                 self.lab.partition(fault.slot)
+                self.stopped_at[fault.slot] = now
                 self.partitioned_until[fault.slot] = now + fault.duration_s
                 if fault.duration_s > self.config.heartbeat_timeout_s:
                     self.pending_dead[inc.name] = now
             elif fault.kind == "stop":
                 os.killpg(inc.child.proc.pid, signal.SIGSTOP)
+                self.stopped_at[fault.slot] = now
                 self.stopped_until[fault.slot] = now + fault.duration_s
                 if fault.duration_s > self.config.heartbeat_timeout_s:
                     self.pending_dead[inc.name] = now
@@ -360,13 +366,16 @@ class Chaos:
                 del self.stopped_until[slot]
                 inc = self.slots[slot]
                 os.killpg(inc.child.proc.pid, signal.SIGCONT)
-                self.awaiting_epoch_after_cont[inc.name] = now
+                self.awaiting_epoch_after_cont[inc.name] = (now, self.swarm_epoch)
+                self.faulted[inc.name].append((self.stopped_at.pop(slot), now))
         for slot, until in list(self.partitioned_until.items()):
             if now >= until:
                 del self.partitioned_until[slot]
                 self.lab.heal(slot)
                 if self.slots.get(slot) is not None:
-                    self.awaiting_epoch_after_heal[self.slots[slot].name] = now
+                    name = self.slots[slot].name
+                    self.awaiting_epoch_after_heal[name] = (now, self.swarm_epoch)
+                    self.faulted[name].append((self.stopped_at.pop(slot), now))
         if self.coordinator_down_until is not None and now >= self.coordinator_down_until:
             self.coordinator_down_until = None
             self.coordinator_restarts += 1
@@ -389,14 +398,15 @@ class Chaos:
                 inc.timeline.append((now, samples))
                 if inc.first_epoch_at is None:
                     inc.first_epoch_at = now
-                if inc.name in self.awaiting_epoch_after_heal:
-                    self.report.resumed_after_partition_s.append(
-                        round(now - self.awaiting_epoch_after_heal.pop(inc.name), 1)
-                    )
-                if inc.name in self.awaiting_epoch_after_cont:
-                    self.report.resumed_after_stop_s.append(
-                        round(now - self.awaiting_epoch_after_cont.pop(inc.name), 1)
-                    )
+                epoch = int(m.group(1))
+                self.swarm_epoch = max(self.swarm_epoch, epoch)
+                # back = trains again at (at least) the epoch the swarm had when it was released
+                for waiting, figures in (
+                    (self.awaiting_epoch_after_heal, self.report.resumed_after_partition_s),
+                    (self.awaiting_epoch_after_cont, self.report.resumed_after_stop_s),
+                ):
+                    if inc.name in waiting and epoch >= waiting[inc.name][1]:
+                        figures.append(round(now - waiting.pop(inc.name)[0], 1))
                 for killed_at in list(self.awaiting_survivor_epoch):
                     self.report.stall_after_kill_s.append(round(now - killed_at, 1))
                     self.awaiting_survivor_epoch.remove(killed_at)
@@ -525,13 +535,20 @@ class Chaos:
             elif (inc.ended or time.monotonic()) - inc.started > self.joiner_limit_s:
                 r.joiners_never_contributed.append(inc.name)
         for start, stop in self.outages:
+            # only peers that trained through both windows, untouched by any other fault
             length = stop - start
-            during = sum(
-                samples_at(i.timeline, stop) - samples_at(i.timeline, start) for i in self.all_incarnations
-            )
-            before = sum(
-                samples_at(i.timeline, start) - samples_at(i.timeline, start - length)
+            steady = [
+                i
                 for i in self.all_incarnations
+                if i.timeline
+                and i.timeline[0][0] <= start - length
+                and i.timeline[-1][0] >= stop
+                and (i.ended is None or i.ended >= stop)
+                and not any(a < stop and b > start - length for a, b in self.faulted[i.name])
+            ]
+            during = sum(samples_at(i.timeline, stop) - samples_at(i.timeline, start) for i in steady)
+            before = sum(
+                samples_at(i.timeline, start) - samples_at(i.timeline, start - length) for i in steady
             )
             if before > 0:
                 r.outage_throughput_ratio.append(round(during / before, 2))

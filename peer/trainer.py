@@ -153,7 +153,7 @@ class Volunteer:
 
         from peer.data import read_shard, rotating_batches, tokenize_blocks
         from peer.model import as_batch, build_model, num_parameters
-        from peer.swarm import make_optimizer, start_dht, use_fork_start_method
+        from peer.swarm import make_optimizer, start_dht, tie_children_to_this_process, use_fork_start_method
 
         joined = self.join()
         manifest = RunManifest.from_json(joined.manifest_json)
@@ -203,6 +203,7 @@ class Volunteer:
         next_batch = next(batches)  # fetch the first shard now: a data problem fails before joining the swarm
 
         use_fork_start_method()
+        tie_children_to_this_process()  # no orphans, even after kill -9
         model = build_model(manifest, self.device)
         logger.info("model: %s with %.2fM parameters", manifest.model.model_type, num_parameters(model) / 1e6)
         resume_step = settings.resume_from_step
