@@ -15,10 +15,11 @@ What is measured, and how:
   /api/v1/peers shows the process's name DEAD (polled every 0.5 s);
 - joiner contribution: process start -> its first `epoch=` line (it took part in an epoch);
 - stop/continue: SIGCONT -> the stopped process's next `epoch=` line;
-- kill stall: kill -> the next `epoch=` line of any survivor;
+- stall: kill or SIGSTOP of a peer -> the next `epoch=` line of any other peer;
 - samples: computed = what each process reports (its log and heartbeats, the larger); accepted >=
   epochs completed x the run's target batch (each epoch averages at least that many);
-- coordinator outages: the swarm's samples/s while it is down vs the same time just before;
+- coordinator outages: samples/s of the peers untouched by other faults while it is down, vs
+  their own average over the run;
 - checkpoints: every one listed during the run must still be listed and verify at the end;
 - orphans: after the last SIGTERM, any process left in any process group the harness created.
 """
@@ -138,7 +139,7 @@ class Report:
     joiner_first_epoch_s: list = field(default_factory=list)
     joiners_never_contributed: list = field(default_factory=list)
     resumed_after_stop_s: list = field(default_factory=list)
-    stall_after_kill_s: list = field(default_factory=list)
+    stall_after_fault_s: list = field(default_factory=list)
     outage_throughput_ratio: list = field(default_factory=list)
     exit_codes: dict = field(default_factory=dict)
     orphans: list = field(default_factory=list)
@@ -169,8 +170,8 @@ class Report:
                 f"  network                  {self.network}",
                 f"  stopped peer back after  {stats(self.resumed_after_stop_s)}",
                 f"  partitioned peer back    {stats(self.resumed_after_partition_s)}",
-                f"  survivors' next epoch    {stats(self.stall_after_kill_s)} after a kill",
-                f"  coordinator outage       swarm samples/s during / before: {ratios}",
+                f"  survivors' next epoch    {stats(self.stall_after_fault_s)} after a kill or stop",
+                f"  coordinator outage       steady peers' samples/s during / usual: {ratios}",
                 f"  orphan processes         {len(self.orphans)} {self.orphans or ''}",
                 f"  logs                     {self.work_dir}",
             ]
@@ -229,7 +230,7 @@ class Chaos:
         self.all_incarnations: list[Incarnation] = []
         self.pending_dead: dict[str, float] = {}  # name -> when it was killed/stopped
         self.awaiting_epoch_after_cont: dict[str, tuple[float, int]] = {}
-        self.awaiting_survivor_epoch: list[float] = []
+        self.awaiting_survivor_epoch: list[tuple[float, str]] = []  # (kill or stop time, victim)
         self.outages: list[tuple[float, float]] = []
         self.steps_seen: set[int] = set()
         self.public_key, self.target_batch = "", 0
@@ -332,7 +333,7 @@ class Chaos:
                 inc.child.proc.kill()  # the main process only: what it leaves behind counts as orphans
                 inc.ended = now
                 self.pending_dead[inc.name] = now
-                self.awaiting_survivor_epoch.append(now)
+                self.awaiting_survivor_epoch.append((now, inc.name))
                 self.down_until[fault.slot] = now + fault.duration_s
                 self.slots[fault.slot] = None
             elif fault.kind == "leave":
@@ -349,6 +350,7 @@ class Chaos:
             elif fault.kind == "stop":
                 os.killpg(inc.child.proc.pid, signal.SIGSTOP)
                 self.stopped_at[fault.slot] = now
+                self.awaiting_survivor_epoch.append((now, inc.name))
                 self.stopped_until[fault.slot] = now + fault.duration_s
                 if fault.duration_s > self.config.heartbeat_timeout_s:
                     self.pending_dead[inc.name] = now
@@ -407,9 +409,10 @@ class Chaos:
                 ):
                     if inc.name in waiting and epoch >= waiting[inc.name][1]:
                         figures.append(round(now - waiting.pop(inc.name)[0], 1))
-                for killed_at in list(self.awaiting_survivor_epoch):
-                    self.report.stall_after_kill_s.append(round(now - killed_at, 1))
-                    self.awaiting_survivor_epoch.remove(killed_at)
+                for faulted_at, victim in list(self.awaiting_survivor_epoch):
+                    if victim != inc.name:
+                        self.report.stall_after_fault_s.append(round(now - faulted_at, 1))
+                        self.awaiting_survivor_epoch.remove((faulted_at, victim))
             inc.scanned = len(lines)
 
     def _poll_coordinator(self, now: float) -> None:
@@ -535,7 +538,8 @@ class Chaos:
             elif (inc.ended or time.monotonic()) - inc.started > self.joiner_limit_s:
                 r.joiners_never_contributed.append(inc.name)
         for start, stop in self.outages:
-            # only peers that trained through both windows, untouched by any other fault
+            # peers that trained through the outage and the same time before it, untouched by other
+            # faults: their samples/s during the outage vs over their whole life
             length = stop - start
             steady = [
                 i
@@ -546,12 +550,15 @@ class Chaos:
                 and (i.ended is None or i.ended >= stop)
                 and not any(a < stop and b > start - length for a, b in self.faulted[i.name])
             ]
-            during = sum(samples_at(i.timeline, stop) - samples_at(i.timeline, start) for i in steady)
-            before = sum(
-                samples_at(i.timeline, start) - samples_at(i.timeline, start - length) for i in steady
+            during = (
+                sum(samples_at(i.timeline, stop) - samples_at(i.timeline, start) for i in steady) / length
             )
-            if before > 0:
-                r.outage_throughput_ratio.append(round(during / before, 2))
+            usual = sum(
+                (i.timeline[-1][1] - i.timeline[0][1]) / (i.timeline[-1][0] - i.timeline[0][0])
+                for i in steady
+            )
+            if usual > 0:
+                r.outage_throughput_ratio.append(round(during / usual, 2))
 
     def _reap(self) -> None:
         for pgid in self.pgids:
