@@ -12,14 +12,16 @@ At the end every process gets SIGTERM and the report says what the swarm survive
 
 What is measured, and how:
 - dead-peer detection: kill (or stop longer than the heartbeat timeout) -> the coordinator's
-  /api/v1/peers shows the process's name DEAD (polled every 0.5 s);
+  /api/v1/peers shows the process's name DEAD (polled every 0.5 s); when the coordinator itself
+  was down meanwhile, counted from when it was back;
 - joiner contribution: process start -> its first `epoch=` line (it took part in an epoch);
 - stop/continue: SIGCONT -> the stopped process's next `epoch=` line;
 - stall: kill or SIGSTOP of a peer -> the next `epoch=` line of any other peer;
 - samples: computed = what each process reports (its log and heartbeats, the larger); accepted >=
   epochs completed x the run's target batch (each epoch averages at least that many);
 - coordinator outages: samples/s of the peers untouched by other faults while it is down, vs
-  their own average over the run;
+  their own average over the run; outages with a peer fault within 30 s plus twice their length
+  before them are left out (a frozen or killed peer stalls the others' averaging round too);
 - checkpoints: every one listed during the run must still be listed and verify at the end;
 - orphans: after the last SIGTERM, any process left in any process group the harness created.
 """
@@ -226,12 +228,14 @@ class Chaos:
         self.stopped_until: dict[int, float] = {}  # slot -> when to SIGCONT it
         self.coordinator_down_until: float | None = None
         self.coordinator_ready = False
+        self.coordinator_up_since = 0.0
         self.pgids: set[int] = set()
         self.all_incarnations: list[Incarnation] = []
         self.pending_dead: dict[str, float] = {}  # name -> when it was killed/stopped
         self.awaiting_epoch_after_cont: dict[str, tuple[float, int]] = {}
         self.awaiting_survivor_epoch: list[tuple[float, str]] = []  # (kill or stop time, victim)
         self.outages: list[tuple[float, float]] = []
+        self.fault_log: list[tuple[float, str]] = []  # (when, kind) of every injected fault
         self.steps_seen: set[int] = set()
         self.public_key, self.target_batch = "", 0
         self.joiner_limit_s = 60.0
@@ -355,6 +359,7 @@ class Chaos:
                 if fault.duration_s > self.config.heartbeat_timeout_s:
                     self.pending_dead[inc.name] = now
         injected[fault.kind] = injected.get(fault.kind, 0) + 1
+        self.fault_log.append((now, fault.kind))
         logger.info("t=%.0fs fault: %s", now - self.t0, fault)
         return True
 
@@ -385,6 +390,7 @@ class Chaos:
             self._start_coordinator()
         if not self.coordinator_ready and (self.data_dir / "endpoints.json").exists():
             self.coordinator_ready = True
+            self.coordinator_up_since = now
 
     # ------------------------------------------------------------------ observation
 
@@ -429,7 +435,8 @@ class Chaos:
             by_name.setdefault(p["name"], []).append(p)
         for name, killed_at in list(self.pending_dead.items()):
             if any(p["state"] == "DEAD" for p in by_name.get(name, [])):
-                self.report.detect_dead_s.append(round(now - killed_at, 1))
+                # a coordinator that was down cannot notice anything: count from when it was back
+                self.report.detect_dead_s.append(round(now - max(killed_at, self.coordinator_up_since), 1))
                 del self.pending_dead[name]
         for inc in self.all_incarnations:
             for p in by_name.get(inc.name, []):
@@ -440,6 +447,8 @@ class Chaos:
 
     def run(self) -> Report:
         self.work.mkdir(parents=True, exist_ok=True)
+        for var in ("no_proxy", "NO_PROXY"):  # the harness and its children talk only to local hosts
+            os.environ[var] = ",".join(filter(None, (os.environ.get(var), "127.0.0.1", "localhost", HUB_IP)))
         plan = plan_faults(self.config)
         self.report.faults_planned = len(plan)
         (self.work / "plan.json").write_text(json.dumps([asdict(f) for f in plan], indent=1))
@@ -537,7 +546,10 @@ class Chaos:
                 r.joiner_first_epoch_s.append(round(inc.first_epoch_at - inc.started, 1))
             elif (inc.ended or time.monotonic()) - inc.started > self.joiner_limit_s:
                 r.joiners_never_contributed.append(inc.name)
+        peer_faults = [t for t, _ in self.fault_log if _ != "coordinator"]
         for start, stop in self.outages:
+            if any(start - 2 * (stop - start) - 30 <= t <= stop for t in peer_faults):
+                continue  # a peer fault nearby stalls the others too: not the coordinator's doing
             # peers that trained through the outage and the same time before it, untouched by other
             # faults: their samples/s during the outage vs over their whole life
             length = stop - start
@@ -604,6 +616,10 @@ def missed_targets(report: Report, config: ChaosConfig, joiner_limit_s: float = 
         missed.append(f"joiners never contributed: {r.joiners_never_contributed}")
     if not r.final_eval_loss < r.initial_eval_loss:
         missed.append(f"eval loss did not fall: {r.initial_eval_loss} -> {r.final_eval_loss}")
+    if r.outage_throughput_ratio and min(r.outage_throughput_ratio) < 0.9:
+        missed.append(
+            f"training slowed to {min(r.outage_throughput_ratio):.0%} of usual while the coordinator was down"
+        )
     if r.accepted_fraction < 0.8:
         missed.append(f"only {r.accepted_fraction:.0%} of computed samples accepted")
     return missed

@@ -36,6 +36,10 @@ class CoordinatorUnavailable(ConnectionError):
 class CoordinatorRejected(RuntimeError):
     """The coordinator answered with an error that retrying will not fix."""
 
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
 
 def parse_address(address: str) -> str:
     """Validate HOST:PORT and return it; raises ValueError with what to type instead."""
@@ -102,7 +106,7 @@ def _translate(e: grpc.RpcError, address: str) -> Exception:
     code, details = e.code(), e.details()
     if code in _RETRYABLE or code is grpc.StatusCode.CANCELLED:
         return CoordinatorUnavailable(f"coordinator at {address} is unreachable ({code.name}: {details})")
-    return CoordinatorRejected(f"coordinator at {address} refused: {code.name}: {details}")
+    return CoordinatorRejected(f"coordinator at {address} refused: {code.name}: {details}", code)
 
 
 class HeartbeatStream:

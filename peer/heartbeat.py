@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import grpc
+
 from coordinator.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
 from protos import coordinator_pb2 as pb
 
@@ -70,6 +72,7 @@ class HeartbeatReporter:
         self.on_reconnect = on_reconnect
         self.started = clock()
         self.sent = self.failed = 0
+        self.refused: CoordinatorRejected | None = None  # set when the operator banned this peer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stream = client.heartbeat_stream()
@@ -111,7 +114,16 @@ class HeartbeatReporter:
         )
         try:
             response = self._stream.send(request)
-        except (CoordinatorUnavailable, CoordinatorRejected) as e:
+        except CoordinatorRejected as e:
+            if e.code is grpc.StatusCode.PERMISSION_DENIED:  # banned: the volunteer must stop
+                self.refused = e
+                self._stop.set()
+                return False
+            if self.failed == 0:
+                logger.warning("heartbeat failed (%s); training continues, will keep trying", e)
+            self.failed += 1
+            return False
+        except CoordinatorUnavailable as e:
             if self.failed == 0:
                 logger.warning("heartbeat failed (%s); training continues, will keep trying", e)
             self.failed += 1

@@ -233,6 +233,11 @@ class Volunteer:
         live, last_draw = sys.stderr.isatty(), 0.0
         model.train()
         while not self.stop_event.is_set():
+            if self.heartbeat.refused is not None:
+                raise PeerError(
+                    f"stopped training: {self.heartbeat.refused}. The run's operator no longer accepts "
+                    "this peer; ask them, or run it under another --name only if they agree"
+                )
             t0 = time.monotonic()
             batch = as_batch(next_batch, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
