@@ -593,7 +593,9 @@ def run_chaos(config: ChaosConfig, work_dir: Path, peer_args: tuple[str, ...] = 
     return report
 
 
-def missed_targets(report: Report, config: ChaosConfig, joiner_limit_s: float = 60.0) -> list[str]:
+def missed_targets(
+    report: Report, config: ChaosConfig, joiner_limit_s: float = 60.0, min_accepted: float = 0.8
+) -> list[str]:
     """The issue's targets this run missed (empty: all met)."""
     r, missed = report, []
     if r.checkpoints_lost or r.checkpoint_errors or r.checkpoints_verified != r.checkpoints_published:
@@ -620,6 +622,6 @@ def missed_targets(report: Report, config: ChaosConfig, joiner_limit_s: float = 
         missed.append(
             f"training slowed to {min(r.outage_throughput_ratio):.0%} of usual while the coordinator was down"
         )
-    if r.accepted_fraction < 0.8:
+    if r.accepted_fraction < min_accepted:
         missed.append(f"only {r.accepted_fraction:.0%} of computed samples accepted")
     return missed
