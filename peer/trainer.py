@@ -240,13 +240,21 @@ class Volunteer:
                 )
             t0 = time.monotonic()
             batch = as_batch(next_batch, self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = model(input_ids=batch, labels=batch).loss
-            if not torch.isfinite(loss):
+            try:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    raise PeerError(
+                        f"training loss became {loss.item()} at epoch {self.opt.local_epoch}; "
+                        "lower the learning rate"
+                    )
+                loss.backward()
+            except torch.cuda.OutOfMemoryError as e:
                 raise PeerError(
-                    f"training loss became {loss.item()} at epoch {self.opt.local_epoch}; lower the learning rate"
-                )
-            loss.backward()
+                    f"{self.device_label} ran out of memory at --batch-size {batch_size} "
+                    f"({str(e).splitlines()[0][:120]}); restart with --batch-size {max(1, batch_size // 2)}, "
+                    "or free the GPU"
+                ) from None
             self.opt.step()
             self.opt.zero_grad()
             next_batch = next(batches)
