@@ -130,7 +130,17 @@ def format_status(status, now: float) -> str:
         *([f"last refused checkpoint: {s.last_rejection}"] if s.last_rejection else []),
         "",
     ]
-    header = ("NAME", "STATE", "REASON", "DEVICE", "SAMPLES/S", "EPOCH", "CONTRIBUTED", "LAST SEEN")
+    header = (
+        "NAME",
+        "STATE",
+        "REASON",
+        "DEVICE",
+        "SAMPLES/S",
+        "EPOCH",
+        "COMPUTED",
+        "CONTRIBUTED",
+        "LAST SEEN",
+    )
     rows = [
         (
             p.name,
@@ -139,6 +149,7 @@ def format_status(status, now: float) -> str:
             p.device,
             f"{p.samples_per_s:.1f}",
             str(p.local_epoch),
+            str(p.computed_samples),
             str(p.contributed_samples),
             _ago(now, p.last_seen_unix_s),
         )

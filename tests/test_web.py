@@ -116,7 +116,7 @@ def test_grpc_status_matches_the_json_api(site):
     base, address, store, _, clock = site
     with CoordinatorClient(address) as client:
         sid = client.join(pb.JoinRequest(name="carol", device="cuda:0")).session_id
-        client.heartbeat(pb.HeartbeatRequest(session_id=sid, phase="loading_state"))
+        client.heartbeat(pb.HeartbeatRequest(session_id=sid, phase="loading_state", samples_total=1234))
         status = client.get_status()
     assert status.summary.global_epoch == 7 and status.summary.peers_by_state["JOINING"] == 1
     [peer] = status.peers
@@ -130,7 +130,10 @@ def test_grpc_status_matches_the_json_api(site):
     from coordinator.cli import format_status
 
     table = format_status(status, now=clock[0] + 3)
-    assert "carol" in table and "JOINING" in table and "3s ago" in table
+    assert "carol" in table and "JOINING" in table and "3s ago" in table and "1234" in table
+    assert peer.computed_samples == 1234
+    [carol] = [p for p in json.loads(get(f"{base}/api/v1/peers")[2]) if p["name"] == "carol"]
+    assert carol["computed_samples"] == 1234
 
 
 def test_dashboard_is_self_contained(site):

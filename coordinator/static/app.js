@@ -64,6 +64,7 @@ function renderPeers(peers) {
       el("td", fmt(p.samples_per_s), "num"),
       el("td", p.local_epoch, "num"),
       el("td", fmt(p.loss, 3), "num"),
+      el("td", p.computed_samples, "num"),
       el("td", p.contributed_samples, "num"),
       el("td", ago(p.last_seen_unix_s)),
     );
