@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: set up the venv from scratch if needed, check generated code and lint, run pytest.
-#   scripts/test.sh                 # everything (about 5 minutes on 2 cores)
+#   scripts/test.sh                 # everything (about 15 minutes on 2 cores)
 #   scripts/test.sh -m "not swarm"  # skip the multi-process swarm tests
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
