@@ -61,23 +61,22 @@ class Publisher:
         self.agreement_attempts, self.agreement_retry_s = agreement_attempts, agreement_retry_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._dht = self._opt = self._fetcher = None
+        self._dht = self._tracker = self._fetcher = None
         self.last_error = ""
 
     def start(self) -> Publisher:
-        """Build the model and join the swarm; call from the main thread (hivemind needs it)."""
+        """Build the model, join the swarm's DHT (client mode) and follow its progress records."""
+        from hivemind.optim.progress_tracker import ProgressTracker
         from tokenizers import Tokenizer
         from transformers.utils import logging as hf_logging
 
         from peer.data import read_shard, tokenize_blocks
         from peer.model import build_model, evaluate
-        from peer.swarm import make_optimizer, start_dht
+        from peer.swarm import start_dht
 
         hf_logging.disable_progress_bar()  # no tqdm bars in an operator's log
         self.model = build_model(self.manifest, self.device)
-        self.expected_shapes = {
-            k: tuple(v.shape) for k, v in build_model(self.manifest, "meta").state_dict().items()
-        }
+        self.expected_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         tokenizer = Tokenizer.from_str(self.tokenizer_json)
         blocks = tokenize_blocks(tokenizer, read_shard(self.eval_shard), self.manifest.data.seq_len)
         self.eval_blocks = blocks[: self.manifest.data.eval_max_sequences]
@@ -88,12 +87,10 @@ class Publisher:
             len(self.eval_blocks),
         )
         self._dht = start_dht(self.initial_peers, listen_host=self.listen_host, client_mode=True)
-        self._opt = make_optimizer(
-            self.manifest,
-            self.model,
-            self._dht,
-            batch_size_per_step=self.manifest.swarm.batch_size_per_step,
-            verbose=False,
+        # only the swarm's epoch and size are needed: hivemind's progress tracker, not a whole
+        # optimizer (no averager processes, no optimizer state for a model we never train)
+        self._tracker = ProgressTracker(
+            self._dht, self.manifest.run_id, self.manifest.swarm.target_batch_size, start=True
         )
         self._fetcher = StateFetcher(
             self._dht,
@@ -113,9 +110,9 @@ class Publisher:
         if self._fetcher is not None:
             self._fetcher.shutdown()
             self._fetcher = None
-        if self._opt is not None:
-            self._opt.shutdown()
-            self._opt = None
+        if self._tracker is not None:
+            self._tracker.shutdown(timeout=10)
+            self._tracker = None
         if self._dht is not None:
             self._dht.shutdown()
             self._dht = None
@@ -128,7 +125,7 @@ class Publisher:
 
     @property
     def global_epoch(self) -> int:
-        return self._opt.tracker.global_epoch if self._opt is not None else 0
+        return self._tracker.global_epoch if self._tracker is not None else 0
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -184,7 +181,7 @@ class Publisher:
                 self.manifest,
                 step=epoch,
                 eval_loss=eval_loss,
-                contributing_peers=self._opt.tracker.global_progress.num_peers,
+                contributing_peers=self._tracker.global_progress.num_peers,
                 created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             )
         )

@@ -1,4 +1,4 @@
-"""Download the training state from one chosen peer (hivemind wiring, no decisions).
+"""Download the training state from chosen peers (hivemind wiring, no decisions).
 
 hivemind's `load_state_from_peers` picks the donor itself (the highest self-declared priority) and
 stops at the first answer, so the publisher could never get a second opinion. This asks the same
@@ -24,7 +24,7 @@ async def _daemon_maddr(_dht, node):
 
 
 class StateFetcher:
-    """Lists the swarm's state donors and downloads the state of any one of them.
+    """Lists the swarm's state donors and downloads the state of the ones we choose.
 
     Owns a private event loop (on a thread of its own) so that it can be used from any thread.
     """
@@ -66,7 +66,8 @@ class StateFetcher:
         return [PeerID(k).to_base58() for k in sorted(priorities, key=priorities.get, reverse=True)]
 
     def fetch_all(self, peers: list[str]) -> list[FetchedState]:
-        """`fetch` from all of `peers` at once (so their states are as close in time as can be)."""
+        """The states `peers` serve, downloaded at once (as close in time as can be); a donor that
+        fails is logged and left out."""
 
         async def one(peer: str) -> FetchedState | None:
             try:
