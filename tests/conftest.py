@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.chaos import processes_in_groups
 from coordinator.demo import (
     Child,
     cli_command,
@@ -113,19 +114,7 @@ class Launcher:
 
 def descendants_alive(pids: list[int]) -> list[int]:
     """PIDs from `pids`' process groups that still exist (p2pd daemons, hivemind children)."""
-    alive = []
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            stat = (proc_dir / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        state, pgid = fields[0], int(fields[2])
-        if pgid in pids and state != "Z":
-            alive.append(int(proc_dir.name))
-    return alive
+    return [pid for pid, _ in processes_in_groups(set(pids))]
 
 
 @pytest.fixture

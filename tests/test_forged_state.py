@@ -22,8 +22,8 @@ pytestmark = pytest.mark.swarm
 PUBLISHED = r"published checkpoint step=(\d+) eval_loss=([\d.]+)"
 
 
-def line_index(child, text: str) -> int:
-    return next(i for i, line in enumerate(child.lines) if text in line)
+def line_index(child, text: str, start: int = 0) -> int:
+    return next(i for i, line in enumerate(child.lines) if i >= start and text in line)
 
 
 def test_a_forged_state_is_outvoted_and_never_published(launcher, tmp_path: Path):
@@ -54,10 +54,15 @@ def test_a_forged_state_is_outvoted_and_never_published(launcher, tmp_path: Path
     # one honest peer against the forger: no majority, so nothing is published
     honest[1].proc.send_signal(signal.SIGTERM)
     assert honest[1].proc.wait(timeout=120) == 0
+    # honest peers caught mid-step can disagree for a moment earlier too: look only after bob left
+    bob_left = len(coordinator.lines)
     stalemate = launcher.wait_for_line(
-        coordinator, rf"peers disagree on the state of epoch \d+: .*{forger_id[-8:]}", timeout_s=300
+        coordinator,
+        rf"peers disagree on the state of epoch \d+: .*{forger_id[-8:]}",
+        timeout_s=300,
+        start=bob_left,
     )
-    start = line_index(coordinator, stalemate.group(0))
+    start = line_index(coordinator, stalemate.group(0), bob_left)
     launcher.wait_for_line(
         coordinator, r"peers disagree on the state of epoch", timeout_s=60, start=start + 1
     )
