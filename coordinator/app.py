@@ -25,16 +25,17 @@ import threading
 import time
 from pathlib import Path
 
-from coordinator import checkpoints
-from coordinator.config import CoordinatorConfig
-from coordinator.manifest import ManifestError, RunManifest, build_manifest, get_preset
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.registry import HealthSettings, is_online
-from coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
-from coordinator.signing import load_or_create_key, new_key, public_key_hex, save_key
-from coordinator.status import SwarmProgress, SwarmStatus, build_status
-from coordinator.store import Store
-from coordinator.webserver import WebContext, WebServer
+from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.config import CoordinatorConfig
+from crowdtrain.coordinator.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.registry import HealthSettings, is_online
+from crowdtrain.coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
+from crowdtrain.coordinator.signing import load_or_create_key, new_key, public_key_hex, save_key
+from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
+from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.webserver import WebContext, WebServer
+from crowdtrain.peer import checkpoint
+from crowdtrain.peer.manifest import ManifestError, RunManifest, build_manifest, get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _guess_public_host(host: str) -> str:
 
 def create_run(config: CoordinatorConfig, data_dir: Path, signing_public_key: str) -> tuple[RunManifest, str]:
     """Build a new run from the preset and corpus: shards, tokenizer, manifest. Pure of the store."""
-    from peer.data import build_dataset, default_corpus, default_corpus_label
+    from crowdtrain.coordinator.dataset import build_dataset, default_corpus, default_corpus_label
 
     preset = get_preset(config.preset)
     sources = [Path(p).expanduser() for p in config.data] or default_corpus()
@@ -123,11 +124,11 @@ class Coordinator:
         manifest, tokenizer_json = self._load_or_create_run()
         self.manifest = manifest
         cfg = self.config
-        removed = checkpoints.clean_staging(self.checkpoint_root)
+        removed = archive.clean_staging(self.checkpoint_root)
         if removed:
             logger.warning("removed %d unfinished checkpoint write(s) left by a previous crash", removed)
 
-        from peer.swarm import start_dht, tie_children_to_this_process, use_fork_start_method
+        from crowdtrain.peer.swarm import start_dht, tie_children_to_this_process, use_fork_start_method
 
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9
@@ -144,7 +145,7 @@ class Coordinator:
         if not dht_port:
             dht_port = int(maddrs[0].split("/tcp/")[1].split("/")[0])
             self.store.set_meta({"dht_port": str(dht_port)})
-        from coordinator.monitor import SwarmMonitor
+        from crowdtrain.coordinator.monitor import SwarmMonitor
 
         self.monitor = SwarmMonitor(
             self.dht,
@@ -193,7 +194,7 @@ class Coordinator:
         self.grpc_server.start()
 
         if with_publisher and cfg.checkpoint_interval_s > 0:
-            from coordinator.publisher import Publisher
+            from crowdtrain.coordinator.publisher import Publisher
 
             self.publisher = Publisher(
                 manifest,
@@ -300,14 +301,14 @@ class Coordinator:
             self.store.contribution_totals(),
             self.health,
             self.monitor.progress if self.monitor is not None else SwarmProgress(),
-            checkpoints.list_checkpoints(self.checkpoint_root),
+            checkpoint.list_checkpoints(self.checkpoint_root),
             self.store.rejections(),
         )
 
     def resume_step(self) -> int:
         """The checkpoint a joining peer should start from: the latest one when nobody is training
         (the whole swarm left and volunteers come back), else 0 (load the live state from peers)."""
-        metas = checkpoints.list_checkpoints(self.checkpoint_root)
+        metas = checkpoint.list_checkpoints(self.checkpoint_root)
         if not metas:
             return 0
         now = time.time()

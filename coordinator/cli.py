@@ -20,7 +20,8 @@ import sys
 # gRPC, so skip gRPC's fork handlers (which only log "Other threads are currently calling into gRPC")
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from coordinator import config as cfg
+from crowdtrain.coordinator import config as cfg
+from crowdtrain.peer import config as peer_cfg
 
 
 def _configure_logging(level: str) -> None:
@@ -36,10 +37,10 @@ def _configure_logging(level: str) -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from coordinator.checkpoints import CheckpointError
-    from coordinator.client import CoordinatorRejected, CoordinatorUnavailable
-    from coordinator.manifest import ManifestError
-    from coordinator.service import PortInUseError
+    from crowdtrain.coordinator.service import PortInUseError
+    from crowdtrain.peer.checkpoint import CheckpointError
+    from crowdtrain.peer.client import CoordinatorRejected, CoordinatorUnavailable
+    from crowdtrain.peer.manifest import ManifestError
 
     errors: list[type[BaseException]] = [
         CheckpointError,
@@ -51,10 +52,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ValueError,
     ]
     for module, name in (
-        ("peer.data", "DataError"),
-        ("peer.pull", "PullError"),
-        ("peer.trainer", "PeerError"),
-        ("peer.swarm", "SwarmError"),
+        ("crowdtrain.peer.data", "DataError"),
+        ("crowdtrain.peer.pull", "PullError"),
+        ("crowdtrain.peer.trainer", "PeerError"),
+        ("crowdtrain.peer.swarm", "SwarmError"),
     ):
         mod = sys.modules.get(module)
         if mod is not None:
@@ -77,7 +78,7 @@ def _tune_gc_for_a_long_running_server() -> None:
 def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
     import signal
 
-    from coordinator.app import Coordinator
+    from crowdtrain.coordinator.app import Coordinator
 
     coordinator = Coordinator(config)
     try:
@@ -93,16 +94,16 @@ def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
     return 0
 
 
-def cmd_peer(config: cfg.PeerConfig) -> int:
-    from peer.trainer import Volunteer
+def cmd_peer(config: peer_cfg.PeerConfig) -> int:
+    from crowdtrain.peer.trainer import Volunteer
 
     return Volunteer(config).run()
 
 
-def cmd_pull(config: cfg.PullConfig) -> int:
+def cmd_pull(config: peer_cfg.PullConfig) -> int:
     from pathlib import Path
 
-    from peer.pull import pull
+    from crowdtrain.peer.pull import pull
 
     meta = pull(config.coordinator, Path(config.out), step=config.step, timeout_s=config.timeout_s)
     print(f"step {meta.step} (eval loss {meta.eval_loss:.4f}) verified and saved to {config.out}")
@@ -164,7 +165,7 @@ def format_status(status, now: float) -> str:
 def cmd_status(config: cfg.StatusConfig) -> int:
     import time
 
-    from coordinator.client import CoordinatorClient
+    from crowdtrain.peer.client import CoordinatorClient
 
     with CoordinatorClient(config.coordinator) as client:
         while True:
@@ -180,7 +181,7 @@ def cmd_status(config: cfg.StatusConfig) -> int:
 def cmd_ban(config: cfg.BanConfig) -> int:
     from pathlib import Path
 
-    from coordinator.store import Store
+    from crowdtrain.coordinator.store import Store
 
     path = Path(config.data_dir).expanduser() / "state.sqlite3"
     if not path.exists():
@@ -196,10 +197,10 @@ def cmd_ban(config: cfg.BanConfig) -> int:
     return 0
 
 
-def cmd_checkpoints(config: cfg.CheckpointsConfig) -> int:
+def cmd_checkpoints(config: peer_cfg.CheckpointsConfig) -> int:
     import time
 
-    from peer.pull import list_published
+    from crowdtrain.peer.pull import list_published
 
     listed, public_key = list_published(config.coordinator)
     print(f"{len(listed)} checkpoint(s); signed by {public_key or 'an unknown key'}")
@@ -212,10 +213,10 @@ def cmd_checkpoints(config: cfg.CheckpointsConfig) -> int:
     return 0
 
 
-def cmd_verify(config: cfg.VerifyConfig) -> int:
+def cmd_verify(config: peer_cfg.VerifyConfig) -> int:
     from pathlib import Path
 
-    from coordinator.checkpoints import verify_dir
+    from crowdtrain.peer.checkpoint import verify_dir
 
     meta = verify_dir(Path(config.directory), public_key=config.public_key or None)
     who = (
@@ -228,7 +229,7 @@ def cmd_verify(config: cfg.VerifyConfig) -> int:
 
 
 def cmd_demo(config: cfg.DemoConfig) -> int:
-    from coordinator.demo import run_demo
+    from crowdtrain.coordinator.demo import run_demo
 
     return run_demo(config)
 
@@ -239,15 +240,15 @@ COMMANDS = {
         cmd_coordinator,
         "run a coordinator: bootstrap node, API, checkpoints",
     ),
-    "peer": (cfg.PeerConfig, cmd_peer, "donate compute: join a run and train"),
-    "pull": (cfg.PullConfig, cmd_pull, "download and verify a published checkpoint"),
+    "peer": (peer_cfg.PeerConfig, cmd_peer, "donate compute: join a run and train"),
+    "pull": (peer_cfg.PullConfig, cmd_pull, "download and verify a published checkpoint"),
     "checkpoints": (
-        cfg.CheckpointsConfig,
+        peer_cfg.CheckpointsConfig,
         cmd_checkpoints,
         "list published checkpoints (step, time, eval loss, size)",
     ),
     "verify": (
-        cfg.VerifyConfig,
+        peer_cfg.VerifyConfig,
         cmd_verify,
         "check a downloaded checkpoint offline: signature and every sha256",
     ),
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (config_cls, _, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        cfg.add_arguments(sp, config_cls)
+        peer_cfg.add_arguments(sp, config_cls)
     return parser
 
 
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.log_level)
     config_cls, handler, _ = COMMANDS[args.command]
     try:
-        return handler(cfg.from_arguments(config_cls, args))
+        return handler(peer_cfg.from_arguments(config_cls, args))
     except KeyboardInterrupt:
         return 130
     except Exception as e:

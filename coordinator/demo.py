@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.config import DemoConfig
+from crowdtrain.coordinator.config import DemoConfig
 
 logger = logging.getLogger(__name__)
 _INTERESTING = re.compile(
@@ -40,7 +40,7 @@ class Child:
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "coordinator.cli", *args]
+    return [sys.executable, "-m", "crowdtrain.coordinator.cli", *args]
 
 
 def coordinator_command(data_dir: Path, *extra: str) -> list[str]:
@@ -161,8 +161,8 @@ def generate_sample(model_dir: Path, prompt: str = "def ", max_new_tokens: int =
 
 
 def run_demo(config: DemoConfig) -> int:
-    from coordinator.checkpoints import list_checkpoints
-    from peer.pull import pull
+    from crowdtrain.peer.checkpoint import list_checkpoints
+    from crowdtrain.peer.pull import pull
 
     t_start = time.monotonic()
     workdir = Path(config.workdir or tempfile.mkdtemp(prefix="crowdtrain-demo-")).resolve()

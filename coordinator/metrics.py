@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from crowdtrain.coordinator.status import SwarmStatus
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily
-
-from coordinator.status import SwarmStatus
 
 
 class _StatusCollector:

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from coordinator.registry import HealthSettings, PeerRecord, is_online
-from coordinator.status import SwarmProgress
-from coordinator.store import Store
+from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
+from crowdtrain.coordinator.status import SwarmProgress
+from crowdtrain.coordinator.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ joiner uses). Every `interval_s` it checks the swarm's global epoch; when it adv
 published checkpoint it downloads the state from several peers and keeps one only if a majority of
 them agree on it (`agreement.judge`: one forged donor cannot publish its state), evaluates it on the
 held-out split (`vetting.check_candidate`) and writes an HF-format directory atomically, signed
-(see `checkpoints.finalize`).
+(see `archive.finalize`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from coordinator import checkpoints
-from coordinator.agreement import FetchedState, judge
-from coordinator.manifest import RunManifest
-from coordinator.statefetch import StateFetcher
-from coordinator.vetting import check_candidate, model_card
+from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.agreement import FetchedState, judge
+from crowdtrain.coordinator.statefetch import StateFetcher
+from crowdtrain.coordinator.vetting import check_candidate, model_card
+from crowdtrain.peer import checkpoint
+from crowdtrain.peer.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +67,12 @@ class Publisher:
 
     def start(self) -> Publisher:
         """Build the model, join the swarm's DHT (client mode) and follow its progress records."""
+        from crowdtrain.peer.data import read_shard, tokenize_blocks
+        from crowdtrain.peer.model import build_model, evaluate
+        from crowdtrain.peer.swarm import start_dht
         from hivemind.optim.progress_tracker import ProgressTracker
         from tokenizers import Tokenizer
         from transformers.utils import logging as hf_logging
-
-        from peer.data import read_shard, tokenize_blocks
-        from peer.model import build_model, evaluate
-        from peer.swarm import start_dht
 
         hf_logging.disable_progress_bar()  # no tqdm bars in an operator's log
         self.model = build_model(self.manifest, self.device)
@@ -137,13 +137,12 @@ class Publisher:
                 logger.exception("publisher: round failed, will retry in %.0fs", self.interval_s)
 
     def latest_step(self) -> int:
-        metas = checkpoints.list_checkpoints(self.root)
+        metas = checkpoint.list_checkpoints(self.root)
         return metas[-1].step if metas else 0
 
-    def publish_once(self) -> checkpoints.CheckpointMeta | None:
+    def publish_once(self) -> checkpoint.CheckpointMeta | None:
         import torch
-
-        from peer.model import evaluate, hf_tokenizer
+        from crowdtrain.peer.model import evaluate, hf_tokenizer
 
         last = self.latest_step()
         global_epoch = self.global_epoch
@@ -161,7 +160,7 @@ class Publisher:
             for param, loaded in zip(self.model.parameters(), state.tensors, strict=True):
                 param.copy_(loaded)
         eval_loss = evaluate(self.model, self.eval_blocks)
-        metas = checkpoints.list_checkpoints(self.root)
+        metas = checkpoint.list_checkpoints(self.root)
         problem = check_candidate(
             dict(self.model.state_dict()),
             self.expected_shapes,
@@ -173,7 +172,7 @@ class Publisher:
             logger.warning("publisher: not publishing the state of epoch %d: %s", epoch, problem)
             self.on_reject(epoch, problem)
             return None
-        staging = checkpoints.new_staging_dir(self.root, epoch)
+        staging = archive.new_staging_dir(self.root, epoch)
         self.model.save_pretrained(staging)
         hf_tokenizer(self.tokenizer_json, self.manifest).save_pretrained(staging)
         (staging / "README.md").write_text(
@@ -185,10 +184,10 @@ class Publisher:
                 created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             )
         )
-        meta = checkpoints.finalize(
+        meta = archive.finalize(
             staging,
             self.root,
-            checkpoints.CheckpointMeta(
+            checkpoint.CheckpointMeta(
                 run_id=self.manifest.run_id,
                 step=epoch,
                 samples_seen=epoch * self.manifest.swarm.target_batch_size,
@@ -251,10 +250,10 @@ class Publisher:
 
     def prune(self) -> list[int]:
         """Apply retention: delete old checkpoints, never the latest nor one being downloaded."""
-        steps = [m.step for m in checkpoints.list_checkpoints(self.root)]
-        victims = checkpoints.retention_victims(steps, self.keep_last, self.keep_every, self.in_use())
+        steps = [m.step for m in checkpoint.list_checkpoints(self.root)]
+        victims = archive.retention_victims(steps, self.keep_last, self.keep_every, self.in_use())
         for step in victims:
-            checkpoints.remove_checkpoint(self.root, step)
+            archive.remove_checkpoint(self.root, step)
         if victims:
             logger.info("retention: removed checkpoints %s", victims)
         return victims

@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 import grpc
+from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
+from crowdtrain.coordinator.status import SwarmStatus
+from crowdtrain.coordinator.store import Store
+from crowdtrain.peer import checkpoint
+from crowdtrain.protos import coordinator_pb2 as pb
+from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from coordinator import checkpoints
-from coordinator.registry import HealthSettings, PeerRecord
-from coordinator.status import SwarmStatus
-from coordinator.store import Store
-from protos import coordinator_pb2 as pb
-from protos import coordinator_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,12 @@ class CoordinatorServicer:
         status: Callable[[], SwarmStatus] | None = None,
         heartbeat_latency: Callable[[float], None] = lambda seconds: None,
         resume_step: Callable[[], int] = lambda: 0,
-        downloads: checkpoints.DownloadTracker | None = None,
+        downloads: archive.DownloadTracker | None = None,
     ):
         self.run, self.store, self.health = run, store, health_settings
         self.initial_peers, self.clock = initial_peers, clock
         self.status, self.heartbeat_latency, self.resume_step = status, heartbeat_latency, resume_step
-        self.downloads = downloads or checkpoints.DownloadTracker()
+        self.downloads = downloads or archive.DownloadTracker()
         self._join_lock = threading.Lock()
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
@@ -184,7 +184,7 @@ class CoordinatorServicer:
                     ],
                     url=f"{base}/checkpoints/{m.step}",
                 )
-                for m in checkpoints.list_checkpoints(self.run.checkpoint_root)
+                for m in checkpoint.list_checkpoints(self.run.checkpoint_root)
             ],
         )
 
@@ -194,7 +194,7 @@ class CoordinatorServicer:
         The caller streams the file and must close it; while it is open, count it in `downloads`
         so that retention does not delete the checkpoint under the reader.
         """
-        metas = checkpoints.list_checkpoints(self.run.checkpoint_root)
+        metas = checkpoint.list_checkpoints(self.run.checkpoint_root)
         if not metas:
             raise Rejected(grpc.StatusCode.NOT_FOUND, "no checkpoint has been published yet")
         meta = metas[-1] if request.step == 0 else next((m for m in metas if m.step == request.step), None)
@@ -203,9 +203,9 @@ class CoordinatorServicer:
             raise Rejected(
                 grpc.StatusCode.NOT_FOUND, f"no checkpoint at step {request.step} (have {available})"
             )
-        if request.name not in {f.name for f in meta.files} | {checkpoints.META_NAME}:
+        if request.name not in {f.name for f in meta.files} | {checkpoint.META_NAME}:
             raise Rejected(grpc.StatusCode.NOT_FOUND, f"checkpoint {meta.step} has no file {request.name!r}")
-        path = self.run.checkpoint_root / checkpoints.step_dirname(meta.step) / request.name
+        path = self.run.checkpoint_root / checkpoint.step_dirname(meta.step) / request.name
         try:
             f = open(path, "rb")  # noqa: SIM115 - the caller closes it when the stream ends
         except FileNotFoundError:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
@@ -51,14 +50,3 @@ def public_key_hex(key: Ed25519PrivateKey) -> str:
 
 def sign_hex(key: Ed25519PrivateKey, payload: bytes) -> str:
     return key.sign(payload).hex()
-
-
-def verify_hex(public_hex: str, payload: bytes, signature_hex: str) -> bool:
-    """True when `signature_hex` is `public_hex`'s signature of `payload`; False on any mismatch."""
-    try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)).verify(
-            bytes.fromhex(signature_hex), payload
-        )
-    except (InvalidSignature, ValueError):
-        return False
-    return True

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import threading
 
-from coordinator.agreement import FetchedState
+from crowdtrain.coordinator.agreement import FetchedState
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from coordinator.checkpoints import CheckpointMeta
-from coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state, contribution
+from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state, contribution
+from crowdtrain.peer.checkpoint import CheckpointMeta
 
 
 @dataclass(frozen=True)

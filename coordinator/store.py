@@ -12,7 +12,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from coordinator.registry import PeerRecord
+from crowdtrain.coordinator.registry import PeerRecord
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from coordinator.manifest import RunManifest
+from crowdtrain.peer.manifest import RunManifest
 
 
 def check_candidate(

@@ -29,12 +29,12 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.status import SwarmStatus, contributors
+from crowdtrain.coordinator.store import Store
+from crowdtrain.peer import checkpoint
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from coordinator import checkpoints
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.status import SwarmStatus, contributors
-from coordinator.store import Store
 
 logger = logging.getLogger(__name__)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -54,7 +54,7 @@ class WebContext:
     store: Store
     status: Callable[[], SwarmStatus]
     metrics: CoordinatorMetrics | None = None
-    downloads: checkpoints.DownloadTracker = dataclasses.field(default_factory=checkpoints.DownloadTracker)
+    downloads: archive.DownloadTracker = dataclasses.field(default_factory=archive.DownloadTracker)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -106,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = ctx.manifest_json
         elif name == "checkpoints":
             body = json.dumps(
-                [json.loads(m.to_json()) for m in checkpoints.list_checkpoints(ctx.checkpoint_root)]
+                [json.loads(m.to_json()) for m in checkpoint.list_checkpoints(ctx.checkpoint_root)]
             )
         elif name == "state":
             body = json.dumps(ctx.status().to_json_dict()["summary"])
@@ -119,7 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif name == "history":
             evals = [
                 {"t": m.created_unix_s, "step": m.step, "eval_loss": m.eval_loss}
-                for m in checkpoints.list_checkpoints(ctx.checkpoint_root)
+                for m in checkpoint.list_checkpoints(ctx.checkpoint_root)
             ]
             body = json.dumps({"swarm": ctx.store.history(), "eval": evals})
         else:
@@ -127,17 +127,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_bytes(body.encode(), "application/json", send_body)
 
     def _checkpoint_file(self, step: str, name: str, send_body: bool) -> None:
-        metas = checkpoints.list_checkpoints(self.ctx.checkpoint_root)
+        metas = checkpoint.list_checkpoints(self.ctx.checkpoint_root)
         if step == "latest":
             meta = metas[-1] if metas else None
         else:
             meta = next((m for m in metas if step.isdigit() and m.step == int(step)), None)
-        allowed = {f.name for f in meta.files} | {checkpoints.META_NAME} if meta else set()
+        allowed = {f.name for f in meta.files} | {checkpoint.META_NAME} if meta else set()
         if meta is None or name not in allowed:
             return self.send_error(HTTPStatus.NOT_FOUND, f"no checkpoint file {step}/{name}")
         self.ctx.downloads.begin(meta.step)
         try:
-            self._send_file(self.ctx.checkpoint_root / checkpoints.step_dirname(meta.step) / name, send_body)
+            self._send_file(self.ctx.checkpoint_root / checkpoint.step_dirname(meta.step) / name, send_body)
         finally:
             self.ctx.downloads.end(meta.step)
 

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import grpc
-
-from coordinator.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
-from protos import coordinator_pb2 as pb
+from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
+from crowdtrain.protos import coordinator_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +35,14 @@ class PeerStats:
 
 
 class StatsBox:
-    """A thread-safe holder of the latest PeerStats."""
+    """A thread-safe holder of the latest PeerStats; `phase_changed` is set whenever the phase changes
+    (the heartbeat reporter wakes on it, so the coordinator learns "training" at once, not one
+    heartbeat interval later)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._stats = PeerStats()
+        self.phase_changed = threading.Event()
 
     def get(self) -> PeerStats:
         with self._lock:
@@ -48,7 +50,9 @@ class StatsBox:
 
     def update(self, **changes) -> None:
         with self._lock:
-            self._stats = replace(self._stats, **changes)
+            before, self._stats = self._stats, replace(self._stats, **changes)
+        if self._stats.phase != before.phase:
+            self.phase_changed.set()
 
 
 class HeartbeatReporter:
@@ -84,6 +88,7 @@ class HeartbeatReporter:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.stats.phase_changed.set()  # wakes the thread's wait
         self._stream.close()  # unblocks a send waiting for an answer
         if self._thread is not None:
             self._thread.join(timeout=self.client.rpc_timeout_s + 1)
@@ -118,6 +123,7 @@ class HeartbeatReporter:
             if e.code is grpc.StatusCode.PERMISSION_DENIED:  # banned: the volunteer must stop
                 self.refused = e
                 self._stop.set()
+                self.stats.phase_changed.set()
                 return False
             if self.failed == 0:
                 logger.warning("heartbeat failed (%s); training continues, will keep trying", e)
@@ -146,10 +152,11 @@ class HeartbeatReporter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.stats.phase_changed.clear()  # this beat carries the current phase
             delivered = self.beat_once()
             delay = (
                 self.interval_s
                 if delivered
                 else min(self.max_backoff_s, self.interval_s * 2 ** min(self.failed, 5))
             )
-            self._stop.wait(delay)
+            self.stats.phase_changed.wait(delay)  # the next interval, a new phase, or shutdown

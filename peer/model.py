@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from crowdtrain.peer.manifest import RunManifest
 from tokenizers import Tokenizer
 from transformers import (
     AutoConfig,
@@ -20,8 +21,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
-
-from coordinator.manifest import RunManifest
 
 
 def build_config(manifest: RunManifest):

@@ -25,9 +25,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator import checkpoints
-from coordinator.checkpoints import CheckpointError, CheckpointMeta, FileEntry
-from coordinator.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
+from crowdtrain.peer import checkpoint
+from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta, FileEntry
+from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _download(url: str, dest: Path, size: int, deadline: float, progress: _Progr
 
 def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) -> CheckpointMeta:
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()) and not (out / checkpoints.META_NAME).exists():
+    if out.exists() and any(out.iterdir()) and not (out / checkpoint.META_NAME).exists():
         raise PullError(f"{out} exists and is not a crowdtrain checkpoint; choose another --out or empty it")
     listed, public_key = list_published(coordinator)
     if not listed:
@@ -190,7 +190,7 @@ def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) 
     deadline = time.monotonic() + timeout_s
     t0 = time.monotonic()
     # crowdtrain.json is small and must be fetched whole; it may have changed since an earlier try
-    (staging / checkpoints.META_NAME).unlink(missing_ok=True)
+    (staging / checkpoint.META_NAME).unlink(missing_ok=True)
     sizes = {f.name: f.size_bytes for f in info.files}
     progress = _Progress(sum(sizes.values()))
     client = None if coordinator.startswith(("http://", "https://")) else CoordinatorClient(coordinator)
@@ -202,7 +202,7 @@ def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) 
             _download(f"{info.url}/{name}", staging / name, size, deadline, progress)
 
     try:
-        fetch(checkpoints.META_NAME, 1 << 30, _Progress(0))
+        fetch(checkpoint.META_NAME, 1 << 30, _Progress(0))
         for name, size in sizes.items():
             fetch(name, size, progress)
     finally:
@@ -210,7 +210,7 @@ def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) 
         if client is not None:
             client.close()
     try:
-        meta = checkpoints.verify_dir(
+        meta = checkpoint.verify_dir(
             staging,
             expected=CheckpointMeta(
                 run_id="",

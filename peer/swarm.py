@@ -19,8 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-
-from coordinator.manifest import RunManifest
+from crowdtrain.peer.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
 

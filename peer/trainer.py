@@ -22,16 +22,17 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from coordinator.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
-from coordinator.config import PeerConfig
-from coordinator.manifest import RunManifest, ShardSpec
-from peer.data import sha256_file
-from peer.heartbeat import HeartbeatReporter, StatsBox
-from peer.swarm import rejoin_bootstrap_peers
-from protos import coordinator_pb2 as pb
+from crowdtrain.peer import __version__
+from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
+from crowdtrain.peer.config import PeerConfig
+from crowdtrain.peer.data import sha256_file
+from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
+from crowdtrain.peer.manifest import RunManifest, ShardSpec
+from crowdtrain.peer.swarm import rejoin_bootstrap_peers
+from crowdtrain.protos import coordinator_pb2 as pb
 
 logger = logging.getLogger(__name__)
-VERSION = "0.1.0"
+
 STATE_LOAD_ATTEMPTS = 5  # then fall back to the latest published checkpoint
 
 
@@ -107,7 +108,7 @@ class Volunteer:
             torch.set_num_threads(self.config.threads)
         self.device = pick_device(self.config.device)
         self.device_label = describe_device(self.device)
-        request = pb.JoinRequest(name=self.name, version=VERSION, device=self.device_label)
+        request = pb.JoinRequest(name=self.name, version=__version__, device=self.device_label)
         response = retry_until(
             lambda: self.client.join(request),
             deadline_s=self.config.join_timeout_s,
@@ -148,12 +149,16 @@ class Volunteer:
 
     def _run(self) -> int:
         import torch
+        from crowdtrain.peer.data import read_shard, rotating_batches, tokenize_blocks
+        from crowdtrain.peer.model import as_batch, build_model, num_parameters
+        from crowdtrain.peer.swarm import (
+            make_optimizer,
+            start_dht,
+            tie_children_to_this_process,
+            use_fork_start_method,
+        )
         from hivemind.utils import get_dht_time
         from tokenizers import Tokenizer
-
-        from peer.data import read_shard, rotating_batches, tokenize_blocks
-        from peer.model import as_batch, build_model, num_parameters
-        from peer.swarm import make_optimizer, start_dht, tie_children_to_this_process, use_fork_start_method
 
         joined = self.join()
         manifest = RunManifest.from_json(joined.manifest_json)
@@ -174,7 +179,7 @@ class Volunteer:
             self.session_id,
             self.stats,
             name=self.name,
-            version=VERSION,
+            version=__version__,
             device=self.device_label,
             interval_s=settings.heartbeat_interval_s,
             on_reconnect=lambda: rejoin_bootstrap_peers(self.dht, list(joined.initial_peers)),
@@ -305,7 +310,7 @@ class Volunteer:
         """Write this peer's model to --save-dir atomically (staging directory, then rename)."""
         import shutil
 
-        from peer.model import hf_tokenizer
+        from crowdtrain.peer.model import hf_tokenizer
 
         out = Path(self.config.save_dir).expanduser()
         staging = out.with_name(f".{out.name}.saving-{os.getpid()}")
@@ -321,9 +326,8 @@ class Volunteer:
     def _load_checkpoint(self, model, step: int, cache_dir: Path) -> None:
         """Download (verified, see peer/pull.py) and load the weights of a published checkpoint."""
         import torch
+        from crowdtrain.peer.pull import pull
         from safetensors.torch import load_file
-
-        from peer.pull import pull
 
         out = cache_dir / "resume-checkpoint"
         meta = pull(self.config.coordinator, out, step=step)
@@ -404,8 +408,7 @@ class Volunteer:
         state-averaging round pulls our parameters to the swarm's.
         """
         import torch
-
-        from peer.pull import PullError, list_published
+        from crowdtrain.peer.pull import PullError, list_published
 
         try:
             listed, _ = list_published(self.config.coordinator)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import coordinator_pb2 as protos_dot_coordinator__pb2
+from crowdtrain.protos import coordinator_pb2 as crowdtrain_dot_protos_dot_coordinator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/coordinator_pb2_grpc.py depends on'
+        + ' but the generated code in crowdtrain/protos/coordinator_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class CoordinatorStub:
         """
         self.Join = channel.unary_unary(
                 '/crowdtrain.v1.Coordinator/Join',
-                request_serializer=protos_dot_coordinator__pb2.JoinRequest.SerializeToString,
-                response_deserializer=protos_dot_coordinator__pb2.JoinResponse.FromString,
+                request_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.JoinRequest.SerializeToString,
+                response_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.JoinResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/crowdtrain.v1.Coordinator/Heartbeat',
-                request_serializer=protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
+                request_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.HeartbeatStream = channel.stream_stream(
                 '/crowdtrain.v1.Coordinator/HeartbeatStream',
-                request_serializer=protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
+                request_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/crowdtrain.v1.Coordinator/Leave',
-                request_serializer=protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
-                response_deserializer=protos_dot_coordinator__pb2.LeaveResponse.FromString,
+                request_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.LeaveResponse.FromString,
                 _registered_method=True)
         self.ListCheckpoints = channel.unary_unary(
                 '/crowdtrain.v1.Coordinator/ListCheckpoints',
-                request_serializer=protos_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
-                response_deserializer=protos_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
+                request_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
         self.DownloadCheckpointFile = channel.unary_stream(
                 '/crowdtrain.v1.Coordinator/DownloadCheckpointFile',
-                request_serializer=protos_dot_coordinator__pb2.DownloadCheckpointFileRequest.SerializeToString,
-                response_deserializer=protos_dot_coordinator__pb2.FileChunk.FromString,
+                request_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.DownloadCheckpointFileRequest.SerializeToString,
+                response_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.FileChunk.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/crowdtrain.v1.Coordinator/GetStatus',
-                request_serializer=protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
-                response_deserializer=protos_dot_coordinator__pb2.GetStatusResponse.FromString,
+                request_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -132,38 +132,38 @@ def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=protos_dot_coordinator__pb2.JoinRequest.FromString,
-                    response_serializer=protos_dot_coordinator__pb2.JoinResponse.SerializeToString,
+                    request_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.JoinRequest.FromString,
+                    response_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.JoinResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=protos_dot_coordinator__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
             ),
             'HeartbeatStream': grpc.stream_stream_rpc_method_handler(
                     servicer.HeartbeatStream,
-                    request_deserializer=protos_dot_coordinator__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
-                    request_deserializer=protos_dot_coordinator__pb2.LeaveRequest.FromString,
-                    response_serializer=protos_dot_coordinator__pb2.LeaveResponse.SerializeToString,
+                    request_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.LeaveRequest.FromString,
+                    response_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.LeaveResponse.SerializeToString,
             ),
             'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCheckpoints,
-                    request_deserializer=protos_dot_coordinator__pb2.ListCheckpointsRequest.FromString,
-                    response_serializer=protos_dot_coordinator__pb2.ListCheckpointsResponse.SerializeToString,
+                    request_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.ListCheckpointsResponse.SerializeToString,
             ),
             'DownloadCheckpointFile': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadCheckpointFile,
-                    request_deserializer=protos_dot_coordinator__pb2.DownloadCheckpointFileRequest.FromString,
-                    response_serializer=protos_dot_coordinator__pb2.FileChunk.SerializeToString,
+                    request_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.DownloadCheckpointFileRequest.FromString,
+                    response_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.FileChunk.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=protos_dot_coordinator__pb2.GetStatusRequest.FromString,
-                    response_serializer=protos_dot_coordinator__pb2.GetStatusResponse.SerializeToString,
+                    request_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusRequest.FromString,
+                    response_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -191,8 +191,8 @@ class Coordinator:
             request,
             target,
             '/crowdtrain.v1.Coordinator/Join',
-            protos_dot_coordinator__pb2.JoinRequest.SerializeToString,
-            protos_dot_coordinator__pb2.JoinResponse.FromString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.JoinRequest.SerializeToString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.JoinResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class Coordinator:
             request,
             target,
             '/crowdtrain.v1.Coordinator/Heartbeat',
-            protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -245,8 +245,8 @@ class Coordinator:
             request_iterator,
             target,
             '/crowdtrain.v1.Coordinator/HeartbeatStream',
-            protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -272,8 +272,8 @@ class Coordinator:
             request,
             target,
             '/crowdtrain.v1.Coordinator/Leave',
-            protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
-            protos_dot_coordinator__pb2.LeaveResponse.FromString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -299,8 +299,8 @@ class Coordinator:
             request,
             target,
             '/crowdtrain.v1.Coordinator/ListCheckpoints',
-            protos_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
-            protos_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -326,8 +326,8 @@ class Coordinator:
             request,
             target,
             '/crowdtrain.v1.Coordinator/DownloadCheckpointFile',
-            protos_dot_coordinator__pb2.DownloadCheckpointFileRequest.SerializeToString,
-            protos_dot_coordinator__pb2.FileChunk.FromString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.DownloadCheckpointFileRequest.SerializeToString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -353,8 +353,8 @@ class Coordinator:
             request,
             target,
             '/crowdtrain.v1.Coordinator/GetStatus',
-            protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
-            protos_dot_coordinator__pb2.GetStatusResponse.FromString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

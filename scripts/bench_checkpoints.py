@@ -1,7 +1,7 @@
 """Checkpoint publishing latency and pull throughput, measured on a real local swarm.
 
-    .venv/bin/python scripts/bench_checkpoints.py                       # tiny, 2 CPU peers, 3 minutes
-    python scripts/bench_checkpoints.py --preset base125m --device cuda --peers 2 --minutes 4   # on a GPU
+    .venv/bin/python -m scripts.bench_checkpoints                       # tiny, 2 CPU peers, 3 minutes
+    python -m scripts.bench_checkpoints --preset base125m --device cuda --peers 2 --minutes 4   # on a GPU
 
 Publish latency is "epoch reached -> checkpoint downloadable": from the moment the first peer logs
 epoch S to the moment /api/v1/checkpoints lists step S (it includes waiting for the publisher's
@@ -25,9 +25,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from coordinator.demo import coordinator_command, local_peer_command, spawn, stop_children, wait_for_endpoints  # noqa: E402
+from crowdtrain.coordinator.demo import (
+    coordinator_command,
+    local_peer_command,
+    spawn,
+    stop_children,
+    wait_for_endpoints,
+)
 
 EPOCH = re.compile(r"epoch=(\d+) loss=")
 
@@ -104,7 +108,7 @@ def main() -> int:
                 f"(interval {args.checkpoint_interval_s:.0f}s)"
             )
 
-        from peer.pull import list_published, pull
+        from crowdtrain.peer.pull import list_published, pull
 
         listed, _ = list_published(endpoints["grpc"])
         latest = listed[-1]

@@ -1,7 +1,7 @@
 """Coordinator capacity: sustained heartbeats/s and latency, from a separate process over loopback.
 
-    .venv/bin/python scripts/bench_coordinator.py                       # 20,000 peers, 2,000 heartbeats/s, 20 s
-    .venv/bin/python scripts/bench_coordinator.py --rates 1000 2000 4000 --duration-s 15
+    .venv/bin/python -m scripts.bench_coordinator                       # 20,000 peers, 2,000 heartbeats/s, 20 s
+    .venv/bin/python -m scripts.bench_coordinator --rates 1000 2000 4000 --duration-s 15
 
 Starts a real `crowdtrain coordinator` (tiny preset, no publisher) as its own process, joins
 --peers simulated peers, then for each rate sends heartbeats open-loop (on a fixed schedule, so a
@@ -23,13 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import grpc  # noqa: E402
-
-from coordinator.demo import cli_command, spawn, stop_children, wait_for_endpoints  # noqa: E402
-from protos import coordinator_pb2 as pb  # noqa: E402
-from protos import coordinator_pb2_grpc as pb_grpc  # noqa: E402
+import grpc
+from crowdtrain.coordinator.demo import cli_command, spawn, stop_children, wait_for_endpoints
+from crowdtrain.protos import coordinator_pb2 as pb
+from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
 
 async def join_all(stub, peers: int, concurrency: int = 64) -> list[str]:

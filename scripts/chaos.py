@@ -1,7 +1,7 @@
 """Chaos run: a local swarm under random, replayable faults; prints what it survived.
 
-    .venv/bin/python scripts/chaos.py --peers 4 --minutes 10 --seed 7
-    .venv/bin/python scripts/chaos.py --peers 3 --minutes 4 --wan    # as root: peers behind netem links
+    .venv/bin/python -m scripts.chaos --peers 4 --minutes 10 --seed 7
+    .venv/bin/python -m scripts.chaos --peers 3 --minutes 4 --wan    # as root: peers behind netem links
 
 See coordinator/chaos.py for the faults and how each figure is measured. The report is printed and
 written to WORK/chaos.json (the fault plan to WORK/plan.json, every process's log beside them).
@@ -18,10 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from coordinator.chaos import ChaosConfig, missed_targets, run_chaos  # noqa: E402
-from coordinator.wan import WanUnavailable  # noqa: E402
+from scripts.chaos_harness import ChaosConfig, missed_targets, run_chaos
+from scripts.wan import WanUnavailable
 
 
 def main() -> int:

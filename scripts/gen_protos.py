@@ -3,7 +3,8 @@
     python scripts/gen_protos.py            # rewrite protos/*_pb2*.py[i]
     python scripts/gen_protos.py --check    # exit 1 when the committed code is stale
 
-Compiles from the repository root so generated imports read `from protos import ...`.
+Compiles a copy laid out as the installed package (`crowdtrain/protos/`), so generated imports read
+`from crowdtrain.protos import ...`.
 Needs the `dev` extra (grpcio-tools, pinned so the output is reproducible).
 """
 
@@ -21,18 +22,23 @@ ROOT = Path(__file__).resolve().parent.parent
 def generate(out_dir: Path) -> list[Path]:
     from grpc_tools import protoc
 
-    sources = sorted((ROOT / "protos").glob("*.proto"))
+    package = out_dir / "src" / "crowdtrain" / "protos"
+    package.mkdir(parents=True)
+    sources = []
+    for source in sorted((ROOT / "protos").glob("*.proto")):
+        sources.append(package / source.name)
+        sources[-1].write_bytes(source.read_bytes())
     args = [
         "grpc_tools.protoc",
-        f"-I{ROOT}",
+        f"-I{out_dir / 'src'}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        *[str(s.relative_to(ROOT)) for s in sources],
+        *[str(s.relative_to(out_dir / "src")) for s in sources],
     ]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {[s.name for s in sources]}")
-    return sorted((out_dir / "protos").glob("*_pb2*.py*"))
+    return sorted((out_dir / "crowdtrain" / "protos").glob("*_pb2*.py*"))
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """GPU smoke test: the realistic preset on a real accelerator, end to end, with figures.
 
     bash scripts/gpu_smoke.sh                                   # on a GPU machine (base125m, cuda)
-    python scripts/gpu_smoke.py --preset tiny --device cpu --train-s 40   # dry run on a CPU
+    python -m scripts.gpu_smoke --preset tiny --device cpu --train-s 40   # dry run on a CPU
 
 1. Compute: training steps of the preset's model alone (bf16 autocast on CUDA): samples/s, tokens/s,
    peak GPU memory.
@@ -23,9 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from coordinator.demo import (  # noqa: E402
+from crowdtrain.coordinator.demo import (
     coordinator_command,
     local_peer_command,
     spawn,
@@ -59,9 +57,8 @@ def main() -> int:
 def compute_benchmark(preset_name: str, device: str, steps: int = 8) -> dict:
     """Training steps of the preset's model alone, at the preset's per-peer batch size."""
     import torch
-
-    from coordinator.manifest import DataSpec, ShardSpec, TokenizerSpec, build_manifest, get_preset
-    from peer.model import build_model, num_parameters
+    from crowdtrain.peer.manifest import DataSpec, ShardSpec, TokenizerSpec, build_manifest, get_preset
+    from crowdtrain.peer.model import build_model, num_parameters
 
     preset = get_preset(preset_name)
     shard = ShardSpec("x", "0" * 64, 0, 0)
@@ -167,7 +164,7 @@ def swarm_check(preset: str, device: str, train_s: float) -> dict:
         result["published_step"], result["published_eval_loss"] = int(m.group(1)), float(m.group(2))
         result["publish_fetch_eval_write_s"] = float(m.group(3))
 
-        from peer.pull import pull
+        from crowdtrain.peer.pull import pull
 
         t_pull = time.monotonic()
         meta = pull(endpoints["grpc"], work / "pulled", step=result["published_step"])
@@ -175,7 +172,7 @@ def swarm_check(preset: str, device: str, train_s: float) -> dict:
         size = sum(f.size_bytes for f in meta.files)
         result["pull_mb"] = round(size / 1e6, 1)
         result["pull_mb_per_s"] = round(size / 1e6 / pull_s, 1)
-        from coordinator.demo import generate_sample
+        from crowdtrain.coordinator.demo import generate_sample
 
         result["sample"] = generate_sample(work / "pulled")
     finally:

@@ -24,7 +24,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first and pinned, so nothing below can pull a different (CUDA) build
   "$PY" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
   "$PY" -m pip install -q -e "$ROOT[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY" -c "import torch, hivemind, transformers, grpc, coordinator.cli" || {
+  "$PY" -c "import torch, hivemind, transformers, grpc, crowdtrain.coordinator.cli" || {
     echo "error: installation failed; see the pip output above" >&2
     exit 1
   }

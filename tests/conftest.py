@@ -6,9 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from coordinator.chaos import processes_in_groups
-from coordinator.demo import (
+from crowdtrain.coordinator.demo import (
     Child,
     cli_command,
     coordinator_command,
@@ -18,6 +16,8 @@ from coordinator.demo import (
     wait_for_endpoints,
     wait_for_line,
 )
+
+from scripts.chaos_harness import processes_in_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -42,11 +42,11 @@ def make_run(tmp_path: Path, corpus: Path):
     """A tiny run (vocab 400) over `corpus`: (manifest, tokenizer JSON), with its shards in tmp_path/d."""
     import dataclasses
 
-    from coordinator.manifest import build_manifest, get_preset
-    from peer import data
+    from crowdtrain.coordinator import dataset
+    from crowdtrain.peer.manifest import build_manifest, get_preset
 
     preset = dataclasses.replace(get_preset("tiny"), vocab_size=400, num_shards=4, eval_fraction=0.05)
-    spec, tok, tokenizer_json = data.build_dataset(
+    spec, tok, tokenizer_json = dataset.build_dataset(
         [corpus],
         tmp_path / "d",
         source_label="t",

@@ -21,11 +21,11 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=3.0)
     args = parser.parse_args()
 
-    from coordinator.client import CoordinatorClient
-    from coordinator.manifest import RunManifest
-    from peer.model import build_model
-    from peer.swarm import make_optimizer, start_dht, use_fork_start_method
-    from protos import coordinator_pb2 as pb
+    from crowdtrain.peer.client import CoordinatorClient
+    from crowdtrain.peer.manifest import RunManifest
+    from crowdtrain.peer.model import build_model
+    from crowdtrain.peer.swarm import make_optimizer, start_dht, use_fork_start_method
+    from crowdtrain.protos import coordinator_pb2 as pb
 
     use_fork_start_method()
     with CoordinatorClient(args.coordinator) as client:

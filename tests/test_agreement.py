@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from coordinator.agreement import FetchedState, judge, relative_distance
+from crowdtrain.coordinator.agreement import FetchedState, judge, relative_distance
 
 TOL = 0.01
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import wan
-from coordinator.chaos import ChaosConfig, Fault, missed_targets, run_chaos
+from scripts import wan
+from scripts.chaos_harness import ChaosConfig, Fault, missed_targets, run_chaos
 
 pytestmark = pytest.mark.swarm
 

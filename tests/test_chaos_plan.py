@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.chaos import ChaosConfig, Fault, plan_faults, samples_at
+from scripts.chaos_harness import ChaosConfig, Fault, plan_faults, samples_at
 
 
 def test_a_seed_replays_the_same_plan_and_another_seed_does_not():

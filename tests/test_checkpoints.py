@@ -8,15 +8,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.registry import HealthSettings
+from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo, create_server
+from crowdtrain.coordinator.signing import new_key, public_key_hex, sign_hex
+from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.webserver import WebContext, WebServer
+from crowdtrain.peer import checkpoint
+from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta
+from crowdtrain.peer.pull import PullError, pull
 
-from coordinator import checkpoints
-from coordinator.checkpoints import CheckpointError, CheckpointMeta
-from coordinator.registry import HealthSettings
-from coordinator.service import CoordinatorServicer, RunInfo, create_server
-from coordinator.signing import new_key, public_key_hex, sign_hex
-from coordinator.store import Store
-from coordinator.webserver import WebContext, WebServer
-from peer.pull import PullError, pull
 from tests.conftest import make_run
 
 KEY = new_key()  # the coordinator's signing key in these tests
@@ -36,41 +37,41 @@ def _meta(step: int, previous: int | None = None) -> CheckpointMeta:
 
 
 def _publish_real_model(root: Path, tmp_path: Path, small_corpus: Path, step: int) -> CheckpointMeta:
-    from peer.model import build_model, hf_tokenizer
+    from crowdtrain.peer.model import build_model, hf_tokenizer
 
     manifest, tokenizer_json = make_run(tmp_path, small_corpus)
-    staging = checkpoints.new_staging_dir(root, step)
+    staging = archive.new_staging_dir(root, step)
     build_model(manifest).save_pretrained(staging)
     hf_tokenizer(tokenizer_json, manifest).save_pretrained(staging)
-    return checkpoints.finalize(staging, root, _meta(step), signing_key=KEY)
+    return archive.finalize(staging, root, _meta(step), signing_key=KEY)
 
 
 def test_finalize_lists_and_verifies_and_detects_tampering(tmp_path: Path):
     root = tmp_path / "ckpt"
-    staging = checkpoints.new_staging_dir(root, 3)
+    staging = archive.new_staging_dir(root, 3)
     (staging / "a.bin").write_bytes(b"x" * 1000)
     (staging / "b.txt").write_text("hello")
-    meta = checkpoints.finalize(staging, root, _meta(3), signing_key=KEY)
+    meta = archive.finalize(staging, root, _meta(3), signing_key=KEY)
     assert [f.name for f in meta.files] == ["a.bin", "b.txt"]
-    assert checkpoints.list_checkpoints(root) == [meta]
-    assert checkpoints.verify_dir(root / "step-00000003") == meta
+    assert checkpoint.list_checkpoints(root) == [meta]
+    assert checkpoint.verify_dir(root / "step-00000003") == meta
     path = root / "step-00000003" / "a.bin"
     data = bytearray(path.read_bytes())
     data[500] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted"):
-        checkpoints.verify_dir(root / "step-00000003")
+        checkpoint.verify_dir(root / "step-00000003")
     path.write_bytes(bytes(data[:10]))
     with pytest.raises(CheckpointError, match="bytes"):
-        checkpoints.verify_dir(root / "step-00000003")
+        checkpoint.verify_dir(root / "step-00000003")
 
 
 def test_unfinished_writes_are_never_listed_and_are_cleaned(tmp_path: Path):
     root = tmp_path / "ckpt"
-    staging = checkpoints.new_staging_dir(root, 9)
+    staging = archive.new_staging_dir(root, 9)
     (staging / "model.safetensors").write_bytes(b"half")
-    assert checkpoints.list_checkpoints(root) == []
-    assert checkpoints.clean_staging(root) == 1
+    assert checkpoint.list_checkpoints(root) == []
+    assert archive.clean_staging(root) == 1
     assert list(root.iterdir()) == []
 
 
@@ -128,7 +129,7 @@ def test_pull_gives_a_verified_hf_loadable_directory(coordinator_with_checkpoint
 def test_pull_over_plain_http_and_the_checkpoints_listing(coordinator_with_checkpoint, tmp_path: Path):
     import subprocess
 
-    from coordinator.demo import cli_command
+    from crowdtrain.coordinator.demo import cli_command
 
     address, base, _, meta = coordinator_with_checkpoint
     assert pull(base, tmp_path / "via-http").step == meta.step
@@ -183,7 +184,7 @@ def test_pull_refuses_a_corrupted_file_and_writes_nothing(coordinator_with_check
 
 
 def test_grpc_streaming_download_resumes_at_an_offset_and_refuses_unknown_files(coordinator_with_checkpoint):
-    from coordinator.client import CoordinatorClient, CoordinatorRejected
+    from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected
 
     address, _, root, meta = coordinator_with_checkpoint
     whole = (root / "step-00000005" / "model.safetensors").read_bytes()
@@ -224,32 +225,32 @@ def test_http_range_requests_resume_downloads(coordinator_with_checkpoint):
 
 def test_signature_pins_the_run_key_and_covers_every_field(tmp_path: Path):
     root = tmp_path / "ckpt"
-    staging = checkpoints.new_staging_dir(root, 4)
+    staging = archive.new_staging_dir(root, 4)
     (staging / "model.safetensors").write_bytes(b"weights")
-    meta = checkpoints.finalize(staging, root, _meta(4), signing_key=KEY)
+    meta = archive.finalize(staging, root, _meta(4), signing_key=KEY)
     directory = root / "step-00000004"
-    assert checkpoints.verify_dir(directory, public_key=public_key_hex(KEY)) == meta
+    assert checkpoint.verify_dir(directory, public_key=public_key_hex(KEY)) == meta
     with pytest.raises(CheckpointError, match="not the run's key"):
-        checkpoints.verify_dir(directory, public_key=public_key_hex(new_key()))
+        checkpoint.verify_dir(directory, public_key=public_key_hex(new_key()))
     # an attacker edits the listing (new hash for a swapped file) but cannot re-sign it
     text = (directory / "crowdtrain.json").read_text()
     (directory / "crowdtrain.json").write_text(text.replace('"eval_loss": 5.0', '"eval_loss": 1.0'))
     with pytest.raises(CheckpointError, match="signature"):
-        checkpoints.verify_dir(directory)
+        checkpoint.verify_dir(directory)
     # ... or re-signs it with their own key: caught once the run's key is pinned
     forged_key = new_key()
     forged = dataclasses.replace(meta, eval_loss=1.0, public_key=public_key_hex(forged_key), signature="")
     forged = dataclasses.replace(forged, signature=sign_hex(forged_key, forged.signing_payload()))
     (directory / "crowdtrain.json").write_text(forged.to_json())
-    checkpoints.verify_dir(directory)  # self-consistent...
+    checkpoint.verify_dir(directory)  # self-consistent...
     with pytest.raises(CheckpointError, match="not the run's key"):
-        checkpoints.verify_dir(directory, public_key=public_key_hex(KEY))
+        checkpoint.verify_dir(directory, public_key=public_key_hex(KEY))
 
 
 def test_verify_command_checks_a_pulled_directory_offline(coordinator_with_checkpoint, tmp_path: Path):
     import subprocess
 
-    from coordinator.demo import cli_command
+    from crowdtrain.coordinator.demo import cli_command
 
     address = coordinator_with_checkpoint[0]
     out = tmp_path / "pulled"
@@ -281,15 +282,15 @@ def test_verify_command_checks_a_pulled_directory_offline(coordinator_with_check
 def test_retention_keeps_the_newest_the_milestones_and_what_is_being_downloaded(
     steps, keep_last, keep_every, in_use, victims
 ):
-    assert checkpoints.retention_victims(steps, keep_last, keep_every, in_use) == victims
+    assert archive.retention_victims(steps, keep_last, keep_every, in_use) == victims
 
 
 def test_pruning_never_touches_a_checkpoint_being_downloaded(tmp_path: Path):
     root = tmp_path / "ckpt"
     for step in (1, 2, 3):
-        staging = checkpoints.new_staging_dir(root, step)
+        staging = archive.new_staging_dir(root, step)
         (staging / "model.safetensors").write_bytes(bytes(range(256)) * (32 << 10))  # 8 MiB
-        checkpoints.finalize(staging, root, _meta(step), signing_key=KEY)
+        archive.finalize(staging, root, _meta(step), signing_key=KEY)
     store = Store(tmp_path / "s.sqlite3")
     ctx = WebContext(tmp_path, frozenset(), root, "{}", store, status=lambda: None)
     web = WebServer(ctx, "127.0.0.1", 0).start()
@@ -299,14 +300,14 @@ def test_pruning_never_touches_a_checkpoint_being_downloaded(tmp_path: Path):
         )
         assert len(response.read(1024)) == 1024  # the server is now blocked mid-file
         assert ctx.downloads.in_use() == {1}
-        victims = checkpoints.retention_victims([1, 2, 3], 1, 0, ctx.downloads.in_use())
+        victims = archive.retention_victims([1, 2, 3], 1, 0, ctx.downloads.in_use())
         assert victims == [2]
         for step in victims:
-            checkpoints.remove_checkpoint(root, step)
+            archive.remove_checkpoint(root, step)
         rest = response.read()
         assert len(rest) + 1024 == 8 << 20  # the download completed despite pruning
         response.close()
-        assert [m.step for m in checkpoints.list_checkpoints(root)] == [1, 3]
+        assert [m.step for m in checkpoint.list_checkpoints(root)] == [1, 3]
         assert not list(root.glob(".tmp-*"))
     finally:
         web.shutdown()

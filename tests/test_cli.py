@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from coordinator.demo import cli_command
+from crowdtrain.coordinator.demo import cli_command
 
 
 def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:

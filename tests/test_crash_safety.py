@@ -11,8 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from coordinator import checkpoints
+from crowdtrain.peer import checkpoint
 
 pytestmark = pytest.mark.swarm
 
@@ -42,7 +41,7 @@ def test_kill_9_during_a_checkpoint_write(launcher, tmp_path: Path):
     os.killpg(coordinator.proc.pid, signal.SIGKILL)
     coordinator.proc.wait()
     assert list(root.glob(".tmp-*")), "the kill should have left an unfinished write behind"
-    before = [m.step for m in checkpoints.list_checkpoints(root)]
+    before = [m.step for m in checkpoint.list_checkpoints(root)]
     assert before, "the previous checkpoint must still be listed"
 
     restarted = launcher.start_coordinator(data_dir, *args, name="coordinator-restarted")
@@ -51,8 +50,8 @@ def test_kill_9_during_a_checkpoint_write(launcher, tmp_path: Path):
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
         public_key = json.loads(response.read())["signing_public_key"]
     assert public_key
-    for meta in checkpoints.list_checkpoints(root):
-        checkpoints.verify_dir(root / checkpoints.step_dirname(meta.step), public_key=public_key)
+    for meta in checkpoint.list_checkpoints(root):
+        checkpoint.verify_dir(root / checkpoint.step_dirname(meta.step), public_key=public_key)
     launcher.wait_for_line(restarted, r"published checkpoint step=\d+ ", timeout_s=150)
-    after = [m.step for m in checkpoints.list_checkpoints(root)]
+    after = [m.step for m in checkpoint.list_checkpoints(root)]
     assert after[: len(before)] == before and len(after) > len(before)

@@ -20,9 +20,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from crowdtrain.coordinator.demo import cli_command
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.demo import cli_command
 from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.swarm

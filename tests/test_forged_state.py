@@ -15,8 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from coordinator import checkpoints
+from crowdtrain.peer import checkpoint
 
 pytestmark = pytest.mark.swarm
 PUBLISHED = r"published checkpoint step=(\d+) eval_loss=([\d.]+)"
@@ -76,7 +75,7 @@ def test_a_forged_state_is_outvoted_and_never_published(launcher, tmp_path: Path
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
         public_key = json.loads(response.read())["signing_public_key"]
     root = data_dir / "checkpoints"
-    for meta in checkpoints.list_checkpoints(root):
-        checkpoints.verify_dir(root / checkpoints.step_dirname(meta.step), public_key=public_key)
+    for meta in checkpoint.list_checkpoints(root):
+        checkpoint.verify_dir(root / checkpoint.step_dirname(meta.step), public_key=public_key)
         assert meta.eval_loss < endpoints["initial_eval_loss"]
     assert honest[0].proc.poll() is None, "the honest peer kept training"

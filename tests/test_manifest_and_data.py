@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
-
-from coordinator.manifest import (
+from crowdtrain.coordinator import dataset
+from crowdtrain.peer import data
+from crowdtrain.peer.manifest import (
     PRESETS,
     ManifestError,
     RunManifest,
@@ -16,18 +17,18 @@ from coordinator.manifest import (
     build_manifest,
     get_preset,
 )
-from peer import data
+
 from tests.conftest import make_run
 
 
-def _docs(n: int) -> list[data.Document]:
-    return [data.Document(f"root/m{i:04d}.py", f"x_{i} = {i}\n" * (1 + i % 5)) for i in range(n)]
+def _docs(n: int) -> list[dataset.Document]:
+    return [dataset.Document(f"root/m{i:04d}.py", f"x_{i} = {i}\n" * (1 + i % 5)) for i in range(n)]
 
 
 def test_split_is_deterministic_disjoint_and_complete():
     docs = _docs(600)
-    eval_a, shards_a = data.split_documents(docs, num_shards=4, eval_fraction=0.05)
-    eval_b, shards_b = data.split_documents(list(reversed(docs)), num_shards=4, eval_fraction=0.05)
+    eval_a, shards_a = dataset.split_documents(docs, num_shards=4, eval_fraction=0.05)
+    eval_b, shards_b = dataset.split_documents(list(reversed(docs)), num_shards=4, eval_fraction=0.05)
     # input order does not matter: assignment depends on the path only (eval keeps the given order)
     assert sorted(d.path for d in eval_a) == sorted(d.path for d in eval_b)
     assert [sorted(d.path for d in s) for s in shards_a] == [sorted(d.path for d in s) for s in shards_b]
@@ -41,8 +42,8 @@ def test_split_is_deterministic_disjoint_and_complete():
 
 def test_byte_budget_takes_a_spread_subset_that_grows_monotonically():
     docs = _docs(400)
-    small_eval, small_shards = data.split_documents(docs, num_shards=2, eval_fraction=0.1, max_bytes=2_000)
-    big_eval, big_shards = data.split_documents(docs, num_shards=2, eval_fraction=0.1, max_bytes=6_000)
+    small_eval, small_shards = dataset.split_documents(docs, num_shards=2, eval_fraction=0.1, max_bytes=2_000)
+    big_eval, big_shards = dataset.split_documents(docs, num_shards=2, eval_fraction=0.1, max_bytes=6_000)
     small = {d.path for d in small_eval} | {d.path for s in small_shards for d in s}
     big = {d.path for d in big_eval} | {d.path for s in big_shards for d in s}
     assert small < big
@@ -51,15 +52,15 @@ def test_byte_budget_takes_a_spread_subset_that_grows_monotonically():
 
 def test_too_small_corpus_is_a_clear_error():
     with pytest.raises(data.DataError, match="too small"):
-        data.split_documents(_docs(3), num_shards=8, eval_fraction=0.1)
+        dataset.split_documents(_docs(3), num_shards=8, eval_fraction=0.1)
 
 
 def test_missing_and_empty_sources_name_the_path(tmp_path: Path):
     with pytest.raises(data.DataError, match="does not exist"):
-        data.iter_documents([tmp_path / "nope"])
+        dataset.iter_documents([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no UTF-8 text"):
-        data.iter_documents([tmp_path / "empty"])
+        dataset.iter_documents([tmp_path / "empty"])
 
 
 def test_tokenizer_training_is_deterministic_and_round_trips(small_corpus: Path, tmp_path: Path):
@@ -72,8 +73,8 @@ def test_tokenizer_training_is_deterministic_and_round_trips(small_corpus: Path,
         eval_max_sequences=8,
         vocab_size=400,
     )
-    spec_a, tok_a, json_a = data.build_dataset([small_corpus], tmp_path / "a", **kwargs)
-    spec_b, tok_b, json_b = data.build_dataset([small_corpus], tmp_path / "b", **kwargs)
+    spec_a, tok_a, json_a = dataset.build_dataset([small_corpus], tmp_path / "a", **kwargs)
+    spec_b, tok_b, json_b = dataset.build_dataset([small_corpus], tmp_path / "b", **kwargs)
     assert json_a == json_b and tok_a == tok_b and spec_a == spec_b
     for shard in (spec_a.eval, *spec_a.shards):
         path = tmp_path / "a" / shard.name
@@ -158,8 +159,7 @@ def test_parameter_count_matches_the_built_model(name: str):
 
 def test_identical_initial_weights_and_sane_initial_loss(tmp_path: Path, small_corpus: Path):
     import torch
-
-    from peer.model import build_model, evaluate
+    from crowdtrain.peer.model import build_model, evaluate
 
     manifest = _manifest(tmp_path, small_corpus)
     a, b = build_model(manifest), build_model(manifest)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from crowdtrain.coordinator.monitor import SwarmMonitor, contribution_rows, parse_progress, summarize
+from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state
+from crowdtrain.coordinator.store import Store
 from hivemind.p2p import PeerID
-
-from coordinator.monitor import SwarmMonitor, contribution_rows, parse_progress, summarize
-from coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state
-from coordinator.store import Store
 
 HEALTH = HealthSettings(2.0, 10.0, 20.0)
 

@@ -16,7 +16,7 @@ def test_generated_code_is_not_stale():
 
 
 def test_service_lives_in_the_crowdtrain_v1_package():
-    from protos import coordinator_pb2
+    from crowdtrain.protos import coordinator_pb2
 
     assert coordinator_pb2.DESCRIPTOR.package == "crowdtrain.v1"
     assert coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name == "crowdtrain.v1.Coordinator"

@@ -6,8 +6,14 @@ import dataclasses
 import itertools
 
 import pytest
-
-from coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state, contribution, is_online
+from crowdtrain.coordinator.registry import (
+    HealthSettings,
+    PeerRecord,
+    PeerState,
+    compute_state,
+    contribution,
+    is_online,
+)
 
 SETTINGS = HealthSettings(heartbeat_interval_s=5.0, heartbeat_timeout_s=20.0, contribution_grace_s=45.0)
 BASE = PeerRecord(

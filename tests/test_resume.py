@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -72,13 +74,31 @@ def test_full_swarm_restart_resumes_from_the_latest_checkpoint(launcher, tmp_pat
     assert re.search(r"resuming", "\n".join(second.lines))
 
 
+def peers(base: str) -> list[dict]:
+    with urllib.request.urlopen(f"{base}/api/v1/peers", timeout=10) as response:
+        return json.loads(response.read())
+
+
 def test_a_joiner_falls_back_to_the_latest_checkpoint_when_no_peer_can_send_the_state(
     launcher, tmp_path: Path
 ):
-    import os
+    """The swarm exists (its only peer is ONLINE at the joiner's Join) but cannot send its state.
 
+    Join tells a newcomer to start from a checkpoint only when no peer trains; otherwise it joins
+    the swarm and must fall back by itself. To make "the donor is online at Join" certain rather
+    than a race between the joiner's start-up and the heartbeat interval, heartbeats are every
+    60 s (a peer counts as online for 2 intervals) and the donor is frozen right after one.
+    """
     data_dir = tmp_path / "coordinator"
-    coordinator = launcher.start_coordinator(data_dir, "--checkpoint-interval-s", "5")
+    coordinator = launcher.start_coordinator(
+        data_dir,
+        "--checkpoint-interval-s",
+        "5",
+        "--heartbeat-interval-s",
+        "60",
+        "--heartbeat-timeout-s",
+        "600",
+    )
     endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
     donor = launcher.start_peer("donor", endpoints["grpc"], tmp_path / "cache-1")
     target = endpoints["initial_eval_loss"] - 1.0
@@ -90,7 +110,13 @@ def test_a_joiner_falls_back_to_the_latest_checkpoint_when_no_peer_can_send_the_
         start = next(i for i, line in enumerate(coordinator.lines) if m.group(0) in line) + 1
         if float(m.group(2)) <= target:
             break
-    # the only peer that could send the state freezes (a closed laptop lid): its record stays in the DHT
+    # the only peer that could send the state freezes (a closed laptop lid) just after a heartbeat:
+    # its DHT record stays, and the coordinator counts it online for the next 2 intervals (120 s)
+    (seen,) = [p["last_seen_unix_s"] for p in peers(endpoints["http"]) if p["name"] == "donor"]
+    deadline = time.monotonic() + 90
+    while [p["last_seen_unix_s"] for p in peers(endpoints["http"]) if p["name"] == "donor"] == [seen]:
+        assert time.monotonic() < deadline, "the donor sent no heartbeat in 90 s"
+        time.sleep(0.2)
     os.killpg(donor.proc.pid, signal.SIGSTOP)
     try:
         joiner = launcher.start_peer("joiner", endpoints["grpc"], tmp_path / "cache-2")

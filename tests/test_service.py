@@ -7,13 +7,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from crowdtrain.coordinator.registry import HealthSettings, PeerState, compute_state
+from crowdtrain.coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
+from crowdtrain.coordinator.store import Store
+from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
+from crowdtrain.protos import coordinator_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from coordinator.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
-from coordinator.registry import HealthSettings, PeerState, compute_state
-from coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
-from coordinator.store import Store
-from protos import coordinator_pb2 as pb
 
 
 class Clock:
@@ -204,3 +203,36 @@ def test_heartbeat_stream_reports_a_silent_coordinator():
             stream.send(pb.HeartbeatRequest(session_id="x"))
         stream.close()
         client.close()
+
+
+def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_path: Path):
+    """Join decides from the phases peers reported (e.g. whether anyone trains); a peer that starts
+    training must not look "joining" for a whole interval (60 s here)."""
+    import time
+
+    from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
+
+    store = Store(tmp_path / "state.sqlite3")
+    run = RunInfo("{}", "abc", "{}", 1, "http://127.0.0.1:1", tmp_path / "checkpoints")
+    servicer = CoordinatorServicer(run, store, HealthSettings(60.0, 600.0), initial_peers=lambda: [])
+    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server.start()
+    client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=5)
+    stats = StatsBox()
+    sid = client.join(pb.JoinRequest(name="p", device="cpu")).session_id
+    reporter = HeartbeatReporter(client, sid, stats, name="p", version="v", device="cpu", interval_s=60.0)
+    try:
+        with reporter:
+            deadline = time.monotonic() + 20
+            while store.get_peer(sid).last_seen_unix_s == store.get_peer(sid).joined_unix_s:
+                assert time.monotonic() < deadline, "the first heartbeat never arrived"
+                time.sleep(0.05)
+            assert store.get_peer(sid).phase == "joining"
+            stats.update(phase="training")
+            while store.get_peer(sid).phase != "training":
+                assert time.monotonic() < deadline, "the new phase waited for the next interval"
+                time.sleep(0.05)
+    finally:
+        client.close()
+        server.stop(0).wait()
+        store.close()

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from crowdtrain.coordinator.demo import cli_command
 
-from coordinator.demo import cli_command
 from tests.conftest import descendants_alive
 
 pytestmark = pytest.mark.swarm

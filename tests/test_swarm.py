@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from crowdtrain.coordinator.demo import cli_command
 from safetensors.torch import load_file
 
-from coordinator.demo import cli_command
 from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.swarm
@@ -93,8 +93,8 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
     # part until the next state averaging), so "agree" means: far closer to each other than to init.
     import urllib.request
 
-    from coordinator.manifest import RunManifest
-    from peer.model import build_model
+    from crowdtrain.peer.manifest import RunManifest
+    from crowdtrain.peer.model import build_model
 
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
         initial = build_model(RunManifest.from_json(response.read().decode())).state_dict()
@@ -121,11 +121,10 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    from crowdtrain.peer.data import read_shard, tokenize_blocks
+    from crowdtrain.peer.model import evaluate
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from peer.data import read_shard, tokenize_blocks
-    from peer.model import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import torch
+from crowdtrain.coordinator.vetting import check_candidate, model_card
 
-from coordinator.vetting import check_candidate, model_card
 from tests.conftest import make_run
 
 SHAPES = {"a": (2, 3), "b": (4,)}

@@ -8,17 +8,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from crowdtrain.coordinator.archive import finalize, new_staging_dir
+from crowdtrain.coordinator.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.registry import HealthSettings
+from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo, create_server
+from crowdtrain.coordinator.status import SwarmProgress, build_status
+from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.webserver import WebContext, WebServer
+from crowdtrain.peer.checkpoint import CheckpointMeta, list_checkpoints
+from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected
+from crowdtrain.protos import coordinator_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
-
-from coordinator.checkpoints import CheckpointMeta, finalize, list_checkpoints, new_staging_dir
-from coordinator.client import CoordinatorClient, CoordinatorRejected
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.registry import HealthSettings
-from coordinator.service import CoordinatorServicer, RunInfo, create_server
-from coordinator.status import SwarmProgress, build_status
-from coordinator.store import Store
-from coordinator.webserver import WebContext, WebServer
-from protos import coordinator_pb2 as pb
 
 EVIL = "<img src=x onerror=alert(1)>"
 
@@ -127,7 +127,7 @@ def test_grpc_status_matches_the_json_api(site):
         "cuda:0",
     )
     assert math.isnan(status.summary.latest_eval_loss) and status.summary.latest_checkpoint_step == -1
-    from coordinator.cli import format_status
+    from crowdtrain.coordinator.cli import format_status
 
     table = format_status(status, now=clock[0] + 3)
     assert "carol" in table and "JOINING" in table and "3s ago" in table and "1234" in table

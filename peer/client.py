@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
-
-from protos import coordinator_pb2 as pb
-from protos import coordinator_pb2_grpc as pb_grpc
+from crowdtrain.protos import coordinator_pb2 as pb
+from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """Chaos harness: a local swarm of real processes under random, replayable faults.
 
-    python scripts/chaos.py --peers 4 --minutes 10 --seed 7      # the long run behind docs/figures.md
-    python scripts/chaos.py --peers 3 --minutes 3 --wan          # peers behind simulated WAN links
+    python -m scripts.chaos --peers 4 --minutes 10 --seed 7      # the long run behind docs/figures.md
+    python -m scripts.chaos --peers 3 --minutes 3 --wan          # peers behind simulated WAN links
 
 Starts a coordinator and N volunteers (each `crowdtrain` processes in its own process group), then
 follows a fault plan drawn from `--seed` (`plan_faults`, pure: the same seed replays the same
@@ -42,8 +42,9 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from coordinator.demo import Child, coordinator_command, local_peer_command, spawn
-from coordinator.wan import HUB_IP, WanLab
+from crowdtrain.coordinator.demo import Child, coordinator_command, local_peer_command, spawn
+
+from scripts.wan import HUB_IP, WanLab
 
 logger = logging.getLogger(__name__)
 
@@ -523,17 +524,17 @@ class Chaos:
         time.sleep(2.0)  # let exiting children finish
         r.orphans = [f"{pid} {cmd}" for pid, cmd in processes_in_groups(self.pgids)]
 
-        from coordinator import checkpoints
+        from crowdtrain.peer import checkpoint
 
         root = self.data_dir / "checkpoints"
-        metas = checkpoints.list_checkpoints(root)
+        metas = checkpoint.list_checkpoints(root)
         r.checkpoints_published = len(metas)
         r.checkpoints_lost = sorted(self.steps_seen - {m.step for m in metas})
         for meta in metas:
             try:
-                checkpoints.verify_dir(root / checkpoints.step_dirname(meta.step), public_key=self.public_key)
+                checkpoint.verify_dir(root / checkpoint.step_dirname(meta.step), public_key=self.public_key)
                 r.checkpoints_verified += 1
-            except checkpoints.CheckpointError as e:
+            except checkpoint.CheckpointError as e:
                 r.checkpoint_errors.append(f"step {meta.step}: {e}")
         if metas:
             r.final_eval_loss = metas[-1].eval_loss

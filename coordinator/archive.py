@@ -1,0 +1,114 @@
+"""The coordinator's checkpoint archive: atomic writing, retention, downloads in flight. No torch.
+
+The format of one checkpoint (`crowdtrain.json`, listing, verification) is `crowdtrain.peer.checkpoint`,
+which every reader uses. A checkpoint exists only once its directory
+has been renamed into place, after every file was written and fsynced; leftovers of an interrupted
+write (`.tmp-*`) are removed at start-up and never listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from crowdtrain.coordinator import signing
+from crowdtrain.peer.checkpoint import META_NAME, CheckpointError, CheckpointMeta, FileEntry, step_dirname
+from crowdtrain.peer.data import sha256_file
+
+logger = logging.getLogger(__name__)
+
+
+def new_staging_dir(root: Path, step: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".tmp-{step_dirname(step)}-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    return path
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finalize(
+    staging: Path, root: Path, meta_without_files: CheckpointMeta, signing_key=None
+) -> CheckpointMeta:
+    """Hash every file in `staging`, sign and write crowdtrain.json, fsync, rename into place atomically."""
+    entries = []
+    for path in sorted(staging.iterdir()):
+        if path.name == META_NAME or not path.is_file():
+            continue
+        _fsync_path(path)
+        entries.append(FileEntry(path.name, sha256_file(path), path.stat().st_size))
+    meta = CheckpointMeta(**{**meta_without_files.__dict__, "files": tuple(entries)})
+    if signing_key is not None:
+        meta = dataclasses.replace(meta, public_key=signing.public_key_hex(signing_key), signature="")
+        meta = dataclasses.replace(meta, signature=signing.sign_hex(signing_key, meta.signing_payload()))
+    (staging / META_NAME).write_text(meta.to_json())
+    _fsync_path(staging / META_NAME)
+    _fsync_path(staging)
+    final = root / step_dirname(meta.step)
+    if final.exists():
+        raise CheckpointError(f"checkpoint {final} already exists")
+    os.rename(staging, final)
+    _fsync_path(root)
+    return meta
+
+
+def retention_victims(steps: list[int], keep_last: int, keep_every: int, in_use: set[int]) -> list[int]:
+    """Pure: which published steps to delete. Keeps the newest `keep_last` (never fewer than one,
+    so the latest always survives), every step divisible by `keep_every` (0: none), and any step
+    in `in_use` (being downloaded right now)."""
+    ordered = sorted(steps)
+    keep = set(ordered[-max(1, keep_last) :])
+    if keep_every > 0:
+        keep |= {s for s in ordered if s % keep_every == 0}
+    return [s for s in ordered if s not in keep and s not in in_use]
+
+
+def remove_checkpoint(root: Path, step: int) -> None:
+    """Take a checkpoint out of the listing atomically (rename), then delete its files."""
+    path = root / step_dirname(step)
+    doomed = root / f".tmp-deleting-{step_dirname(step)}-{time.monotonic_ns()}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_staging(root: Path) -> int:
+    """Remove leftovers of interrupted writes; returns how many were removed."""
+    removed = 0
+    if root.is_dir():
+        for path in root.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+class DownloadTracker:
+    """Counts the checkpoint downloads in flight per step, so retention never deletes one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active: dict[int, int] = {}
+
+    def begin(self, step: int) -> None:
+        with self._lock:
+            self._active[step] = self._active.get(step, 0) + 1
+
+    def end(self, step: int) -> None:
+        with self._lock:
+            self._active[step] -= 1
+            if not self._active[step]:
+                del self._active[step]
+
+    def in_use(self) -> set[int]:
+        with self._lock:
+            return set(self._active)

@@ -1,0 +1,99 @@
+"""Frozen settings of the participant's commands (peer, pull, checkpoints, verify) and the CLI
+generator every crowdtrain command uses.
+
+Each field's `help` metadata becomes its `--flag` help; units are in the names. Importing this module
+is cheap (no torch, no hivemind), so `crowdtrain --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+def option(default, help: str, **kw):  # noqa: A002 - mirrors argparse's own keyword
+    """A dataclass field that becomes a `--flag` with this help."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+REQUIRED = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API")
+    name: str = option("", "display name shown to operators (default: this machine's host name)")
+    device: str = option("auto", "where to train: auto, cpu, cuda or cuda:N")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    batch_size: int = option(
+        0, "sequences per local step (0: the run's default; lower it if you run out of memory)"
+    )
+    listen_host: str = option("0.0.0.0", "interface the peer's DHT listens on")
+    announce_host: str = option("", "public address other peers should dial (set it behind port forwarding)")
+    client_mode: bool = option(
+        False, "do not accept incoming connections (behind NAT without port forwarding)"
+    )
+    cache_dir: str = option("~/.cache/crowdtrain", "where downloaded data shards are kept")
+    join_timeout_s: float = option(60.0, "give up when the coordinator cannot be reached for this long")
+    max_epochs: int = option(0, "leave after the swarm reaches this epoch (0: train until stopped)")
+    seed: int = option(0, "data-order seed (0: derived from the session id)")
+    save_dir: str = option("", "when leaving, save this peer's copy of the model here (HF format)")
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API, or its http://HOST:PORT")
+    out: str = option(
+        REQUIRED, "directory to write the checkpoint to (created; replaced if it holds an older pull)"
+    )
+    step: int = option(-1, "which checkpoint to download (-1: the latest)")
+    timeout_s: float = option(600.0, "give up when the download takes longer than this")
+
+
+@dataclass(frozen=True)
+class CheckpointsConfig:
+    coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API, or its http://HOST:PORT")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    directory: str = option(REQUIRED, "a checkpoint directory (from `crowdtrain pull`)", positional=True)
+    public_key: str = option(
+        "", "the run's Ed25519 public key, hex (from /api/v1/run); without it only integrity is checked"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one `--flag` per dataclass field: name with dashes, type and help from the field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        kwargs: dict = {"help": f.metadata.get("help", ""), "dest": f.name}
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=tp, help=kwargs["help"], metavar=f.name.upper())
+            continue
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = f.default
+        elif typing.get_origin(tp) is tuple:
+            kwargs.update(nargs="+", type=typing.get_args(tp)[0], default=f.default, metavar="PATH")
+        else:
+            kwargs.update(type=tp, required=required)
+            if not required:
+                kwargs["default"] = f.default
+                kwargs["help"] += f" (default: {f.default!r})"
+        parser.add_argument(flag, **kwargs)
+
+
+def from_arguments(cls, namespace: argparse.Namespace):
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(namespace, f.name)
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
