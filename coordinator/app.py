@@ -27,9 +27,10 @@ from pathlib import Path
 
 from crowdtrain.coordinator import archive
 from crowdtrain.coordinator.config import CoordinatorConfig
+from crowdtrain.coordinator.errors import PortInUseError
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.registry import HealthSettings, is_online
-from crowdtrain.coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
+from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo, create_server
 from crowdtrain.coordinator.signing import load_or_create_key, new_key, public_key_hex, save_key
 from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
 from crowdtrain.coordinator.store import Store
@@ -90,7 +91,7 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise OSError(
+            raise PortInUseError(
                 f"cannot listen on {host}:{port} ({e.strerror}); another process uses it - stop it or pass {flag} 0"
             ) from None
 

@@ -6,7 +6,8 @@
     crowdtrain demo --peers 2 --minutes 4
 
 Heavy imports (torch, hivemind, transformers) happen inside the command that needs them, so
-`crowdtrain coordinator --help` is instant. Known failures print one `error:` line and exit 1.
+`crowdtrain coordinator --help` is instant. Expected failures (`CrowdtrainError`) print one `error:`
+line and exit 1; anything else is a bug: a full traceback, a request to report it, exit 2.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 # hivemind forks its DHT and averager processes while gRPC threads run; those children never use
 # gRPC, so skip gRPC's fork handlers (which only log "Other threads are currently calling into gRPC")
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from crowdtrain.coordinator import config as cfg
+from crowdtrain.peer import __version__
 from crowdtrain.peer import config as peer_cfg
+from crowdtrain.peer.errors import CrowdtrainError
 
 
 def _configure_logging(level: str) -> None:
@@ -34,33 +38,6 @@ def _configure_logging(level: str) -> None:
     # hivemind installs its own handler on its loggers; keep them, but align their level
     for noisy in ("hivemind", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from crowdtrain.coordinator.service import PortInUseError
-    from crowdtrain.peer.checkpoint import CheckpointError
-    from crowdtrain.peer.client import CoordinatorRejected, CoordinatorUnavailable
-    from crowdtrain.peer.manifest import ManifestError
-
-    errors: list[type[BaseException]] = [
-        CheckpointError,
-        CoordinatorRejected,
-        CoordinatorUnavailable,
-        ManifestError,
-        PortInUseError,
-        OSError,
-        ValueError,
-    ]
-    for module, name in (
-        ("crowdtrain.peer.data", "DataError"),
-        ("crowdtrain.peer.pull", "PullError"),
-        ("crowdtrain.peer.trainer", "PeerError"),
-        ("crowdtrain.peer.swarm", "SwarmError"),
-    ):
-        mod = sys.modules.get(module)
-        if mod is not None:
-            errors.append(getattr(mod, name))
-    return tuple(errors)
 
 
 def _tune_gc_for_a_long_running_server() -> None:
@@ -185,14 +162,14 @@ def cmd_ban(config: cfg.BanConfig) -> int:
 
     path = Path(config.data_dir).expanduser() / "state.sqlite3"
     if not path.exists():
-        raise OSError(f"{path} does not exist; pass the coordinator's --data-dir")
+        raise CrowdtrainError(f"{path} does not exist; pass the coordinator's --data-dir")
     store = Store(path)
     try:
         changed = store.set_banned(config.peer, not config.unban)
     finally:
         store.close()
     if not changed:
-        raise ValueError(f"no peer named {config.peer!r} (or with that session or DHT id) in {path}")
+        raise CrowdtrainError(f"no peer named {config.peer!r} (or with that session or DHT id) in {path}")
     print(f"{'unbanned' if config.unban else 'banned'} {changed} session(s) of {config.peer!r}")
     return 0
 
@@ -282,12 +259,18 @@ def main(argv: list[str] | None = None) -> int:
         return handler(peer_cfg.from_arguments(config_cls, args))
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
-        if isinstance(e, _known_errors()):
-            print(f"error: {e}", file=sys.stderr)
-            logging.getLogger(__name__).debug("details", exc_info=True)
-            return 1
-        raise
+    except CrowdtrainError as e:  # expected, and its message says what to do
+        print(f"error: {e}", file=sys.stderr)
+        logging.getLogger(__name__).debug("details", exc_info=True)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"error: crowdtrain {__version__} hit an unexpected error (above); this is a bug - please "
+            "report it with the traceback and the command you ran",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 import grpc
 from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.errors import PortInUseError
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
 from crowdtrain.coordinator.status import SwarmStatus
 from crowdtrain.coordinator.store import Store
@@ -34,10 +35,6 @@ logger = logging.getLogger(__name__)
 
 FILE_CHUNK_BYTES = 1 << 20  # per DownloadCheckpointFile message; well under gRPC's 4 MiB default
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name  # "crowdtrain.v1.Coordinator"
-
-
-class PortInUseError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)

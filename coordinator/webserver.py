@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.errors import PortInUseError
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.status import SwarmStatus, contributors
 from crowdtrain.coordinator.store import Store
@@ -203,7 +204,7 @@ class WebServer:
         try:
             self._httpd = ThreadingHTTPServer((host, port), handler)
         except OSError as e:
-            raise OSError(
+            raise PortInUseError(
                 f"cannot listen for HTTP on {host}:{port} ({e.strerror}); stop the other process or pass --http-port 0"
             ) from e
         self._httpd.daemon_threads = True

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crowdtrain.peer.data import sha256_file
+from crowdtrain.peer.errors import CrowdtrainError
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -26,7 +27,7 @@ META_NAME = "crowdtrain.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CrowdtrainError):
     """A checkpoint is missing, incomplete or does not match its recorded hashes."""
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
+from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
@@ -28,11 +29,11 @@ _RETRYABLE = {
 }
 
 
-class CoordinatorUnavailable(ConnectionError):
+class CoordinatorUnavailable(CrowdtrainError, ConnectionError):
     """The coordinator could not be reached (wrong address, down, or the network is)."""
 
 
-class CoordinatorRejected(RuntimeError):
+class CoordinatorRejected(CrowdtrainError):
     """The coordinator answered with an error that retrying will not fix."""
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None):
@@ -40,11 +41,17 @@ class CoordinatorRejected(RuntimeError):
         self.code = code
 
 
+class CoordinatorAddressError(CrowdtrainError, ValueError):
+    """The coordinator's address is malformed."""
+
+
 def parse_address(address: str) -> str:
-    """Validate HOST:PORT and return it; raises ValueError with what to type instead."""
+    """Validate HOST:PORT and return it; raises CoordinatorAddressError with what to type instead."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"coordinator address {address!r} is not HOST:PORT (for example 203.0.113.7:50051)")
+        raise CoordinatorAddressError(
+            f"coordinator address {address!r} is not HOST:PORT (for example 203.0.113.7:50051)"
+        )
     return address
 
 

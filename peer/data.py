@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.manifest import EOS_TOKEN
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 EVAL_SHARD_NAME = "eval.jsonl"
 
 
-class DataError(RuntimeError):
+class DataError(CrowdtrainError):
     """The run's text cannot be read or is unusable; the message says what to do."""
 
 

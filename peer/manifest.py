@@ -16,12 +16,14 @@ import json
 import typing
 from dataclasses import dataclass
 
+from crowdtrain.peer.errors import CrowdtrainError
+
 MANIFEST_FORMAT_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
-class ManifestError(ValueError):
+class ManifestError(CrowdtrainError, ValueError):
     """A manifest or preset is unknown, malformed or from an incompatible version."""
 
 

@@ -28,11 +28,12 @@ from pathlib import Path
 from crowdtrain.peer import checkpoint
 from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta, FileEntry
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
+from crowdtrain.peer.errors import CrowdtrainError
 
 logger = logging.getLogger(__name__)
 
 
-class PullError(RuntimeError):
+class PullError(CrowdtrainError):
     """The checkpoint could not be downloaded or verified; OUT was left untouched."""
 
 

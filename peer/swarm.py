@@ -19,12 +19,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
 
 
-class SwarmError(RuntimeError):
+class SwarmError(CrowdtrainError):
     """The peer could not join the swarm's DHT; the message says what to check."""
 
 

@@ -26,6 +26,7 @@ from crowdtrain.peer import __version__
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
 from crowdtrain.peer.config import PeerConfig
 from crowdtrain.peer.data import sha256_file
+from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
 from crowdtrain.peer.manifest import RunManifest, ShardSpec
 from crowdtrain.peer.swarm import rejoin_bootstrap_peers
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 STATE_LOAD_ATTEMPTS = 5  # then fall back to the latest published checkpoint
 
 
-class PeerError(RuntimeError):
+class PeerError(CrowdtrainError):
     """The volunteer cannot take part; the message says what to do."""
 
 

@@ -18,12 +18,14 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from crowdtrain.peer.errors import CrowdtrainError
+
 logger = logging.getLogger(__name__)
 
 BRIDGE, SUBNET, HUB_IP = "ct-br0", "10.77.0", "10.77.0.1"
 
 
-class WanUnavailable(RuntimeError):
+class WanUnavailable(CrowdtrainError):
     """Network namespaces cannot be used here; the message says why."""
 
 

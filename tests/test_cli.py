@@ -22,7 +22,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 def test_help_does_not_import_torch():
     code = (
         "import sys\n"
-        "from coordinator.cli import main\n"
+        "from crowdtrain.coordinator.cli import main\n"
         "try:\n    main(['coordinator', '--help'])\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules and 'hivemind' not in sys.modules, 'heavy import'\n"
     )
@@ -82,3 +82,26 @@ def test_pull_from_nowhere_fails_cleanly(tmp_path: Path):
     [line] = error_lines(result)
     assert "unreachable" in line
     assert not (tmp_path / "model").exists()
+
+
+def test_an_expected_error_is_one_line_and_a_bug_is_a_traceback(monkeypatch, capsys):
+    """Only CrowdtrainError is "bad input"; a ValueError from a bug must not look like one."""
+    from crowdtrain.coordinator import cli
+    from crowdtrain.peer.errors import CrowdtrainError
+
+    def expected(config):
+        raise CrowdtrainError("the thing failed; do this instead")
+
+    def bug(config):
+        return {}["missing"]
+
+    config_cls, _, help_text = cli.COMMANDS["verify"]
+    monkeypatch.setitem(cli.COMMANDS, "verify", (config_cls, expected, help_text))
+    assert cli.main(["verify", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: the thing failed; do this instead"
+
+    monkeypatch.setitem(cli.COMMANDS, "verify", (config_cls, bug, help_text))
+    assert cli.main(["verify", "somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'missing'" in err and "this is a bug" in err

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from crowdtrain.coordinator.errors import PortInUseError
 from crowdtrain.coordinator.registry import HealthSettings, PeerState, compute_state
-from crowdtrain.coordinator.service import CoordinatorServicer, PortInUseError, RunInfo, create_server
+from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo, create_server
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
 from crowdtrain.protos import coordinator_pb2 as pb
