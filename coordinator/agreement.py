@@ -26,7 +26,9 @@ class Verdict:
     decision: str  # "publish" | "disagree" | "wait"
     reason: str
     chosen: FetchedState | None = None
-    dissenters: tuple[str, ...] = ()
+    dissenters: tuple[str, ...] = ()  # outvoted peers ("publish"), or every peer at the epoch ("disagree")
+    agreeing: tuple[str, ...] = ()  # the peers whose state is chosen ("publish")
+    epoch: int = -1  # the epoch judged ("publish", "disagree")
 
 
 def relative_distance(a: Sequence, b: Sequence) -> float:
@@ -65,7 +67,14 @@ def judge(states: Sequence[FetchedState], donors_listed: int, rel_tol: float) ->
         return Verdict("wait", "no peer served its state")
     if len(states) == 1:
         if donors_listed <= 1:
-            return Verdict("publish", "the only state donor in the swarm", states[0])
+            return Verdict(
+                "publish",
+                "the only state donor in the swarm",
+                states[0],
+                (),
+                (states[0].peer,),
+                states[0].epoch,
+            )
         return Verdict("wait", f"only peer {short(states[0].peer)} served its state; need a second opinion")
 
     best: list[FetchedState] = []
@@ -86,13 +95,11 @@ def judge(states: Sequence[FetchedState], donors_listed: int, rel_tol: float) ->
     if len(best) >= 2 and len(best) > len(dissent):
         spread = max(relative_distance(best[0].tensors, s.tensors) for s in best[1:])
         agreeing += f"; distance {spread:.2e}"
-        if not dissent:
-            return Verdict("publish", f"{len(best)} peers agree ({agreeing})", best[0])
+        reason = f"{len(best)} peers agree ({agreeing})"
+        if dissent:
+            reason += "; outvoted: " + describe(dissent, best[0])
         return Verdict(
-            "publish",
-            f"{len(best)} peers agree ({agreeing}); outvoted: " + describe(dissent, best[0]),
-            best[0],
-            tuple(s.peer for s in dissent),
+            "publish", reason, best[0], tuple(s.peer for s in dissent), tuple(s.peer for s in best), epoch
         )
     if len(same_epoch) >= 2:  # peers at one epoch, and no majority among them
         return Verdict(
@@ -100,6 +107,7 @@ def judge(states: Sequence[FetchedState], donors_listed: int, rel_tol: float) ->
             f"peers disagree on the state of epoch {epoch}: " + describe(same_epoch[1:], same_epoch[0]),
             None,
             tuple(s.peer for s in same_epoch),
+            epoch=epoch,
         )
     epochs = ", ".join(f"{short(s.peer)}@{s.epoch}" for s in states)
     return Verdict("wait", f"donors are at different epochs ({epochs}); nothing to compare yet")

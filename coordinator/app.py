@@ -36,6 +36,7 @@ from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_stat
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.webserver import WebContext, WebServer
 from crowdtrain.peer import checkpoint
+from crowdtrain.peer.events import emit
 from crowdtrain.peer.manifest import ManifestError, RunManifest, build_manifest, get_preset
 
 logger = logging.getLogger(__name__)
@@ -227,12 +228,17 @@ class Coordinator:
         tmp = self.data_dir / "endpoints.json.tmp"
         tmp.write_text(json.dumps(self.endpoints, indent=2))
         os.replace(tmp, self.data_dir / "endpoints.json")
-        logger.info(
+        emit(
+            logger,
+            "coordinator_ready",
             "coordinator ready: run %s, %d-parameter %s model; peers join with `crowdtrain peer --coordinator %s`",
             manifest.run_id,
             manifest.model.num_parameters,
             manifest.preset,
             self.endpoints["grpc"],
+            grpc=self.endpoints["grpc"],
+            http=http_base_url,
+            run_id=manifest.run_id,
         )
         logger.info("downloads at %s, DHT bootstrap %s", http_base_url, maddrs[0])
 

@@ -26,18 +26,29 @@ from crowdtrain.coordinator import config as cfg
 from crowdtrain.peer import __version__
 from crowdtrain.peer import config as peer_cfg
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.events import JsonFormatter
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    # hivemind installs its own handler on its loggers; keep them, but align their level
+def _configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    # hivemind installs its own handler on its loggers; keep them, but align their level and format
     for noisy in ("hivemind", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _hivemind_logs_through_ours() -> None:
+    """hivemind logs through a handler of its own (colored text, installed on import); send its
+    records to ours instead, so `--log-format json` output has no plain lines from it."""
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    level = logging.getLogger("hivemind").level
+    use_hivemind_log_handler("nowhere")
+    logging.getLogger("hivemind").setLevel(level)
 
 
 def _tune_gc_for_a_long_running_server() -> None:
@@ -244,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="crowdtrain", description="Train a shared transformer with volunteers."
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per log line, with progress events (schema in README.md)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (config_cls, _, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -253,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, args.log_format)
+    if args.log_format == "json" and args.command in ("peer", "coordinator"):
+        _hivemind_logs_through_ours()
     config_cls, handler, _ = COMMANDS[args.command]
     try:
         return handler(peer_cfg.from_arguments(config_cls, args))

@@ -22,6 +22,7 @@ from crowdtrain.coordinator.agreement import FetchedState, judge
 from crowdtrain.coordinator.statefetch import StateFetcher
 from crowdtrain.coordinator.vetting import check_candidate, model_card
 from crowdtrain.peer import checkpoint
+from crowdtrain.peer.events import emit
 from crowdtrain.peer.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,16 @@ class Publisher:
             self.max_regression_nats,
         )
         if problem is not None:
-            logger.warning("publisher: not publishing the state of epoch %d: %s", epoch, problem)
+            emit(
+                logger,
+                "checkpoint_refused",
+                "publisher: not publishing the state of epoch %d: %s",
+                epoch,
+                problem,
+                level=logging.WARNING,
+                epoch=epoch,
+                reason=problem,
+            )
             self.on_reject(epoch, problem)
             return None
         staging = archive.new_staging_dir(self.root, epoch)
@@ -199,12 +209,18 @@ class Publisher:
             ),
             signing_key=self.signing_key,
         )
-        logger.info(
+        seconds = time.monotonic() - t0
+        emit(
+            logger,
+            "checkpoint_published",
             "published checkpoint step=%d eval_loss=%.4f (initial %.4f) in %.1fs",
             epoch,
             eval_loss,
             self.initial_eval_loss,
-            time.monotonic() - t0,
+            seconds,
+            step=epoch,
+            eval_loss=eval_loss,
+            seconds=round(seconds, 3),
         )
         self.prune()
         return meta
@@ -239,13 +255,35 @@ class Publisher:
             asked = min(asked + 1, limit)
         if verdict.decision == "disagree" or verdict.dissenters:
             self.on_reject(verdict.chosen.epoch if verdict.chosen else states[0].epoch, verdict.reason)
-        if verdict.decision != "publish":
-            level = logging.WARNING if verdict.decision == "disagree" else logging.INFO
-            logger.log(
-                level, "publisher: not publishing yet (%d donors listed): %s", len(donors), verdict.reason
+        if verdict.decision == "disagree":
+            emit(
+                logger,
+                "state_disagreement",
+                "publisher: not publishing yet (%d donors listed): %s",
+                len(donors),
+                verdict.reason,
+                level=logging.WARNING,
+                epoch=verdict.epoch,
+                peers=list(verdict.dissenters),
+                reason=verdict.reason,
             )
+        if verdict.decision != "publish":
+            if verdict.decision == "wait":
+                logger.info(
+                    "publisher: not publishing yet (%d donors listed): %s", len(donors), verdict.reason
+                )
             return None
-        logger.info("publisher: state of epoch %d chosen: %s", verdict.chosen.epoch, verdict.reason)
+        emit(
+            logger,
+            "state_chosen",
+            "publisher: state of epoch %d chosen: %s",
+            verdict.epoch,
+            verdict.reason,
+            epoch=verdict.epoch,
+            agreeing=list(verdict.agreeing),
+            outvoted=list(verdict.dissenters),
+            reason=verdict.reason,
+        )
         return verdict.chosen
 
     def prune(self) -> list[int]:

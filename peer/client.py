@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import grpc
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.events import emit
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
@@ -200,7 +201,17 @@ def retry_until(
                     f"{e}; gave up on {what} after {elapsed:.0f}s - check the address and that the "
                     "coordinator is running and reachable from this machine"
                 ) from None
-            logger.warning("%s: %s; retrying in %.1fs", what, e, backoff)
+            emit(
+                logger,
+                "coordinator_unreachable",
+                "%s: %s; retrying in %.1fs",
+                what,
+                e,
+                backoff,
+                level=logging.WARNING,
+                what=what,
+                retry_in_s=round(backoff, 2),
+            )
             if stop is not None:
                 stop.wait(backoff)
             else:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.events import emit
 from crowdtrain.peer.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,15 @@ def rejoin_bootstrap_peers(dht, initial_peers: Sequence[str], timeout_s: float =
 
     peer_ids = list({PeerID.from_base58(Multiaddr(m)["p2p"]) for m in initial_peers})
     answered = dht.run_coroutine(partial(_ping_all, peer_ids), return_future=True).result(timeout=timeout_s)
-    logger.info("re-joined the swarm through %d of %d bootstrap peer(s)", answered, len(peer_ids))
+    emit(
+        logger,
+        "swarm_rejoined",
+        "re-joined the swarm through %d of %d bootstrap peer(s)",
+        answered,
+        len(peer_ids),
+        reached=answered,
+        bootstrap_peers=len(peer_ids),
+    )
     return answered
 
 

@@ -27,6 +27,7 @@ from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, Coord
 from crowdtrain.peer.config import PeerConfig
 from crowdtrain.peer.data import sha256_file
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.events import emit
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
 from crowdtrain.peer.manifest import RunManifest, ShardSpec
 from crowdtrain.peer.swarm import rejoin_bootstrap_peers
@@ -166,7 +167,9 @@ class Volunteer:
         if manifest.sha256() != joined.manifest_sha256:
             raise PeerError("the run manifest arrived corrupted (sha256 mismatch); restart the peer")
         settings = joined.settings
-        logger.info(
+        emit(
+            logger,
+            "joined",
             "joined run %s as %r (session %s): %s model, first shard %d, device %s",
             manifest.run_id,
             self.name,
@@ -174,6 +177,11 @@ class Volunteer:
             manifest.preset,
             settings.shard_index,
             self.device_label,
+            run_id=manifest.run_id,
+            name=self.name,
+            preset=manifest.preset,
+            shard_index=settings.shard_index,
+            device=self.device_label,
         )
         self.heartbeat = HeartbeatReporter(
             self.client,
@@ -290,14 +298,23 @@ class Volunteer:
                 if live:
                     sys.stderr.write("\r\033[K")  # the epoch log line replaces the live status line
                 elapsed = time.monotonic() - epoch_t0
-                logger.info(
+                mean_loss, lr = sum(epoch_losses) / len(epoch_losses), self.opt.opt.param_groups[0]["lr"]
+                emit(
+                    logger,
+                    "epoch",
                     "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d",
                     self.opt.local_epoch,
-                    sum(epoch_losses) / len(epoch_losses),
+                    mean_loss,
                     epoch_samples / max(elapsed, 1e-6),
                     swarm_peers,
-                    self.opt.opt.param_groups[0]["lr"],
+                    lr,
                     samples_total,
+                    epoch=self.opt.local_epoch,
+                    loss=round(mean_loss, 5),
+                    samples_per_s=round(epoch_samples / max(elapsed, 1e-6), 3),
+                    swarm_peers=swarm_peers,
+                    lr=lr,
+                    samples_total=samples_total,
                 )
                 epoch, epoch_losses, epoch_samples, epoch_t0 = self.opt.local_epoch, [], 0, time.monotonic()
                 if self.config.max_epochs and epoch >= self.config.max_epochs:
@@ -341,8 +358,14 @@ class Volunteer:
             )
         with torch.no_grad():
             model.tie_weights()
-        logger.info(
-            "resuming the run from published checkpoint step %d (eval loss %.4f)", step, meta.eval_loss
+        emit(
+            logger,
+            "resumed_from_checkpoint",
+            "resuming the run from published checkpoint step %d (eval loss %.4f)",
+            step,
+            meta.eval_loss,
+            step=step,
+            eval_loss=meta.eval_loss,
         )
 
     def _continue_epoch_count(self, step: int) -> None:
@@ -382,10 +405,15 @@ class Volunteer:
             t0 = time.monotonic()
             self.opt.load_state_from_peers()
             if self.opt.local_epoch >= global_epoch - 1:
-                logger.info(
+                seconds = time.monotonic() - t0
+                emit(
+                    logger,
+                    "state_loaded",
                     "loaded the swarm's state at epoch %d in %.1fs",
                     self.opt.local_epoch,
-                    time.monotonic() - t0,
+                    seconds,
+                    epoch=self.opt.local_epoch,
+                    seconds=round(seconds, 3),
                 )
                 return
             logger.warning(
@@ -422,11 +450,16 @@ class Volunteer:
                 "published; the other peers may be overloaded or unreachable - restart later"
             )
         step = listed[-1].step
-        logger.warning(
+        emit(
+            logger,
+            "checkpoint_fallback",
             "no peer could send the swarm's state: starting from published checkpoint step %d "
             "and joining the swarm at epoch %d",
             step,
             global_epoch,
+            level=logging.WARNING,
+            step=step,
+            swarm_epoch=global_epoch,
         )
         self._load_checkpoint(model, step, cache_dir)
         # the optimizer works on its own (offloaded) copy of the parameters: refresh it too

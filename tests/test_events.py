@@ -1,0 +1,55 @@
+"""Progress events: the human line unchanged, one JSON object per line for programs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+
+import pytest
+from crowdtrain.peer.events import EVENTS, JsonFormatter, emit, parse_event
+
+
+def _capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    logger = logging.getLogger(f"test-events-{id(stream)}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger, stream
+
+
+def test_an_event_is_the_same_human_line_and_a_json_object():
+    fields = dict(epoch=12, loss=5.231, samples_per_s=37.6, swarm_peers=2, lr=3e-3, samples_total=1536)
+    args = (12, 5.231, 37.6, 2, 3e-3, 1536)
+    text = "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d"
+    human, human_out = _capture(logging.Formatter("%(message)s"))
+    emit(human, "epoch", text, *args, **fields)
+    assert (
+        human_out.getvalue().strip()
+        == "epoch=12 loss=5.231 samples_per_s=37.6 swarm_peers=2 lr=3.0e-03 samples_total=1536"
+    )
+
+    machine, machine_out = _capture(JsonFormatter())
+    emit(machine, "epoch", text, *args, **fields)
+    obj = json.loads(machine_out.getvalue())
+    assert obj["event"] == "epoch" and obj["level"] == "INFO" and obj["msg"].startswith("epoch=12 ")
+    assert {k: obj[k] for k in EVENTS["epoch"]} == fields
+    assert parse_event(machine_out.getvalue()) == obj
+
+
+def test_fields_must_match_the_schema_and_json_stays_valid():
+    logger, out = _capture(JsonFormatter())
+    with pytest.raises(TypeError, match="takes fields"):
+        emit(logger, "state_loaded", "loaded", epoch=3)
+    emit(logger, "state_loaded", "loaded", epoch=3, seconds=math.nan)
+    obj = json.loads(out.getvalue())  # NaN is not JSON: it becomes null
+    assert obj["seconds"] is None
+    logger.info("a plain record")
+    plain = out.getvalue().splitlines()[-1]
+    assert json.loads(plain)["msg"] == "a plain record" and parse_event(plain) is None
+    assert parse_event("Traceback (most recent call last):") is None
+    assert parse_event('{"event": "epoch", "epo') is None
