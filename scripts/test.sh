@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set up the venv from scratch if needed, check generated code and lint, run pytest.
+# The test command: set up the venv from scratch if needed; check generated code, lint and the layer
+# contract; run pytest.
 #   scripts/test.sh                 # everything (about 15 minutes on 2 cores)
 #   scripts/test.sh -m "not swarm"  # skip the multi-process swarm tests
 set -euo pipefail
@@ -19,5 +20,6 @@ fi
 "$PY" scripts/gen_protos.py --check
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+"$VENV/bin/lint-imports" --no-cache # the one-way layers and the light server core (pyproject.toml)
 export no_proxy=127.0.0.1,localhost
 exec "$PY" -m pytest -ra --durations=10 "$@"
