@@ -5,6 +5,9 @@
 Shows the swarm training (one line per peer per epoch), waits for a published checkpoint, pulls
 it, verifies it, generates a sample with `transformers`, and stops every process it started (each
 in its own process group, so hivemind's p2pd daemons go too).
+
+The processes run with `--log-format json`: the demo reads their progress events (peer/events.py),
+never the human text, and writes that human text to each process's log file.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,24 +25,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crowdtrain.coordinator.config import DemoConfig
+from crowdtrain.peer.events import parse_event
 
 logger = logging.getLogger(__name__)
-_INTERESTING = re.compile(
-    r"epoch=|published|joined run|loaded the swarm|error|Traceback|ready", re.IGNORECASE
-)
-_EPOCH_LINE = re.compile(r"epoch=(\d+) loss=([\d.]+) samples_per_s=([\d.]+) swarm_peers=(\d+)")
+# events the demo echoes (by their human line); warnings, errors and tracebacks are echoed too
+_ECHOED = {
+    "coordinator_ready",
+    "joined",
+    "state_loaded",
+    "resumed_from_checkpoint",
+    "checkpoint_fallback",
+    "epoch",
+    "checkpoint_published",
+    "checkpoint_refused",
+}
 
 
 @dataclass
 class Child:
+    """A started process. `lines`: its output as people read it (JSON records shown as text), for
+    logs and failure messages; `events`: its progress events, parsed, in order (programs read these)."""
+
     name: str
     proc: subprocess.Popen
     log_path: Path
     lines: list[str] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    reader: threading.Thread | None = None  # fills lines and events until the output ends
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "crowdtrain.coordinator.cli", *args]
+    """`crowdtrain ARGS` with machine-readable logs (the global flag goes before the subcommand)."""
+    return [sys.executable, "-m", "crowdtrain.coordinator.cli", "--log-format", "json", *args]
 
 
 def coordinator_command(data_dir: Path, *extra: str) -> list[str]:
@@ -64,8 +80,37 @@ def local_peer_command(grpc_address: str, cache_dir: Path, *extra: str) -> list[
     )
 
 
+def _json_record(line: str) -> dict | None:
+    """A `--log-format json` record (event or not), or None for any other output."""
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and "msg" in obj else None
+
+
+def human_line(record: dict) -> str:
+    """A JSON log record as the text format prints it (with its traceback, if any)."""
+    when = time.strftime("%H:%M:%S", time.localtime(record.get("ts", 0)))
+    text = f"{when} {record.get('level', '')} {record.get('logger', '')}: {record['msg']}"
+    return f"{text}\n{record['exc']}" if record.get("exc") else text
+
+
+def _echoed(record: dict | None, line: str) -> str | None:
+    """What the demo shows of one output line, or None."""
+    if record is None:  # not a log record: a traceback printed by Python, an `error:` line
+        return line if "Traceback" in line or "error" in line.lower() else None
+    if record.get("level") in ("ERROR", "CRITICAL"):
+        return f"{record['msg']}\n{record['exc']}" if record.get("exc") else record["msg"]
+    return record["msg"] if record.get("event") in _ECHOED else None
+
+
 def spawn(name: str, args: list[str], log_dir: Path, echo: bool) -> Child:
-    """Start a crowdtrain process in its own session; tee its output to a log and, filtered, to us."""
+    """Start a crowdtrain process in its own session; log its output as text and collect its events.
+
+    With `echo`, the human line of interesting events (and errors, tracebacks) is printed too."""
     log_path = log_dir / f"{name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
@@ -75,14 +120,20 @@ def spawn(name: str, args: list[str], log_dir: Path, echo: bool) -> Child:
 
     def pump():
         with open(log_path, "w") as log:
-            for line in proc.stdout:
-                log.write(line)
+            for raw in proc.stdout:
+                line = raw.rstrip()
+                record = _json_record(line)
+                text = human_line(record) if record is not None else line
+                log.write(text + "\n")
                 log.flush()
-                child.lines.append(line.rstrip())
-                if echo and _INTERESTING.search(line):
-                    print(f"[{name:>11}] {line.rstrip()}", flush=True)
+                child.lines.append(text)
+                if record is not None and (event := parse_event(line)) is not None:
+                    child.events.append(event)
+                if echo and (shown := _echoed(record, line)) is not None:
+                    print(f"[{name:>11}] {shown}", flush=True)
 
-    threading.Thread(target=pump, name=f"pump-{name}", daemon=True).start()
+    child.reader = threading.Thread(target=pump, name=f"pump-{name}", daemon=True)
+    child.reader.start()
     return child
 
 
@@ -113,27 +164,6 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def wait_for_line(child: Child, pattern: str, timeout_s: float, start: int = 0) -> re.Match:
-    """Wait until `child` prints a line matching `pattern` (searching from line index `start`)."""
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout_s
-    seen = start
-    while time.monotonic() < deadline:
-        exited = child.proc.poll() is not None
-        lines = child.lines
-        for line in lines[seen:]:
-            if m := regex.search(line):
-                return m
-        seen = len(lines)
-        if exited:
-            break
-        time.sleep(0.2)
-    tail = "\n".join(child.lines[-30:])
-    raise TimeoutError(
-        f"{child.name} printed no line matching {pattern!r} in {timeout_s:.0f}s; last lines:\n{tail}"
-    )
-
-
 def wait_for_endpoints(path: Path, child: Child, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -160,65 +190,71 @@ def generate_sample(model_dir: Path, prompt: str = "def ", max_new_tokens: int =
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def run_demo(config: DemoConfig) -> int:
+def _start_swarm(config: DemoConfig, workdir: Path, children: list[Child]) -> dict:
+    """The coordinator, then the peers (appended to `children` as they start); its endpoints."""
+    data_dir = workdir / "coordinator"
+    threads = max(1, (os.cpu_count() or 2) // config.peers)
+    coordinator_args = (
+        "--preset",
+        config.preset,
+        "--checkpoint-interval-s",
+        str(config.checkpoint_interval_s),
+    )
+    coord = spawn("coordinator", coordinator_command(data_dir, *coordinator_args), workdir, echo=True)
+    children.append(coord)
+    endpoints = wait_for_endpoints(data_dir / "endpoints.json", coord, timeout_s=600)
+    print(
+        f"coordinator ready at {endpoints['grpc']} (initial eval loss {endpoints['initial_eval_loss']:.3f})",
+        flush=True,
+    )
+    for i in range(config.peers):
+        peer_args = ("--name", f"demo-peer-{i}", "--threads", str(threads), "--device", "cpu")
+        command = local_peer_command(endpoints["grpc"], workdir / "cache", *peer_args)
+        children.append(spawn(f"peer-{i}", command, workdir, echo=True))
+    return endpoints
+
+
+def _train(config: DemoConfig, children: list[Child], checkpoints_dir: Path) -> None:
+    """Let the swarm train for the demo's minutes, then wait for a published checkpoint."""
     from crowdtrain.peer.checkpoint import list_checkpoints
+
+    train_until = time.monotonic() + config.minutes * 60
+    while time.monotonic() < train_until:
+        for child in children:
+            if child.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{child.name} exited early with {child.proc.returncode}; see {child.log_path}"
+                )
+        time.sleep(1)
+    deadline = time.monotonic() + 3 * config.checkpoint_interval_s + 60
+    while not list_checkpoints(checkpoints_dir) and time.monotonic() < deadline:
+        time.sleep(1)
+
+
+def _peer_summary(child: Child) -> str | None:
+    epochs = [e for e in child.events if e["event"] == "epoch"]
+    if not epochs:
+        return None
+    rates = sorted(e["samples_per_s"] or 0.0 for e in epochs)
+    last_loss = epochs[-1]["loss"]
+    shown = f"{last_loss:.3f}" if last_loss is not None else "n/a"
+    return (
+        f"{child.name:<18} {len(epochs)} epochs, last loss {shown}, "
+        f"median {rates[len(rates) // 2]:.1f} samples/s"
+    )
+
+
+def run_demo(config: DemoConfig) -> int:
     from crowdtrain.peer.pull import pull
 
     t_start = time.monotonic()
     workdir = Path(config.workdir or tempfile.mkdtemp(prefix="crowdtrain-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = workdir / "coordinator"
-    threads = max(1, (os.cpu_count() or 2) // config.peers)
     print(f"crowdtrain demo: {config.peers} peers, {config.minutes:g} minutes, logs in {workdir}", flush=True)
     children: list[Child] = []
     try:
-        coord = spawn(
-            "coordinator",
-            coordinator_command(
-                data_dir,
-                "--preset",
-                config.preset,
-                "--checkpoint-interval-s",
-                str(config.checkpoint_interval_s),
-            ),
-            workdir,
-            echo=True,
-        )
-        children.append(coord)
-        endpoints = wait_for_endpoints(data_dir / "endpoints.json", coord, timeout_s=600)
-        print(
-            f"coordinator ready at {endpoints['grpc']} (initial eval loss {endpoints['initial_eval_loss']:.3f})",
-            flush=True,
-        )
-        for i in range(config.peers):
-            children.append(
-                spawn(
-                    f"peer-{i}",
-                    local_peer_command(
-                        endpoints["grpc"],
-                        workdir / "cache",
-                        "--name",
-                        f"demo-peer-{i}",
-                        "--threads",
-                        str(threads),
-                        "--device",
-                        "cpu",
-                    ),
-                    workdir,
-                    echo=True,
-                )
-            )
-        train_until = time.monotonic() + config.minutes * 60
-        while time.monotonic() < train_until:
-            for child in children:
-                if child.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{child.name} exited early with {child.proc.returncode}; see {child.log_path}"
-                    )
-            time.sleep(1)
-        deadline = time.monotonic() + 3 * config.checkpoint_interval_s + 60
-        while not list_checkpoints(data_dir / "checkpoints") and time.monotonic() < deadline:
-            time.sleep(1)
+        endpoints = _start_swarm(config, workdir, children)
+        _train(config, children, workdir / "coordinator" / "checkpoints")
         out = workdir / "pulled"
         meta = pull(endpoints["grpc"], out)
         sample = generate_sample(out)
@@ -231,12 +267,8 @@ def run_demo(config: DemoConfig) -> int:
         f"eval loss          {endpoints['initial_eval_loss']:.3f} (initial) -> {meta.eval_loss:.3f} (step {meta.step})"
     )
     for child in children[1:]:
-        epochs = [m for line in child.lines if (m := _EPOCH_LINE.search(line))]
-        if epochs:
-            rates = [float(m.group(3)) for m in epochs]
-            print(
-                f"{child.name:<18} {len(epochs)} epochs, last loss {epochs[-1].group(2)}, median {sorted(rates)[len(rates) // 2]:.1f} samples/s"
-            )
+        if (line := _peer_summary(child)) is not None:
+            print(line)
     print(f"checkpoint         {out} (verified; load with AutoModelForCausalLM.from_pretrained)")
     print(f"sample             {sample!r}")
     return 0

@@ -4,7 +4,7 @@
     python -m scripts.bench_checkpoints --preset base125m --device cuda --peers 2 --minutes 4   # on a GPU
 
 Publish latency is "epoch reached -> checkpoint downloadable": from the moment the first peer logs
-epoch S to the moment /api/v1/checkpoints lists step S (it includes waiting for the publisher's
+its `epoch` event for epoch S (the peers run with `--log-format json`) to the moment /api/v1/checkpoints lists step S (it includes waiting for the publisher's
 next round, --checkpoint-interval-s). Pull throughput compares `crowdtrain pull` (download +
 signature + sha256 of every file + atomic rename), over the gRPC stream and over HTTP, with plain
 `curl` of the same files, in the same run, and prints the ratios.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -32,8 +31,6 @@ from crowdtrain.coordinator.demo import (
     stop_children,
     wait_for_endpoints,
 )
-
-EPOCH = re.compile(r"epoch=(\d+) loss=")
 
 
 def main() -> int:
@@ -88,11 +85,11 @@ def main() -> int:
         while time.monotonic() < end:
             now = time.monotonic()
             for k, child in enumerate(children[1:], start=1):
-                lines = child.lines
-                for line in lines[scanned[k] :]:
-                    if m := EPOCH.search(line):
-                        epoch_seen.setdefault(int(m.group(1)), now)
-                scanned[k] = len(lines)
+                events = child.events
+                for event in events[scanned[k] :]:
+                    if event["event"] == "epoch":
+                        epoch_seen.setdefault(event["epoch"], now)
+                scanned[k] = len(events)
             with urllib.request.urlopen(f"{endpoints['http']}/api/v1/checkpoints", timeout=10) as response:
                 for meta in json.loads(response.read()):
                     ckpt_seen.setdefault(meta["step"], now)

@@ -3,7 +3,8 @@
     .venv/bin/python -m scripts.chaos --peers 4 --minutes 10 --seed 7
     .venv/bin/python -m scripts.chaos --peers 3 --minutes 4 --wan    # as root: peers behind netem links
 
-See coordinator/chaos.py for the faults and how each figure is measured. The report is printed and
+See scripts/chaos_harness.py for the faults and how each figure is measured (from the processes'
+progress events and the coordinator's HTTP API). The report is printed and
 written to WORK/chaos.json (the fault plan to WORK/plan.json, every process's log beside them).
 Exits 1 when a target is missed: a lost or unverifiable checkpoint, an orphan process, a dead peer
 detected later than 2 heartbeat timeouts, a joiner slower than 60 s, eval loss not lower at the

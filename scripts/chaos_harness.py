@@ -14,16 +14,20 @@ What is measured, and how:
 - dead-peer detection: kill (or stop longer than the heartbeat timeout) -> the coordinator's
   /api/v1/peers shows the process's name DEAD (polled every 0.5 s); when the coordinator itself
   was down meanwhile, counted from when it was back;
-- joiner contribution: process start -> its first `epoch=` line (it took part in an epoch);
-- stop/continue: SIGCONT -> the stopped process's next `epoch=` line;
-- stall: kill or SIGSTOP of a peer -> the next `epoch=` line of any other peer;
-- samples: computed = what each process reports (its log and heartbeats, the larger); accepted >=
+- joiner contribution: process start -> its first `epoch` event (it took part in an epoch);
+- stop/continue: SIGCONT -> the stopped process's next `epoch` event;
+- stall: kill or SIGSTOP of a peer -> the next `epoch` event of any other peer;
+- samples: computed = what each process reports (its epoch events' samples_total and its
+  heartbeats, the larger); accepted >=
   epochs completed x the run's target batch (each epoch averages at least that many);
 - coordinator outages: samples/s of the peers untouched by other faults while it is down, vs
   their own average over the run; outages with a peer fault within 30 s plus twice their length
   before them are left out (a frozen or killed peer stalls the others' averaging round too);
 - checkpoints: every one listed during the run must still be listed and verify at the end;
 - orphans: after the last SIGTERM, any process left in any process group the harness created.
+
+Every process runs with `--log-format json`; the harness reads their progress events
+(crowdtrain.peer.events) and the coordinator's HTTP API, never their human log text.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import json
 import logging
 import os
 import random
-import re
 import signal
 import statistics
 import subprocess
@@ -44,11 +47,11 @@ from pathlib import Path
 
 from crowdtrain.coordinator.demo import Child, coordinator_command, local_peer_command, spawn
 
+from scripts.harness import processes_in_groups
 from scripts.wan import HUB_IP, WanLab
 
 logger = logging.getLogger(__name__)
 
-EPOCH_LINE = re.compile(r"epoch=(\d+) loss=([\d.]+) .*samples_total=(\d+)")
 FAULT_WEIGHTS = {"kill": 0.35, "stop": 0.3, "leave": 0.15, "coordinator": 0.2}
 WAN_FAULT_WEIGHTS = {"kill": 0.3, "stop": 0.2, "leave": 0.1, "coordinator": 0.15, "partition": 0.25}
 
@@ -110,7 +113,7 @@ class Incarnation:
     name: str
     child: Child
     started: float
-    scanned: int = 0
+    scanned: int = 0  # how many of child.events were read
     first_epoch_at: float | None = None
     ended: float | None = None  # when the harness killed or stopped it for good
     samples_logged: int = 0
@@ -186,22 +189,6 @@ def _get_json(url: str, timeout_s: float = 5.0):
         return json.loads(response.read())
 
 
-def processes_in_groups(pgids: set[int]) -> list[tuple[int, str]]:
-    """(pid, command) of every live process whose process group is in `pgids`."""
-    found = []
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            fields = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()
-            command = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
-        except OSError:
-            continue
-        if int(fields[2]) in pgids and fields[0] != "Z":
-            found.append((int(proc_dir.name), command))
-    return found
-
-
 def samples_at(timeline: list[tuple[float, int]], t: float) -> float:
     """Samples processed by time `t`, interpolated between logged points."""
     if not timeline or t <= timeline[0][0]:
@@ -246,7 +233,7 @@ class Chaos:
         self.awaiting_epoch_after_heal: dict[str, tuple[float, int]] = {}
         self.stopped_at: dict[int, float] = {}  # slot -> when it was stopped or partitioned
         self.faulted: dict[str, list[tuple[float, float]]] = {}  # name -> intervals it was stopped/cut off
-        self.swarm_epoch = 0  # the highest epoch any peer logged so far
+        self.swarm_epoch = 0  # the highest epoch of any peer's epoch events so far
 
     # ------------------------------------------------------------------ processes
 
@@ -395,19 +382,18 @@ class Chaos:
 
     # ------------------------------------------------------------------ observation
 
-    def _scan_logs(self, now: float) -> None:
+    def _scan_events(self, now: float) -> None:
         for inc in self.all_incarnations:
-            lines = inc.child.lines
-            for line in lines[inc.scanned :]:
-                m = EPOCH_LINE.search(line)
-                if not m:
+            events = inc.child.events
+            for event in events[inc.scanned :]:
+                if event["event"] != "epoch":
                     continue
-                samples = int(m.group(3))
+                samples = int(event["samples_total"])
                 inc.samples_logged = max(inc.samples_logged, samples)
                 inc.timeline.append((now, samples))
                 if inc.first_epoch_at is None:
                     inc.first_epoch_at = now
-                epoch = int(m.group(1))
+                epoch = int(event["epoch"])
                 self.swarm_epoch = max(self.swarm_epoch, epoch)
                 # back = trains again at (at least) the epoch the swarm had when it was released
                 for waiting, figures in (
@@ -420,7 +406,7 @@ class Chaos:
                     if victim != inc.name:
                         self.report.stall_after_fault_s.append(round(now - faulted_at, 1))
                         self.awaiting_survivor_epoch.remove((faulted_at, victim))
-            inc.scanned = len(lines)
+            inc.scanned = len(events)
 
     def _poll_coordinator(self, now: float) -> None:
         if not self.coordinator_ready:
@@ -475,7 +461,7 @@ class Chaos:
                     if not self._inject(pending.pop(0), now):
                         self.report.faults_skipped += 1
                 self._timers(now)
-                self._scan_logs(now)
+                self._scan_events(now)
                 if now - last_poll >= 0.5:
                     last_poll = now
                     self._poll_coordinator(now)
@@ -500,7 +486,7 @@ class Chaos:
         self._poll_coordinator(now)
         state = _get_json(f"{self.endpoints['http']}/api/v1/state")
         r.end_epoch = int(state["global_epoch"])
-        self._scan_logs(time.monotonic())
+        self._scan_events(time.monotonic())
         # stop every peer the way a user does (SIGTERM to the main process), then the coordinator
         alive = [inc for inc in self.all_incarnations if inc.child.proc.poll() is None]
         for inc in alive:
@@ -512,7 +498,7 @@ class Chaos:
                 inc.child.proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 pass
-        self._scan_logs(time.monotonic())
+        self._scan_events(time.monotonic())
         for inc in alive:  # exit codes of the final, clean stop (killed ones are -9 by design)
             r.exit_codes[inc.name] = inc.child.proc.poll()
         self.coordinator.proc.send_signal(signal.SIGTERM)

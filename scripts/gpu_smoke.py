@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -29,10 +28,14 @@ from crowdtrain.coordinator.demo import (
     spawn,
     stop_children,
     wait_for_endpoints,
-    wait_for_line,
 )
 
-EPOCH = r"epoch=(\d+) loss=([\d.]+) samples_per_s=([\d.]+) swarm_peers=(\d+)"
+from scripts.harness import events_named, wait_for_event
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    """A figure as the human line shows it; None stays None (JSON has no NaN: events carry null)."""
+    return None if value is None else round(value, digits)
 
 
 def main() -> int:
@@ -143,26 +146,24 @@ def swarm_check(preset: str, device: str, train_s: float) -> dict:
             return child
 
         first = [peer(0), peer(1)]
-        wait_for_line(first[0], EPOCH, timeout_s=300)
+        wait_for_event(first[0], "epoch", timeout_s=300)
         time.sleep(train_s)
-        swarm_epoch_lines = [m for line in first[0].lines if (m := re.search(EPOCH, line))]
-        result["epochs_before_late_join"] = int(swarm_epoch_lines[-1].group(1))
-        result["peer0_samples_per_s"] = [float(m.group(3)) for m in swarm_epoch_lines]
-        result["peer0_losses"] = [float(m.group(2)) for m in swarm_epoch_lines]
+        swarm_epochs = events_named(first[0], "epoch")
+        result["epochs_before_late_join"] = swarm_epochs[-1]["epoch"]
+        result["peer0_samples_per_s"] = [_round(e["samples_per_s"], 1) for e in swarm_epochs]
+        result["peer0_losses"] = [_round(e["loss"], 3) for e in swarm_epochs]
         t_join = time.monotonic()
         late = peer(2)
-        m = wait_for_line(late, r"loaded the swarm's state at epoch (\d+) in ([\d.]+)s", timeout_s=400)
-        result["late_join_loaded_epoch"] = int(m.group(1))
-        result["late_join_state_load_s"] = float(m.group(2))
+        loaded = wait_for_event(late, "state_loaded", timeout_s=400)
+        result["late_join_loaded_epoch"] = loaded["epoch"]
+        result["late_join_state_load_s"] = _round(loaded["seconds"], 1)
         result["late_join_total_s"] = round(time.monotonic() - t_join, 1)
-        m = wait_for_line(late, EPOCH, timeout_s=300)
-        result["late_join_first_loss"] = float(m.group(2))
-        result["swarm_loss_at_join"] = float(swarm_epoch_lines[-1].group(2))
-        m = wait_for_line(
-            coord, r"published checkpoint step=(\d+) eval_loss=([\d.]+) .* in ([\d.]+)s", timeout_s=300
-        )
-        result["published_step"], result["published_eval_loss"] = int(m.group(1)), float(m.group(2))
-        result["publish_fetch_eval_write_s"] = float(m.group(3))
+        result["late_join_first_loss"] = _round(wait_for_event(late, "epoch", timeout_s=300)["loss"], 3)
+        result["swarm_loss_at_join"] = _round(swarm_epochs[-1]["loss"], 3)
+        published = wait_for_event(coord, "checkpoint_published", timeout_s=300)
+        result["published_step"] = published["step"]
+        result["published_eval_loss"] = _round(published["eval_loss"], 4)
+        result["publish_fetch_eval_write_s"] = _round(published["seconds"], 1)
 
         from crowdtrain.peer.pull import pull
 

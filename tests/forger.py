@@ -3,14 +3,19 @@
 It never trains. It claims the swarm's current epoch and the highest donor priority, so hivemind's
 own `load_state_from_peers` would pick it first, and answers `rpc_download_state` with the run's
 initial weights scaled by --scale. Usage: python tests/forger.py HOST:PORT [--scale 3.0]
-Prints "forger: serving as <peer id>" once it serves, then runs until SIGTERM.
+Once it serves, prints one line in the shape of a `--log-format json` event (see
+crowdtrain.peer.events; this event is the test's own, not in the schema):
+{"ts": ..., "level": "INFO", "logger": "forger", "msg": "forger: serving as <id>", "event": "forger_serving", "peer_id": "<id>"}
+then runs until SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import threading
+import time
 
 import torch
 
@@ -42,7 +47,10 @@ def main() -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    print(f"forger: serving as {dht.peer_id.to_base58()}", flush=True)
+    peer_id = dht.peer_id.to_base58()
+    serving = {"ts": round(time.time(), 3), "level": "INFO", "logger": "forger"}
+    serving |= {"msg": f"forger: serving as {peer_id}", "event": "forger_serving", "peer_id": peer_id}
+    print(json.dumps(serving), flush=True)
     try:
         while not stop.wait(0.5):
             # claim whatever epoch the honest peers reached, and be everyone's first choice of donor

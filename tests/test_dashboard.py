@@ -23,6 +23,7 @@ import pytest
 from crowdtrain.coordinator.demo import cli_command
 from prometheus_client.parser import text_string_to_metric_families
 
+from scripts.harness import events_named
 from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.swarm
@@ -151,15 +152,15 @@ def test_dashboard_health_and_coordinator_crash(launcher, tmp_path: Path):
     assert sum(before_ledger.values()) > 0 and len(before_history["swarm"]) >= 2
     os.killpg(coordinator.proc.pid, signal.SIGKILL)
     coordinator.proc.wait()
-    epochs_seen = len([line for line in alice.lines if "epoch=" in line])
-    launcher.wait_for_line(alice, r"epoch=\d+ loss=", timeout_s=120, start=len(alice.lines))
+    epochs_seen = len(events_named(alice, "epoch"))
+    launcher.wait_for_event(alice, "epoch", timeout_s=120, start=len(alice.events))
     restarted = launcher.start_coordinator(data_dir, *coordinator_args, name="coordinator-restarted")
-    launcher.wait_for_line(restarted, r"coordinator ready", timeout_s=300)
+    launcher.wait_for_event(restarted, "coordinator_ready", timeout_s=300)
     new_endpoints = json.loads((data_dir / "endpoints.json").read_text())
     assert (new_endpoints["grpc"], new_endpoints["http"]) == (endpoints["grpc"], endpoints["http"]), (
         "ports changed"
     )
-    assert len([line for line in alice.lines if "epoch=" in line]) > epochs_seen, "training stopped"
+    assert len(events_named(alice, "epoch")) > epochs_seen, "training stopped"
 
     after_peers = {p["session_id"]: p for p in api(base, "peers")}
     assert set(before_peers) <= set(after_peers)

@@ -17,12 +17,9 @@ from pathlib import Path
 import pytest
 from crowdtrain.peer import checkpoint
 
+from scripts.harness import events_named, index_after
+
 pytestmark = pytest.mark.swarm
-PUBLISHED = r"published checkpoint step=(\d+) eval_loss=([\d.]+)"
-
-
-def line_index(child, text: str, start: int = 0) -> int:
-    return next(i for i, line in enumerate(child.lines) if i >= start and text in line)
 
 
 def test_a_forged_state_is_outvoted_and_never_published(launcher, tmp_path: Path):
@@ -34,39 +31,44 @@ def test_a_forged_state_is_outvoted_and_never_published(launcher, tmp_path: Path
     honest = [
         launcher.start_peer(name, endpoints["grpc"], tmp_path / f"cache-{name}") for name in ("alice", "bob")
     ]
-    agreed = launcher.wait_for_line(coordinator, r"chosen: 2 peers agree \(", timeout_s=420)
-    launcher.wait_for_line(
-        coordinator, PUBLISHED, timeout_s=60, start=line_index(coordinator, agreed.group(0))
+    agreed = launcher.wait_for_event(
+        coordinator, "state_chosen", timeout_s=420, where=lambda e: len(e["agreeing"]) == 2
+    )
+    launcher.wait_for_event(
+        coordinator, "checkpoint_published", timeout_s=60, start=index_after(coordinator, agreed)
     )
 
     forger = launcher.start_program(
         "forger", [sys.executable, str(Path(__file__).with_name("forger.py")), endpoints["grpc"]]
     )
-    forger_id = launcher.wait_for_line(forger, r"forger: serving as (\w+)", timeout_s=180).group(1)
-    outvoted = launcher.wait_for_line(
-        coordinator, rf"chosen: 2 peers agree .*outvoted: peer {forger_id[-8:]} is ", timeout_s=300
+    forger_id = launcher.wait_for_event(forger, "forger_serving", timeout_s=180)["peer_id"]
+    outvoted = launcher.wait_for_event(
+        coordinator,
+        "state_chosen",
+        timeout_s=300,
+        where=lambda e: len(e["agreeing"]) == 2 and forger_id in e["outvoted"],
     )
-    after_vote = line_index(coordinator, outvoted.group(0))
-    published = launcher.wait_for_line(coordinator, PUBLISHED, timeout_s=60, start=after_vote)
-    assert float(published.group(2)) < endpoints["initial_eval_loss"], "the honest state was published"
+    published = launcher.wait_for_event(
+        coordinator, "checkpoint_published", timeout_s=60, start=index_after(coordinator, outvoted)
+    )
+    assert published["eval_loss"] < endpoints["initial_eval_loss"], "the honest state was published"
 
     # one honest peer against the forger: no majority, so nothing is published
     honest[1].proc.send_signal(signal.SIGTERM)
     assert honest[1].proc.wait(timeout=120) == 0
     # honest peers caught mid-step can disagree for a moment earlier too: look only after bob left
-    bob_left = len(coordinator.lines)
-    stalemate = launcher.wait_for_line(
+    bob_left = len(coordinator.events)
+    stalemate = launcher.wait_for_event(
         coordinator,
-        rf"peers disagree on the state of epoch \d+: .*{forger_id[-8:]}",
+        "state_disagreement",
         timeout_s=300,
         start=bob_left,
+        where=lambda e: forger_id in e["peers"],
     )
-    start = line_index(coordinator, stalemate.group(0), bob_left)
-    launcher.wait_for_line(
-        coordinator, r"peers disagree on the state of epoch", timeout_s=60, start=start + 1
-    )
-    between = "\n".join(coordinator.lines[start:])
-    assert "published checkpoint" not in between, between[-3000:]
+    after_stalemate = index_after(coordinator, stalemate)
+    launcher.wait_for_event(coordinator, "state_disagreement", timeout_s=60, start=after_stalemate)
+    published_meanwhile = events_named(coordinator, "checkpoint_published", after_stalemate)
+    assert not published_meanwhile, "\n".join(coordinator.lines[-60:])
 
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/rejections", timeout=10) as response:
         reasons = [r["reason"] for r in json.loads(response.read())]

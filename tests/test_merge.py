@@ -11,14 +11,14 @@ epoch numbers jump to A's: the state that survives is the one the swarm trained 
 from __future__ import annotations
 
 import os
-import re
 import signal
 from pathlib import Path
 
 import pytest
 
+from scripts.harness import events_named, index_after
+
 pytestmark = pytest.mark.swarm
-EPOCH = r"epoch=(\d+) loss=([\d.]+) samples_per_s=[\d.]+ swarm_peers=(\d+)"
 
 
 def test_peers_that_started_apart_merge_into_one_swarm(launcher, tmp_path: Path):
@@ -27,16 +27,24 @@ def test_peers_that_started_apart_merge_into_one_swarm(launcher, tmp_path: Path)
     coordinator = launcher.start_coordinator(data_dir, *args)
     endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
     a = launcher.start_peer("peer-a", endpoints["grpc"], tmp_path / "cache-a")
+
+    def next_epoch(peer, timeout_s: float, start: int) -> tuple[dict, int]:
+        """`peer`'s next epoch event from index `start`, and the index after it."""
+        epoch = launcher.wait_for_event(peer, "epoch", timeout_s, start)
+        return epoch, index_after(peer, epoch)
+
     start = 0
-    while int(launcher.wait_for_line(a, EPOCH, 300, start).group(1)) < 3:
-        start = len(a.lines)
+    while True:  # A trains alone for a few epochs
+        epoch, start = next_epoch(a, 300, start)
+        if epoch["epoch"] >= 3:
+            break
 
     os.killpg(coordinator.proc.pid, signal.SIGKILL)
     coordinator.proc.wait()
     (data_dir / "endpoints.json").unlink()
     b = launcher.start_peer("peer-b", endpoints["grpc"], tmp_path / "cache-b", "--join-timeout-s", "300")
-    launcher.wait_for_line(b, r"coordinator .* unreachable|retrying|waiting", timeout_s=120)
-    a_epoch_during_outage = int(launcher.wait_for_line(a, EPOCH, 120, len(a.lines)).group(1))
+    launcher.wait_for_event(b, "coordinator_unreachable", timeout_s=120)
+    a_epoch_during_outage = launcher.wait_for_event(a, "epoch", 120, len(a.events))["epoch"]
 
     restarted = launcher.start_coordinator(data_dir, *args, name="coordinator-restarted")
     again = launcher.wait_for_endpoints(data_dir, restarted)
@@ -46,14 +54,17 @@ def test_peers_that_started_apart_merge_into_one_swarm(launcher, tmp_path: Path)
     # ahead of its own, loads A's state and the two train as one.
     start = 0
     while True:
-        m = launcher.wait_for_line(b, EPOCH, timeout_s=240, start=start)
-        start = b.lines.index(next(line for line in b.lines[start:] if m.group(0) in line)) + 1
-        if int(m.group(1)) >= a_epoch_during_outage and int(m.group(3)) >= 2:
+        epoch, start = next_epoch(b, 240, start)
+        if epoch["epoch"] >= a_epoch_during_outage and epoch["swarm_peers"] >= 2:
             break
-    launcher.wait_for_line(a, r"re-joined the swarm through 1 of 1 bootstrap peer", timeout_s=10)
-    start = len(a.lines)
-    while int(launcher.wait_for_line(a, EPOCH, 120, start).group(3)) < 2:
-        start = len(a.lines)
-    a_epochs = [int(m.group(1)) for line in a.lines[-5:] if (m := re.search(EPOCH, line))]
-    b_epochs = [int(m.group(1)) for line in b.lines[-5:] if (m := re.search(EPOCH, line))]
+    launcher.wait_for_event(
+        a, "swarm_rejoined", timeout_s=10, where=lambda e: (e["reached"], e["bootstrap_peers"]) == (1, 1)
+    )
+    start = len(a.events)
+    while True:
+        epoch, start = next_epoch(a, 120, start)
+        if epoch["swarm_peers"] >= 2:
+            break
+    a_epochs = [e["epoch"] for e in events_named(a, "epoch")[-5:]]
+    b_epochs = [e["epoch"] for e in events_named(b, "epoch")[-5:]]
     assert abs(a_epochs[-1] - b_epochs[-1]) <= 1, (a_epochs, b_epochs)

@@ -8,7 +8,6 @@ averaging, and `crowdtrain pull` gives a directory `transformers` loads and gene
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,15 +17,11 @@ import torch
 from crowdtrain.coordinator.demo import cli_command
 from safetensors.torch import load_file
 
+from scripts.harness import events_named, index_after
 from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.swarm
 MAX_EPOCHS = 36
-EPOCH_LINE = r"epoch=(\d+) loss=([\d.]+) samples_per_s=([\d.]+) swarm_peers=(\d+)"
-
-
-def epoch_lines(child) -> list[re.Match]:
-    return [m for line in child.lines if (m := re.search(EPOCH_LINE, line))]
 
 
 def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path: Path):
@@ -58,13 +53,13 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
     peers = [start_peer(0), start_peer(1)]
 
     # --- late join: after several epochs, a third peer must start from the swarm's state
-    launcher.wait_for_line(peers[0], r"epoch=([89]|\d\d+) loss=", timeout_s=420)
-    swarm_loss = float(epoch_lines(peers[0])[-1].group(2))
+    launcher.wait_for_event(peers[0], "epoch", timeout_s=420, where=lambda e: e["epoch"] >= 8)
+    swarm_loss = events_named(peers[0], "epoch")[-1]["loss"]
     peers.append(start_peer(2))
-    loaded = launcher.wait_for_line(peers[2], r"loaded the swarm's state at epoch (\d+)", timeout_s=300)
-    assert int(loaded.group(1)) >= 7
-    first = launcher.wait_for_line(peers[2], EPOCH_LINE, timeout_s=300)
-    first_loss = float(first.group(2))
+    loaded = launcher.wait_for_event(peers[2], "state_loaded", timeout_s=300)
+    assert loaded["epoch"] >= 7
+    first = launcher.wait_for_event(peers[2], "epoch", timeout_s=300)
+    first_loss = first["loss"]
     assert first_loss < math.log(2048) - 1.0, f"late joiner's first loss {first_loss} looks like random init"
     assert abs(first_loss - swarm_loss) < 0.8, (first_loss, swarm_loss)
 
@@ -72,20 +67,18 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
     published = None
     start = 0
     while published is None:
-        m = launcher.wait_for_line(
-            coordinator, r"published checkpoint step=(\d+) eval_loss=([\d.]+)", timeout_s=420, start=start
-        )
-        start = next(i for i, line in enumerate(coordinator.lines) if m.group(0) in line) + 1
-        if float(m.group(2)) <= initial_loss - 1.0:
-            published = (int(m.group(1)), float(m.group(2)))
+        e = launcher.wait_for_event(coordinator, "checkpoint_published", timeout_s=420, start=start)
+        start = index_after(coordinator, e)
+        if e["eval_loss"] <= initial_loss - 1.0:
+            published = (e["step"], e["eval_loss"])
 
     # --- every peer trains to MAX_EPOCHS and leaves on its own
     for peer in peers:
         assert peer.proc.wait(timeout=900) == 0, "\n".join(peer.lines[-30:])
     for peer in peers[:2]:
-        lines = epoch_lines(peer)
-        assert max(int(m.group(4)) for m in lines) >= 2, "peer never saw the others"
-        assert float(lines[-1].group(2)) < float(lines[0].group(2)) - 1.0, "training loss did not fall"
+        epochs = events_named(peer, "epoch")
+        assert max(e["swarm_peers"] for e in epochs) >= 2, "peer never saw the others"
+        assert epochs[-1]["loss"] < epochs[0]["loss"] - 1.0, "training loss did not fall"
 
     # --- parameters agree after averaging. The peers trained on different shards, so without
     # averaging they would be about as far apart as each is from the initial weights; hivemind
