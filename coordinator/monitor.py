@@ -41,6 +41,7 @@ def parse_progress(entries: Iterable[dict | None]) -> list[ProgressRecord]:
     `None` a peer writes when it leaves."""
     from hivemind.p2p import PeerID
 
+    # hivemind 1.1.12 internals: the fields of LocalTrainingProgress as ProgressTracker stores them
     records = []
     for entry in entries:
         if not isinstance(entry, dict):
@@ -108,7 +109,8 @@ class SwarmMonitor:
         from hivemind.dht.schema import SchemaValidator
         from hivemind.optim.progress_tracker import TrainingProgressSchema
 
-        # without the schema validator for this prefix, reading the signed progress key can hang
+        # without the schema validator for this prefix, reading the signed progress key can hang.
+        # hivemind 1.1.12 internals: TrainingProgressSchema is not exported by hivemind.optim
         self.dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=self.run_id)])
         self._thread = threading.Thread(target=self._run, name="swarm-monitor", daemon=True)
         self._thread.start()
@@ -134,6 +136,8 @@ class SwarmMonitor:
                 logger.exception("swarm monitor tick failed; retrying in %.0fs", self.poll_interval_s)
 
     def read_progress(self) -> list[ProgressRecord]:
+        # hivemind 1.1.12 internals: ProgressTracker.training_progress_key is `<prefix>_progress`, and
+        # the peers' Optimizer gives its tracker prefix=run_id
         future = self.dht.get(f"{self.run_id}_progress", latest=True, return_future=True)
         try:
             found = future.result(timeout=self.read_timeout_s)

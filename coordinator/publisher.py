@@ -1,12 +1,13 @@
 """The checkpoint publisher: fetches the swarm's state as a client peer, evaluates it, publishes it.
 
 It joins the swarm through its own client-mode DHT node, so it never serves state and never takes
-part in an averaging round: it only downloads what the peers already share (the same RPC a late
-joiner uses). Every `interval_s` it checks the swarm's global epoch; when it advanced past the last
-published checkpoint it downloads the state from several peers and keeps one only if a majority of
-them agree on it (`agreement.judge`: one forged donor cannot publish its state), evaluates it on the
-held-out split (`vetting.check_candidate`) and writes an HF-format directory atomically, signed
-(see `archive.finalize`).
+part in an averaging round. It follows the swarm's global epoch with hivemind's `ProgressTracker`;
+every `interval_s`, when the epoch advanced past the last published checkpoint, it downloads the
+state from several peers itself (`statefetch.StateFetcher`: the `rpc_download_state` a late joiner
+uses) and keeps one only if a majority of them agree on it (`agreement.judge`: one forged donor
+cannot publish its state). It evaluates that state on the held-out split
+(`vetting.check_candidate`), writes an HF-format directory atomically and signs it
+(`archive.finalize`), then applies retention (`archive.retention_victims`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from crowdtrain.coordinator import archive
-from crowdtrain.coordinator.agreement import FetchedState, judge
+from crowdtrain.coordinator.agreement import FetchedState, Verdict, judge
+from crowdtrain.coordinator.config import CoordinatorConfig
 from crowdtrain.coordinator.statefetch import StateFetcher
 from crowdtrain.coordinator.vetting import check_candidate, model_card
 from crowdtrain.peer import checkpoint
@@ -28,43 +31,57 @@ from crowdtrain.peer.manifest import RunManifest
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PublisherSettings:
+    interval_s: float = 60.0  # how often to look at the swarm's epoch and maybe publish
+    listen_host: str = "127.0.0.1"  # interface of the publisher's own client-mode DHT node
+    device: str = "cpu"  # where the candidate state is evaluated: cpu, cuda or cuda:N
+    max_eval_regression_nats: float = 0.5  # refuse a state this much worse than the last checkpoint
+    keep_last: int = 5  # retention: this many newest checkpoints (at least the latest)
+    keep_every_steps: int = 0  # retention: and every step that is a multiple of this (0: none)
+    agreement_peers: int = 2  # donors asked at once; a strict majority of them must agree (1: trust one)
+    agreement_rel_tol: float = 0.01  # states agree within this relative L2 distance
+    agreement_retry_s: float = 1.0  # wait before asking again when donors do not agree yet
+    agreement_attempts: int = 3  # rounds of asking before a disagreement is recorded
+    max_donors_asked: int = 4  # each retry asks one more donor, up to this (at least agreement_peers)
+
+    @classmethod
+    def from_config(cls, config: CoordinatorConfig) -> PublisherSettings:
+        return cls(
+            interval_s=config.checkpoint_interval_s,
+            listen_host=config.host,
+            device=config.device,
+            max_eval_regression_nats=config.max_eval_regression_nats,
+            keep_last=config.keep_last_checkpoints,
+            keep_every_steps=config.keep_every_steps,
+            agreement_peers=config.state_agreement_peers,
+            agreement_rel_tol=config.state_agreement_rel_tol,
+        )
+
+
 class Publisher:
+    """Publishes the run's checkpoints into `checkpoint_root`; `on_reject(step, reason)` records
+    each refused or contested state, `in_use()` names the steps being downloaded (kept)."""
+
     def __init__(
         self,
+        settings: PublisherSettings,
         manifest: RunManifest,
         tokenizer_json: str,
         eval_shard: Path,
         checkpoint_root: Path,
         initial_peers: list[str],
         *,
-        interval_s: float,
-        listen_host: str,
-        device: str = "cpu",
         signing_key=None,
-        max_regression_nats: float = 0.5,
         on_reject: Callable[[int, str], None] = lambda step, reason: None,
-        keep_last: int = 5,
-        keep_every: int = 0,
         in_use: Callable[[], set[int]] = set,
-        agreement_peers: int = 2,
-        agreement_rel_tol: float = 0.01,
-        max_donors_asked: int = 4,
-        agreement_attempts: int = 3,
-        agreement_retry_s: float = 1.0,
     ):
-        self.manifest, self.tokenizer_json = manifest, tokenizer_json
-        self.eval_shard, self.root = eval_shard, checkpoint_root
-        self.initial_peers, self.interval_s, self.listen_host = initial_peers, interval_s, listen_host
-        self.device, self.signing_key = device, signing_key
-        self.max_regression_nats, self.on_reject = max_regression_nats, on_reject
-        self.keep_last, self.keep_every, self.in_use = keep_last, keep_every, in_use
-        self.agreement_peers, self.agreement_rel_tol = agreement_peers, agreement_rel_tol
-        self.max_donors_asked = max(max_donors_asked, agreement_peers)
-        self.agreement_attempts, self.agreement_retry_s = agreement_attempts, agreement_retry_s
+        self.settings, self.manifest, self.tokenizer_json = settings, manifest, tokenizer_json
+        self.eval_shard, self.root, self.initial_peers = eval_shard, checkpoint_root, initial_peers
+        self.signing_key, self.on_reject, self.in_use = signing_key, on_reject, in_use
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dht = self._tracker = self._fetcher = None
-        self.last_error = ""
 
     def start(self) -> Publisher:
         """Build the model, join the swarm's DHT (client mode) and follow its progress records."""
@@ -76,7 +93,7 @@ class Publisher:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no tqdm bars in an operator's log
-        self.model = build_model(self.manifest, self.device)
+        self.model = build_model(self.manifest, self.settings.device)
         self.expected_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         tokenizer = Tokenizer.from_str(self.tokenizer_json)
         blocks = tokenize_blocks(tokenizer, read_shard(self.eval_shard), self.manifest.data.seq_len)
@@ -87,9 +104,11 @@ class Publisher:
             self.initial_eval_loss,
             len(self.eval_blocks),
         )
-        self._dht = start_dht(self.initial_peers, listen_host=self.listen_host, client_mode=True)
+        self._dht = start_dht(self.initial_peers, listen_host=self.settings.listen_host, client_mode=True)
         # only the swarm's epoch and size are needed: hivemind's progress tracker, not a whole
-        # optimizer (no averager processes, no optimizer state for a model we never train)
+        # optimizer (no averager processes, no optimizer state for a model we never train).
+        # hivemind 1.1.12 internals: the peers' Optimizer gives its tracker prefix=run_id, so ours
+        # must too to read the same `<run_id>_progress` records (Optimizer._make_progress_tracker)
         self._tracker = ProgressTracker(
             self._dht, self.manifest.run_id, self.manifest.swarm.target_batch_size, start=True
         )
@@ -129,21 +148,20 @@ class Publisher:
         return self._tracker.global_epoch if self._tracker is not None else 0
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.wait(self.settings.interval_s):
             try:
                 self.publish_once()
-                self.last_error = ""
-            except Exception as e:  # never let one bad round kill the publisher
-                self.last_error = f"{type(e).__name__}: {e}"
-                logger.exception("publisher: round failed, will retry in %.0fs", self.interval_s)
+            except Exception:  # never let one bad round kill the publisher
+                logger.exception("publisher: round failed, will retry in %.0fs", self.settings.interval_s)
 
     def latest_step(self) -> int:
         metas = checkpoint.list_checkpoints(self.root)
         return metas[-1].step if metas else 0
 
     def publish_once(self) -> checkpoint.CheckpointMeta | None:
+        """One round: the agreed state newer than the latest checkpoint, vetted, written, pruned."""
         import torch
-        from crowdtrain.peer.model import evaluate, hf_tokenizer
+        from crowdtrain.peer.model import evaluate
 
         last = self.latest_step()
         global_epoch = self.global_epoch
@@ -161,54 +179,9 @@ class Publisher:
             for param, loaded in zip(self.model.parameters(), state.tensors, strict=True):
                 param.copy_(loaded)
         eval_loss = evaluate(self.model, self.eval_blocks)
-        metas = checkpoint.list_checkpoints(self.root)
-        problem = check_candidate(
-            dict(self.model.state_dict()),
-            self.expected_shapes,
-            eval_loss,
-            metas[-1].eval_loss if metas else None,
-            self.max_regression_nats,
-        )
-        if problem is not None:
-            emit(
-                logger,
-                "checkpoint_refused",
-                "publisher: not publishing the state of epoch %d: %s",
-                epoch,
-                problem,
-                level=logging.WARNING,
-                epoch=epoch,
-                reason=problem,
-            )
-            self.on_reject(epoch, problem)
+        if not self._passes_vetting(epoch, eval_loss):
             return None
-        staging = archive.new_staging_dir(self.root, epoch)
-        self.model.save_pretrained(staging)
-        hf_tokenizer(self.tokenizer_json, self.manifest).save_pretrained(staging)
-        (staging / "README.md").write_text(
-            model_card(
-                self.manifest,
-                step=epoch,
-                eval_loss=eval_loss,
-                contributing_peers=self._tracker.global_progress.num_peers,
-                created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            )
-        )
-        meta = archive.finalize(
-            staging,
-            self.root,
-            checkpoint.CheckpointMeta(
-                run_id=self.manifest.run_id,
-                step=epoch,
-                samples_seen=epoch * self.manifest.swarm.target_batch_size,
-                eval_loss=eval_loss,
-                created_unix_s=time.time(),
-                manifest_sha256=self.manifest.sha256(),
-                previous_step=last or None,
-                files=(),
-            ),
-            signing_key=self.signing_key,
-        )
+        meta = self._write_checkpoint(epoch, eval_loss, last)
         seconds = time.monotonic() - t0
         emit(
             logger,
@@ -225,6 +198,66 @@ class Publisher:
         self.prune()
         return meta
 
+    def _passes_vetting(self, epoch: int, eval_loss: float) -> bool:
+        """Whether the loaded state may be published (`vetting.check_candidate`); a refusal is
+        logged and recorded."""
+        metas = checkpoint.list_checkpoints(self.root)
+        problem = check_candidate(
+            dict(self.model.state_dict()),
+            self.expected_shapes,
+            eval_loss,
+            metas[-1].eval_loss if metas else None,
+            self.settings.max_eval_regression_nats,
+        )
+        if problem is None:
+            return True
+        emit(
+            logger,
+            "checkpoint_refused",
+            "publisher: not publishing the state of epoch %d: %s",
+            epoch,
+            problem,
+            level=logging.WARNING,
+            epoch=epoch,
+            reason=problem,
+        )
+        self.on_reject(epoch, problem)
+        return False
+
+    def _write_checkpoint(self, epoch: int, eval_loss: float, last: int) -> checkpoint.CheckpointMeta:
+        """The model as it stands, with tokenizer and model card, written atomically and signed."""
+        from crowdtrain.peer.model import hf_tokenizer
+
+        staging = archive.new_staging_dir(self.root, epoch)
+        self.model.save_pretrained(staging)
+        hf_tokenizer(self.tokenizer_json, self.manifest).save_pretrained(staging)
+        (staging / "README.md").write_text(
+            model_card(
+                self.manifest,
+                step=epoch,
+                eval_loss=eval_loss,
+                # hivemind 1.1.12: ProgressTracker.global_progress, an attribute hivemind's own
+                # Optimizer reads (not documented API): peers in the swarm's progress records
+                contributing_peers=self._tracker.global_progress.num_peers,
+                created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            )
+        )
+        return archive.finalize(
+            staging,
+            self.root,
+            checkpoint.CheckpointMeta(
+                run_id=self.manifest.run_id,
+                step=epoch,
+                samples_seen=epoch * self.manifest.swarm.target_batch_size,
+                eval_loss=eval_loss,
+                created_unix_s=time.time(),
+                manifest_sha256=self.manifest.sha256(),
+                previous_step=last or None,
+                files=(),
+            ),
+            signing_key=self.signing_key,
+        )
+
     def fetch_agreed_state(self, last: int) -> FetchedState | None:
         """A state newer than `last` that a majority of the peers asked agree on, else None.
 
@@ -234,62 +267,66 @@ class Publisher:
         `agreement_retry_s`, one more donor each time (up to `max_donors_asked`), at most
         `agreement_attempts` times. A final disagreement, and any outvoted peer, is recorded.
         """
+        s = self.settings
         donors = self._fetcher.donors()
-        asked = min(self.agreement_peers, len(donors))
-        limit = min(self.max_donors_asked, len(donors))
+        asked = min(s.agreement_peers, len(donors))
+        limit = min(max(s.max_donors_asked, s.agreement_peers), len(donors))
         states: list[FetchedState] = []
-        verdict = judge(states, len(donors), self.agreement_rel_tol)
-        for attempt in range(self.agreement_attempts if donors else 0):
-            if attempt and self._stop.wait(self.agreement_retry_s):
+        verdict = judge(states, len(donors), s.agreement_rel_tol)
+        for attempt in range(s.agreement_attempts if donors else 0):
+            if attempt and self._stop.wait(s.agreement_retry_s):
                 return None
             states = self._fetcher.fetch_all(donors[:asked])
-            stale = [s for s in states if s.epoch <= last]
+            stale = [st for st in states if st.epoch <= last]
             if stale:
                 logger.info(
                     "publisher: %d donor(s) serve epoch <= %d, the latest checkpoint", len(stale), last
                 )
-            states = [s for s in states if s.epoch > last]
-            verdict = judge(states, len(donors), self.agreement_rel_tol)
+            states = [st for st in states if st.epoch > last]
+            verdict = judge(states, len(donors), s.agreement_rel_tol)
             if verdict.decision == "publish":
                 break
             asked = min(asked + 1, limit)
         if verdict.decision == "disagree" or verdict.dissenters:
             self.on_reject(verdict.chosen.epoch if verdict.chosen else states[0].epoch, verdict.reason)
+        self._report(verdict, len(donors))
+        return verdict.chosen if verdict.decision == "publish" else None
+
+    def _report(self, verdict: Verdict, donors_listed: int) -> None:
+        """Log the final verdict of a round of asking: chosen, disagreement, or why we wait."""
         if verdict.decision == "disagree":
             emit(
                 logger,
                 "state_disagreement",
                 "publisher: not publishing yet (%d donors listed): %s",
-                len(donors),
+                donors_listed,
                 verdict.reason,
                 level=logging.WARNING,
                 epoch=verdict.epoch,
                 peers=list(verdict.dissenters),
                 reason=verdict.reason,
             )
-        if verdict.decision != "publish":
-            if verdict.decision == "wait":
-                logger.info(
-                    "publisher: not publishing yet (%d donors listed): %s", len(donors), verdict.reason
-                )
-            return None
-        emit(
-            logger,
-            "state_chosen",
-            "publisher: state of epoch %d chosen: %s",
-            verdict.epoch,
-            verdict.reason,
-            epoch=verdict.epoch,
-            agreeing=list(verdict.agreeing),
-            outvoted=list(verdict.dissenters),
-            reason=verdict.reason,
-        )
-        return verdict.chosen
+        elif verdict.decision == "wait":
+            logger.info("publisher: not publishing yet (%d donors listed): %s", donors_listed, verdict.reason)
+        else:
+            emit(
+                logger,
+                "state_chosen",
+                "publisher: state of epoch %d chosen: %s",
+                verdict.epoch,
+                verdict.reason,
+                epoch=verdict.epoch,
+                agreeing=list(verdict.agreeing),
+                outvoted=list(verdict.dissenters),
+                reason=verdict.reason,
+            )
 
     def prune(self) -> list[int]:
         """Apply retention: delete old checkpoints, never the latest nor one being downloaded."""
         steps = [m.step for m in checkpoint.list_checkpoints(self.root)]
-        victims = archive.retention_victims(steps, self.keep_last, self.keep_every, self.in_use())
+        victims = archive.retention_victims(
+            steps, self.settings.keep_last, self.settings.keep_every_steps, self.in_use()
+        )
         for step in victims:
             archive.remove_checkpoint(self.root, step)
         if victims:

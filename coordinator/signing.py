@@ -10,20 +10,36 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from crowdtrain.peer.errors import CrowdtrainError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
+class SigningKeyError(CrowdtrainError):
+    """DATA_DIR/signing.key is not a usable key; the message says how to recover."""
+
+
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """The key in `path`, or a new one saved there (a run created before checkpoints were signed)."""
     path = Path(path)
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError) as e:  # not PEM, damaged, or encrypted with a password
+            raise SigningKeyError(_unusable(path, str(e).split(".")[0])) from e
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} is not an Ed25519 private key")
+            raise SigningKeyError(_unusable(path, "not an Ed25519 private key"))
         return key
     key = Ed25519PrivateKey.generate()
     save_key(path, key)
     return key
+
+
+def _unusable(path: Path, why: str) -> str:
+    return (
+        f"{path} is not a usable signing key ({why}); restore the run's signing.key from a backup "
+        "(its public half is in the run manifest: a new key would fail every download's verification)"
+    )
 
 
 def new_key() -> Ed25519PrivateKey:

@@ -2,9 +2,13 @@
 
 hivemind's `load_state_from_peers` picks the donor itself (the highest self-declared priority) and
 stops at the first answer, so the publisher could never get a second opinion. This asks the same
-`rpc_download_state` of a peer we name, through our own connection to the local p2p daemon, and
-keeps the model's parameters only (the first tensors of hivemind's flat state, in the order of
+`rpc_download_state` of a peer we name, through our own client of the DHT's p2p daemon, and keeps
+the model's parameters only (the first tensors of hivemind's flat state, in the order of
 `model.parameters()`, see `peer.swarm.make_optimizer`).
+
+It relies on internals of hivemind 1.1.12 (no public API offers this), each marked "hivemind
+1.1.12 internals" below: the state averager's DHT prefix, its donor key, its download RPC and that
+RPC's stream format. Check them when upgrading hivemind.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 async def _daemon_maddr(_dht, node):
     """Runs inside hivemind's DHT process: where our p2p daemon listens for local clients."""
+    # hivemind 1.1.12 internals: DHTNode.p2p and P2P.daemon_listen_maddr, so that P2P.replicate can
+    # open a client of the DHT's own p2pd instead of starting a second daemon and identity
     return node.p2p.daemon_listen_maddr
 
 
@@ -31,6 +37,8 @@ class StateFetcher:
 
     def __init__(self, dht, run_id: str, num_parameters: int, timeout_s: float):
         self.dht, self.num_parameters, self.timeout_s = dht, num_parameters, timeout_s
+        # hivemind 1.1.12 internals: Optimizer._make_state_averager names its averager this way;
+        # the donor key and the RPC namespace below both derive from it
         self.prefix = f"{run_id}_state_averager"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="state-fetch", daemon=True)
@@ -53,6 +61,8 @@ class StateFetcher:
         """Peers that declared they serve state, highest declared priority (their epoch) first."""
         from hivemind.utils import ValueWithExpiration
 
+        # hivemind 1.1.12 internals: DecentralizedAverager._declare_for_download_periodically stores
+        # {peer id bytes: priority} under `<prefix>.all_averagers`, read as load_state_from_peers does
         found = self.dht.get(f"{self.prefix}.all_averagers", latest=True, return_future=True)
         entry = found.result(timeout=self.timeout_s)
         if entry is None or not isinstance(entry.value, dict):
@@ -92,6 +102,9 @@ class StateFetcher:
         if self._p2p is None:
             maddr = self.dht.run_coroutine(_daemon_maddr)
             self._p2p = await P2P.replicate(maddr)
+        # hivemind 1.1.12 internals: the averager's RPC (get_stub, namespace=prefix) and its stream:
+        # MSGPack metadata with "epoch" in the first message, a tensor's first part carries its
+        # dtype, parameters come before optimizer statistics (TrainingStateAverager.get_current_state)
         stub = TrainingStateAverager.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
         stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
         metadata, tensors, parts = None, [], []

@@ -1,5 +1,7 @@
-"""What every participant runs: the run contract, model, data reading, hivemind wiring, the training
-loop, heartbeats, pull and verify. Depends only on `crowdtrain.protos`."""
+"""What every participant runs, and the contract the coordinator serves: the run manifest,
+checkpoint format and verification, model, data reading, hivemind wiring, the training loop,
+heartbeats, the coordinator client, pull, settings, errors and progress events. Depends only on
+`crowdtrain.protos`; the coordinator builds on it, never the reverse."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -105,3 +105,49 @@ def test_an_expected_error_is_one_line_and_a_bug_is_a_traceback(monkeypatch, cap
     assert cli.main(["verify", "somewhere"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'missing'" in err and "this is a bug" in err
+
+
+def test_a_data_dir_whose_state_is_not_a_database(tmp_path: Path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.sqlite3").write_text("not a database\n" * 100)
+    result = run_cli("coordinator", "--data-dir", str(run), "--grpc-port", "0", "--http-port", "0")
+    assert result.returncode == 1, result.stderr
+    [line] = error_lines(result)
+    assert str(run / "state.sqlite3") in line and "--data-dir" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_a_data_dir_whose_run_manifest_is_garbage(tmp_path: Path):
+    from crowdtrain.coordinator.store import Store
+
+    run = tmp_path / "run"
+    run.mkdir()
+    store = Store(run / "state.sqlite3", flush_interval_s=0)
+    store.set_meta({"manifest_json": "[1, 2", "tokenizer_json": "{}"})
+    store.close()
+    result = run_cli("coordinator", "--data-dir", str(run), "--grpc-port", "0", "--http-port", "0")
+    assert result.returncode == 1, result.stderr
+    [line] = error_lines(result)
+    assert "run manifest" in line and str(run / "state.sqlite3") in line and "--data-dir" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_a_data_dir_that_cannot_be_created_writes_nothing(tmp_path: Path, small_corpus: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_cli(
+        "coordinator",
+        "--data-dir",
+        str(blocker / "run"),
+        "--data",
+        str(small_corpus),
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "0",
+    )
+    assert result.returncode == 1, result.stderr
+    [line] = error_lines(result)
+    assert str(blocker) in line and "not a directory" in line and "--data-dir" in line
+    assert blocker.read_text() == ""

@@ -168,3 +168,44 @@ def test_identical_initial_weights_and_sane_initial_loss(tmp_path: Path, small_c
     blocks = [[i % 400 for i in range(k, k + manifest.data.seq_len)] for k in range(4)]
     loss = evaluate(a, blocks)
     assert abs(loss - math.log(400)) < 0.5  # a random init predicts roughly uniformly
+
+
+def _stored_run(data_dir: Path, manifest_json: str | None, tokenizer_json: str | None = "{}") -> None:
+    from crowdtrain.coordinator.store import Store
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(data_dir / "state.sqlite3", flush_interval_s=0)
+    meta = {"manifest_json": manifest_json, "tokenizer_json": tokenizer_json}
+    store.set_meta({k: v for k, v in meta.items() if v is not None})
+    store.close()
+
+
+@pytest.mark.parametrize("stored", ["[1, 2]", '"a string"', '{"format_version": 1, "model": 5}'])
+def test_a_stored_manifest_of_another_shape_is_a_run_dir_error(tmp_path: Path, stored: str):
+    from crowdtrain.coordinator.config import CoordinatorConfig
+    from crowdtrain.coordinator.runs import RunDirError, open_run
+
+    _stored_run(tmp_path / "run", stored)
+    with pytest.raises(RunDirError, match="run manifest in .*state.sqlite3 cannot be read"):
+        open_run(CoordinatorConfig(data_dir=str(tmp_path / "run")), tmp_path / "run")
+
+
+def test_an_interrupted_creation_and_a_damaged_signing_key_say_what_to_do(tmp_path: Path, small_corpus: Path):
+    from crowdtrain.coordinator.config import CoordinatorConfig
+    from crowdtrain.coordinator.runs import RunDirError, open_run
+    from crowdtrain.coordinator.signing import SigningKeyError
+
+    config = CoordinatorConfig(data_dir=str(tmp_path / "run"))
+    _stored_run(tmp_path / "run", None)
+    with pytest.raises(RunDirError, match="a previous start was interrupted"):
+        open_run(config, tmp_path / "run")
+
+    manifest, tokenizer_json = make_run(tmp_path, small_corpus)
+    _stored_run(tmp_path / "ok", manifest.to_json(), tokenizer_json)
+    (tmp_path / "ok" / "signing.key").write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    with pytest.raises(SigningKeyError, match="restore the run's signing.key"):
+        open_run(config, tmp_path / "ok")
+    (tmp_path / "ok" / "signing.key").unlink()  # a run from before checkpoints were signed: a new key
+    store, run = open_run(config, tmp_path / "ok")
+    store.close()
+    assert run.manifest == manifest and (tmp_path / "ok" / "signing.key").exists()
