@@ -1,4 +1,5 @@
-"""The coordinator's checkpoint archive: atomic writing, retention, downloads in flight. No torch.
+"""The coordinator's checkpoint archive: atomic writing, retention, which files may be served,
+downloads in flight. No torch.
 
 The format of one checkpoint (`crowdtrain.json`, listing, verification) is `crowdtrain.peer.checkpoint`,
 which every reader uses. A checkpoint exists only once its directory
@@ -17,7 +18,15 @@ import time
 from pathlib import Path
 
 from crowdtrain.coordinator import signing
-from crowdtrain.peer.checkpoint import META_NAME, CheckpointError, CheckpointMeta, FileEntry, step_dirname
+from crowdtrain.coordinator.errors import NotFoundError
+from crowdtrain.peer.checkpoint import (
+    META_NAME,
+    CheckpointError,
+    CheckpointMeta,
+    FileEntry,
+    list_checkpoints,
+    step_dirname,
+)
 from crowdtrain.peer.data import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -90,6 +99,28 @@ def clean_staging(root: Path) -> int:
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
     return removed
+
+
+def lookup_file(root: Path, step: int | None, name: str) -> tuple[CheckpointMeta, Path]:
+    """The published checkpoint at `step` (None: the latest) and the path of its file `name`, for
+    every transport that serves checkpoints (gRPC and HTTP).
+
+    Only the files its signed `crowdtrain.json` lists, and `crowdtrain.json` itself, are served, so no
+    name can reach outside the checkpoint's directory. Raises `NotFoundError` saying what exists.
+    The file may still vanish (retention) before the caller opens it.
+    """
+    metas = list_checkpoints(root)
+    if not metas:
+        raise NotFoundError("no checkpoint has been published yet; try again after the first one")
+    meta = metas[-1] if step is None else next((m for m in metas if m.step == step), None)
+    if meta is None:
+        available = ", ".join(str(m.step) for m in metas)
+        raise NotFoundError(f"no checkpoint at step {step} (have {available})")
+    served = {f.name for f in meta.files} | {META_NAME}
+    if name not in served or Path(name).name != name:
+        files = ", ".join(sorted(served))
+        raise NotFoundError(f"checkpoint {meta.step} has no file {name[:100]!r} (it has {files})")
+    return meta, root / step_dirname(meta.step) / name
 
 
 class DownloadTracker:

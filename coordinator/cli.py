@@ -104,7 +104,8 @@ def _ago(now: float, t: float) -> str:
 
 
 def format_status(status, now: float) -> str:
-    """Render a GetStatusResponse as the operator's table."""
+    """Render a GetStatusResponse as the operator's table (SWARM: peers it sees in the run's progress
+    records; UPTIME: since its heartbeats started)."""
     s = status.summary
     loss = (
         f"{s.latest_eval_loss:.3f} (step {s.latest_checkpoint_step})"
@@ -128,6 +129,8 @@ def format_status(status, now: float) -> str:
         "EPOCH",
         "COMPUTED",
         "CONTRIBUTED",
+        "SWARM",
+        "UPTIME",
         "LAST SEEN",
     )
     rows = [
@@ -140,6 +143,8 @@ def format_status(status, now: float) -> str:
             str(p.local_epoch),
             str(p.computed_samples),
             str(p.contributed_samples),
+            str(p.swarm_size) if p.swarm_size else "-",
+            _ago(p.uptime_s, 0.0).removesuffix(" ago") if p.uptime_s > 0 else "-",  # 0: no heartbeat yet
             _ago(now, p.last_seen_unix_s),
         )
         for p in status.peers

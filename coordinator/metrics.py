@@ -5,7 +5,7 @@ crowdtrain_swarm_samples_per_second         sum of the peers' reported throughpu
 crowdtrain_global_epoch                     the swarm's epoch
 crowdtrain_eval_loss                        held-out loss of the latest checkpoint (absent before one)
 crowdtrain_checkpoints                      published checkpoints
-    crowdtrain_rejected_checkpoints             states refused by the publisher's checks
+crowdtrain_rejected_checkpoints             states refused by the publisher's checks
 crowdtrain_contributed_samples              samples in the contribution ledger
 crowdtrain_heartbeat_latency_seconds        time to handle one heartbeat (histogram)
 """

@@ -10,8 +10,9 @@ instead of sleeping and assert on the reason text.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
+
+from crowdtrain.peer.report import PeerReport
 
 
 class PeerState(str, enum.Enum):
@@ -32,25 +33,17 @@ class HealthSettings:
     contribution_grace_s: float = 45.0
 
 
-@dataclass(frozen=True)
-class PeerRecord:
+@dataclass(frozen=True, kw_only=True)
+class PeerRecord(PeerReport):
+    """Everything the coordinator knows about one peer: what the peer last reported about itself
+    (the inherited `PeerReport` fields) and what the coordinator itself observed."""
+
     session_id: str  # coordinator-assigned; "dht:<peer id>" for peers known only from the DHT
-    name: str
     joined_unix_s: float
     last_seen_unix_s: float  # last heartbeat (or, for DHT-only peers, last progress record)
-    phase: str = "joining"  # as last reported: "joining", "loading_state", "training"
     left_unix_s: float | None = None
     left_reason: str = ""
-    dht_peer_id: str = ""
-    version: str = ""
-    device: str = ""
     shard_index: int = 0
-    samples_per_s: float = 0.0
-    local_epoch: int = 0
-    loss: float = math.nan
-    uptime_s: float = 0.0
-    samples_total: int = 0
-    swarm_size: int = 0
     source: str = "heartbeat"  # "heartbeat" or "dht"
     dht_last_seen_unix_s: float | None = None  # last time its progress record was in the DHT
     banned: bool = False

@@ -1,15 +1,18 @@
 """The gRPC servicer (a thin translation layer) and the server factory.
 
-The servicer turns protos into `PeerRecord`s and back; every decision lives in `registry` and the
-store. Domain errors map to gRPC status codes in one place (`_abort`). No torch, no hivemind.
+The servicer turns protos into plain records (`PeerReport`, `PeerRecord`) and back, by field name;
+every decision lives in `policy`, `registry` and `archive`, the state in the store. Domain errors
+(`errors.RequestError`) map to gRPC status codes in one table, `STATUS_CODES`, which
+`_translating_errors` applies around every handler. No torch, no hivemind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import inspect
 import logging
-import math
 import os
 import threading
 import time
@@ -20,12 +23,21 @@ from pathlib import Path
 from typing import BinaryIO
 
 import grpc
-from crowdtrain.coordinator import archive
-from crowdtrain.coordinator.errors import PortInUseError
+from crowdtrain.coordinator import archive, policy
+from crowdtrain.coordinator.errors import (
+    BannedError,
+    InvalidRequestError,
+    NotFoundError,
+    NotServedError,
+    OutOfRangeError,
+    PortInUseError,
+    RequestError,
+)
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
 from crowdtrain.coordinator.status import SwarmStatus
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer import checkpoint
+from crowdtrain.peer.report import PeerReport, from_heartbeat, to_message
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +47,15 @@ logger = logging.getLogger(__name__)
 
 FILE_CHUNK_BYTES = 1 << 20  # per DownloadCheckpointFile message; well under gRPC's 4 MiB default
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name  # "crowdtrain.v1.Coordinator"
+
+# the one place domain errors become gRPC status codes
+STATUS_CODES: dict[type[RequestError], grpc.StatusCode] = {
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    BannedError: grpc.StatusCode.PERMISSION_DENIED,  # the peer's heartbeat stops it on this code
+    OutOfRangeError: grpc.StatusCode.OUT_OF_RANGE,
+    NotServedError: grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 @dataclass(frozen=True)
@@ -50,16 +71,8 @@ class RunInfo:
     signing_public_key: str = ""
 
 
-class Rejected(Exception):
-    """A request the coordinator refuses; carries the gRPC status the client will see."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 class CoordinatorServicer:
-    """The coordinator's RPCs as plain methods: protos in, protos out, `Rejected` for refusals."""
+    """The coordinator's RPCs as plain methods: protos in, protos out, `RequestError`s for refusals."""
 
     def __init__(
         self,
@@ -70,43 +83,51 @@ class CoordinatorServicer:
         clock: Callable[[], float] = time.time,
         status: Callable[[], SwarmStatus] | None = None,
         heartbeat_latency: Callable[[float], None] = lambda seconds: None,
-        resume_step: Callable[[], int] = lambda: 0,
         downloads: archive.DownloadTracker | None = None,
     ):
         self.run, self.store, self.health = run, store, health_settings
         self.initial_peers, self.clock = initial_peers, clock
-        self.status, self.heartbeat_latency, self.resume_step = status, heartbeat_latency, resume_step
+        self.status, self.heartbeat_latency = status, heartbeat_latency
         self.downloads = downloads or archive.DownloadTracker()
         self._join_lock = threading.Lock()
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         now = self.clock()
-        if self.store.is_banned(request.name):
-            raise Rejected(
-                grpc.StatusCode.PERMISSION_DENIED, f"peer name {request.name!r} is banned by the operator"
-            )
+        joiner = policy.bound_report(
+            PeerReport(name=request.name, version=request.version, device=request.device)
+        )
+        name = joiner.name or "anonymous"
+        policy.require_admitted(policy.admit_join(name, self.store.peers_unordered()))
         with self._join_lock:  # shard assignment must not race between two joiners
             previous = (
                 self.store.get_peer(request.previous_session_id) if request.previous_session_id else None
             )
-            shard_index = previous.shard_index if previous else self.store.count_peers() % self.run.num_shards
+            shard_index, shard_reason = policy.assign_shard(
+                previous, self.store.count_peers(), self.run.num_shards
+            )
             record = PeerRecord(
                 session_id=uuid.uuid4().hex,
-                name=request.name[:64] or "anonymous",
                 joined_unix_s=now,
                 last_seen_unix_s=now,
-                phase="joining",
-                version=request.version[:32],
-                device=request.device[:64],
+                name=name,
+                version=joiner.version,
+                device=joiner.device,
                 shard_index=shard_index,
             )
             self.store.upsert_peer(record)
+        metas = checkpoint.list_checkpoints(self.run.checkpoint_root)
+        resume_step, resume_reason = policy.resume_step(
+            now, self.store.peers_unordered(), metas[-1].step if metas else None, self.health
+        )
         logger.info(
-            "peer %r joined (session %s, shard %d, %s)",
+            "peer %r joined (session %s, %s): shard %d (%s), resume from step %d (%s)",
             record.name,
             record.session_id[:8],
-            shard_index,
             record.device,
+            shard_index,
+            shard_reason,
+            resume_step,
+            resume_reason,
         )
         return pb.JoinResponse(
             session_id=record.session_id,
@@ -118,50 +139,33 @@ class CoordinatorServicer:
                 heartbeat_interval_s=self.health.heartbeat_interval_s,
                 shard_index=shard_index,
                 http_base_url=self.run.http_base_url,
-                resume_from_step=self.resume_step(),
+                resume_from_step=resume_step,
             ),
         )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         t0 = time.perf_counter()
-        record = self.store.get_peer(request.session_id)
-        if record is None:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}; join again")
-        if record.banned:
-            raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "this peer is banned by the operator")
-        updated = dataclasses.replace(
-            record,
-            last_seen_unix_s=self.clock(),
-            left_unix_s=None,
-            left_reason="",
-            dht_peer_id=request.dht_peer_id or record.dht_peer_id,
-            name=request.name[:64] or record.name,
-            version=request.version[:32] or record.version,
-            device=request.device[:64] or record.device,
-            phase=request.phase or record.phase,
-            samples_per_s=_finite(request.samples_per_s),
-            local_epoch=request.local_epoch,
-            loss=request.loss if math.isfinite(request.loss) else math.nan,
-            uptime_s=_finite(request.uptime_s),
-            samples_total=request.samples_total,
-            swarm_size=request.swarm_size,
-        )
-        self.store.upsert_peer(updated, durable=False)  # written behind: heartbeats are frequent
+        session_id = policy.bound_text("session_id", request.session_id)
+        record = self.store.get_peer(session_id)
+        policy.require_admitted(policy.admit_heartbeat(session_id, record))
+        report = policy.bound_report(from_heartbeat(request))
+        # written behind: heartbeats are frequent
+        self.store.upsert_peer(policy.apply_report(self.clock(), record, report), durable=False)
         response = pb.HeartbeatResponse(heartbeat_interval_s=self.health.heartbeat_interval_s)
         self.heartbeat_latency(time.perf_counter() - t0)
         return response
 
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
-        record = self.store.get_peer(request.session_id)
+        session_id = policy.bound_text("session_id", request.session_id)
+        record = self.store.get_peer(session_id)
         if record is None:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id!r}")
+            raise NotFoundError(f"unknown session {session_id!r}; nothing to leave")
         now = self.clock()
+        reason = policy.bound_text("reason", request.reason)
         self.store.upsert_peer(
-            dataclasses.replace(
-                record, left_unix_s=now, last_seen_unix_s=now, left_reason=request.reason[:200]
-            )
+            dataclasses.replace(record, left_unix_s=now, last_seen_unix_s=now, left_reason=reason)
         )
-        logger.info("peer %r left (%s)", record.name, request.reason or "no reason given")
+        logger.info("peer %r left (%s)", record.name, reason or "no reason given")
         return pb.LeaveResponse()
 
     def ListCheckpoints(self, request, context) -> pb.ListCheckpointsResponse:
@@ -191,68 +195,55 @@ class CoordinatorServicer:
         The caller streams the file and must close it; while it is open, count it in `downloads`
         so that retention does not delete the checkpoint under the reader.
         """
-        metas = checkpoint.list_checkpoints(self.run.checkpoint_root)
-        if not metas:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, "no checkpoint has been published yet")
-        meta = metas[-1] if request.step == 0 else next((m for m in metas if m.step == request.step), None)
-        if meta is None:
-            available = ", ".join(str(m.step) for m in metas)
-            raise Rejected(
-                grpc.StatusCode.NOT_FOUND, f"no checkpoint at step {request.step} (have {available})"
-            )
-        if request.name not in {f.name for f in meta.files} | {checkpoint.META_NAME}:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, f"checkpoint {meta.step} has no file {request.name!r}")
-        path = self.run.checkpoint_root / checkpoint.step_dirname(meta.step) / request.name
+        meta, path = archive.lookup_file(self.run.checkpoint_root, request.step or None, request.name)
         try:
             f = open(path, "rb")  # noqa: SIM115 - the caller closes it when the stream ends
         except FileNotFoundError:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, f"checkpoint {meta.step} was just pruned") from None
+            raise NotFoundError(f"checkpoint {meta.step} was just pruned; ask for the latest") from None
         size = os.fstat(f.fileno()).st_size
         if not 0 <= request.offset <= size:
             f.close()
-            raise Rejected(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside 0..{size}")
+            raise OutOfRangeError(f"offset {request.offset} is outside 0..{size}; restart the download at 0")
         f.seek(request.offset)
         return f, size, meta.step
 
     def GetStatus(self, request, context) -> pb.GetStatusResponse:
         if self.status is None:
-            raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "this coordinator keeps no swarm status")
+            raise NotServedError("this coordinator keeps no swarm status")
         status = self.status()
-        s = status.summary
         return pb.GetStatusResponse(
-            summary=pb.SwarmSummary(
-                run_id=s.run_id,
-                global_epoch=s.global_epoch,
-                samples_per_s=s.samples_per_s,
-                latest_eval_loss=s.latest_eval_loss,
-                latest_checkpoint_step=s.latest_checkpoint_step,
-                peers_by_state=s.peers_by_state,
-                total_contributed_samples=s.total_contributed_samples,
-                last_rejection=s.last_rejection,
-            ),
-            peers=[
-                pb.PeerStatus(
-                    session_id=v.session_id,
-                    name=v.name,
-                    state=v.state,
-                    reason=v.reason,
-                    device=v.device,
-                    samples_per_s=v.samples_per_s,
-                    local_epoch=v.local_epoch,
-                    contributed_samples=v.contributed_samples,
-                    computed_samples=v.computed_samples,
-                    last_seen_unix_s=v.last_seen_unix_s,
-                    contributing=v.contributing,
-                    dht_peer_id=v.dht_peer_id,
-                    loss=v.loss,
-                )
-                for v in status.peers
-            ],
+            summary=to_message(pb.SwarmSummary, status.summary),
+            peers=[to_message(pb.PeerStatus, view) for view in status.peers],
         )
 
 
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else 0.0
+def _translating_errors(handler):
+    """Wrap an async handler (unary or streaming) so that a `RequestError` raised inside aborts the
+    RPC with the status code `STATUS_CODES` gives its class, and its message as the details."""
+
+    async def abort(context, error: RequestError):
+        await context.abort(STATUS_CODES[type(error)], str(error))
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def streaming(self, request, context):
+            try:
+                async for response in handler(self, request, context):
+                    yield response
+            except RequestError as e:
+                await abort(context, e)
+
+        return streaming
+
+    @functools.wraps(handler)
+    async def unary(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except RequestError as e:
+            await abort(context, e)
+
+    return unary
 
 
 class _AioAdapter(pb_grpc.CoordinatorServicer):
@@ -262,39 +253,34 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
     def __init__(self, servicer: CoordinatorServicer):
         self.servicer = servicer
 
-    async def _call(self, method, request, context):
-        try:
-            return method(request, context)
-        except Rejected as e:
-            await context.abort(e.code, e.message)
-
+    @_translating_errors
     async def Join(self, request, context):
-        return await self._call(self.servicer.Join, request, context)
+        return self.servicer.Join(request, context)
 
+    @_translating_errors
     async def Heartbeat(self, request, context):
-        return await self._call(self.servicer.Heartbeat, request, context)
+        return self.servicer.Heartbeat(request, context)
 
+    @_translating_errors
     async def HeartbeatStream(self, request_iterator, context):
         async for request in request_iterator:
-            try:
-                yield self.servicer.Heartbeat(request, context)
-            except Rejected as e:
-                await context.abort(e.code, e.message)
+            yield self.servicer.Heartbeat(request, context)
 
+    @_translating_errors
     async def Leave(self, request, context):
-        return await self._call(self.servicer.Leave, request, context)
+        return self.servicer.Leave(request, context)
 
+    @_translating_errors
     async def ListCheckpoints(self, request, context):
-        return await self._call(self.servicer.ListCheckpoints, request, context)
+        return self.servicer.ListCheckpoints(request, context)
 
+    @_translating_errors
     async def GetStatus(self, request, context):
-        return await self._call(self.servicer.GetStatus, request, context)
+        return self.servicer.GetStatus(request, context)
 
+    @_translating_errors
     async def DownloadCheckpointFile(self, request, context):
-        try:
-            f, size, step = self.servicer.open_checkpoint_file(request)
-        except Rejected as e:
-            await context.abort(e.code, e.message)
+        f, size, step = self.servicer.open_checkpoint_file(request)
         downloads = self.servicer.downloads
         downloads.begin(step)
         try:
@@ -325,7 +311,7 @@ class GrpcServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
         self._thread.start()
         try:
-            self._server, self.port, self.health = self._run(self._build(servicer, host, port))
+            self._server, self.port = self._run(self._build(servicer, host, port))
         except BaseException:
             self._close_loop()
             raise
@@ -359,7 +345,7 @@ class GrpcServer:
             raise PortInUseError(f"cannot listen for gRPC on {host}:{port}; {advice}")
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        return server, bound, health_servicer
+        return server, bound
 
     def start(self) -> GrpcServer:
         self._run(self._server.start())
@@ -382,7 +368,7 @@ class GrpcServer:
         self._loop.close()
 
 
-def create_server(servicer: CoordinatorServicer, host: str, port: int) -> tuple[GrpcServer, int, object]:
-    """Bind the coordinator API, health checking and reflection; returns (server, bound port, health)."""
+def create_server(servicer: CoordinatorServicer, host: str, port: int) -> tuple[GrpcServer, int]:
+    """Bind the coordinator API, health checking and reflection; returns (server, bound port)."""
     server = GrpcServer(servicer, host, port)
-    return server, server.port, server.health
+    return server, server.port

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state, contribution
 from crowdtrain.peer.checkpoint import CheckpointMeta
+from crowdtrain.peer.report import PeerReport, report_values
 
 
 @dataclass(frozen=True)
@@ -26,23 +27,19 @@ class SwarmProgress:
     read_unix_s: float = 0.0  # when; 0 = never read
 
 
-@dataclass(frozen=True)
-class PeerView:
+@dataclass(frozen=True, kw_only=True)
+class PeerView(PeerReport):
+    """One peer as every view shows it: everything it reports about itself (the inherited
+    `PeerReport` fields, so a new metric appears in /api/v1/peers on its own) and the verdict."""
+
     session_id: str
-    name: str
     state: str
     reason: str
     contributing: bool
-    device: str
-    version: str
-    samples_per_s: float
-    local_epoch: int
-    loss: float
-    computed_samples: int  # samples it reports having processed (heartbeats), accepted or not
+    computed_samples: int  # = samples_total: processed, accepted or not (the API's name for it)
     contributed_samples: int  # samples the swarm's progress records show it contributed
     last_seen_unix_s: float
     joined_unix_s: float
-    dht_peer_id: str
     source: str
 
 
@@ -96,23 +93,17 @@ def build_status(
         contributing = state is PeerState.ONLINE and contribution(now, record, health)[0]
         views.append(
             PeerView(
+                **report_values(record),
                 session_id=record.session_id,
-                name=record.name,
                 state=state.value,
                 reason=reason,
                 contributing=contributing,
-                device=record.device,
-                version=record.version,
-                samples_per_s=record.samples_per_s,
-                local_epoch=record.local_epoch,
-                loss=record.loss,
                 computed_samples=record.samples_total,
                 contributed_samples=contribution_totals.get(record.dht_peer_id, 0)
                 if record.dht_peer_id
                 else 0,
                 last_seen_unix_s=record.last_seen_unix_s,
                 joined_unix_s=record.joined_unix_s,
-                dht_peer_id=record.dht_peer_id,
                 source=record.source,
             )
         )

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import sqlite3
 import threading
+import typing
 from pathlib import Path
 
 from crowdtrain.coordinator.registry import PeerRecord
@@ -18,29 +19,7 @@ logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS peers (
-    session_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    joined_unix_s REAL NOT NULL,
-    last_seen_unix_s REAL NOT NULL,
-    phase TEXT NOT NULL,
-    left_unix_s REAL,
-    left_reason TEXT NOT NULL DEFAULT '',
-    dht_peer_id TEXT NOT NULL DEFAULT '',
-    version TEXT NOT NULL DEFAULT '',
-    device TEXT NOT NULL DEFAULT '',
-    shard_index INTEGER NOT NULL DEFAULT 0,
-    samples_per_s REAL NOT NULL DEFAULT 0,
-    local_epoch INTEGER NOT NULL DEFAULT 0,
-    loss REAL,
-    uptime_s REAL NOT NULL DEFAULT 0,
-    samples_total INTEGER NOT NULL DEFAULT 0,
-    swarm_size INTEGER NOT NULL DEFAULT 0,
-    source TEXT NOT NULL DEFAULT 'heartbeat',
-    dht_last_seen_unix_s REAL,
-    banned INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS peers_by_dht_id ON peers (dht_peer_id);
+CREATE TABLE IF NOT EXISTS peers (session_id TEXT PRIMARY KEY);
 -- samples each peer accumulated towards each epoch, from the swarm's progress records
 CREATE TABLE IF NOT EXISTS contributions (
     dht_peer_id TEXT NOT NULL,
@@ -59,26 +38,38 @@ CREATE TABLE IF NOT EXISTS history (
     train_loss REAL
 );
 """
-# columns added after the first release; ALTERed into older databases at open
-_ADDED_COLUMNS = {
-    "source": "TEXT NOT NULL DEFAULT 'heartbeat'",
-    "dht_last_seen_unix_s": "REAL",
-    "banned": "INTEGER NOT NULL DEFAULT 0",
-}
-_PEER_FIELDS = [f.name for f in dataclasses.fields(PeerRecord)]
+# The peers table has one column per PeerRecord field (its report's fields included), added at open
+# when missing: a new field needs no migration. NaN and None are stored as NULL; a NULL read back
+# becomes the field's default (NaN for the loss), or stays None where the field allows it.
+_PEER_FIELDS = dataclasses.fields(PeerRecord)
+_PEER_TYPES = typing.get_type_hints(PeerRecord)
+_SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
+_NAMES = [f.name for f in _PEER_FIELDS]
 _UPSERT = (
-    f"INSERT INTO peers ({', '.join(_PEER_FIELDS)}) VALUES ({', '.join('?' for _ in _PEER_FIELDS)}) "
+    f"INSERT INTO peers ({', '.join(_NAMES)}) VALUES ({', '.join('?' for _ in _NAMES)}) "
     "ON CONFLICT (session_id) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _PEER_FIELDS if name not in ("session_id", "banned"))
+    + ", ".join(f"{name} = excluded.{name}" for name in _NAMES if name not in ("session_id", "banned"))
 )
 
 
+def _sql_type(name: str) -> str:
+    kinds = typing.get_args(_PEER_TYPES[name]) or (_PEER_TYPES[name],)  # `float | None` -> float
+    return _SQL_TYPES[kinds[0]]
+
+
 def _row(record: PeerRecord) -> list:
-    row = [getattr(record, name) for name in _PEER_FIELDS]
-    loss = _PEER_FIELDS.index("loss")
-    if row[loss] != row[loss]:  # NaN is stored as NULL
-        row[loss] = None
-    return row
+    return [getattr(record, name) for name in _NAMES]  # SQLite stores NaN as NULL
+
+
+def _to_record(row) -> PeerRecord:
+    values = {}
+    for field, value in zip(_PEER_FIELDS, row, strict=True):
+        if value is None and field.default is not dataclasses.MISSING:
+            value = field.default
+        elif _PEER_TYPES[field.name] is bool:
+            value = bool(value)
+        values[field.name] = value
+    return PeerRecord(**values)
 
 
 class Store:
@@ -98,15 +89,16 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")  # `crowdtrain ban` may hold the write lock briefly
-        existing = {row[1] for row in self._db.execute("PRAGMA table_info(peers)")}
-        for column, decl in _ADDED_COLUMNS.items():
-            if existing and column not in existing:
-                self._db.execute(f"ALTER TABLE peers ADD COLUMN {column} {decl}")
         self._db.executescript(_SCHEMA)
-        rows = self._db.execute(f"SELECT {', '.join(_PEER_FIELDS)} FROM peers").fetchall()
+        existing = {row[1] for row in self._db.execute("PRAGMA table_info(peers)")}
+        for name in _NAMES:
+            if name not in existing:
+                self._db.execute(f"ALTER TABLE peers ADD COLUMN {name} {_sql_type(name)}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS peers_by_dht_id ON peers (dht_peer_id)")
+        rows = self._db.execute(f"SELECT {', '.join(_NAMES)} FROM peers").fetchall()
         self._peers: dict[str, PeerRecord] = {}
         self._by_dht: dict[str, set[str]] = {}  # dht_peer_id -> session ids
-        for record in map(self._to_record, rows):
+        for record in map(_to_record, rows):
             self._remember(record)
         self._dirty: set[str] = set()
         self._data_version = None
@@ -241,10 +233,6 @@ class Store:
                     self._peers[sid] = dataclasses.replace(record, banned=banned)
         return changed
 
-    def is_banned(self, name: str) -> bool:
-        with self._lock:
-            return any(r.banned and r.name == name for r in self._peers.values())
-
     def _remember(self, record: PeerRecord) -> None:
         """Put a record in memory and keep the DHT-id index current; call with the lock held."""
         previous = self._peers.get(record.session_id)
@@ -253,14 +241,6 @@ class Store:
         self._peers[record.session_id] = record
         if record.dht_peer_id:
             self._by_dht.setdefault(record.dht_peer_id, set()).add(record.session_id)
-
-    @staticmethod
-    def _to_record(row) -> PeerRecord:
-        values = dict(zip(_PEER_FIELDS, row, strict=True))
-        if values["loss"] is None:
-            values["loss"] = float("nan")
-        values["banned"] = bool(values["banned"])
-        return PeerRecord(**values)
 
     # ------------------------------------------------------------------ contributions and history
 

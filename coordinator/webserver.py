@@ -14,7 +14,8 @@
     GET /healthz                              "ok"
 
 Standard library only (ThreadingHTTPServer); every path is resolved against an allow-list, never
-joined blindly, so `..` cannot escape the data directory.
+joined blindly, so `..` cannot escape the data directory: data shards against the manifest's,
+checkpoint files against their signed listing (`archive.lookup_file`, shared with gRPC).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from crowdtrain.coordinator import archive
-from crowdtrain.coordinator.errors import PortInUseError
+from crowdtrain.coordinator.errors import NotFoundError, PortInUseError
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.status import SwarmStatus, contributors
 from crowdtrain.coordinator.store import Store
@@ -128,17 +129,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_bytes(body.encode(), "application/json", send_body)
 
     def _checkpoint_file(self, step: str, name: str, send_body: bool) -> None:
-        metas = checkpoint.list_checkpoints(self.ctx.checkpoint_root)
-        if step == "latest":
-            meta = metas[-1] if metas else None
-        else:
-            meta = next((m for m in metas if step.isdigit() and m.step == int(step)), None)
-        allowed = {f.name for f in meta.files} | {checkpoint.META_NAME} if meta else set()
-        if meta is None or name not in allowed:
-            return self.send_error(HTTPStatus.NOT_FOUND, f"no checkpoint file {step}/{name}")
+        if step != "latest" and not step.isdigit():
+            return self.send_error(HTTPStatus.NOT_FOUND, "a checkpoint step is a number or 'latest'")
+        try:
+            meta, path = archive.lookup_file(
+                self.ctx.checkpoint_root, None if step == "latest" else int(step), name
+            )
+        except NotFoundError as e:
+            return self.send_error(HTTPStatus.NOT_FOUND, str(e))
         self.ctx.downloads.begin(meta.step)
         try:
-            self._send_file(self.ctx.checkpoint_root / checkpoint.step_dirname(meta.step) / name, send_body)
+            self._send_file(path, send_body)
         finally:
             self.ctx.downloads.end(meta.step)
 

@@ -2,56 +2,45 @@
 
 Training never waits for the coordinator: when it is unreachable the reporter logs one warning,
 backs off (capped), keeps trying, and logs again once it is back. Heartbeats travel over one
-long-lived gRPC stream (see `coordinator.client.HeartbeatStream`).
+long-lived gRPC stream (see `crowdtrain.peer.client.HeartbeatStream`). What they carry is a
+`PeerReport` (peer/report.py).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import grpc
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
+from crowdtrain.peer.report import PeerReport, to_message
 from crowdtrain.protos import coordinator_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PeerStats:
-    """What a peer reports; the trainer publishes a new immutable snapshot after each step."""
-
-    phase: str = "joining"
-    local_epoch: int = 0
-    loss: float = math.nan
-    samples_per_s: float = 0.0
-    samples_total: int = 0
-    swarm_size: int = 0
-    dht_peer_id: str = ""
-
-
 class StatsBox:
-    """A thread-safe holder of the latest PeerStats; `phase_changed` is set whenever the phase changes
-    (the heartbeat reporter wakes on it, so the coordinator learns "training" at once, not one
-    heartbeat interval later)."""
+    """A thread-safe holder of the latest `PeerReport`; `phase_changed` is set whenever the phase
+    changes (the heartbeat reporter wakes on it, so the coordinator learns "training" at once, not
+    one heartbeat interval later)."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._stats = PeerStats()
+        self._report = PeerReport()
         self.phase_changed = threading.Event()
 
-    def get(self) -> PeerStats:
+    def get(self) -> PeerReport:
         with self._lock:
-            return self._stats
+            return self._report
 
     def update(self, **changes) -> None:
+        """Replace some fields of the report (names as in `PeerReport`)."""
         with self._lock:
-            before, self._stats = self._stats, replace(self._stats, **changes)
-        if self._stats.phase != before.phase:
+            before, self._report = self._report, replace(self._report, **changes)
+        if self._report.phase != before.phase:
             self.phase_changed.set()
 
 
@@ -75,7 +64,7 @@ class HeartbeatReporter:
         self.interval_s, self.max_backoff_s, self.clock = interval_s, max_backoff_s, clock
         self.on_reconnect = on_reconnect
         self.started = clock()
-        self.sent = self.failed = 0
+        self.failed = 0
         self.refused: CoordinatorRejected | None = None  # set when the operator banned this peer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,23 +91,15 @@ class HeartbeatReporter:
 
     def beat_once(self) -> bool:
         """Send one heartbeat; returns whether it was delivered. Never raises."""
-        s = self.stats.get()
-        request = pb.HeartbeatRequest(
-            session_id=self.session_id,
-            dht_peer_id=s.dht_peer_id,
-            name=self.name,
-            version=self.version,
-            device=self.device,
-            samples_per_s=s.samples_per_s,
-            local_epoch=s.local_epoch,
-            loss=s.loss,
-            uptime_s=self.clock() - self.started,
-            samples_total=s.samples_total,
-            swarm_size=s.swarm_size,
-            phase=s.phase,
-        )
         try:
-            response = self._stream.send(request)
+            report = replace(
+                self.stats.get(),
+                name=self.name,
+                version=self.version,
+                device=self.device,
+                uptime_s=self.clock() - self.started,
+            )
+            response = self._stream.send(to_message(pb.HeartbeatRequest, report, session_id=self.session_id))
         except CoordinatorRejected as e:
             if e.code is grpc.StatusCode.PERMISSION_DENIED:  # banned: the volunteer must stop
                 self.refused = e
@@ -145,7 +126,6 @@ class HeartbeatReporter:
             except Exception as e:  # must never reach the training loop
                 logger.warning("after reconnecting: %r", e)
         self.failed = 0
-        self.sent += 1
         if response.heartbeat_interval_s > 0:
             self.interval_s = response.heartbeat_interval_s
         return True

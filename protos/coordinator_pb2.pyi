@@ -159,7 +159,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("session_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples")
+    __slots__ = ("session_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples", "uptime_s", "swarm_size")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,8 @@ class PeerStatus(_message.Message):
     DHT_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    SWARM_SIZE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     name: str
     state: str
@@ -186,7 +188,9 @@ class PeerStatus(_message.Message):
     dht_peer_id: str
     loss: float
     computed_samples: int
-    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ...) -> None: ...
+    uptime_s: float
+    swarm_size: int
+    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ..., uptime_s: _Optional[float] = ..., swarm_size: _Optional[int] = ...) -> None: ...
 
 class SwarmSummary(_message.Message):
     __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id", "last_rejection")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.errors import NotFoundError
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo, create_server
 from crowdtrain.coordinator.signing import new_key, public_key_hex, sign_hex
@@ -75,6 +76,36 @@ def test_unfinished_writes_are_never_listed_and_are_cleaned(tmp_path: Path):
     assert list(root.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("step", "name", "found", "error"),
+    [
+        (None, "model.safetensors", 4, None),  # None: the latest
+        (2, "model.safetensors", 2, None),
+        (4, "crowdtrain.json", 4, None),  # the signed listing itself is served
+        (3, "model.safetensors", None, r"no checkpoint at step 3 \(have 2, 4\)"),
+        (4, "extra.bin", None, "checkpoint 4 has no file 'extra.bin'"),  # on disk, but not listed
+        (4, "../../s.sqlite3", None, "has no file"),
+        (4, "/etc/passwd", None, "has no file"),
+        (4, "", None, "has no file"),
+    ],
+)
+def test_lookup_serves_only_the_files_a_checkpoint_lists(tmp_path: Path, step, name, found, error):
+    root = tmp_path / "ckpt"
+    with pytest.raises(NotFoundError, match="no checkpoint has been published yet"):
+        archive.lookup_file(root, None, "model.safetensors")
+    for published in (2, 4):
+        staging = archive.new_staging_dir(root, published)
+        (staging / "model.safetensors").write_bytes(b"w" * published)
+        archive.finalize(staging, root, _meta(published), signing_key=KEY)
+    (root / "step-00000004" / "extra.bin").write_bytes(b"not listed")
+    if error is not None:
+        with pytest.raises(NotFoundError, match=error):
+            archive.lookup_file(root, step, name)
+        return
+    meta, path = archive.lookup_file(root, step, name)
+    assert meta.step == found and path == root / f"step-{found:08d}" / name and path.is_file()
+
+
 @pytest.fixture
 def coordinator_with_checkpoint(tmp_path: Path, small_corpus: Path):
     root = tmp_path / "ckpt"
@@ -100,7 +131,7 @@ def coordinator_with_checkpoint(tmp_path: Path, small_corpus: Path):
         health,
         initial_peers=list,
     )
-    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server, port = create_server(servicer, "127.0.0.1", 0)
     server.start()
     try:
         yield f"127.0.0.1:{port}", base, root, meta

@@ -95,7 +95,16 @@ def test_tick_marks_heartbeating_peers_and_adds_dht_only_ones(tmp_path: Path):
     dht = _FakeDHT()
     monitor = SwarmMonitor(dht, "run", store, HEALTH, clock=lambda: clock[0], history_interval_s=5.0)
     hb_id = _peer_id(0).to_base58()
-    store.upsert_peer(PeerRecord("s1", "alice", 990.0, 1000.0, phase="training", dht_peer_id=hb_id))
+    store.upsert_peer(
+        PeerRecord(
+            session_id="s1",
+            name="alice",
+            joined_unix_s=990.0,
+            last_seen_unix_s=1000.0,
+            phase="training",
+            dht_peer_id=hb_id,
+        )
+    )
     dht.entries = [_entry(0, 4, 64, 20.0), _entry(1, 4, 32, 12.0)]
     monitor.tick()
     alice = store.get_peer("s1")

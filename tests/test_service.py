@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import grpc
 import pytest
+from crowdtrain.coordinator import archive, errors
 from crowdtrain.coordinator.errors import PortInUseError
-from crowdtrain.coordinator.registry import HealthSettings, PeerState, compute_state
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo, create_server
+from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state
+from crowdtrain.coordinator.service import STATUS_CODES, CoordinatorServicer, RunInfo, create_server
+from crowdtrain.coordinator.status import PeerView, SwarmSummary
 from crowdtrain.coordinator.store import Store
+from crowdtrain.peer.checkpoint import CheckpointMeta
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
+from crowdtrain.peer.report import FIELD_NAMES, LIMITS
 from crowdtrain.protos import coordinator_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -40,7 +45,7 @@ def served(tmp_path: Path):
     servicer = CoordinatorServicer(
         run, store, health, initial_peers=lambda: ["/ip4/127.0.0.1/tcp/1/p2p/x"], clock=clock
     )
-    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server, port = create_server(servicer, "127.0.0.1", 0)
     server.start()
     client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=5)
     try:
@@ -88,6 +93,7 @@ def test_heartbeat_then_silence_then_leave(served):
         42.0,
         "12D3Koo",
     )
+    assert (record.swarm_size, record.samples_total) == (2, 1000)
     assert record.name == "<b>bob</b>"  # stored verbatim; escaping is the views' job
     assert compute_state(clock.now, record, health)[0] is PeerState.ONLINE
     clock.now += 11
@@ -125,12 +131,48 @@ def test_second_server_on_the_same_port_fails_clearly(served, tmp_path: Path):
 def test_store_survives_reopen(served, tmp_path: Path):
     client, store, *_ = served
     sid = client.join(pb.JoinRequest(name="durable")).session_id
+    report = dict(phase="training", uptime_s=12.5, swarm_size=3, samples_total=64, local_epoch=2)
+    client.heartbeat(pb.HeartbeatRequest(session_id=sid, loss=math.nan, dht_peer_id="Qm", **report))
     store.set_meta({"k": "v"})
+    store.flush()  # heartbeats are written behind
     reopened = Store(tmp_path / "state.sqlite3")
     try:
-        assert reopened.get_peer(sid).name == "durable" and reopened.get_meta("k") == "v"
+        again = reopened.get_peer(sid)
+        assert again.name == "durable" and reopened.get_meta("k") == "v"
+        assert {k: getattr(again, k) for k in report} == report
+        assert math.isnan(again.loss) and again.left_unix_s is None and again.banned is False
+        # every field round-trips (NaN != NaN, so compare the loss apart)
+        assert dataclasses.replace(again, loss=0.0) == dataclasses.replace(store.get_peer(sid), loss=0.0)
     finally:
         reopened.close()
+
+
+def test_store_adds_the_columns_of_new_fields_to_an_older_database(tmp_path: Path):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.sqlite3") as db:  # as if written before uptime_s and banned
+        db.execute(
+            "CREATE TABLE peers (session_id TEXT PRIMARY KEY, name TEXT, joined_unix_s REAL, last_seen_unix_s REAL)"
+        )
+        db.execute("INSERT INTO peers VALUES ('s1', 'old', 1.0, 2.0)")
+    store = Store(tmp_path / "old.sqlite3")
+    try:
+        record = store.get_peer("s1")
+        assert (record.name, record.last_seen_unix_s, record.uptime_s, record.banned) == (
+            "old",
+            2.0,
+            0.0,
+            False,
+        )
+        assert (
+            math.isnan(record.loss) and record.source == "heartbeat" and record.dht_last_seen_unix_s is None
+        )
+        store.upsert_peer(PeerRecord(session_id="s2", joined_unix_s=3.0, last_seen_unix_s=3.0, uptime_s=1.5))
+    finally:
+        store.close()
+    reopened = Store(tmp_path / "old.sqlite3")
+    assert reopened.get_peer("s2").uptime_s == 1.5
+    reopened.close()
 
 
 def test_unreachable_coordinator_gives_up_with_advice():
@@ -216,7 +258,7 @@ def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_pa
     store = Store(tmp_path / "state.sqlite3")
     run = RunInfo("{}", "abc", "{}", 1, "http://127.0.0.1:1", tmp_path / "checkpoints")
     servicer = CoordinatorServicer(run, store, HealthSettings(60.0, 600.0), initial_peers=lambda: [])
-    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server, port = create_server(servicer, "127.0.0.1", 0)
     server.start()
     client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=5)
     stats = StatsBox()
@@ -228,7 +270,9 @@ def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_pa
             while store.get_peer(sid).last_seen_unix_s == store.get_peer(sid).joined_unix_s:
                 assert time.monotonic() < deadline, "the first heartbeat never arrived"
                 time.sleep(0.05)
-            assert store.get_peer(sid).phase == "joining"
+            first = store.get_peer(sid)
+            assert (first.phase, first.version, first.device) == ("joining", "v", "cpu")
+            assert first.uptime_s >= 0
             stats.update(phase="training")
             while store.get_peer(sid).phase != "training":
                 assert time.monotonic() < deadline, "the new phase waited for the next interval"
@@ -237,3 +281,68 @@ def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_pa
         client.close()
         server.stop(0).wait()
         store.close()
+
+
+def test_heartbeat_request_carries_exactly_the_peer_report_and_views_fill_the_status_protos():
+    """A new metric is one field in PeerReport and one in HeartbeatRequest: they must agree by name."""
+    assert {f.name for f in pb.HeartbeatRequest.DESCRIPTOR.fields} == {"session_id", *FIELD_NAMES}
+    views = {f.name for f in dataclasses.fields(PeerView)}
+    assert {f.name for f in pb.PeerStatus.DESCRIPTOR.fields} <= views
+    assert {f.name for f in pb.SwarmSummary.DESCRIPTOR.fields} <= {
+        f.name for f in dataclasses.fields(SwarmSummary)
+    }
+
+
+def test_every_domain_error_has_one_status_code():
+    domain = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.RequestError)}
+    assert set(STATUS_CODES) == domain - {errors.RequestError}
+    assert STATUS_CODES[errors.BannedError] is grpc.StatusCode.PERMISSION_DENIED  # the peer stops on it
+
+
+def test_reports_are_bounded_and_garbage_never_breaks_the_servicer(served):
+    client, store, *_ = served
+    sid = client.join(pb.JoinRequest(name="n" * 1000, version="v" * 1000, device="d" * 1000)).session_id
+    record = store.get_peer(sid)
+    assert (len(record.name), len(record.version), len(record.device)) == (
+        LIMITS.name,
+        LIMITS.version,
+        LIMITS.device,
+    )
+    client.heartbeat(
+        pb.HeartbeatRequest(
+            session_id=sid,
+            phase="training",
+            samples_per_s=math.inf,
+            loss=-math.inf,
+            uptime_s=math.nan,
+            local_epoch=-5,
+            samples_total=-1,
+        )
+    )
+    record = store.get_peer(sid)
+    assert (record.samples_per_s, record.uptime_s, record.local_epoch, record.samples_total) == (0, 0, 0, 0)
+    assert math.isnan(record.loss)
+    for bad, what in (({"phase": "p" * 100}, "phase has 100"), ({"dht_peer_id": "Q" * 300}, "dht_peer_id")):
+        with pytest.raises(CoordinatorRejected, match=f"INVALID_ARGUMENT: {what}"):
+            client.heartbeat(pb.HeartbeatRequest(session_id=sid, **bad))
+    with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT: session_id"):
+        client.heartbeat(pb.HeartbeatRequest(session_id="s" * 10_000))
+    assert store.get_peer(sid).phase == "training"  # refused reports change nothing
+    client.leave(sid, reason="r" * 1000)
+    assert len(store.get_peer(sid).left_reason) == LIMITS.reason
+
+
+def test_joiners_resume_from_the_latest_checkpoint_only_when_nobody_trains(served, tmp_path: Path):
+    client, store, clock, *_ = served
+    assert client.join(pb.JoinRequest(name="first")).settings.resume_from_step == 0  # nothing published
+    root = tmp_path / "checkpoints"  # the served run's checkpoint_root
+    for step in (3, 8):
+        staging = archive.new_staging_dir(root, step)
+        (staging / "model.safetensors").write_bytes(b"w")
+        archive.finalize(staging, root, CheckpointMeta("ct_test", step, 0, 5.0, 1.0, "m", None, ()))
+    trainer = client.join(pb.JoinRequest(name="trainer"))
+    assert trainer.settings.resume_from_step == 8  # the swarm left: start from the latest
+    client.heartbeat(pb.HeartbeatRequest(session_id=trainer.session_id, phase="training"))
+    assert client.join(pb.JoinRequest(name="late")).settings.resume_from_step == 0  # load from peers
+    clock.now += 60  # the trainer went silent
+    assert client.join(pb.JoinRequest(name="later")).settings.resume_from_step == 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import urllib.request
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def site(tmp_path: Path):
         status=status,
         heartbeat_latency=metrics.heartbeat_latency.observe,
     )
-    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server, port = create_server(servicer, "127.0.0.1", 0)
     server.start()
     try:
         yield f"http://127.0.0.1:{web.port}", f"127.0.0.1:{port}", store, root, clock
@@ -116,7 +117,11 @@ def test_grpc_status_matches_the_json_api(site):
     base, address, store, _, clock = site
     with CoordinatorClient(address) as client:
         sid = client.join(pb.JoinRequest(name="carol", device="cuda:0")).session_id
-        client.heartbeat(pb.HeartbeatRequest(session_id=sid, phase="loading_state", samples_total=1234))
+        client.heartbeat(
+            pb.HeartbeatRequest(
+                session_id=sid, phase="loading_state", samples_total=1234, uptime_s=754.0, swarm_size=5
+            )
+        )
         status = client.get_status()
     assert status.summary.global_epoch == 7 and status.summary.peers_by_state["JOINING"] == 1
     [peer] = status.peers
@@ -131,9 +136,12 @@ def test_grpc_status_matches_the_json_api(site):
 
     table = format_status(status, now=clock[0] + 3)
     assert "carol" in table and "JOINING" in table and "3s ago" in table and "1234" in table
-    assert peer.computed_samples == 1234
+    header, row = table.splitlines()[-2:]
+    assert re.search(r"SWARM\s+UPTIME\s+LAST SEEN$", header) and re.search(r"\s5\s+13m\s+3s ago$", row)
+    assert (peer.computed_samples, peer.swarm_size, peer.uptime_s) == (1234, 5, 754.0)
     [carol] = [p for p in json.loads(get(f"{base}/api/v1/peers")[2]) if p["name"] == "carol"]
-    assert carol["computed_samples"] == 1234
+    assert (carol["computed_samples"], carol["swarm_size"], carol["uptime_s"]) == (1234, 5, 754.0)
+    assert carol["phase"] == "loading_state" and carol["version"] == ""
 
 
 def test_dashboard_is_self_contained(site):
@@ -156,7 +164,7 @@ def test_status_rpc_without_a_status_source_is_unimplemented(tmp_path: Path):
     servicer = CoordinatorServicer(
         RunInfo("{}", "x", "{}", 1, "http://x", tmp_path), store, HealthSettings(1, 2), initial_peers=list
     )
-    server, port, _ = create_server(servicer, "127.0.0.1", 0)
+    server, port = create_server(servicer, "127.0.0.1", 0)
     server.start()
     try:
         with (

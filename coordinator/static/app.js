@@ -16,11 +16,14 @@ function fmt(x, digits = 1) {
   return x === null || x === undefined || Number.isNaN(x) ? "-" : Number(x).toFixed(digits);
 }
 
+function duration(s) {  // seconds as "42s", "5m", "1.5h"
+  if (s < 120) return `${s.toFixed(0)}s`;
+  if (s < 7200) return `${(s / 60).toFixed(0)}m`;
+  return `${(s / 3600).toFixed(1)}h`;
+}
+
 function ago(t) {
-  const s = Math.max(0, Date.now() / 1000 - t);
-  if (s < 120) return `${s.toFixed(0)}s ago`;
-  if (s < 7200) return `${(s / 60).toFixed(0)}m ago`;
-  return `${(s / 3600).toFixed(1)}h ago`;
+  return `${duration(Math.max(0, Date.now() / 1000 - t))} ago`;
 }
 
 function bytes(n) {
@@ -66,6 +69,8 @@ function renderPeers(peers) {
       el("td", fmt(p.loss, 3), "num"),
       el("td", p.computed_samples, "num"),
       el("td", p.contributed_samples, "num"),
+      el("td", p.swarm_size || "-", "num"),
+      el("td", p.uptime_s ? duration(p.uptime_s) : "-", "num"),  // 0: no heartbeat yet (or DHT-only)
       el("td", ago(p.last_seen_unix_s)),
     );
     return tr;
