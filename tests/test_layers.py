@@ -5,6 +5,7 @@ the layers statically; these tests check what it cannot see."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -54,6 +55,8 @@ def test_the_layer_contract_catches_a_peer_module_importing_the_coordinator(tmp_
 
 
 def test_a_built_wheel_installs_only_the_crowdtrain_namespace(tmp_path: Path):
+    # setuptools builds in ROOT/build and packs whatever it finds there, stale files included
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     result = subprocess.run(
         [
             sys.executable,
@@ -71,6 +74,7 @@ def test_a_built_wheel_installs_only_the_crowdtrain_namespace(tmp_path: Path):
         text=True,
         timeout=300,
     )
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
     [wheel] = tmp_path.glob("crowdtrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
