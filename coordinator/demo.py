@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crowdtrain.coordinator.config import DemoConfig
-from crowdtrain.peer.events import parse_event
+from crowdtrain.peer.events import parse_record
 
 logger = logging.getLogger(__name__)
 # events the demo echoes (by their human line); warnings, errors and tracebacks are echoed too
@@ -80,17 +80,6 @@ def local_peer_command(grpc_address: str, cache_dir: Path, *extra: str) -> list[
     )
 
 
-def _json_record(line: str) -> dict | None:
-    """A `--log-format json` record (event or not), or None for any other output."""
-    if not line.startswith("{"):
-        return None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) and "msg" in obj else None
-
-
 def human_line(record: dict) -> str:
     """A JSON log record as the text format prints it (with its traceback, if any)."""
     when = time.strftime("%H:%M:%S", time.localtime(record.get("ts", 0)))
@@ -122,13 +111,13 @@ def spawn(name: str, args: list[str], log_dir: Path, echo: bool) -> Child:
         with open(log_path, "w") as log:
             for raw in proc.stdout:
                 line = raw.rstrip()
-                record = _json_record(line)
+                record = parse_record(line)
                 text = human_line(record) if record is not None else line
                 log.write(text + "\n")
                 log.flush()
                 child.lines.append(text)
-                if record is not None and (event := parse_event(line)) is not None:
-                    child.events.append(event)
+                if record is not None and "event" in record:
+                    child.events.append(record)
                 if echo and (shown := _echoed(record, line)) is not None:
                     print(f"[{name:>11}] {shown}", flush=True)
 

@@ -74,9 +74,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False, default=str)
 
 
-def parse_event(line: str) -> dict | None:
-    """The event object of one `--log-format json` line, or None for anything else (other output,
-    a plain log record, a line cut short)."""
+def parse_record(line: str) -> dict | None:
+    """The object of one `--log-format json` log record, or None for anything else (other output,
+    a line cut short)."""
     line = line.strip()
     if not line.startswith("{"):
         return None
@@ -84,4 +84,11 @@ def parse_event(line: str) -> dict | None:
         obj = json.loads(line)
     except ValueError:
         return None
-    return obj if isinstance(obj, dict) and "event" in obj else None
+    return obj if isinstance(obj, dict) and "msg" in obj else None
+
+
+def parse_event(line: str) -> dict | None:
+    """The object of one `--log-format json` line that is an event, or None for anything else
+    (other output, a plain log record, a line cut short)."""
+    record = parse_record(line)
+    return record if record is not None and "event" in record else None
