@@ -28,6 +28,13 @@ from pathlib import Path
 from crowdtrain.peer import checkpoint
 from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta, FileEntry
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
+from crowdtrain.peer.download import (
+    DownloadCorrupted,
+    DownloadError,
+    bytes_already_here,
+    check_sha256,
+    download,
+)
 from crowdtrain.peer.errors import CrowdtrainError
 
 logger = logging.getLogger(__name__)
@@ -84,45 +91,25 @@ def _get_json(url: str):
         return json.loads(response.read())
 
 
-class _Progress:
-    """One line on a terminal (bytes, percent, MB/s); silent when stderr is not a terminal."""
+def _progress_bar(total_bytes: int):
+    """One tqdm line on a terminal (bytes, percent, rate); silent when stderr is not a terminal."""
+    from tqdm import tqdm
 
-    def __init__(self, total_bytes: int):
-        self.total, self.done, self.t0, self.last = total_bytes, 0, time.monotonic(), 0.0
-        self.live = sys.stderr.isatty()
-
-    def add(self, n: int, name: str) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.live and (now - self.last > 0.2 or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-6) / 1e6
-            pct = 100 * self.done / max(self.total, 1)
-            sys.stderr.write(
-                f"\r\033[K{name}: {self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB ({pct:.0f}%) {rate:.1f} MB/s"
-            )
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.live:
-            sys.stderr.write("\n")
-
-
-def _already_have(dest: Path, size: int, progress: _Progress) -> int:
-    """Bytes of `dest` left by an interrupted pull (0 if none, or if it cannot be a prefix)."""
-    have = dest.stat().st_size if dest.exists() else 0
-    if have > size:
-        dest.unlink()
-        have = 0
-    progress.add(have, dest.name)
-    return have
+    return tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
 
 
 def _download_grpc(
-    client: CoordinatorClient, step: int, dest: Path, size: int, deadline: float, progress: _Progress
+    client: CoordinatorClient, step: int, dest: Path, size: int, deadline: float, progress
 ) -> None:
     """Fetch one file over the DownloadCheckpointFile stream, continuing a partial file."""
-    have = _already_have(dest, size, progress)
+    have = bytes_already_here(dest, size, progress)
     if have == size:
         return
     chunks = client.download_checkpoint_file(
@@ -137,36 +124,68 @@ def _download_grpc(
                     )
                 f.write(chunk.data)
                 have += len(chunk.data)
-                progress.add(len(chunk.data), dest.name)
+                if progress is not None:
+                    progress.update(len(chunk.data))
     except CoordinatorRejected as e:
         raise PullError(f"{e}; the checkpoint may have been pruned, pull again") from e
     except (CoordinatorUnavailable, OSError) as e:
         raise PullError(f"downloading {dest.name} failed: {e}; run pull again to resume") from e
 
 
-def _download(url: str, dest: Path, size: int, deadline: float, progress: _Progress) -> None:
-    """Fetch `url` into `dest`, continuing a partial file with an HTTP Range request."""
-    have = _already_have(dest, size, progress)
-    if have == size:
-        return
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        with urllib.request.urlopen(request, timeout=max(1.0, deadline - time.monotonic())) as response:
-            mode = "ab" if have and response.status == 206 else "wb"  # a server ignoring Range: start over
-            with open(dest, mode) as f:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    progress.add(len(chunk), dest.name)
-                    if time.monotonic() > deadline:
-                        raise PullError(
-                            f"download of {url} exceeded the time limit; run pull again to resume"
-                        )
-    except urllib.error.HTTPError as e:
+def _choose(listed: list[Listed], step: int, coordinator: str) -> Listed:
+    if not listed:
+        raise PullError(f"the coordinator at {coordinator} has published no checkpoint yet; try again later")
+    if step < 0:
+        return listed[-1]
+    info = next((c for c in listed if c.step == step), None)
+    if info is None:
         raise PullError(
-            f"{url}: HTTP {e.code} {e.reason}; the checkpoint may have been pruned, pull again"
-        ) from e
-    except (urllib.error.URLError, OSError) as e:
-        raise PullError(f"could not download {url}: {e}; run pull again to resume") from e
+            f"no checkpoint at step {step}; available steps: {', '.join(str(c.step) for c in listed)}"
+        )
+    return info
+
+
+def _fetch_all(coordinator: str, info: Listed, staging: Path, out: Path, timeout_s: float) -> None:
+    """Every file of `info` into `staging`, each checked against the listing's sha256 as it lands;
+    bytes that fail the check take the whole staging directory with them."""
+    deadline = time.monotonic() + timeout_s
+    client = None if coordinator.startswith(("http://", "https://")) else CoordinatorClient(coordinator)
+
+    def fetch(name: str, size: int, sha256: str, progress) -> None:
+        if client is not None:  # gRPC stream from HOST:PORT, else HTTP from the URL
+            _download_grpc(client, info.step, staging / name, size, deadline, progress)
+            check_sha256(staging / name, sha256, name)
+        else:
+            download(
+                f"{info.url}/{name}",
+                staging / name,
+                sha256=sha256,
+                size=size,
+                resume=True,
+                deadline=deadline,
+                progress=progress,
+            )
+
+    progress = _progress_bar(sum(f.size_bytes for f in info.files))
+    try:
+        # crowdtrain.json is small and must be fetched whole; it may have changed since an earlier try
+        (staging / checkpoint.META_NAME).unlink(missing_ok=True)
+        fetch(checkpoint.META_NAME, 1 << 30 if client else -1, "", None)
+        for entry in info.files:
+            progress.set_description_str(entry.name)
+            fetch(entry.name, entry.size_bytes, entry.sha256, progress)
+    except DownloadCorrupted as e:
+        shutil.rmtree(staging, ignore_errors=True)  # never resume from bytes that failed verification
+        raise PullError(f"verification failed, nothing was written to {out}: {e}") from e
+    except DownloadError as e:
+        hint = (
+            "the checkpoint may have been pruned, pull again" if e.http_status else "run pull again to resume"
+        )
+        raise PullError(f"{e}; {hint}") from e
+    finally:
+        progress.close()
+        if client is not None:
+            client.close()
 
 
 def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) -> CheckpointMeta:
@@ -174,42 +193,12 @@ def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) 
     if out.exists() and any(out.iterdir()) and not (out / checkpoint.META_NAME).exists():
         raise PullError(f"{out} exists and is not a crowdtrain checkpoint; choose another --out or empty it")
     listed, public_key = list_published(coordinator)
-    if not listed:
-        raise PullError(f"the coordinator at {coordinator} has published no checkpoint yet; try again later")
-    if step < 0:
-        info = listed[-1]
-    else:
-        info = next((c for c in listed if c.step == step), None)
-        if info is None:
-            raise PullError(
-                f"no checkpoint at step {step}; available steps: {', '.join(str(c.step) for c in listed)}"
-            )
-
+    info = _choose(listed, step, coordinator)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.pull-step-{info.step}"  # stable name: an interrupted pull resumes
     staging.mkdir(exist_ok=True)
-    deadline = time.monotonic() + timeout_s
     t0 = time.monotonic()
-    # crowdtrain.json is small and must be fetched whole; it may have changed since an earlier try
-    (staging / checkpoint.META_NAME).unlink(missing_ok=True)
-    sizes = {f.name: f.size_bytes for f in info.files}
-    progress = _Progress(sum(sizes.values()))
-    client = None if coordinator.startswith(("http://", "https://")) else CoordinatorClient(coordinator)
-
-    def fetch(name: str, size: int, progress: _Progress) -> None:
-        if client is not None:  # gRPC stream from HOST:PORT, else HTTP from the URL
-            _download_grpc(client, info.step, staging / name, size, deadline, progress)
-        else:
-            _download(f"{info.url}/{name}", staging / name, size, deadline, progress)
-
-    try:
-        fetch(checkpoint.META_NAME, 1 << 30, _Progress(0))
-        for name, size in sizes.items():
-            fetch(name, size, progress)
-    finally:
-        progress.close()
-        if client is not None:
-            client.close()
+    _fetch_all(coordinator, info, staging, out, timeout_s)
     try:
         meta = checkpoint.verify_dir(
             staging,
@@ -232,7 +221,7 @@ def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) 
         shutil.rmtree(out)
     os.rename(staging, out)
     elapsed = time.monotonic() - t0
-    total = sum(sizes.values())
+    total = sum(f.size_bytes for f in info.files)
     logger.info(
         "pulled step %d (eval loss %.4f) to %s: %.1f MB in %.1fs, signature and every sha256 verified",
         meta.step,

@@ -1,27 +1,38 @@
-"""hivemind wiring shared by volunteers and the coordinator's publisher.
+"""hivemind wiring shared by volunteers and the coordinator: DHT nodes, the optimizer, leaving.
 
-Both must build the optimizer identically (same optimizer class, scheduler and offloading), or the
-state one downloads from the other will not line up tensor for tensor. hivemind 1.1.12 pitfalls
-handled here (see docs/hivemind.md): the fork start method, SIGINT being ignored after an averager
-is created (callers install their handlers afterwards), and the optimizer needing the main thread.
+Volunteers build the run's `hivemind.Optimizer` here (`make_optimizer`), all with the same optimizer
+class, scheduler, offloading and parameter order: the state one peer downloads from another must
+line up tensor for tensor, and the coordinator's publisher, which follows the swarm with hivemind's
+`ProgressTracker` and downloads that state itself (coordinator/statefetch.py), reads its first
+tensors as the model's parameters in `model.parameters()` order. hivemind 1.1.12 pitfalls handled
+here (see docs/hivemind.md): the fork start method, SIGINT being ignored after an averager is created
+(callers install their handlers afterwards), the optimizer needing the main thread, orphaned
+children, and an orderly, quiet shutdown (`leave_swarm`). Every use of a hivemind internal is a
+small function at the end of this file, named in docs/hivemind.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+import hivemind
 import torch
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.manifest import RunManifest
+from hivemind.averaging.control import AveragingStage
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +126,6 @@ def start_dht(
     identity_path: str | None = None,
 ):
     """Start a hivemind DHT node; raises SwarmError naming the bootstrap peers when it cannot join."""
-    import hivemind
     from hivemind.dht.crypto import RSASignatureValidator
 
     kwargs = dict(host_maddrs=[f"/ip4/{listen_host}/tcp/{port}"], client_mode=client_mode)
@@ -136,14 +146,6 @@ def start_dht(
             f"{list(initial_peers) or 'none'} - check that this machine can reach them (firewall, VPN), "
             "or pass --client-mode when behind NAT"
         ) from e
-
-
-async def _ping_all(peer_ids, _dht, node) -> int:
-    """Runs inside hivemind's DHT process (so it must be a picklable module-level function)."""
-    import asyncio
-
-    results = await asyncio.gather(*(node.protocol.call_ping(p) for p in peer_ids), return_exceptions=True)
-    return sum(1 for r in results if r is not None and not isinstance(r, BaseException))
 
 
 def rejoin_bootstrap_peers(dht, initial_peers: Sequence[str], timeout_s: float = 30.0) -> int:
@@ -179,9 +181,8 @@ def make_optimizer(
     """The run's hivemind.Optimizer: gradients averaged every `target_batch_size` samples, then AdamW.
 
     Must be called from the main thread (hivemind installs a signal handler), and afterwards the
-    caller must re-install its own SIGINT/SIGTERM handlers.
+    caller must re-install its own SIGINT/SIGTERM handlers. Stop it with `leave_swarm`.
     """
-    import hivemind
     from hivemind.optim.grad_averager import GradientAverager
 
     # hivemind replays the LR schedule up to the loaded epoch before any optimizer step: expected
@@ -203,7 +204,7 @@ def make_optimizer(
         warmup = max(1, optim.warmup_epochs)
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / warmup))
 
-    return hivemind.Optimizer(
+    return _Optimizer(
         dht=dht,
         run_id=manifest.run_id,
         target_batch_size=swarm.target_batch_size,
@@ -225,3 +226,168 @@ def make_optimizer(
         grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout_s),
         verbose=verbose,
     )
+
+
+def leave_swarm(opt, dht, timeout_s: float = 10.0) -> None:
+    """Stop the optimizer, then the DHT, so that hivemind's background work ends before its
+    processes do: no tracebacks, no "Task was destroyed but it is pending!", and the others learn
+    at once that we left. Either argument may be None (start-up failed before it existed).
+
+    hivemind 1.1.12's `Optimizer.shutdown()` cancels a round still looking for a group, finishes
+    delayed updates (which re-announce the state we serve) and stops the averager processes at
+    once; a DHT request an averager sent in that instant is still in the DHT's pipe when it exits,
+    and the DHT process cannot receive it any more (FileNotFoundError traceback, then 3 s stalled
+    and "terminating it the hard way"). So those steps run here first, and the averagers are only
+    stopped after the DHT has received everything they sent.
+    """
+    try:
+        if opt is not None:
+            try:
+                _let_the_averagers_finish(opt, timeout_s)
+            finally:  # whatever happened, stop hivemind's processes
+                opt.shutdown()  # what is left: tag along with a round already running, stop the averagers
+                opt.tracker.join(timeout_s)  # _TidyProgressTracker: its event loop closes
+                _say_goodbye(opt.tracker, opt.dht, timeout_s)
+    finally:
+        if dht is not None:
+            dht.shutdown()
+
+
+def _let_the_averagers_finish(opt, timeout_s: float) -> None:
+    """The first steps of hivemind's Optimizer.shutdown(), then a wait until the DHT has received
+    what the averagers sent in response (they react asynchronously)."""
+    _cancel_rounds_looking_for_group(opt, timeout_s)
+    opt.tracker.shutdown(timeout_s)
+    opt.state_averager.step(wait_for_delayed_updates=True)
+    time.sleep(0.25)  # an averager that just let go of a round tells the DHT a few moments later
+    _dht_barrier(opt.dht, timeout_s)
+
+
+# ------------------------------------------------------------------ hivemind 1.1.12 internals
+# Each function or class below relies on something hivemind does not document as public API;
+# docs/hivemind.md ("Private hivemind APIs we rely on") lists them and what breaks if they change.
+
+
+async def _ping_all(peer_ids, _dht, node) -> int:
+    """Runs inside hivemind's DHT process (so it must be a picklable module-level function).
+    hivemind 1.1.12: `DHTNode.protocol.call_ping` is how a node (re)adds a peer to its routing table;
+    DHT has no public "ping" or "add peer" call."""
+    results = await asyncio.gather(*(node.protocol.call_ping(p) for p in peer_ids), return_exceptions=True)
+    return sum(1 for r in results if r is not None and not isinstance(r, BaseException))
+
+
+def set_local_epoch(opt, epoch: int) -> None:
+    """Make the optimizer continue from `epoch` (a checkpoint's step), as hivemind does itself after
+    loading state from a peer: the LR schedule catches up to `epoch`, optimizer statistics start afresh.
+    hivemind 1.1.12: `TrainingStateAverager._update_scheduler()` is that catch-up; there is no
+    public way to move an optimizer to an epoch other than downloading a peer's state."""
+    averager = opt.state_averager
+    averager.local_epoch = epoch
+    averager._update_scheduler()
+    opt.tracker.report_local_progress(local_epoch=epoch, samples_accumulated=0)
+
+
+def refresh_offloaded_parameters(opt, model: torch.nn.Module) -> None:
+    """Copy `model`'s parameters (just loaded from a checkpoint) into the optimizer's own copy.
+    hivemind 1.1.12, `offload_optimizer=True`: the optimizer steps a separate CPU copy of the
+    parameters, `opt.state_averager.optimizer`'s, and writes it back into the model after each step."""
+    offloaded = [p for group in opt.state_averager.optimizer.param_groups for p in group["params"]]
+    with torch.no_grad():
+        for copy, param in zip(offloaded, model.parameters(), strict=True):
+            copy.copy_(param)
+
+
+def finish_event_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is still pending on a stopped `loop`, let it unwind, and close the loop: tasks
+    left pending are reported as "Task was destroyed but it is pending!" when they are collected.
+    For the loops hivemind's classes run on threads of ours and leave open (ProgressTracker's, a
+    `P2P.replicate` client's)."""
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
+
+
+class _TidyProgressTracker(ProgressTracker):
+    """hivemind 1.1.12's ProgressTracker returns from its thread with a DHT request and a shutdown
+    watcher still pending and its event loop open ("Task was destroyed but it is pending!" at
+    exit): finish them. Its `run()` leaves that loop as the thread's current one."""
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            finish_event_loop(asyncio.get_event_loop())
+
+
+def start_progress_tracker(dht, run_id: str, target_batch_size: int, **kwargs) -> ProgressTracker:
+    """hivemind's ProgressTracker for `run_id` (reads and writes `<run_id>_progress`, as the peers'
+    optimizers do), started, and quiet when it stops (`shutdown()` then `join()`)."""
+    return _TidyProgressTracker(
+        dht=dht, prefix=run_id, target_batch_size=target_batch_size, start=True, **kwargs
+    )
+
+
+class _Optimizer(hivemind.Optimizer):
+    """hivemind.Optimizer with a progress tracker that finishes its asyncio tasks when it stops.
+    hivemind 1.1.12: `_make_progress_tracker` is the (private) hook its __init__ builds the tracker
+    with; this one passes the same arguments as hivemind's own."""
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        return start_progress_tracker(
+            self.dht,
+            self.run_id,
+            target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            **kwargs,
+        )
+
+
+def _cancel_rounds_looking_for_group(opt, timeout_s: float) -> None:
+    """Cancel the averaging rounds hivemind scheduled ahead that found no group yet (as
+    `Optimizer.shutdown()` would) and wait until the averagers have let go of them.
+    hivemind 1.1.12: `Optimizer.scheduled_grads` / `scheduled_state` hold those rounds."""
+    rounds = [
+        r
+        for r in (opt.scheduled_grads, opt.scheduled_state)
+        if r is not None and r.stage == AveragingStage.LOOKING_FOR_GROUP
+    ]
+    for r in rounds:
+        r.cancel()
+    deadline = time.monotonic() + timeout_s
+    while any(r.stage != AveragingStage.FINISHED for r in rounds) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+async def _nothing(_dht, _node) -> None:
+    return None
+
+
+def _dht_barrier(dht, timeout_s: float) -> None:
+    """Return once the DHT process has read every request sent to it before this call (all
+    processes write to one pipe, read in order)."""
+    try:
+        dht.run_coroutine(_nothing, return_future=True).result(timeout=timeout_s)
+    except Exception as e:  # a DHT that is already gone: nothing left to wait for
+        logger.debug("DHT barrier: %r", e)
+
+
+def _say_goodbye(tracker: ProgressTracker, dht, timeout_s: float) -> None:
+    """Clear our progress record and wait until it is stored, so the swarm stops counting us now.
+    hivemind 1.1.12's `ProgressTracker.shutdown()` sends the same `None` but does not wait, and a
+    DHT shut down right after drops it; the record is signed under `tracker._local_public_key`."""
+    try:
+        dht.store(
+            tracker.training_progress_key,
+            subkey=tracker._local_public_key,
+            value=None,
+            expiration_time=get_dht_time() + tracker.metadata_expiration,
+            return_future=True,
+        ).result(timeout=timeout_s)
+    except Exception as e:  # leaving anyway; the record expires by itself
+        logger.debug("could not clear our progress record: %r", e)
