@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,23 +109,6 @@ class Launcher:
             return wait_for_event(child, event, timeout_s, start, where)
         except TimeoutError as e:
             raise AssertionError(str(e)) from None
-
-    def wait_for_line(self, child: Child, pattern: str, timeout_s: float, start: int = 0) -> re.Match:
-        """Legacy: a regex over the human text. Only for tests not yet reading events (at the time of
-        writing test_crash_safety.py and test_shutdown.py); remove it once none calls it."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            exited = child.proc.poll() is not None
-            for line in child.lines[start:]:
-                if m := regex.search(line):
-                    return m
-            if exited or time.monotonic() >= deadline:
-                tail = "\n".join(child.lines[-30:])
-                raise AssertionError(
-                    f"{child.name} printed no line matching {pattern!r}; last lines:\n{tail}"
-                )
-            time.sleep(0.2)
 
     def wait_for_endpoints(self, data_dir: Path, child: Child, timeout_s: float = 300) -> dict:
         try:

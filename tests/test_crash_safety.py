@@ -28,7 +28,7 @@ def test_kill_9_during_a_checkpoint_write(launcher, tmp_path: Path):
     endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
     launcher.start_peer("trainer", endpoints["grpc"], tmp_path / "cache")
     root = data_dir / "checkpoints"
-    launcher.wait_for_line(coordinator, r"published checkpoint step=\d+ ", timeout_s=300)
+    launcher.wait_for_event(coordinator, "checkpoint_published", timeout_s=300)
 
     # wait for the next write to begin, then kill the coordinator's whole process group mid-write
     deadline = time.monotonic() + 300
@@ -45,13 +45,13 @@ def test_kill_9_during_a_checkpoint_write(launcher, tmp_path: Path):
     assert before, "the previous checkpoint must still be listed"
 
     restarted = launcher.start_coordinator(data_dir, *args, name="coordinator-restarted")
-    launcher.wait_for_line(restarted, r"coordinator ready", timeout_s=300)
+    launcher.wait_for_event(restarted, "coordinator_ready", timeout_s=300)
     assert not list(root.glob(".tmp-*")), "leftovers of the interrupted write must be removed"
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
         public_key = json.loads(response.read())["signing_public_key"]
     assert public_key
     for meta in checkpoint.list_checkpoints(root):
         checkpoint.verify_dir(root / checkpoint.step_dirname(meta.step), public_key=public_key)
-    launcher.wait_for_line(restarted, r"published checkpoint step=\d+ ", timeout_s=150)
+    launcher.wait_for_event(restarted, "checkpoint_published", timeout_s=150)
     after = [m.step for m in checkpoint.list_checkpoints(root)]
     assert after[: len(before)] == before and len(after) > len(before)
