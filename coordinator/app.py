@@ -98,7 +98,8 @@ class Coordinator:
 
     def _start_dht(self) -> list[str]:
         """The bootstrap DHT node, on --dht-port or else the port of the last start; its addresses."""
-        from crowdtrain.peer.swarm import start_dht, tie_children_to_this_process, use_fork_start_method
+        from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
+        from crowdtrain.peer.swarm import start_dht
 
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9

@@ -87,8 +87,7 @@ class Publisher:
         """Build the model, join the swarm's DHT (client mode) and follow its progress records."""
         from crowdtrain.peer.data import read_shard, tokenize_blocks
         from crowdtrain.peer.model import build_model, evaluate
-        from crowdtrain.peer.swarm import start_dht
-        from hivemind.optim.progress_tracker import ProgressTracker
+        from crowdtrain.peer.swarm import start_dht, start_progress_tracker
         from tokenizers import Tokenizer
         from transformers.utils import logging as hf_logging
 
@@ -109,8 +108,8 @@ class Publisher:
         # optimizer (no averager processes, no optimizer state for a model we never train).
         # hivemind 1.1.12 internals: the peers' Optimizer gives its tracker prefix=run_id, so ours
         # must too to read the same `<run_id>_progress` records (Optimizer._make_progress_tracker)
-        self._tracker = ProgressTracker(
-            self._dht, self.manifest.run_id, self.manifest.swarm.target_batch_size, start=True
+        self._tracker = start_progress_tracker(
+            self._dht, self.manifest.run_id, self.manifest.swarm.target_batch_size
         )
         self._fetcher = StateFetcher(
             self._dht,
@@ -132,6 +131,7 @@ class Publisher:
             self._fetcher = None
         if self._tracker is not None:
             self._tracker.shutdown(timeout=10)
+            self._tracker.join(timeout=10)  # its thread finishes its asyncio tasks (quiet exit)
             self._tracker = None
         if self._dht is not None:
             self._dht.shutdown()

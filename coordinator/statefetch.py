@@ -53,6 +53,10 @@ class StateFetcher:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._thread = None
+        if not self._loop.is_running():  # the replica's reader tasks: no "Task was destroyed" at exit
+            from crowdtrain.peer.swarm import finish_event_loop
+
+            finish_event_loop(self._loop)
 
     def _run(self, coro, timeout_s: float):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout_s)

@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing as mp
-import os
-import signal
-import sys
 import time
 import warnings
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import hivemind
 import torch
@@ -39,66 +34,6 @@ logger = logging.getLogger(__name__)
 
 class SwarmError(CrowdtrainError):
     """The peer could not join the swarm's DHT; the message says what to check."""
-
-
-_PR_SET_PDEATHSIG = 1
-_tied = False
-
-
-def _kill_own_children() -> None:
-    me = str(os.getpid())
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me:  # ppid
-            try:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def tie_children_to_this_process() -> None:
-    """Make every process forked from here die with us, even when we are killed with SIGKILL.
-
-    hivemind's DHT and averagers are forked Python processes, and the DHT process starts the p2pd
-    daemon; none of them notices when our process is killed with `kill -9` (or the OOM killer), so
-    they would run on as orphans, p2pd still listening. After each fork the child asks the kernel
-    for SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG); its SIGTERM handler kills its own
-    children (p2pd) and exits. Call once, early, in the process that owns the swarm. No-op off Linux.
-    """
-    global _tied
-    if _tied or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def on_parent_death(signum, frame):
-        _kill_own_children()
-        os._exit(128 + signum)
-
-    forking = [0]
-
-    def before() -> None:
-        forking[0] = os.getpid()
-
-    def in_child() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        signal.signal(signal.SIGTERM, on_parent_death)
-        if os.getppid() != forking[0]:  # the parent died before prctl took effect
-            on_parent_death(signal.SIGTERM, None)
-
-    # note: the kernel sends the signal when the forking *thread* exits; hivemind forks its DHT and
-    # averagers from the main thread (it must: see make_optimizer), which lives as long as we do
-    os.register_at_fork(before=before, after_in_child=in_child)
-    _tied = True
-
-
-def use_fork_start_method() -> None:
-    """hivemind's averager is an mp.Process that cannot be pickled: only 'fork' works."""
-    mp.set_start_method("fork", force=True)
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -124,15 +59,39 @@ def start_dht(
     announce_host: str = "",
     client_mode: bool = False,
     identity_path: str | None = None,
+    attempts: int = 4,
+    retry_s: float = 5.0,
 ):
-    """Start a hivemind DHT node; raises SwarmError naming the bootstrap peers when it cannot join."""
-    from hivemind.dht.crypto import RSASignatureValidator
+    """Start a hivemind DHT node; raises SwarmError naming the bootstrap peers when it cannot join.
 
+    The bootstrap peers are usually the coordinator's own node: a volunteer starting while the
+    coordinator restarts would find nobody there, so a failure is retried (`attempts` in all,
+    `retry_s`, then twice that, ... apart) before giving up.
+    """
     kwargs = dict(host_maddrs=[f"/ip4/{listen_host}/tcp/{port}"], client_mode=client_mode)
     if announce_host and port:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
     if identity_path:
         kwargs["identity_path"] = identity_path
+    for attempt in range(1, attempts if initial_peers else 1):
+        try:
+            return _start_dht_once(initial_peers, kwargs)
+        except SwarmError as e:
+            wait_s = retry_s * 2 ** (attempt - 1)
+            logger.warning(
+                "%s; the coordinator may be restarting: retrying in %.0fs (%d/%d)",
+                e,
+                wait_s,
+                attempt,
+                attempts,
+            )
+            time.sleep(wait_s)
+    return _start_dht_once(initial_peers, kwargs)
+
+
+def _start_dht_once(initial_peers: Sequence[str], kwargs: dict):
+    from hivemind.dht.crypto import RSASignatureValidator
+
     try:
         return hivemind.DHT(
             initial_peers=list(initial_peers),

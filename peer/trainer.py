@@ -232,12 +232,8 @@ class Volunteer:
         return model
 
     def join_swarm(self, model) -> None:
-        from crowdtrain.peer.swarm import (
-            make_optimizer,
-            start_dht,
-            tie_children_to_this_process,
-            use_fork_start_method,
-        )
+        from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
+        from crowdtrain.peer.swarm import make_optimizer, start_dht
 
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9

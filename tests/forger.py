@@ -29,7 +29,8 @@ def main() -> int:
     from crowdtrain.peer.client import CoordinatorClient
     from crowdtrain.peer.manifest import RunManifest
     from crowdtrain.peer.model import build_model
-    from crowdtrain.peer.swarm import make_optimizer, start_dht, use_fork_start_method
+    from crowdtrain.peer.processes import use_fork_start_method
+    from crowdtrain.peer.swarm import make_optimizer, start_dht
     from crowdtrain.protos import coordinator_pb2 as pb
 
     use_fork_start_method()
