@@ -6,8 +6,9 @@
     crowdtrain demo --peers 2 --minutes 4
 
 Heavy imports (torch, hivemind, transformers) happen inside the command that needs them, so
-`crowdtrain coordinator --help` is instant. Expected failures (`CrowdtrainError`) print one `error:`
-line and exit 1; anything else is a bug: a full traceback, a request to report it, exit 2.
+`crowdtrain coordinator --help` is instant. Expected failures (`CrowdtrainError`, and the
+operating system refusing something: `OSError`) print one `error:` line and exit 1; anything
+else is a bug: a full traceback, a request to report it, exit 2.
 """
 
 from __future__ import annotations
@@ -285,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except CrowdtrainError as e:  # expected, and its message says what to do
         print(f"error: {e}", file=sys.stderr)
+        logging.getLogger(__name__).debug("details", exc_info=True)
+        return 1
+    except OSError as e:  # the machine said no (a path, permissions, a full disk, a closed pipe)
+        print(f"error: {e}; check the path, its permissions and free space", file=sys.stderr)
         logging.getLogger(__name__).debug("details", exc_info=True)
         return 1
     except Exception:

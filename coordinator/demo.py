@@ -25,9 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crowdtrain.coordinator.config import DemoConfig
+from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import parse_record
 
 logger = logging.getLogger(__name__)
+
+
+class DemoError(CrowdtrainError):
+    """A process of the local swarm exited or did not become ready; the message names its log."""
+
+
 # events the demo echoes (by their human line); warnings, errors and tracebacks are echoed too
 _ECHOED = {
     "coordinator_ready",
@@ -159,9 +166,9 @@ def wait_for_endpoints(path: Path, child: Child, timeout_s: float) -> dict:
         if path.exists():
             return json.loads(path.read_text())
         if child.proc.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
+            raise DemoError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
         time.sleep(0.2)
-    raise TimeoutError(f"{child.name} did not become ready in {timeout_s:.0f}s; see {child.log_path}")
+    raise DemoError(f"{child.name} did not become ready in {timeout_s:.0f}s; see {child.log_path}")
 
 
 def generate_sample(model_dir: Path, prompt: str = "def ", max_new_tokens: int = 48) -> str:
@@ -211,7 +218,7 @@ def _train(config: DemoConfig, children: list[Child], checkpoints_dir: Path) -> 
     while time.monotonic() < train_until:
         for child in children:
             if child.proc.poll() is not None:
-                raise RuntimeError(
+                raise DemoError(
                     f"{child.name} exited early with {child.proc.returncode}; see {child.log_path}"
                 )
         time.sleep(1)

@@ -222,7 +222,10 @@ def _translating_errors(handler):
     RPC with the status code `STATUS_CODES` gives its class, and its message as the details."""
 
     async def abort(context, error: RequestError):
-        await context.abort(STATUS_CODES[type(error)], str(error))
+        code = next(
+            (STATUS_CODES[c] for c in type(error).__mro__ if c in STATUS_CODES), grpc.StatusCode.INTERNAL
+        )
+        await context.abort(code, str(error))
 
     if inspect.isasyncgenfunction(handler):
 

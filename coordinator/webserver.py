@@ -129,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_bytes(body.encode(), "application/json", send_body)
 
     def _checkpoint_file(self, step: str, name: str, send_body: bool) -> None:
-        if step != "latest" and not step.isdigit():
+        if step != "latest" and not (step.isascii() and step.isdigit()):
             return self.send_error(HTTPStatus.NOT_FOUND, "a checkpoint step is a number or 'latest'")
         try:
             meta, path = archive.lookup_file(

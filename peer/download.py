@@ -104,8 +104,12 @@ def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             mode = "ab" if have and response.status == 206 else "wb"  # a server ignoring Range: start over
+            written = have if mode == "ab" else 0
             with open(dest, mode) as f:
                 while chunk := response.read(CHUNK_BYTES):
+                    written += len(chunk)
+                    if 0 <= size < written:  # a server sending more than the listing said: stop
+                        raise DownloadError(f"{url} sent more than the {size} bytes expected")
                     f.write(chunk)
                     if progress is not None:
                         progress.update(len(chunk))

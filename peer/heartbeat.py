@@ -133,6 +133,10 @@ class HeartbeatReporter:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.stats.phase_changed.clear()  # this beat carries the current phase
+            if (
+                self._stop.is_set()
+            ):  # shutdown() set both just before the clear: do not sleep a whole interval
+                break
             delivered = self.beat_once()
             delay = (
                 self.interval_s

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -61,12 +62,13 @@ def start_dht(
     identity_path: str | None = None,
     attempts: int = 4,
     retry_s: float = 5.0,
+    stop: threading.Event | None = None,
 ):
     """Start a hivemind DHT node; raises SwarmError naming the bootstrap peers when it cannot join.
 
     The bootstrap peers are usually the coordinator's own node: a volunteer starting while the
     coordinator restarts would find nobody there, so a failure is retried (`attempts` in all,
-    `retry_s`, then twice that, ... apart) before giving up.
+    `retry_s`, then twice that, ... apart) before giving up; setting `stop` ends the waiting.
     """
     kwargs = dict(host_maddrs=[f"/ip4/{listen_host}/tcp/{port}"], client_mode=client_mode)
     if announce_host and port:
@@ -85,7 +87,10 @@ def start_dht(
                 attempt,
                 attempts,
             )
-            time.sleep(wait_s)
+            if stop is not None and stop.wait(wait_s):
+                raise SwarmError(f"stopped while waiting for the swarm's bootstrap peers: {e}") from e
+            if stop is None:
+                time.sleep(wait_s)
     return _start_dht_once(initial_peers, kwargs)
 
 

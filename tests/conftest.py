@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from crowdtrain.coordinator.demo import (
     Child,
+    DemoError,
     cli_command,
     coordinator_command,
     local_peer_command,
@@ -113,7 +114,7 @@ class Launcher:
     def wait_for_endpoints(self, data_dir: Path, child: Child, timeout_s: float = 300) -> dict:
         try:
             return wait_for_endpoints(data_dir / "endpoints.json", child, timeout_s)
-        except (RuntimeError, TimeoutError) as e:
+        except DemoError as e:
             raise AssertionError(f"{e}:\n" + "\n".join(child.lines[-30:])) from None
 
     def stop_all(self) -> None:

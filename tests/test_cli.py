@@ -151,3 +151,18 @@ def test_a_data_dir_that_cannot_be_created_writes_nothing(tmp_path: Path, small_
     [line] = error_lines(result)
     assert str(blocker) in line and "not a directory" in line and "--data-dir" in line
     assert blocker.read_text() == ""
+
+
+def test_the_operating_system_refusing_is_one_line_not_a_bug(monkeypatch, capsys):
+    """An unwritable --out or --save-dir, a full disk: the user's to fix, so no traceback."""
+    from crowdtrain.coordinator import cli
+
+    def refused(config):
+        raise PermissionError(13, "Permission denied", "/srv/model")
+
+    config_cls, _, help_text = cli.COMMANDS["verify"]
+    monkeypatch.setitem(cli.COMMANDS, "verify", (config_cls, refused, help_text))
+    assert cli.main(["verify", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 13] Permission denied: '/srv/model'") and err.count("\n") == 1
+    assert "Traceback" not in err and "bug" not in err
