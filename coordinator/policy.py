@@ -56,11 +56,9 @@ def require_admitted(decision: tuple[Admission, str]) -> None:
         raise _REFUSALS[admission](reason)
 
 
-def assign_shard(previous: PeerRecord | None, known_peers: int, num_shards: int) -> tuple[int, str]:
-    """The training shard of a joiner: the one of its previous session (a peer that restarts keeps
-    reading the same data), else round robin over every peer the run has seen."""
-    if previous is not None:
-        return previous.shard_index, f"kept from its previous session {previous.session_id[:8]}"
+def assign_shard(known_peers: int, num_shards: int) -> tuple[int, str]:
+    """The training shard a joiner starts on: round robin over every peer the run has seen (each
+    peer then walks on through all shards, see `crowdtrain.peer.data.rotating_batches`)."""
     shard = known_peers % num_shards
     return shard, f"round robin: {known_peers} peers joined before it, {num_shards} shards"
 

@@ -99,12 +99,7 @@ class CoordinatorServicer:
         name = joiner.name or "anonymous"
         policy.require_admitted(policy.admit_join(name, self.store.peers_unordered()))
         with self._join_lock:  # shard assignment must not race between two joiners
-            previous = (
-                self.store.get_peer(request.previous_session_id) if request.previous_session_id else None
-            )
-            shard_index, shard_reason = policy.assign_shard(
-                previous, self.store.count_peers(), self.run.num_shards
-            )
+            shard_index, shard_reason = policy.assign_shard(self.store.count_peers(), self.run.num_shards)
             record = PeerRecord(
                 session_id=uuid.uuid4().hex,
                 joined_unix_s=now,

@@ -7,16 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "version", "device", "previous_session_id")
+    __slots__ = ("name", "version", "device")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
-    PREVIOUS_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     device: str
-    previous_session_id: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., previous_session_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class PeerSettings(_message.Message):
     __slots__ = ("heartbeat_interval_s", "shard_index", "http_base_url", "resume_from_step")

@@ -129,7 +129,6 @@ class Report:
     faults_planned: int = 0
     faults_injected: dict = field(default_factory=dict)
     faults_skipped: int = 0
-    start_epoch: int = 0
     end_epoch: int = 0
     initial_eval_loss: float = float("nan")
     final_eval_loss: float = float("nan")
@@ -165,7 +164,7 @@ class Report:
             [
                 f"chaos run: seed {self.seed}, {self.peers} peers, {self.duration_s:.0f}s",
                 f"  faults injected          {injected} (planned {self.faults_planned}, skipped {self.faults_skipped})",
-                f"  epochs                   {self.start_epoch} -> {self.end_epoch}",
+                f"  epochs                   0 -> {self.end_epoch}",
                 f"  eval loss                {self.initial_eval_loss:.3f} -> {self.final_eval_loss:.3f}",
                 f"  samples                  computed {self.samples_computed}, accepted >= "
                 f"{self.samples_accepted_lower_bound} ({self.accepted_fraction:.0%})",
@@ -525,7 +524,7 @@ class Chaos:
         if metas:
             r.final_eval_loss = metas[-1].eval_loss
         r.samples_computed = sum(max(i.samples_logged, i.samples_reported) for i in self.all_incarnations)
-        r.samples_accepted_lower_bound = (r.end_epoch - r.start_epoch) * self.target_batch
+        r.samples_accepted_lower_bound = r.end_epoch * self.target_batch  # every run starts at epoch 0
         r.accepted_fraction = r.samples_accepted_lower_bound / max(r.samples_computed, 1)
         r.undetected = sorted(self.pending_dead)
         for inc in self.all_incarnations:

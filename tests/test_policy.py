@@ -73,16 +73,15 @@ def test_admit_heartbeat_and_the_error_of_each_refusal(record, admission, reason
 
 
 @pytest.mark.parametrize(
-    ("previous", "known_peers", "num_shards", "shard", "reason"),
+    ("known_peers", "num_shards", "shard", "reason"),
     [
-        (None, 0, 3, 0, "round robin: 0 peers joined before it, 3 shards"),
-        (None, 4, 3, 1, "4 peers joined before it"),
-        (None, 7, 1, 0, "1 shards"),
-        (peer("abcdef0123", shard_index=2), 9, 3, 2, "kept from its previous session abcdef01"),
+        (0, 3, 0, "round robin: 0 peers joined before it, 3 shards"),
+        (4, 3, 1, "4 peers joined before it"),
+        (7, 1, 0, "1 shards"),
     ],
 )
-def test_assign_shard(previous, known_peers, num_shards, shard, reason):
-    got, why = policy.assign_shard(previous, known_peers, num_shards)
+def test_assign_shard(known_peers, num_shards, shard, reason):
+    got, why = policy.assign_shard(known_peers, num_shards)
     assert got == shard and reason in why
 
 

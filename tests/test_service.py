@@ -65,9 +65,9 @@ def test_join_assigns_shards_round_robin_and_ships_the_run(served):
     assert r.manifest_json == '{"run": 1}' and r.manifest_sha256 == "abc" and r.tokenizer_json == "{}"
     assert list(r.initial_peers) == ["/ip4/127.0.0.1/tcp/1/p2p/x"]
     assert r.settings.heartbeat_interval_s == 2.0 and r.settings.http_base_url == "http://127.0.0.1:1"
-    # a returning peer keeps its shard
-    again = client.join(pb.JoinRequest(name="p1", previous_session_id=responses[1].session_id))
-    assert again.settings.shard_index == 1
+    # the same name joining again is a new session on the next shard (no shard is reserved for it)
+    again = client.join(pb.JoinRequest(name="p1"))
+    assert again.settings.shard_index == 1 and again.session_id != responses[1].session_id
 
 
 def test_heartbeat_then_silence_then_leave(served):
