@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up the venv from scratch if needed; check generated code, lint and the layer
 # contract; run pytest.
-#   scripts/test.sh                 # everything (about 15 minutes on 2 cores)
+#   scripts/test.sh                 # everything (about 20 minutes on 2 cores)
 #   scripts/test.sh -m "not swarm"  # skip the multi-process swarm tests
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
