@@ -26,11 +26,12 @@ from pathlib import Path
 
 from crowdtrain.coordinator.archive import DownloadTracker
 from crowdtrain.coordinator.config import CoordinatorConfig
+from crowdtrain.coordinator.grpcserver import create_server
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.runs import Run, open_run
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo, create_server
+from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.signing import public_key_hex
 from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
 from crowdtrain.coordinator.store import Store

@@ -1,7 +1,7 @@
 """The coordinator's expected failures (all `CrowdtrainError`s, so the CLI prints one line).
 
 `RequestError`s are what a request is refused with; the gRPC servicer maps each class to one status
-code in one table (`service.STATUS_CODES`), and the HTTP server answers `NotFoundError` with 404.
+code in one table (`service.STATUS_CODES`, applied by `grpcserver`), and the HTTP server answers `NotFoundError` with 404.
 Domain code raises these, never a `grpc.StatusCode`.
 """
 

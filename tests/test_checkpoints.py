@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from crowdtrain.coordinator import archive
 from crowdtrain.coordinator.errors import NotFoundError
+from crowdtrain.coordinator.grpcserver import create_server
 from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo, create_server
+from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.signing import new_key, public_key_hex, sign_hex
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.webserver import WebContext, WebServer

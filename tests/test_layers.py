@@ -25,7 +25,7 @@ def test_the_servers_core_imports_neither_torch_nor_hivemind_nor_tokenizers():
     """What the gRPC/HTTP servers load at run time, dynamic imports included."""
     code = (
         "import sys\n"
-        "import crowdtrain.coordinator.service, crowdtrain.coordinator.webserver\n"
+        "import crowdtrain.coordinator.service, crowdtrain.coordinator.grpcserver, crowdtrain.coordinator.webserver\n"
         "import crowdtrain.coordinator.store, crowdtrain.coordinator.status, crowdtrain.coordinator.metrics\n"
         "import crowdtrain.coordinator.registry, crowdtrain.coordinator.archive, crowdtrain.peer.client\n"
         "heavy = sorted(m for m in ('torch', 'hivemind', 'tokenizers', 'transformers') if m in sys.modules)\n"

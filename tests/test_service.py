@@ -10,8 +10,9 @@ import grpc
 import pytest
 from crowdtrain.coordinator import archive, errors
 from crowdtrain.coordinator.errors import PortInUseError
+from crowdtrain.coordinator.grpcserver import create_server
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state
-from crowdtrain.coordinator.service import STATUS_CODES, CoordinatorServicer, RunInfo, create_server
+from crowdtrain.coordinator.service import STATUS_CODES, CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.status import PeerView, SwarmSummary
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer.checkpoint import CheckpointMeta

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from crowdtrain.coordinator.archive import finalize, new_staging_dir
+from crowdtrain.coordinator.grpcserver import create_server
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo, create_server
+from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.status import SwarmProgress, build_status
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.webserver import WebContext, WebServer
