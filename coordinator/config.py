@@ -49,6 +49,10 @@ class CoordinatorConfig:
     state_agreement_rel_tol: float = option(
         0.01, "peers' states agree when their relative L2 distance is at most this"
     )
+    tls_cert: str = option(
+        "", "serve gRPC and HTTP over TLS with this certificate chain (PEM; with --tls-key)"
+    )
+    tls_key: str = option("", "the private key (PEM) of --tls-cert")
     heartbeat_interval_s: float = option(5.0, "how often peers send heartbeats")
     heartbeat_timeout_s: float = option(20.0, "a peer silent for this long is considered dead")
     contribution_grace_s: float = option(
@@ -61,6 +65,8 @@ class CoordinatorConfig:
 class StatusConfig:
     coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API")
     watch_s: float = option(0.0, "refresh every this many seconds until Ctrl+C (0: print once)")
+    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
+    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
 
 
 @dataclass(frozen=True)

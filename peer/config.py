@@ -42,6 +42,8 @@ class PeerConfig:
     max_epochs: int = option(0, "leave after the swarm reaches this epoch (0: train until stopped)")
     seed: int = option(0, "data-order seed (0: derived from the session id)")
     save_dir: str = option("", "when leaving, save this peer's copy of the model here (HF format)")
+    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
+    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,15 @@ class PullConfig:
     )
     step: int = option(-1, "which checkpoint to download (-1: the latest)")
     timeout_s: float = option(600.0, "give up when the download takes longer than this")
+    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
+    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
 
 
 @dataclass(frozen=True)
 class CheckpointsConfig:
     coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API, or its http://HOST:PORT")
+    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
+    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,75 @@
+"""TLS for the coordinator's gRPC API and HTTP server, one set of rules for every client.
+
+A client uses TLS when it is given a CA file (`--tls-ca FILE`, e.g. the operator's self-signed
+certificate) or `--tls` (the system's trust store); otherwise it talks plaintext, as on a LAN.
+The server side (`--tls-cert`/`--tls-key`) is in the coordinator; both ends share these helpers.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from crowdtrain.peer.errors import CrowdtrainError
+
+
+class TlsConfigError(CrowdtrainError):
+    """A certificate, key or CA file is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """How a client reaches the coordinator: plaintext, or TLS verified against `ca_file` (PEM)
+    or, when `ca_file` is empty, the system's trust store."""
+
+    enabled: bool = False
+    ca_file: str = ""
+
+    @classmethod
+    def from_flags(cls, tls: bool, tls_ca: str) -> ClientTls:
+        return cls(enabled=bool(tls or tls_ca), ca_file=tls_ca)
+
+    def ca_pem(self) -> bytes | None:
+        return read_pem(self.ca_file, "CA certificate (--tls-ca)") if self.ca_file else None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For HTTPS downloads; None for plaintext."""
+        if not self.enabled:
+            return None
+        context = ssl.create_default_context()
+        if self.ca_file:
+            context.load_verify_locations(cadata=self.ca_pem().decode("ascii", "replace"))
+        return context
+
+    def grpc_credentials(self):
+        """grpc.ChannelCredentials for a secure channel; None for plaintext."""
+        if not self.enabled:
+            return None
+        import grpc
+
+        return grpc.ssl_channel_credentials(root_certificates=self.ca_pem())
+
+
+def read_pem(path: str, what: str) -> bytes:
+    """The file's bytes, or a TlsConfigError that names the flag and the problem."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise TlsConfigError(f"cannot read the {what} {path!r}: {e.strerror or e}") from e
+    if b"-----BEGIN " not in data:
+        raise TlsConfigError(f"the {what} {path!r} is not a PEM file (expected '-----BEGIN ...')")
+    return data
+
+
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The HTTPS server's context from the coordinator's --tls-cert/--tls-key."""
+    read_pem(cert_file, "certificate (--tls-cert)")
+    read_pem(key_file, "private key (--tls-key)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(Path(cert_file).expanduser()), str(Path(key_file).expanduser()))
+    except ssl.SSLError as e:
+        raise TlsConfigError(f"--tls-cert and --tls-key do not form a usable pair: {e}") from e
+    return context
