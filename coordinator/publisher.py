@@ -151,8 +151,18 @@ class Publisher:
         while not self._stop.wait(self.settings.interval_s):
             try:
                 self.publish_once()
-            except Exception:  # never let one bad round kill the publisher
-                logger.exception("publisher: round failed, will retry in %.0fs", self.settings.interval_s)
+            except Exception as e:  # never let one bad round kill the publisher
+                emit(
+                    logger,
+                    "publish_failed",
+                    "publisher: round failed (%s: %s), will retry in %.0fs",
+                    type(e).__name__,
+                    e,
+                    self.settings.interval_s,
+                    level=logging.ERROR,
+                    exc_info=True,
+                    error=f"{type(e).__name__}: {e}",
+                )
 
     def latest_step(self) -> int:
         metas = checkpoint.list_checkpoints(self.root)
@@ -307,7 +317,15 @@ class Publisher:
                 reason=verdict.reason,
             )
         elif verdict.decision == "wait":
-            logger.info("publisher: not publishing yet (%d donors listed): %s", donors_listed, verdict.reason)
+            emit(
+                logger,
+                "publish_waiting",
+                "publisher: not publishing yet (%d donors listed): %s",
+                donors_listed,
+                verdict.reason,
+                donors_listed=donors_listed,
+                reason=verdict.reason,
+            )
         else:
             emit(
                 logger,

@@ -33,17 +33,26 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "state_disagreement": ("epoch", "peers", "reason"),
     "checkpoint_refused": ("epoch", "reason"),
     "checkpoint_published": ("step", "eval_loss", "seconds"),
+    "publish_waiting": ("donors_listed", "reason"),
+    "publish_failed": ("error",),
 }
 
 
 def emit(
-    logger: logging.Logger, event: str, message: str, *args, level: int = logging.INFO, **fields
+    logger: logging.Logger,
+    event: str,
+    message: str,
+    *args,
+    level: int = logging.INFO,
+    exc_info: bool = False,
+    **fields,
 ) -> None:
-    """Log `message % args` for people, tagged with `event` and `fields` for programs."""
+    """Log `message % args` for people, tagged with `event` and `fields` for programs (with the
+    current exception's traceback when `exc_info`)."""
     expected = EVENTS[event]
     if set(fields) != set(expected):
         raise TypeError(f"event {event!r} takes fields {expected}, got {sorted(fields)}")
-    logger.log(level, message, *args, extra={"event": event, "event_fields": fields})
+    logger.log(level, message, *args, exc_info=exc_info, extra={"event": event, "event_fields": fields})
 
 
 def _plain(value):

@@ -150,6 +150,7 @@ class Report:
     orphans: list = field(default_factory=list)
     network: str = "127.0.0.1"
     resumed_after_partition_s: list = field(default_factory=list)
+    publisher_notes: list = field(default_factory=list)  # each coordinator's last publisher decisions
     work_dir: str = ""
 
     def summary(self) -> str:
@@ -178,9 +179,29 @@ class Report:
                 f"  survivors' next epoch    {stats(self.stall_after_fault_s)} after a kill or stop",
                 f"  coordinator outage       steady peers' samples/s during / usual: {ratios}",
                 f"  orphan processes         {len(self.orphans)} {self.orphans or ''}",
+                *(f"  publisher                {note}" for note in self.publisher_notes),
                 f"  logs                     {self.work_dir}",
             ]
         )
+
+
+PUBLISHER_EVENTS = frozenset(
+    {"checkpoint_published", "checkpoint_refused", "state_disagreement", "publish_waiting", "publish_failed"}
+)
+
+
+def publisher_notes(coordinators: list[Child], last: int = 3) -> list[str]:
+    """Each coordinator incarnation's last few publisher decisions, so that a run that published
+    too little says why (no donors, disagreement, a refusal, an error)."""
+    notes = []
+    for child in coordinators:
+        decisions = [e for e in child.events if e["event"] in PUBLISHER_EVENTS]
+        published = sum(e["event"] == "checkpoint_published" for e in decisions)
+        tail = (
+            "; ".join(f"{e['event']}: {e.get('msg', '')[:160]}" for e in decisions[-last:]) or "no decision"
+        )
+        notes.append(f"{child.name}: {published} published; last: {tail}")
+    return notes
 
 
 def _get_json(url: str, timeout_s: float = 5.0):
@@ -208,6 +229,7 @@ class Chaos:
         self.report = Report(seed=config.seed, peers=config.peers, duration_s=config.duration_s)
         self.report.work_dir = str(work_dir)
         self.coordinator: Child | None = None
+        self.coordinators: list[Child] = []  # every incarnation, for the publisher's decisions
         self.coordinator_restarts = 0
         self.endpoints: dict = {}
         self.slots: dict[int, Incarnation | None] = {}
@@ -253,6 +275,7 @@ class Chaos:
             *(("--host", HUB_IP) if self.lab else ()),
         )
         self.coordinator = spawn(name, args, self.work, echo=False)
+        self.coordinators.append(self.coordinator)
         self.pgids.add(self.coordinator.proc.pid)
 
     def _wait_coordinator_ready(self, timeout_s: float = 300.0) -> dict:
@@ -514,6 +537,7 @@ class Chaos:
         root = self.data_dir / "checkpoints"
         metas = checkpoint.list_checkpoints(root)
         r.checkpoints_published = len(metas)
+        r.publisher_notes = publisher_notes(self.coordinators)
         r.checkpoints_lost = sorted(self.steps_seen - {m.step for m in metas})
         for meta in metas:
             try:

@@ -32,7 +32,8 @@ def test_short_chaos_run(tmp_path: Path):
     assert report.faults_injected == expected, report.summary()
     assert report.end_epoch >= 10, report.summary()
     assert report.final_eval_loss < report.initial_eval_loss - 0.5, report.summary()
-    assert report.checkpoints_published >= 3 and report.checkpoints_verified == report.checkpoints_published
+    assert report.checkpoints_published >= 3, report.summary()
+    assert report.checkpoints_verified == report.checkpoints_published, report.summary()
     assert not report.checkpoints_lost and not report.checkpoint_errors
     assert not report.orphans, report.orphans
     assert len(report.detect_dead_s) == 2 + use_wan, report.summary()  # killed, stopped, cut off
