@@ -151,6 +151,7 @@ class Report:
     network: str = "127.0.0.1"
     resumed_after_partition_s: list = field(default_factory=list)
     publisher_notes: list = field(default_factory=list)  # each coordinator's last publisher decisions
+    rejoins: list = field(default_factory=list)  # peers re-pinging the restarted coordinator's DHT node
     work_dir: str = ""
 
     def summary(self) -> str:
@@ -179,6 +180,7 @@ class Report:
                 f"  survivors' next epoch    {stats(self.stall_after_fault_s)} after a kill or stop",
                 f"  coordinator outage       steady peers' samples/s during / usual: {ratios}",
                 f"  orphan processes         {len(self.orphans)} {self.orphans or ''}",
+                f"  DHT re-joins             {', '.join(self.rejoins) or 'none'}",
                 *(f"  publisher                {note}" for note in self.publisher_notes),
                 f"  logs                     {self.work_dir}",
             ]
@@ -538,6 +540,12 @@ class Chaos:
         metas = checkpoint.list_checkpoints(root)
         r.checkpoints_published = len(metas)
         r.publisher_notes = publisher_notes(self.coordinators)
+        r.rejoins = [
+            f"{inc.name} reached {e['reached']}/{e['bootstrap_peers']}"
+            for inc in self.all_incarnations
+            for e in inc.child.events
+            if e["event"] == "swarm_rejoined"
+        ]
         r.checkpoints_lost = sorted(self.steps_seen - {m.step for m in metas})
         for meta in metas:
             try:
