@@ -19,6 +19,7 @@ from pathlib import Path
 
 from crowdtrain.coordinator import signing
 from crowdtrain.coordinator.errors import NotFoundError
+from crowdtrain.peer import names
 from crowdtrain.peer.checkpoint import (
     META_NAME,
     CheckpointError,
@@ -50,10 +51,19 @@ def _fsync_path(path: Path) -> None:
 def finalize(
     staging: Path, root: Path, meta_without_files: CheckpointMeta, signing_key=None
 ) -> CheckpointMeta:
-    """Hash every file in `staging`, sign and write crowdtrain.json, fsync, rename into place atomically."""
+    """Hash every file in `staging`, sign and write crowdtrain.json, fsync, rename into place atomically.
+
+    Only regular files whose names downloaders accept (`names.CHECKPOINT_FILE`) are listed; anything
+    else is removed from `staging` with a warning, so the published directory is exactly its listing.
+    """
     entries = []
     for path in sorted(staging.iterdir()):
-        if path.name == META_NAME or not path.is_file():
+        if path.name == META_NAME:
+            continue
+        ok, reason = names.check_component(path.name, names.CHECKPOINT_FILE)
+        if not ok or path.is_symlink() or not path.is_file():
+            logger.warning("not publishing %s: %s", path.name, reason or "not a regular file")
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             continue
         _fsync_path(path)
         entries.append(FileEntry(path.name, sha256_file(path), path.stat().st_size))

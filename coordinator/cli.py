@@ -93,9 +93,21 @@ def cmd_pull(config: peer_cfg.PullConfig) -> int:
     from pathlib import Path
 
     from crowdtrain.peer.pull import pull
+    from crowdtrain.peer.tls import ClientTls
 
-    meta = pull(config.coordinator, Path(config.out), step=config.step, timeout_s=config.timeout_s)
-    print(f"step {meta.step} (eval loss {meta.eval_loss:.4f}) verified and saved to {config.out}")
+    meta = pull(
+        config.coordinator,
+        Path(config.out),
+        step=config.step,
+        timeout_s=config.timeout_s,
+        public_key=config.public_key,
+        trust_new_key=config.trust_new_key,
+        tls=ClientTls.from_flags(config.tls, config.tls_ca),
+    )
+    print(
+        f"step {meta.step} of run {meta.run_id} (eval loss {meta.eval_loss:.4f}) verified and saved to "
+        f"{config.out}; signed by {meta.public_key}"
+    )
     return 0
 
 
@@ -196,8 +208,10 @@ def cmd_checkpoints(config: peer_cfg.CheckpointsConfig) -> int:
 
     from crowdtrain.peer.pull import list_published
 
-    listed, public_key = list_published(config.coordinator)
-    print(f"{len(listed)} checkpoint(s); signed by {public_key or 'an unknown key'}")
+    listed, public_key = list_published(config.coordinator, ClientTls.from_flags(config.tls, config.tls_ca))
+    print(
+        f"{len(listed)} checkpoint(s); the coordinator says they are signed by {public_key or 'an unknown key'}"
+    )
     print(f"{'STEP':>8}  {'PUBLISHED (UTC)':<19}  {'EVAL LOSS':>9}  {'SIZE MB':>8}")
     for c in listed:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.created_unix_s))
@@ -207,6 +221,7 @@ def cmd_checkpoints(config: peer_cfg.CheckpointsConfig) -> int:
     return 0
 
 
+    from crowdtrain.peer.tls import ClientTls
 def cmd_verify(config: peer_cfg.VerifyConfig) -> int:
     from pathlib import Path
 

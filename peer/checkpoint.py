@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from crowdtrain.peer import names
 from crowdtrain.peer.data import sha256_file
 from crowdtrain.peer.errors import CrowdtrainError
 from cryptography.exceptions import InvalidSignature
@@ -22,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 META_NAME = "crowdtrain.json"
+MAX_META_BYTES = 1 << 20  # crowdtrain.json is a few KB; a bigger one is refused unread
+MAX_FILE_BYTES = 1 << 40  # no single checkpoint file is larger (1 TiB)
 
 
 FORMAT_VERSION = 1
@@ -69,11 +74,47 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, text: str) -> CheckpointMeta:
-        raw = json.loads(text)
-        if raw.pop("format_version", None) != FORMAT_VERSION:
-            raise CheckpointError(f"{META_NAME} has an unsupported format; upgrade crowdtrain")
-        files = tuple(FileEntry(n, v["sha256"], v["size_bytes"]) for n, v in sorted(raw.pop("files").items()))
-        return cls(files=files, **raw)
+        """Parse and check every field: names are allowed checkpoint file names, numbers are
+        integers in range, hashes are sha256 hex. Raises CheckpointError saying what is wrong."""
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise CheckpointError(f"{META_NAME} is not a JSON object")
+            if raw.pop("format_version", None) != FORMAT_VERSION:
+                raise CheckpointError(f"{META_NAME} has an unsupported format; upgrade crowdtrain")
+            files = tuple(_file_entry(n, v) for n, v in sorted(dict(raw.pop("files")).items()))
+            meta = cls(files=files, **raw)
+            _check_fields(meta)
+        except (names.NetworkValueError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{META_NAME} is malformed: {e}") from e
+        return meta
+
+
+def _file_entry(name: object, value: dict) -> FileEntry:
+    names.safe_component(name, names.CHECKPOINT_FILE, "a checkpoint file name")
+    if name == META_NAME:
+        raise names.NetworkValueError(f"{META_NAME} cannot list itself")
+    return FileEntry(
+        name,
+        names.check_sha256(value["sha256"], f"the sha256 of {name}"),
+        names.check_int(value["size_bytes"], f"the size of {name}", maximum=MAX_FILE_BYTES),
+    )
+
+
+def _check_fields(meta: CheckpointMeta) -> None:
+    """The scalar fields of a parsed crowdtrain.json, by type and range (NetworkValueError)."""
+    if meta.run_id:  # empty only in test fixtures that never leave the process
+        names.check_run_id(meta.run_id)
+    names.check_int(meta.step, "step")
+    names.check_int(meta.samples_seen, "samples_seen")
+    if meta.previous_step is not None:
+        names.check_int(meta.previous_step, "previous_step", maximum=meta.step)
+    for field in ("eval_loss", "created_unix_s"):
+        if isinstance(getattr(meta, field), bool) or not isinstance(getattr(meta, field), (int, float)):
+            raise names.NetworkValueError(f"{field} must be a number")
+    for field in ("manifest_sha256", "public_key", "signature"):
+        if not isinstance(getattr(meta, field), str) or len(getattr(meta, field)) > 256:
+            raise names.NetworkValueError(f"{field} must be a short string")
 
 
 def step_dirname(step: int) -> str:
@@ -81,12 +122,24 @@ def step_dirname(step: int) -> str:
 
 
 def read_meta(directory: Path) -> CheckpointMeta:
+    """crowdtrain.json of `directory`: a regular file (never a symlink) of at most MAX_META_BYTES."""
+    path = directory / META_NAME
     try:
-        return CheckpointMeta.from_json((directory / META_NAME).read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no {META_NAME}: not a crowdtrain checkpoint") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{directory / META_NAME} is malformed: {e}") from e
+    except OSError as e:  # ELOOP: a symlink
+        raise CheckpointError(f"{path} is not a regular file ({e.strerror}); refusing it") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise CheckpointError(f"{path} is not a regular file; refusing it")
+        data = f.read(MAX_META_BYTES + 1)
+    if len(data) > MAX_META_BYTES:
+        raise CheckpointError(f"{path} is larger than {MAX_META_BYTES} bytes; refusing it")
+    try:
+        return CheckpointMeta.from_json(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text") from e
 
 
 def list_checkpoints(root: Path) -> list[CheckpointMeta]:
@@ -116,30 +169,48 @@ def verify_signature(meta: CheckpointMeta, public_key: str | None) -> None:
 def verify_dir(
     directory: Path, expected: CheckpointMeta | None = None, public_key: str | None = None
 ) -> CheckpointMeta:
-    """Check the signature, then every file against crowdtrain.json (and `expected`'s list, if given).
+    """Check the signature, then that `directory` holds exactly the files crowdtrain.json lists
+    (regular files, no symlinks, nothing else) with their sizes and sha256 (and `expected`'s list).
 
     `public_key` (hex) pins the signer; without it the signature only proves crowdtrain.json is
     intact and was made by whoever holds the key recorded in it.
     """
+    if directory.is_symlink() or not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory (or is a symlink); refusing it")
     meta = read_meta(directory)
     verify_signature(meta, public_key)
     if expected is not None and (meta.step, meta.files) != (expected.step, expected.files):
         raise CheckpointError(
             f"{directory / META_NAME} does not match the coordinator's listing of step {expected.step}"
         )
+    _refuse_unlisted(directory, meta)
     for entry in meta.files:
         path = directory / entry.name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing")
-        size = path.stat().st_size
-        if size != entry.size_bytes:
-            raise CheckpointError(f"{path} has {size} bytes, expected {entry.size_bytes}")
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path} is not a regular file (a symlink?); refusing it")
+        if st.st_size != entry.size_bytes:
+            raise CheckpointError(f"{path} has {st.st_size} bytes, expected {entry.size_bytes}")
         digest = sha256_file(path)
         if digest != entry.sha256:
             raise CheckpointError(
                 f"{path} is corrupted: sha256 {digest[:12]}..., expected {entry.sha256[:12]}..."
             )
     return meta
+
+
+def _refuse_unlisted(directory: Path, meta: CheckpointMeta) -> None:
+    listed = {f.name for f in meta.files} | {META_NAME}
+    extra = sorted(p.name for p in directory.iterdir() if p.name not in listed)
+    if extra:
+        shown = ", ".join(repr(n[:80]) for n in extra[:5])
+        raise CheckpointError(
+            f"{directory} holds files crowdtrain.json does not list ({shown}); a verified checkpoint "
+            "holds nothing else - remove them or pull again into an empty directory"
+        )
 
 
 def verify_hex(public_hex: str, payload: bytes, signature_hex: str) -> bool:

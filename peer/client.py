@@ -17,6 +17,7 @@ from typing import TypeVar
 import grpc
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
+from crowdtrain.peer.tls import ClientTls
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
@@ -57,12 +58,14 @@ def parse_address(address: str) -> str:
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, rpc_timeout_s: float = 10.0):
+    def __init__(self, address: str, rpc_timeout_s: float = 10.0, tls: ClientTls | None = None):
         self.address = parse_address(address)
         self.rpc_timeout_s = rpc_timeout_s
-        self._channel = grpc.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", 64 << 20)]
-        )
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        if tls is not None and tls.enabled:
+            self._channel = grpc.secure_channel(self.address, tls.grpc_credentials(), options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=options)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:

@@ -54,6 +54,14 @@ class PullConfig:
     )
     step: int = option(-1, "which checkpoint to download (-1: the latest)")
     timeout_s: float = option(600.0, "give up when the download takes longer than this")
+    public_key: str = option(
+        "",
+        "the run's Ed25519 public key, hex (ask the run's operator); without it the key seen at this "
+        "coordinator address first is trusted and a different one later is refused",
+    )
+    trust_new_key: bool = option(
+        False, "accept the key the coordinator now signs with although it differs from the one trusted before"
+    )
     tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
     tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
 

@@ -4,17 +4,22 @@
     download(url, staging / "model.safetensors", sha256=entry.sha256,      # continues a partial file
              resume=True, deadline=time.monotonic() + 600, progress=bar)
 
-Without `resume`, the bytes go to a hidden `.NAME.PID.part` beside `dest` and replace `dest` (atomic
+Without `resume`, the bytes go to a hidden, randomly named `.NAME.*.part` beside `dest` and replace `dest` (atomic
 rename) only once complete and verified: `dest` is the whole verified file or absent, and a verified
 `dest` is not downloaded again. With `resume`, `dest` itself is the partial file (its caller stages
 a whole directory and renames that): an interrupted download continues with an HTTP Range request.
-Bytes that do not match a known sha256 are deleted (DownloadCorrupted); any other failure is a
+Files are created with O_EXCL|O_NOFOLLOW (a symlink planted at a name is never followed, an existing
+file is never appended to unless it is the regular file a download left); at most the promised
+`size` is accepted, and Content-Range/Content-Length are parsed strictly (ASCII digits) and checked
+against it. Bytes that do not match a known sha256 are deleted (DownloadCorrupted); any other failure is a
 DownloadError. Both say what failed; callers add what to do about it in their own terms.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,8 +27,10 @@ from pathlib import Path
 
 from crowdtrain.peer.data import sha256_file
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.names import NetworkValueError, parse_ascii_int
 
 CHUNK_BYTES = 1 << 20
+UNKNOWN_SIZE_LIMIT_BYTES = 1 << 20  # a file of unknown size (crowdtrain.json) may be at most this big
 
 
 class DownloadError(CrowdtrainError):
@@ -48,6 +55,26 @@ def check_sha256(path: Path, sha256: str, what: str) -> None:
         raise DownloadCorrupted(f"{what} is corrupted: sha256 {digest[:12]}..., expected {sha256[:12]}...")
 
 
+def open_new(path: Path):
+    """A new file for writing: never follows a symlink, never reuses an existing file (O_EXCL)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(fd, "wb")
+
+
+def open_partial(path: Path, have: int):
+    """The file an interrupted download left, for appending (`have` bytes, regular, no symlink);
+    a new file when `have` is 0."""
+    if not have:
+        return open_new(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    f = os.fdopen(fd, "ab")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != have:
+        f.close()
+        raise DownloadError(f"{path} changed while resuming its download; pull again")
+    return f
+
+
 def download(
     url: str,
     dest: Path,
@@ -58,34 +85,50 @@ def download(
     timeout_s: float = 120.0,
     deadline: float | None = None,
     progress=None,
+    ssl_context=None,
 ) -> Path:
-    """Fetch `url` into `dest` (see the module docstring). `size` (bytes, -1 = unknown) lets a resumed
-    download skip a file that is already whole; `deadline` is a time.monotonic() bound on the whole
-    download; `progress` is anything with `update(n_bytes)` (a tqdm bar)."""
+    """Fetch `url` into `dest` (see the module docstring). `size` (bytes, -1 = unknown: then at most
+    UNKNOWN_SIZE_LIMIT_BYTES) bounds what is accepted and lets a resumed download skip a file that is
+    already whole; `deadline` is a time.monotonic() bound on the whole download; `progress` is
+    anything with `update(n_bytes)` (a tqdm bar); `ssl_context` verifies https:// servers."""
     if resume:
-        _fetch(url, dest, size, timeout_s, deadline, progress)
+        _fetch(url, dest, size, timeout_s, deadline, progress, ssl_context)
         check_sha256(dest, sha256, url)
         return dest
-    if sha256 and dest.is_file() and sha256_file(dest) == sha256:
+    if sha256 and _is_regular(dest) and sha256_file(dest) == sha256:
         return dest  # cached
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    part.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    part = Path(name)
     try:
-        _fetch(url, part, size, timeout_s, deadline, progress)
+        part.unlink()  # _fetch creates it again with O_EXCL: nobody can swap in a symlink unseen
+        _fetch(url, part, size, timeout_s, deadline, progress, ssl_context)
         check_sha256(part, sha256, url)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    os.replace(part, dest)
+    os.replace(part, dest)  # replaces a symlink at `dest` itself, never its target
     return dest
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def bytes_already_here(dest: Path, size: int, progress=None) -> int:
     """Bytes of `dest` an interrupted download left (0 if none, or if they cannot be a prefix of a
-    file of `size` bytes); counted into `progress`. Shared with pull's gRPC stream."""
-    have = dest.stat().st_size if dest.exists() else 0
-    if size >= 0 and have > size:
+    file of `size` bytes, or if `dest` is not a regular file: then it is removed); counted into
+    `progress`. Shared with pull's gRPC stream."""
+    try:
+        st = dest.lstat()
+    except FileNotFoundError:
+        return 0
+    have = st.st_size
+    if not stat.S_ISREG(st.st_mode) or (size >= 0 and have > size):
         dest.unlink()
         have = 0
     if progress is not None and have:
@@ -93,28 +136,63 @@ def bytes_already_here(dest: Path, size: int, progress=None) -> int:
     return have
 
 
-def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress) -> None:
+def expected_body_bytes(headers, status: int, have: int, size: int) -> tuple[int, int | None]:
+    """(offset the body starts at, its length or None) from a response's headers, checked against
+    what we asked for (`have` bytes onwards) and the promised `size` (-1 unknown). Raises
+    NetworkValueError for a malformed or inconsistent Content-Range/Content-Length."""
+    start = 0
+    if status == 206:
+        unit, _, spec = (headers.get("Content-Range") or "").partition(" ")
+        span, _, total = spec.partition("/")
+        first, _, last = span.partition("-")
+        if unit != "bytes" or parse_ascii_int(first, "Content-Range start") != have:
+            raise NetworkValueError(
+                f"Content-Range {headers.get('Content-Range', '')[:60]!r} is not bytes {have}-"
+            )
+        start = have
+        end = parse_ascii_int(last, "Content-Range end")
+        if total != "*" and size >= 0 and parse_ascii_int(total, "Content-Range total") != size:
+            raise NetworkValueError(f"Content-Range total {total[:40]!r} is not the promised {size} bytes")
+        if end < start or (size >= 0 and end >= size):
+            raise NetworkValueError(f"Content-Range end {end} is outside the promised {size} bytes")
+    length = headers.get("Content-Length")
+    if length is None:
+        return start, None
+    n = parse_ascii_int(length.strip(), "Content-Length")
+    if size >= 0 and start + n > size:
+        raise NetworkValueError(
+            f"Content-Length {n} from offset {start}: more than the {size} bytes expected"
+        )
+    return start, n
+
+
+def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress, ssl_context) -> None:
     """Append to `dest` what is missing of `url` (a Range request when it holds bytes already)."""
     have = bytes_already_here(dest, size, progress)
     if have and have == size:
         return
+    limit = size if size >= 0 else UNKNOWN_SIZE_LIMIT_BYTES
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     if deadline is not None:
         timeout_s = max(1.0, min(timeout_s, deadline - time.monotonic()))
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            mode = "ab" if have and response.status == 206 else "wb"  # a server ignoring Range: start over
-            written = have if mode == "ab" else 0
-            with open(dest, mode) as f:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=ssl_context) as response:
+            start, _ = expected_body_bytes(response.headers, response.status, have, size)
+            if not start:  # nothing yet, or a server ignoring Range: start over
+                dest.unlink(missing_ok=True)
+            written = start
+            with open_partial(dest, start) as f:
                 while chunk := response.read(CHUNK_BYTES):
                     written += len(chunk)
-                    if 0 <= size < written:  # a server sending more than the listing said: stop
-                        raise DownloadError(f"{url} sent more than the {size} bytes expected")
+                    if written > limit:  # a server sending more than was promised: stop
+                        raise DownloadError(f"{url} sent more than the {limit} bytes expected")
                     f.write(chunk)
                     if progress is not None:
                         progress.update(len(chunk))
                     if deadline is not None and time.monotonic() > deadline:
                         raise DownloadError(f"download of {url} exceeded the time limit")
+    except NetworkValueError as e:
+        raise DownloadError(f"{url}: the server's answer is malformed: {e}") from e
     except urllib.error.HTTPError as e:
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}", http_status=e.code) from e
     except (urllib.error.URLError, OSError) as e:

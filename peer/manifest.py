@@ -16,6 +16,7 @@ import json
 import typing
 from dataclasses import dataclass
 
+from crowdtrain.peer import names
 from crowdtrain.peer.errors import CrowdtrainError
 
 MANIFEST_FORMAT_VERSION = 1
@@ -108,17 +109,36 @@ class RunManifest:
                 f"run manifest format {raw.get('format_version')!r} is not supported by this crowdtrain "
                 f"(expects {MANIFEST_FORMAT_VERSION}); upgrade with `pip install -U crowdtrain`"
             )
-        return _from_dict(cls, raw)
+        if not isinstance(raw, dict):
+            raise ManifestError("run manifest is not a JSON object")
+        manifest = _from_dict(cls, raw)
+        _check_names(manifest)
+        return manifest
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
+def _check_names(manifest: RunManifest) -> None:
+    """The manifest's names become paths on the peer (cache_dir/<run_id>/<shard name>): each must
+    be one plain path component; shard hashes must be sha256 hex. Raises ManifestError."""
+    try:
+        names.check_run_id(manifest.run_id)
+        for shard in (manifest.data.eval, *manifest.data.shards):
+            names.safe_component(shard.name, names.SHARD_FILE, "a data shard name")
+            names.check_sha256(shard.sha256, f"the sha256 of shard {shard.name}")
+            names.check_int(shard.size_bytes, f"the size of shard {shard.name}", maximum=1 << 40)
+    except (names.NetworkValueError, AttributeError, TypeError) as e:
+        raise ManifestError(f"run manifest refused: {e}") from e
+
+
 def _from_dict(cls, raw):
     """Build a (nested) frozen dataclass from its `asdict` form, rejecting unknown or missing keys."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - names
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{cls.__name__} is not a JSON object")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - fields
     if unknown:
         raise ManifestError(
             f"{cls.__name__} has fields this crowdtrain does not know ({sorted(unknown)}): it comes from a newer "

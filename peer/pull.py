@@ -2,93 +2,50 @@
 
     crowdtrain pull --coordinator 127.0.0.1:50051 --out ./model            # gRPC stream
     crowdtrain pull --coordinator http://127.0.0.1:8080 --out ./model      # via plain HTTP
+    crowdtrain pull --coordinator 127.0.0.1:50051 --out ./model --public-key HEX   # pin the run's key
     python -c "from transformers import pipeline; print(pipeline('text-generation', model='./model')('def '))"
 
-Files land in a hidden staging directory beside OUT (`.OUT.pull-step-N`) and are checked before
-OUT is renamed into place: crowdtrain.json's Ed25519 signature against the run's public key (from
-the coordinator), then every file's size and sha256 against both crowdtrain.json and the
-coordinator's listing. OUT is either the complete, verified checkpoint or untouched. An
-interrupted pull resumes where it stopped (HTTP Range, or the gRPC stream's offset); a staging directory that fails
-verification is deleted. `crowdtrain verify OUT --public-key KEY` repeats the check offline.
+Order of trust: the (unsigned) listing only chooses the step. crowdtrain.json is fetched first (at
+most 1 MiB), its Ed25519 signature checked, and its key checked against the pinned `--public-key`
+or the key trusted on first use for this coordinator address (peer/trust.py); a "latest" older
+than a step already verified from the run is refused (replay). Only then are the files it lists
+fetched, each name one allowed checkpoint file name, each download stopped at its signed size.
+Files land in a private staging directory beside OUT (`mkdtemp`, mode 0700, files created with
+O_EXCL|O_NOFOLLOW) and OUT is renamed into place only after `verify_dir` (exactly the listed files,
+regular, right sizes and sha256). An interrupted pull resumes in its own staging directory (HTTP
+Range, or the gRPC stream's offset); one that fails verification is deleted.
+`crowdtrain verify OUT --public-key KEY` repeats the check offline.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
+import stat
 import sys
+import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from crowdtrain.peer import checkpoint
-from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta, FileEntry
+from crowdtrain.peer import checkpoint, trust
+from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.peer.download import (
+    UNKNOWN_SIZE_LIMIT_BYTES,
     DownloadCorrupted,
     DownloadError,
     bytes_already_here,
     check_sha256,
     download,
+    open_partial,
 )
-from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.listing import Listed, PullError, is_http, list_published
+from crowdtrain.peer.tls import ClientTls
+
+__all__ = ["Listed", "PullError", "list_published", "pull"]
 
 logger = logging.getLogger(__name__)
-
-
-class PullError(CrowdtrainError):
-    """The checkpoint could not be downloaded or verified; OUT was left untouched."""
-
-
-@dataclass(frozen=True)
-class Listed:
-    """One checkpoint as the coordinator lists it."""
-
-    step: int
-    eval_loss: float
-    created_unix_s: float
-    files: tuple[FileEntry, ...]
-    url: str  # base URL of the checkpoint's files
-
-
-def list_published(coordinator: str) -> tuple[list[Listed], str]:
-    """(checkpoints oldest first, the run's signing public key) from `HOST:PORT` (gRPC) or an HTTP URL."""
-    if coordinator.startswith(("http://", "https://")):
-        base = coordinator.rstrip("/")
-        try:
-            metas = [CheckpointMeta.from_json(json.dumps(m)) for m in _get_json(f"{base}/api/v1/checkpoints")]
-            public_key = _get_json(f"{base}/api/v1/run").get("signing_public_key", "")
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise PullError(
-                f"could not list checkpoints at {base}: {e}; is that the coordinator's HTTP address?"
-            ) from e
-        listed = [
-            Listed(m.step, m.eval_loss, m.created_unix_s, m.files, f"{base}/checkpoints/{m.step}")
-            for m in metas
-        ]
-        return listed, public_key
-    with CoordinatorClient(coordinator) as client:
-        listing = client.list_checkpoints()
-    listed = [
-        Listed(
-            c.step,
-            c.eval_loss,
-            c.created_unix_s,
-            tuple(sorted((FileEntry(f.name, f.sha256, f.size_bytes) for f in c.files), key=lambda f: f.name)),
-            c.url,
-        )
-        for c in listing.checkpoints
-    ]
-    return listed, listing.signing_public_key
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
 
 
 def _progress_bar(total_bytes: int):
@@ -108,7 +65,9 @@ def _progress_bar(total_bytes: int):
 def _download_grpc(
     client: CoordinatorClient, step: int, dest: Path, size: int, deadline: float, progress
 ) -> None:
-    """Fetch one file over the DownloadCheckpointFile stream, continuing a partial file."""
+    """Fetch one file over the DownloadCheckpointFile stream, continuing a partial file; at most
+    `size` bytes (-1: unknown, then at most UNKNOWN_SIZE_LIMIT_BYTES)."""
+    limit = size if size >= 0 else UNKNOWN_SIZE_LIMIT_BYTES
     have = bytes_already_here(dest, size, progress)
     if have == size:
         return
@@ -116,12 +75,14 @@ def _download_grpc(
         step, dest.name, have, timeout_s=max(1.0, deadline - time.monotonic())
     )
     try:
-        with open(dest, "ab" if have else "wb") as f:
+        with open_partial(dest, have) as f:
             for chunk in chunks:
                 if chunk.offset != have:
                     raise PullError(
                         f"{dest.name}: the coordinator sent bytes at {chunk.offset}, expected {have}"
                     )
+                if have + len(chunk.data) > limit:
+                    raise PullError(f"{dest.name}: the coordinator sent more than the {limit} bytes expected")
                 f.write(chunk.data)
                 have += len(chunk.data)
                 if progress is not None:
@@ -136,7 +97,7 @@ def _choose(listed: list[Listed], step: int, coordinator: str) -> Listed:
     if not listed:
         raise PullError(f"the coordinator at {coordinator} has published no checkpoint yet; try again later")
     if step < 0:
-        return listed[-1]
+        return max(listed, key=lambda c: c.step)
     info = next((c for c in listed if c.step == step), None)
     if info is None:
         raise PullError(
@@ -145,89 +106,152 @@ def _choose(listed: list[Listed], step: int, coordinator: str) -> Listed:
     return info
 
 
-def _fetch_all(coordinator: str, info: Listed, staging: Path, out: Path, timeout_s: float) -> None:
-    """Every file of `info` into `staging`, each checked against the listing's sha256 as it lands;
-    bytes that fail the check take the whole staging directory with them."""
-    deadline = time.monotonic() + timeout_s
-    client = None if coordinator.startswith(("http://", "https://")) else CoordinatorClient(coordinator)
+def staging_dir(out: Path, step: int) -> Path:
+    """A private directory beside `out` for step `step`: one an interrupted pull of this user left
+    (a real directory, owned by us, mode 0700), else a fresh `mkdtemp` one."""
+    prefix = f".{out.name}.pull-step-{step}-"
+    for candidate in sorted(out.parent.glob(prefix + "*")):
+        st = candidate.lstat()
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            return candidate
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
 
-    def fetch(name: str, size: int, sha256: str, progress) -> None:
-        if client is not None:  # gRPC stream from HOST:PORT, else HTTP from the URL
-            _download_grpc(client, info.step, staging / name, size, deadline, progress)
+
+class _Source:
+    """Where a checkpoint's files come from: the gRPC stream of HOST:PORT, or an http(s) URL."""
+
+    def __init__(self, coordinator: str, info: Listed, tls: ClientTls | None, deadline: float):
+        self.info, self.deadline = info, deadline
+        self.context = tls.ssl_context() if tls is not None and is_http(coordinator) else None
+        self.client = None if is_http(coordinator) else CoordinatorClient(coordinator, tls=tls)
+
+    def fetch(self, staging: Path, name: str, size: int, sha256: str, progress=None) -> None:
+        if self.client is not None:
+            _download_grpc(self.client, self.info.step, staging / name, size, self.deadline, progress)
             check_sha256(staging / name, sha256, name)
         else:
             download(
-                f"{info.url}/{name}",
+                f"{self.info.url}/{name}",
                 staging / name,
                 sha256=sha256,
                 size=size,
                 resume=True,
-                deadline=deadline,
+                deadline=self.deadline,
                 progress=progress,
+                ssl_context=self.context,
             )
 
-    progress = _progress_bar(sum(f.size_bytes for f in info.files))
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+def _fetch_meta(source: _Source, staging: Path) -> CheckpointMeta:
+    """crowdtrain.json, fetched whole (it may have changed since an earlier try), size-capped,
+    parsed strictly and its signature checked against the key it names."""
+    (staging / checkpoint.META_NAME).unlink(missing_ok=True)
+    source.fetch(staging, checkpoint.META_NAME, -1, "")
+    meta = checkpoint.read_meta(staging)
+    checkpoint.verify_signature(meta, None)
+    return meta
+
+
+def _fetch_files(source: _Source, meta: CheckpointMeta, staging: Path) -> None:
+    """Every file crowdtrain.json lists (and nothing else stays in `staging`), each bounded by its
+    signed size and checked against its signed sha256 as it lands."""
+    listed = {f.name for f in meta.files} | {checkpoint.META_NAME}
+    for path in staging.iterdir():  # leftovers of an earlier try at another version: not ours
+        if path.name not in listed:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    progress = _progress_bar(sum(f.size_bytes for f in meta.files))
     try:
-        # crowdtrain.json is small and must be fetched whole; it may have changed since an earlier try
-        (staging / checkpoint.META_NAME).unlink(missing_ok=True)
-        fetch(checkpoint.META_NAME, 1 << 30 if client else -1, "", None)
-        for entry in info.files:
+        for entry in meta.files:
             progress.set_description_str(entry.name)
-            fetch(entry.name, entry.size_bytes, entry.sha256, progress)
-    except DownloadCorrupted as e:
+            source.fetch(staging, entry.name, entry.size_bytes, entry.sha256, progress)
+    finally:
+        progress.close()
+
+
+def _check_trust(
+    coordinator: str, meta: CheckpointMeta, info: Listed, step: int, policy: trust.TrustPolicy
+) -> None:
+    """The signer is the run's key (pinned or trusted on first use) and "latest" is no replay."""
+    if meta.step != info.step:
+        raise CheckpointError(
+            f"{checkpoint.META_NAME} is for step {meta.step}, not the listed step {info.step}"
+        )
+    known = policy.check(coordinator, meta.run_id, meta.public_key)
+    ok, reason = trust.newest_step_decision(known, meta.step, explicit_step=step >= 0)
+    if not ok:
+        raise trust.UntrustedKey(
+            f"refusing step {meta.step} from {coordinator}: {reason}; pass --step to want it"
+        )
+
+
+def _download_verified(
+    coordinator: str, info: Listed, step: int, staging: Path, timeout_s: float, tls, policy: trust.TrustPolicy
+) -> CheckpointMeta:
+    source = _Source(coordinator, info, tls, time.monotonic() + timeout_s)
+    try:
+        meta = _fetch_meta(source, staging)
+        _check_trust(coordinator, meta, info, step, policy)
+        _fetch_files(source, meta, staging)
+        return checkpoint.verify_dir(staging, public_key=meta.public_key)
+    except (CheckpointError, DownloadCorrupted, trust.UntrustedKey) as e:
         shutil.rmtree(staging, ignore_errors=True)  # never resume from bytes that failed verification
-        raise PullError(f"verification failed, nothing was written to {out}: {e}") from e
+        raise PullError(f"verification failed, nothing was written: {e}") from e
     except DownloadError as e:
         hint = (
             "the checkpoint may have been pruned, pull again" if e.http_status else "run pull again to resume"
         )
         raise PullError(f"{e}; {hint}") from e
     finally:
-        progress.close()
-        if client is not None:
-            client.close()
+        source.close()
 
 
-def pull(coordinator: str, out: Path, step: int = -1, timeout_s: float = 600.0) -> CheckpointMeta:
+def pull(
+    coordinator: str,
+    out: Path,
+    step: int = -1,
+    timeout_s: float = 600.0,
+    *,
+    public_key: str = "",
+    trust_new_key: bool = False,
+    new_run_ok: bool = False,
+    tls: ClientTls | None = None,
+    store: trust.TrustStore | None = None,
+) -> CheckpointMeta:
+    """Download step `step` (-1: the latest) into `out`, verified (see the module docstring).
+    `public_key` pins the run's key; else the key is trusted on first use per coordinator address
+    in `store` (default: the user's config directory); `trust_new_key` accepts a changed key;
+    `new_run_ok` trusts a run not seen at this address before (a training peer following Join)."""
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()) and not (out / checkpoint.META_NAME).exists():
+    if out.is_symlink() or (
+        out.exists() and any(out.iterdir()) and not (out / checkpoint.META_NAME).exists()
+    ):
         raise PullError(f"{out} exists and is not a crowdtrain checkpoint; choose another --out or empty it")
-    listed, public_key = list_published(coordinator)
-    info = _choose(listed, step, coordinator)
+    policy = trust.TrustPolicy(store or trust.TrustStore.default(), public_key, trust_new_key, new_run_ok)
+    info = _choose(list_published(coordinator, tls)[0], step, coordinator)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.pull-step-{info.step}"  # stable name: an interrupted pull resumes
-    staging.mkdir(exist_ok=True)
+    staging = staging_dir(out, info.step)
     t0 = time.monotonic()
-    _fetch_all(coordinator, info, staging, out, timeout_s)
-    try:
-        meta = checkpoint.verify_dir(
-            staging,
-            expected=CheckpointMeta(
-                run_id="",
-                step=info.step,
-                samples_seen=0,
-                eval_loss=0.0,
-                created_unix_s=0.0,
-                manifest_sha256="",
-                previous_step=None,
-                files=info.files,
-            ),
-            public_key=public_key or None,
-        )
-    except CheckpointError as e:
-        shutil.rmtree(staging, ignore_errors=True)  # never resume from bytes that failed verification
-        raise PullError(f"verification failed, nothing was written to {out}: {e}") from e
+    meta = _download_verified(coordinator, info, step, staging, timeout_s, tls, policy)
     if out.exists():
         shutil.rmtree(out)
     os.rename(staging, out)
+    os.chmod(out, 0o755)  # mkdtemp made it private while it was being filled
+    policy.store.remember(coordinator, meta.run_id, meta.public_key, meta.step)
     elapsed = time.monotonic() - t0
-    total = sum(f.size_bytes for f in info.files)
+    total = sum(f.size_bytes for f in meta.files)
     logger.info(
-        "pulled step %d (eval loss %.4f) to %s: %.1f MB in %.1fs, signature and every sha256 verified",
+        "pulled step %d (eval loss %.4f) of run %s to %s: %.1f MB in %.1fs, signed by the run's key %s..., "
+        "every sha256 verified",
         meta.step,
         meta.eval_loss,
+        meta.run_id,
         out,
         total / 1e6,
         elapsed,
+        meta.public_key[:16],
     )
     return meta

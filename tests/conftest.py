@@ -23,6 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 
 
+@pytest.fixture(autouse=True)
+def private_trust_store(tmp_path_factory, monkeypatch):
+    """Keys trusted on first use (peer/trust.py) go to a fresh directory per test, never ~/.config;
+    CLI children inherit it."""
+    monkeypatch.setenv("CROWDTRAIN_CONFIG_DIR", str(tmp_path_factory.mktemp("crowdtrain-config")))
+
+
 @pytest.fixture
 def small_corpus(tmp_path: Path) -> Path:
     """A few hundred small, varied Python-like documents: enough for 4 shards and a held-out split."""

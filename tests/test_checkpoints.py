@@ -18,7 +18,7 @@ from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.webserver import WebContext, WebServer
 from crowdtrain.peer import checkpoint
 from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta
-from crowdtrain.peer.pull import PullError, pull
+from crowdtrain.peer.pull import PullError, pull, staging_dir
 
 from tests.conftest import make_run
 
@@ -51,13 +51,15 @@ def _publish_real_model(root: Path, tmp_path: Path, small_corpus: Path, step: in
 def test_finalize_lists_and_verifies_and_detects_tampering(tmp_path: Path):
     root = tmp_path / "ckpt"
     staging = archive.new_staging_dir(root, 3)
-    (staging / "a.bin").write_bytes(b"x" * 1000)
-    (staging / "b.txt").write_text("hello")
+    (staging / "model.safetensors").write_bytes(b"x" * 1000)
+    (staging / "README.md").write_text("hello")
+    (staging / "notes.txt").write_text("not a checkpoint file kind: never published")
     meta = archive.finalize(staging, root, _meta(3), signing_key=KEY)
-    assert [f.name for f in meta.files] == ["a.bin", "b.txt"]
+    assert [f.name for f in meta.files] == ["README.md", "model.safetensors"]
+    assert not (root / "step-00000003" / "notes.txt").exists()
     assert checkpoint.list_checkpoints(root) == [meta]
     assert checkpoint.verify_dir(root / "step-00000003") == meta
-    path = root / "step-00000003" / "a.bin"
+    path = root / "step-00000003" / "model.safetensors"
     data = bytearray(path.read_bytes())
     data[500] ^= 1
     path.write_bytes(bytes(data))
@@ -184,15 +186,13 @@ def test_an_interrupted_pull_resumes_and_bad_bytes_are_not_reused(
     grpc_address, base, root, meta = coordinator_with_checkpoint
     address = grpc_address if transport == "grpc" else base
     served = (root / "step-00000005" / "model.safetensors").read_bytes()
-    staging = tmp_path / f".pulled.pull-step-{meta.step}"
-    staging.mkdir()
-    (staging / "model.safetensors").write_bytes(served[: len(served) // 3])  # what a killed pull left
+    staging = staging_dir(tmp_path / "pulled", meta.step)  # private (mkdtemp), as a killed pull left it
+    (staging / "model.safetensors").write_bytes(served[: len(served) // 3])
     assert pull(address, tmp_path / "pulled").step == meta.step  # completes the file, verifies
     assert (tmp_path / "pulled" / "model.safetensors").read_bytes() == served
     assert not staging.exists()
 
-    staging = tmp_path / f".again.pull-step-{meta.step}"
-    staging.mkdir()
+    staging = staging_dir(tmp_path / "again", meta.step)
     garbage = bytearray(served[: len(served) // 3])
     garbage[100] ^= 0xFF  # a partial file that went bad on disk
     (staging / "model.safetensors").write_bytes(bytes(garbage))

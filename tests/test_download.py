@@ -23,6 +23,7 @@ def server():
             if self.path == "/good" and (rng := self.headers.get("Range", "")).startswith("bytes="):
                 start = int(rng[6:].split("-")[0])
                 self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             else:
                 self.send_response(200)
             self.send_header("Content-Length", str(len(body) - start))
