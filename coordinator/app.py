@@ -31,7 +31,7 @@ from crowdtrain.coordinator.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.runs import Run, open_run
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.service import AbuseLimits, CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.signing import public_key_hex
 from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
 from crowdtrain.coordinator.store import Store
@@ -166,6 +166,11 @@ class Coordinator:
             self.store,
             self.health,
             initial_peers=lambda: maddrs,
+            abuse=AbuseLimits(
+                cfg.join_burst,
+                cfg.joins_per_minute,
+                prune_silent_joins_after_s=cfg.prune_silent_joins_after_s,
+            ),
             status=self.status,
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
             downloads=downloads,

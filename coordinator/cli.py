@@ -119,6 +119,8 @@ def _ago(now: float, t: float) -> str:
 def format_status(status, now: float) -> str:
     """Render a GetStatusResponse as the operator's table (SWARM: peers it sees in the run's progress
     records; UPTIME: since its heartbeats started)."""
+    from crowdtrain.coordinator.limits import clean_display
+
     s = status.summary
     loss = (
         f"{s.latest_eval_loss:.3f} (step {s.latest_checkpoint_step})"
@@ -127,13 +129,14 @@ def format_status(status, now: float) -> str:
     )
     states = ", ".join(f"{n} {state}" for state, n in sorted(s.peers_by_state.items()) if n) or "no peers"
     lines = [
-        f"run {s.run_id}: global epoch {s.global_epoch}, swarm {s.samples_per_s:.1f} samples/s, "
+        f"run {clean_display(s.run_id)}: global epoch {s.global_epoch}, swarm {s.samples_per_s:.1f} samples/s, "
         f"latest checkpoint eval loss {loss}, {s.total_contributed_samples} samples contributed",
         f"peers: {states}",
-        *([f"last refused checkpoint: {s.last_rejection}"] if s.last_rejection else []),
+        *([f"last refused checkpoint: {clean_display(s.last_rejection)}"] if s.last_rejection else []),
         "",
     ]
     header = (
+        "ID",
         "NAME",
         "STATE",
         "REASON",
@@ -148,6 +151,7 @@ def format_status(status, now: float) -> str:
     )
     rows = [
         (
+            p.peer_id,
             p.name,
             p.state,
             p.reason,
@@ -162,9 +166,14 @@ def format_status(status, now: float) -> str:
         )
         for p in status.peers
     ]
+    # names and reasons come from strangers: no control character reaches the terminal, even from a
+    # database written before display text was cleaned at input
+    rows = [tuple(clean_display(cell) for cell in row) for row in rows]
     widths = [min(60, max(len(r[i]) for r in [header, *rows])) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(cell[:60].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if s.peers_not_listed:
+        lines.append(f"... and {s.peers_not_listed} more peer(s) not listed")
     return "\n".join(lines)
 
 
@@ -198,7 +207,10 @@ def cmd_ban(config: cfg.BanConfig) -> int:
     finally:
         store.close()
     if not changed:
-        raise CrowdtrainError(f"no peer named {config.peer!r} (or with that session or DHT id) in {path}")
+        raise CrowdtrainError(
+            f"no peer with public id, session id or proven DHT peer id {config.peer!r} in {path}; "
+            "bans are by id, not by display name: take the ID column of `crowdtrain status`"
+        )
     print(f"{'unbanned' if config.unban else 'banned'} {changed} session(s) of {config.peer!r}")
     return 0
 

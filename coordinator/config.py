@@ -59,6 +59,11 @@ class CoordinatorConfig:
         45.0,
         "a training peer missing from the swarm's progress records this long is flagged 'not contributing'",
     )
+    join_burst: int = option(20, "joins one caller address (an IPv6 /64) may make at once")
+    joins_per_minute: float = option(6.0, "joins one caller address may make per minute after its burst")
+    prune_silent_joins_after_s: float = option(
+        120.0, "forget a session that never sent a heartbeat after this long (abandoned joins, sybils)"
+    )
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,9 @@ class BanConfig:
     data_dir: str = option(
         REQUIRED, "the coordinator's data directory (run this on the coordinator's machine)"
     )
-    peer: str = option(REQUIRED, "peer name, session id or DHT peer id to ban")
+    peer: str = option(
+        REQUIRED, "public peer id (the ID column of `crowdtrain status`) or DHT peer id to ban"
+    )
     unban: bool = option(False, "lift the ban instead")
 
 

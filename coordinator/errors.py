@@ -21,7 +21,7 @@ class NotFoundError(RequestError):
 
 
 class InvalidRequestError(RequestError):
-    """A field of the request is malformed or longer than its limit (`peer.report.InputLimits`)."""
+    """A field of the request is malformed or outside its limit (`coordinator.limits.REQUEST_LIMITS`)."""
 
 
 class BannedError(RequestError):
@@ -34,3 +34,11 @@ class OutOfRangeError(RequestError):
 
 class NotServedError(RequestError):
     """This coordinator was started without what the request needs (e.g. no swarm status)."""
+
+
+class UnauthenticatedError(RequestError):
+    """The request lacks its session's secret token (JoinResponse.session_token), or it is wrong."""
+
+
+class RateLimitedError(RequestError):
+    """Too many requests from this address or session; the message says when to retry."""

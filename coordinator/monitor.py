@@ -5,18 +5,25 @@ marks the heartbeating peers it finds as contributing, adds peers that train wit
 records how many samples each peer accumulated towards each epoch (the contribution ledger), and
 every `history_interval_s` appends a point to the swarm's history. All of it goes to SQLite.
 
-The parsing and accounting are pure functions; the thread only schedules them.
+The records are hostile input like any request: a record out of range is skipped with a log line,
+two records claiming one peer id in one read are both skipped (hivemind signs each record with a
+per-process key, but the peer id inside is the writer's claim), and a peer cannot be credited more
+samples than its reported throughput (capped at `MAX_SAMPLES_PER_S`) allows since its last record
+(`clamp_progress`). The parsing and accounting are pure functions; the thread only schedules them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from crowdtrain.coordinator.limits import MAX_EPOCH, MAX_SAMPLES_PER_S
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
 from crowdtrain.coordinator.status import SwarmProgress
 from crowdtrain.coordinator.store import Store
@@ -57,9 +64,63 @@ def parse_progress(entries: Iterable[dict | None]) -> list[ProgressRecord]:
                     client_mode=bool(entry["client_mode"]),
                 )
             )
-        except (KeyError, TypeError, ValueError) as e:
-            logger.debug("skipping malformed progress entry %r: %r", entry, e)
-    return records
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            logger.info("skipping a malformed progress record: %r", e)
+    return vet_records(records)
+
+
+def record_problem(r: ProgressRecord) -> str:
+    """Why a progress record is implausible on its own, or "" when it is not."""
+    if not 0 <= r.epoch < MAX_EPOCH:
+        return f"epoch {r.epoch} outside 0..{MAX_EPOCH - 1}"
+    if r.samples_accumulated < 0:
+        return f"negative samples_accumulated {r.samples_accumulated}"
+    if not (0 <= r.samples_per_s < math.inf and math.isfinite(r.time)):
+        return f"samples_per_s {r.samples_per_s!r} or time {r.time!r} not a finite non-negative number"
+    return ""
+
+
+def vet_records(records: list[ProgressRecord]) -> list[ProgressRecord]:
+    """Pure: the records that are plausible on their own, each peer id once (a second record with
+    the same id is a forgery or a restart in flight: both are skipped), throughput capped."""
+    counts = Counter(r.dht_peer_id for r in records)
+    kept = []
+    for r in records:
+        problem = record_problem(r) or (
+            f"{counts[r.dht_peer_id]} records claim this peer id" if counts[r.dht_peer_id] > 1 else ""
+        )
+        if problem:
+            logger.info("skipping the progress record of %s: %s", r.dht_peer_id[-12:], problem)
+            continue
+        kept.append(dataclasses.replace(r, samples_per_s=min(r.samples_per_s, MAX_SAMPLES_PER_S)))
+    return kept
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """What the monitor credited a peer with at its last read."""
+
+    epoch: int
+    samples: int
+    unix_s: float  # the coordinator's clock
+
+
+def clamp_progress(
+    r: ProgressRecord, previous: Sighting | None, now: float, first_window_s: float = 60.0, slack: int = 4096
+) -> tuple[ProgressRecord, str]:
+    """Pure: the record with samples_accumulated no more than twice its throughput allows since its
+    last sighting in the same epoch; a first sighting in an epoch may also hold what accumulated
+    before it (`first_window_s` of its throughput, at least `slack` samples: a batch in flight, a
+    coordinator that just started). Returns the record and why it was cut."""
+    if previous is not None and previous.epoch == r.epoch:
+        allowed = previous.samples + math.ceil(2 * r.samples_per_s * max(0.0, now - previous.unix_s))
+    else:
+        elapsed = first_window_s if previous is None else max(0.0, now - previous.unix_s)
+        allowed = math.ceil(2 * r.samples_per_s * elapsed) + slack
+    if r.samples_accumulated <= allowed:
+        return r, "within its throughput"
+    reason = f"claims {r.samples_accumulated} samples, its {r.samples_per_s:.1f} samples/s allow {allowed}"
+    return dataclasses.replace(r, samples_accumulated=allowed), reason
 
 
 def contribution_rows(records: Iterable[ProgressRecord]) -> list[tuple[str, int, int]]:
@@ -102,6 +163,7 @@ class SwarmMonitor:
         self.clock = clock
         self.progress = SwarmProgress()
         self._last_history = 0.0
+        self._sightings: dict[str, Sighting] = {}  # by peer id, for the peers in the last read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -149,9 +211,22 @@ class SwarmMonitor:
             return []
         return parse_progress(item.value for item in found.value.values())
 
+    def clamp(self, records: list[ProgressRecord], now: float) -> list[ProgressRecord]:
+        """Every record's samples clamped to its throughput (`clamp_progress`), remembering what
+        was credited; peers absent from this read are forgotten."""
+        clamped, sightings = [], {}
+        for record in records:
+            kept, reason = clamp_progress(record, self._sightings.get(record.dht_peer_id), now)
+            if kept is not record:
+                logger.info("progress record of %s clamped: %s", record.dht_peer_id[-12:], reason)
+            sightings[record.dht_peer_id] = Sighting(kept.epoch, kept.samples_accumulated, now)
+            clamped.append(kept)
+        self._sightings = sightings
+        return clamped
+
     def tick(self) -> None:
         now = self.clock()
-        records = self.read_progress()
+        records = self.clamp(self.read_progress(), now)
         self.progress = summarize(records, now)
         self.store.add_contributions(contribution_rows(records))
         for record in records:
@@ -161,6 +236,7 @@ class SwarmMonitor:
             self.store.upsert_peer(
                 PeerRecord(
                     session_id=f"dht:{record.dht_peer_id}",
+                    peer_id=record.dht_peer_id[-12:],
                     name=f"peer {record.dht_peer_id[-8:]}",
                     joined_unix_s=now,
                     last_seen_unix_s=now,

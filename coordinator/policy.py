@@ -1,8 +1,9 @@
 """What the coordinator decides about peers, as pure functions: no clocks, no I/O, no gRPC.
 
-Who may join or heartbeat (`admit_join`, `admit_heartbeat`), which data shard a joiner reads
-(`assign_shard`), which checkpoint it starts from (`resume_step`), and what of a peer's report is
-kept (`bound_report`, `apply_report`). Decisions return (decision, reason); the servicer turns a
+Which heartbeats and leaves are accepted (`admit_session`: the session's secret token, bans),
+which sessions are pruned (`never_heartbeated`), which data shard a joiner reads (`assign_shard`),
+which checkpoint it starts from (`resume_step`), and what of a peer's report is kept
+(`checked_report`, `apply_report`). Decisions return (decision, reason); the servicer turns a
 refusal into a domain error with `require_admitted`. Tests pass `now` and assert on the reason.
 """
 
@@ -10,50 +11,73 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import hmac
 import math
 from collections.abc import Iterable
 
-from crowdtrain.coordinator.errors import BannedError, InvalidRequestError, NotFoundError
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
-from crowdtrain.peer.report import LIMITS, InputLimits, PeerReport, report_values
-
-# every field of a report is text or a number (its default says which); bound_report checks each
-_TEXT_FIELDS = tuple(f.name for f in dataclasses.fields(PeerReport) if isinstance(f.default, str))
-_NUMBER_FIELDS = tuple(
-    (f.name, f.default) for f in dataclasses.fields(PeerReport) if f.name not in _TEXT_FIELDS
+from crowdtrain.coordinator.errors import (
+    BannedError,
+    NotFoundError,
+    UnauthenticatedError,
 )
+from crowdtrain.coordinator.limits import check_request
+from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
+from crowdtrain.peer.report import FIELD_NAMES, PeerReport, report_values
 
 
 class Admission(str, enum.Enum):
     ADMITTED = "ADMITTED"
     UNKNOWN_SESSION = "UNKNOWN_SESSION"  # never joined, or joined a coordinator that lost its state
+    BAD_TOKEN = "BAD_TOKEN"  # the session's secret token is missing or wrong
     BANNED = "BANNED"  # the operator ran `crowdtrain ban`
 
 
-_REFUSALS = {Admission.UNKNOWN_SESSION: NotFoundError, Admission.BANNED: BannedError}
+_REFUSALS = {
+    Admission.UNKNOWN_SESSION: NotFoundError,
+    Admission.BAD_TOKEN: UnauthenticatedError,
+    Admission.BANNED: BannedError,
+}
 
 
-def admit_join(name: str, peers: Iterable[PeerRecord]) -> tuple[Admission, str]:
-    """Whether a peer called `name` may join: not when the operator banned a session of that name."""
-    if any(p.banned and p.name == name for p in peers):
-        return Admission.BANNED, f"peer name {name!r} is banned by the operator"
-    return Admission.ADMITTED, f"peer name {name!r} is not banned"
+def token_sha256(token: str) -> str:
+    """What the store keeps of a session token: its sha256, never the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
-def admit_heartbeat(session_id: str, record: PeerRecord | None) -> tuple[Admission, str]:
-    """Whether a heartbeat for `session_id` (whose record is `record`, if any) is accepted."""
+def admit_session(
+    session_id: str, record: PeerRecord | None, token: str, banned_dht_ids: frozenset[str] = frozenset()
+) -> tuple[Admission, str]:
+    """Whether a heartbeat or leave for `session_id` (whose record is `record`, if any) carrying
+    `token` is accepted: the session exists, the token is its own, and the operator did not ban it
+    (nor its proven DHT identity)."""
     if record is None:
         return Admission.UNKNOWN_SESSION, f"unknown session {session_id!r}; join again"
-    if record.banned:
+    if not record.token_sha256 or not hmac.compare_digest(record.token_sha256, token_sha256(token)):
+        return Admission.BAD_TOKEN, "wrong or missing session_token for this session; join again"
+    if record.banned or (record.dht_verified and record.dht_peer_id in banned_dht_ids):
         return Admission.BANNED, "this peer is banned by the operator"
-    return Admission.ADMITTED, f"session {session_id!r} is known and not banned"
+    return Admission.ADMITTED, "session known, token matches, not banned"
 
 
 def require_admitted(decision: tuple[Admission, str]) -> None:
-    """Raise the domain error of a refusal (`NotFoundError`, `BannedError`); return when admitted."""
+    """Raise the domain error of a refusal (`NotFoundError`, `UnauthenticatedError`, `BannedError`);
+    return when admitted."""
     admission, reason = decision
     if admission is not Admission.ADMITTED:
         raise _REFUSALS[admission](reason)
+
+
+def never_heartbeated(now: float, record: PeerRecord, prune_after_s: float) -> tuple[bool, str]:
+    """Whether a session is pruned: it joined more than `prune_after_s` ago and never heartbeated
+    (a joiner heartbeats at once, so such sessions are abandoned or sybils), unless banned (kept so
+    the operator's ban shows)."""
+    if record.source != "heartbeat" or record.last_heartbeat_unix_s is not None or record.banned:
+        return False, "heartbeated, banned, or known from the DHT"
+    silent_s = now - record.joined_unix_s
+    if silent_s <= prune_after_s:
+        return False, f"joined {silent_s:.0f}s ago, within {prune_after_s:.0f}s"
+    return True, f"joined {silent_s:.0f}s ago and never heartbeated (limit {prune_after_s:.0f}s)"
 
 
 def assign_shard(known_peers: int, num_shards: int) -> tuple[int, str]:
@@ -67,44 +91,59 @@ def resume_step(
     now: float, peers: Iterable[PeerRecord], latest_checkpoint_step: int | None, health: HealthSettings
 ) -> tuple[int, str]:
     """The checkpoint a joiner starts from: the latest one when nobody is training (the whole swarm
-    left and volunteers come back), else 0 (load the live state from the training peers)."""
+    left and volunteers come back), else 0 (load the live state from the training peers). Only
+    trainers the swarm's own progress records confirm count (`is_confirmed_trainer`), so a fake
+    heartbeat saying "training" cannot send newcomers to random weights."""
     if latest_checkpoint_step is None:
         return 0, "no checkpoint published yet: load the state from the swarm"
-    if any(is_online(now, p, health) for p in peers):
+    if any(is_confirmed_trainer(now, p, health) for p in peers):
         return 0, "peers are training: load the live state from them"
     return latest_checkpoint_step, f"nobody is training: start from checkpoint {latest_checkpoint_step}"
 
 
-def bound_text(field: str, value: str, limits: InputLimits = LIMITS) -> str:
-    """`value` if within its limit; display text is cut to the limit; anything else is refused."""
-    limit = getattr(limits, field)
-    if len(value) <= limit:
-        return value
-    if field in limits.TRUNCATED:
-        return value[:limit]
-    raise InvalidRequestError(
-        f"{field} has {len(value)} characters, more than the {limit} the coordinator accepts; "
-        "send the value crowdtrain reports (is this client modified or from another version?)"
+def is_confirmed_trainer(now: float, record: PeerRecord, health: HealthSettings) -> bool:
+    """Online and training, and seen in the swarm's signed progress records within the grace period
+    under a DHT identity it proved (or known from those records alone)."""
+    if not is_online(now, record, health):
+        return False
+    if record.source == "dht":
+        return True
+    seen = record.dht_last_seen_unix_s
+    return record.dht_verified and seen is not None and now - seen <= health.contribution_grace_s
+
+
+def checked_report(request) -> PeerReport:
+    """The report a HeartbeatRequest carries, every field within `limits.REQUEST_LIMITS` (display
+    text cleaned and cut, NaN as unknown); InvalidRequestError names the first field outside."""
+    values = check_request(request)
+    return PeerReport(**{name: values[name] for name in FIELD_NAMES})
+
+
+def plausible_samples_total(
+    now: float, record: PeerRecord, report: PeerReport, slack_samples: int = 4096
+) -> tuple[int, str]:
+    """A peer's `samples_total`, no more than its throughput allows since its last heartbeat: the
+    increase is capped at twice the larger of its last two reported rates times the elapsed time (on
+    the coordinator's clock), plus `slack_samples` (a batch in flight, a rate average that lags)."""
+    since = record.last_heartbeat_unix_s if record.last_heartbeat_unix_s is not None else record.joined_unix_s
+    rate = max(record.samples_per_s, report.samples_per_s)
+    allowed = record.samples_total + math.ceil(2 * rate * max(0.0, now - since)) + slack_samples
+    if report.samples_total <= allowed:
+        return report.samples_total, "within what its throughput allows"
+    return allowed, (
+        f"claimed {report.samples_total} samples, more than its {rate:.1f} samples/s allow since its "
+        f"last heartbeat; kept {allowed}"
     )
-
-
-def bound_report(report: PeerReport, limits: InputLimits = LIMITS) -> PeerReport:
-    """The report as the coordinator keeps it: text within `limits` (see `bound_text`), and every
-    number that is not finite or is negative replaced by its field's default (0; NaN, "unknown",
-    for the loss), since no metric a peer reports can be negative."""
-    changes = {}
-    for name in _TEXT_FIELDS:
-        value = getattr(report, name)
-        if len(value) > getattr(limits, name):
-            changes[name] = bound_text(name, value, limits)
-    for name, default in _NUMBER_FIELDS:
-        if not 0 <= getattr(report, name) < math.inf:  # false for NaN too
-            changes[name] = default
-    return dataclasses.replace(report, **changes) if changes else report
 
 
 def apply_report(now: float, record: PeerRecord, report: PeerReport) -> PeerRecord:
     """The record after a heartbeat carrying `report`: seen now, no longer left, and the report's
-    fields, except that empty text keeps what was known (e.g. a DHT id not yet known)."""
+    fields, except that empty text keeps what was known (e.g. a DHT id not yet known). A new DHT id
+    must be proven again."""
     values = {name: value for name, value in report_values(report).items() if value != ""}
-    return dataclasses.replace(record, **values, last_seen_unix_s=now, left_unix_s=None, left_reason="")
+    values["samples_total"] = plausible_samples_total(now, record, report)[0]
+    if values.get("dht_peer_id", record.dht_peer_id) != record.dht_peer_id:
+        values["dht_verified"] = False
+    return dataclasses.replace(
+        record, **values, last_seen_unix_s=now, last_heartbeat_unix_s=now, left_unix_s=None, left_reason=""
+    )

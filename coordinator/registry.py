@@ -38,7 +38,7 @@ class PeerRecord(PeerReport):
     """Everything the coordinator knows about one peer: what the peer last reported about itself
     (the inherited `PeerReport` fields) and what the coordinator itself observed."""
 
-    session_id: str  # coordinator-assigned; "dht:<peer id>" for peers known only from the DHT
+    session_id: str  # coordinator-assigned, private; "dht:<peer id>" for peers known only from the DHT
     joined_unix_s: float
     last_seen_unix_s: float  # last heartbeat (or, for DHT-only peers, last progress record)
     left_unix_s: float | None = None
@@ -47,6 +47,11 @@ class PeerRecord(PeerReport):
     source: str = "heartbeat"  # "heartbeat" or "dht"
     dht_last_seen_unix_s: float | None = None  # last time its progress record was in the DHT
     banned: bool = False
+    peer_id: str = ""  # short public id: what every view shows and `crowdtrain ban` takes
+    token_sha256: str = ""  # sha256 (hex) of the session's secret token; "" = no token (refused)
+    dht_challenge: str = ""  # hex of the random bytes the peer signs to prove its dht_peer_id
+    dht_verified: bool = False  # dht_peer_id was proven (or came from a signed progress record)
+    last_heartbeat_unix_s: float | None = None  # None: never heartbeated (pruned after a while)
 
 
 def compute_state(now: float, record: PeerRecord, settings: HealthSettings) -> tuple[PeerState, str]:

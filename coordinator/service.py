@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
@@ -27,13 +28,18 @@ from crowdtrain.coordinator.errors import (
     NotFoundError,
     NotServedError,
     OutOfRangeError,
+    RateLimitedError,
     RequestError,
+    UnauthenticatedError,
 )
+from crowdtrain.coordinator.identity import verify_dht_claim
+from crowdtrain.coordinator.limits import check_request
+from crowdtrain.coordinator.ratelimit import BucketSettings, RateLimiter, caller_key
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
 from crowdtrain.coordinator.status import SwarmStatus
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer import checkpoint
-from crowdtrain.peer.report import PeerReport, from_heartbeat, to_message
+from crowdtrain.peer.report import to_message
 from crowdtrain.protos import coordinator_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,8 @@ STATUS_CODES: dict[type[RequestError], grpc.StatusCode] = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     BannedError: grpc.StatusCode.PERMISSION_DENIED,  # the peer's heartbeat stops it on this code
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,  # peers retry it with backoff
     OutOfRangeError: grpc.StatusCode.OUT_OF_RANGE,
     NotServedError: grpc.StatusCode.UNIMPLEMENTED,
 }
@@ -64,6 +72,17 @@ class RunInfo:
     signing_public_key: str = ""
 
 
+@dataclass(frozen=True)
+class AbuseLimits:
+    """How much one caller may ask of the coordinator (see `ratelimit`)."""
+
+    joins_burst: int = 20  # joins one address (an IPv6 /64) may make at once
+    joins_per_minute: float = 6.0  # and then, sustained
+    heartbeat_burst: int = 10  # heartbeats one session may send at once
+    heartbeats_per_interval: float = 10.0  # sustained, per heartbeat_interval_s (peers send 1)
+    prune_silent_joins_after_s: float = 120.0  # a session that never heartbeats is deleted then
+
+
 class CoordinatorServicer:
     """The coordinator's RPCs as plain methods: protos in, protos out, `RequestError`s for refusals."""
 
@@ -77,29 +96,38 @@ class CoordinatorServicer:
         status: Callable[[], SwarmStatus] | None = None,
         heartbeat_latency: Callable[[float], None] = lambda seconds: None,
         downloads: archive.DownloadTracker | None = None,
+        abuse: AbuseLimits = AbuseLimits(),
     ):
         self.run, self.store, self.health = run, store, health_settings
         self.initial_peers, self.clock = initial_peers, clock
         self.status, self.heartbeat_latency = status, heartbeat_latency
         self.downloads = downloads or archive.DownloadTracker()
+        self.abuse = abuse
         self._join_lock = threading.Lock()
+        self._joins = RateLimiter(BucketSettings(abuse.joins_burst, abuse.joins_per_minute / 60))
+        interval_s = health_settings.heartbeat_interval_s if health_settings else 1.0
+        self._heartbeats = RateLimiter(
+            BucketSettings(abuse.heartbeat_burst, abuse.heartbeats_per_interval / interval_s)
+        )
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         now = self.clock()
-        joiner = policy.bound_report(
-            PeerReport(name=request.name, version=request.version, device=request.device)
-        )
-        name = joiner.name or "anonymous"
-        policy.require_admitted(policy.admit_join(name, self.store.peers_unordered()))
+        joiner = check_request(request)
+        self._limit(self._joins, caller_key(context.peer()) if context is not None else "local", now, "joins")
+        token, challenge = secrets.token_urlsafe(32), secrets.token_bytes(32)
         with self._join_lock:  # shard assignment must not race between two joiners
+            self._prune(now)
             shard_index, shard_reason = policy.assign_shard(self.store.count_peers(), self.run.num_shards)
             record = PeerRecord(
                 session_id=uuid.uuid4().hex,
+                peer_id=secrets.token_hex(6),
+                token_sha256=policy.token_sha256(token),
+                dht_challenge=challenge.hex(),
                 joined_unix_s=now,
                 last_seen_unix_s=now,
-                name=name,
-                version=joiner.version,
-                device=joiner.device,
+                name=joiner["name"] or "anonymous",
+                version=joiner["version"],
+                device=joiner["device"],
                 shard_index=shard_index,
             )
             self.store.upsert_peer(record)
@@ -108,9 +136,9 @@ class CoordinatorServicer:
             now, self.store.peers_unordered(), metas[-1].step if metas else None, self.health
         )
         logger.info(
-            "peer %r joined (session %s, %s): shard %d (%s), resume from step %d (%s)",
+            "peer %r joined (id %s, %s): shard %d (%s), resume from step %d (%s)",
             record.name,
-            record.session_id[:8],
+            record.peer_id,
             record.device,
             shard_index,
             shard_reason,
@@ -119,6 +147,9 @@ class CoordinatorServicer:
         )
         return pb.JoinResponse(
             session_id=record.session_id,
+            session_token=token,
+            peer_id=record.peer_id,
+            dht_challenge=challenge,
             manifest_json=self.run.manifest_json,
             manifest_sha256=self.run.manifest_sha256,
             tokenizer_json=self.run.tokenizer_json,
@@ -131,29 +162,74 @@ class CoordinatorServicer:
             ),
         )
 
+    def _limit(self, limiter: RateLimiter, key: str, now: float, what: str) -> None:
+        allowed, retry_s = limiter.allow(key, now)
+        if not allowed:
+            raise RateLimitedError(f"too many {what} from {key}; retry in {retry_s:.1f}s")
+
+    def _prune(self, now: float) -> None:
+        """Delete sessions that joined long ago and never heartbeated (abandoned, or sybils)."""
+        limit = self.abuse.prune_silent_joins_after_s
+        stale = [
+            p.session_id for p in self.store.peers_unordered() if policy.never_heartbeated(now, p, limit)[0]
+        ]
+        if stale:
+            self.store.delete_peers(stale)
+            logger.info("pruned %d session(s) that never heartbeated within %.0fs", len(stale), limit)
+
+    def _session(self, request) -> PeerRecord:
+        """The record of the session a request names, once its token and bans are checked."""
+        record = self.store.get_peer(request.session_id)
+        decision = policy.admit_session(
+            request.session_id, record, request.session_token, self.store.banned_dht_ids()
+        )
+        policy.require_admitted(decision)
+        return record
+
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         t0 = time.perf_counter()
-        session_id = policy.bound_text("session_id", request.session_id)
-        record = self.store.get_peer(session_id)
-        policy.require_admitted(policy.admit_heartbeat(session_id, record))
-        report = policy.bound_report(from_heartbeat(request))
+        report = policy.checked_report(request)  # every field within its limit, before any lookup
+        record = self._session(request)
+        now = self.clock()
+        self._limit(self._heartbeats, record.session_id, now, "heartbeats")
+        updated = policy.apply_report(now, record, report)
+        if request.dht_public_key and updated.dht_peer_id and not updated.dht_verified:
+            updated = self._prove_dht(updated, request)
         # written behind: heartbeats are frequent
-        self.store.upsert_peer(policy.apply_report(self.clock(), record, report), durable=False)
-        response = pb.HeartbeatResponse(heartbeat_interval_s=self.health.heartbeat_interval_s)
+        self.store.upsert_peer(updated, durable=False)
+        response = pb.HeartbeatResponse(
+            heartbeat_interval_s=self.health.heartbeat_interval_s, dht_verified=updated.dht_verified
+        )
         self.heartbeat_latency(time.perf_counter() - t0)
         return response
 
+    def _prove_dht(self, record: PeerRecord, request: pb.HeartbeatRequest) -> PeerRecord:
+        """The record with its DHT claim verified, or InvalidRequestError saying why the proof fails."""
+        ok, reason = verify_dht_claim(
+            record.dht_peer_id,
+            request.dht_public_key,
+            request.dht_signature,
+            bytes.fromhex(record.dht_challenge),
+        )
+        if not ok:
+            raise InvalidRequestError(f"dht_public_key/dht_signature: {reason}")
+        if record.dht_peer_id in self.store.banned_dht_ids():
+            raise BannedError("this peer's DHT identity is banned by the operator")
+        logger.info("peer %r (id %s) proved DHT identity %s", record.name, record.peer_id, record.dht_peer_id)
+        return dataclasses.replace(record, dht_verified=True)
+
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
-        session_id = policy.bound_text("session_id", request.session_id)
-        record = self.store.get_peer(session_id)
-        if record is None:
-            raise NotFoundError(f"unknown session {session_id!r}; nothing to leave")
+        reason = check_request(request)["reason"]
+        try:
+            record = self._session(request)
+        except BannedError:
+            record = self.store.get_peer(request.session_id)  # a banned peer may still say goodbye
         now = self.clock()
-        reason = policy.bound_text("reason", request.reason)
         self.store.upsert_peer(
             dataclasses.replace(record, left_unix_s=now, last_seen_unix_s=now, left_reason=reason)
         )
-        logger.info("peer %r left (%s)", record.name, reason or "no reason given")
+        self._heartbeats.forget(record.session_id)
+        logger.info("peer %r (id %s) left (%s)", record.name, record.peer_id, reason or "no reason given")
         return pb.LeaveResponse()
 
     def ListCheckpoints(self, request, context) -> pb.ListCheckpointsResponse:
@@ -183,6 +259,7 @@ class CoordinatorServicer:
         The caller streams the file and must close it; while it is open, count it in `downloads`
         so that retention does not delete the checkpoint under the reader.
         """
+        check_request(request)
         meta, path = archive.lookup_file(self.run.checkpoint_root, request.step or None, request.name)
         try:
             f = open(path, "rb")  # noqa: SIM115 - the caller closes it when the stream ends

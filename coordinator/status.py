@@ -12,6 +12,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from crowdtrain.coordinator.limits import clean_display
+from crowdtrain.coordinator.policy import is_confirmed_trainer
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state, contribution
 from crowdtrain.peer.checkpoint import CheckpointMeta
 from crowdtrain.peer.report import PeerReport, report_values
@@ -32,7 +34,8 @@ class PeerView(PeerReport):
     """One peer as every view shows it: everything it reports about itself (the inherited
     `PeerReport` fields, so a new metric appears in /api/v1/peers on its own) and the verdict."""
 
-    session_id: str
+    peer_id: str  # short public id; the session id and its token are never shown
+    dht_verified: bool  # it proved dht_peer_id; only then the ledger's samples are credited to it
     state: str
     reason: str
     contributing: bool
@@ -56,6 +59,7 @@ class SwarmSummary:
     progress_read_unix_s: float
     rejected_checkpoints: int = 0  # states the publisher refused (recent ones)
     last_rejection: str = ""  # "step N: reason" of the newest refusal
+    peers_not_listed: int = 0  # peers left out of `SwarmStatus.peers` (bounded: MAX_LISTED_PEERS)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,37 @@ def _json_safe(value):
     return value
 
 
+MAX_LISTED_PEERS = 500  # every view lists at most this many peers: live first, then most recently seen
+MAX_TOTAL_SAMPLES = 2**62  # totals stop here (GetStatus carries them as int64)
+_DISPLAY = {"name": 64, "version": 32, "device": 64}
+
+
+def _view(
+    now: float, record: PeerRecord, contribution_totals: dict[str, int], health: HealthSettings
+) -> PeerView:
+    state, reason = compute_state(now, record, health)
+    contributing = state is PeerState.ONLINE and contribution(now, record, health)[0]
+    report = report_values(record)
+    # cleaned here too: a database written before display text was cleaned at input may hold any
+    report.update({name: clean_display(report[name], n) for name, n in _DISPLAY.items()})
+    # the ledger is keyed by the peer ids in progress records: credited to a session that proved
+    # the id, or to the record's own row (a peer known only from the DHT)
+    credited = (record.dht_verified or record.source == "dht") and record.dht_peer_id
+    return PeerView(
+        **report,
+        peer_id=record.peer_id,
+        dht_verified=record.dht_verified,
+        state=state.value,
+        reason=clean_display(reason, 300),
+        contributing=contributing,
+        computed_samples=record.samples_total,
+        contributed_samples=contribution_totals.get(record.dht_peer_id, 0) if credited else 0,
+        last_seen_unix_s=record.last_seen_unix_s,
+        joined_unix_s=record.joined_unix_s,
+        source=record.source,
+    )
+
+
 def build_status(
     now: float,
     run_id: str,
@@ -86,59 +121,49 @@ def build_status(
     progress: SwarmProgress,
     checkpoints: Sequence[CheckpointMeta],
     rejections: Sequence[dict] = (),
+    max_listed_peers: int = MAX_LISTED_PEERS,
 ) -> SwarmStatus:
-    views = []
-    for record in peers:
-        state, reason = compute_state(now, record, health)
-        contributing = state is PeerState.ONLINE and contribution(now, record, health)[0]
-        views.append(
-            PeerView(
-                **report_values(record),
-                session_id=record.session_id,
-                state=state.value,
-                reason=reason,
-                contributing=contributing,
-                computed_samples=record.samples_total,
-                contributed_samples=contribution_totals.get(record.dht_peer_id, 0)
-                if record.dht_peer_id
-                else 0,
-                last_seen_unix_s=record.last_seen_unix_s,
-                joined_unix_s=record.joined_unix_s,
-                source=record.source,
-            )
-        )
+    views = [_view(now, record, contribution_totals, health) for record in peers]
     by_state = Counter(v.state for v in views)
     latest = checkpoints[-1] if checkpoints else None
     summary = SwarmSummary(
         run_id=run_id,
+        # a heartbeat alone cannot move the swarm's epoch: only the progress records, and peers
+        # whose proven DHT identity those records confirm
         global_epoch=max(
-            progress.global_epoch, max((v.local_epoch for v in views if v.state == "ONLINE"), default=0)
+            progress.global_epoch,
+            max((r.local_epoch for r in peers if is_confirmed_trainer(now, r, health)), default=0),
         ),
         samples_per_s=progress.samples_per_s,
         peers_by_state={s.value: by_state.get(s.value, 0) for s in PeerState},
         latest_eval_loss=latest.eval_loss if latest else math.nan,
         latest_checkpoint_step=latest.step if latest else -1,
         checkpoints=len(checkpoints),
-        total_contributed_samples=sum(contribution_totals.values()),
+        total_contributed_samples=min(sum(contribution_totals.values()), MAX_TOTAL_SAMPLES),
         progress_read_unix_s=progress.read_unix_s,
         rejected_checkpoints=len(rejections),
         last_rejection=f"step {rejections[0]['step']}: {rejections[0]['reason']}" if rejections else "",
+        peers_not_listed=max(0, len(views) - max_listed_peers),
     )
-    # live peers first, then by name
+    # bounded: live peers first, then the most recently seen; shown by state, then by name
     order = {s.value: i for i, s in enumerate((PeerState.ONLINE, PeerState.JOINING, PeerState.STALE))}
-    views.sort(key=lambda v: (order.get(v.state, 9), v.name, v.session_id))
+    if len(views) > max_listed_peers:
+        views.sort(key=lambda v: (order.get(v.state, 9), -v.last_seen_unix_s))
+        views = views[:max_listed_peers]
+    views.sort(key=lambda v: (order.get(v.state, 9), v.name, v.peer_id))
     return SwarmStatus(summary, tuple(views))
 
 
-def contributors(status: SwarmStatus, contribution_totals: dict[str, int]) -> list[dict]:
-    """Leaderboard: one row per DHT identity, named after its latest session, most samples first."""
+def contributors(status: SwarmStatus, contribution_totals: dict[str, int], max_rows: int = 200) -> list[dict]:
+    """Leaderboard: one row per DHT identity, named after its latest session that proved it (an
+    unproven claim lends no name), most samples first."""
     names: dict[str, str] = {}
     for view in sorted(status.peers, key=lambda v: v.last_seen_unix_s):
-        if view.dht_peer_id:
+        if view.dht_peer_id and (view.dht_verified or view.source == "dht"):
             names[view.dht_peer_id] = view.name
     rows = [
         {"name": names.get(peer_id, f"peer {peer_id[-8:]}"), "dht_peer_id": peer_id, "samples": total}
         for peer_id, total in contribution_totals.items()
     ]
     rows.sort(key=lambda r: (-r["samples"], r["name"]))
-    return rows
+    return rows[:max_rows]  # bounded, like every status response

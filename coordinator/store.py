@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import sqlite3
 import threading
 import typing
@@ -16,6 +17,11 @@ from pathlib import Path
 from crowdtrain.coordinator.registry import PeerRecord
 
 logger = logging.getLogger(__name__)
+
+# the most samples one ledger row holds: progress records are hostile input (hivemind accepts
+# counts up to 2^64-1); far below int64's end even summed over 2^20 rows
+MAX_LEDGER_SAMPLES = 2**40
+MAX_TOTAL_SAMPLES = 2**62  # totals shown anywhere (GetStatus' int64 included) stop here
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,6 +33,8 @@ CREATE TABLE IF NOT EXISTS contributions (
     samples INTEGER NOT NULL,
     PRIMARY KEY (dht_peer_id, epoch)
 );
+-- DHT identities the operator banned (`crowdtrain ban`): a proof of one of them is refused
+CREATE TABLE IF NOT EXISTS banned_dht_ids (dht_peer_id TEXT PRIMARY KEY);
 -- states the publisher refused to publish, and why
 CREATE TABLE IF NOT EXISTS rejections (t REAL NOT NULL, step INTEGER NOT NULL, reason TEXT NOT NULL);
 -- one row per monitor tick: the swarm over time
@@ -99,7 +107,15 @@ class Store:
         self._peers: dict[str, PeerRecord] = {}
         self._by_dht: dict[str, set[str]] = {}  # dht_peer_id -> session ids
         for record in map(_to_record, rows):
+            if not record.peer_id:  # a database from before public ids: give each session one
+                record = dataclasses.replace(record, peer_id=secrets.token_hex(6))
+                self._db.execute(
+                    "UPDATE peers SET peer_id = ? WHERE session_id = ?", (record.peer_id, record.session_id)
+                )
             self._remember(record)
+        self._banned_dht: frozenset[str] = frozenset(
+            row[0] for row in self._db.execute("SELECT dht_peer_id FROM banned_dht_ids")
+        )
         self._dirty: set[str] = set()
         self._data_version = None
         self.flush_interval_s = flush_interval_s
@@ -143,6 +159,9 @@ class Store:
                 return
             self._data_version = version
             banned = {row[0] for row in self._db.execute("SELECT session_id FROM peers WHERE banned = 1")}
+            self._banned_dht = frozenset(
+                row[0] for row in self._db.execute("SELECT dht_peer_id FROM banned_dht_ids")
+            )
         with self._lock:
             for sid, record in self._peers.items():
                 if record.banned != (sid in banned):
@@ -203,13 +222,18 @@ class Store:
             return len(self._peers)
 
     def mark_dht_seen(self, dht_peer_id: str, now: float, epoch: int, samples_per_s: float = 0.0) -> bool:
-        """Note that `dht_peer_id` is in the swarm's progress records; False if no peer has that id.
+        """Note that `dht_peer_id` is in the swarm's progress records; False if no peer has proven
+        that id (an unproven claim is not linked to the record, nor to its credit).
 
         Heartbeating peers get `dht_last_seen_unix_s`; DHT-only peers also get their liveness and
         progress from the record, since they send nothing else.
         """
         with self._lock:
-            sessions = self._by_dht.get(dht_peer_id, ())
+            sessions = [
+                sid
+                for sid in self._by_dht.get(dht_peer_id, ())
+                if self._peers[sid].dht_verified or self._peers[sid].source == "dht"
+            ]
             for sid in sessions:
                 record = self._peers[sid]
                 if record.source == "dht":
@@ -221,17 +245,54 @@ class Store:
             return bool(sessions)
 
     def set_banned(self, who: str, banned: bool) -> int:
-        """Ban (or unban) every session whose name, session id or DHT peer id is `who`."""
-        with self._db_lock:
-            changed = self._db.execute(
-                "UPDATE peers SET banned = ? WHERE name = ? OR session_id = ? OR dht_peer_id = ?",
-                (int(banned), who, who, who),
-            ).rowcount
+        """Ban (or unban) by identity, never by display name: every session whose public peer id or
+        session id is `who`, or whose proven DHT peer id is `who`; their proven DHT identities are
+        banned too (`banned_dht_ids`), so a new session proving one of them is refused. Returns the
+        number of sessions changed."""
         with self._lock:
-            for sid, record in self._peers.items():
-                if who in (record.name, record.session_id, record.dht_peer_id):
-                    self._peers[sid] = dataclasses.replace(record, banned=banned)
-        return changed
+            matched = [
+                r
+                for r in self._peers.values()
+                if who in (r.peer_id, r.session_id) or (r.dht_verified and r.dht_peer_id == who)
+            ]
+        sessions = [r.session_id for r in matched]
+        dht_ids = sorted({r.dht_peer_id for r in matched if r.dht_verified and r.dht_peer_id})
+        with self._db_lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE peers SET banned = ? WHERE session_id = ?", [(int(banned), s) for s in sessions]
+            )
+            if banned:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO banned_dht_ids VALUES (?)", [(d,) for d in dht_ids]
+                )
+            else:
+                self._db.executemany(
+                    "DELETE FROM banned_dht_ids WHERE dht_peer_id = ?", [(d,) for d in dht_ids]
+                )
+        with self._lock:
+            for sid in sessions:
+                self._peers[sid] = dataclasses.replace(self._peers[sid], banned=banned)
+            self._banned_dht = (
+                (self._banned_dht | set(dht_ids)) if banned else (self._banned_dht - set(dht_ids))
+            )
+        return len(sessions)
+
+    def banned_dht_ids(self) -> frozenset[str]:
+        """DHT identities the operator banned (re-read at every flush when another process bans)."""
+        return self._banned_dht
+
+    def delete_peers(self, session_ids: list[str]) -> None:
+        """Forget sessions for good (pruned sybils and abandoned joins)."""
+        with self._lock:
+            for sid in session_ids:
+                record = self._peers.pop(sid, None)
+                self._dirty.discard(sid)
+                if record is not None and record.dht_peer_id:
+                    self._by_dht.get(record.dht_peer_id, set()).discard(sid)
+        with self._db_lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM peers WHERE session_id = ?", [(s,) for s in session_ids])
 
     def _remember(self, record: PeerRecord) -> None:
         """Put a record in memory and keep the DHT-id index current; call with the lock held."""
@@ -245,7 +306,9 @@ class Store:
     # ------------------------------------------------------------------ contributions and history
 
     def add_contributions(self, rows: list[tuple[str, int, int]]) -> None:
-        """Record (dht_peer_id, epoch, samples); a later, larger count for the same epoch wins."""
+        """Record (dht_peer_id, epoch, samples); a later, larger count for the same epoch wins.
+        Samples are clamped to 0..MAX_LEDGER_SAMPLES, so no SUM over the ledger can overflow."""
+        rows = [(peer, epoch, min(max(0, samples), MAX_LEDGER_SAMPLES)) for peer, epoch, samples in rows]
         if not rows:
             return
         with self._db_lock, self._db:
@@ -258,10 +321,12 @@ class Store:
 
     def contribution_totals(self) -> dict[str, int]:
         with self._db_lock:
+            # TOTAL() sums in floating point: rows written before the clamp cannot overflow it
             rows = self._db.execute(
-                "SELECT dht_peer_id, SUM(samples) FROM contributions GROUP BY dht_peer_id"
-            )
-            return {peer_id: int(total) for peer_id, total in rows}
+                "SELECT dht_peer_id, TOTAL(MAX(0, MIN(samples, ?))) FROM contributions GROUP BY dht_peer_id",
+                (MAX_LEDGER_SAMPLES,),
+            ).fetchall()
+        return {peer_id: min(int(total), MAX_TOTAL_SAMPLES) for peer_id, total in rows}
 
     def add_rejection(self, t: float, step: int, reason: str) -> None:
         with self._db_lock:

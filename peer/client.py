@@ -92,8 +92,9 @@ class CoordinatorClient:
     def heartbeat_stream(self) -> HeartbeatStream:
         return HeartbeatStream(self._stub, self.address, self.rpc_timeout_s)
 
-    def leave(self, session_id: str, reason: str) -> None:
-        self._call(self._stub.Leave, pb.LeaveRequest(session_id=session_id, reason=reason), timeout_s=3.0)
+    def leave(self, session_id: str, session_token: str, reason: str) -> None:
+        request = pb.LeaveRequest(session_id=session_id, session_token=session_token, reason=reason)
+        self._call(self._stub.Leave, request, timeout_s=3.0)
 
     def list_checkpoints(self) -> pb.ListCheckpointsResponse:
         return self._call(self._stub.ListCheckpoints, pb.ListCheckpointsRequest())

@@ -49,6 +49,7 @@ class HeartbeatReporter:
         self,
         client: CoordinatorClient,
         session_id: str,
+        session_token: str,
         stats: StatsBox,
         *,
         name: str,
@@ -59,7 +60,15 @@ class HeartbeatReporter:
         clock: Callable[[], float] = time.monotonic,
         on_reconnect: Callable[[], None] = lambda: None,
     ):
-        self.client, self.session_id, self.stats = client, session_id, stats
+        self.client, self.session_id, self.session_token, self.stats = (
+            client,
+            session_id,
+            session_token,
+            stats,
+        )
+        # proof of the DHT peer id (`set_dht_proof`), sent until the coordinator accepts it
+        self._dht_proof: tuple[bytes, bytes] = (b"", b"")
+        self.dht_verified = False
         self.name, self.version, self.device = name, version, device
         self.interval_s, self.max_backoff_s, self.clock = interval_s, max_backoff_s, clock
         self.on_reconnect = on_reconnect
@@ -83,6 +92,12 @@ class HeartbeatReporter:
             self._thread.join(timeout=self.client.rpc_timeout_s + 1)
             self._thread = None
 
+    def set_dht_proof(self, public_key: bytes, signature: bytes) -> None:
+        """Send this proof of the DHT peer id (`peer.identity.prove_dht_identity`) with the next
+        heartbeats, until the coordinator answers `dht_verified`."""
+        self._dht_proof, self.dht_verified = (public_key, signature), False
+        self.stats.phase_changed.set()  # send it now: until it is accepted, this peer earns no credit
+
     def __enter__(self) -> HeartbeatReporter:
         return self.start()
 
@@ -99,7 +114,16 @@ class HeartbeatReporter:
                 device=self.device,
                 uptime_s=self.clock() - self.started,
             )
-            response = self._stream.send(to_message(pb.HeartbeatRequest, report, session_id=self.session_id))
+            public_key, signature = (b"", b"") if self.dht_verified else self._dht_proof
+            request = to_message(
+                pb.HeartbeatRequest,
+                report,
+                session_id=self.session_id,
+                session_token=self.session_token,
+                dht_public_key=public_key,
+                dht_signature=signature,
+            )
+            response = self._stream.send(request)
         except CoordinatorRejected as e:
             if e.code is grpc.StatusCode.PERMISSION_DENIED:  # banned: the volunteer must stop
                 self.refused = e
@@ -126,6 +150,8 @@ class HeartbeatReporter:
             except Exception as e:  # must never reach the training loop
                 logger.warning("after reconnecting: %r", e)
         self.failed = 0
+        if public_key and response.dht_verified:
+            self.dht_verified = True
         if response.heartbeat_interval_s > 0:
             self.interval_s = response.heartbeat_interval_s
         return True

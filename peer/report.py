@@ -34,26 +34,11 @@ class PeerReport:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PeerReport))
 
 
-@dataclass(frozen=True)
-class InputLimits:
-    """The longest strings (in characters) the coordinator takes from a request, defined once.
-
-    Display text (`TRUNCATED`) is cut to its limit; an identifier or a phase means nothing cut short,
-    so a longer one refuses the request. Every string field of `PeerReport` has a limit here.
-    """
-
-    name: int = 64
-    version: int = 32
-    device: int = 64
-    reason: int = 200  # why a peer leaves (Leave)
-    phase: int = 32
-    dht_peer_id: int = 128  # a base58 hivemind peer id has ~52
-    session_id: int = 64  # a coordinator-assigned uuid hex (32), or "dht:<peer id>"
-
-    TRUNCATED = frozenset({"name", "version", "device", "reason"})
-
-
-LIMITS = InputLimits()
+def dht_claim_message(challenge: bytes, dht_peer_id: str) -> bytes:
+    """What a peer signs with its hivemind (libp2p) private key to prove that `dht_peer_id` is its
+    own: the coordinator's random per-session challenge, bound to the id and to this purpose, so a
+    signature cannot be replayed for another session or another protocol."""
+    return b"crowdtrain dht claim v1\n" + challenge + b"\n" + dht_peer_id.encode("ascii")
 
 
 def report_values(source) -> dict[str, object]:

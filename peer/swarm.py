@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import threading
 import time
 import warnings
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import hivemind
 import torch
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.manifest import RunManifest
+from crowdtrain.peer.report import dht_claim_message
 from hivemind.averaging.control import AveragingStage
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
@@ -50,6 +53,45 @@ class ClippedAdamW(torch.optim.AdamW):
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         return super().step(closure)
+
+
+class DhtIdentity:
+    """This peer's hivemind (libp2p) identity and the proof that its DHT peer id is its own.
+
+    The DHT starts from a private key file (hivemind's `identity_path`, written when the DHT
+    starts), so this process holds the key behind its peer id. The coordinator gives each session a
+    random challenge at Join; `prove` signs it (with the peer id: `report.dht_claim_message`), and
+    the heartbeat carries the public key and the signature until the coordinator answers
+    `dht_verified`. Only then do the swarm's progress records of this peer id count as this
+    session's contribution.
+
+    A new identity key path in a fresh private (0700) directory under `cache_dir`, removed when
+    this object is collected or the process exits. One identity per process, so peers sharing a
+    cache directory never collide (hivemind refuses an identity another peer uses)."""
+
+    def __init__(self, cache_dir: Path):
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        self._dir = tempfile.TemporaryDirectory(
+            prefix="dht-identity-", dir=cache_dir, ignore_cleanup_errors=True
+        )
+        self.path = Path(self._dir.name) / "identity.key"
+
+    def prove(self, challenge: bytes, dht_peer_id: str) -> tuple[bytes, bytes]:
+        """(libp2p PublicKey protobuf, signature of the claim) for the key hivemind wrote to `path`,
+        as `crowdtrain.coordinator.identity.verify_dht_claim` checks them."""
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding
+        from hivemind.proto import crypto_pb2
+
+        stored = crypto_pb2.PrivateKey.FromString(self.path.read_bytes())
+        private_key = serialization.load_der_private_key(stored.data, password=None)
+        public_der = private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        public_key = crypto_pb2.PublicKey(key_type=stored.key_type, data=public_der).SerializeToString()
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
+        signature = private_key.sign(dht_claim_message(challenge, dht_peer_id), pss, hashes.SHA256())
+        return public_key, signature
 
 
 def start_dht(

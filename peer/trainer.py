@@ -151,10 +151,10 @@ class Volunteer:
         emit(
             logger,
             "joined",
-            "joined run %s as %r (session %s): %s model, first shard %d, device %s",
+            "joined run %s as %r (peer id %s): %s model, first shard %d, device %s",
             self.manifest.run_id,
             self.name,
-            self.session_id[:8],
+            self.joined.peer_id,
             self.manifest.preset,
             self.settings.shard_index,
             self.device_label,
@@ -173,6 +173,7 @@ class Volunteer:
             self.stats,
             name=self.name,
             version=__version__,
+            self.joined.session_token,
             device=self.device_label,
             interval_s=self.settings.heartbeat_interval_s,
             on_reconnect=lambda: rejoin_bootstrap_peers(self.dht, initial_peers),
@@ -229,12 +230,14 @@ class Volunteer:
         self.recovery = Recovery(self.config.coordinator, model, self.device, self.cache_dir, self.stop_event)
         if self.settings.resume_from_step > 0:  # nobody is training: start from the latest checkpoint
             self.recovery.load_checkpoint(self.settings.resume_from_step)
+        self.identity = DhtIdentity(self.cache_dir)  # we hold the key, so we can prove our peer id
         return model
 
     def join_swarm(self, model) -> None:
         from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
-        from crowdtrain.peer.swarm import make_optimizer, start_dht
+        from crowdtrain.peer.swarm import DhtIdentity, make_optimizer, start_dht
 
+            identity_path=str(self.identity.path),
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9
         self.dht = start_dht(
@@ -244,7 +247,9 @@ class Volunteer:
             client_mode=self.config.client_mode,
             stop=self.stop_event,
         )
-        self.stats.update(dht_peer_id=self.dht.peer_id.to_base58())
+        dht_peer_id = self.dht.peer_id.to_base58()
+        self.heartbeat.set_dht_proof(*self.identity.prove(self.joined.dht_challenge, dht_peer_id))
+        self.stats.update(dht_peer_id=dht_peer_id)
         self.opt = make_optimizer(
             self.manifest, model, self.dht, batch_size_per_step=self.batch_size, verbose=False
         )
@@ -382,7 +387,7 @@ class Volunteer:
             self.heartbeat = None
         if self.session_id:
             try:
-                self.client.leave(self.session_id, reason="shutdown")
+                self.client.leave(self.session_id, self.joined.session_token, reason="shutdown")
             except (CoordinatorUnavailable, CoordinatorRejected) as e:
                 logger.info("could not tell the coordinator we leave: %s", e)
             self.session_id = ""

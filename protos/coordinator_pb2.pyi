@@ -29,24 +29,33 @@ class PeerSettings(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ..., shard_index: _Optional[int] = ..., http_base_url: _Optional[str] = ..., resume_from_step: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("session_id", "manifest_json", "manifest_sha256", "tokenizer_json", "initial_peers", "settings")
+    __slots__ = ("session_id", "manifest_json", "manifest_sha256", "tokenizer_json", "initial_peers", "settings", "session_token", "peer_id", "dht_challenge")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    DHT_CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     manifest_json: str
     manifest_sha256: str
     tokenizer_json: str
     initial_peers: _containers.RepeatedScalarFieldContainer[str]
     settings: PeerSettings
-    def __init__(self, session_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[PeerSettings, _Mapping]] = ...) -> None: ...
+    session_token: str
+    peer_id: str
+    dht_challenge: bytes
+    def __init__(self, session_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[PeerSettings, _Mapping]] = ..., session_token: _Optional[str] = ..., peer_id: _Optional[str] = ..., dht_challenge: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("session_id", "dht_peer_id", "name", "version", "device", "samples_per_s", "local_epoch", "loss", "uptime_s", "samples_total", "swarm_size", "phase")
+    __slots__ = ("session_id", "session_token", "dht_public_key", "dht_signature", "dht_peer_id", "name", "version", "device", "samples_per_s", "local_epoch", "loss", "uptime_s", "samples_total", "swarm_size", "phase")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DHT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    DHT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     DHT_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +68,9 @@ class HeartbeatRequest(_message.Message):
     SWARM_SIZE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
+    session_token: str
+    dht_public_key: bytes
+    dht_signature: bytes
     dht_peer_id: str
     name: str
     version: str
@@ -70,21 +82,25 @@ class HeartbeatRequest(_message.Message):
     samples_total: int
     swarm_size: int
     phase: str
-    def __init__(self, session_id: _Optional[str] = ..., dht_peer_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., uptime_s: _Optional[float] = ..., samples_total: _Optional[int] = ..., swarm_size: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., dht_signature: _Optional[bytes] = ..., dht_peer_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., uptime_s: _Optional[float] = ..., samples_total: _Optional[int] = ..., swarm_size: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_s",)
+    __slots__ = ("heartbeat_interval_s", "dht_verified")
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    DHT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
-    def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    dht_verified: bool
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., dht_verified: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("session_id", "reason")
+    __slots__ = ("session_id", "reason", "session_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     reason: str
-    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    session_token: str
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class LeaveResponse(_message.Message):
     __slots__ = ()
@@ -157,8 +173,8 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("session_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples", "uptime_s", "swarm_size")
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("peer_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples", "uptime_s", "swarm_size", "dht_verified")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -173,7 +189,8 @@ class PeerStatus(_message.Message):
     COMPUTED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     SWARM_SIZE_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
+    DHT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
     name: str
     state: str
     reason: str
@@ -188,10 +205,11 @@ class PeerStatus(_message.Message):
     computed_samples: int
     uptime_s: float
     swarm_size: int
-    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ..., uptime_s: _Optional[float] = ..., swarm_size: _Optional[int] = ...) -> None: ...
+    dht_verified: bool
+    def __init__(self, peer_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ..., uptime_s: _Optional[float] = ..., swarm_size: _Optional[int] = ..., dht_verified: _Optional[bool] = ...) -> None: ...
 
 class SwarmSummary(_message.Message):
-    __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id", "last_rejection")
+    __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id", "last_rejection", "peers_not_listed")
     class PeersByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +225,7 @@ class SwarmSummary(_message.Message):
     TOTAL_CONTRIBUTED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_REJECTION_FIELD_NUMBER: _ClassVar[int]
+    PEERS_NOT_LISTED_FIELD_NUMBER: _ClassVar[int]
     global_epoch: int
     samples_per_s: float
     latest_eval_loss: float
@@ -215,7 +234,8 @@ class SwarmSummary(_message.Message):
     total_contributed_samples: int
     run_id: str
     last_rejection: str
-    def __init__(self, global_epoch: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., latest_eval_loss: _Optional[float] = ..., latest_checkpoint_step: _Optional[int] = ..., peers_by_state: _Optional[_Mapping[str, int]] = ..., total_contributed_samples: _Optional[int] = ..., run_id: _Optional[str] = ..., last_rejection: _Optional[str] = ...) -> None: ...
+    peers_not_listed: int
+    def __init__(self, global_epoch: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., latest_eval_loss: _Optional[float] = ..., latest_checkpoint_step: _Optional[int] = ..., peers_by_state: _Optional[_Mapping[str, int]] = ..., total_contributed_samples: _Optional[int] = ..., run_id: _Optional[str] = ..., last_rejection: _Optional[str] = ..., peers_not_listed: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("summary", "peers")

@@ -29,8 +29,9 @@ from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
 
-async def join_all(stub, peers: int, concurrency: int = 64) -> list[str]:
-    sessions: list[str] = [""] * peers
+async def join_all(stub, peers: int, concurrency: int = 64) -> list[tuple[str, str]]:
+    """(session id, session token) of each simulated peer."""
+    sessions: list[tuple[str, str]] = [("", "")] * peers
     queue = iter(range(peers))
 
     async def worker():
@@ -38,7 +39,7 @@ async def join_all(stub, peers: int, concurrency: int = 64) -> list[str]:
             response = await stub.Join(
                 pb.JoinRequest(name=f"sim-{i}", version="bench", device="cpu"), timeout=30
             )
-            sessions[i] = response.session_id
+            sessions[i] = (response.session_id, response.session_token)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return sessions
@@ -68,17 +69,20 @@ class Streams:
                 call.cancel()
 
 
-async def join_all_streams(streams: Streams, sessions: list[str], concurrency: int = 64) -> None:
+async def join_all_streams(streams: Streams, sessions: list[tuple[str, str]], concurrency: int = 64) -> None:
     queue = iter(range(len(sessions)))
 
     async def worker():
         for i in queue:
-            await streams.send(i, pb.HeartbeatRequest(session_id=sessions[i], phase="training"))
+            sid, token = sessions[i]
+            await streams.send(i, pb.HeartbeatRequest(session_id=sid, session_token=token, phase="training"))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def drive(stub, sessions: list[str], rate: float, duration_s: float, streams: Streams | None) -> dict:
+async def drive(
+    stub, sessions: list[tuple[str, str]], rate: float, duration_s: float, streams: Streams | None
+) -> dict:
     # this process holds 20,000 calls: its own garbage collector would pause it for hundreds of ms
     # and show up as server latency, so collect once and pause the collector while measuring
     gc.collect()
@@ -91,15 +95,23 @@ async def drive(stub, sessions: list[str], rate: float, duration_s: float, strea
         gc.unfreeze()
 
 
-async def _drive(stub, sessions: list[str], rate: float, duration_s: float, streams: Streams | None) -> dict:
+async def _drive(
+    stub, sessions: list[tuple[str, str]], rate: float, duration_s: float, streams: Streams | None
+) -> dict:
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     errors = 0
     requests = [
         pb.HeartbeatRequest(
-            session_id=s, phase="training", samples_per_s=40.0, local_epoch=3, loss=5.0, swarm_size=8
+            session_id=s,
+            session_token=token,
+            phase="training",
+            samples_per_s=40.0,
+            local_epoch=3,
+            loss=5.0,
+            swarm_size=8,
         )
-        for s in sessions
+        for s, token in sessions
     ]
 
     async def one(i: int):
@@ -204,6 +216,8 @@ def main() -> int:
             "0",
             "--checkpoint-interval-s",
             "0",
+            "--join-burst",  # every simulated peer joins from this one address
+            str(10 * args.peers),
             "--heartbeat-interval-s",
             "10",
         ),

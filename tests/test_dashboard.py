@@ -145,7 +145,7 @@ def test_dashboard_health_and_coordinator_crash(launcher, tmp_path: Path):
     assert re.search(r"alice\s+ONLINE", result.stdout) and EVIL in result.stdout and "DEAD" in result.stdout
 
     # --- kill -9 the coordinator mid-run; the surviving peer trains on; restart on the same data dir
-    before_peers = {p["session_id"]: p for p in api(base, "peers")}
+    before_peers = {p["peer_id"]: p for p in api(base, "peers")}
     before_ledger = {r["dht_peer_id"]: r["samples"] for r in api(base, "contributors")}
     before_history = api(base, "history")
     before_checkpoints = [c["step"] for c in api(base, "checkpoints")]
@@ -162,7 +162,7 @@ def test_dashboard_health_and_coordinator_crash(launcher, tmp_path: Path):
     )
     assert len(events_named(alice, "epoch")) > epochs_seen, "training stopped"
 
-    after_peers = {p["session_id"]: p for p in api(base, "peers")}
+    after_peers = {p["peer_id"]: p for p in api(base, "peers")}
     assert set(before_peers) <= set(after_peers)
     after_ledger = {r["dht_peer_id"]: r["samples"] for r in api(base, "contributors")}
     assert all(after_ledger.get(k, 0) >= v for k, v in before_ledger.items()), (before_ledger, after_ledger)

@@ -103,6 +103,7 @@ def test_tick_marks_heartbeating_peers_and_adds_dht_only_ones(tmp_path: Path):
             last_seen_unix_s=1000.0,
             phase="training",
             dht_peer_id=hb_id,
+            dht_verified=True,  # it proved the id (an unproven claim is not linked: test_hostile_peers)
         )
     )
     dht.entries = [_entry(0, 4, 64, 20.0), _entry(1, 4, 32, 12.0)]

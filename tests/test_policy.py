@@ -7,69 +7,86 @@ import math
 
 import pytest
 from crowdtrain.coordinator import policy
-from crowdtrain.coordinator.errors import BannedError, InvalidRequestError, NotFoundError
+from crowdtrain.coordinator.errors import (
+    BannedError,
+    InvalidRequestError,
+    NotFoundError,
+    UnauthenticatedError,
+)
+from crowdtrain.coordinator.limits import REQUEST_LIMITS, check_value
 from crowdtrain.coordinator.policy import Admission
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
-from crowdtrain.peer.report import LIMITS, PeerReport
+from crowdtrain.peer.report import PeerReport
+from crowdtrain.protos import coordinator_pb2 as pb
 
 HEALTH = HealthSettings(heartbeat_interval_s=5.0, heartbeat_timeout_s=20.0)
 NOW = 1000.0
 
 
+TOKEN = "t" * 43
+
+
 def peer(session_id: str = "s1", **changes) -> PeerRecord:
-    """A peer that heartbeats on time and trains, unless `changes` say otherwise."""
+    """A peer that heartbeats on time and trains under a DHT identity it proved and that the swarm's
+    progress records confirm, unless `changes` say otherwise."""
     return PeerRecord(
         session_id=session_id,
         name=changes.pop("name", session_id),
-        joined_unix_s=NOW - 100,
+        joined_unix_s=changes.pop("joined_unix_s", NOW - 100),
         last_seen_unix_s=changes.pop("last_seen_unix_s", NOW - 1),
         phase=changes.pop("phase", "training"),
+        token_sha256=changes.pop("token_sha256", policy.token_sha256(TOKEN)),
+        dht_peer_id=changes.pop("dht_peer_id", f"Qm{session_id}"),
+        dht_verified=changes.pop("dht_verified", True),
+        dht_last_seen_unix_s=changes.pop("dht_last_seen_unix_s", NOW - 2),
         **changes,
     )
 
 
 @pytest.mark.parametrize(
-    ("name", "peers", "admission", "reason"),
+    ("record", "token", "banned_dht", "admission", "reason", "error"),
     [
-        ("alice", [], Admission.ADMITTED, "'alice' is not banned"),
-        ("alice", [peer(name="alice")], Admission.ADMITTED, "not banned"),  # a returning volunteer
-        ("alice", [peer(name="mallory", banned=True)], Admission.ADMITTED, "not banned"),
+        (None, TOKEN, (), Admission.UNKNOWN_SESSION, "unknown session 's1'; join again", NotFoundError),
+        (peer(), "", (), Admission.BAD_TOKEN, "wrong or missing session_token", UnauthenticatedError),
+        (peer(), "u" * 43, (), Admission.BAD_TOKEN, "wrong or missing session_token", UnauthenticatedError),
+        (peer(token_sha256=""), "", (), Admission.BAD_TOKEN, "missing session_token", UnauthenticatedError),
+        (peer(banned=True), TOKEN, (), Admission.BANNED, "banned by the operator", BannedError),
+        (peer(), TOKEN, ("Qms1",), Admission.BANNED, "banned by the operator", BannedError),  # its DHT key
+        (peer(dht_verified=False), TOKEN, ("Qms1",), Admission.ADMITTED, "token matches", None),  # a claim
         (
-            "mallory",
-            [peer(name="mallory", banned=True)],
-            Admission.BANNED,
-            "'mallory' is banned by the operator",
-        ),
-        (
-            "mallory",
-            [peer(name="mallory"), peer("s2", name="mallory", banned=True)],
-            Admission.BANNED,
-            "banned",
-        ),
+            peer(left_unix_s=NOW - 5),
+            TOKEN,
+            (),
+            Admission.ADMITTED,
+            "token matches",
+            None,
+        ),  # back after leaving
+        (peer(), TOKEN, (), Admission.ADMITTED, "session known, token matches, not banned", None),
     ],
 )
-def test_admit_join(name, peers, admission, reason):
-    got, why = policy.admit_join(name, peers)
-    assert got is admission and reason in why
-
-
-@pytest.mark.parametrize(
-    ("record", "admission", "reason", "error"),
-    [
-        (None, Admission.UNKNOWN_SESSION, "unknown session 's1'; join again", NotFoundError),
-        (peer(banned=True), Admission.BANNED, "banned by the operator", BannedError),
-        (peer(left_unix_s=NOW - 5), Admission.ADMITTED, "known and not banned", None),  # back after leaving
-        (peer(), Admission.ADMITTED, "session 's1' is known", None),
-    ],
-)
-def test_admit_heartbeat_and_the_error_of_each_refusal(record, admission, reason, error):
-    decision = policy.admit_heartbeat("s1", record)
+def test_admit_session_and_the_error_of_each_refusal(record, token, banned_dht, admission, reason, error):
+    decision = policy.admit_session("s1", record, token, frozenset(banned_dht))
     assert decision[0] is admission and reason in decision[1]
     if error is None:
         policy.require_admitted(decision)
     else:
         with pytest.raises(error, match=reason):
             policy.require_admitted(decision)
+
+
+@pytest.mark.parametrize(
+    ("record", "pruned", "reason"),
+    [
+        (peer(joined_unix_s=NOW - 121), True, "never heartbeated (limit 120s)"),
+        (peer(joined_unix_s=NOW - 60), False, "within 120s"),
+        (peer(joined_unix_s=NOW - 999, last_heartbeat_unix_s=NOW - 998), False, "heartbeated"),
+        (peer(joined_unix_s=NOW - 999, banned=True), False, "banned"),
+        (peer(joined_unix_s=NOW - 999, source="dht"), False, "known from the DHT"),
+    ],
+)
+def test_never_heartbeated(record, pruned, reason):
+    got, why = policy.never_heartbeated(NOW, record, 120.0)
+    assert got is pruned and reason in why
 
 
 @pytest.mark.parametrize(
@@ -98,6 +115,10 @@ def test_assign_shard(known_peers, num_shards, shard, reason):
         ([peer(banned=True)], 12, 12, "nobody is training"),
         ([peer(source="dht", last_seen_unix_s=NOW - 15)], 12, 0, "peers are training"),  # DHT-only
         ([peer(last_seen_unix_s=NOW - 30), peer("s2")], 12, 0, "peers are training"),
+        # a heartbeat saying "training" is not enough: a proven identity the records confirm is
+        ([peer(dht_verified=False)], 12, 12, "nobody is training"),
+        ([peer(dht_last_seen_unix_s=None)], 12, 12, "nobody is training"),
+        ([peer(dht_last_seen_unix_s=NOW - 60)], 12, 12, "nobody is training"),  # left the records
     ],
 )
 def test_resume_step(peers, latest, step, reason):
@@ -105,66 +126,79 @@ def test_resume_step(peers, latest, step, reason):
     assert got == step and reason in why
 
 
+HB = REQUEST_LIMITS["HeartbeatRequest"]
+
+
 @pytest.mark.parametrize(
     ("field", "value", "kept", "error"),
     [
-        ("name", "x" * LIMITS.name, "x" * LIMITS.name, None),
-        ("name", "x" * (LIMITS.name + 1), "x" * LIMITS.name, None),  # display text is cut
-        ("device", "d" * 500, "d" * LIMITS.device, None),
-        ("reason", "r" * 500, "r" * LIMITS.reason, None),
+        ("name", "x" * 64, "x" * 64, None),
+        ("name", "x" * 65, "x" * 64, None),  # display text is cut
+        ("name", "carol\n2026-11-28 INFO forged line", "carol 2026-11-28 INFO forged line", None),
+        ("name", "\x1b[31mred\x1b[0m \u202eevil", "[31mred[0m evil", None),  # no ESC, no bidi override
+        ("name", "\uff21lice\u00a0 ", "Alice", None),  # NFKC, whitespace trimmed
+        ("device", "d" * 500, "d" * 64, None),
         ("phase", "training", "training", None),
-        ("phase", "p" * (LIMITS.phase + 1), None, "phase has 33 characters, more than the 32"),
-        ("dht_peer_id", "Q" * 500, None, "dht_peer_id has 500 characters"),
-        ("session_id", "s" * 65, None, "more than the 64 the coordinator accepts"),
+        ("phase", "", "", None),
+        ("phase", "p" * 33, None, "phase \\(HeartbeatRequest\\) is 'ppp.*'; it must be one of joining"),
+        (
+            "dht_peer_id",
+            "Q" * 500,
+            None,
+            "dht_peer_id \\(HeartbeatRequest\\) has 500 characters, more than the 128",
+        ),
+        ("dht_peer_id", "Qm0OIl", None, "must be base58"),
+        ("session_id", "s" * 65, None, "more than the 32 the coordinator accepts"),
+        ("session_id", "", None, "must be 32 lowercase hex digits"),
+        ("local_epoch", 9_200_000_000_000_000_000, None, "outside the range 0..1.09951e\\+12"),
+        ("samples_per_s", math.inf, None, "samples_per_s \\(HeartbeatRequest\\) is inf, outside"),
+        ("samples_per_s", math.nan, 0.0, None),  # NaN: unknown
+        ("loss", math.inf, math.nan, None),  # a diverged loss is unknown, not a refusal
+        ("dht_public_key", b"k" * 1025, None, "1025 bytes, more than the 1024"),
     ],
 )
-def test_bound_text_cuts_display_text_and_refuses_long_identifiers(field, value, kept, error):
+def test_check_value_cleans_display_text_and_refuses_everything_else_outside_its_limit(
+    field, value, kept, error
+):
     if error is None:
-        assert policy.bound_text(field, value) == kept
+        got = check_value("HeartbeatRequest", field, value, HB[field])
+        assert got == kept or (isinstance(kept, float) and math.isnan(kept) and math.isnan(got))
     else:
         with pytest.raises(InvalidRequestError, match=error):
-            policy.bound_text(field, value)
+            check_value("HeartbeatRequest", field, value, HB[field])
 
 
-def test_every_text_field_of_a_report_has_a_limit():
-    text = [f.name for f in dataclasses.fields(PeerReport) if isinstance(getattr(PeerReport(), f.name), str)]
-    assert text and all(isinstance(getattr(LIMITS, name), int) for name in text)
+def test_checked_report_keeps_a_sane_report():
+    request = pb.HeartbeatRequest(
+        session_id="0" * 32, phase="training", name="a", loss=1.0, samples_total=5, local_epoch=3
+    )
+    report = policy.checked_report(request)
+    assert report == PeerReport(phase="training", name="a", loss=1.0, samples_total=5, local_epoch=3)
 
 
 @pytest.mark.parametrize(
-    ("sent", "kept"),
+    ("before", "sent", "kept", "reason"),
     [
         (
-            {"loss": 2.5, "samples_per_s": 3.0, "uptime_s": 9.0},
-            {"loss": 2.5, "samples_per_s": 3.0, "uptime_s": 9.0},
+            {"samples_total": 100, "samples_per_s": 10.0},
+            {"samples_total": 300, "samples_per_s": 10.0},
+            300,
+            "within",
         ),
-        ({"loss": math.inf}, {"loss": math.nan}),  # NaN: unknown
-        ({"loss": -1.0}, {"loss": math.nan}),
-        ({"samples_per_s": math.nan, "uptime_s": -math.inf}, {"samples_per_s": 0.0, "uptime_s": 0.0}),
+        # 10 samples/s for 10 s allow 2 * 100 more, plus the slack of 4096
         (
-            {"samples_per_s": -4.0, "local_epoch": -3, "samples_total": -1},
-            {"samples_per_s": 0.0, "local_epoch": 0, "samples_total": 0},
+            {"samples_total": 100, "samples_per_s": 10.0},
+            {"samples_total": 10**9, "samples_per_s": 10.0},
+            4396,
+            "kept 4396",
         ),
-        (
-            {"name": "n" * 100, "version": "v" * 100},
-            {"name": "n" * LIMITS.name, "version": "v" * LIMITS.version},
-        ),
+        ({}, {"samples_total": 2**50, "samples_per_s": 0.0}, 4096, "more than its 0.0 samples/s allow"),
     ],
 )
-def test_bound_report_keeps_sane_numbers_and_text(sent, kept):
-    got = policy.bound_report(PeerReport(**sent))
-    for name, value in kept.items():
-        assert getattr(got, name) == value or (math.isnan(value) and math.isnan(getattr(got, name))), name
-
-
-def test_bound_report_returns_a_sane_report_unchanged():
-    report = PeerReport(phase="training", name="a", loss=1.0, samples_total=5)
-    assert policy.bound_report(report) is report
-
-
-def test_bound_report_refuses_a_report_with_a_long_identifier():
-    with pytest.raises(InvalidRequestError, match="dht_peer_id"):
-        policy.bound_report(PeerReport(dht_peer_id="Q" * 200))
+def test_plausible_samples_total(before, sent, kept, reason):
+    record = peer(last_heartbeat_unix_s=NOW - 10, **before)
+    got, why = policy.plausible_samples_total(NOW, record, PeerReport(**sent))
+    assert got == kept and reason in why
 
 
 def test_apply_report_keeps_known_text_and_marks_the_peer_seen():
@@ -176,6 +210,9 @@ def test_apply_report_keeps_known_text_and_marks_the_peer_seen():
     )
     assert (after.name, after.device, after.dht_peer_id) == ("alice", "cpu", "Qm")  # empty: unchanged
     assert (after.phase, after.samples_total, after.local_epoch) == ("loading_state", 9, 2)
+    assert after.last_heartbeat_unix_s == NOW + 7 and after.dht_verified  # same DHT id: still proven
+    moved = policy.apply_report(NOW + 8, after, PeerReport(dht_peer_id="QmOther"))
+    assert moved.dht_peer_id == "QmOther" and not moved.dht_verified  # a new id must be proven again
     assert math.isnan(after.loss)  # a number is always the latest report's, NaN (unknown) included
     assert (after.last_seen_unix_s, after.left_unix_s, after.left_reason) == (NOW + 7, None, "")
     assert (after.session_id, after.joined_unix_s, after.shard_index) == (

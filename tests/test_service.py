@@ -17,7 +17,8 @@ from crowdtrain.coordinator.status import PeerView, SwarmSummary
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer.checkpoint import CheckpointMeta
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
-from crowdtrain.peer.report import FIELD_NAMES, LIMITS
+from crowdtrain.coordinator.limits import REQUEST_LIMITS
+from crowdtrain.peer.report import FIELD_NAMES
 from crowdtrain.protos import coordinator_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -73,11 +74,13 @@ def test_join_assigns_shards_round_robin_and_ships_the_run(served):
 
 def test_heartbeat_then_silence_then_leave(served):
     client, store, clock, _, health = served
-    sid = client.join(pb.JoinRequest(name="<b>bob</b>", device="cpu")).session_id
+    joined = client.join(pb.JoinRequest(name="<b>bob</b>", device="cpu"))
+    sid, token = joined.session_id, joined.session_token
     clock.now += 1
     client.heartbeat(
         pb.HeartbeatRequest(
             session_id=sid,
+            session_token=token,
             phase="training",
             samples_per_s=42.0,
             local_epoch=7,
@@ -99,10 +102,12 @@ def test_heartbeat_then_silence_then_leave(served):
     assert compute_state(clock.now, record, health)[0] is PeerState.ONLINE
     clock.now += 11
     assert compute_state(clock.now, store.get_peer(sid), health)[0] is PeerState.DEAD
-    client.heartbeat(pb.HeartbeatRequest(session_id=sid, phase="training", loss=math.nan))
+    client.heartbeat(
+        pb.HeartbeatRequest(session_id=sid, session_token=token, phase="training", loss=math.nan)
+    )
     record = store.get_peer(sid)
     assert math.isnan(record.loss) and compute_state(clock.now, record, health)[0] is PeerState.ONLINE
-    client.leave(sid, reason="bye")
+    client.leave(sid, token, reason="bye")
     state, reason = compute_state(clock.now, store.get_peer(sid), health)
     assert state is PeerState.LEFT and "bye" in reason
 
@@ -110,6 +115,8 @@ def test_heartbeat_then_silence_then_leave(served):
 def test_unknown_session_is_rejected_not_retried(served):
     client = served[0]
     with pytest.raises(CoordinatorRejected, match="NOT_FOUND"):
+        client.heartbeat(pb.HeartbeatRequest(session_id="0" * 32))
+    with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT: session_id"):
         client.heartbeat(pb.HeartbeatRequest(session_id="nope"))
 
 
@@ -131,9 +138,14 @@ def test_second_server_on_the_same_port_fails_clearly(served, tmp_path: Path):
 
 def test_store_survives_reopen(served, tmp_path: Path):
     client, store, *_ = served
-    sid = client.join(pb.JoinRequest(name="durable")).session_id
+    joined = client.join(pb.JoinRequest(name="durable"))
+    sid = joined.session_id
     report = dict(phase="training", uptime_s=12.5, swarm_size=3, samples_total=64, local_epoch=2)
-    client.heartbeat(pb.HeartbeatRequest(session_id=sid, loss=math.nan, dht_peer_id="Qm", **report))
+    client.heartbeat(
+        pb.HeartbeatRequest(
+            session_id=sid, session_token=joined.session_token, loss=math.nan, dht_peer_id="Qm", **report
+        )
+    )
     store.set_meta({"k": "v"})
     store.flush()  # heartbeats are written behind
     reopened = Store(tmp_path / "state.sqlite3")
@@ -142,6 +154,7 @@ def test_store_survives_reopen(served, tmp_path: Path):
         assert again.name == "durable" and reopened.get_meta("k") == "v"
         assert {k: getattr(again, k) for k in report} == report
         assert math.isnan(again.loss) and again.left_unix_s is None and again.banned is False
+        assert again.token_sha256 and joined.session_token not in again.token_sha256  # only a hash
         # every field round-trips (NaN != NaN, so compare the loss apart)
         assert dataclasses.replace(again, loss=0.0) == dataclasses.replace(store.get_peer(sid), loss=0.0)
     finally:
@@ -168,6 +181,7 @@ def test_store_adds_the_columns_of_new_fields_to_an_older_database(tmp_path: Pat
         assert (
             math.isnan(record.loss) and record.source == "heartbeat" and record.dht_last_seen_unix_s is None
         )
+        assert len(record.peer_id) == 12 and not record.token_sha256  # a public id; no token: must rejoin
         store.upsert_peer(PeerRecord(session_id="s2", joined_unix_s=3.0, last_seen_unix_s=3.0, uptime_s=1.5))
     finally:
         store.close()
@@ -193,12 +207,13 @@ def test_bad_addresses_are_rejected(bad):
 
 def test_banned_peers_are_refused(served):
     client, store, *_ = served
-    sid = client.join(pb.JoinRequest(name="mallory")).session_id
-    assert store.set_banned("mallory", True) == 1
+    joined = client.join(pb.JoinRequest(name="mallory"))
+    sid = joined.session_id
+    assert store.set_banned("mallory", True) == 0  # bans are by id, never by display name
+    assert store.set_banned(joined.peer_id, True) == 1
     with pytest.raises(CoordinatorRejected, match="PERMISSION_DENIED"):
-        client.heartbeat(pb.HeartbeatRequest(session_id=sid, phase="training"))
-    with pytest.raises(CoordinatorRejected, match="banned"):
-        client.join(pb.JoinRequest(name="mallory"))
+        client.heartbeat(pb.HeartbeatRequest(session_id=sid, session_token=joined.session_token))
+    client.join(pb.JoinRequest(name="mallory"))  # the name itself is nobody's identity
     # a heartbeat that raced with the ban cannot undo it
     record = store.get_peer(sid)
     store.upsert_peer(record.__class__(**{**record.__dict__, "banned": False}))
@@ -220,16 +235,19 @@ def test_reflection_lists_the_services(served):
 
 def test_heartbeat_stream_answers_in_order_and_survives_a_restart(served, tmp_path: Path):
     client, store, clock, port, health = served
-    sid = client.join(pb.JoinRequest(name="streamer")).session_id
+    joined = client.join(pb.JoinRequest(name="streamer"))
+    sid, token = joined.session_id, joined.session_token
     stream = client.heartbeat_stream()
     for epoch in range(5):
-        response = stream.send(pb.HeartbeatRequest(session_id=sid, phase="training", local_epoch=epoch))
+        response = stream.send(
+            pb.HeartbeatRequest(session_id=sid, session_token=token, phase="training", local_epoch=epoch)
+        )
         assert response.heartbeat_interval_s == health.heartbeat_interval_s
         assert store.get_peer(sid).local_epoch == epoch
     with pytest.raises(CoordinatorRejected, match="NOT_FOUND"):
-        stream.send(pb.HeartbeatRequest(session_id="nope"))
+        stream.send(pb.HeartbeatRequest(session_id="0" * 32))
     # the stream was closed by the refusal; the next send opens a new one
-    stream.send(pb.HeartbeatRequest(session_id=sid, phase="training", local_epoch=9))
+    stream.send(pb.HeartbeatRequest(session_id=sid, session_token=token, phase="training", local_epoch=9))
     assert store.get_peer(sid).local_epoch == 9
     stream.close()
     stream.close()
@@ -263,8 +281,11 @@ def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_pa
     server.start()
     client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=5)
     stats = StatsBox()
-    sid = client.join(pb.JoinRequest(name="p", device="cpu")).session_id
-    reporter = HeartbeatReporter(client, sid, stats, name="p", version="v", device="cpu", interval_s=60.0)
+    joined = client.join(pb.JoinRequest(name="p", device="cpu"))
+    sid = joined.session_id
+    reporter = HeartbeatReporter(
+        client, sid, joined.session_token, stats, name="p", version="v", device="cpu", interval_s=60.0
+    )
     try:
         with reporter:
             deadline = time.monotonic() + 20
@@ -286,7 +307,12 @@ def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_pa
 
 def test_heartbeat_request_carries_exactly_the_peer_report_and_views_fill_the_status_protos():
     """A new metric is one field in PeerReport and one in HeartbeatRequest: they must agree by name."""
-    assert {f.name for f in pb.HeartbeatRequest.DESCRIPTOR.fields} == {"session_id", *FIELD_NAMES}
+    credentials = {"session_id", "session_token", "dht_public_key", "dht_signature"}
+    assert {f.name for f in pb.HeartbeatRequest.DESCRIPTOR.fields} == {*credentials, *FIELD_NAMES}
+    # every field of every request has a limit
+    for message in pb.DESCRIPTOR.message_types_by_name.values():
+        if message.name.endswith("Request"):
+            assert {f.name for f in message.fields} == set(REQUEST_LIMITS[message.name]), message.name
     views = {f.name for f in dataclasses.fields(PeerView)}
     assert {f.name for f in pb.PeerStatus.DESCRIPTOR.fields} <= views
     assert {f.name for f in pb.SwarmSummary.DESCRIPTOR.fields} <= {
@@ -302,35 +328,36 @@ def test_every_domain_error_has_one_status_code():
 
 def test_reports_are_bounded_and_garbage_never_breaks_the_servicer(served):
     client, store, *_ = served
-    sid = client.join(pb.JoinRequest(name="n" * 1000, version="v" * 1000, device="d" * 1000)).session_id
+    joined = client.join(pb.JoinRequest(name="n" * 1000, version="v" * 1000, device="d" * 1000))
+    sid, token = joined.session_id, joined.session_token
     record = store.get_peer(sid)
+    join_limits = REQUEST_LIMITS["JoinRequest"]
     assert (len(record.name), len(record.version), len(record.device)) == (
-        LIMITS.name,
-        LIMITS.version,
-        LIMITS.device,
+        join_limits["name"].max_len,
+        join_limits["version"].max_len,
+        join_limits["device"].max_len,
     )
     client.heartbeat(
         pb.HeartbeatRequest(
-            session_id=sid,
-            phase="training",
-            samples_per_s=math.inf,
-            loss=-math.inf,
-            uptime_s=math.nan,
-            local_epoch=-5,
-            samples_total=-1,
+            session_id=sid, session_token=token, phase="training", loss=-math.inf, uptime_s=math.nan
         )
     )
     record = store.get_peer(sid)
-    assert (record.samples_per_s, record.uptime_s, record.local_epoch, record.samples_total) == (0, 0, 0, 0)
-    assert math.isnan(record.loss)
-    for bad, what in (({"phase": "p" * 100}, "phase has 100"), ({"dht_peer_id": "Q" * 300}, "dht_peer_id")):
+    assert record.uptime_s == 0 and math.isnan(record.loss)  # NaN: unknown; an absurd loss: unknown
+    for bad, what in (
+        ({"phase": "p" * 100}, "phase"),
+        ({"dht_peer_id": "Q" * 300}, "dht_peer_id"),
+        ({"samples_per_s": math.inf}, "samples_per_s"),
+        ({"local_epoch": -5}, "local_epoch"),
+        ({"samples_total": -1}, "samples_total"),
+    ):
         with pytest.raises(CoordinatorRejected, match=f"INVALID_ARGUMENT: {what}"):
-            client.heartbeat(pb.HeartbeatRequest(session_id=sid, **bad))
+            client.heartbeat(pb.HeartbeatRequest(session_id=sid, session_token=token, **bad))
     with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT: session_id"):
         client.heartbeat(pb.HeartbeatRequest(session_id="s" * 10_000))
     assert store.get_peer(sid).phase == "training"  # refused reports change nothing
-    client.leave(sid, reason="r" * 1000)
-    assert len(store.get_peer(sid).left_reason) == LIMITS.reason
+    client.leave(sid, token, reason="r" * 1000)
+    assert len(store.get_peer(sid).left_reason) == REQUEST_LIMITS["LeaveRequest"]["reason"].max_len
 
 
 def test_joiners_resume_from_the_latest_checkpoint_only_when_nobody_trains(served, tmp_path: Path):
@@ -343,7 +370,16 @@ def test_joiners_resume_from_the_latest_checkpoint_only_when_nobody_trains(serve
         archive.finalize(staging, root, CheckpointMeta("ct_test", step, 0, 5.0, 1.0, "m", None, ()))
     trainer = client.join(pb.JoinRequest(name="trainer"))
     assert trainer.settings.resume_from_step == 8  # the swarm left: start from the latest
-    client.heartbeat(pb.HeartbeatRequest(session_id=trainer.session_id, phase="training"))
+    client.heartbeat(
+        pb.HeartbeatRequest(
+            session_id=trainer.session_id, session_token=trainer.session_token, phase="training"
+        )
+    )
+    # a heartbeat saying "training" is not enough: the swarm's records must confirm a proven identity
+    assert client.join(pb.JoinRequest(name="early")).settings.resume_from_step == 8
+    record = store.get_peer(trainer.session_id)
+    store.upsert_peer(dataclasses.replace(record, dht_peer_id="QmTrainer", dht_verified=True))
+    assert store.mark_dht_seen("QmTrainer", clock.now, 1)
     assert client.join(pb.JoinRequest(name="late")).settings.resume_from_step == 0  # load from peers
     clock.now += 60  # the trainer went silent
     assert client.join(pb.JoinRequest(name="later")).settings.resume_from_step == 8

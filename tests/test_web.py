@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -76,14 +77,21 @@ def get(url: str):
 def test_metrics_match_the_json_api(site):
     base, address, store, root, clock = site
     with CoordinatorClient(address) as client:
-        a = client.join(pb.JoinRequest(name=EVIL, device="cpu")).session_id
-        b = client.join(pb.JoinRequest(name="bob", device="cpu")).session_id
-        for sid in (a, b):
+        joined = [client.join(pb.JoinRequest(name=name, device="cpu")) for name in (EVIL, "bob")]
+        for j, dht_id in zip(joined, ("QmA", "QmB"), strict=True):
             client.heartbeat(
-                pb.HeartbeatRequest(session_id=sid, phase="training", samples_per_s=5, dht_peer_id=sid[:6])
+                pb.HeartbeatRequest(
+                    session_id=j.session_id,
+                    session_token=j.session_token,
+                    phase="training",
+                    samples_per_s=5,
+                    dht_peer_id=dht_id,
+                )
             )
-        client.leave(b, "bye")
-    store.add_contributions([(a[:6], 1, 100), (a[:6], 2, 50), (b[:6], 1, 30)])
+            # as if proven with its hivemind key (tests/test_hostile_peers.py): only then it is credited
+            store.upsert_peer(dataclasses.replace(store.get_peer(j.session_id), dht_verified=True))
+        client.leave(joined[1].session_id, joined[1].session_token, "bye")
+    store.add_contributions([("QmA", 1, 100), ("QmA", 2, 50), ("QmB", 1, 30)])
     staging = new_staging_dir(root, 3)
     (staging / "f").write_text("x")
     finalize(staging, root, CheckpointMeta("ct_test", 3, 768, 4.25, 1990.0, "m", None, ()))
@@ -117,10 +125,15 @@ def test_metrics_match_the_json_api(site):
 def test_grpc_status_matches_the_json_api(site):
     base, address, store, _, clock = site
     with CoordinatorClient(address) as client:
-        sid = client.join(pb.JoinRequest(name="carol", device="cuda:0")).session_id
+        joined = client.join(pb.JoinRequest(name="carol", device="cuda:0"))
         client.heartbeat(
             pb.HeartbeatRequest(
-                session_id=sid, phase="loading_state", samples_total=1234, uptime_s=754.0, swarm_size=5
+                session_id=joined.session_id,
+                session_token=joined.session_token,
+                phase="loading_state",
+                samples_total=1234,
+                uptime_s=754.0,
+                swarm_size=5,
             )
         )
         status = client.get_status()

@@ -5,9 +5,17 @@
 const REFRESH_MS = Number(new URLSearchParams(location.search).get("refresh")) || 2000;
 const SVG = "http://www.w3.org/2000/svg";
 
+// Control and format characters (C0/C1, bidi overrides, line separators) never reach the page, even
+// from a database written before the coordinator cleaned display text at input.
+const CONTROL = /[\u0000-\u001f\u007f-\u009f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]/g;
+
+function clean(text) {
+  return String(text).replace(CONTROL, "");
+}
+
 function el(tag, text, cls) {
   const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (text !== undefined && text !== null) node.textContent = clean(text);
   if (cls) node.className = cls;
   return node;
 }
@@ -56,11 +64,11 @@ function renderSummary(s) {
 function renderPeers(peers) {
   fillTable("peers", peers.map((p) => {
     const tr = el("tr");
-    tr.dataset.session = p.session_id;
+    tr.dataset.peer = p.peer_id;  // the public id (`crowdtrain ban` takes it); never the session id
     tr.dataset.state = p.state;
     const reason = el("td", p.reason, p.state === "ONLINE" && !p.contributing ? "warn" : "");
     tr.append(
-      el("td", p.name, "name"),
+      (() => { const td = el("td", p.name, "name"); td.title = `id ${clean(p.peer_id)}`; return td; })(),
       (() => { const td = el("td"); td.append(el("span", p.state, `badge ${p.state}`)); return td; })(),
       reason,
       el("td", p.device),

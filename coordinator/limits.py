@@ -1,0 +1,152 @@
+"""Every field a request may carry, with its limit: one table for gRPC and HTTP alike.
+
+Strangers call the coordinator, so nothing a request says is kept unless it fits here: text has a
+length and a charset (identifiers) or is display text (normalised: `clean_display`), a phase is one
+of an enum, a number lies in a plausible range. A request outside its limits is refused with
+`InvalidRequestError` (gRPC INVALID_ARGUMENT) naming the field and the limit; display text is cut
+to its length instead, since a long name harms no one once cut. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from crowdtrain.coordinator.errors import InvalidRequestError
+
+# unicode categories dropped from display text: C0/C1 controls (Cc: newlines, ESC of ANSI
+# sequences), format characters (Cf: bidi overrides that reorder a terminal line), line and
+# paragraph separators, surrogates, private use and unassigned code points
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+_SPACES = re.compile(r"\s+")
+
+
+def clean_display(text: str, max_chars: int | None = None) -> str:
+    """Text safe to show in a terminal, a log line or a page: NFKC-normalised, no control or format
+    characters, every run of whitespace one space, trimmed, then cut to `max_chars`."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(
+        " " if c.isspace() else c
+        for c in text
+        if c.isspace() or unicodedata.category(c) not in _DROPPED_CATEGORIES
+    )
+    text = _SPACES.sub(" ", text).strip()
+    return text if max_chars is None else text[:max_chars]
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The limit of one request field. `kind`: "display" (cleaned and cut), "id" (must match
+    `pattern` in full; empty allowed unless `required`), "enum" (one of `choices`), "int", "float"
+    (within [low, high]; NaN means "unknown" and becomes `nan_as`), "bytes" (at most `max_len`)."""
+
+    kind: str
+    max_len: int = 0
+    pattern: str = ""
+    choices: tuple[str, ...] = ()
+    low: float = 0
+    high: float = 0
+    nan_as: float = 0.0
+    out_of_range_unknown: bool = False  # a value outside [low, high] becomes `nan_as` instead of refused
+    required: bool = False
+    what: str = ""  # the charset in words, for the error message
+
+
+BASE58 = "[1-9A-HJ-NP-Za-km-z]"
+SESSION_ID = Limit("id", 32, "[0-9a-f]{32}", required=True, what="32 lowercase hex digits")
+SESSION_TOKEN = Limit("id", 64, "[A-Za-z0-9_-]{32,64}", what="32-64 URL-safe base64 characters")
+PHASES = ("joining", "loading_state", "training")
+MAX_EPOCH = 2**40  # 10^12 epochs: no real swarm comes near; far from int64's end
+MAX_SAMPLES = 2**50  # a peer's own sample count; far from int64's end even summed over 2^13 peers
+MAX_SAMPLES_PER_S = 1e6  # one peer; a tiny model on the fastest accelerator does ~10^4
+MAX_UPTIME_S = 10 * 365 * 86400.0
+
+REQUEST_LIMITS: dict[str, dict[str, Limit]] = {
+    "JoinRequest": {
+        "name": Limit("display", 64),
+        "version": Limit("display", 32),
+        "device": Limit("display", 64),
+    },
+    "HeartbeatRequest": {
+        "session_id": SESSION_ID,
+        "session_token": SESSION_TOKEN,
+        "dht_public_key": Limit("bytes", 1024),  # an RSA-2048 libp2p key is ~300 bytes
+        "dht_signature": Limit("bytes", 1024),  # RSA-2048: 256 bytes
+        # "" until its DHT runs; a base58 hivemind peer id has ~46-52 characters
+        "dht_peer_id": Limit("id", 128, f"{BASE58}{{1,128}}", what="base58 (a hivemind peer id)"),
+        "phase": Limit("enum", choices=("", *PHASES)),  # "": unchanged
+        "name": Limit("display", 64),
+        "version": Limit("display", 32),
+        "device": Limit("display", 64),
+        "samples_per_s": Limit("float", low=0, high=MAX_SAMPLES_PER_S),
+        "local_epoch": Limit("int", low=0, high=MAX_EPOCH - 1),
+        "loss": Limit("float", low=0, high=1e6, nan_as=math.nan, out_of_range_unknown=True),
+        "uptime_s": Limit("float", low=0, high=MAX_UPTIME_S),
+        "samples_total": Limit("int", low=0, high=MAX_SAMPLES),
+        "swarm_size": Limit("int", low=0, high=100_000),
+    },
+    "LeaveRequest": {
+        "session_id": SESSION_ID,
+        "session_token": SESSION_TOKEN,
+        "reason": Limit("display", 200),
+    },
+    "DownloadCheckpointFileRequest": {
+        "step": Limit("int", low=0, high=MAX_EPOCH - 1),
+        # which names exist is archive.lookup_file's to say (NOT_FOUND); here only the length
+        "name": Limit("id", 128, r"[^\x00-\x1f]{1,128}", what="a file name without control characters"),
+        "offset": Limit("int", low=0, high=2**50),
+    },
+    "GetStatusRequest": {},
+    "ListCheckpointsRequest": {},
+}
+
+
+def check_value(message: str, field: str, value, limit: Limit):
+    """The value as the coordinator keeps it, or InvalidRequestError naming the field and its limit."""
+    where = f"{field} ({message})"
+    if limit.kind == "display":
+        return clean_display(value, limit.max_len)
+    if limit.kind == "bytes":
+        if len(value) > limit.max_len:
+            raise InvalidRequestError(
+                f"{where} has {len(value)} bytes, more than the {limit.max_len} allowed"
+            )
+        return value
+    if limit.kind == "enum":
+        if value not in limit.choices:
+            shown = clean_display(value, 40)
+            raise InvalidRequestError(
+                f"{where} is {shown!r}; it must be one of {', '.join(filter(None, limit.choices))}"
+            )
+        return value
+    if limit.kind == "id":
+        if not value and not limit.required:
+            return value
+        if len(value) > limit.max_len:
+            raise InvalidRequestError(
+                f"{where} has {len(value)} characters, more than the {limit.max_len} the coordinator accepts; "
+                "send the value crowdtrain gave you (is this client modified or from another version?)"
+            )
+        if not re.fullmatch(limit.pattern, value, flags=re.ASCII):
+            raise InvalidRequestError(
+                f"{where} must be {limit.what or limit.pattern}; got {clean_display(value, 40)!r}"
+            )
+        return value
+    if isinstance(value, float) and math.isnan(value):
+        return limit.nan_as
+    if not limit.low <= value <= limit.high:  # +-inf too
+        if limit.out_of_range_unknown:
+            return limit.nan_as
+        raise InvalidRequestError(f"{where} is {value!r}, outside the range {limit.low:g}..{limit.high:g}")
+    return value
+
+
+def check_request(request) -> dict[str, object]:
+    """Every limited field of a protobuf request, checked (see `check_value`), by name."""
+    message = type(request).DESCRIPTOR.name
+    limits = REQUEST_LIMITS[message]
+    return {
+        field: check_value(message, field, getattr(request, field), limit) for field, limit in limits.items()
+    }
