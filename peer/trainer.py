@@ -170,10 +170,10 @@ class Volunteer:
         self.heartbeat = HeartbeatReporter(
             self.client,
             self.session_id,
+            self.joined.session_token,
             self.stats,
             name=self.name,
             version=__version__,
-            self.joined.session_token,
             device=self.device_label,
             interval_s=self.settings.heartbeat_interval_s,
             on_reconnect=lambda: rejoin_bootstrap_peers(self.dht, initial_peers),
@@ -230,22 +230,22 @@ class Volunteer:
         self.recovery = Recovery(self.config.coordinator, model, self.device, self.cache_dir, self.stop_event)
         if self.settings.resume_from_step > 0:  # nobody is training: start from the latest checkpoint
             self.recovery.load_checkpoint(self.settings.resume_from_step)
-        self.identity = DhtIdentity(self.cache_dir)  # we hold the key, so we can prove our peer id
         return model
 
     def join_swarm(self, model) -> None:
         from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
         from crowdtrain.peer.swarm import DhtIdentity, make_optimizer, start_dht
 
-            identity_path=str(self.identity.path),
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9
+        self.identity = DhtIdentity(self.cache_dir)  # we hold the key, so we can prove our peer id
         self.dht = start_dht(
             list(self.joined.initial_peers),
             listen_host=self.config.listen_host,
             announce_host=self.config.announce_host,
             client_mode=self.config.client_mode,
             stop=self.stop_event,
+            identity_path=str(self.identity.path),
         )
         dht_peer_id = self.dht.peer_id.to_base58()
         self.heartbeat.set_dht_proof(*self.identity.prove(self.joined.dht_challenge, dht_peer_id))
