@@ -219,6 +219,7 @@ def cmd_checkpoints(config: peer_cfg.CheckpointsConfig) -> int:
     import time
 
     from crowdtrain.peer.pull import list_published
+    from crowdtrain.peer.tls import ClientTls
 
     listed, public_key = list_published(config.coordinator, ClientTls.from_flags(config.tls, config.tls_ca))
     print(
@@ -233,7 +234,6 @@ def cmd_checkpoints(config: peer_cfg.CheckpointsConfig) -> int:
     return 0
 
 
-    from crowdtrain.peer.tls import ClientTls
 def cmd_verify(config: peer_cfg.VerifyConfig) -> int:
     from pathlib import Path
 

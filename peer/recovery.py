@@ -23,8 +23,10 @@ from pathlib import Path
 from crowdtrain.peer.client import CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
-from crowdtrain.peer.manifest import SwarmSpec
+from crowdtrain.peer.manifest import RunManifest, SwarmSpec
 from crowdtrain.peer.swarm import refresh_offloaded_parameters, set_local_epoch
+from crowdtrain.peer.tls import ClientTls
+from crowdtrain.peer.trust import trust_joined_run
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,15 @@ class Recovery:
     device: object  # torch.device the model lives on
     cache_dir: Path  # the run's cache; a checkpoint lands in cache_dir/resume-checkpoint
     stop_event: threading.Event  # set when the peer is asked to stop: no more retries
+    run_key: str = ""  # the run's signing key (hex) as trusted at Join: checkpoints must carry it
+    tls: ClientTls | None = None  # how to reach the coordinator (None: plaintext)
+
+    def trust(self, manifest: RunManifest, tls: ClientTls | None) -> None:
+        """Check the run's signing key (named in the Join manifest) against the key this machine
+        trusted for the run at this coordinator address on first use (peer/trust.py); refuses a
+        changed key. Checkpoints are then pulled with that key pinned, over `tls`."""
+        self.run_key = trust_joined_run(self.coordinator, manifest.run_id, manifest.signing_public_key)
+        self.tls = tls
 
     def load_checkpoint(self, step: int) -> None:
         """Download (verified, see peer/pull.py) and load the weights of a published checkpoint."""
@@ -50,7 +61,7 @@ class Recovery:
         from safetensors.torch import load_file
 
         out = self.cache_dir / "resume-checkpoint"
-        meta = pull(self.coordinator, out, step=step)
+        meta = pull(self.coordinator, out, step=step, public_key=self.run_key, new_run_ok=True, tls=self.tls)
         state = load_file(str(out / "model.safetensors"), device=str(self.device))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
@@ -146,7 +157,7 @@ class Recovery:
         from crowdtrain.peer.pull import PullError, list_published
 
         try:
-            listed, _ = list_published(self.coordinator)
+            listed, _ = list_published(self.coordinator, self.tls)
         except (PullError, CoordinatorUnavailable, CoordinatorRejected) as e:
             listed = []
             logger.warning("could not list published checkpoints: %s", e)

@@ -30,13 +30,14 @@ from crowdtrain.peer import __version__
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
 from crowdtrain.peer.config import PeerConfig
 from crowdtrain.peer.device import describe_device, pick_device
-from crowdtrain.peer.download import DownloadCorrupted, DownloadError, download
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
 from crowdtrain.peer.manifest import RunManifest
 from crowdtrain.peer.recovery import Recovery
+from crowdtrain.peer.shards import load_shard_blocks, run_cache_dir
 from crowdtrain.peer.swarm import leave_swarm, rejoin_bootstrap_peers
+from crowdtrain.peer.tls import ClientTls
 from crowdtrain.protos import coordinator_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Volunteer:
         self.manifest = RunManifest.from_json(self.joined.manifest_json)
         if self.manifest.sha256() != self.joined.manifest_sha256:
             raise PeerError("the run manifest arrived corrupted (sha256 mismatch); restart the peer")
-        self.cache_dir = Path(self.config.cache_dir).expanduser() / self.manifest.run_id
+        self.cache_dir = run_cache_dir(self.config.cache_dir, self.manifest.run_id)
         self.batch_size = self.config.batch_size or self.manifest.swarm.batch_size_per_step
         emit(
             logger,
@@ -193,30 +194,18 @@ class Volunteer:
         return itertools.chain([next(batches)], batches)
 
     def _load_shard(self, tokenizer, first_shard: int, index: int) -> list[list[int]] | None:
-        """Shard `index` as token blocks (downloaded, verified, cached); None when it cannot be
-        fetched now and an earlier shard can stand in for it."""
-        from crowdtrain.peer.data import read_shard, tokenize_blocks
-
-        shard, seq_len = self.manifest.data.shards[index], self.manifest.data.seq_len
-        try:
-            path = download(
-                f"{self.settings.http_base_url}/data/{shard.name}",
-                self.cache_dir / shard.name,
-                sha256=shard.sha256,
-                size=shard.size_bytes,
-            )
-        except DownloadError as e:
-            advice = (
-                "retry" if isinstance(e, DownloadCorrupted) else "is the coordinator's HTTP port reachable?"
-            )
-            error = PeerError(f"data shard {shard.name}: {e}; {advice}")
-            if index == first_shard:
-                raise error from e
-            logger.warning("%s; training on the previous shard again", error)
-            return None
-        blocks = tokenize_blocks(tokenizer, read_shard(path), seq_len)
-        logger.info("data: %s, %d sequences of %d tokens", shard.name, len(blocks), seq_len)
-        return blocks
+        """Shard `index` as token blocks; None when it cannot be fetched now (see peer/shards.py)."""
+        data = self.manifest.data
+        ssl_context = ClientTls.from_flags(self.config.tls, self.config.tls_ca).ssl_context()
+        return load_shard_blocks(
+            self.settings.http_base_url,
+            self.cache_dir,
+            data.shards[index],
+            tokenizer,
+            data.seq_len,
+            required=index == first_shard,
+            ssl_context=ssl_context,
+        )
 
     def build_model(self):
         import torch
@@ -228,6 +217,7 @@ class Volunteer:
         )
         self.use_amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.recovery = Recovery(self.config.coordinator, model, self.device, self.cache_dir, self.stop_event)
+        self.recovery.trust(self.manifest, ClientTls.from_flags(self.config.tls, self.config.tls_ca))
         if self.settings.resume_from_step > 0:  # nobody is training: start from the latest checkpoint
             self.recovery.load_checkpoint(self.settings.resume_from_step)
         return model

@@ -197,3 +197,16 @@ class TrustPolicy:
             )
         run = known.get(run_id)
         return run if run is not None and run.public_key == served_key else None
+
+
+def trust_joined_run(address: str, run_id: str, public_key: str, store: TrustStore | None = None) -> str:
+    """A training peer's check at Join: the run's signing key (named in the manifest) must be the one
+    trusted for this run at this address before; a run seen for the first time is trusted on first
+    use (the peer follows the run Join names). Returns the key to pin for the run's checkpoints."""
+    if not public_key:
+        return ""
+    store = store or TrustStore.default()
+    known = TrustPolicy(store, new_run_ok=True).check(address, run_id, public_key)
+    if known is None:
+        store.remember(address, run_id, public_key, -1)
+    return public_key
