@@ -1,6 +1,13 @@
 """The gRPC server: the plain servicer (`service.CoordinatorServicer`) served on grpc.aio, with
 health checking and reflection. `RequestError`s raised by the servicer become gRPC status codes
 here, through `service.STATUS_CODES`. No torch, no hivemind.
+
+Bounded for the internet (`GrpcLimits`): requests above `max_receive_bytes` are refused by gRPC
+itself (RESOURCE_EXHAUSTED; the largest legitimate request is well under 1 KiB), at most
+`max_concurrent_rpcs` at once (each peer holds one HeartbeatStream) and `max_streams_per_connection`
+per connection, keepalive pings drop dead clients, GetStatus is built in a small thread pool (not
+on the loop that serves heartbeats), and a checkpoint download whose client stops reading for
+`stall_timeout_s` is cancelled, releasing retention. With `tls` it serves TLS only.
 """
 
 from __future__ import annotations
@@ -9,17 +16,56 @@ import asyncio
 import functools
 import inspect
 import logging
-import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from crowdtrain.coordinator.errors import PortInUseError, RequestError
+from crowdtrain.coordinator.loopthread import LoopThread
 from crowdtrain.coordinator.service import FILE_CHUNK_BYTES, SERVICE_NAME, STATUS_CODES, CoordinatorServicer
+from crowdtrain.peer.tls import server_grpc_credentials
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GrpcLimits:
+    """What gRPC clients may hold. Raise `max_concurrent_rpcs` above the number of peers you expect
+    (each holds one HeartbeatStream) if peers see RESOURCE_EXHAUSTED on joining."""
+
+    max_receive_bytes: int = 64 << 10  # one request message
+    max_concurrent_rpcs: int = 2000  # RPCs in progress, streams included; more get RESOURCE_EXHAUSTED
+    max_streams_per_connection: int = 100  # HTTP/2 streams one connection may open at once
+    keepalive_time_s: float = 30.0  # ping a connection silent for this long...
+    keepalive_timeout_s: float = 10.0  # ...and drop it when the ping is not answered within this
+    max_connection_idle_s: float = 600.0  # close a connection without any RPC for this long
+    stall_timeout_s: float = 30.0  # cancel a download whose client read nothing for this long
+    status_workers: int = 2  # threads that answer GetStatus
+
+    def server_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.so_reuseport", 0),  # a second coordinator on the same port must fail, not share it
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", self.max_receive_bytes),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_connection_idle_ms", int(self.max_connection_idle_s * 1000)),
+        ]
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The coordinator's certificate chain and private key (PEM files, --tls-cert/--tls-key)."""
+
+    cert_file: str
+    key_file: str
 
 
 def _translating_errors(handler):
@@ -58,8 +104,9 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
     """Serves the plain servicer on grpc.aio: one event-loop thread, no GIL hand-offs between
     worker threads (see docs/figures.md for the tail latency this buys)."""
 
-    def __init__(self, servicer: CoordinatorServicer):
-        self.servicer = servicer
+    def __init__(self, servicer: CoordinatorServicer, limits: GrpcLimits):
+        self.servicer, self.limits = servicer, limits
+        self.status_pool = ThreadPoolExecutor(limits.status_workers, thread_name_prefix="grpc-status")
 
     @_translating_errors
     async def Join(self, request, context):
@@ -84,10 +131,13 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
 
     @_translating_errors
     async def GetStatus(self, request, context):
-        return self.servicer.GetStatus(request, context)
+        """Off the loop: building it for thousands of peers must not delay heartbeats."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.status_pool, self.servicer.GetStatus, request, context)
 
     @_translating_errors
     async def DownloadCheckpointFile(self, request, context):
+        """Written with context.write (not yield) so that a client that stops reading is noticed."""
         f, size, step = self.servicer.open_checkpoint_file(request)
         downloads = self.servicer.downloads
         downloads.begin(step)
@@ -95,44 +145,43 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
             with f:
                 offset = request.offset
                 while data := await asyncio.to_thread(f.read, FILE_CHUNK_BYTES):  # disk off the loop
-                    yield pb.FileChunk(data=data, offset=offset, size_bytes=size, step=step)
+                    chunk = pb.FileChunk(data=data, offset=offset, size_bytes=size, step=step)
+                    try:
+                        await asyncio.wait_for(context.write(chunk), self.limits.stall_timeout_s)
+                    except TimeoutError:
+                        # cancel the RPC: a status could not be sent either, it queues behind the data
+                        logger.info("cancelled a download of step %d: the client stopped reading", step)
+                        raise asyncio.CancelledError from None
                     offset += len(data)
         finally:
             downloads.end(step)
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when available (it ships with hivemind): a cheaper event loop per RPC."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 class GrpcServer:
     """A grpc.aio server on its own event-loop thread, with the thread-pool server's interface:
     `start()`, `stop(grace)` (idempotent; returns self, whose `wait()` is a no-op)."""
 
-    def __init__(self, servicer: CoordinatorServicer, host: str, port: int):
-        self._loop = _new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
-        self._thread.start()
+    def __init__(
+        self,
+        servicer: CoordinatorServicer,
+        host: str,
+        port: int,
+        limits: GrpcLimits = GrpcLimits(),
+        tls: ServerTls | None = None,
+    ):
+        self._adapter = _AioAdapter(servicer, limits)
+        self._loop = LoopThread("grpc-aio")
         try:
-            self._server, self.port = self._run(self._build(servicer, host, port))
+            self._server, self.port = self._loop.run(self._build(host, port, limits, tls))
         except BaseException:
-            self._close_loop()
+            self._close()
             raise
 
-    def _run(self, coro, timeout_s: float | None = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
-
-    async def _build(self, servicer: CoordinatorServicer, host: str, port: int):
-        # so_reuseport=0: a second coordinator on the same port must fail, not silently share it
+    async def _build(self, host: str, port: int, limits: GrpcLimits, tls: ServerTls | None):
         server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_send_message_length", 64 << 20)]
+            options=limits.server_options(), maximum_concurrent_rpcs=limits.max_concurrent_rpcs
         )
-        pb_grpc.add_CoordinatorServicer_to_server(_AioAdapter(servicer), server)
+        pb_grpc.add_CoordinatorServicer_to_server(self._adapter, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         # server reflection, so `grpcurl -plaintext HOST:PORT list` works without the .proto files
@@ -146,7 +195,11 @@ class GrpcServer:
         )
         advice = "another process uses it - stop it or pass --grpc-port 0"
         try:
-            bound = server.add_insecure_port(f"{host}:{port}")
+            if tls is None:
+                bound = server.add_insecure_port(f"{host}:{port}")
+            else:
+                credentials = server_grpc_credentials(tls.cert_file, tls.key_file)
+                bound = server.add_secure_port(f"{host}:{port}", credentials)
         except RuntimeError as e:
             raise PortInUseError(f"cannot listen for gRPC on {host}:{port} ({e}); {advice}") from e
         if bound == 0:
@@ -156,27 +209,32 @@ class GrpcServer:
         return server, bound
 
     def start(self) -> GrpcServer:
-        self._run(self._server.start())
+        self._loop.run(self._server.start())
         return self
 
     def stop(self, grace: float | None = None) -> GrpcServer:
-        if not self._loop.is_closed():
+        if not self._loop.closed:
             try:
-                self._run(self._server.stop(grace), timeout_s=(grace or 0) + 10)
+                self._loop.run(self._server.stop(grace), timeout_s=(grace or 0) + 10)
             finally:
-                self._close_loop()
+                self._close()
         return self
 
     def wait(self) -> None:
         """Compatibility with grpc.Server.stop(...).wait(): stop() already waited."""
 
-    def _close_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+    def _close(self) -> None:
         self._loop.close()
+        self._adapter.status_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def create_server(servicer: CoordinatorServicer, host: str, port: int) -> tuple[GrpcServer, int]:
+def create_server(
+    servicer: CoordinatorServicer,
+    host: str,
+    port: int,
+    limits: GrpcLimits = GrpcLimits(),
+    tls: ServerTls | None = None,
+) -> tuple[GrpcServer, int]:
     """Bind the coordinator API, health checking and reflection; returns (server, bound port)."""
-    server = GrpcServer(servicer, host, port)
+    server = GrpcServer(servicer, host, port, limits, tls)
     return server, server.port

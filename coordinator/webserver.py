@@ -13,38 +13,69 @@
     GET /metrics                              Prometheus metrics
     GET /healthz                              "ok"
 
-Standard library only (ThreadingHTTPServer); every path is resolved against an allow-list, never
-joined blindly, so `..` cannot escape the data directory: data shards against the manifest's,
-checkpoint files against their signed listing (`archive.lookup_file`, shared with gRPC).
+Every path is resolved against an allow-list, never joined blindly, so `..` cannot escape the data
+directory: data shards against the manifest's, checkpoint files against their signed listing
+(`archive.lookup_file`, shared with gRPC). Only GET and HEAD; anything else is 405.
+
+It is open to the internet, so every connection is bounded (`HttpLimits`): aiohttp on an event
+loop of its own (not the gRPC loop: a hostile HTTP client never delays a heartbeat), a connection
+with no complete request for `idle_timeout_s` is closed (idle keep-alive, headers trickled in
+slowly, a TLS handshake), a client that stops reading for `stall_timeout_s` is dropped (and a
+checkpoint it was downloading is released for retention), at most `max_connections` at once (more
+are answered 503 at once), request lines and headers are capped in size. The status views are built
+at most once per `view_max_age_s` in a one-thread pool and shared by every reader (`snapshots`).
+With `ssl_context` (`--tls-cert/--tls-key`) it serves HTTPS only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
-import re
-import threading
+import ssl
+import time
 from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from aiohttp import web
 from crowdtrain.coordinator import archive
 from crowdtrain.coordinator.errors import NotFoundError, PortInUseError
+from crowdtrain.coordinator.httpfiles import send_bytes, send_file
+from crowdtrain.coordinator.loopthread import LoopThread
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.snapshots import Memo, ViewCache
 from crowdtrain.coordinator.status import SwarmStatus, contributors
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer import checkpoint
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 logger = logging.getLogger(__name__)
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_CHUNK_BYTES = 1 << 20
-
 
 STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
+_JSON = "application/json"
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 40\r\n"
+    b"Retry-After: 5\r\nConnection: close\r\n\r\ntoo many connections; retry in a moment\n"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP client may hold. Raise `stall_timeout_s` if volunteers on slow links see
+    checkpoint downloads dropped (the slowest reader served is 256 KiB per stall_timeout_s)."""
+
+    idle_timeout_s: float = 15.0  # no complete request for this long (idle, slow headers, TLS handshake)
+    stall_timeout_s: float = 30.0  # the client read nothing of its response for this long
+    request_timeout_s: float = 3600.0  # longest any one request may take, downloads included
+    view_timeout_s: float = 10.0  # a status view not built within this is answered 503
+    view_max_age_s: float = 1.0  # status views are rebuilt at most this often
+    view_workers: int = 1  # threads that build status views
+    max_connections: int = 512  # open connections; more are answered 503 and closed
+    backlog: int = 128  # connections the kernel queues before we accept them
+    max_line_bytes: int = 8190  # request line and each header line
+    max_headers: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,170 +90,237 @@ class WebContext:
     downloads: archive.DownloadTracker = dataclasses.field(default_factory=archive.DownloadTracker)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "crowdtrain"
-    ctx: WebContext  # set on the subclass made by WebServer
+def _views(ctx: WebContext, max_age_s: float) -> dict[str, Callable[[], bytes]]:
+    """How each cached view is built (in the view pool, never on an event loop)."""
+    snapshot = Memo(lambda: (s := ctx.status(), s.to_json_dict()), max_age_s)
 
-    def log_message(self, fmt, *args):  # route access logs through logging, quietly
-        logger.debug("%s %s", self.address_string(), fmt % args)
+    def history() -> bytes:
+        evals = [
+            {"t": m.created_unix_s, "step": m.step, "eval_loss": m.eval_loss}
+            for m in checkpoint.list_checkpoints(ctx.checkpoint_root)
+        ]
+        return json.dumps({"swarm": ctx.store.history(), "eval": evals}).encode()
 
-    def do_HEAD(self):
-        self._dispatch(send_body=False)
+    views = {
+        "state": lambda: json.dumps(snapshot.get()[1]["summary"]).encode(),
+        "peers": lambda: json.dumps(snapshot.get()[1]["peers"]).encode(),
+        "contributors": lambda: json.dumps(
+            contributors(snapshot.get()[0], ctx.store.contribution_totals())
+        ).encode(),
+        "history": history,
+        "checkpoints": lambda: json.dumps(
+            [json.loads(m.to_json()) for m in checkpoint.list_checkpoints(ctx.checkpoint_root)]
+        ).encode(),
+        "rejections": lambda: json.dumps(ctx.store.rejections()).encode(),
+    }
+    if ctx.metrics is not None:
+        views["metrics"] = lambda: generate_latest(ctx.metrics.registry)
+    return views
 
-    def do_GET(self):
-        self._dispatch(send_body=True)
 
-    def _dispatch(self, send_body: bool) -> None:
-        path = self.path.split("?", 1)[0]
-        parts = [p for p in path.split("/") if p]
-        try:
-            if path == "/healthz":
-                return self._send_bytes(b"ok\n", "text/plain", send_body)
-            if path in ("/", "/index.html"):
-                return self._static("index.html", send_body)
-            if len(parts) == 2 and parts[0] == "static":
-                return self._static(parts[1], send_body)
-            if path == "/metrics" and self.ctx.metrics is not None:
-                return self._send_bytes(
-                    generate_latest(self.ctx.metrics.registry), CONTENT_TYPE_LATEST, send_body
-                )
-            if parts[:2] == ["api", "v1"] and len(parts) == 3:
-                return self._api(parts[2], send_body)
-            if len(parts) == 2 and parts[0] == "data" and parts[1] in self.ctx.data_files:
-                return self._send_file(self.ctx.data_dir / parts[1], send_body)
-            if len(parts) == 3 and parts[0] == "checkpoints":
-                return self._checkpoint_file(parts[1], parts[2], send_body)
-        except (BrokenPipeError, ConnectionResetError):
-            return
-        self.send_error(HTTPStatus.NOT_FOUND, f"no such resource {path}")
+class _Routes:
+    def __init__(self, ctx: WebContext, limits: HttpLimits):
+        self.ctx, self.limits = ctx, limits
+        self.views = ViewCache(_views(ctx, limits.view_max_age_s), limits.view_max_age_s, limits.view_workers)
+        self.static = {
+            p.name: (p.read_bytes(), _STATIC_TYPES[p.suffix])
+            for p in STATIC_DIR.iterdir()
+            if p.suffix in _STATIC_TYPES
+        }
 
-    def _static(self, name: str, send_body: bool) -> None:
-        path = STATIC_DIR / name
-        if name not in {p.name for p in STATIC_DIR.iterdir()} or path.suffix not in _STATIC_TYPES:
-            return self.send_error(HTTPStatus.NOT_FOUND, f"no static file {name!r}")
-        self._send_bytes(path.read_bytes(), _STATIC_TYPES[path.suffix], send_body)
-
-    def _api(self, name: str, send_body: bool) -> None:
-        ctx = self.ctx
-        if name == "run":
-            body = ctx.manifest_json
-        elif name == "checkpoints":
-            body = json.dumps(
-                [json.loads(m.to_json()) for m in checkpoint.list_checkpoints(ctx.checkpoint_root)]
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return await self._bytes(
+                request, b"only GET and HEAD\n", "text/plain", 405, {"Allow": "GET, HEAD"}
             )
-        elif name == "state":
-            body = json.dumps(ctx.status().to_json_dict()["summary"])
-        elif name == "peers":
-            body = json.dumps(ctx.status().to_json_dict()["peers"])
-        elif name == "rejections":
-            body = json.dumps(ctx.store.rejections())
-        elif name == "contributors":
-            body = json.dumps(contributors(ctx.status(), ctx.store.contribution_totals()))
-        elif name == "history":
-            evals = [
-                {"t": m.created_unix_s, "step": m.step, "eval_loss": m.eval_loss}
-                for m in checkpoint.list_checkpoints(ctx.checkpoint_root)
-            ]
-            body = json.dumps({"swarm": ctx.store.history(), "eval": evals})
-        else:
-            return self.send_error(HTTPStatus.NOT_FOUND, f"no API {name!r}")
-        self._send_bytes(body.encode(), "application/json", send_body)
-
-    def _checkpoint_file(self, step: str, name: str, send_body: bool) -> None:
-        if step != "latest" and not (step.isascii() and step.isdigit()):
-            return self.send_error(HTTPStatus.NOT_FOUND, "a checkpoint step is a number or 'latest'")
         try:
-            meta, path = archive.lookup_file(
-                self.ctx.checkpoint_root, None if step == "latest" else int(step), name
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                return await self._route(request)
+        except TimeoutError:
+            logger.info(
+                "dropped %s %s: over %gs", request.method, request.path[:80], self.limits.request_timeout_s
+            )
+        except ConnectionError as e:  # the client went away, or stopped reading (StalledError)
+            logger.debug("dropped %s %s: %s", request.method, request.path[:80], e)
+        except Exception:  # a bug: logged here, where aiohttp's own (quiet) logger would hide it
+            logger.exception("HTTP %s %s failed", request.method, request.path[:80])
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=408)  # never reaches the client: its connection is gone
+
+    async def _bytes(self, request, body: bytes, content_type: str, status: int = 200, headers=None):
+        headers = {"Cache-Control": "no-store", **(headers or {})}
+        return await send_bytes(request, body, content_type, self.limits.stall_timeout_s, status, headers)
+
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.raw_path.split("?", 1)[0]  # raw: "%2F" stays three characters, never a "/"
+        parts = [p for p in path.split("/") if p]
+        if path == "/healthz":
+            return await self._bytes(request, b"ok\n", "text/plain")
+        if path in ("/", "/index.html"):
+            parts = ["static", "index.html"]
+        if len(parts) == 2 and parts[0] == "static" and parts[1] in self.static:
+            return await self._bytes(request, *self.static[parts[1]])
+        if path == "/metrics" and "metrics" in self.views:
+            return await self._view(request, "metrics", CONTENT_TYPE_LATEST)
+        if len(parts) == 3 and parts[:2] == ["api", "v1"]:
+            if parts[2] == "run":
+                return await self._bytes(request, self.ctx.manifest_json.encode(), _JSON)
+            if parts[2] in self.views and parts[2] != "metrics":
+                return await self._view(request, parts[2], _JSON)
+        if len(parts) == 2 and parts[0] == "data" and parts[1] in self.ctx.data_files:
+            return await send_file(request, self.ctx.data_dir / parts[1], self.limits.stall_timeout_s)
+        if len(parts) == 3 and parts[0] == "checkpoints":
+            return await self._checkpoint_file(request, parts[1], parts[2])
+        return await self._bytes(request, f"no such resource {path[:200]}\n".encode(), "text/plain", 404)
+
+    async def _view(self, request, name: str, content_type: str) -> web.StreamResponse:
+        shared = asyncio.wrap_future(self.views.future(name))
+        try:  # shielded: a reader that gives up does not cancel the build other readers wait for
+            body = await asyncio.wait_for(asyncio.shield(shared), self.limits.view_timeout_s)
+        except TimeoutError:
+            return await self._bytes(
+                request, b"status is busy; retry\n", "text/plain", 503, {"Retry-After": "2"}
+            )
+        except Exception as e:  # logged by the view cache
+            return await self._bytes(request, f"status unavailable: {e}\n".encode(), "text/plain", 500)
+        return await self._bytes(request, body, content_type)
+
+    async def _checkpoint_file(self, request, step: str, name: str) -> web.StreamResponse:
+        if step != "latest" and not (step.isascii() and step.isdigit() and len(step) <= 12):
+            return await self._bytes(
+                request, b"a checkpoint step is a number or 'latest'\n", "text/plain", 404
+            )
+        root = self.ctx.checkpoint_root
+        try:
+            meta, path = await asyncio.to_thread(
+                archive.lookup_file, root, None if step == "latest" else int(step), name
             )
         except NotFoundError as e:
-            return self.send_error(HTTPStatus.NOT_FOUND, str(e))
+            return await self._bytes(request, f"{e}\n".encode(), "text/plain", 404)
         self.ctx.downloads.begin(meta.step)
         try:
-            self._send_file(path, send_body)
-        finally:
+            return await send_file(request, path, self.limits.stall_timeout_s)
+        finally:  # reached for a finished, failed, stalled or timed-out download alike
             self.ctx.downloads.end(meta.step)
 
-    def _send_bytes(self, body: bytes, content_type: str, send_body: bool) -> None:
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
 
-    def _send_file(self, path: Path, send_body: bool) -> None:
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below; opened first so a pruned file is a 404
-        except FileNotFoundError:
-            return self.send_error(HTTPStatus.NOT_FOUND, "file is gone")
-        with f:
-            size = path.stat().st_size
-            start, end = 0, size - 1
-            header = self.headers.get("Range")
-            status = HTTPStatus.OK
-            if header:
-                m = _RANGE.match(header.strip())
-                if not m or (not m.group(1) and not m.group(2)):
-                    return self.send_error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "unsupported Range")
-                if m.group(1):
-                    start = int(m.group(1))
-                    end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
-                else:  # suffix range: the last N bytes
-                    start = max(0, size - int(m.group(2)))
-                if start >= size or start > end:
-                    self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
-                    self.send_header("Content-Range", f"bytes */{size}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                status = HTTPStatus.PARTIAL_CONTENT
-            self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(end - start + 1))
-            if status == HTTPStatus.PARTIAL_CONTENT:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-            self.end_headers()
-            if not send_body:
-                return
-            f.seek(start)
-            remaining = end - start + 1
-            while remaining > 0:
-                chunk = f.read(min(_CHUNK_BYTES, remaining))
-                if not chunk:
-                    break
-                self.wfile.write(chunk)
-                remaining -= len(chunk)
+class _QuietProtocolLog(logging.LoggerAdapter):
+    """aiohttp's connection-level log: malformed requests from strangers are logged at debug level
+    (with a traceback each at ERROR, anyone could fill the operator's disk); handler errors are
+    logged by `_Routes.handle` itself."""
+
+    def exception(self, msg, *args, **kwargs) -> None:
+        self.debug(msg, *args, **{**kwargs, "exc_info": True})
+
+    def error(self, msg, *args, **kwargs) -> None:
+        self.debug(msg, *args, **kwargs)
+
+
+class _Busy(asyncio.Protocol):
+    """The protocol of a connection over `max_connections`: answer 503 and close."""
+
+    def connection_made(self, transport) -> None:
+        transport.write(_BUSY)
+        transport.close()
+
+
+class _BoundedServer(web.Server):
+    """aiohttp's low-level server, refusing connections beyond `max_connections`."""
+
+    def __init__(self, handler, max_connections: int, **kwargs):
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self.refused = 0
+        self._warned_at = -float("inf")
+
+    def __call__(self):
+        if len(self.connections) < self.max_connections:
+            return super().__call__()
+        self.refused += 1
+        if time.monotonic() - self._warned_at > 10.0:
+            self._warned_at = time.monotonic()
+            logger.warning(
+                "HTTP: %d connections open, refusing more with 503 (%d refused so far)",
+                self.max_connections,
+                self.refused,
+            )
+        return _Busy()
 
 
 class WebServer:
-    """start() binds and serves on a background thread; shutdown() is idempotent."""
+    """Binds at construction; start() serves on a loop thread of its own; shutdown() is idempotent."""
 
-    def __init__(self, ctx: WebContext, host: str, port: int):
-        handler = type("Handler", (_Handler,), {"ctx": ctx})
+    def __init__(
+        self,
+        ctx: WebContext,
+        host: str,
+        port: int,
+        limits: HttpLimits = HttpLimits(),
+        ssl_context: ssl.SSLContext | None = None,
+    ):
+        self.limits, self.scheme = limits, "https" if ssl_context else "http"
+        self._routes = _Routes(ctx, limits)
+        self._loop = LoopThread("http-aio")
         try:
-            self._httpd = ThreadingHTTPServer((host, port), handler)
+            self._http, self._server = self._loop.run(self._bind(host, port, ssl_context))
+        except BaseException:
+            self._loop.close()
+            self._routes.views.close()
+            raise
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _bind(self, host: str, port: int, ssl_context: ssl.SSLContext | None):
+        limits = self.limits
+        http = _BoundedServer(
+            self._routes.handle,
+            limits.max_connections,
+            keepalive_timeout=limits.idle_timeout_s,  # also from connect to the first request
+            max_line_size=limits.max_line_bytes,
+            max_field_size=limits.max_line_bytes,
+            max_headers=limits.max_headers,
+            lingering_time=1.0,
+            access_log=None,
+            logger=_QuietProtocolLog(logging.getLogger(__name__ + ".protocol")),
+        )
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                http,
+                host,
+                port,
+                ssl=ssl_context,
+                backlog=limits.backlog,
+                ssl_handshake_timeout=limits.idle_timeout_s if ssl_context else None,
+                start_serving=False,
+            )
         except OSError as e:
             raise PortInUseError(
                 f"cannot listen for HTTP on {host}:{port} ({e.strerror}); stop the other process or pass --http-port 0"
             ) from e
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread: threading.Thread | None = None
+        return http, server
+
+    @property
+    def connections(self) -> int:
+        """Open HTTP connections (for tests and diagnostics)."""
+        return len(self._http.connections)
 
     def start(self) -> WebServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)
-        self._thread.start()
+        self._loop.run(self._server.start_serving())
         return self
 
     def shutdown(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join()
-            self._thread = None
-            self._httpd.server_close()
+        if self._loop.closed:
+            return
+        try:
+            self._loop.run(self._close(), timeout_s=15)
+        finally:
+            self._loop.close()
+            self._routes.views.close()
+
+    async def _close(self) -> None:
+        self._server.close()
+        self._http.pre_shutdown()
+        await self._http.shutdown(timeout=2.0)
 
     def __enter__(self) -> WebServer:
         return self.start()
@@ -231,4 +329,4 @@ class WebServer:
         self.shutdown()
 
 
-__all__ = ["WebContext", "WebServer"]
+__all__ = ["HttpLimits", "WebContext", "WebServer"]
