@@ -12,8 +12,8 @@ webserver's docstring) and go, one at a time in a fast loop, to a coordinator in
   or an answer that is not HTTP to a well-formed HTTP/1.x request; a connection the server closes
   or resets is fine;
 - any response exceeds MAX_RESPONSE_BYTES, or anything logs at ERROR;
-- SQLite fails `PRAGMA integrity_check`, a stored text exceeds crowdtrain.peer.report.LIMITS, an
-  integer column cannot be summed (overflow), or the database outgrows MAX_DB_BYTES;
+- SQLite fails `PRAGMA integrity_check`, a stored value is outside the request limits table
+  (`field_limits`), an integer column cannot be summed (overflow), or the database outgrows MAX_DB_BYTES;
 - after the fuzz, GetStatus or a GET of /api/v1/*, /metrics or / fails or exceeds MAX_RESPONSE_BYTES;
 - the good peer's heartbeats fail or their p99 round trip exceeds HEARTBEAT_P99_S.
 Each problem is listed with the request that caused it (repr, cut short): a reproducer.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import importlib
 import logging
 import math
 import re
@@ -36,7 +37,6 @@ from pathlib import Path
 import grpc
 from crowdtrain.coordinator import webserver
 from crowdtrain.coordinator.service import SERVICE_NAME
-from crowdtrain.peer import report
 from crowdtrain.protos import coordinator_pb2 as pb
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
@@ -300,6 +300,29 @@ def http_exchange(port: int, wire: bytes) -> tuple[str, int]:
     return f"HTTP {data.split(b' ', 2)[1].decode('latin-1')}", len(data)
 
 
+def field_limits() -> tuple[dict[str, int], dict[str, tuple[float, float]]]:
+    """(longest text, numeric range) by field name, from whichever limits table the code has:
+    crowdtrain.coordinator.limits.REQUEST_LIMITS (per message and field), else
+    crowdtrain.peer.report.LIMITS (text lengths only). The loosest over messages wins."""
+    lengths: dict[str, int] = {}
+    ranges: dict[str, tuple[float, float]] = {}
+    try:
+        table = importlib.import_module("crowdtrain.coordinator.limits").REQUEST_LIMITS
+    except (ImportError, AttributeError):
+        old = importlib.import_module("crowdtrain.peer.report").LIMITS
+        return {f.name: getattr(old, f.name) for f in dataclasses.fields(old)}, {}
+    for fields in table.values():
+        for name, limit in fields.items():
+            if limit.kind in ("display", "id", "bytes"):
+                lengths[name] = max(lengths.get(name, 0), limit.max_len)
+            elif limit.kind == "enum":
+                lengths[name] = max(lengths.get(name, 0), *map(len, limit.choices))
+            elif limit.kind in ("int", "float"):
+                low, high = ranges.get(name, (limit.low, limit.high))
+                ranges[name] = (min(low, limit.low), max(high, limit.high))
+    return lengths, ranges
+
+
 def check_database(path: Path, report_: FuzzReport) -> None:
     """Integrity, stored text within LIMITS, summable integer columns, size."""
     report_.db_bytes = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
@@ -312,14 +335,18 @@ def check_database(path: Path, report_: FuzzReport) -> None:
             report_.violate(f"integrity_check: {result[:5]}")
         cursor = db.execute("SELECT * FROM peers")
         names = [d[0] for d in cursor.description]
-        too_long = collections.Counter()
+        lengths, ranges = field_limits()
+        outside = collections.Counter()
         for row in cursor:
             for name, value in zip(names, row, strict=True):
-                limit = getattr(report.LIMITS, name, None)
-                if isinstance(limit, int) and isinstance(value, str) and len(value) > limit:
-                    too_long[name] += 1
-        for name, n in too_long.items():
-            report_.violate(f"peers.{name}: {n} rows longer than {getattr(report.LIMITS, name)} characters")
+                if isinstance(value, str | bytes) and name in lengths and len(value) > lengths[name]:
+                    outside[f"peers.{name} longer than {lengths[name]}"] += 1
+                if isinstance(value, int | float) and name in ranges:
+                    low, high = ranges[name]
+                    if not low <= value <= high:
+                        outside[f"peers.{name} outside [{low}, {high}]"] += 1
+        for what, n in outside.items():
+            report_.violate(f"{n} stored values: {what}")
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         for table in tables:
             for _, column, kind, *_ in db.execute(f"PRAGMA table_info({table})").fetchall():

@@ -95,6 +95,7 @@ def text(hints: Hints = Hints()) -> st.SearchStrategy[str]:
     )
     return st.one_of(
         st.sampled_from(hints.texts or SPECIAL_TEXT),
+        st.sampled_from(hints.texts or SPECIAL_TEXT),
         short,
         st.builds(lambda s, n: (s or "x") * n, short, st.sampled_from(REPEATS)),
         st.builds(lambda a, b: a + b, short, short),
@@ -173,10 +174,11 @@ def grpc_call(hints: Hints = Hints()) -> st.SearchStrategy[GrpcCall]:
             requests,
             st.one_of(st.none(), st.integers(0, 1 << 16)),
         )
+        # raw bytes; now and then past gRPC's 4 MiB default receive limit
         raw = st.builds(
-            lambda b, n: GrpcCall(method.name, (), b * n, None),
+            lambda b, n: GrpcCall(method.name, (), b * max(1, n // len(b)), None),
             st.binary(min_size=1, max_size=48),
-            st.sampled_from((1, 1, 1, 1, 1, 1, 1, 1000, 100_000)),
+            st.sampled_from((1,) * 27 + (1000, 100_000, 4_300_000)),
         )
         return st.one_of(structured, structured, structured, raw)
 
@@ -287,7 +289,7 @@ def http_request(routes: tuple[str, ...], hints: Hints = Hints()) -> st.SearchSt
         unique=True,
     )
     ranges = st.one_of(st.sampled_from(RANGES), any_text)
-    huge = st.sampled_from((8_000, 8_000, 70_000, 1_000_000))
+    huge = st.sampled_from((8_000,) * 10 + (70_000, 1_000_000))
     many = st.sampled_from((100, 1000))
     methods, versions, bodies = (
         st.sampled_from(METHOD_NAMES),

@@ -21,7 +21,7 @@ from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.service import SERVICE_NAME, CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
 from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.webserver import STATIC_DIR, WebContext, WebServer
+from crowdtrain.coordinator.webserver import WebContext, WebServer
 from crowdtrain.peer import checkpoint
 from crowdtrain.protos import coordinator_pb2 as pb
 
@@ -110,10 +110,8 @@ class LiveCoordinator:
         self.grpc_address = f"127.0.0.1:{port}"
 
     def hints(self) -> Hints:
-        texts = (SHARD, str(STEP), checkpoint.META_NAME, *CHECKPOINT_FILES)
-        statics = tuple(p.name for p in STATIC_DIR.iterdir())
         sizes = tuple(len(d) for d in CHECKPOINT_FILES.values())
-        return Hints(texts=(*texts, *statics), ints=(STEP, *sizes))
+        return Hints(texts=(SHARD, str(STEP), checkpoint.META_NAME, *CHECKPOINT_FILES), ints=(STEP, *sizes))
 
     def close(self) -> None:
         try:
@@ -185,7 +183,8 @@ class GoodPeer:
                 self.latencies_s.append(time.perf_counter() - t0)
             except grpc.RpcError as e:
                 self.failures.append(f"{e.code().name}: {e.details()}")
-            next_t += GOOD_PEER_INTERVAL_S
+            # after a stall, the next one interval from now: a peer does not send a burst to catch up
+            next_t = max(next_t + GOOD_PEER_INTERVAL_S, time.monotonic() + GOOD_PEER_INTERVAL_S / 2)
             self._stop.wait(max(0.0, next_t - time.monotonic()))
 
     def stop(self) -> None:
