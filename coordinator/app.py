@@ -26,18 +26,20 @@ from pathlib import Path
 
 from crowdtrain.coordinator.archive import DownloadTracker
 from crowdtrain.coordinator.config import CoordinatorConfig
-from crowdtrain.coordinator.grpcserver import create_server
+from crowdtrain.coordinator.grpcserver import ServerTls, create_server
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.runs import Run, open_run
 from crowdtrain.coordinator.service import AbuseLimits, CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.signing import public_key_hex
+from crowdtrain.coordinator.snapshots import Memo
 from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.webserver import WebContext, WebServer
 from crowdtrain.peer import checkpoint
 from crowdtrain.peer.events import emit
+from crowdtrain.peer.tls import TlsConfigError, server_ssl_context
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,19 @@ class Coordinator:
         self.dht = self.monitor = self.metrics = self.web = self.grpc_server = self.publisher = None
         self.endpoints: dict = {}
         self._stopped = threading.Event()
+        # every status view (HTTP, GetStatus, /metrics) shares one snapshot, rebuilt at most once a second
+        self.cached_status = Memo(self.status, max_age_s=1.0)
+        self.tls = self._server_tls(config)
+
+    @staticmethod
+    def _server_tls(config: CoordinatorConfig) -> ServerTls | None:
+        """--tls-cert/--tls-key, checked before anything starts; None to serve plaintext."""
+        if bool(config.tls_cert) != bool(config.tls_key):
+            raise TlsConfigError("--tls-cert and --tls-key go together: pass both, or neither for plaintext")
+        if not config.tls_cert:
+            return None
+        server_ssl_context(config.tls_cert, config.tls_key)  # readable, PEM, and a matching pair
+        return ServerTls(config.tls_cert, config.tls_key)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -75,9 +90,9 @@ class Coordinator:
         self.store, self.run = open_run(cfg, self.data_dir)
         maddrs = self._start_dht()
         self._start_monitor()
-        self.metrics = CoordinatorMetrics(self.status)
+        self.metrics = CoordinatorMetrics(self.cached_status.get)
         downloads = self._start_web()
-        http_base_url = f"http://{self.public_host}:{self.web.port}"
+        http_base_url = f"{self.web.scheme}://{self.public_host}:{self.web.port}"
         grpc_port = self._start_grpc(maddrs, http_base_url, downloads)
         if with_publisher and cfg.checkpoint_interval_s > 0:
             self._start_publisher(maddrs, downloads)
@@ -138,14 +153,15 @@ class Coordinator:
             checkpoint_root=self.checkpoint_root,
             manifest_json=manifest.to_json(),
             store=self.store,
-            status=self.status,
+            status=self.cached_status.get,
             metrics=self.metrics,
         )
+        ssl_context = server_ssl_context(self.tls.cert_file, self.tls.key_file) if self.tls else None
         self.web = bind_remembered(
             self.store,
             "http_port",
             cfg.http_port,
-            lambda port: WebServer(context, cfg.host, port),
+            lambda port: WebServer(context, cfg.host, port, ssl_context=ssl_context),
             port_of=lambda web: web.port,
         ).start()
         return context.downloads
@@ -171,7 +187,7 @@ class Coordinator:
                 cfg.joins_per_minute,
                 prune_silent_joins_after_s=cfg.prune_silent_joins_after_s,
             ),
-            status=self.status,
+            status=self.cached_status.get,
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
             downloads=downloads,
         )
@@ -179,7 +195,7 @@ class Coordinator:
             self.store,
             "grpc_port",
             cfg.grpc_port,
-            lambda port: create_server(servicer, cfg.host, port),
+            lambda port: create_server(servicer, cfg.host, port, tls=self.tls),
             port_of=lambda bound: bound[1],
         )
         self.grpc_server.start()
@@ -208,6 +224,7 @@ class Coordinator:
             "run_id": self.run.manifest.run_id,
             "grpc": f"{self.public_host}:{grpc_port}",
             "http": http_base_url,
+            "tls": self.tls is not None,
             "dht": maddrs,
             "pid": os.getpid(),
             "initial_eval_loss": self.publisher.initial_eval_loss if self.publisher else None,

@@ -181,8 +181,9 @@ def cmd_status(config: cfg.StatusConfig) -> int:
     import time
 
     from crowdtrain.peer.client import CoordinatorClient
+    from crowdtrain.peer.tls import ClientTls
 
-    with CoordinatorClient(config.coordinator) as client:
+    with CoordinatorClient(config.coordinator, tls=ClientTls.from_flags(config.tls, config.tls_ca)) as client:
         while True:
             text = format_status(client.get_status(), time.time())
             if config.watch_s > 0:

@@ -17,7 +17,7 @@ from typing import TypeVar
 import grpc
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
-from crowdtrain.peer.tls import ClientTls
+from crowdtrain.peer.tls import ClientTls, connection_hint
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
@@ -61,6 +61,7 @@ class CoordinatorClient:
     def __init__(self, address: str, rpc_timeout_s: float = 10.0, tls: ClientTls | None = None):
         self.address = parse_address(address)
         self.rpc_timeout_s = rpc_timeout_s
+        self.tls = tls
         options = [("grpc.max_receive_message_length", 64 << 20)]
         if tls is not None and tls.enabled:
             self._channel = grpc.secure_channel(self.address, tls.grpc_credentials(), options)
@@ -81,7 +82,7 @@ class CoordinatorClient:
         try:
             return method(request, timeout=timeout_s or self.rpc_timeout_s)
         except grpc.RpcError as e:
-            raise _translate(e, self.address) from None
+            raise _translate(e, self.address, self.tls) from None
 
     def join(self, request: pb.JoinRequest) -> pb.JoinResponse:
         return self._call(self._stub.Join, request)
@@ -107,16 +108,20 @@ class CoordinatorClient:
         try:
             yield from self._stub.DownloadCheckpointFile(request, timeout=timeout_s)
         except grpc.RpcError as e:
-            raise _translate(e, self.address) from None
+            raise _translate(e, self.address, self.tls) from None
 
     def get_status(self) -> pb.GetStatusResponse:
         return self._call(self._stub.GetStatus, pb.GetStatusRequest())
 
 
-def _translate(e: grpc.RpcError, address: str) -> Exception:
+def _translate(e: grpc.RpcError, address: str, tls: ClientTls | None = None) -> Exception:
     code, details = e.code(), e.details()
     if code in _RETRYABLE or code is grpc.StatusCode.CANCELLED:
-        return CoordinatorUnavailable(f"coordinator at {address} is unreachable ({code.name}: {details})")
+        hint = connection_hint(tls, details or "") if code is grpc.StatusCode.UNAVAILABLE else ""
+        return CoordinatorUnavailable(
+            f"coordinator at {address} is unreachable ({code.name}: {details})"
+            + (f"; {hint}" if hint else "")
+        )
     return CoordinatorRejected(f"coordinator at {address} refused: {code.name}: {details}", code)
 
 

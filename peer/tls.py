@@ -73,3 +73,34 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     except ssl.SSLError as e:
         raise TlsConfigError(f"--tls-cert and --tls-key do not form a usable pair: {e}") from e
     return context
+
+
+def server_grpc_credentials(cert_file: str, key_file: str):
+    """grpc.ServerCredentials from the coordinator's --tls-cert/--tls-key, checked first with
+    `server_ssl_context` so a bad pair fails with the same clear message for gRPC and HTTP."""
+    import grpc
+
+    server_ssl_context(cert_file, key_file)
+    key = read_pem(key_file, "private key (--tls-key)")
+    cert = read_pem(cert_file, "certificate (--tls-cert)")
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def connection_hint(tls: ClientTls | None, details: str) -> str:
+    """What to try when a connection to the coordinator failed, given how the client connected
+    (`details`: gRPC's or ssl's error text); "" when TLS is unlikely to be the cause."""
+    lowered = details.lower()
+    if tls is not None and tls.enabled:
+        if any(w in lowered for w in ("certificate", "ssl", "handshake", "tls")):
+            return (
+                "the TLS handshake failed: the coordinator's certificate is not trusted "
+                f"({'--tls-ca ' + tls.ca_file if tls.ca_file else 'the system trust store'}) or does "
+                "not name this address - pass the run's CA with --tls-ca, or check the address"
+            )
+        return ""
+    if any(w in lowered for w in ("socket closed", "connection reset", "eof", "ssl", "tls", "handshake")):
+        return (
+            "the coordinator may be serving TLS and this client talks plaintext - pass --tls-ca FILE "
+            "(its certificate) or --tls"
+        )
+    return ""
