@@ -103,7 +103,9 @@ class Volunteer:
         self.name = config.name or socket.gethostname()
         self.stop_event = threading.Event()
         self.stats = StatsBox()
-        self.client = CoordinatorClient(config.coordinator)
+        self.client = CoordinatorClient(
+            config.coordinator, tls=ClientTls.from_flags(config.tls, config.tls_ca)
+        )
         self.dht = self.opt = self.heartbeat = None
         self.session_id = ""
 
