@@ -197,7 +197,10 @@ def _download_verified(
         _check_trust(coordinator, meta, info, step, policy)
         _fetch_files(source, meta, staging)
         return checkpoint.verify_dir(staging, public_key=meta.public_key)
-    except (CheckpointError, DownloadCorrupted, trust.UntrustedKey) as e:
+    except trust.UntrustedKey as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PullError(f"nothing was written: {e}") from e
+    except (CheckpointError, DownloadCorrupted) as e:
         shutil.rmtree(staging, ignore_errors=True)  # never resume from bytes that failed verification
         raise PullError(f"verification failed, nothing was written: {e}") from e
     except DownloadError as e:

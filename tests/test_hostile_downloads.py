@@ -86,7 +86,7 @@ class Hostile:
             self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         scheme = "https" if context is not None else "http"
         self.base = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def publish(
         self, meta: CheckpointMeta, files: dict[str, bytes], listed: list[dict] | None = None
@@ -432,3 +432,33 @@ def test_https_pull_with_a_self_signed_certificate(store, tmp_path: Path):
         assert pull(server.base, tmp_path / "out", store=store, tls=tls).step == 3
     finally:
         server.close()
+
+
+def test_grpc_pull_over_tls_with_a_self_signed_certificate(store, tmp_path: Path):
+    cert, key_file = make_self_signed(tmp_path / "tls")
+    meta = signed(new_key(), 3, {"config.json": CONFIG})
+    files = {"crowdtrain.json": meta.to_json().encode(), "config.json": CONFIG}
+
+    class Honest(pb_grpc.CoordinatorServicer):
+        def ListCheckpoints(self, request, context):
+            listed = [
+                pb.CheckpointFile(name=f.name, sha256=f.sha256, size_bytes=f.size_bytes) for f in meta.files
+            ]
+            info = pb.CheckpointInfo(step=3, files=listed)
+            return pb.ListCheckpointsResponse(checkpoints=[info], signing_public_key=meta.public_key)
+
+        def DownloadCheckpointFile(self, request, context):
+            data = files[request.name][request.offset :]
+            yield pb.FileChunk(data=data, offset=request.offset, size_bytes=len(files[request.name]), step=3)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_CoordinatorServicer_to_server(Honest(), server)
+    credentials = grpc.ssl_server_credentials([(key_file.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        tls = ClientTls.from_flags(False, str(cert))
+        assert pull(f"127.0.0.1:{port}", tmp_path / "out", store=store, tls=tls, timeout_s=20).step == 3
+        assert (tmp_path / "out" / "config.json").read_bytes() == CONFIG
+    finally:
+        server.stop(0).wait()
