@@ -19,6 +19,7 @@ Range, or the gRPC stream's offset); one that fails verification is deleted.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -110,7 +111,7 @@ def staging_dir(out: Path, step: int) -> Path:
     """A private directory beside `out` for step `step`: one an interrupted pull of this user left
     (a real directory, owned by us, mode 0700), else a fresh `mkdtemp` one."""
     prefix = f".{out.name}.pull-step-{step}-"
-    for candidate in sorted(out.parent.glob(prefix + "*")):
+    for candidate in sorted(out.parent.glob(glob.escape(prefix) + "*")):
         st = candidate.lstat()
         if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
             return candidate
