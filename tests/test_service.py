@@ -11,13 +11,13 @@ import pytest
 from crowdtrain.coordinator import archive, errors
 from crowdtrain.coordinator.errors import PortInUseError
 from crowdtrain.coordinator.grpcserver import create_server
+from crowdtrain.coordinator.limits import REQUEST_LIMITS
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state
 from crowdtrain.coordinator.service import STATUS_CODES, CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.status import PeerView, SwarmSummary
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer.checkpoint import CheckpointMeta
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
-from crowdtrain.coordinator.limits import REQUEST_LIMITS
 from crowdtrain.peer.report import FIELD_NAMES
 from crowdtrain.protos import coordinator_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
