@@ -101,11 +101,12 @@ class Coordinator:
         emit(
             logger,
             "coordinator_ready",
-            "coordinator ready: run %s, %d-parameter %s model; peers join with `crowdtrain peer --coordinator %s`",
+            "coordinator ready: run %s, %d-parameter %s model; peers join with `crowdtrain peer --coordinator %s%s`",
             manifest.run_id,
             manifest.model.num_parameters,
             manifest.preset,
             self.endpoints["grpc"],
+            f" --tls-ca {self.tls.cert_file}" if self.tls else "",
             grpc=self.endpoints["grpc"],
             http=http_base_url,
             run_id=manifest.run_id,
