@@ -68,11 +68,13 @@ def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
     import signal
 
     from crowdtrain.coordinator.app import Coordinator
+    from crowdtrain.coordinator.loopthread import favour_event_loops
 
     coordinator = Coordinator(config)
     try:
         coordinator.start()
         _tune_gc_for_a_long_running_server()
+        favour_event_loops()
         # installed after start(): hivemind's averager (in the publisher) sets SIGINT to "ignored"
         signal.signal(signal.SIGINT, lambda *_: coordinator.stop())
         signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())

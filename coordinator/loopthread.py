@@ -8,6 +8,7 @@ share only the GIL). No torch, no hivemind.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -45,3 +46,16 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
+
+
+SWITCH_INTERVAL_S = 0.001
+
+
+def favour_event_loops() -> float:
+    """Hand the GIL over every millisecond instead of every 5: a heartbeat needs it a few times,
+    and while the status-view thread or a flood of HTTP requests holds it, each hand-over waits up
+    to the switch interval (heartbeat p99 under 1,000 anonymous requests/s: 44 ms at 5 ms, 23 ms at
+    1 ms). Process-wide, so called by `crowdtrain coordinator`, not on import; returns the old value."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    return old

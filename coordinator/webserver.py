@@ -22,7 +22,8 @@ loop of its own (not the gRPC loop: a hostile HTTP client never delays a heartbe
 with no complete request for `idle_timeout_s` is closed (idle keep-alive, headers trickled in
 slowly, a TLS handshake), a client that stops reading for `stall_timeout_s` is dropped (and a
 checkpoint it was downloading is released for retention), at most `max_connections` at once (more
-are answered 503 at once), request lines and headers are capped in size. The status views are built
+are answered 503 at once), one address gets `requests_per_s_per_address` (more: 429), request lines
+and headers are capped in size. The status views are built
 at most once per `view_max_age_s` in a one-thread pool and shared by every reader (`snapshots`).
 With `ssl_context` (`--tls-cert/--tls-key`) it serves HTTPS only.
 """
@@ -31,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -44,6 +47,7 @@ from crowdtrain.coordinator.errors import NotFoundError, PortInUseError
 from crowdtrain.coordinator.httpfiles import send_bytes, send_file
 from crowdtrain.coordinator.loopthread import LoopThread
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.ratelimit import BucketSettings, RateLimiter
 from crowdtrain.coordinator.snapshots import Memo, ViewCache
 from crowdtrain.coordinator.status import SwarmStatus, contributors
 from crowdtrain.coordinator.store import Store
@@ -76,6 +80,8 @@ class HttpLimits:
     backlog: int = 128  # connections the kernel queues before we accept them
     max_line_bytes: int = 8190  # request line and each header line
     max_headers: int = 64
+    requests_burst: int = 60  # requests one address (an IPv6 /64) may make at once...
+    requests_per_s_per_address: float = 20.0  # ...and then per second; more are answered 429
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +124,25 @@ def _views(ctx: WebContext, max_age_s: float) -> dict[str, Callable[[], bytes]]:
     return views
 
 
+def address_key(remote: str) -> str:
+    """The rate-limit key of a client address: itself, or for IPv6 its /64 network (one host
+    commonly holds a whole /64)."""
+    try:
+        address = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    return str(address)
+
+
 class _Routes:
     def __init__(self, ctx: WebContext, limits: HttpLimits):
         self.ctx, self.limits = ctx, limits
         self.views = ViewCache(_views(ctx, limits.view_max_age_s), limits.view_max_age_s, limits.view_workers)
+        self.callers = RateLimiter(BucketSettings(limits.requests_burst, limits.requests_per_s_per_address))
         self.static = {
             p.name: (p.read_bytes(), _STATIC_TYPES[p.suffix])
             for p in STATIC_DIR.iterdir()
@@ -129,10 +150,6 @@ class _Routes:
         }
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.method not in ("GET", "HEAD"):
-            return await self._bytes(
-                request, b"only GET and HEAD\n", "text/plain", 405, {"Allow": "GET, HEAD"}
-            )
         try:
             async with asyncio.timeout(self.limits.request_timeout_s):
                 return await self._route(request)
@@ -153,6 +170,16 @@ class _Routes:
         return await send_bytes(request, body, content_type, self.limits.stall_timeout_s, status, headers)
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        allowed, retry_s = self.callers.allow(address_key(request.remote or ""), time.monotonic())
+        if not allowed:  # every request costs the GIL the heartbeats need: strangers get a fair share
+            retry = {"Retry-After": str(math.ceil(retry_s))}
+            return await self._bytes(
+                request, b"too many requests from your address\n", "text/plain", 429, retry
+            )
+        if request.method not in ("GET", "HEAD"):
+            return await self._bytes(
+                request, b"only GET and HEAD\n", "text/plain", 405, {"Allow": "GET, HEAD"}
+            )
         path = request.raw_path.split("?", 1)[0]  # raw: "%2F" stays three characters, never a "/"
         parts = [p for p in path.split("/") if p]
         if path == "/healthz":
