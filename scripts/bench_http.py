@@ -1,7 +1,7 @@
 """Heartbeat latency while anonymous readers hammer the status API, and what the HTTP server holds
 for clients that do nothing (issue 10, attack 7). In process: servicer + gRPC + HTTP, no peers.
 
-    .venv/bin/python -m scripts.bench_http --peers 2000 --readers 4 --seconds 5
+    .venv/bin/python -m scripts.bench_http --peers 2000 --readers 4 --seconds 5 [--no-rate-limit]
 
 Prints heartbeat p50/p99 alone and with the readers, how many status builds served them, and how
 long 500 idle sockets and one never-read download stay held (with the default limits).
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from crowdtrain.coordinator import archive
 from crowdtrain.coordinator.grpcserver import create_server
+from crowdtrain.coordinator.loopthread import favour_event_loops
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
 from crowdtrain.coordinator.service import AbuseLimits, CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.status import SwarmProgress, build_status
@@ -29,12 +30,16 @@ from crowdtrain.peer.client import CoordinatorClient
 from crowdtrain.protos import coordinator_pb2 as pb
 
 READER = """
-import sys, time, urllib.request
-reads, end = 0, time.monotonic() + float(sys.argv[2])
+import sys, time, urllib.error, urllib.request
+reads, refused, end = 0, 0, time.monotonic() + float(sys.argv[2])
 while time.monotonic() < end:
-    urllib.request.urlopen(sys.argv[1], timeout=60).read()
-    reads += 1
-print(reads)
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=60).read()
+        reads += 1
+    except urllib.error.HTTPError as e:
+        assert e.code == 429, e.code
+        refused += 1
+print(reads, refused)
 """
 
 
@@ -64,7 +69,14 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=2000)
     parser.add_argument("--readers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--no-rate-limit", action="store_true", help="no per-address limit: caching alone")
     args = parser.parse_args()
+    favour_event_loops()  # as `crowdtrain coordinator` does
+    limits = (
+        HttpLimits(requests_burst=10**9, requests_per_s_per_address=1e9)
+        if args.no_rate_limit
+        else HttpLimits()
+    )
     tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
     store, health, root = Store(tmp / "s.sqlite3"), HealthSettings(2.0, 10.0, 20.0), tmp / "ckpt"
     staging = archive.new_staging_dir(root, 1)
@@ -88,7 +100,7 @@ def main() -> None:
         )
 
     ctx = WebContext(tmp, frozenset(), root, "{}", store, status)
-    web = WebServer(ctx, "127.0.0.1", 0, HttpLimits()).start()
+    web = WebServer(ctx, "127.0.0.1", 0, limits).start()
     abuse = AbuseLimits(heartbeat_burst=1_000_000, heartbeats_per_interval=1_000_000.0)
     servicer = CoordinatorServicer(
         RunInfo("{}", "x", "{}", 1, "", root), store, health, initial_peers=list, status=status, abuse=abuse
@@ -108,10 +120,11 @@ def main() -> None:
         time.sleep(0.5)
         before = builds[0]
         p50, p99 = heartbeats(address, args.seconds)
-        reads = sum(int(r.communicate()[0]) for r in readers)
+        counts = [r.communicate()[0].split() for r in readers]
+        reads, refused = sum(int(c[0]) for c in counts), sum(int(c[1]) for c in counts)
         print(
-            f"heartbeat p50/p99 with {args.readers} readers: {p50:.1f} / {p99:.1f} ms "
-            f"({reads} reads of {args.peers} peers served by {builds[0] - before} status builds)"
+            f"heartbeat p50/p99 with {args.readers} readers: {p50:.1f} / {p99:.1f} ms ({reads} reads of "
+            f"{args.peers} peers served by {builds[0] - before} status builds, {refused} refused with 429)"
         )
         socks = [socket.create_connection(("127.0.0.1", web.port)) for _ in range(500)]
         print(f"500 idle sockets held for {held_for(lambda: web.connections == 0, 120):.1f} s")
