@@ -20,12 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from crowdtrain.coordinator.errors import PortInUseError, RequestError
+from crowdtrain.coordinator.errors import InvalidRequestError, PortInUseError, RequestError
 from crowdtrain.coordinator.loopthread import LoopThread
 from crowdtrain.coordinator.service import FILE_CHUNK_BYTES, SERVICE_NAME, STATUS_CODES, CoordinatorServicer
 from crowdtrain.peer.tls import server_grpc_credentials
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -68,6 +69,64 @@ class ServerTls:
     key_file: str
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request that is not a valid message of its type deserializes to: the handler then
+    refuses it with INVALID_ARGUMENT (a deserializer that raised would make gRPC answer UNKNOWN
+    and log a traceback for every stranger's garbage)."""
+
+    message_type: str
+    error: str
+
+
+def _lenient_parser(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as e:
+            return _Undecodable(message_cls.DESCRIPTOR.full_name, str(e))
+
+    return parse
+
+
+def _decoded(request):
+    """The request, or InvalidRequestError when it did not parse; a client stream is checked
+    message by message as it is read."""
+    if isinstance(request, _Undecodable):
+        raise InvalidRequestError(
+            f"the request is not a valid {request.message_type} ({request.error}); "
+            "send messages built from crowdtrain's .proto (server reflection lists it)"
+        )
+    if hasattr(request, "__aiter__"):
+        return _decoded_stream(request)
+    return request
+
+
+async def _decoded_stream(requests):
+    async for request in requests:
+        yield _decoded(request)
+
+
+def _method_handlers(adapter) -> grpc.GenericRpcHandler:
+    """The Coordinator service's handlers, as the generated `add_CoordinatorServicer_to_server`
+    would register them, but with `_lenient_parser` deserializers."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Coordinator"].methods:
+        kind = kinds[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(adapter, method.name),
+            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
 def _translating_errors(handler):
     """Wrap an async handler (unary or streaming) so that a `RequestError` raised inside aborts the
     RPC with the status code `STATUS_CODES` gives its class, and its message as the details."""
@@ -83,7 +142,7 @@ def _translating_errors(handler):
         @functools.wraps(handler)
         async def streaming(self, request, context):
             try:
-                async for response in handler(self, request, context):
+                async for response in handler(self, _decoded(request), context):
                     yield response
             except RequestError as e:
                 await abort(context, e)
@@ -93,7 +152,7 @@ def _translating_errors(handler):
     @functools.wraps(handler)
     async def unary(self, request, context):
         try:
-            return await handler(self, request, context)
+            return await handler(self, _decoded(request), context)
         except RequestError as e:
             await abort(context, e)
 
@@ -181,7 +240,7 @@ class GrpcServer:
         server = grpc.aio.server(
             options=limits.server_options(), maximum_concurrent_rpcs=limits.max_concurrent_rpcs
         )
-        pb_grpc.add_CoordinatorServicer_to_server(self._adapter, server)
+        server.add_generic_rpc_handlers((_method_handlers(self._adapter),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         # server reflection, so `grpcurl -plaintext HOST:PORT list` works without the .proto files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -231,6 +232,30 @@ def test_reflection_lists_the_services(served):
         )
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"crowdtrain.v1.Coordinator", "grpc.health.v1.Health"} <= names
+
+
+def test_undecodable_requests_are_invalid_arguments_not_crashes(served, caplog):
+    """Garbage bytes that are no message of the method's type: INVALID_ARGUMENT with the reason,
+    never UNKNOWN with a traceback in the log (found by tests/test_fuzz.py)."""
+    port = served[3]
+    garbage = [b"\x00", b"\xff", b"O\xca\xff\x07\x06\x86v"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for method in ("Join", "Heartbeat", "Leave", "GetStatus", "ListCheckpoints"):
+            call = channel.unary_unary(f"/crowdtrain.v1.Coordinator/{method}")
+            for data in garbage:
+                with pytest.raises(grpc.RpcError) as e:
+                    call(data, timeout=5)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, data, e.value.details())
+                assert "is not a valid crowdtrain.v1." in e.value.details()
+        download = channel.unary_stream("/crowdtrain.v1.Coordinator/DownloadCheckpointFile")
+        with pytest.raises(grpc.RpcError) as e:
+            list(download(b"\xff", timeout=5))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stream = channel.stream_stream("/crowdtrain.v1.Coordinator/HeartbeatStream")
+        with pytest.raises(grpc.RpcError) as e:
+            list(stream(iter([b"\xff"]), timeout=5))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_heartbeat_stream_answers_in_order_and_survives_a_restart(served, tmp_path: Path):
