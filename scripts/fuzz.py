@@ -31,7 +31,9 @@ import re
 import socket
 import sqlite3
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -73,6 +75,8 @@ HEARTBEAT_P99_S = 0.050
 GRPC_TIMEOUT_S = 10.0
 HTTP_TIMEOUT_S = 10.0
 BATCH = 10  # requests per hypothesis example
+CONCURRENCY = 4  # requests in flight at once: the coordinator's disk waits (SQLite commits) overlap
+_RECORD_LOCK = threading.Lock()
 _READ_CAP = 4 * MAX_RESPONSE_BYTES
 _METHODS = {m.name: m for m in METHODS}
 # a request line a server must answer in HTTP/1.x (others may get an HTTP/0.9-style bare body)
@@ -95,6 +99,10 @@ class FuzzReport:
     violation_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def record(self, label: str, outcome: str, size: int, problem: str | None, request: object) -> None:
+        with _RECORD_LOCK:
+            self._record(label, outcome, size, problem, request)
+
+    def _record(self, label: str, outcome: str, size: int, problem: str | None, request: object) -> None:
         self.requests += 1
         self.outcomes[label][outcome] += 1
         self.max_bytes[label] = max(self.max_bytes[label], size)
@@ -151,13 +159,15 @@ def _short(value: object, limit: int = 400) -> str:
 class Fuzzer:
     """Sends GrpcCall and HttpRequest plans to `target`, recording every outcome in `report`."""
 
-    def __init__(self, target: CoordinatorProcess, report_: FuzzReport):
+    def __init__(self, target: CoordinatorProcess, report_: FuzzReport, concurrency: int = CONCURRENCY):
         self.target, self.report = target, report_
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="fuzz")
         self.channel = grpc.insecure_channel(target.grpc_address, options=CHANNEL_OPTIONS)
         self.joins: list[pb.JoinResponse] = []
         self.routes = route_templates(webserver.__doc__ or "")
 
     def close(self) -> None:
+        self.pool.shutdown()
         self.channel.close()
 
     def plans(self) -> st.SearchStrategy:
@@ -246,8 +256,7 @@ class Fuzzer:
             )
             @given(batch)
             def send_batch(plans):
-                for plan in plans:
-                    self.send(plan)
+                list(self.pool.map(self.send, plans))
                 if not self.target.alive():
                     raise RuntimeError("the coordinator's process died")
 
@@ -382,13 +391,15 @@ def final_sweep(fuzzer: Fuzzer) -> None:
         fuzzer.report.record(f"final GET {route}", outcome, size, problem, route)
 
 
-def fuzz(requests: int, seed: int = 0, directory: Path | None = None) -> FuzzReport:
+def fuzz(
+    requests: int, seed: int = 0, directory: Path | None = None, concurrency: int = CONCURRENCY
+) -> FuzzReport:
     """Fuzz a fresh live coordinator with `requests` requests; the report holds every problem."""
     report_ = FuzzReport()
     target = CoordinatorProcess(directory)
     try:
         peer = GoodPeerProcess(target.grpc_address)
-        fuzzer = Fuzzer(target, report_)
+        fuzzer = Fuzzer(target, report_, concurrency)
         t0 = time.monotonic()
         try:
             fuzzer.run(requests, seed)
@@ -415,10 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000, help="how many requests to send")
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed (a run is reproducible)")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="requests in flight at once")
     parser.add_argument("--dir", type=Path, default=None, help="keep the coordinator's files here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = fuzz(args.requests, args.seed, args.dir)
+    result = fuzz(args.requests, args.seed, args.dir, args.concurrency)
     print(result.summary())
     return 1 if result.problems() else 0
 
