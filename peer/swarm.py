@@ -26,7 +26,6 @@ from pathlib import Path
 import hivemind
 import torch
 from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.events import emit
 from crowdtrain.peer.manifest import RunManifest
 from crowdtrain.peer.report import dht_claim_message
 from hivemind.averaging.control import AveragingStage
@@ -154,33 +153,6 @@ def _start_dht_once(initial_peers: Sequence[str], kwargs: dict):
         ) from e
 
 
-def rejoin_bootstrap_peers(dht, initial_peers: Sequence[str], timeout_s: float = 30.0) -> int:
-    """Ping the coordinator's bootstrap node(s) again and put them back in our routing table.
-
-    hivemind drops a peer from the routing table once it stops answering; after the coordinator
-    restarts (same identity and address, empty memory) neither side would otherwise look for the
-    other, and the swarm would split from the coordinator's publisher and monitor. Returns how
-    many answered. Called when heartbeats reach the coordinator again.
-    """
-    if dht is None or not initial_peers:
-        return 0
-    from hivemind.p2p import PeerID
-    from hivemind.utils.multiaddr import Multiaddr
-
-    peer_ids = list({PeerID.from_base58(Multiaddr(m)["p2p"]) for m in initial_peers})
-    answered = dht.run_coroutine(partial(_ping_all, peer_ids), return_future=True).result(timeout=timeout_s)
-    emit(
-        logger,
-        "swarm_rejoined",
-        "re-joined the swarm through %d of %d bootstrap peer(s)",
-        answered,
-        len(peer_ids),
-        reached=answered,
-        bootstrap_peers=len(peer_ids),
-    )
-    return answered
-
-
 def make_optimizer(
     manifest: RunManifest, model: torch.nn.Module, dht, *, batch_size_per_step: int, verbose: bool
 ):
@@ -272,14 +244,6 @@ def _let_the_averagers_finish(opt, timeout_s: float) -> None:
 # ------------------------------------------------------------------ hivemind 1.1.12 internals
 # Each function or class below relies on something hivemind does not document as public API;
 # docs/hivemind.md ("Private hivemind APIs we rely on") lists them and what breaks if they change.
-
-
-async def _ping_all(peer_ids, _dht, node) -> int:
-    """Runs inside hivemind's DHT process (so it must be a picklable module-level function).
-    hivemind 1.1.12: `DHTNode.protocol.call_ping` is how a node (re)adds a peer to its routing table;
-    DHT has no public "ping" or "add peer" call."""
-    results = await asyncio.gather(*(node.protocol.call_ping(p) for p in peer_ids), return_exceptions=True)
-    return sum(1 for r in results if r is not None and not isinstance(r, BaseException))
 
 
 def set_local_epoch(opt, epoch: int) -> None:

@@ -35,8 +35,9 @@ from crowdtrain.peer.events import emit
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
 from crowdtrain.peer.manifest import RunManifest
 from crowdtrain.peer.recovery import Recovery
+from crowdtrain.peer.rejoin import rejoin_in_background
 from crowdtrain.peer.shards import load_shard_blocks, run_cache_dir
-from crowdtrain.peer.swarm import leave_swarm, rejoin_bootstrap_peers
+from crowdtrain.peer.swarm import leave_swarm
 from crowdtrain.peer.tls import ClientTls
 from crowdtrain.protos import coordinator_pb2 as pb
 
@@ -179,7 +180,7 @@ class Volunteer:
             version=__version__,
             device=self.device_label,
             interval_s=self.settings.heartbeat_interval_s,
-            on_reconnect=lambda: rejoin_bootstrap_peers(self.dht, initial_peers),
+            on_reconnect=lambda: rejoin_in_background(self.dht, initial_peers),
         ).start()
 
     def load_data(self) -> Iterator[list[list[int]]]:
