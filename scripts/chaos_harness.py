@@ -151,6 +151,7 @@ class Report:
     network: str = "127.0.0.1"
     resumed_after_partition_s: list = field(default_factory=list)
     publisher_notes: list = field(default_factory=list)  # each coordinator's last publisher decisions
+    published_per_coordinator: list = field(default_factory=list)  # checkpoints each incarnation published
     rejoins: list = field(default_factory=list)  # peers re-pinging the restarted coordinator's DHT node
     work_dir: str = ""
 
@@ -540,6 +541,9 @@ class Chaos:
         metas = checkpoint.list_checkpoints(root)
         r.checkpoints_published = len(metas)
         r.publisher_notes = publisher_notes(self.coordinators)
+        r.published_per_coordinator = [
+            sum(e["event"] == "checkpoint_published" for e in c.events) for c in self.coordinators
+        ]
         r.rejoins = [
             f"{inc.name} reached {e['reached']}/{e['bootstrap_peers']}"
             for inc in self.all_incarnations
