@@ -20,7 +20,7 @@ SCHEMA_VERSION = 1
 # event name -> its fields (documentation and a check on emit; the README's table mirrors this)
 EVENTS: dict[str, tuple[str, ...]] = {
     # a volunteer
-    "joined": ("run_id", "name", "preset", "shard_index", "device"),
+    "joined": ("run_id", "name", "peer_id", "preset", "shard_index", "device"),
     "state_loaded": ("epoch", "seconds"),
     "resumed_from_checkpoint": ("step", "eval_loss"),
     "checkpoint_fallback": ("step", "swarm_epoch"),

@@ -164,6 +164,7 @@ class Volunteer:
             self.device_label,
             run_id=self.manifest.run_id,
             name=self.name,
+            peer_id=self.joined.peer_id,
             preset=self.manifest.preset,
             shard_index=self.settings.shard_index,
             device=self.device_label,

@@ -31,6 +31,7 @@ def test_every_shutdown_path_leaves_no_process_behind(launcher, tmp_path: Path):
     endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
     names = ("ctrl-c", "sigterm", "banned")
     peers = {n: launcher.start_peer(n, endpoints["grpc"], tmp_path / f"cache-{n}") for n in names}
+    public_ids = {n: launcher.wait_for_event(p, "joined", timeout_s=120)["peer_id"] for n, p in peers.items()}
     for peer in peers.values():
         launcher.wait_for_event(peer, "epoch", timeout_s=300)
         assert len(descendants_alive([peer.proc.pid])) >= 4, "p2pd and hivemind's children run"
@@ -38,7 +39,7 @@ def test_every_shutdown_path_leaves_no_process_behind(launcher, tmp_path: Path):
     os.killpg(peers["ctrl-c"].proc.pid, signal.SIGINT)  # a terminal sends Ctrl+C to the whole group
     peers["sigterm"].proc.send_signal(signal.SIGTERM)  # systemd, docker stop, kill
     banned = subprocess.run(
-        cli_command("ban", "--data-dir", str(data_dir), "--peer", "banned"),
+        cli_command("ban", "--data-dir", str(data_dir), "--peer", public_ids["banned"]),  # bans are by id
         capture_output=True,
         text=True,
         timeout=60,
