@@ -384,9 +384,12 @@ def final_sweep(fuzzer: Fuzzer) -> None:
     for route in fuzzer.routes:
         if "<" in route:
             continue
-        outcome, size = http_exchange(
-            fuzzer.target.http_port, f"GET {route} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-        )
+        wire = f"GET {route} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        for _ in range(5):  # the fuzz drained this address's request budget: wait as 429 asks
+            outcome, size = http_exchange(fuzzer.target.http_port, wire)
+            if outcome != "HTTP 429":
+                break
+            time.sleep(1.0)
         problem = None if outcome == "HTTP 200" else f"answered {outcome}"
         fuzzer.report.record(f"final GET {route}", outcome, size, problem, route)
 
