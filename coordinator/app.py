@@ -32,13 +32,14 @@ from crowdtrain.coordinator.ports import bind_remembered, check_port_free, guess
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.runs import Run, open_run
 from crowdtrain.coordinator.service import AbuseLimits, CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.signing import public_key_hex
+from crowdtrain.coordinator.signing import public_key_hex, sign_hex
 from crowdtrain.coordinator.snapshots import Memo
 from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.webserver import WebContext, WebServer
 from crowdtrain.peer import checkpoint
 from crowdtrain.peer.events import emit
+from crowdtrain.peer.runproof import signing_payload
 from crowdtrain.peer.tls import TlsConfigError, server_ssl_context
 
 logger = logging.getLogger(__name__)
@@ -170,15 +171,17 @@ class Coordinator:
     def _start_grpc(self, maddrs: list[str], http_base_url: str, downloads: DownloadTracker) -> int:
         """The gRPC API and its health service; returns the bound port."""
         run, cfg = self.run, self.config
+        manifest_json = run.manifest.to_json()
         servicer = CoordinatorServicer(
             RunInfo(
-                manifest_json=run.manifest.to_json(),
+                manifest_json=manifest_json,
                 manifest_sha256=run.manifest.sha256(),
                 tokenizer_json=run.tokenizer_json,
                 num_shards=len(run.manifest.data.shards),
                 http_base_url=http_base_url,
                 checkpoint_root=self.checkpoint_root,
                 signing_public_key=public_key_hex(run.signing_key),
+                manifest_signature=sign_hex(run.signing_key, signing_payload(manifest_json)),
             ),
             self.store,
             self.health,

@@ -137,6 +137,12 @@ def _existing_run(config: CoordinatorConfig, data_dir: Path, store: Store) -> Ru
             config.preset,
         )
     signing_key = load_or_create_key(data_dir / "signing.key")
+    if manifest.signing_public_key and manifest.signing_public_key != public_key_hex(signing_key):
+        raise RunDirError(
+            f"{data_dir / 'signing.key'} is not the key run {manifest.run_id}'s manifest names "
+            f"({manifest.signing_public_key[:16]}...): peers and downloaders would refuse this "
+            "coordinator; restore the run's original signing.key from a backup"
+        )
     logger.info("resuming run %s from %s", manifest.run_id, data_dir)
     return Run(manifest, tokenizer_json, signing_key)
 

@@ -70,6 +70,7 @@ class RunInfo:
     http_base_url: str
     checkpoint_root: Path
     signing_public_key: str = ""
+    manifest_signature: str = ""  # the run key's signature of manifest_json (peer/runproof.py)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class CoordinatorServicer:
             dht_challenge=challenge,
             manifest_json=self.run.manifest_json,
             manifest_sha256=self.run.manifest_sha256,
+            manifest_signature=self.run.manifest_signature,
             tokenizer_json=self.run.tokenizer_json,
             initial_peers=self.initial_peers(),
             settings=pb.PeerSettings(

@@ -23,10 +23,9 @@ from pathlib import Path
 from crowdtrain.peer.client import CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
-from crowdtrain.peer.manifest import RunManifest, SwarmSpec
+from crowdtrain.peer.manifest import SwarmSpec
 from crowdtrain.peer.swarm import refresh_offloaded_parameters, set_local_epoch
 from crowdtrain.peer.tls import ClientTls
-from crowdtrain.peer.trust import trust_joined_run
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +46,10 @@ class Recovery:
     run_key: str = ""  # the run's signing key (hex) as trusted at Join: checkpoints must carry it
     tls: ClientTls | None = None  # how to reach the coordinator (None: plaintext)
 
-    def trust(self, manifest: RunManifest, tls: ClientTls | None) -> None:
-        """Check the run's signing key (named in the Join manifest) against the key this machine
-        trusted for the run at this coordinator address on first use (peer/trust.py); refuses a
-        changed key. Checkpoints are then pulled with that key pinned, over `tls`."""
-        self.run_key = trust_joined_run(self.coordinator, manifest.run_id, manifest.signing_public_key)
-        self.tls = tls
+    def use_key(self, run_key: str, tls: ClientTls | None) -> None:
+        """Pull checkpoints with the run's key pinned (the key the Join manifest was signed with,
+        as trusted for this run at this coordinator address: see peer/runproof.py), over `tls`."""
+        self.run_key, self.tls = run_key, tls
 
     def load_checkpoint(self, step: int) -> None:
         """Download (verified, see peer/pull.py) and load the weights of a published checkpoint."""

@@ -33,12 +33,13 @@ from crowdtrain.peer.device import describe_device, pick_device
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
-from crowdtrain.peer.manifest import RunManifest
 from crowdtrain.peer.recovery import Recovery
 from crowdtrain.peer.rejoin import rejoin_in_background
+from crowdtrain.peer.runproof import check_joined_run
 from crowdtrain.peer.shards import load_shard_blocks, run_cache_dir
 from crowdtrain.peer.swarm import leave_swarm
 from crowdtrain.peer.tls import ClientTls
+from crowdtrain.peer.trust import trust_joined_run
 from crowdtrain.protos import coordinator_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -147,9 +148,14 @@ class Volunteer:
             stop=self.stop_event,
         )
         self.session_id, self.settings = self.joined.session_id, self.joined.settings
-        self.manifest = RunManifest.from_json(self.joined.manifest_json)
-        if self.manifest.sha256() != self.joined.manifest_sha256:
-            raise PeerError("the run manifest arrived corrupted (sha256 mismatch); restart the peer")
+        joined = self.joined
+        self.manifest = check_joined_run(
+            joined.manifest_json, joined.manifest_sha256, joined.manifest_signature, joined.tokenizer_json
+        )
+        # the key that signed it: trusted for this run at this address on first use, refused if changed
+        self.run_key = trust_joined_run(
+            self.config.coordinator, self.manifest.run_id, self.manifest.signing_public_key
+        )
         self.cache_dir = run_cache_dir(self.config.cache_dir, self.manifest.run_id)
         self.batch_size = self.config.batch_size or self.manifest.swarm.batch_size_per_step
         emit(
@@ -221,7 +227,7 @@ class Volunteer:
         )
         self.use_amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.recovery = Recovery(self.config.coordinator, model, self.device, self.cache_dir, self.stop_event)
-        self.recovery.trust(self.manifest, ClientTls.from_flags(self.config.tls, self.config.tls_ca))
+        self.recovery.use_key(self.run_key, ClientTls.from_flags(self.config.tls, self.config.tls_ca))
         if self.settings.resume_from_step > 0:  # nobody is training: start from the latest checkpoint
             self.recovery.load_checkpoint(self.settings.resume_from_step)
         return model

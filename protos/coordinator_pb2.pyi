@@ -29,7 +29,7 @@ class PeerSettings(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ..., shard_index: _Optional[int] = ..., http_base_url: _Optional[str] = ..., resume_from_step: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("session_id", "manifest_json", "manifest_sha256", "tokenizer_json", "initial_peers", "settings", "session_token", "peer_id", "dht_challenge")
+    __slots__ = ("session_id", "manifest_json", "manifest_sha256", "tokenizer_json", "initial_peers", "settings", "session_token", "peer_id", "dht_challenge", "manifest_signature")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class JoinResponse(_message.Message):
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     DHT_CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     manifest_json: str
     manifest_sha256: str
@@ -48,7 +49,8 @@ class JoinResponse(_message.Message):
     session_token: str
     peer_id: str
     dht_challenge: bytes
-    def __init__(self, session_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[PeerSettings, _Mapping]] = ..., session_token: _Optional[str] = ..., peer_id: _Optional[str] = ..., dht_challenge: _Optional[bytes] = ...) -> None: ...
+    manifest_signature: str
+    def __init__(self, session_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[PeerSettings, _Mapping]] = ..., session_token: _Optional[str] = ..., peer_id: _Optional[str] = ..., dht_challenge: _Optional[bytes] = ..., manifest_signature: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session_id", "session_token", "dht_public_key", "dht_signature", "dht_peer_id", "name", "version", "device", "samples_per_s", "local_epoch", "loss", "uptime_s", "samples_total", "swarm_size", "phase")
