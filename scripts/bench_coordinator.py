@@ -45,16 +45,19 @@ async def join_all(stub, peers: int, concurrency: int = 64) -> list[tuple[str, s
     return sessions
 
 
+STREAMS_PER_CONNECTION = 90
+
+
 class Streams:
     """One HeartbeatStream call per simulated peer, opened lazily, used one message at a time."""
 
-    def __init__(self, stub, n: int):
-        self.stub, self.calls, self.locks = stub, [None] * n, [asyncio.Lock() for _ in range(n)]
+    def __init__(self, stubs: list, n: int):
+        self.stubs, self.calls, self.locks = stubs, [None] * n, [asyncio.Lock() for _ in range(n)]
 
     async def send(self, i: int, request) -> None:
         async with self.locks[i]:
             if self.calls[i] is None:
-                self.calls[i] = self.stub.HeartbeatStream()
+                self.calls[i] = self.stubs[i % len(self.stubs)].HeartbeatStream()
             try:
                 await self.calls[i].write(request)
                 await self.calls[i].read()
@@ -170,10 +173,17 @@ async def bench(
         stub = pb_grpc.CoordinatorStub(channel)
         t0 = time.perf_counter()
         sessions = await join_all(stub, peers)
+        # the coordinator allows 100 streams per connection (GrpcLimits), as each real peer has its
+        # own: spread the simulated peers' streams over connections of their own
+        connections = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(-(-peers // STREAMS_PER_CONNECTION))
+        ]
+        stream_stubs = [pb_grpc.CoordinatorStub(c) for c in connections]
         print(f"joined {peers} simulated peers in {time.perf_counter() - t0:.1f}s", flush=True)
         results = []
         for mode in modes:
-            streams = Streams(stub, peers) if mode == "stream" else None
+            streams = Streams(stream_stubs, peers) if mode == "stream" else None
             if streams is not None:  # open every peer's stream first, as a running swarm has them open
                 t0 = time.perf_counter()
                 await join_all_streams(streams, sessions)
@@ -185,6 +195,8 @@ async def bench(
                 results.append(result)
             if streams is not None:
                 await streams.close()
+        for connection in connections:
+            await connection.close()
         return results
 
 
@@ -218,6 +230,8 @@ def main() -> int:
             "0",
             "--join-burst",  # every simulated peer joins from this one address
             str(10 * args.peers),
+            "--prune-silent-joins-after-s",  # joining 20,000 takes minutes before the first heartbeats
+            "3600",
             "--heartbeat-interval-s",
             "10",
         ),
