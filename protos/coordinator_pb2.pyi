@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "version", "device")
+    __slots__ = ("name", "version", "device", "invite_code", "dht_public_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INVITE_CODE_FIELD_NUMBER: _ClassVar[int]
+    DHT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     device: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    invite_code: str
+    dht_public_key: bytes
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., invite_code: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ...) -> None: ...
 
 class PeerSettings(_message.Message):
     __slots__ = ("heartbeat_interval_s", "shard_index", "http_base_url", "resume_from_step")
@@ -29,7 +33,7 @@ class PeerSettings(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ..., shard_index: _Optional[int] = ..., http_base_url: _Optional[str] = ..., resume_from_step: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("session_id", "manifest_json", "manifest_sha256", "tokenizer_json", "initial_peers", "settings", "session_token", "peer_id", "dht_challenge", "manifest_signature")
+    __slots__ = ("session_id", "manifest_json", "manifest_sha256", "tokenizer_json", "initial_peers", "settings", "session_token", "peer_id", "dht_challenge", "manifest_signature", "admission")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +44,7 @@ class JoinResponse(_message.Message):
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     DHT_CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     manifest_json: str
     manifest_sha256: str
@@ -50,10 +55,23 @@ class JoinResponse(_message.Message):
     peer_id: str
     dht_challenge: bytes
     manifest_signature: str
-    def __init__(self, session_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[PeerSettings, _Mapping]] = ..., session_token: _Optional[str] = ..., peer_id: _Optional[str] = ..., dht_challenge: _Optional[bytes] = ..., manifest_signature: _Optional[str] = ...) -> None: ...
+    admission: str
+    def __init__(self, session_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[PeerSettings, _Mapping]] = ..., session_token: _Optional[str] = ..., peer_id: _Optional[str] = ..., dht_challenge: _Optional[bytes] = ..., manifest_signature: _Optional[str] = ..., admission: _Optional[str] = ...) -> None: ...
+
+class Rejection(_message.Message):
+    __slots__ = ("offender", "kind", "detail", "epoch")
+    OFFENDER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    offender: str
+    kind: str
+    detail: str
+    epoch: int
+    def __init__(self, offender: _Optional[str] = ..., kind: _Optional[str] = ..., detail: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("session_id", "session_token", "dht_public_key", "dht_signature", "dht_peer_id", "name", "version", "device", "samples_per_s", "local_epoch", "loss", "uptime_s", "samples_total", "swarm_size", "phase")
+    __slots__ = ("session_id", "session_token", "dht_public_key", "dht_signature", "dht_peer_id", "name", "version", "device", "samples_per_s", "local_epoch", "loss", "uptime_s", "samples_total", "swarm_size", "phase", "rejections")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DHT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +87,7 @@ class HeartbeatRequest(_message.Message):
     SAMPLES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SWARM_SIZE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     session_token: str
     dht_public_key: bytes
@@ -84,15 +103,18 @@ class HeartbeatRequest(_message.Message):
     samples_total: int
     swarm_size: int
     phase: str
-    def __init__(self, session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., dht_signature: _Optional[bytes] = ..., dht_peer_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., uptime_s: _Optional[float] = ..., samples_total: _Optional[int] = ..., swarm_size: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...
+    rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
+    def __init__(self, session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., dht_signature: _Optional[bytes] = ..., dht_peer_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., uptime_s: _Optional[float] = ..., samples_total: _Optional[int] = ..., swarm_size: _Optional[int] = ..., phase: _Optional[str] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_s", "dht_verified")
+    __slots__ = ("heartbeat_interval_s", "dht_verified", "swarm_token")
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     DHT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    SWARM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
     dht_verified: bool
-    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., dht_verified: _Optional[bool] = ...) -> None: ...
+    swarm_token: str
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., dht_verified: _Optional[bool] = ..., swarm_token: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("session_id", "reason", "session_token")
@@ -175,7 +197,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("peer_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples", "uptime_s", "swarm_size", "dht_verified")
+    __slots__ = ("peer_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples", "uptime_s", "swarm_size", "dht_verified", "rejections_against")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +214,7 @@ class PeerStatus(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     SWARM_SIZE_FIELD_NUMBER: _ClassVar[int]
     DHT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_AGAINST_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     name: str
     state: str
@@ -208,7 +231,8 @@ class PeerStatus(_message.Message):
     uptime_s: float
     swarm_size: int
     dht_verified: bool
-    def __init__(self, peer_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ..., uptime_s: _Optional[float] = ..., swarm_size: _Optional[int] = ..., dht_verified: _Optional[bool] = ...) -> None: ...
+    rejections_against: int
+    def __init__(self, peer_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ..., uptime_s: _Optional[float] = ..., swarm_size: _Optional[int] = ..., dht_verified: _Optional[bool] = ..., rejections_against: _Optional[int] = ...) -> None: ...
 
 class SwarmSummary(_message.Message):
     __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id", "last_rejection", "peers_not_listed")
