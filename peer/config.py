@@ -44,6 +44,24 @@ class PeerConfig:
     save_dir: str = option("", "when leaving, save this peer's copy of the model here (HF format)")
     tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
     tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
+    invite: str = option("", "invite code from the run's operator (runs that admit by invitation)")
+    identity: str = option(
+        "",
+        "keep this peer's hivemind identity key in this file (created if missing), so its peer id "
+        "survives restarts (runs that admit by allowlist; `crowdtrain identity` prints the id); "
+        "default: a fresh identity per start",
+    )
+    token_wait_s: float = option(
+        60.0, "give up when the coordinator has not admitted this peer to the swarm within this long"
+    )
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    identity: str = option(
+        "",
+        "the identity key file (created if missing; default: identity.key in crowdtrain's config directory)",
+    )
 
 
 @dataclass(frozen=True)

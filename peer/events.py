@@ -21,6 +21,7 @@ SCHEMA_VERSION = 1
 EVENTS: dict[str, tuple[str, ...]] = {
     # a volunteer
     "joined": ("run_id", "name", "peer_id", "preset", "shard_index", "device"),
+    "admitted": ("dht_peer_id", "expires_unix_s"),
     "state_loaded": ("epoch", "seconds"),
     "resumed_from_checkpoint": ("step", "eval_loss"),
     "checkpoint_fallback": ("step", "swarm_epoch"),

@@ -21,6 +21,8 @@ from crowdtrain.protos import coordinator_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+MAX_EVIDENCE = 32  # rejections per heartbeat (the coordinator's limit); older ones are dropped
+
 
 class StatsBox:
     """A thread-safe holder of the latest `PeerReport`; `phase_changed` is set whenever the phase
@@ -59,6 +61,8 @@ class HeartbeatReporter:
         max_backoff_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         on_reconnect: Callable[[], None] = lambda: None,
+        on_token: Callable[[str], None] = lambda token_json: None,
+        evidence: Callable[[], list] = list,
     ):
         self.client, self.session_id, self.session_token, self.stats = (
             client,
@@ -71,7 +75,8 @@ class HeartbeatReporter:
         self.dht_verified = False
         self.name, self.version, self.device = name, version, device
         self.interval_s, self.max_backoff_s, self.clock = interval_s, max_backoff_s, clock
-        self.on_reconnect = on_reconnect
+        self.on_reconnect, self.on_token, self.evidence = on_reconnect, on_token, evidence
+        self._pending_evidence: list = []  # pb.Rejection not yet delivered (kept across failures)
         self.started = clock()
         self.failed = 0
         self.refused: CoordinatorRejected | None = None  # set when the operator banned this peer
@@ -115,6 +120,7 @@ class HeartbeatReporter:
                 uptime_s=self.clock() - self.started,
             )
             public_key, signature = (b"", b"") if self.dht_verified else self._dht_proof
+            self._pending_evidence = (self._pending_evidence + list(self.evidence()))[-MAX_EVIDENCE:]
             request = to_message(
                 pb.HeartbeatRequest,
                 report,
@@ -123,7 +129,9 @@ class HeartbeatReporter:
                 dht_public_key=public_key,
                 dht_signature=signature,
             )
+            request.rejections.extend(self._pending_evidence)
             response = self._stream.send(request)
+            self._pending_evidence = []
         except CoordinatorRejected as e:
             if e.code is grpc.StatusCode.PERMISSION_DENIED:  # banned: the volunteer must stop
                 self.refused = e
@@ -154,6 +162,11 @@ class HeartbeatReporter:
             self.dht_verified = True
         if response.heartbeat_interval_s > 0:
             self.interval_s = response.heartbeat_interval_s
+        if response.swarm_token:
+            try:
+                self.on_token(response.swarm_token)
+            except Exception as e:  # must never reach the training loop
+                logger.warning("could not use the swarm token the coordinator sent: %r", e)
         return True
 
     def _run(self) -> None:

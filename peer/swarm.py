@@ -101,6 +101,7 @@ def start_dht(
     announce_host: str = "",
     client_mode: bool = False,
     identity_path: str | None = None,
+    authorizer=None,
     attempts: int = 4,
     retry_s: float = 5.0,
     stop: threading.Event | None = None,
@@ -116,6 +117,9 @@ def start_dht(
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
     if identity_path:
         kwargs["identity_path"] = identity_path
+        kwargs["check_if_identity_free"] = False  # our keys are fresh or persistent per volunteer
+    if authorizer is not None:  # peer/swarmauth.py: only swarm-token holders are answered
+        kwargs["authorizer"] = authorizer
     for attempt in range(1, attempts if initial_peers else 1):
         try:
             return _start_dht_once(initial_peers, kwargs)

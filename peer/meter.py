@@ -1,0 +1,54 @@
+"""The training loop's numbers and the live status line of `crowdtrain peer` (peer/trainer.py)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class StatusLine:
+    """One live line on a terminal, redrawn at most every `interval_s`; nothing when stderr is a
+    file or a pipe (the epoch log lines say it all there)."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.live, self.interval_s, self._drawn = sys.stderr.isatty(), interval_s, 0.0
+
+    def draw(self, opt, loss: float, samples_per_s: float, swarm_peers: int) -> None:
+        if not self.live or time.monotonic() - self._drawn < self.interval_s:
+            return
+        from hivemind.utils import get_dht_time
+
+        self._drawn = time.monotonic()
+        eta_s = max(0.0, opt.tracker.estimated_next_update_time - get_dht_time())
+        sys.stderr.write(
+            f"\r\033[Kepoch {opt.local_epoch} | loss {loss:.3f} | {samples_per_s:.1f} samples/s | "
+            f"swarm {swarm_peers} peers | next averaging in {eta_s:.0f}s"
+        )
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        """Before a log line, which then takes the status line's place."""
+        if self.live:
+            sys.stderr.write("\r\033[K")
+
+
+class EpochMeter:
+    """The training loop's numbers: a throughput average for heartbeats and the status line, and
+    the mean loss and throughput of the current epoch for its log line."""
+
+    def __init__(self, epoch: int):
+        self.samples_total, self.ema_rate = 0, 0.0
+        self.start_epoch(epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.losses, self.samples, self.t0 = epoch, [], 0, time.monotonic()
+
+    def add(self, samples: int, loss: float, seconds: float) -> None:
+        rate = samples / max(seconds, 1e-6)
+        self.ema_rate = rate if self.ema_rate == 0 else 0.9 * self.ema_rate + 0.1 * rate
+        self.samples_total += samples
+        self.samples += samples
+        self.losses.append(loss)
+
+    def epoch_rate(self) -> float:
+        return self.samples / max(time.monotonic() - self.t0, 1e-6)

@@ -1,0 +1,217 @@
+"""The swarm admits only token holders: hivemind's DHT authorizer and the averagers' gate.
+
+Two places refuse a peer without a valid swarm token (peer/admission.py):
+
+- every DHT request and response (find, store, ping: so progress records, donor lists and
+  matchmaking declarations) carries the sender's token, checked by `SwarmAuthorizer`, hivemind's
+  `TokenAuthorizerBase` (DHT RPCs only, see docs/hivemind.md);
+- averaging and state downloads, which hivemind does not authorize, ask `AdmittedPeers`: the peer
+  ids whose tokens are published in the DHT under `<run_id>_swarm_tokens` (subkey: the peer id),
+  each checked with the run's key, cached until it expires. peer/averaging.py consults it in
+  rpc_join_group, rpc_aggregate_part, rpc_download_state and before an all-reduce.
+
+A peer's own token comes from the coordinator through its heartbeats (`TokenFile`: written by the
+peer, read by the DHT process, which hivemind forks and which therefore cannot share memory with
+it); the coordinator's own DHT nodes mint theirs (`MintedTokens`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from crowdtrain.peer.admission import SwarmToken, parse_and_check
+from hivemind.proto.auth_pb2 import AccessToken
+from hivemind.utils import get_dht_time
+from hivemind.utils.auth import TokenAuthorizerBase
+
+logger = logging.getLogger(__name__)
+
+REFRESH_BEFORE_EXPIRY_S = 60.0  # a token this close to expiry is re-read (a renewed one is there)
+
+
+def tokens_key(run_id: str) -> str:
+    """The DHT key under which every admitted peer publishes its token (subkey: its peer id)."""
+    return f"{run_id}_swarm_tokens"
+
+
+class TokenFile:
+    """The peer's current token, in a 0600 file: written when a heartbeat brings a new one, read by
+    the DHT process's authorizer (a forked process: no shared memory)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, token_json: str) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token_json)
+        os.replace(tmp, self.path)
+
+    def __call__(self) -> str:
+        try:
+            return self.path.read_text()
+        except OSError:
+            return ""
+
+
+class MintedTokens:
+    """Tokens for one of the coordinator's own DHT nodes: `mint(expires_unix_s)` signs one; a new
+    one is minted when less than half of `ttl_s` is left."""
+
+    def __init__(self, mint: Callable[[float], str], ttl_s: float = 3600.0):
+        self.mint, self.ttl_s = mint, ttl_s
+        self._token, self._expires = "", 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self._lock:
+            now = time.time()
+            if self._expires - now < self.ttl_s / 2:
+                self._expires = now + self.ttl_s
+                self._token = self.mint(self._expires)
+            return self._token
+
+
+class SwarmAuthorizer(TokenAuthorizerBase):
+    """hivemind's DHT authorizer over swarm tokens: a request or response is accepted only with a
+    token the run's key signed, unexpired, naming the RSA key that signed the request."""
+
+    def __init__(
+        self, run_id: str, run_public_key_hex: str, local_private_key, token_source: Callable[[], str]
+    ):
+        super().__init__(local_private_key)
+        self.run_id, self.run_public_key_hex, self.token_source = run_id, run_public_key_hex, token_source
+        self._verified: dict[str, float] = {}  # token JSON -> expiry (a signature is checked once)
+
+    async def get_token(self) -> AccessToken:
+        text = self.token_source()
+        token, reason = parse_and_check(text, self.run_id, self.run_public_key_hex, get_dht_time())
+        if token is None:
+            raise PermissionError(
+                f"this peer holds no valid swarm token ({reason}); the coordinator issues one"
+            )
+        return AccessToken(
+            username=text,
+            public_key=self.local_public_key.to_bytes(),
+            expiration_time=str(token.expires_unix_s),
+        )
+
+    def is_token_valid(self, access_token: AccessToken) -> bool:
+        now = get_dht_time()
+        text = access_token.username
+        expires = self._verified.get(text)
+        if expires is None:
+            token, reason = parse_and_check(text, self.run_id, self.run_public_key_hex, now)
+            if token is None or token.public_key != access_token.public_key:
+                logger.debug("refused a DHT peer: %s", reason if token is None else "token names another key")
+                return False
+            if len(self._verified) > 4096:
+                self._verified = {t: e for t, e in self._verified.items() if e > now}
+            self._verified[text] = expires = token.expires_unix_s
+        return now < expires
+
+    def does_token_need_refreshing(self, access_token: AccessToken) -> bool:
+        try:
+            expires = float(access_token.expiration_time)
+        except ValueError:
+            return True
+        return (
+            expires - get_dht_time() < REFRESH_BEFORE_EXPIRY_S or self.token_source() != access_token.username
+        )
+
+
+def publish_token(dht, run_id: str, token_json: str, timeout_s: float = 10.0) -> bool:
+    """Store our token where the averagers of other peers look for it; whether it was stored."""
+    token = SwarmToken.from_json(token_json)
+    try:
+        return bool(
+            dht.store(
+                tokens_key(run_id),
+                subkey=token.peer_id,
+                value=token_json,
+                expiration_time=token.expires_unix_s,
+                return_future=True,
+            ).result(timeout=timeout_s)
+        )
+    except Exception as e:  # the DHT is restarting or the token was refused: next renewal retries
+        logger.warning("could not publish our swarm token in the DHT: %r", e)
+        return False
+
+
+class AdmittedPeers:
+    """Which peer ids hold a valid token, for the averagers' RPC gate: `gate(peer_id) -> (ok, reason)`.
+
+    Lives in the averager processes (created before hivemind forks them; the refresh thread starts
+    in whichever process first asks). Reads `<run_id>_swarm_tokens` every `refresh_s`, and at once
+    (at most every `min_refresh_s`) when asked about a peer it does not know."""
+
+    def __init__(
+        self, dht, run_id: str, run_public_key_hex: str, *, refresh_s: float = 5.0, min_refresh_s: float = 1.0
+    ):
+        self.dht, self.run_id, self.run_public_key_hex = dht, run_id, run_public_key_hex
+        self.refresh_s, self.min_refresh_s = refresh_s, min_refresh_s
+        self._expiry: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pid = None
+        self._last_refresh = 0.0
+
+    def __call__(self, peer_id: str) -> tuple[bool, str]:
+        self._ensure_thread()
+        now = get_dht_time()
+        with self._lock:
+            expires = self._expiry.get(peer_id)
+        if expires is not None and now < expires:
+            return True, "holds a valid swarm token"
+        self._wake.set()  # maybe it just got one: look again soon
+        if expires is None:
+            return False, "no valid swarm token published for this peer"
+        return False, f"its swarm token expired {now - expires:.0f}s ago (banned, revoked or not renewed)"
+
+    def admitted(self) -> set[str]:
+        now = get_dht_time()
+        with self._lock:
+            return {p for p, e in self._expiry.items() if e > now}
+
+    def _ensure_thread(self) -> None:
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()  # a forked copy starts its own thread (threads do not survive fork)
+        self._lock, self._wake = threading.Lock(), threading.Event()
+        threading.Thread(target=self._loop, name="swarm-tokens", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.refresh()
+            except Exception as e:  # the DHT is restarting: keep what we know, try again
+                logger.debug("reading swarm tokens failed: %r", e)
+            self._wake.wait(self.refresh_s)
+            self._wake.clear()
+            time.sleep(max(0.0, self.min_refresh_s - (time.monotonic() - self._last_refresh)))
+
+    def refresh(self) -> int:
+        """Read the published tokens once; returns how many valid ones are known."""
+        self._last_refresh = time.monotonic()
+        found = self.dht.get(tokens_key(self.run_id), latest=True, return_future=True).result(timeout=15)
+        now = get_dht_time()
+        fresh: dict[str, float] = {}
+        if found is not None and isinstance(found.value, dict):
+            for subkey, item in list(found.value.items())[:10_000]:
+                value = getattr(item, "value", None)
+                if not isinstance(subkey, str) or not isinstance(value, (str, bytes)):
+                    continue
+                token, _ = parse_and_check(value, self.run_id, self.run_public_key_hex, now, peer_id=subkey)
+                if token is not None:
+                    fresh[subkey] = token.expires_unix_s
+        with self._lock:
+            for peer_id, expires in fresh.items():
+                self._expiry[peer_id] = max(expires, self._expiry.get(peer_id, 0.0))
+            self._expiry = {p: e for p, e in self._expiry.items() if e > now - 3600}
+            return sum(e > now for e in self._expiry.values())
