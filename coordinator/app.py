@@ -207,15 +207,19 @@ class Coordinator:
 
     def _start_publisher(self, maddrs: list[str], downloads: DownloadTracker) -> None:
         from crowdtrain.coordinator.publisher import Publisher, PublisherSettings
+        from crowdtrain.coordinator.voters import VoterSettings, eligible_voters
 
         run = self.run
+        settings = PublisherSettings.from_config(self.config)
+        voting = VoterSettings(self.health, settings.min_voter_age_s, self.health.contribution_grace_s)
         self.publisher = Publisher(
-            PublisherSettings.from_config(self.config),
+            settings,
             run.manifest,
             run.tokenizer_json,
             self.data_dir / "data" / run.manifest.data.eval.name,
             self.checkpoint_root,
             maddrs,
+            voters=lambda: eligible_voters(time.time(), self.store.peers_unordered(), voting),
             signing_key=run.signing_key,
             on_reject=lambda step, reason: self.store.add_rejection(time.time(), step, reason),
             in_use=downloads.in_use,

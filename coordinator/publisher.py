@@ -3,9 +3,11 @@
 It joins the swarm through its own client-mode DHT node, so it never serves state and never takes
 part in an averaging round. It follows the swarm's global epoch with hivemind's `ProgressTracker`;
 every `interval_s`, when the epoch advanced past the last published checkpoint, it downloads the
-state from several peers itself (`statefetch.StateFetcher`: the `rpc_download_state` a late joiner
-uses) and keeps one only if a majority of them agree on it (`agreement.judge`: one forged donor
-cannot publish its state). It evaluates that state on the held-out split
+state from several voters itself (`statefetch.StateFetcher`: the `rpc_download_state` a late joiner
+uses) and keeps one only if a majority of them agree on it (`choice.choose_state`: voters are
+proven, long-standing identities named by the swarm's signed progress records, one vote each, so
+neither one forged donor nor a crowd of fresh DHT identities can publish a state). Every tensor is
+checked against the model before it is copied in. It evaluates that state on the held-out split
 (`vetting.check_candidate`), writes an HF-format directory atomically and signs it
 (`archive.finalize`), then applies retention (`archive.retention_victims`).
 """
@@ -20,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crowdtrain.coordinator import archive
-from crowdtrain.coordinator.agreement import FetchedState, Verdict, judge
+from crowdtrain.coordinator.agreement import FetchedState
+from crowdtrain.coordinator.choice import choose_state
 from crowdtrain.coordinator.config import CoordinatorConfig
-from crowdtrain.coordinator.statefetch import StateFetcher
-from crowdtrain.coordinator.vetting import check_candidate, model_card
+from crowdtrain.coordinator.statefetch import StateFetcher, StateLimits
+from crowdtrain.coordinator.vetting import check_candidate, check_tensors, expected_tensors, model_card
 from crowdtrain.peer import checkpoint
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.manifest import RunManifest
@@ -44,6 +47,8 @@ class PublisherSettings:
     agreement_retry_s: float = 1.0  # wait before asking again when donors do not agree yet
     agreement_attempts: int = 3  # rounds of asking before a disagreement is recorded
     max_donors_asked: int = 4  # each retry asks one more donor, up to this (at least agreement_peers)
+    min_voter_age_s: float = 120.0  # a DHT identity's state counts once its first proven session is this old
+    max_state_bytes_margin: float = 1.25  # a donor may send this times the parameters' bytes, then is cut off
 
     @classmethod
     def from_config(cls, config: CoordinatorConfig) -> PublisherSettings:
@@ -56,12 +61,16 @@ class PublisherSettings:
             keep_every_steps=config.keep_every_steps,
             agreement_peers=config.state_agreement_peers,
             agreement_rel_tol=config.state_agreement_rel_tol,
+            # CoordinatorConfig.min_voter_age_s (--min-voter-age-s) where the config has it
+            min_voter_age_s=getattr(config, "min_voter_age_s", cls.min_voter_age_s),
         )
 
 
 class Publisher:
-    """Publishes the run's checkpoints into `checkpoint_root`; `on_reject(step, reason)` records
-    each refused or contested state, `in_use()` names the steps being downloaded (kept)."""
+    """Publishes the run's checkpoints into `checkpoint_root`; `voters()` gives the DHT identities
+    whose state counts and why others do not (`voters.eligible_voters` over the coordinator's
+    sessions), `on_reject(step, reason)` records each refused or contested state, `in_use()` names
+    the steps being downloaded (kept)."""
 
     def __init__(
         self,
@@ -72,6 +81,7 @@ class Publisher:
         checkpoint_root: Path,
         initial_peers: list[str],
         *,
+        voters: Callable[[], tuple[frozenset[str], str]],
         signing_key=None,
         on_reject: Callable[[int, str], None] = lambda step, reason: None,
         in_use: Callable[[], set[int]] = set,
@@ -79,6 +89,7 @@ class Publisher:
         self.settings, self.manifest, self.tokenizer_json = settings, manifest, tokenizer_json
         self.eval_shard, self.root, self.initial_peers = eval_shard, checkpoint_root, initial_peers
         self.signing_key, self.on_reject, self.in_use = signing_key, on_reject, in_use
+        self.voters = voters
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dht = self._tracker = self._fetcher = None
@@ -94,6 +105,7 @@ class Publisher:
         hf_logging.disable_progress_bar()  # no tqdm bars in an operator's log
         self.model = build_model(self.manifest, self.settings.device)
         self.expected_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        self.expected = expected_tensors(self.model)
         tokenizer = Tokenizer.from_str(self.tokenizer_json)
         blocks = tokenize_blocks(tokenizer, read_shard(self.eval_shard), self.manifest.data.seq_len)
         self.eval_blocks = blocks[: self.manifest.data.eval_max_sequences]
@@ -114,7 +126,7 @@ class Publisher:
         self._fetcher = StateFetcher(
             self._dht,
             self.manifest.run_id,
-            num_parameters=len(list(self.model.parameters())),
+            StateLimits(self.expected, margin=self.settings.max_state_bytes_margin),
             timeout_s=self.manifest.swarm.load_state_timeout_s,
         )
         self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
@@ -185,6 +197,10 @@ class Publisher:
         if state is None:
             return None
         epoch = state.epoch
+        problem = check_tensors(state.tensors, self.expected)  # before copy_, which broadcasts
+        if problem:
+            self.on_reject(epoch, f"state of peer {state.peer}: {problem}")
+            return None
         with torch.no_grad():
             for param, loaded in zip(self.model.parameters(), state.tensors, strict=True):
                 param.copy_(loaded)
@@ -269,75 +285,12 @@ class Publisher:
         )
 
     def fetch_agreed_state(self, last: int) -> FetchedState | None:
-        """A state newer than `last` that a majority of the peers asked agree on, else None.
-
-        Downloads from `agreement_peers` donors at once. Honest peers can still disagree for a
-        moment (hivemind bumps a peer's epoch before its optimizer step lands, and applies a
-        background state average later), so on no majority it asks again after
-        `agreement_retry_s`, one more donor each time (up to `max_donors_asked`), at most
-        `agreement_attempts` times. A final disagreement, and any outvoted peer, is recorded.
-        """
-        s = self.settings
-        donors = self._fetcher.donors()
-        asked = min(s.agreement_peers, len(donors))
-        limit = min(max(s.max_donors_asked, s.agreement_peers), len(donors))
-        states: list[FetchedState] = []
-        verdict = judge(states, len(donors), s.agreement_rel_tol)
-        for attempt in range(s.agreement_attempts if donors else 0):
-            if attempt and self._stop.wait(s.agreement_retry_s):
-                return None
-            states = self._fetcher.fetch_all(donors[:asked])
-            stale = [st for st in states if st.epoch <= last]
-            if stale:
-                logger.info(
-                    "publisher: %d donor(s) serve epoch <= %d, the latest checkpoint", len(stale), last
-                )
-            states = [st for st in states if st.epoch > last]
-            verdict = judge(states, len(donors), s.agreement_rel_tol)
-            if verdict.decision == "publish":
-                break
-            asked = min(asked + 1, limit)
-        if verdict.decision == "disagree" or verdict.dissenters:
-            self.on_reject(verdict.chosen.epoch if verdict.chosen else states[0].epoch, verdict.reason)
-        self._report(verdict, len(donors))
-        return verdict.chosen if verdict.decision == "publish" else None
-
-    def _report(self, verdict: Verdict, donors_listed: int) -> None:
-        """Log the final verdict of a round of asking: chosen, disagreement, or why we wait."""
-        if verdict.decision == "disagree":
-            emit(
-                logger,
-                "state_disagreement",
-                "publisher: not publishing yet (%d donors listed): %s",
-                donors_listed,
-                verdict.reason,
-                level=logging.WARNING,
-                epoch=verdict.epoch,
-                peers=list(verdict.dissenters),
-                reason=verdict.reason,
-            )
-        elif verdict.decision == "wait":
-            emit(
-                logger,
-                "publish_waiting",
-                "publisher: not publishing yet (%d donors listed): %s",
-                donors_listed,
-                verdict.reason,
-                donors_listed=donors_listed,
-                reason=verdict.reason,
-            )
-        else:
-            emit(
-                logger,
-                "state_chosen",
-                "publisher: state of epoch %d chosen: %s",
-                verdict.epoch,
-                verdict.reason,
-                epoch=verdict.epoch,
-                agreeing=list(verdict.agreeing),
-                outvoted=list(verdict.dissenters),
-                reason=verdict.reason,
-            )
+        """A state newer than `last` that a majority of the voters asked agree on, else None
+        (`choice.choose_state`: who is asked, what is refused, how often to ask again)."""
+        voters, why = self.voters()
+        return choose_state(
+            self._fetcher, voters, why, last, self.settings, self._stop, self.on_reject, self.expected
+        )
 
     def prune(self) -> list[int]:
         """Apply retention: delete old checkpoints, never the latest nor one being downloaded."""

@@ -16,8 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass
 
 from crowdtrain.coordinator.agreement import FetchedState
+from crowdtrain.coordinator.limits import MAX_EPOCH
+from crowdtrain.coordinator.vetting import ExpectedTensor, check_tensor
+
+STREAMING_CHUNK_SIZE_BYTES = 2**16  # hivemind 1.1.12: utils/streaming.py, the parts a tensor is sent in
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +34,41 @@ async def _daemon_maddr(_dht, node):
     return node.p2p.daemon_listen_maddr
 
 
+@dataclass(frozen=True)
+class StateLimits:
+    """What a donor may send: the model's parameters (shapes, dtypes) and bounds on the stream."""
+
+    expected: tuple[ExpectedTensor, ...]  # the model's parameters in order
+    margin: float = 1.25  # bytes allowed beyond the parameters' own (headers, a different layout)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(t.nbytes for t in self.expected)
+
+    @property
+    def max_bytes(self) -> int:
+        """Serialized bytes a donor may send before we hang up: the parameters' bytes times
+        `margin`, plus 4 KiB per tensor of protobuf headers."""
+        return int(self.parameter_bytes * self.margin) + 4096 * len(self.expected)
+
+    @property
+    def max_messages(self) -> int:
+        """Stream messages a donor may send: each tensor in hivemind's 64 KiB parts, twice over."""
+        parts = sum(-(-max(t.nbytes, 1) // STREAMING_CHUNK_SIZE_BYTES) for t in self.expected)
+        return 2 * parts + 16
+
+
 class StateFetcher:
     """Lists the swarm's state donors and downloads the state of the ones we choose.
 
     Owns a private event loop (on a thread of its own) so that it can be used from any thread.
     """
 
-    def __init__(self, dht, run_id: str, num_parameters: int, timeout_s: float):
-        self.dht, self.num_parameters, self.timeout_s = dht, num_parameters, timeout_s
+    def __init__(self, dht, run_id: str, limits: StateLimits, timeout_s: float):
+        self.dht, self.run_id, self.limits, self.timeout_s = dht, run_id, limits, timeout_s
+        self.num_parameters = len(limits.expected)
         # hivemind 1.1.12 internals: Optimizer._make_state_averager names its averager this way;
-        # the donor key and the RPC namespace below both derive from it
+        # the RPC namespace below derives from it
         self.prefix = f"{run_id}_state_averager"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="state-fetch", daemon=True)
@@ -61,75 +91,136 @@ class StateFetcher:
     def _run(self, coro, timeout_s: float):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout_s)
 
-    def donors(self) -> list[str]:
-        """Peers that declared they serve state, highest declared priority (their epoch) first."""
-        from hivemind.utils import ValueWithExpiration
+    def progress_claims(self) -> list[tuple[str, int, bool]]:
+        """(peer id, epoch, client_mode) of every record in the swarm's signed progress key.
 
-        # hivemind 1.1.12 internals: DecentralizedAverager._declare_for_download_periodically stores
-        # {peer id bytes: priority} under `<prefix>.all_averagers`, read as load_state_from_peers does
-        found = self.dht.get(f"{self.prefix}.all_averagers", latest=True, return_future=True)
+        These records are RSA-signed per writer (hivemind's `RSASignatureValidator`, registered by
+        the publisher's `ProgressTracker` on this DHT), unlike `<prefix>.all_averagers`, an unsigned
+        dictionary anyone can overwrite. The peer id inside is the writer's claim: `voters` decides
+        what it is worth."""
+        from hivemind.p2p import PeerID
+
+        # hivemind 1.1.12 internals: ProgressTracker.training_progress_key is `<prefix>_progress`
+        # (prefix=run_id), one subkey per writer holding LocalTrainingProgress as a dict
+        found = self.dht.get(f"{self.run_id}_progress", latest=True, return_future=True)
         entry = found.result(timeout=self.timeout_s)
         if entry is None or not isinstance(entry.value, dict):
             return []
-        priorities = {}
-        for subkey, info in entry.value.items():
-            if isinstance(info, ValueWithExpiration) and isinstance(info.value, (int, float)):
-                priorities[subkey] = float(info.value)
-        from hivemind.p2p import PeerID
+        claims = []
+        for item in entry.value.values():
+            record = getattr(item, "value", None)
+            if not isinstance(record, dict):
+                continue  # a peer that left writes None
+            try:
+                peer, epoch = PeerID(record["peer_id"]).to_base58(), record["epoch"]
+                client_mode = bool(record.get("client_mode", False))
+            except (KeyError, TypeError, ValueError) as e:
+                logger.info("skipping a malformed progress record: %r", e)
+                continue
+            if isinstance(epoch, int) and 0 <= epoch < MAX_EPOCH:
+                claims.append((peer, epoch, client_mode))
+        return claims
 
-        return [PeerID(k).to_base58() for k in sorted(priorities, key=priorities.get, reverse=True)]
+    def fetch_all(self, peers: list[str]) -> tuple[list[FetchedState], dict[str, str]]:
+        """The states `peers` serve, downloaded at once (as close in time as can be), and why each
+        other peer gave none: it left, timed out, sent garbage or too much (`StateRefused`)."""
 
-    def fetch_all(self, peers: list[str]) -> list[FetchedState]:
-        """The states `peers` serve, downloaded at once (as close in time as can be); a donor that
-        fails is logged and left out."""
-
-        async def one(peer: str) -> FetchedState | None:
+        async def one(peer: str) -> FetchedState | str:
             try:
                 return await asyncio.wait_for(self._fetch(peer), self.timeout_s)
             except Exception as e:  # a donor that left, refused, timed out or sent garbage
                 logger.warning("could not download the state of peer %s: %s: %s", peer, type(e).__name__, e)
-                return None
+                return f"{type(e).__name__}: {e}"
 
         async def gather():
             return await asyncio.gather(*(one(peer) for peer in peers))
 
-        return [s for s in self._run(gather(), self.timeout_s + 10) if s is not None]
+        results = self._run(gather(), self.timeout_s + 10)
+        states = [r for r in results if isinstance(r, FetchedState)]
+        failed = {peer: r for peer, r in zip(peers, results, strict=True) if isinstance(r, str)}
+        return states, failed
 
-    async def _fetch(self, peer: str) -> FetchedState | None:
-        from hivemind.compression import deserialize_torch_tensor
+    async def _fetch(self, peer: str) -> FetchedState:
         from hivemind.optim.state_averager import TrainingStateAverager
         from hivemind.p2p import P2P, PeerID
         from hivemind.proto import averaging_pb2
-        from hivemind.utils.serializer import MSGPackSerializer
-        from hivemind.utils.streaming import combine_from_streaming
 
         if self._p2p is None:
             maddr = self.dht.run_coroutine(_daemon_maddr)
             self._p2p = await P2P.replicate(maddr)
-        # hivemind 1.1.12 internals: the averager's RPC (get_stub, namespace=prefix) and its stream:
-        # MSGPack metadata with "epoch" in the first message, a tensor's first part carries its
-        # dtype, parameters come before optimizer statistics (TrainingStateAverager.get_current_state)
+        # hivemind 1.1.12 internals: the averager's RPC (get_stub, namespace=prefix)
         stub = TrainingStateAverager.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
         stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-        metadata, tensors, parts = None, [], []
+        reader = StreamReader(self.limits)
         try:
             async for message in stream:
-                if message.metadata:
-                    metadata = MSGPackSerializer.loads(message.metadata)
-                if message.tensor_part.dtype and parts:
-                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    parts = []
-                    if len(tensors) >= self.num_parameters:
-                        break  # optimizer statistics follow: not needed to publish the model
-                parts.append(message.tensor_part)
+                if reader.add(message):
+                    break  # optimizer statistics follow: not needed to publish the model
         finally:
             if hasattr(stream, "aclose"):
                 await stream.aclose()  # tell the donor to stop sending
-        if parts and len(tensors) < self.num_parameters:
-            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int):
-            logger.info("peer %s did not send its state (it may not share state right now)", peer)
-            return None
-        if len(tensors) < self.num_parameters:
-            raise ValueError(f"sent {len(tensors)} tensors, the model has {self.num_parameters} parameters")
-        return FetchedState(peer=peer, epoch=metadata["epoch"], tensors=tensors[: self.num_parameters])
+        return FetchedState(peer=peer, epoch=reader.finish(), tensors=reader.tensors)
+
+
+class StateRefused(ValueError):
+    """A donor's stream broke the limits (`StateLimits`) or did not fit the model."""
+
+
+class StreamReader:
+    """Reassembles the parameters from `rpc_download_state` messages, within `limits`: each tensor
+    is checked (shape, dtype, finite: `vetting.check_tensor`) as soon as it is complete, and the
+    stream is refused once it exceeds `max_bytes` or `max_messages`, so a donor can never make us
+    hold more than about the model's size."""
+
+    def __init__(self, limits: StateLimits):
+        self.limits = limits
+        self.metadata, self.tensors, self.parts = None, [], []
+        self.received_bytes = self.messages = 0
+
+    def add(self, message) -> bool:
+        """Take one message; True once every parameter is in (stop reading)."""
+        # hivemind 1.1.12 internals: the stream of rpc_download_state: MSGPack metadata with "epoch"
+        # in the first message, a tensor's first part carries its dtype, parameters come before
+        # optimizer statistics (TrainingStateAverager.get_current_state)
+        from hivemind.utils.serializer import MSGPackSerializer
+
+        self.messages += 1
+        self.received_bytes += message.ByteSize()
+        if self.received_bytes > self.limits.max_bytes or self.messages > self.limits.max_messages:
+            raise StateRefused(
+                f"sent more than the model's parameters allow ({self.received_bytes} bytes in "
+                f"{self.messages} messages; limits {self.limits.max_bytes} bytes, "
+                f"{self.limits.max_messages} messages for {self.limits.parameter_bytes} parameter bytes)"
+            )
+        if message.metadata and self.metadata is None:
+            self.metadata = MSGPackSerializer.loads(message.metadata)
+        if message.tensor_part.dtype and self.parts:
+            self._complete()
+            if len(self.tensors) >= len(self.limits.expected):
+                return True
+        self.parts.append(message.tensor_part)
+        return False
+
+    def _complete(self) -> None:
+        from hivemind.compression import deserialize_torch_tensor
+        from hivemind.utils.streaming import combine_from_streaming
+
+        index = len(self.tensors)
+        if index >= len(self.limits.expected):
+            return
+        tensor = deserialize_torch_tensor(combine_from_streaming(self.parts))
+        self.parts = []
+        problem = check_tensor(tensor, self.limits.expected[index])
+        if problem:
+            raise StateRefused(problem)
+        self.tensors.append(tensor)
+
+    def finish(self) -> int:
+        """The state's epoch once the stream ended; StateRefused if it is not a whole state."""
+        if self.parts:
+            self._complete()
+        if not isinstance(self.metadata, dict) or not isinstance(self.metadata.get("epoch"), int):
+            raise StateRefused("sent no state (no epoch in its metadata; it may not share state right now)")
+        if len(self.tensors) < len(self.limits.expected):
+            raise StateRefused(f"sent {len(self.tensors)} tensors, the model has {len(self.limits.expected)}")
+        return self.metadata["epoch"]

@@ -1,0 +1,264 @@
+"""Whose state the publisher trusts (voters), how far ahead a donor may claim to be (epoch bound), and
+which tensors may ever be copied into the model (shape, dtype, finite) - pure decisions, plus the
+publisher's round with a fake fetcher: two sybil identities serving the same forged state with the
+highest priority are never asked, while the honest voters' state is chosen."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+from crowdtrain.coordinator.agreement import FetchedState
+from crowdtrain.coordinator.choice import admissible, choose_state
+from crowdtrain.coordinator.publisher import PublisherSettings
+from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
+from crowdtrain.coordinator.vetting import ExpectedTensor, check_tensor, check_tensors
+from crowdtrain.coordinator.voters import (
+    VoterSettings,
+    candidate_donors,
+    eligible_voters,
+    epoch_bound,
+    voter_epochs,
+)
+
+NOW = 10_000.0
+SETTINGS = VoterSettings(HealthSettings(5.0, 20.0, 45.0), min_age_s=120.0, seen_within_s=45.0)
+
+
+def session(who: str, **kw) -> PeerRecord:
+    """A long-standing, proven, online, training session of DHT identity `who`."""
+    fields = dict(
+        session_id=f"s-{who}-{kw.pop('n', 0)}",
+        joined_unix_s=NOW - 600,
+        last_seen_unix_s=NOW - 1,
+        phase="training",
+        dht_peer_id=who,
+        dht_verified=True,
+        dht_last_seen_unix_s=NOW - 5,
+    )
+    return PeerRecord(**(fields | kw))
+
+
+@pytest.mark.parametrize(
+    ("record", "votes", "why"),
+    [
+        (session("a"), True, "1 voter(s)"),
+        (session("a", dht_verified=False), False, "not proven"),
+        (session("a", dht_peer_id=""), False, "not proven"),
+        (session("a", banned=True), False, "banned"),
+        (session("a", left_unix_s=NOW - 10), False, "0 voter(s)"),
+        (session("a", last_seen_unix_s=NOW - 30), False, "not online"),
+        (session("a", phase="loading_state"), False, "not online"),
+        (session("a", dht_last_seen_unix_s=None), False, "signed progress records"),
+        (session("a", dht_last_seen_unix_s=NOW - 60), False, "signed progress records"),
+        (session("a", joined_unix_s=NOW - 60), False, "joined less than 120s ago"),
+        (session("a", source="dht"), False, "known only from the DHT"),
+    ],
+)
+def test_who_votes(record, votes, why):
+    voters, reason = eligible_voters(NOW, [record], SETTINGS)
+    assert (record.dht_peer_id in voters) is votes, reason
+    assert why in reason
+
+
+def test_one_vote_per_identity_and_its_oldest_session_counts():
+    # two sessions of one identity are one voter; a re-join keeps the identity's age
+    rejoined = [session("a", n=1, joined_unix_s=NOW - 30), session("a", n=2, left_unix_s=NOW - 40)]
+    voters, _ = eligible_voters(NOW, [session("a"), session("a", n=1), session("b")], SETTINGS)
+    assert voters == {"a", "b"}
+    assert eligible_voters(NOW, rejoined, SETTINGS)[0] == {"a"}
+    # a ban of any proven session bans the identity; an unproven session claiming it changes nothing
+    banned = [session("a"), session("a", n=1, banned=True, left_unix_s=NOW - 5)]
+    assert eligible_voters(NOW, banned, SETTINGS)[0] == frozenset()
+    claimed = [session("a"), session("a", n=1, dht_verified=False, banned=True)]
+    assert eligible_voters(NOW, claimed, SETTINGS)[0] == {"a"}
+    # sybils: fresh identities with proven ids vote only once they are long-standing
+    sybils = [session(f"s{i}", joined_unix_s=NOW - 10) for i in range(5)]
+    voters, reason = eligible_voters(NOW, [session("a"), *sybils], SETTINGS)
+    assert voters == {"a"} and "5 joined less than 120s ago" in reason
+
+
+def test_donors_come_from_voters_signed_records_and_forged_claims_only_lower_an_epoch():
+    voters = frozenset({"a", "b", "c"})
+    claims = [("a", 7, False), ("b", 8, False), ("c", 8, True), ("x", 99, False), ("b", 3, False)]
+    assert voter_epochs(claims, voters) == {"a": 7, "b": 3, "c": 8}
+    assert candidate_donors(claims, voters) == ["a", "b"]  # c is in client mode: cannot serve
+    assert candidate_donors([("x", 99, False)], voters) == []
+
+
+@pytest.mark.parametrize(
+    ("donor", "epoch", "epochs", "ok", "why"),
+    [
+        ("a", 10, {"a": 10, "b": 10}, True, "within 11"),
+        ("a", 11, {"a": 10, "b": 10}, True, "within 11"),  # a step in flight
+        ("a", 12, {"a": 12, "b": 10}, False, "beyond 11"),  # its own record does not vouch for it
+        ("a", 2**62, {"a": 10, "b": 10, "c": 9}, False, f"claims epoch {2**62}"),
+        ("a", 11, {"a": 10}, True, "its own progress record"),  # the only voter
+        ("a", 12, {"a": 10}, False, "beyond 11"),
+        ("a", 5, {}, False, "no voter's progress record"),
+    ],
+)
+def test_epoch_bound(donor, epoch, epochs, ok, why):
+    decision, reason = epoch_bound(donor, epoch, epochs)
+    assert decision is ok and why in reason, reason
+
+
+W = ExpectedTensor("w", (4, 3), "torch.float32", 4)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "why"),
+    [
+        (torch.zeros(4, 3), None),
+        (torch.zeros(1), "has shape (1,)"),  # copy_ would broadcast it over the whole matrix
+        (torch.zeros(3, 4), "has shape (3, 4)"),
+        (torch.zeros(4, 3, dtype=torch.float64), "has dtype torch.float64"),
+        (torch.zeros(4, 3, dtype=torch.int64), "has dtype torch.int64"),
+        (torch.full((4, 3), float("nan")), "NaN or infinite"),
+        (torch.full((4, 3), float("-inf")), "NaN or infinite"),
+        ([0.0] * 12, "is a list, not a tensor"),
+    ],
+)
+def test_each_tensor_must_fit_the_model(tensor, why):
+    problem = check_tensor(tensor, W)
+    assert problem == why if why is None else why in problem
+
+
+def test_a_state_must_have_every_parameter():
+    b = ExpectedTensor("b", (3,), "torch.float32", 4)
+    assert check_tensors([torch.zeros(4, 3), torch.zeros(3)], [W, b]) is None
+    assert "1 tensors, the model has 2" in check_tensors([torch.zeros(4, 3)], [W, b])
+    assert "b has shape (1,)" in check_tensors([torch.zeros(4, 3), torch.zeros(1)], [W, b])
+
+
+# ------------------------------------------------------------------ the publisher's round
+
+
+HONEST = [torch.ones(4, 3)]
+FORGED = [torch.full((4, 3), 3.0)]
+
+
+class FakeFetcher:
+    """The swarm as the publisher sees it: signed progress records, and the states peers serve."""
+
+    def __init__(self, claims, served):
+        self.claims, self.served, self.asked = claims, served, []
+
+    def progress_claims(self):
+        return self.claims
+
+    def fetch_all(self, peers):
+        self.asked += peers
+        return [FetchedState(p, *self.served[p]) for p in peers if p in self.served], {}
+
+
+def run_round(fetcher, voters, last=0):
+    rejected = []
+    chosen = choose_state(
+        fetcher,
+        frozenset(voters),
+        "test",
+        last,
+        dataclasses.replace(PublisherSettings(), agreement_retry_s=0.0),
+        threading.Event(),
+        lambda step, reason: rejected.append(reason),
+        [W],
+    )
+    return chosen, rejected
+
+
+def test_two_sybils_with_the_top_priority_and_the_same_forged_state_are_never_asked():
+    claims = [("sybil1", 12, False), ("sybil2", 12, False), ("h1", 12, False), ("h2", 12, False)]
+    served = {"sybil1": (12, FORGED), "sybil2": (12, FORGED), "h1": (12, HONEST), "h2": (12, HONEST)}
+    fetcher = FakeFetcher(claims, served)
+    chosen, rejected = run_round(fetcher, {"h1", "h2"})
+    assert chosen is not None and torch.equal(chosen.tensors[0], HONEST[0])
+    assert not {"sybil1", "sybil2"} & set(fetcher.asked) and not rejected
+
+
+def test_with_no_eligible_voter_nothing_is_published(caplog):
+    fetcher = FakeFetcher([("sybil1", 12, False)], {"sybil1": (12, FORGED)})
+    with caplog.at_level("INFO"):
+        chosen, _ = run_round(fetcher, set())
+    assert chosen is None and fetcher.asked == []
+    assert "no eligible voter serves state" in caplog.text
+
+
+def test_a_lone_donor_is_trusted_only_when_it_is_an_eligible_voter():
+    served = {"h1": (12, HONEST), "sybil1": (12, FORGED)}
+    claims = [("h1", 12, False), ("sybil1", 12, False)]
+    chosen, _ = run_round(FakeFetcher(claims, served), {"h1"})
+    assert chosen is not None and chosen.peer == "h1"
+
+
+def test_a_voter_claiming_a_huge_epoch_is_refused_with_its_evidence():
+    claims = [("h1", 12, False), ("h2", 12, False), ("bad", 12, False)]
+    served = {"bad": (2**62, HONEST), "h1": (12, HONEST), "h2": (12, HONEST)}
+    chosen, rejected = run_round(FakeFetcher(claims, served), {"h1", "h2", "bad"})
+    assert chosen is not None and chosen.epoch == 12
+    assert any("peer bad" in r and f"claims epoch {2**62}" in r for r in rejected), rejected
+
+
+def test_a_broadcastable_or_wrongly_typed_state_is_refused_before_judging():
+    states = [
+        FetchedState("one", 12, [torch.ones(1)]),
+        FetchedState("f64", 12, [torch.ones(4, 3, dtype=torch.float64)]),
+        FetchedState("ok", 12, HONEST),
+        FetchedState("old", 3, HONEST),
+    ]
+    kept, refused = admissible(states, {"one": 12, "f64": 12, "ok": 12, "old": 12}, 5, [W])
+    assert [s.peer for s in kept] == ["ok"]
+    assert set(refused) == {"one", "f64"} and "shape (1,)" in refused["one"]
+
+
+# ------------------------------------------------------------------ a real download over hivemind
+
+
+def test_a_donor_streaming_a_giant_state_is_cut_off_early():
+    """A DecentralizedAverager serves a 10 MiB state; a fetcher for that model gets it whole, one
+    for a model 10x smaller hangs up once the stream passes its limit (not after 10 MiB)."""
+    import time
+
+    import hivemind
+    from crowdtrain.coordinator.statefetch import StateFetcher, StateLimits
+    from crowdtrain.peer.processes import use_fork_start_method
+    from hivemind.averaging import DecentralizedAverager
+
+    # hivemind 1.1.12: the RPC's protocol name is "<prefix>::<class name>.rpc_download_state"
+    class TrainingStateAverager(DecentralizedAverager):
+        def get_current_state(self):  # what TrainingStateAverager serves: the epoch, then tensors
+            with self.get_tensors() as tensors:
+                return {"epoch": 7}, [t.clone() for t in tensors], None
+
+    use_fork_start_method()
+    served = torch.randn(2560, 1024)  # 10 MiB of float32
+    fair = StateLimits((ExpectedTensor("w", (2560, 1024), "torch.float32", 4),))
+    small = StateLimits((ExpectedTensor("w", (256, 1024), "torch.float32", 4),))  # 1 MiB
+    maddrs = ["/ip4/127.0.0.1/tcp/0"]
+    donor_dht = hivemind.DHT(start=True, host_maddrs=maddrs)
+    fetcher_dht = hivemind.DHT(
+        start=True, host_maddrs=maddrs, initial_peers=[str(m) for m in donor_dht.get_visible_maddrs()]
+    )
+    donor = TrainingStateAverager(
+        [served], donor_dht, prefix="trust_state_averager", target_group_size=2, start=True
+    )
+    fetchers = [StateFetcher(fetcher_dht, "trust", limits, timeout_s=30) for limits in (fair, small)]
+    try:
+        peer = donor_dht.peer_id.to_base58()
+        states, failed = fetchers[0].fetch_all([peer])
+        assert not failed and states[0].epoch == 7 and torch.equal(states[0].tensors[0], served)
+
+        t0 = time.monotonic()
+        states, failed = fetchers[1].fetch_all([peer])
+        assert states == [] and "sent more than the model's parameters allow" in failed[peer], failed
+        received = int(failed[peer].split("(")[1].split(" bytes")[0])
+        assert small.max_bytes < received <= small.max_bytes + 2 * 2**16, failed[peer]
+        assert received < served.numel() * 4 / 7 and time.monotonic() - t0 < 20
+    finally:
+        for fetcher in fetchers:
+            fetcher.shutdown()
+        donor.shutdown()
+        fetcher_dht.shutdown()
+        donor_dht.shutdown()
