@@ -163,7 +163,11 @@ class AdmittedPeers:
         self._last_refresh = 0.0
 
     def __call__(self, peer_id: str) -> tuple[bool, str]:
-        self._ensure_thread()
+        if self._ensure_thread():  # first question in this process: read the tokens before answering
+            try:
+                self.refresh()
+            except Exception as e:  # the DHT is slow or restarting: the thread tries again
+                logger.debug("reading swarm tokens failed: %r", e)
         now = get_dht_time()
         with self._lock:
             expires = self._expiry.get(peer_id)
@@ -179,20 +183,22 @@ class AdmittedPeers:
         with self._lock:
             return {p for p, e in self._expiry.items() if e > now}
 
-    def _ensure_thread(self) -> None:
+    def _ensure_thread(self) -> bool:
+        """Start the refresh thread in this process; whether it was just started."""
         if self._pid == os.getpid():
-            return
+            return False
         self._pid = os.getpid()  # a forked copy starts its own thread (threads do not survive fork)
         self._lock, self._wake = threading.Lock(), threading.Event()
         threading.Thread(target=self._loop, name="swarm-tokens", daemon=True).start()
+        return True
 
     def _loop(self) -> None:
         while True:
+            self._wake.wait(self.refresh_s)
             try:
                 self.refresh()
             except Exception as e:  # the DHT is restarting: keep what we know, try again
                 logger.debug("reading swarm tokens failed: %r", e)
-            self._wake.wait(self.refresh_s)
             self._wake.clear()
             time.sleep(max(0.0, self.min_refresh_s - (time.monotonic() - self._last_refresh)))
 
