@@ -24,6 +24,7 @@ import traceback
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from crowdtrain.coordinator import config as cfg
+from crowdtrain.coordinator.cli_invite import INVITE_COMMANDS
 from crowdtrain.peer import __version__
 from crowdtrain.peer import config as peer_cfg
 from crowdtrain.peer.errors import CrowdtrainError
@@ -118,6 +119,13 @@ def _ago(now: float, t: float) -> str:
     return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
 
 
+# REPORTED: times other peers refused its contributions (evidence; enough of them ban it)
+_STATUS_COLUMNS = (
+    "ID NAME STATE REASON DEVICE SAMPLES/S EPOCH COMPUTED CONTRIBUTED REPORTED SWARM UPTIME".split()
+)
+_STATUS_COLUMNS = (*_STATUS_COLUMNS, "LAST SEEN")
+
+
 def format_status(status, now: float) -> str:
     """Render a GetStatusResponse as the operator's table (SWARM: peers it sees in the run's progress
     records; UPTIME: since its heartbeats started)."""
@@ -137,20 +145,7 @@ def format_status(status, now: float) -> str:
         *([f"last refused checkpoint: {clean_display(s.last_rejection)}"] if s.last_rejection else []),
         "",
     ]
-    header = (
-        "ID",
-        "NAME",
-        "STATE",
-        "REASON",
-        "DEVICE",
-        "SAMPLES/S",
-        "EPOCH",
-        "COMPUTED",
-        "CONTRIBUTED",
-        "SWARM",
-        "UPTIME",
-        "LAST SEEN",
-    )
+    header = _STATUS_COLUMNS
     rows = [
         (
             p.peer_id,
@@ -162,6 +157,7 @@ def format_status(status, now: float) -> str:
             str(p.local_epoch),
             str(p.computed_samples),
             str(p.contributed_samples),
+            str(p.rejections_against) if p.rejections_against else "-",
             str(p.swarm_size) if p.swarm_size else "-",
             _ago(p.uptime_s, 0.0).removesuffix(" ago") if p.uptime_s > 0 else "-",  # 0: no heartbeat yet
             _ago(now, p.last_seen_unix_s),
@@ -301,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (config_cls, _, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         peer_cfg.add_arguments(sp, config_cls)
+    invite = sub.add_parser("invite", help="invite codes for --admission invite (create, list, revoke)")
+    invite_sub = invite.add_subparsers(dest="invite_command", required=True)
+    for name, (config_cls, _, help_text) in INVITE_COMMANDS.items():
+        peer_cfg.add_arguments(invite_sub.add_parser(name, help=help_text, description=help_text), config_cls)
     return parser
 
 
@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.log_level, args.log_format)
     if args.log_format == "json" and args.command in ("peer", "coordinator"):
         _hivemind_logs_through_ours()
-    config_cls, handler, _ = COMMANDS[args.command]
+    config_cls, handler, _ = (
+        INVITE_COMMANDS[args.invite_command] if args.command == "invite" else COMMANDS[args.command]
+    )
     try:
         return handler(peer_cfg.from_arguments(config_cls, args))
     except KeyboardInterrupt:

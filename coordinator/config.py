@@ -64,6 +64,22 @@ class CoordinatorConfig:
     prune_silent_joins_after_s: float = option(
         120.0, "forget a session that never sent a heartbeat after this long (abandoned joins, sybils)"
     )
+    admission: str = option(
+        "open",
+        "who may join: open (anyone), invite (a code from `crowdtrain invite create`), allowlist "
+        "(the peer ids in --allowlist-path)",
+    )
+    allowlist_path: str = option(
+        "", "allowlist mode: file of hivemind peer ids, one per line, # comments; re-read when it changes"
+    )
+    swarm_token_ttl_s: float = option(
+        600.0, "lifetime of a peer's swarm access token; a ban or revocation reaches the swarm within it"
+    )
+    autoban_min_reporters: int = option(
+        2, "ban a peer automatically once this many distinct peers reported refusing its contributions"
+    )
+    autoban_min_reports: int = option(3, "... with at least this many reports in all")
+    autoban_window_s: float = option(600.0, "... within this many seconds")
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,31 @@ class BanConfig:
         REQUIRED, "public peer id (the ID column of `crowdtrain status`) or DHT peer id to ban"
     )
     unban: bool = option(False, "lift the ban instead")
+
+
+@dataclass(frozen=True)
+class InviteCreateConfig:
+    data_dir: str = option(
+        REQUIRED, "the coordinator's data directory (run this on the coordinator's machine)"
+    )
+    uses: int = option(1, "how many joins the code admits")
+    expires_in_s: float = option(0.0, "the code expires this many seconds from now (0: never)")
+    note: str = option("", "a note for yourself: who the code is for (shown by `invite list`)")
+
+
+@dataclass(frozen=True)
+class InviteListConfig:
+    data_dir: str = option(
+        REQUIRED, "the coordinator's data directory (run this on the coordinator's machine)"
+    )
+
+
+@dataclass(frozen=True)
+class InviteRevokeConfig:
+    invite_id: str = option(REQUIRED, "the invite's ID (from `crowdtrain invite list`)", positional=True)
+    data_dir: str = option(
+        REQUIRED, "the coordinator's data directory (run this on the coordinator's machine)"
+    )
 
 
 @dataclass(frozen=True)

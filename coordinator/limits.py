@@ -62,12 +62,24 @@ MAX_EPOCH = 2**40  # 10^12 epochs: no real swarm comes near; far from int64's en
 MAX_SAMPLES = 2**50  # a peer's own sample count; far from int64's end even summed over 2^13 peers
 MAX_SAMPLES_PER_S = 1e6  # one peer; a tiny model on the fastest accelerator does ~10^4
 MAX_UPTIME_S = 10 * 365 * 86400.0
+MAX_REJECTIONS_PER_HEARTBEAT = 32  # evidence a peer sends per heartbeat (it sends one every few seconds)
+# a base58 libp2p peer id: an RSA key's sha2-256 multihash is 46 characters, identity ones ~50
+PEER_ID = Limit("id", 64, f"{BASE58}{{20,64}}", required=True, what="a base58 hivemind peer id")
 
 REQUEST_LIMITS: dict[str, dict[str, Limit]] = {
     "JoinRequest": {
         "name": Limit("display", 64),
         "version": Limit("display", 32),
         "device": Limit("display", 64),
+        # secrets.token_urlsafe(24) of `crowdtrain invite create`: 32 characters
+        "invite_code": Limit("id", 64, "[A-Za-z0-9_-]{16,64}", what="16-64 URL-safe base64 characters"),
+        "dht_public_key": Limit("bytes", 1024),  # an RSA-2048 libp2p key is ~300 bytes
+    },
+    "Rejection": {
+        "offender": PEER_ID,
+        "kind": Limit("id", 32, "[a-z0-9_]{1,32}", required=True, what="1-32 of a-z, 0-9 and _"),
+        "detail": Limit("display", 200),
+        "epoch": Limit("int", low=0, high=MAX_EPOCH - 1),
     },
     "HeartbeatRequest": {
         "session_id": SESSION_ID,
@@ -86,6 +98,7 @@ REQUEST_LIMITS: dict[str, dict[str, Limit]] = {
         "uptime_s": Limit("float", low=0, high=MAX_UPTIME_S),
         "samples_total": Limit("int", low=0, high=MAX_SAMPLES),
         "swarm_size": Limit("int", low=0, high=100_000),
+        "rejections": Limit("messages", MAX_REJECTIONS_PER_HEARTBEAT, "Rejection"),
     },
     "LeaveRequest": {
         "session_id": SESSION_ID,
@@ -108,6 +121,19 @@ def check_value(message: str, field: str, value, limit: Limit):
     where = f"{field} ({message})"
     if limit.kind == "display":
         return clean_display(value, limit.max_len)
+    if limit.kind == "messages":
+        if len(value) > limit.max_len:
+            raise InvalidRequestError(
+                f"{where} has {len(value)} entries, more than the {limit.max_len} allowed per request; "
+                "send the rest with the next one"
+            )
+        checked = []
+        for i, item in enumerate(value):
+            try:
+                checked.append(check_request(item))
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"{field}[{i}]: {e}") from None
+        return checked
     if limit.kind == "bytes":
         if len(value) > limit.max_len:
             raise InvalidRequestError(

@@ -30,7 +30,7 @@ class Admission(str, enum.Enum):
     ADMITTED = "ADMITTED"
     UNKNOWN_SESSION = "UNKNOWN_SESSION"  # never joined, or joined a coordinator that lost its state
     BAD_TOKEN = "BAD_TOKEN"  # the session's secret token is missing or wrong
-    BANNED = "BANNED"  # the operator ran `crowdtrain ban`
+    BANNED = "BANNED"  # `crowdtrain ban`, an automatic ban on evidence, or its invite was revoked
 
 
 _REFUSALS = {
@@ -56,7 +56,7 @@ def admit_session(
     if not record.token_sha256 or not hmac.compare_digest(record.token_sha256, token_sha256(token)):
         return Admission.BAD_TOKEN, "wrong or missing session_token for this session; join again"
     if record.banned or (record.dht_verified and record.dht_peer_id in banned_dht_ids):
-        return Admission.BANNED, "this peer is banned by the operator"
+        return Admission.BANNED, f"{record.ban_reason or 'this peer is banned by the operator'}; stop it"
     return Admission.ADMITTED, "session known, token matches, not banned"
 
 
@@ -115,8 +115,14 @@ def is_confirmed_trainer(now: float, record: PeerRecord, health: HealthSettings)
 def checked_report(request) -> PeerReport:
     """The report a HeartbeatRequest carries, every field within `limits.REQUEST_LIMITS` (display
     text cleaned and cut, NaN as unknown); InvalidRequestError names the first field outside."""
+    return checked_heartbeat(request)[0]
+
+
+def checked_heartbeat(request) -> tuple[PeerReport, list[dict]]:
+    """(report, rejections) of a HeartbeatRequest, every field (each rejection's too, and their
+    number) within `limits.REQUEST_LIMITS`; InvalidRequestError names the first field outside."""
     values = check_request(request)
-    return PeerReport(**{name: values[name] for name in FIELD_NAMES})
+    return PeerReport(**{name: values[name] for name in FIELD_NAMES}), values["rejections"]
 
 
 def plausible_samples_total(
@@ -138,10 +144,15 @@ def plausible_samples_total(
 
 def apply_report(now: float, record: PeerRecord, report: PeerReport) -> PeerRecord:
     """The record after a heartbeat carrying `report`: seen now, no longer left, and the report's
-    fields, except that empty text keeps what was known (e.g. a DHT id not yet known). A new DHT id
-    must be proven again."""
+    fields, except that empty text keeps what was known (e.g. a DHT id not yet known) and a sample
+    count beyond its throughput is capped (`samples_note` says so). A new DHT id must be proven
+    again."""
     values = {name: value for name, value in report_values(report).items() if value != ""}
-    values["samples_total"] = plausible_samples_total(now, record, report)[0]
+    values["samples_total"], why = plausible_samples_total(now, record, report)
+    # shown with its state (status, dashboard) while its claims exceed what its throughput allows
+    values["samples_note"] = (
+        "" if values["samples_total"] == report.samples_total else f"samples capped: {why}"
+    )
     if values.get("dht_peer_id", record.dht_peer_id) != record.dht_peer_id:
         values["dht_verified"] = False
     return dataclasses.replace(

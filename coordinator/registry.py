@@ -21,7 +21,7 @@ class PeerState(str, enum.Enum):
     STALE = "STALE"  # late; it may be overloaded, suspended, or its link stalls
     DEAD = "DEAD"  # silent longer than the heartbeat timeout
     LEFT = "LEFT"  # said goodbye
-    BANNED = "BANNED"  # refused by the operator (`crowdtrain ban`)
+    BANNED = "BANNED"  # refused: `crowdtrain ban`, an automatic ban on evidence, a revoked invite
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,20 @@ class PeerRecord(PeerReport):
     dht_challenge: str = ""  # hex of the random bytes the peer signs to prove its dht_peer_id
     dht_verified: bool = False  # dht_peer_id was proven (or came from a signed progress record)
     last_heartbeat_unix_s: float | None = None  # None: never heartbeated (pruned after a while)
+    ban_reason: str = ""  # why it is banned, when not by the operator's `crowdtrain ban`
+    invite_id: str = ""  # the invite it joined with (`invite` admission); revoking it ends the session
+    admitted_dht_id: str = ""  # the DHT identity it announced at Join; its proof must be of this one
+    dht_public_key: str = ""  # hex libp2p public key of its proven DHT identity (its swarm token's key)
+    samples_note: str = ""  # why its samples_total was capped below its claim ("" when not)
 
 
 def compute_state(now: float, record: PeerRecord, settings: HealthSettings) -> tuple[PeerState, str]:
     """The peer's state and a human-readable reason for it."""
     if record.banned:
-        return PeerState.BANNED, "banned by the operator; its joins and heartbeats are refused"
+        return (
+            PeerState.BANNED,
+            record.ban_reason or "banned by the operator; its joins and heartbeats are refused",
+        )
     if record.left_unix_s is not None:
         return PeerState.LEFT, f"left {now - record.left_unix_s:.0f}s ago" + (
             f": {record.left_reason}" if record.left_reason else ""

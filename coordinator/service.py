@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 import grpc
 from crowdtrain.coordinator import archive, policy
+from crowdtrain.coordinator.admission import AdmissionSettings, Gate, NotAdmittedError
 from crowdtrain.coordinator.errors import (
     BannedError,
     InvalidRequestError,
@@ -32,6 +33,7 @@ from crowdtrain.coordinator.errors import (
     RequestError,
     UnauthenticatedError,
 )
+from crowdtrain.coordinator.evidence import EvidenceBook
 from crowdtrain.coordinator.identity import verify_dht_claim
 from crowdtrain.coordinator.limits import check_request
 from crowdtrain.coordinator.ratelimit import BucketSettings, RateLimiter, caller_key
@@ -98,8 +100,14 @@ class CoordinatorServicer:
         heartbeat_latency: Callable[[float], None] = lambda seconds: None,
         downloads: archive.DownloadTracker | None = None,
         abuse: AbuseLimits = AbuseLimits(),
+        gate: Gate | None = None,
+        evidence: EvidenceBook | None = None,
     ):
+        """`gate`: admission and swarm tokens (default: open, no tokens); `evidence`: reports
+        against peers and automatic bans (default: the store's, with default thresholds)."""
         self.run, self.store, self.health = run, store, health_settings
+        self.gate = gate or Gate(AdmissionSettings(), "", sign=None)
+        self.evidence = evidence or (EvidenceBook(store) if store is not None else None)
         self.initial_peers, self.clock = initial_peers, clock
         self.status, self.heartbeat_latency = status, heartbeat_latency
         self.downloads = downloads or archive.DownloadTracker()
@@ -115,6 +123,9 @@ class CoordinatorServicer:
         now = self.clock()
         joiner = check_request(request)
         self._limit(self._joins, caller_key(context.peer()) if context is not None else "local", now, "joins")
+        invite_id, announced_dht_id = self.gate.admit_join(
+            joiner["invite_code"], joiner["dht_public_key"], now
+        )
         token, challenge = secrets.token_urlsafe(32), secrets.token_bytes(32)
         with self._join_lock:  # shard assignment must not race between two joiners
             self._prune(now)
@@ -130,6 +141,8 @@ class CoordinatorServicer:
                 version=joiner["version"],
                 device=joiner["device"],
                 shard_index=shard_index,
+                invite_id=invite_id,
+                admitted_dht_id=announced_dht_id,
             )
             self.store.upsert_peer(record)
         metas = checkpoint.list_checkpoints(self.run.checkpoint_root)
@@ -156,6 +169,7 @@ class CoordinatorServicer:
             manifest_signature=self.run.manifest_signature,
             tokenizer_json=self.run.tokenizer_json,
             initial_peers=self.initial_peers(),
+            admission=self.gate.settings.mode,
             settings=pb.PeerSettings(
                 heartbeat_interval_s=self.health.heartbeat_interval_s,
                 shard_index=shard_index,
@@ -186,11 +200,15 @@ class CoordinatorServicer:
             request.session_id, record, request.session_token, self.store.banned_dht_ids()
         )
         policy.require_admitted(decision)
+        admitted, why = self.gate.still_admitted(record)
+        if not admitted:
+            raise NotAdmittedError(why)
         return record
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         t0 = time.perf_counter()
-        report = policy.checked_report(request)  # every field within its limit, before any lookup
+        # every field within its limit (the evidence too), before any lookup
+        report, rejections = policy.checked_heartbeat(request)
         record = self._session(request)
         now = self.clock()
         self._limit(self._heartbeats, record.session_id, now, "heartbeats")
@@ -199,8 +217,13 @@ class CoordinatorServicer:
             updated = self._prove_dht(updated, request)
         # written behind: heartbeats are frequent
         self.store.upsert_peer(updated, durable=False)
+        if rejections and updated.dht_verified and self.evidence:  # only a proven identity's evidence counts
+            self.evidence.intake(now, updated.dht_peer_id, rejections)
+        swarm_token, _ = self.gate.token_for(now, updated, self.store.banned_dht_ids())
         response = pb.HeartbeatResponse(
-            heartbeat_interval_s=self.health.heartbeat_interval_s, dht_verified=updated.dht_verified
+            heartbeat_interval_s=self.health.heartbeat_interval_s,
+            dht_verified=updated.dht_verified,
+            swarm_token=swarm_token,
         )
         self.heartbeat_latency(time.perf_counter() - t0)
         return response
@@ -216,9 +239,17 @@ class CoordinatorServicer:
         if not ok:
             raise InvalidRequestError(f"dht_public_key/dht_signature: {reason}")
         if record.dht_peer_id in self.store.banned_dht_ids():
-            raise BannedError("this peer's DHT identity is banned by the operator")
+            raise BannedError("this peer's DHT identity is banned; stop it")
+        if record.admitted_dht_id and record.dht_peer_id != record.admitted_dht_id:
+            raise NotAdmittedError(
+                f"this session joined with the key of {record.admitted_dht_id} but proved {record.dht_peer_id}; "
+                "run the peer with the identity it joined with (--identity), then join again"
+            )
         logger.info("peer %r (id %s) proved DHT identity %s", record.name, record.peer_id, record.dht_peer_id)
-        return dataclasses.replace(record, dht_verified=True)
+        still, why = self.gate.still_admitted(dataclasses.replace(record, dht_verified=True))
+        if not still:
+            raise NotAdmittedError(why)
+        return dataclasses.replace(record, dht_verified=True, dht_public_key=request.dht_public_key.hex())
 
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         reason = check_request(request)["reason"]
@@ -231,6 +262,7 @@ class CoordinatorServicer:
             dataclasses.replace(record, left_unix_s=now, last_seen_unix_s=now, left_reason=reason)
         )
         self._heartbeats.forget(record.session_id)
+        self.gate.forget(record.session_id)
         logger.info("peer %r (id %s) left (%s)", record.name, record.peer_id, reason or "no reason given")
         return pb.LeaveResponse()
 

@@ -44,6 +44,7 @@ class PeerView(PeerReport):
     last_seen_unix_s: float
     joined_unix_s: float
     source: str
+    rejections_against: int = 0  # reports by other peers that refused its contributions (`evidence`)
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,15 @@ _DISPLAY = {"name": 64, "version": 32, "device": 64}
 
 
 def _view(
-    now: float, record: PeerRecord, contribution_totals: dict[str, int], health: HealthSettings
+    now: float,
+    record: PeerRecord,
+    contribution_totals: dict[str, int],
+    health: HealthSettings,
+    rejections_against: dict[str, int],
 ) -> PeerView:
     state, reason = compute_state(now, record, health)
+    if record.samples_note:  # its sample count was capped: say so beside its state
+        reason = f"{reason}; {record.samples_note}"
     contributing = state is PeerState.ONLINE and contribution(now, record, health)[0]
     report = report_values(record)
     # cleaned here too: a database written before display text was cleaned at input may hold any
@@ -109,6 +116,7 @@ def _view(
         last_seen_unix_s=record.last_seen_unix_s,
         joined_unix_s=record.joined_unix_s,
         source=record.source,
+        rejections_against=rejections_against.get(record.dht_peer_id, 0) if credited else 0,
     )
 
 
@@ -122,8 +130,12 @@ def build_status(
     checkpoints: Sequence[CheckpointMeta],
     rejections: Sequence[dict] = (),
     max_listed_peers: int = MAX_LISTED_PEERS,
+    rejections_against: dict[str, int] | None = None,
 ) -> SwarmStatus:
-    views = [_view(now, record, contribution_totals, health) for record in peers]
+    """`rejections`: states the publisher refused, newest first; `rejections_against`: reports
+    against each DHT identity (`evidence.EvidenceBook.counts_against`)."""
+    against = rejections_against or {}
+    views = [_view(now, record, contribution_totals, health, against) for record in peers]
     by_state = Counter(v.state for v in views)
     latest = checkpoints[-1] if checkpoints else None
     summary = SwarmSummary(

@@ -6,6 +6,7 @@ any moment restarts with everything it acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -53,10 +54,11 @@ _PEER_FIELDS = dataclasses.fields(PeerRecord)
 _PEER_TYPES = typing.get_type_hints(PeerRecord)
 _SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
 _NAMES = [f.name for f in _PEER_FIELDS]
+_BAN_FIELDS = ("banned", "ban_reason")  # changed only by bans (`_ban`, `set_banned`), never by heartbeats
 _UPSERT = (
     f"INSERT INTO peers ({', '.join(_NAMES)}) VALUES ({', '.join('?' for _ in _NAMES)}) "
     "ON CONFLICT (session_id) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _NAMES if name not in ("session_id", "banned"))
+    + ", ".join(f"{name} = excluded.{name}" for name in _NAMES if name not in ("session_id", *_BAN_FIELDS))
 )
 
 
@@ -158,16 +160,35 @@ class Store:
             if version == self._data_version:
                 return
             self._data_version = version
-            banned = {row[0] for row in self._db.execute("SELECT session_id FROM peers WHERE banned = 1")}
+        self.reload_bans()
+
+    def reload_bans(self) -> None:
+        """Re-read which sessions and DHT identities are banned (and why) from the database."""
+        with self._db_lock:
+            rows = self._db.execute("SELECT session_id, ban_reason FROM peers WHERE banned = 1").fetchall()
             self._banned_dht = frozenset(
                 row[0] for row in self._db.execute("SELECT dht_peer_id FROM banned_dht_ids")
             )
+        banned = {sid: reason or "" for sid, reason in rows}
         with self._lock:
             for sid, record in self._peers.items():
-                if record.banned != (sid in banned):
-                    self._peers[sid] = dataclasses.replace(record, banned=sid in banned)
+                if (record.banned, record.ban_reason) != (sid in banned, banned.get(sid, "")):
+                    self._peers[sid] = dataclasses.replace(
+                        record, banned=sid in banned, ban_reason=banned.get(sid, "")
+                    )
 
     # ------------------------------------------------------------------ meta
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """The connection in one write transaction, atomic across processes (`invites`, `evidence`)."""
+        with self._db_lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            yield self._db
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._db_lock:
+            return self._db.execute(sql, params).fetchall()
 
     def get_meta(self, key: str) -> str | None:
         with self._db_lock:
@@ -187,13 +208,16 @@ class Store:
     def upsert_peer(self, record: PeerRecord, durable: bool = True) -> None:
         """Insert or update a peer; `durable=False` defers the write to the next flush.
 
-        `banned` is only ever changed by `set_banned` (the operator), so a heartbeat racing with
-        `crowdtrain ban` cannot undo a ban.
+        `banned` and `ban_reason` are only ever changed by bans (`set_banned`, `ban_dht_identity`,
+        a revoked invite), so a heartbeat racing with `crowdtrain ban` cannot undo a ban.
         """
         with self._lock:
             previous = self._peers.get(record.session_id)
-            if previous is not None and previous.banned != record.banned:
-                record = dataclasses.replace(record, banned=previous.banned)
+            if previous is not None and (previous.banned, previous.ban_reason) != (
+                record.banned,
+                record.ban_reason,
+            ):
+                record = dataclasses.replace(record, banned=previous.banned, ban_reason=previous.ban_reason)
             self._remember(record)
             if not (durable or self.flush_interval_s <= 0):
                 self._dirty.add(record.session_id)
@@ -244,42 +268,57 @@ class Store:
                 self._dirty.add(sid)
             return bool(sessions)
 
-    def set_banned(self, who: str, banned: bool) -> int:
+    def set_banned(self, who: str, banned: bool, reason: str = "") -> int:
         """Ban (or unban) by identity, never by display name: every session whose public peer id or
         session id is `who`, or whose proven DHT peer id is `who`; their proven DHT identities are
         banned too (`banned_dht_ids`), so a new session proving one of them is refused. Returns the
-        number of sessions changed."""
+        number of sessions changed (plus one when unbanning `who` lifts a ban on a DHT identity that
+        no session proved, e.g. an automatic ban of a peer that never joined)."""
         with self._lock:
             matched = [
                 r
                 for r in self._peers.values()
                 if who in (r.peer_id, r.session_id) or (r.dht_verified and r.dht_peer_id == who)
             ]
-        sessions = [r.session_id for r in matched]
-        dht_ids = sorted({r.dht_peer_id for r in matched if r.dht_verified and r.dht_peer_id})
+            bare = not banned and who in self._banned_dht and not matched
+        dht_ids = {r.dht_peer_id for r in matched if r.dht_verified and r.dht_peer_id} | (
+            {who} if bare else set()
+        )
+        self._write_bans([r.session_id for r in matched], sorted(dht_ids), banned, reason)
+        return len(matched) + int(bare)
+
+    def ban_dht_identity(self, dht_peer_id: str, reason: str) -> int:
+        """Ban a DHT identity, whether or not any session proved it, and every session that proved
+        it, saying `reason` (automatic bans on evidence); returns the number of sessions banned."""
+        with self._lock:
+            sessions = [sid for sid in self._by_dht.get(dht_peer_id, ()) if self._peers[sid].dht_verified]
+        self._write_bans(sessions, [dht_peer_id], True, reason)
+        return len(sessions)
+
+    def _write_bans(self, sessions: list[str], dht_ids: list[str], banned: bool, reason: str) -> None:
+        reason = reason if banned else ""
         with self._db_lock, self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "UPDATE peers SET banned = ? WHERE session_id = ?", [(int(banned), s) for s in sessions]
+                "UPDATE peers SET banned = ?, ban_reason = ? WHERE session_id = ?",
+                [(int(banned), reason, s) for s in sessions],
             )
-            if banned:
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO banned_dht_ids VALUES (?)", [(d,) for d in dht_ids]
-                )
-            else:
-                self._db.executemany(
-                    "DELETE FROM banned_dht_ids WHERE dht_peer_id = ?", [(d,) for d in dht_ids]
-                )
+            sql = (
+                "INSERT OR IGNORE INTO banned_dht_ids VALUES (?)"
+                if banned
+                else ("DELETE FROM banned_dht_ids WHERE dht_peer_id = ?")
+            )
+            self._db.executemany(sql, [(d,) for d in dht_ids])
         with self._lock:
             for sid in sessions:
-                self._peers[sid] = dataclasses.replace(self._peers[sid], banned=banned)
+                self._peers[sid] = dataclasses.replace(self._peers[sid], banned=banned, ban_reason=reason)
             self._banned_dht = (
                 (self._banned_dht | set(dht_ids)) if banned else (self._banned_dht - set(dht_ids))
             )
-        return len(sessions)
 
     def banned_dht_ids(self) -> frozenset[str]:
-        """DHT identities the operator banned (re-read at every flush when another process bans)."""
+        """Banned DHT identities: by the operator or automatically (re-read at every flush when
+        another process bans)."""
         return self._banned_dht
 
     def delete_peers(self, session_ids: list[str]) -> None:

@@ -9,7 +9,9 @@
     GET /api/v1/history                       swarm throughput/epoch/loss over time, eval loss per checkpoint
     GET /api/v1/contributors                  contribution leaderboard (samples per peer)
     GET /api/v1/checkpoints                   published checkpoints, oldest first
-    GET /api/v1/rejections                    states the publisher refused, newest first, with the reason
+    GET /api/v1/rejections                    newest first, each row with `source` and `reason`: states the
+                                              publisher refused ("publisher"), peers' reports of refused
+                                              contributions ("peer_evidence"), automatic bans ("automatic_ban")
     GET /metrics                              Prometheus metrics
     GET /healthz                              "ok"
 
@@ -42,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
-from crowdtrain.coordinator import archive
+from crowdtrain.coordinator import archive, evidence
 from crowdtrain.coordinator.errors import NotFoundError, PortInUseError
 from crowdtrain.coordinator.httpfiles import send_bytes, send_file
 from crowdtrain.coordinator.loopthread import LoopThread
@@ -117,11 +119,30 @@ def _views(ctx: WebContext, max_age_s: float) -> dict[str, Callable[[], bytes]]:
         "checkpoints": lambda: json.dumps(
             [json.loads(m.to_json()) for m in checkpoint.list_checkpoints(ctx.checkpoint_root)]
         ).encode(),
-        "rejections": lambda: json.dumps(ctx.store.rejections()).encode(),
+        "rejections": lambda: json.dumps(rejection_rows(ctx.store)).encode(),
     }
     if ctx.metrics is not None:
         views["metrics"] = lambda: generate_latest(ctx.metrics.registry)
     return views
+
+
+def rejection_rows(store: Store, limit: int = 100) -> list[dict]:
+    """/api/v1/rejections: the publisher's refused states (rows `t, step, reason`, as before) and
+    the evidence against peers and the automatic bans it led to, each row marked by `source`,
+    newest first; at most `limit` of each source."""
+    found = evidence.recent(store, limit)
+    rows = [{**r, "source": "publisher"} for r in store.rejections(limit)]
+    rows += [
+        {
+            **r,
+            "source": "peer_evidence",
+            "reason": f"{r['reporter']} refused a contribution of {r['offender']} at epoch {r['epoch']}: "
+            f"{r['kind']}" + (f" ({r['detail']})" if r["detail"] else ""),
+        }
+        for r in found["peer_evidence"]
+    ]
+    rows += [{**r, "source": "automatic_ban"} for r in found["automatic_bans"]]
+    return sorted(rows, key=lambda r: -r["t"])
 
 
 def address_key(remote: str) -> str:

@@ -331,8 +331,9 @@ def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_pa
 
 
 def test_heartbeat_request_carries_exactly_the_peer_report_and_views_fill_the_status_protos():
-    """A new metric is one field in PeerReport and one in HeartbeatRequest: they must agree by name."""
-    credentials = {"session_id", "session_token", "dht_public_key", "dht_signature"}
+    """A new metric is one field in PeerReport and one in HeartbeatRequest: they must agree by name
+    (besides the credentials, the DHT proof and the evidence against other peers)."""
+    credentials = {"session_id", "session_token", "dht_public_key", "dht_signature", "rejections"}
     assert {f.name for f in pb.HeartbeatRequest.DESCRIPTOR.fields} == {*credentials, *FIELD_NAMES}
     # every field of every request has a limit
     for message in pb.DESCRIPTOR.message_types_by_name.values():
