@@ -24,8 +24,10 @@ import threading
 import time
 from pathlib import Path
 
+from crowdtrain.coordinator.admission import servicer_options
 from crowdtrain.coordinator.archive import DownloadTracker
 from crowdtrain.coordinator.config import CoordinatorConfig
+from crowdtrain.coordinator.evidence import counts_against
 from crowdtrain.coordinator.grpcserver import ServerTls, create_server
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
@@ -194,6 +196,7 @@ class Coordinator:
             status=self.cached_status.get,
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
             downloads=downloads,
+            **servicer_options(cfg, run.manifest.run_id, run.signing_key, self.store),  # admission, evidence
         )
         self.grpc_server, grpc_port = bind_remembered(
             self.store,
@@ -252,6 +255,7 @@ class Coordinator:
             self.monitor.progress if self.monitor is not None else SwarmProgress(),
             checkpoint.list_checkpoints(self.checkpoint_root),
             self.store.rejections(),
+            rejections_against=counts_against(self.store),
         )
 
     def wait(self) -> None:
