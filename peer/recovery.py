@@ -10,13 +10,20 @@ hivemind's `load_state_from_peers` asks one donor and gives up quietly; a joiner
 would train from random weights and drag the swarm back. So: up to STATE_LOAD_ATTEMPTS tries with
 backoff, then the latest published checkpoint (at most one publishing interval old), joining the
 swarm's current epoch; the next state average pulls our parameters to the swarm's.
+
+A donor can send any state. So the loaded state is verified (`verify_loaded`) before we train on
+it: every parameter finite, and - once a signed checkpoint is published - no further from that
+checkpoint than the epochs since it allow (`drift_check`). Otherwise it is discarded (optimizer
+statistics zeroed too) and we start from the checkpoint instead.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,71 @@ from crowdtrain.peer.tls import ClientTls
 logger = logging.getLogger(__name__)
 
 STATE_LOAD_ATTEMPTS = 5  # then fall back to the latest published checkpoint
+# How far the swarm's parameters may move per epoch, in units of the peak learning rate (RMS over
+# all parameters). One Adam(W) step moves each coordinate by at most about lr when
+# (1 - beta1) <= sqrt(1 - beta2), as in every crowdtrain preset (Kingma & Ba 2015, section 2.1),
+# plus lr * weight_decay * |w|; x4 covers the bias-correction transient after statistics restart
+# (a joiner's first steps) and weight decay. State averaging mixes peers' parameters convexly and
+# cannot move them further than that.
+DRIFT_LR_SLACK = 4.0
+DRIFT_SPREAD = 0.01  # plus this share of the checkpoint's RMS: honest peers differ this much (the publisher's agreement tolerance)
+
+
+def drift_check(
+    loaded: Mapping[str, object],
+    checkpoint: Mapping[str, object],
+    epochs: int,
+    peak_lr: float,
+    slack: float = DRIFT_LR_SLACK,
+    spread: float = DRIFT_SPREAD,
+) -> tuple[bool, str]:
+    """Pure: whether a state loaded from a peer can be the swarm's `epochs` epochs after
+    `checkpoint` (name -> tensor; names the checkpoint lacks, such as a tied lm_head, are not
+    compared): every tensor finite, and RMS(loaded - checkpoint) <= slack * peak_lr * (epochs + 2)
+    + spread * RMS(checkpoint) (+2: a step in flight, and the checkpoint's own lag). And why."""
+    import torch
+
+    for name, tensor in loaded.items():
+        if not bool(torch.isfinite(tensor).all()):
+            return False, f"{name} contains NaN or infinite values"
+    diff = norm = 0.0
+    count = 0
+    for name, ref in checkpoint.items():
+        got = loaded.get(name)
+        if got is None or tuple(got.shape) != tuple(ref.shape):
+            return False, f"{name} is missing or has another shape than in the checkpoint"
+        got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+        diff += float((got - ref).pow(2).sum())
+        norm += float(ref.pow(2).sum())
+        count += ref.numel()
+    rms = math.sqrt(diff / max(count, 1))
+    allowed = slack * peak_lr * (max(epochs, 0) + 2) + spread * math.sqrt(norm / max(count, 1))
+    reason = (
+        f"RMS distance {rms:.3g} to the checkpoint, allowed {allowed:.3g} for {epochs} epoch(s) "
+        f"at peak learning rate {peak_lr:g}"
+    )
+    return rms <= allowed, reason
+
+
+def peak_learning_rate(opt) -> float:
+    """The largest learning rate the schedule reaches: LambdaLR keeps the base in `initial_lr`
+    (the warm-up multiplier never exceeds 1). hivemind 1.1.12: the optimizer stepping the
+    parameters is `opt.state_averager.optimizer`."""
+    groups = opt.state_averager.optimizer.param_groups
+    return max(float(g.get("initial_lr", g["lr"])) for g in groups)
+
+
+def reset_optimizer_statistics(opt) -> None:
+    """Zero the optimizer's statistics in place (a discarded donor sent them): Adam starts afresh
+    (its step counter still advances before use, so no division by zero). In place, because
+    hivemind's state averager shares these tensors."""
+    import torch
+
+    with torch.no_grad():
+        for state in opt.state_averager.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
 
 
 class RecoveryError(CrowdtrainError):
@@ -84,12 +156,55 @@ class Recovery:
         set_local_epoch(opt, step)
 
     def catch_up(self, opt, swarm: SwarmSpec) -> None:
-        """Before the first step: learn the swarm's epoch and, if it is ahead, get its state."""
+        """Before the first step: learn the swarm's epoch and, if it is ahead, get its state (one we
+        can believe: `verify_loaded`)."""
         global_epoch = self._swarm_epoch(opt, swarm)
-        if global_epoch is None or self._load_state_from_peers(opt, swarm, global_epoch):
+        if global_epoch is None:
+            return
+        loaded = self._load_state_from_peers(opt, swarm, global_epoch)
+        if loaded and self.verify_loaded(opt, global_epoch):
             return
         if not self.stop_event.is_set():
-            self.fall_back_to_checkpoint(opt, global_epoch)
+            self.fall_back_to_checkpoint(opt, global_epoch, discarded=loaded)
+
+    def verify_loaded(self, opt, global_epoch: int) -> bool:
+        """Whether the state just loaded from a peer passes `drift_check` against the latest
+        published checkpoint (finiteness only when none is published or the coordinator cannot be
+        reached); if not, it is discarded with a warning (its optimizer statistics are zeroed)."""
+        from crowdtrain.peer.pull import PullError, list_published
+
+        loaded = {name: p.detach() for name, p in self.model.named_parameters()}
+        try:
+            listed, _ = list_published(self.coordinator, self.tls)
+        except (PullError, CoordinatorUnavailable, CoordinatorRejected) as e:
+            listed = []
+            logger.warning("could not list published checkpoints to check the loaded state against: %s", e)
+        if listed:
+            step = listed[-1].step
+            epochs = min(opt.local_epoch, global_epoch + 1) - step
+            ok, why = drift_check(loaded, self._checkpoint_tensors(step), epochs, peak_learning_rate(opt))
+            why = f"{why} (checkpoint step {step}, loaded epoch {opt.local_epoch})"
+        else:
+            ok, why = drift_check(loaded, {}, 0, 0.0)
+        if ok:
+            logger.info("the state loaded from the swarm is believable: %s", why)
+            return True
+        logger.warning(
+            "discarding the state loaded from the swarm (the donor is not named by hivemind; it "
+            "declared the highest priority): %s; starting from the latest published checkpoint",
+            why,
+        )
+        reset_optimizer_statistics(opt)
+        return False
+
+    def _checkpoint_tensors(self, step: int) -> dict:
+        """The parameters of published checkpoint `step`, downloaded and verified (peer/pull.py)."""
+        from crowdtrain.peer.pull import pull
+        from safetensors.torch import load_file
+
+        out = self.cache_dir / "resume-checkpoint"
+        pull(self.coordinator, out, step=step, public_key=self.run_key, new_run_ok=True, tls=self.tls)
+        return load_file(str(out / "model.safetensors"), device="cpu")
 
     def _swarm_epoch(self, opt, swarm: SwarmSpec) -> int | None:
         """The swarm's epoch when it is ahead of ours, else None (nothing to load)."""
@@ -144,8 +259,9 @@ class Recovery:
                 break
         return False
 
-    def fall_back_to_checkpoint(self, opt, global_epoch: int) -> None:
-        """No peer could serve the swarm's state: start from the latest published checkpoint.
+    def fall_back_to_checkpoint(self, opt, global_epoch: int, discarded: bool = False) -> None:
+        """No peer could serve the swarm's state (or it was `discarded`: not believable): start
+        from the latest published checkpoint.
 
         The weights are at most one publishing interval old; we then take part in the swarm's
         current epoch (as hivemind itself does when a peer is one epoch behind), and the next
@@ -158,7 +274,12 @@ class Recovery:
         except (PullError, CoordinatorUnavailable, CoordinatorRejected) as e:
             listed = []
             logger.warning("could not list published checkpoints: %s", e)
-        if not listed or listed[-1].step <= opt.local_epoch:
+        if discarded and not listed:
+            raise RecoveryError(
+                "the state a peer sent is not usable (see the warning above) and no checkpoint is "
+                "published to start from instead; restart later, or ask the operator to ban that peer"
+            )
+        if not listed or (listed[-1].step <= opt.local_epoch and not discarded):
             raise RecoveryError(
                 f"no peer could send the swarm's state (epoch {global_epoch}) and no newer checkpoint is "
                 "published; the other peers may be overloaded or unreachable - restart later"
@@ -167,8 +288,10 @@ class Recovery:
         emit(
             logger,
             "checkpoint_fallback",
-            "no peer could send the swarm's state: starting from published checkpoint step %d "
-            "and joining the swarm at epoch %d",
+            "%s: starting from published checkpoint step %d and joining the swarm at epoch %d",
+            "the state loaded from the swarm was discarded"
+            if discarded
+            else "no peer could send the swarm's state",
             step,
             global_epoch,
             level=logging.WARNING,

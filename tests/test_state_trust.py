@@ -262,3 +262,99 @@ def test_a_donor_streaming_a_giant_state_is_cut_off_early():
         donor.shutdown()
         fetcher_dht.shutdown()
         donor_dht.shutdown()
+
+
+# ------------------------------------------------------------------ a joiner checks what it loaded
+
+
+def _weights(scale: float = 1.0, shift: float = 0.0, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = {"w": 0.02 * torch.randn(64, 32, generator=g), "b": torch.zeros(32)}
+    return {k: scale * v + shift for k, v in w.items()}
+
+
+def _moved(rms: float) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {k: v + rms * torch.randn(v.shape, generator=g) for k, v in _weights().items()}
+
+
+@pytest.mark.parametrize(
+    ("loaded", "epochs", "ok", "why"),
+    [
+        (_weights(), 0, True, "RMS distance 0 "),
+        (_moved(1e-3), 3, True, "for 3 epoch(s)"),  # 3 Adam steps at lr 1e-3 move about this much
+        (_moved(3e-2), 3, False, "allowed 0.0202"),  # 4 * 1e-3 * (3 + 2) + 1% of RMS 0.02
+        (_moved(3e-2), 100, True, "for 100 epoch(s)"),
+        (_weights(scale=3.0), 3, False, "RMS distance 0.04"),  # the forger's 3x-scaled weights
+        (_weights(shift=0.01) | {"w": torch.full((64, 32), 0.01)}, 3, False, "RMS distance"),
+        (_weights() | {"b": torch.full((32,), float("nan"))}, 3, False, "b contains NaN"),
+        ({"w": _weights()["w"]}, 3, False, "b is missing"),
+        (_weights() | {"w": torch.zeros(1)}, 3, False, "w is missing or has another shape"),
+    ],
+)
+def test_a_joiner_believes_a_state_only_as_far_from_the_checkpoint_as_the_epochs_allow(
+    loaded, epochs, ok, why
+):
+    from crowdtrain.peer.recovery import drift_check
+
+    decision, reason = drift_check(loaded, _weights(), epochs, peak_lr=1e-3)
+    assert decision is ok and why in reason, reason
+
+
+def test_without_a_checkpoint_a_joiner_still_refuses_non_finite_state():
+    from crowdtrain.peer.recovery import drift_check
+
+    assert drift_check(_weights(), {}, 0, 0.0)[0]
+    assert not drift_check(_weights() | {"w": torch.full((2,), float("inf"))}, {}, 0, 0.0)[0]
+
+
+def test_a_joiner_discards_a_forged_state_and_starts_from_the_checkpoint(tmp_path, monkeypatch, caplog):
+    """The whole path with a fake optimizer: hivemind 'loads' a 3x-scaled state at the swarm's
+    epoch; the joiner compares it with the published checkpoint, discards it (statistics zeroed)
+    and loads the checkpoint's weights, joining at the swarm's epoch."""
+    from types import SimpleNamespace
+
+    from crowdtrain.peer import pull
+    from crowdtrain.peer.recovery import Recovery
+
+    model = torch.nn.Linear(32, 64)
+    published = {"weight": 0.02 * torch.randn(64, 32), "bias": torch.zeros(64)}
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    adam.state[model.weight] = {"step": torch.tensor(5.0), "exp_avg": torch.full((64, 32), 9.0)}
+    epochs = []
+
+    def load_state_from_peers():  # what a forger at the top of the donor list makes hivemind do
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(3 * published[name])
+        opt.local_epoch = 12
+
+    averager = SimpleNamespace(optimizer=adam, local_epoch=0, _update_scheduler=lambda: None)
+    tracker = SimpleNamespace(
+        fetched_global_progress_this_epoch=threading.Event(),
+        global_epoch=12,
+        global_progress=SimpleNamespace(num_peers=3),
+        report_local_progress=lambda local_epoch, samples_accumulated: epochs.append(local_epoch),
+    )
+    tracker.fetched_global_progress_this_epoch.set()
+    opt = SimpleNamespace(
+        tracker=tracker, local_epoch=0, state_averager=averager, load_state_from_peers=load_state_from_peers
+    )
+    listed = [SimpleNamespace(step=10)]
+    monkeypatch.setattr(pull, "list_published", lambda coordinator, tls: (listed, "key"))
+    recovery = Recovery("127.0.0.1:1", model, torch.device("cpu"), tmp_path, threading.Event())
+    monkeypatch.setattr(recovery, "_checkpoint_tensors", lambda step: published)
+
+    def load_checkpoint(step):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(published[name])
+
+    monkeypatch.setattr(recovery, "load_checkpoint", load_checkpoint)
+    swarm = SimpleNamespace(matchmaking_time_s=1.0, load_state_timeout_s=5.0)
+    with caplog.at_level("INFO"):
+        recovery.catch_up(opt, swarm)
+    assert "discarding the state loaded from the swarm" in caplog.text
+    assert "the state loaded from the swarm was discarded" in caplog.text
+    assert torch.equal(model.weight, published["weight"]) and epochs == [12]
+    assert not adam.state[model.weight]["exp_avg"].any()
