@@ -56,17 +56,19 @@ def short(peer: str) -> str:
     return peer[-8:]
 
 
-def judge(states: Sequence[FetchedState], donors_listed: int, rel_tol: float) -> Verdict:
+def judge(states: Sequence[FetchedState], donors_listed: int, rel_tol: float, asked: int = 0) -> Verdict:
     """Pick the state to publish, or say why none.
 
-    `donors_listed` is how many peers the DHT lists as state donors. With one donor in the whole
-    swarm its state is published alone (there is no second opinion to be had); otherwise at least
-    two peers at the same epoch must agree, and they must be a strict majority at that epoch.
+    `donors_listed` is how many peers (voters) serve state. With one donor in the whole swarm its
+    state is published alone (there is no second opinion to be had); otherwise at least two peers
+    at the same epoch must agree, and they must be a strict majority at that epoch and, when
+    `asked` is given, of the `asked` peers (one that did not answer, or sent a refused state,
+    counts against: silence cannot turn a minority into a majority).
     """
     if not states:
         return Verdict("wait", "no peer served its state")
     if len(states) == 1:
-        if donors_listed <= 1:
+        if donors_listed <= 1 and asked <= 1:
             return Verdict(
                 "publish",
                 "the only state donor in the swarm",
@@ -92,7 +94,7 @@ def judge(states: Sequence[FetchedState], donors_listed: int, rel_tol: float) ->
     same_epoch = [s for s in states if s.epoch == epoch]
     dissent = [s for s in same_epoch if all(s is not b for b in best)]
     agreeing = ", ".join(short(s.peer) for s in best)
-    if len(best) >= 2 and len(best) > len(dissent):
+    if len(best) >= 2 and len(best) > len(dissent) and 2 * len(best) > asked:
         spread = max(relative_distance(best[0].tensors, s.tensors) for s in best[1:])
         agreeing += f"; distance {spread:.2e}"
         reason = f"{len(best)} peers agree ({agreeing})"
@@ -109,6 +111,8 @@ def judge(states: Sequence[FetchedState], donors_listed: int, rel_tol: float) ->
             tuple(s.peer for s in same_epoch),
             epoch=epoch,
         )
+    if len(best) >= 2 and len(best) > len(dissent):
+        return Verdict("wait", f"{len(best)} of the {asked} voters asked agree: not a majority of them yet")
     epochs = ", ".join(f"{short(s.peer)}@{s.epoch}" for s in states)
     return Verdict("wait", f"donors are at different epochs ({epochs}); nothing to compare yet")
 

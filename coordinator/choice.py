@@ -58,22 +58,23 @@ def choose_state(
 ) -> FetchedState | None:
     """A state newer than `last` that a majority of the voters asked agree on, else None.
 
-    Downloads from `agreement_peers` donors at once. Honest peers can still disagree for a moment
-    (hivemind bumps a peer's epoch before its optimizer step lands, and applies a background state
-    average later), so on no majority it asks again after `agreement_retry_s`, one more donor each
-    time (up to `max_donors_asked`), at most `agreement_attempts` times. A final disagreement, any
-    outvoted peer and every refused donor are recorded.
+    Downloads from up to `max_donors_asked` voters at once (highest epoch first), of whom a strict
+    majority must agree. Honest peers can still disagree for a moment (hivemind bumps a peer's
+    epoch before its optimizer step lands, and applies a background state average later), so on no
+    majority it asks again after `agreement_retry_s`, at most `agreement_attempts` times. A final
+    disagreement, any outvoted peer and every refused donor are recorded.
     """
     s = settings
     claims = fetcher.progress_claims()
     epochs = voter_epochs(claims, voters)
-    donors = candidate_donors(claims, voters)
+    donors = candidate_donors(claims, voters, salt=str(last))
     if not donors:
         reason = f"no eligible voter serves state ({voters_why}; {len(claims)} signed progress record(s))"
         report(Verdict("wait", reason), 0)
         return None
-    asked = min(s.agreement_peers, len(donors))
-    limit = min(max(s.max_donors_asked, s.agreement_peers), len(donors))
+    # a strict majority of the voters asked must agree; ask as many as we may (one, if the operator
+    # chose to trust one), so that two colluding voters cannot be the whole of a small sample
+    asked = 1 if s.agreement_peers <= 1 else min(max(s.max_donors_asked, s.agreement_peers), len(donors))
     states: list[FetchedState] = []
     refusals: dict[str, str] = {}
     verdict = judge(states, len(donors), s.agreement_rel_tol)
@@ -83,10 +84,9 @@ def choose_state(
         fetched, failed = fetcher.fetch_all(donors[:asked])
         states, refused = admissible(fetched, epochs, last, expected)
         refusals |= refused | {p: why for p, why in failed.items() if why.startswith("StateRefused")}
-        verdict = judge(states, len(donors), s.agreement_rel_tol)
+        verdict = judge(states, len(donors), s.agreement_rel_tol, asked=asked)
         if verdict.decision == "publish":
             break
-        asked = min(asked + 1, limit)
     for peer, why in refusals.items():
         record_refusal(peer, why, epochs, on_reject)
     if verdict.decision == "disagree" or verdict.dissenters:

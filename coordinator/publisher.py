@@ -42,11 +42,13 @@ class PublisherSettings:
     max_eval_regression_nats: float = 0.5  # refuse a state this much worse than the last checkpoint
     keep_last: int = 5  # retention: this many newest checkpoints (at least the latest)
     keep_every_steps: int = 0  # retention: and every step that is a multiple of this (0: none)
-    agreement_peers: int = 2  # donors asked at once; a strict majority of them must agree (1: trust one)
+    agreement_peers: int = (
+        2  # 1: trust one voter's state; more: a strict majority of the voters asked must agree
+    )
     agreement_rel_tol: float = 0.01  # states agree within this relative L2 distance
     agreement_retry_s: float = 1.0  # wait before asking again when donors do not agree yet
     agreement_attempts: int = 3  # rounds of asking before a disagreement is recorded
-    max_donors_asked: int = 4  # each retry asks one more donor, up to this (at least agreement_peers)
+    max_donors_asked: int = 4  # voters asked at once (at least agreement_peers), a strict majority must agree
     min_voter_age_s: float = 120.0  # a DHT identity's state counts once its first proven session is this old
     max_state_bytes_margin: float = 1.25  # a donor may send this times the parameters' bytes, then is cut off
 

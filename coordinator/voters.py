@@ -21,6 +21,7 @@ wait, never raise the epoch it accepts).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -91,13 +92,25 @@ def voter_epochs(claims: Iterable[tuple[str, int, bool]], voters: frozenset[str]
     return epochs
 
 
-def candidate_donors(claims: Iterable[tuple[str, int, bool]], voters: frozenset[str]) -> list[str]:
-    """Voters whose progress records say they can serve state (not client mode: unreachable),
-    highest epoch first (ties by peer id, so the order is deterministic)."""
+def candidate_donors(
+    claims: Iterable[tuple[str, int, bool]], voters: frozenset[str], salt: str = ""
+) -> list[str]:
+    """Voters whose progress records say they can serve state (not client mode: unreachable), the
+    most up to date first. An epoch claimed beyond the median voter's + 1 earns no precedence (a
+    claim is cheap), and ties are broken by a hash of the peer id with `salt` (the publisher passes
+    the round), so no one can grind an id that is always asked first."""
     claims = list(claims)
     epochs = voter_epochs(claims, voters)
     reachable = {peer for peer, _, client_mode in claims if peer in epochs and not client_mode}
-    return sorted(reachable, key=lambda peer: (-epochs[peer], peer))
+    if not reachable:
+        return []
+    ordered = sorted(epochs.values())
+    ceiling = ordered[(len(ordered) - 1) // 2] + 1
+
+    def key(peer: str):
+        return (-min(epochs[peer], ceiling), hashlib.sha256(f"{salt}/{peer}".encode()).hexdigest())
+
+    return sorted(reachable, key=key)
 
 
 def epoch_bound(donor: str, epoch: int, epochs: Mapping[str, int]) -> tuple[bool, str]:

@@ -88,6 +88,16 @@ def test_donors_come_from_voters_signed_records_and_forged_claims_only_lower_an_
     assert candidate_donors([("x", 99, False)], voters) == []
 
 
+def test_a_voter_claiming_a_later_epoch_in_its_record_is_not_asked_first():
+    voters = frozenset({"a", "b", "c", "liar"})
+    claims = [("a", 7, False), ("b", 7, False), ("c", 6, False), ("liar", 10**9, False)]
+    for salt in ("0", "1", "2", "3"):
+        order = candidate_donors(claims, voters, salt=salt)
+        assert order[-1] == "c" and set(order[:3]) == {"a", "b", "liar"}
+    orders = {tuple(candidate_donors(claims, voters, salt=str(i))[:3]) for i in range(20)}
+    assert len(orders) > 1  # ties are broken differently each round, not by a grindable id
+
+
 @pytest.mark.parametrize(
     ("donor", "epoch", "epochs", "ok", "why"),
     [
@@ -178,6 +188,17 @@ def test_two_sybils_with_the_top_priority_and_the_same_forged_state_are_never_as
     assert not {"sybil1", "sybil2"} & set(fetcher.asked) and not rejected
 
 
+def test_two_colluding_voters_among_five_never_publish_their_state():
+    honest = {f"h{i}": (12, HONEST) for i in range(3)}
+    served = honest | {"f1": (12, FORGED), "f2": (12, FORGED)}
+    claims = [(p, 12, False) for p in served]
+    for last in range(10):  # each round breaks ties differently: whichever 4 of 5 are asked
+        chosen, _ = run_round(FakeFetcher(claims, served), set(served), last=last)
+        assert chosen is None or torch.equal(chosen.tensors[0], HONEST[0])
+    chosen, rejected = run_round(FakeFetcher(claims[:2] + claims[3:], served), set(served) - {"h2"})
+    assert chosen is None and any("disagree" in r for r in rejected)  # 2 against 2: nothing
+
+
 def test_with_no_eligible_voter_nothing_is_published(caplog):
     fetcher = FakeFetcher([("sybil1", 12, False)], {"sybil1": (12, FORGED)})
     with caplog.at_level("INFO"):
@@ -211,6 +232,26 @@ def test_a_broadcastable_or_wrongly_typed_state_is_refused_before_judging():
     kept, refused = admissible(states, {"one": 12, "f64": 12, "ok": 12, "old": 12}, 5, [W])
     assert [s.peer for s in kept] == ["ok"]
     assert set(refused) == {"one", "f64"} and "shape (1,)" in refused["one"]
+
+
+def test_the_publisher_refuses_a_broadcastable_tensor_before_copying_it(tmp_path):
+    """Tensor.copy_ broadcasts: a (1,) tensor would fill the whole matrix and then pass any shape
+    check of the model's own state. It must be refused before the copy, the model untouched."""
+    from types import SimpleNamespace
+
+    from crowdtrain.coordinator.publisher import Publisher
+    from crowdtrain.coordinator.vetting import expected_tensors
+
+    model = torch.nn.Linear(3, 4, bias=False)
+    before = model.weight.detach().clone()
+    publisher = Publisher.__new__(Publisher)  # no DHT, no swarm: only the round's last step
+    rejected = []
+    publisher.settings, publisher.root, publisher.model = PublisherSettings(), tmp_path, model
+    publisher.expected, publisher._tracker = expected_tensors(model), SimpleNamespace(global_epoch=12)
+    publisher.on_reject = lambda step, reason: rejected.append(reason)
+    publisher.fetch_agreed_state = lambda last: FetchedState("peer", 12, [torch.full((1,), 7.0)])
+    assert publisher.publish_once() is None
+    assert torch.equal(model.weight, before) and "weight has shape (1,)" in rejected[0], rejected
 
 
 # ------------------------------------------------------------------ a real download over hivemind
