@@ -131,7 +131,7 @@ def rejection_rows(store: Store, limit: int = 100) -> list[dict]:
     the evidence against peers and the automatic bans it led to, each row marked by `source`,
     newest first; at most `limit` of each source."""
     found = evidence.recent(store, limit)
-    rows = [{**r, "source": "publisher"} for r in store.rejections(limit)]
+    rows = [{**r, "source": "automatic_ban"} for r in found["automatic_bans"]]  # first of equal times
     rows += [
         {
             **r,
@@ -141,8 +141,8 @@ def rejection_rows(store: Store, limit: int = 100) -> list[dict]:
         }
         for r in found["peer_evidence"]
     ]
-    rows += [{**r, "source": "automatic_ban"} for r in found["automatic_bans"]]
-    return sorted(rows, key=lambda r: -r["t"])
+    rows += [{**r, "source": "publisher"} for r in store.rejections(limit)]
+    return sorted(rows, key=lambda r: -r["t"])  # stable
 
 
 def address_key(remote: str) -> str:

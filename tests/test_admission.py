@@ -24,7 +24,7 @@ from crowdtrain.coordinator.admission import (
     still_admitted,
     token_decision,
 )
-from crowdtrain.coordinator.evidence import AutobanSettings, EvidenceBook
+from crowdtrain.coordinator.evidence import AutobanSettings, EvidenceBook, counts_against
 from crowdtrain.coordinator.grpcserver import create_server
 from crowdtrain.coordinator.invites import Invite, InviteBook, invite_usable
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
@@ -83,9 +83,7 @@ class Coordinator:
     def status(self):
         return build_status(
             self.clock(), RUN_ID, self.store.list_peers(), {}, HEALTH, SwarmProgress(), [],
-            rejections_against=dict(
-                self.store.query("SELECT offender, COUNT(*) FROM evidence GROUP BY offender")
-            ),
+            rejections_against=counts_against(self.store),
         )  # fmt: skip
 
     def view(self, joined: pb.JoinResponse):
@@ -111,14 +109,16 @@ def coordinator(tmp_path: Path):
         )
         evidence = EvidenceBook(store, autoban or AutobanSettings())
         run = RunInfo('{"run": 1}', "abc", "{}", 3, "http://127.0.0.1:1", tmp_path / "checkpoints")
+        c = Coordinator(None, store, clock, run_key, gate, evidence)
         servicer = CoordinatorServicer(
-            run, store, HEALTH, initial_peers=list, clock=clock, gate=gate, evidence=evidence
+            run, store, HEALTH, initial_peers=list, clock=clock, status=c.status, gate=gate, evidence=evidence
         )
         server, port = create_server(servicer, "127.0.0.1", 0)
         server.start()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         started.append((server, channel, store))
-        return Coordinator(pb_grpc.CoordinatorStub(channel), store, clock, run_key, gate, evidence)
+        c.stub = pb_grpc.CoordinatorStub(channel)
+        return c
 
     try:
         yield start

@@ -77,6 +77,8 @@ function renderPeers(peers) {
       el("td", fmt(p.loss, 3), "num"),
       el("td", p.computed_samples, "num"),
       el("td", p.contributed_samples, "num"),
+      // reports of refused contributions against it; enough distinct reporters ban it (see reason)
+      el("td", p.rejections_against || "-", p.rejections_against ? "num warn" : "num"),
       el("td", p.swarm_size || "-", "num"),
       el("td", p.uptime_s ? duration(p.uptime_s) : "-", "num"),  // 0: no heartbeat yet (or DHT-only)
       el("td", ago(p.last_seen_unix_s)),
@@ -108,6 +110,21 @@ function renderCheckpoints(list) {
       el("td", fmt(c.eval_loss, 3), "num"), el("td", bytes(size), "num"), links);
     return tr;
   }));
+}
+
+// Evidence against peers and the automatic bans it led to (the publisher's refusals are shown apart).
+function renderEvidence(rows) {
+  const shown = rows.filter((r) => r.source !== "publisher").slice(0, 20);
+  fillTable("evidence", shown.map((r) => {
+    const tr = el("tr");
+    tr.dataset.source = r.source;
+    const what = r.source === "automatic_ban" ? el("span", "BANNED", "badge BANNED") : el("span", r.kind);
+    const whatCell = el("td");
+    whatCell.append(what);
+    tr.append(el("td", ago(r.t)), whatCell, el("td", r.offender, "name"), el("td", r.reason));
+    return tr;
+  }));
+  document.getElementById("evidence-empty").hidden = shown.length > 0;
 }
 
 // A small line chart: series = [{points: [[x, y], ...], color}], drawn into an SVG viewBox 600x220.
@@ -181,13 +198,14 @@ async function getJSON(path) {
 
 async function refresh() {
   try {
-    const [state, peers, history, contributors, checkpoints] = await Promise.all(
-      ["state", "peers", "history", "contributors", "checkpoints"].map((n) => getJSON(`/api/v1/${n}`)));
+    const [state, peers, history, contributors, checkpoints, rejections] = await Promise.all(
+      ["state", "peers", "history", "contributors", "checkpoints", "rejections"].map((n) => getJSON(`/api/v1/${n}`)));
     renderSummary(state);
     renderPeers(peers);
     renderCharts(history);
     renderContributors(contributors);
     renderCheckpoints(checkpoints);
+    renderEvidence(rejections);
     document.getElementById("rejection").textContent =
       state.last_rejection ? `refused to publish ${state.last_rejection}` : "";
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
