@@ -84,7 +84,7 @@ def choose_state(
         fetched, failed = fetcher.fetch_all(donors[:asked])
         states, refused = admissible(fetched, epochs, last, expected)
         refusals |= refused | {p: why for p, why in failed.items() if why.startswith("StateRefused")}
-        verdict = judge(states, len(donors), s.agreement_rel_tol, asked=asked)
+        verdict = judge(states, len(donors) if asked > 1 else 1, s.agreement_rel_tol, asked=asked)
         if verdict.decision == "publish":
             break
     for peer, why in refusals.items():

@@ -94,13 +94,13 @@ class Publisher:
         self.voters = voters
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._dht = self._tracker = self._fetcher = None
+        self._dht = self._tracker = self._fetcher = self._access = None
 
     def start(self) -> Publisher:
         """Build the model, join the swarm's DHT (client mode) and follow its progress records."""
         from crowdtrain.peer.data import read_shard, tokenize_blocks
         from crowdtrain.peer.model import build_model, evaluate
-        from crowdtrain.peer.swarm import start_dht, start_progress_tracker
+        from crowdtrain.peer.swarm import start_progress_tracker
         from tokenizers import Tokenizer
         from transformers.utils import logging as hf_logging
 
@@ -117,7 +117,7 @@ class Publisher:
             self.initial_eval_loss,
             len(self.eval_blocks),
         )
-        self._dht = start_dht(self.initial_peers, listen_host=self.settings.listen_host, client_mode=True)
+        self._dht = self._start_dht()
         # only the swarm's epoch and size are needed: hivemind's progress tracker, not a whole
         # optimizer (no averager processes, no optimizer state for a model we never train).
         # hivemind 1.1.12 internals: the peers' Optimizer gives its tracker prefix=run_id, so ours
@@ -134,6 +134,28 @@ class Publisher:
         self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
         self._thread.start()
         return self
+
+    def _start_dht(self):
+        """Our client-mode node; in a swarm that answers token holders only, with a swarm token of
+        its own (coordinator/swarmnodes.py), published so that peers serve it their state."""
+        from crowdtrain.peer.swarm import start_dht
+
+        if self.signing_key is None:
+            return start_dht(self.initial_peers, listen_host=self.settings.listen_host, client_mode=True)
+        from crowdtrain.coordinator.swarmnodes import CoordinatorNodeAccess
+
+        self._access = CoordinatorNodeAccess(
+            self.manifest.run_id, self.signing_key, self.root.parent / "publisher-dht.key"
+        )
+        dht = start_dht(
+            self.initial_peers,
+            listen_host=self.settings.listen_host,
+            client_mode=True,
+            identity_path=str(self._access.identity.path),
+            authorizer=self._access.authorizer(),
+        )
+        self._access.publish(dht)
+        return dht
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -164,6 +186,8 @@ class Publisher:
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.interval_s):
             try:
+                if self._access is not None:
+                    self._access.publish(self._dht)  # renewed at half-life (MintedTokens)
                 self.publish_once()
             except Exception as e:  # never let one bad round kill the publisher
                 emit(

@@ -399,3 +399,21 @@ def test_a_joiner_discards_a_forged_state_and_starts_from_the_checkpoint(tmp_pat
     assert "the state loaded from the swarm was discarded" in caplog.text
     assert torch.equal(model.weight, published["weight"]) and epochs == [12]
     assert not adam.state[model.weight]["exp_avg"].any()
+
+
+def test_an_operator_who_trusts_one_voter_gets_the_first_voters_state():
+    claims = [("h1", 12, False), ("h2", 12, False)]
+    served = {"h1": (12, HONEST), "h2": (12, HONEST)}
+    fetcher = FakeFetcher(claims, served)
+    rejected = []
+    chosen = choose_state(
+        fetcher,
+        frozenset(served),
+        "test",
+        0,
+        PublisherSettings(agreement_peers=1),
+        threading.Event(),
+        lambda step, reason: rejected.append(reason),
+        [W],
+    )
+    assert chosen is not None and len(fetcher.asked) == 1 and not rejected
