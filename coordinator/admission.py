@@ -244,12 +244,22 @@ class Gate:
                     "this run admits by invitation: pass --invite CODE from the run's operator",
                 )
             else:
-                invite, why = self.invites.consume(invite_code, now)
+                invite, why = self.invites.consume(
+                    invite_code, now, lambda invite_id: self._returning(invite_id, announced)
+                )
                 invite_ok, invite_id = (invite is not None, why), invite.invite_id if invite else ""
         ok, reason = admit_join(self.settings.mode, invite_ok, announced, self.allowlisted())
         if not ok:
             raise NotAdmittedError(reason)
         return invite_id, announced
+
+    def _returning(self, invite_id: str, announced_dht_id: str) -> bool:
+        """Whether a session admitted with `invite_id` proved `announced_dht_id` and is not banned:
+        the same volunteer restarting (its new session must prove that identity again)."""
+        return bool(announced_dht_id) and any(
+            r.invite_id == invite_id and r.dht_verified and r.dht_peer_id == announced_dht_id and not r.banned
+            for r in self.invites.store.peers_unordered()
+        )
 
     def still_admitted(self, record: PeerRecord) -> tuple[bool, str]:
         return still_admitted(self.settings.mode, record, self.allowlisted())

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from crowdtrain.coordinator.store import Store
+from crowdtrain.peer.errors import CrowdtrainError
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,22 @@ _SCHEMA = (
 )
 
 
+class AutobanConfigError(CrowdtrainError):
+    """The automatic-ban thresholds cannot work; the message names the flags."""
+
+
 @dataclass(frozen=True)
 class AutobanSettings:
     min_reporters: int = 2  # distinct proven DHT identities that must have reported the offender
     min_reports: int = 3  # reports in all (each reporter counts once per epoch and kind)
     window_s: float = 600.0  # only reports this recent count
+
+    def __post_init__(self):
+        if self.min_reporters < 1 or self.min_reports < 1 or not self.window_s > 0:
+            raise AutobanConfigError(
+                f"--autoban-min-reporters {self.min_reporters} and --autoban-min-reports {self.min_reports} "
+                f"must be at least 1 and --autoban-window-s {self.window_s} above 0 (2, 3 and 600 by default)"
+            )
 
 
 @dataclass(frozen=True)

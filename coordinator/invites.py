@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from crowdtrain.coordinator.store import Store
@@ -54,14 +55,18 @@ def code_sha256(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
 
-def invite_usable(invite: Invite | None, now: float) -> tuple[bool, str]:
-    """Whether an invite admits one more joiner at `now`, and why not (the joiner reads the reason)."""
+def invite_usable(invite: Invite | None, now: float, returning: bool = False) -> tuple[bool, str]:
+    """Whether an invite admits one more joiner at `now`, and why not (the joiner reads the reason).
+    A `returning` joiner (the identity a session admitted with this invite proved, restarted) needs
+    no use left: restarting a peer does not use up its single-use code."""
     if invite is None:
         return False, "this invite code is not one of this run's; check it, or ask the run's operator for one"
     if invite.revoked:
         return False, f"invite {invite.invite_id} was revoked by the operator; ask them for a new code"
     if invite.expires_unix_s is not None and now >= invite.expires_unix_s:
         return False, f"invite {invite.invite_id} expired; ask the run's operator for a new code"
+    if returning:
+        return True, f"invite {invite.invite_id}: an identity it admitted before returns (no use spent)"
     if invite.uses_left <= 0:
         return False, f"invite {invite.invite_id} is used up; ask the run's operator for a new code"
     return True, f"invite {invite.invite_id} ({invite.uses_left} use(s) left before this one)"
@@ -114,17 +119,21 @@ class InviteBook:
         rows = self.store.query(f"SELECT {_COLUMNS} FROM invites ORDER BY created_unix_s")
         return [_invite(row) for row in rows]
 
-    def consume(self, code: str, now: float) -> tuple[Invite | None, str]:
-        """(invite, reason) when `code` admits one more joiner (one use is spent), else (None, why);
-        the check and the spending are one transaction."""
+    def consume(
+        self, code: str, now: float, returning: Callable[[str], bool] = lambda invite_id: False
+    ) -> tuple[Invite | None, str]:
+        """(invite, reason) when `code` admits one more joiner (one use is spent, unless
+        `returning(invite_id)` says the joiner is an identity this invite admitted before), else
+        (None, why); the check and the spending are one transaction."""
         with self.store.transaction() as db:
             row = db.execute(
                 f"SELECT {_COLUMNS} FROM invites WHERE code_sha256 = ?", (code_sha256(code),)
             ).fetchone()
             invite = _invite(row) if row else None
-            ok, reason = invite_usable(invite, now)
-            if not ok:
-                return None, reason
+            back = invite is not None and returning(invite.invite_id)
+            ok, reason = invite_usable(invite, now, back)
+            if not ok or back:
+                return (invite if ok else None), reason
             db.execute(
                 "UPDATE invites SET uses_left = uses_left - 1 WHERE invite_id = ?", (invite.invite_id,)
             )

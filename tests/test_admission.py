@@ -158,6 +158,23 @@ def test_invite_mode_needs_a_valid_unexpired_unrevoked_code_with_uses_left(coord
     assert c.store.count_peers() == 2  # no refused joiner got a session
 
 
+def test_a_volunteer_restarting_with_its_identity_keeps_its_single_use_invite(coordinator):
+    c = coordinator("invite")
+    code, _ = c.gate.invites.create(c.clock(), uses=1)
+    mine, stranger = rsa_identity(), rsa_identity()
+    refused(lambda: c.join("unproven", invite_code="B" * 32, dht_public_key=mine[0]), DENIED, "not one of")
+    first = c.join("alice", invite_code=code, dht_public_key=mine[0])
+    refused(lambda: c.join("alice again", invite_code=code, dht_public_key=mine[0]), DENIED, "used up")
+    assert c.prove(first, mine).swarm_token  # proven: from now on it may come back
+    again = c.join("alice restarted", invite_code=code, dht_public_key=mine[0])
+    assert c.prove(again, mine).swarm_token and c.gate.invites.list()[0].uses_left == 0
+    # someone who knows the code and alice's public key gets a session that can never prove it
+    thief = c.join("thief", invite_code=code, dht_public_key=mine[0])
+    refused(lambda: c.prove(thief, stranger), DENIED, "joined with the key of")
+    refused(lambda: c.join("other", invite_code=code, dht_public_key=stranger[0]), DENIED, "used up")
+    refused(lambda: c.join("keyless", invite_code=code), DENIED, "used up")
+
+
 def test_an_invite_use_is_spent_atomically(tmp_path: Path):
     """Two coordinators' stores on one file (as `crowdtrain invite` beside a running coordinator):
     racing consumers of a 1-use code admit exactly one."""
@@ -377,6 +394,9 @@ def test_parse_allowlist_skips_comments_and_names_bad_lines():
 def test_invite_usable(invite, usable, reason):
     got, why = invite_usable(invite, now=100.0)
     assert got is usable and reason in why
+    # a returning identity needs no use left, but never gets past a revocation or an expiry
+    back, why = invite_usable(invite, now=100.0, returning=True)
+    assert back is (invite is not None and not invite.revoked and invite.expires_unix_s in (None, 101.0))
 
 
 # ---------------------------------------------------------------- crowdtrain invite
@@ -420,3 +440,26 @@ def test_invite_cli_create_list_revoke(tmp_path: Path, capsys):
         store.close()
     assert cli.main(["invite", "list", "--data-dir", str(tmp_path / "nowhere")]) == 1
     assert cli.main(["invite", "create", "--data-dir", str(tmp_path), "--uses", "0"]) == 1
+
+
+def test_the_coordinators_flags_build_its_gate_and_evidence(tmp_path: Path):
+    from crowdtrain.coordinator.admission import servicer_options
+    from crowdtrain.coordinator.config import CoordinatorConfig
+    from crowdtrain.coordinator.evidence import AutobanConfigError
+
+    store, run_key = Store(tmp_path / "s.sqlite3", 0), new_key()
+    try:
+        config = CoordinatorConfig(data_dir=str(tmp_path), admission="invite", swarm_token_ttl_s=60.0)
+        options = servicer_options(config, RUN_ID, run_key, store)
+        assert options["gate"].settings == AdmissionSettings("invite", "", 60.0)
+        assert options["evidence"].settings == AutobanSettings(2, 3, 600.0)
+        listed = tmp_path / "allow.txt"
+        _write(listed, "")
+        config = CoordinatorConfig(data_dir=str(tmp_path), admission="allowlist", allowlist_path=str(listed))
+        assert servicer_options(config, RUN_ID, run_key, store)["gate"].allowlisted() == frozenset()
+        with pytest.raises(AutobanConfigError, match="--autoban-min-reporters 0"):
+            servicer_options(
+                CoordinatorConfig(data_dir=str(tmp_path), autoban_min_reporters=0), RUN_ID, run_key, store
+            )
+    finally:
+        store.close()
