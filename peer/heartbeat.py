@@ -128,8 +128,8 @@ class HeartbeatReporter:
                 session_token=self.session_token,
                 dht_public_key=public_key,
                 dht_signature=signature,
+                rejections=self._pending_evidence,
             )
-            request.rejections.extend(self._pending_evidence)
             response = self._stream.send(request)
             self._pending_evidence = []
         except CoordinatorRejected as e:
