@@ -1,0 +1,216 @@
+"""One bad volunteer against three honest ones: does the run survive? (issue 11's figures)
+
+    python -m scripts.attacks                        # every attack, then the table
+    python -m scripts.attacks --attacks nan scale    # some of them
+    python -m scripts.attacks --epochs 24 --out docs/attacks.md
+
+For each scenario: a coordinator (open admission: anyone may join), 3 honest `crowdtrain peer`s
+(1 CPU thread each) and the attacker(s) of tests/attacker.py, real processes on 127.0.0.1. The
+honest peers train to `--epochs` swarm epochs and save their models; the harness then evaluates
+each on the run's held-out shard and compares with the `baseline` scenario (no attacker, the same
+number of epochs). It also reads the coordinator's view: is the attacker BANNED (and why), and
+did the publisher ever choose a state the attacker served?
+
+Scenarios: baseline, nan, scale (x1e4), signflip, shift ("a little is enough"), forge (two sybil
+identities serving the same forged state with the highest priority) and giant (a state 10x the
+model's size). Goal (issue 11): honest peers keep training, final held-out loss within 10% of the
+baseline, the attacker banned, no forged state published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crowdtrain.coordinator.demo import (
+    Child,
+    coordinator_command,
+    local_peer_command,
+    spawn,
+    stop_children,
+    wait_for_endpoints,
+)
+
+from scripts.harness import events_named, wait_for_event
+
+SCENARIOS = ("baseline", "nan", "scale", "signflip", "shift", "forge", "giant")
+HONEST_PEERS = 3
+BANNABLE = ("nan", "scale", "signflip")  # contributions that are refused, so reported and banned
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    honest_losses: list[float] = field(default_factory=list)  # held-out loss of each honest peer's model
+    honest_exits: list[int | None] = field(default_factory=list)
+    epochs_reached: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    attacker_ids: list[str] = field(default_factory=list)
+    attacker_states: list[str] = field(default_factory=list)  # as /api/v1/peers shows them
+    attacker_reasons: list[str] = field(default_factory=list)
+    forged_published: bool = False
+    checkpoints: int = 0
+    rejections: int = 0  # evidence records the coordinator holds
+
+    @property
+    def mean_loss(self) -> float:
+        finite = [x for x in self.honest_losses if math.isfinite(x)]
+        return sum(finite) / len(finite) if len(finite) == len(self.honest_losses) and finite else math.inf
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def _attacker_command(attack: str, grpc: str, cache_dir: Path, name: str) -> list[str]:
+    args = ["--attack", attack, "--coordinator", grpc, "--name", name, "--listen-host", "127.0.0.1"]
+    args += ["--cache-dir", str(cache_dir), "--threads", "1", "--device", "cpu"]
+    return [sys.executable, "-m", "tests.attacker", *args]
+
+
+def evaluate_saved(model_dir: Path, data_dir: Path, manifest: dict) -> float:
+    """Held-out loss of a saved peer model on the run's eval shard."""
+    from crowdtrain.peer.data import read_shard, tokenize_blocks
+    from crowdtrain.peer.model import evaluate
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    if not (model_dir / "config.json").exists():
+        return math.inf
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    eval_name = manifest["data"]["eval"]["name"]
+    blocks = tokenize_blocks(
+        tokenizer, read_shard(data_dir / "data" / eval_name), manifest["data"]["seq_len"]
+    )
+    return evaluate(model, blocks[: manifest["data"]["eval_max_sequences"]])
+
+
+def run_scenario(scenario: str, work_dir: Path, epochs: int, timeout_s: float = 1200.0) -> Outcome:
+    """One scenario from a fresh coordinator to the honest peers' saved models; always cleans up."""
+    outcome, children = Outcome(scenario), []
+    data_dir, t0 = work_dir / "coordinator", time.monotonic()
+    try:
+        coordinator = spawn(
+            "coordinator",
+            coordinator_command(data_dir, "--checkpoint-interval-s", "10", "--heartbeat-interval-s", "2"),
+            work_dir,
+            echo=False,
+        )
+        children.append(coordinator)
+        endpoints = wait_for_endpoints(data_dir / "endpoints.json", coordinator, timeout_s=600)
+        honest = [
+            spawn(
+                f"honest-{i}",
+                local_peer_command(
+                    endpoints["grpc"],
+                    work_dir / "cache",
+                    *("--name", f"honest-{i}", "--threads", "1", "--device", "cpu", "--seed", str(i + 1)),
+                    *("--max-epochs", str(epochs), "--save-dir", str(work_dir / f"saved-{i}")),
+                ),
+                work_dir,
+                echo=False,
+            )
+            for i in range(HONEST_PEERS)
+        ]
+        children += honest
+        attackers = []
+        if scenario != "baseline":
+            wait_for_event(honest[0], "epoch", timeout_s=600)  # the attack starts on a running swarm
+            for j in range(2 if scenario == "forge" else 1):
+                command = _attacker_command(
+                    scenario, endpoints["grpc"], work_dir / f"attacker-cache-{j}", f"attacker-{j}"
+                )
+                attackers.append(spawn(f"attacker-{j}", command, work_dir, echo=False))
+            children += attackers
+        _wait_for_exits(honest, time.monotonic() + timeout_s)
+        outcome.seconds = time.monotonic() - t0
+        _read_coordinator(outcome, endpoints, coordinator, attackers)
+        manifest = _get_json(f"{endpoints['http']}/api/v1/run")
+        for i, child in enumerate(honest):
+            outcome.honest_exits.append(child.proc.poll())
+            epochs_seen = [e["epoch"] for e in events_named(child, "epoch")]
+            outcome.epochs_reached.append(max(epochs_seen, default=0))
+            outcome.honest_losses.append(evaluate_saved(work_dir / f"saved-{i}", data_dir, manifest))
+    finally:
+        stop_children(children)
+    return outcome
+
+
+def _wait_for_exits(children: list[Child], deadline: float) -> None:
+    while time.monotonic() < deadline and any(c.proc.poll() is None for c in children):
+        time.sleep(1)
+
+
+def _read_coordinator(outcome: Outcome, endpoints: dict, coordinator: Child, attackers: list[Child]) -> None:
+    """What the coordinator says about the attackers, the evidence and what it published."""
+    base = endpoints["http"]
+    for child in attackers:
+        attacking = events_named(child, "attacking")
+        if attacking:
+            outcome.attacker_ids.append(attacking[0]["dht_peer_id"])
+    peers = _get_json(f"{base}/api/v1/peers")
+    rows = peers if isinstance(peers, list) else peers.get("peers", [])
+    for dht_id in outcome.attacker_ids:
+        mine = [p for p in rows if p.get("dht_peer_id") == dht_id]
+        outcome.attacker_states.append(mine[0]["state"] if mine else "not listed")
+        outcome.attacker_reasons.append(mine[0].get("reason", "") if mine else "")
+    try:
+        rejections = _get_json(f"{base}/api/v1/rejections")
+        outcome.rejections = sum(r.get("source") == "peer_evidence" for r in rejections)
+    except OSError:
+        pass
+    chosen = events_named(coordinator, "state_chosen")
+    outcome.forged_published = any(set(e.get("agreeing", [])) & set(outcome.attacker_ids) for e in chosen)
+    outcome.checkpoints = len(events_named(coordinator, "checkpoint_published"))
+
+
+def table(outcomes: list[Outcome]) -> str:
+    base = next((o for o in outcomes if o.scenario == "baseline"), None)
+    lines = [
+        "| scenario | honest held-out loss (mean) | vs baseline | honest peers finished | attacker state | "
+        "forged state published | checkpoints | evidence records | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        ratio = o.mean_loss / base.mean_loss if base and math.isfinite(base.mean_loss) else math.nan
+        finished = sum(e == 0 for e in o.honest_exits)
+        lines.append(
+            f"| {o.scenario} | {o.mean_loss:.3f} | {ratio:.3f} | {finished}/{len(o.honest_exits)} | "
+            f"{', '.join(o.attacker_states) or '-'} | {'YES' if o.forged_published else 'no'} | "
+            f"{o.checkpoints} | {o.rejections} | {o.seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--out", default="", help="also write the table (markdown) to this file")
+    args = parser.parse_args(argv)
+    scenarios = ["baseline", *[a for a in args.attacks if a != "baseline"]]
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="crowdtrain-attacks-") as tmp:
+        for scenario in scenarios:
+            print(f"--- {scenario}", flush=True)
+            outcome = run_scenario(scenario, Path(tmp) / scenario, args.epochs)
+            print(json.dumps(outcome.__dict__ | {"mean_loss": outcome.mean_loss}, default=str), flush=True)
+            outcomes.append(outcome)
+    text = table(outcomes)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
