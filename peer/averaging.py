@@ -1,0 +1,385 @@
+"""hivemind averaging that a bad groupmate cannot ruin, and that only admitted peers take part in.
+
+hivemind 1.1.12 averages whatever a group member sends (weights declared by the sender, no NaN or
+norm checks) and answers every caller of its averaging RPCs; its DHT authorizer covers DHT RPCs
+only. The averagers here (`GuardedGradientAverager`, `GuardedStateAverager`, and
+`GuardedAverager` for tests) change that, inside hivemind's own butterfly all-reduce:
+
+- each member reduces its span with peer/robust.py (`RobustPartReducer`: finite parts only,
+  weights capped, CenteredClip, sign flips dropped) instead of a weighted sum;
+- each member checks the average a reducer sends back against its own part
+  (`robust.check_delta`) and keeps its own part where the answer is not finite or too far away;
+- `gate(peer_id_base58) -> (admitted, reason)`, an object created before hivemind forks its
+  averager processes, decides who may join our group, aggregate parts with us and download our
+  state; a round whose group holds a peer the gate refuses is aborted before we send anything,
+  and we never ask such a peer to lead us. `None` admits everyone (tests, open runs). A gate that
+  raises refuses (fail closed).
+- every rejected contribution becomes evidence (offender's peer id, kind, detail) put on an
+  `EvidenceSink` the parent process drains (peer/heartbeat.py sends it to the coordinator).
+
+State downloads are validated by peer/stateload.py. The hivemind internals used are listed in
+docs/hivemind.md ("Private hivemind APIs we rely on").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import multiprocessing as mp
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import AsyncIterator  # noqa: UP035 (hivemind reads rpc_* annotations via typing)
+
+import torch
+from crowdtrain.peer import robust
+from crowdtrain.peer.robust import DEFAULT, RobustConfig, SpanEvidence, check_delta, robust_reduce
+from crowdtrain.peer.stateload import load_state_checked
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.timed_storage import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+Gate = Callable[[str], tuple[bool, str]]
+
+
+@dataclass(frozen=True)
+class EvidenceRecord:
+    """One rejected contribution: who sent it (DHT peer id, base58), what was wrong, when."""
+
+    offender: str
+    kind: str  # non_finite | weight | outlier | sign_flip | bad_average
+    detail: str
+    unix_s: float
+
+
+class EvidenceSink:
+    """Evidence from hivemind's averager processes to the parent: create it before the optimizer
+    (the averagers fork), `report` from anywhere, `drain` in the parent. Bounded: when the parent
+    does not drain, new records are dropped (counted in `dropped` of the reporting process)
+    instead of blocking an averager."""
+
+    def __init__(self, max_pending: int = 1000):
+        self._queue = mp.get_context("fork").Queue(maxsize=max_pending)
+        self.dropped = 0
+
+    def report(self, offender: str, kind: str, detail: str) -> None:
+        self._queue.cancel_join_thread()  # an averager exiting never waits for the parent to read
+        try:
+            self._queue.put_nowait(EvidenceRecord(offender, kind, detail[:200], time.time()))
+        except queue.Full:
+            self.dropped += 1
+
+    def drain(self, max_records: int = 100) -> list[EvidenceRecord]:
+        records = []
+        while len(records) < max_records:
+            try:
+                records.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return records
+
+
+def admit(gate: Gate | None, peer_id_base58: str) -> tuple[bool, str]:
+    """The gate's answer, refusing when the gate itself fails."""
+    if gate is None:
+        return True, "no gate: everyone is admitted"
+    try:
+        admitted, reason = gate(peer_id_base58)
+    except Exception as e:  # a gate that cannot decide must not let a stranger in
+        return False, f"the admission gate failed ({type(e).__name__}: {e})"
+    return bool(admitted), reason
+
+
+class RobustPartReducer(TensorPartReducer):
+    """hivemind's TensorPartReducer, reducing each part with `robust_reduce` once every current
+    sender's part is in (hivemind 1.1.12 sums them as they come). `report(sender_index, kind,
+    detail)` receives the evidence: refusals as they happen, span verdicts when it finishes."""
+
+    def __init__(self, part_shapes, num_senders: int, *, report, cfg: RobustConfig = DEFAULT):
+        self._parts: dict[int, tuple[torch.Tensor, float]] = {}
+        self._report, self._cfg = report, cfg
+        self._span = SpanEvidence(num_senders, cfg)
+        self._reported = False
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self):
+        self._parts = {}
+        super().reset_accumulators()
+        self.accumulator = None  # unused: parts are kept whole until the last one arrives
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ):
+        """hivemind 1.1.12's accumulate_part, keeping the part instead of adding it to a sum."""
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait(
+                {self.current_part_future, asyncio.create_task(self.finished.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self.finished.is_set():
+                raise AllreduceException(
+                    f"attempted to aggregate part in a finalized {self.__class__.__name__}"
+                )
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            if tensor_part.shape != self.part_shapes[part_index]:
+                self._report(sender_index, "bad_part", f"part of shape {tuple(tensor_part.shape)}")
+                tensor_part = torch.full(self.part_shapes[part_index], float("nan"))  # dropped as non-finite
+            self._parts[sender_index] = (tensor_part, float(weight))
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from != self.num_current_senders:
+            return
+        senders = sorted(self._parts)
+        if senders:
+            result = robust_reduce(
+                [self._parts[i][0] for i in senders], [self._parts[i][1] for i in senders], self._cfg
+            )
+            self._span.add(_reindexed(result, senders, self.num_senders))
+            for index, kind, detail in result.refused:
+                self._report(senders[index], kind, detail)
+            aggregate = result.aggregate
+        else:
+            aggregate = torch.zeros(self.part_shapes[self.current_part_index])
+        self.current_part_future.set_result(aggregate)
+        self.reset_accumulators()
+
+    def finalize(self):
+        super().finalize()
+        if not self._reported and hasattr(self, "_span"):
+            self._reported = True
+            for index, kind, detail in self._span.statistical_verdicts():  # refusals went out already
+                self._report(index, kind, detail)
+
+
+def _reindexed(result: robust.PartResult, senders: list[int], num_senders: int) -> robust.PartResult:
+    """`result`'s per-sender statistics placed at the senders' indices among all `num_senders`."""
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(num_senders, dtype=values.dtype)
+        out[senders] = values
+        return out
+
+    return robust.PartResult(
+        aggregate=result.aggregate,
+        refused=[],
+        sq_dist=spread(result.sq_dist),
+        dot=spread(result.dot),
+        sq_norm=spread(result.sq_norm),
+        tau=result.tau,
+        counted=spread(result.counted),
+    )
+
+
+class RobustAllReduceRunner(AllReduceRunner):
+    """hivemind's AllReduceRunner with `RobustPartReducer` for our span and every average a reducer
+    returns checked against our own part (`check_delta`); a refused average keeps our part, as
+    hivemind does for a reducer that failed. Evidence goes to `evidence` with the offender's id."""
+
+    def __init__(self, *, evidence: EvidenceSink | None = None, robust_cfg: RobustConfig = DEFAULT, **kwargs):
+        super().__init__(**kwargs)
+        self._evidence, self._cfg = evidence, robust_cfg
+        self._accused: set[tuple[str, str]] = set()
+        stock = self.tensor_part_reducer
+        stock.finished.set()  # replaced before use: its finalize must not report "received 0%"
+        self.tensor_part_reducer = RobustPartReducer(
+            stock.part_shapes,
+            len(self.sender_peer_ids),
+            report=lambda index, kind, detail: self._accuse(self.sender_peer_ids[index], kind, detail),
+            cfg=robust_cfg,
+        )
+        container = self.tensor_part_container
+        self._own_norm = math.sqrt(
+            sum(float(t.detach().double().pow(2).sum()) for t in container.local_tensors)
+        )
+        self._register_unchecked = container.register_processed_part
+        container.register_processed_part = self._register_checked  # register_failed_reducer uses it too
+
+    def _register_checked(self, peer_index: int, part_index: int, delta: torch.Tensor):
+        container = self.tensor_part_container
+        if self.ordered_peer_ids[peer_index] != self.peer_id:
+            # hivemind 1.1.12: the container keeps our (part, info) for each reducer until finalize
+            own_part = container._input_parts_by_peer[peer_index][part_index][0]
+            share = math.sqrt(own_part.numel() / max(1, container.total_size))
+            reference = max(float(own_part.double().norm()), self._own_norm * share)
+            ok, reason = check_delta(delta, own_part, reference, self._cfg)
+            if not ok:
+                self._accuse(self.ordered_peer_ids[peer_index], "bad_average", reason)
+                delta = torch.zeros_like(own_part)
+                container.failed_size += delta.numel()
+        self._register_unchecked(peer_index, part_index, delta)
+
+    def _accuse(self, peer_id, kind: str, detail: str) -> None:
+        offender = peer_id.to_base58()
+        if peer_id == self.peer_id:
+            logger.warning("our own contribution was refused by our reducer (%s: %s)", kind, detail)
+            return
+        if (offender, kind) in self._accused:
+            return  # one record per offender and kind per round
+        self._accused.add((offender, kind))
+        logger.warning("refused a contribution of %s (%s: %s)", offender, kind, detail)
+        if self._evidence is not None:
+            self._evidence.report(offender, kind, detail)
+
+
+class _Guarded:
+    """What the guarded averagers add to a hivemind averager class (listed first in their bases).
+    The attributes are set before hivemind's __init__ forks the averager process."""
+
+    def __init__(
+        self,
+        *args,
+        gate: Gate | None = None,
+        evidence: EvidenceSink | None = None,
+        robust_cfg: RobustConfig = DEFAULT,
+        **kwargs,
+    ):
+        self.gate, self.evidence, self.robust_cfg = gate, evidence, robust_cfg
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        """hivemind 1.1.12 names an RPC protocol after the servicer's class (`prefix::Class.rpc_x`):
+        we answer and call under the name of the hivemind class we extend, so that guarded and
+        stock peers (the coordinator's state fetch among them) still understand each other."""
+        wire_class = next(base for base in cls.__mro__ if base.__module__.startswith("hivemind."))
+        return wire_class._get_handle_name(namespace, method_name)
+
+    def _refused(self, peer_id, what: str) -> bool:
+        admitted, reason = admit(self.gate, peer_id.to_base58())
+        if not admitted:
+            logger.info("refused %s from %s: %s", what, peer_id.to_base58(), reason)
+        return not admitted
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if self._refused(context.remote_id, "a request to join our averaging group"):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if self._refused(context.remote_id, "a part to aggregate"):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if self._refused(context.remote_id, "a state download"):
+            return  # as hivemind does when it does not share state: the caller tries the next donor
+        async for message in super().rpc_download_state(request, context):
+            yield message
+
+    async def _step(self, *, step, future_for_init):
+        _never_follow_refused_leaders(self._matchmaking, self.gate)
+        return await super()._step(step=step, future_for_init=future_for_init)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
+        """hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_ with our runner, after
+        the gate admitted every groupmate."""
+        group_id = group_info.group_id if group_id is None else group_id
+        assert group_id in self._running_groups, (
+            f"Group id {group_id} was not registered in _register_allreduce_group"
+        )
+        for peer_id in group_info.peer_ids:
+            if peer_id != self.peer_id and self._refused(peer_id, "an all-reduce round"):
+                error = AllreduceException(
+                    f"group {group_id.hex()[:8]} holds {peer_id.to_base58()}, not admitted"
+                )
+                self._running_groups[group_id].set_exception(error)  # its peers' RPCs end, nothing is sent
+                raise error
+        runner = RobustAllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            evidence=self.evidence,
+            robust_cfg=self.robust_cfg,
+            **kwargs,
+        )
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+
+    async def _load_state_from_peers(self, future, timeout: float | None = None):
+        await load_state_checked(
+            self, future, timeout, admit=lambda peer_id: not self._refused(peer_id, "a state donor")
+        )
+
+
+def _never_follow_refused_leaders(matchmaking, gate: Gate | None) -> None:
+    """Make hivemind 1.1.12's Matchmaking skip leaders the gate refuses (`_request_join_group` is
+    the one place it asks a leader, also after a redirect). Idempotent."""
+    if gate is None or getattr(matchmaking, "_gated", False):
+        return
+    request_join_group = matchmaking._request_join_group
+
+    async def _request_join_admitted(leader):
+        admitted, reason = admit(gate, leader.to_base58())
+        if not admitted:
+            logger.info("not asking %s to lead our averaging group: %s", leader.to_base58(), reason)
+            return None
+        return await request_join_group(leader)
+
+    matchmaking._request_join_group = _request_join_admitted
+    matchmaking._gated = True
+
+
+class GuardedAverager(_Guarded, DecentralizedAverager):
+    """DecentralizedAverager with robust aggregation and the admission gate (tests, benchmarks)."""
+
+
+class GuardedGradientAverager(_Guarded, GradientAverager):
+    """The gradient averager `make_optimizer` gives hivemind (through `grad_averager_factory`)."""
+
+
+class GuardedStateAverager(_Guarded, TrainingStateAverager):
+    """The state averager `make_optimizer` gives hivemind (through `_make_state_averager`)."""
+
+
+__all__ = [
+    "EvidenceRecord",
+    "EvidenceSink",
+    "Gate",
+    "GuardedAverager",
+    "GuardedGradientAverager",
+    "GuardedStateAverager",
+    "RobustAllReduceRunner",
+    "RobustPartReducer",
+    "admit",
+]

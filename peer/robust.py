@@ -1,0 +1,267 @@
+"""Robust reduction of one all-reduce part from several senders (pure torch; no hivemind here).
+
+hivemind's butterfly all-reduce splits every averaged vector into spans; each group member reduces
+its own span from the parts all senders stream to it, and sends each sender back `average - part`.
+Stock hivemind sums the parts with the weight each *sender declares* and checks nothing, so one
+NaN, one x1e4 part or one weight of 1e30 reaches every member's parameters. peer/averaging.py
+replaces that sum with `robust_reduce` (reducer side) and checks what a reducer sends back with
+`check_delta` (receiver side):
+
+- a part that is not finite is dropped, a declared weight that is not finite or negative is
+  refused, and a positive weight is capped at `weight_cap_factor` x the median positive weight;
+- the rest is CenteredClip (Karimireddy et al. 2021, as in BTARD): start at the coordinate-wise
+  median, then `clip_iterations` times move by the weighted mean of every sender's difference,
+  each difference clipped to norm `tau` = `tau_factor` x the median distance to that median. An
+  attacker moves the result by at most its weight share x tau per iteration, whatever it sends.
+  When no honest part is clipped the result is exactly the weighted mean;
+- in a part of at least `min_flip_numel` values, a sender whose cosine to that aggregate is below
+  `flip_cosine` is dropped and the part reduced again (a sign flip is within tau of the others, so
+  clipping alone would keep half of its pull).
+
+Evidence (`SpanEvidence`) is gathered over the whole span, not per part: a tiny part (a bias of 8
+values) says nothing statistically, a span of thousands of values does. Verdicts: `non_finite`,
+`weight` (refused or absurd), `outlier` (distance to the aggregate over the span > `outlier_factor`
+x the span's tau) and `sign_flip` (cosine to the aggregate over the span < `flip_cosine`).
+
+The constants were chosen by measuring honest spreads (`python -m scripts.bench_robust --spread`):
+the gradients of the tiny preset's model on different batches, and synthetic gradients whose noise
+is 0.1x to 10x their signal, reduced by 2-8 senders with weights up to 10x apart. Honest distances
+to the aggregate stay below 1.6x the median one (so tau = 3x median never clips them, and the
+outlier verdict at 4 tau = 12x median is far away), honest cosines to the aggregate are >= -0.05
+over parts of 4,096+ values (flip verdict at -0.3), and `||average - own part||` stays below 4x
+the reference norm (delta bound 25). A x1e4 or a shifted-by-100-spreads part is an outlier, a sign
+flip of the honest mean has cosine ~ -1. The small-shift "a little is enough" attack stays within
+the honest spread by design: it is not detected, only bounded (by tau).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+Evidence = tuple[int, str, str]  # (sender index, kind, detail)
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    weight_cap_factor: float = 4.0  # a declared weight counts at most this x the median positive weight
+    weight_absurd_factor: float = 1e3  # a weight this x the median is reported as evidence
+    tau_factor: float = 6.0  # CenteredClip radius: this x the median distance to the coordinate median
+    clip_iterations: int = 3  # CenteredClip iterations (honest parts converge in one)
+    outlier_factor: float = 4.0  # span distance to the aggregate over this x the span's tau: outlier
+    flip_drop_cosine: float = -0.8  # a part whose cosine to the aggregate is below this is dropped
+    flip_cosine: float = -0.3  # cosine to the aggregate over the whole span below this: sign flip
+    min_flip_numel: int = 4096  # parts smaller than this are never dropped for their cosine
+    min_evidence_numel: int = 4096  # spans smaller than this give no statistical verdicts
+    delta_bound: float = 20.0  # a returned ||delta|| over this x our reference norm is refused
+    min_reference_norm: float = 1e-12  # below this our own part is ~0: only finiteness is checked
+
+
+DEFAULT = RobustConfig()
+
+
+@dataclass
+class PartResult:
+    """What `robust_reduce` made of one part: the aggregate, who was dropped and why, and the
+    per-sender statistics `SpanEvidence` accumulates (tensors of shape (num_senders,))."""
+
+    aggregate: torch.Tensor
+    refused: list[Evidence]
+    sq_dist: torch.Tensor  # ||x_i - aggregate||^2
+    dot: torch.Tensor  # <x_i, aggregate>
+    sq_norm: torch.Tensor  # ||x_i||^2
+    tau: float
+    counted: torch.Tensor  # bool: whose statistics mean something (finite, positive weight)
+
+
+def clamp_weights(weights: list[float], cfg: RobustConfig = DEFAULT) -> tuple[torch.Tensor, list[Evidence]]:
+    """Weights to use (refused ones are 0) and evidence against absurd or invalid declarations."""
+    evidence: list[Evidence] = []
+    out = []
+    for index, weight in enumerate(weights):
+        if not math.isfinite(weight) or weight < 0:
+            evidence.append((index, "weight", f"declared weight {weight!r} refused"))
+            out.append(0.0)
+        else:
+            out.append(float(weight))
+    w = torch.tensor(out, dtype=torch.float64)
+    positive = w[w > 0]
+    if len(positive) > 0:
+        median = float(positive.median())
+        cap = cfg.weight_cap_factor * median
+        for index in torch.nonzero(w > cfg.weight_absurd_factor * median).flatten().tolist():
+            evidence.append(
+                (
+                    index,
+                    "weight",
+                    f"declared weight {weights[index]:.3g} > {cfg.weight_absurd_factor:g}x the median {median:.3g}",
+                )
+            )
+        w = w.clamp(max=cap)
+    return w, evidence
+
+
+def coordinate_median(x: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of the rows of x (n, d); the mean of the middle two when n is even."""
+    n = x.shape[0]
+    ordered = x.sort(dim=0).values
+    if n % 2:
+        return ordered[n // 2].clone()
+    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def centered_clip(
+    x: torch.Tensor, w: torch.Tensor, cfg: RobustConfig = DEFAULT
+) -> tuple[torch.Tensor, float]:
+    """CenteredClip of the rows of x (n, d) with weights w (n,) > 0: (aggregate, tau)."""
+    center = coordinate_median(x)
+    tau = cfg.tau_factor * float((x - center).norm(dim=1).median())
+    if tau == 0.0:  # most senders agree exactly (parameters right after an average): that is the answer
+        return center, tau
+    share = (w / w.sum()).to(x.dtype)
+    v = center
+    for _ in range(cfg.clip_iterations):
+        diff = x - v
+        scale = (tau / diff.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
+        v = v + (share * scale) @ diff
+    return v, tau
+
+
+def robust_reduce(parts: list[torch.Tensor], weights: list[float], cfg: RobustConfig = DEFAULT) -> PartResult:
+    """Robust weighted average of one part sent by len(parts) senders (see the module docstring)."""
+    flat = torch.stack([p.detach().reshape(-1).float() for p in parts])  # (n, d)
+    w, refused = clamp_weights(weights, cfg)
+    finite = torch.isfinite(flat).all(dim=1)
+    for index in torch.nonzero(~finite).flatten().tolist():
+        refused.append((index, "non_finite", f"part of {flat.shape[1]} values with NaN/Inf"))
+    use = finite & (w > 0)
+    if not use.any():  # all weights zero (everyone tags along): equal weights among finite parts
+        use, w = finite, torch.ones_like(w)
+    if not use.any():
+        aggregate, tau = torch.zeros(flat.shape[1]), 0.0
+    else:
+        aggregate, tau = centered_clip(flat[use], w[use], cfg)
+        dropped = _far_or_flipped(flat, aggregate, tau, use, cfg, refused)
+        if dropped.any() and (use & ~dropped).any():
+            use = use & ~dropped
+            aggregate, tau = centered_clip(flat[use], w[use], cfg)
+    clean = torch.where(finite[:, None], flat, torch.zeros(()))
+    return PartResult(
+        aggregate=aggregate.reshape(parts[0].shape).to(parts[0].dtype),
+        refused=refused,
+        sq_dist=((clean - aggregate) ** 2).sum(dim=1).double(),
+        dot=(clean @ aggregate).double(),
+        sq_norm=(clean**2).sum(dim=1).double(),
+        tau=tau,
+        counted=finite & (w > 0),
+    )
+
+
+def _far_or_flipped(x, aggregate, tau, use, cfg: RobustConfig, refused: list[Evidence]) -> torch.Tensor:
+    """Senders to drop from this part (needs 3+ senders to tell who is odd): farther than
+    `outlier_factor` x tau from the aggregate, or, in a part of `min_flip_numel`+ values, with a
+    cosine to it below `flip_drop_cosine`. Appends the evidence to `refused`."""
+    dropped = torch.zeros_like(use)
+    if int(use.sum()) < 3:
+        return dropped
+    dist = (x - aggregate).norm(dim=1)
+    far = use & (dist > cfg.outlier_factor * tau) if tau > 0 else torch.zeros_like(use)  # tau 0: median won
+    for index in torch.nonzero(far).flatten().tolist():
+        refused.append(
+            (index, "outlier", f"distance {float(dist[index]):.3g} = {float(dist[index]) / tau:.1f} tau")
+        )
+    dropped |= far
+    if x.shape[1] >= cfg.min_flip_numel:
+        cos = _cosines(x, aggregate)
+        flipped = use & ~far & (cos < cfg.flip_drop_cosine)
+        for index in torch.nonzero(flipped).flatten().tolist():
+            refused.append((index, "sign_flip", f"cosine {float(cos[index]):.2f} to the aggregate"))
+        dropped |= flipped
+    return dropped
+
+
+def _cosines(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Cosine of each row of x to v; 0 where either is zero."""
+    denominator = x.norm(dim=1) * v.norm()
+    return torch.where(denominator > 0, (x @ v) / denominator.clamp_min(1e-30), torch.zeros(()))
+
+
+@dataclass
+class SpanEvidence:
+    """Per-sender statistics over a reducer's whole span, and the verdicts they support."""
+
+    num_senders: int
+    cfg: RobustConfig = DEFAULT
+    numel: int = 0
+    sq_tau: float = 0.0
+    sq_agg: float = 0.0
+    refused: dict[tuple[int, str], str] = field(default_factory=dict)
+    sq_dist: torch.Tensor = None
+    dot: torch.Tensor = None
+    sq_norm: torch.Tensor = None
+    counted: torch.Tensor = None
+
+    def __post_init__(self):
+        self.sq_dist, self.dot, self.sq_norm = (
+            torch.zeros(self.num_senders, dtype=torch.float64) for _ in "abc"
+        )
+        self.counted = torch.zeros(self.num_senders, dtype=torch.bool)
+
+    def add(self, part: PartResult) -> None:
+        for index, kind, detail in part.refused:
+            self.refused.setdefault((index, kind), detail)  # the first detail of each kind is enough
+        self.numel += part.aggregate.numel()
+        self.sq_tau += part.tau**2
+        self.sq_agg += float(part.aggregate.double().pow(2).sum())
+        self.sq_dist += part.sq_dist
+        self.dot += part.dot
+        self.sq_norm += part.sq_norm
+        self.counted |= part.counted
+
+    def verdicts(self) -> list[Evidence]:
+        """Refusals seen in any part, then the span-level verdicts against the other senders."""
+        return [
+            (i, kind, detail) for (i, kind), detail in sorted(self.refused.items())
+        ] + self.statistical_verdicts()
+
+    def statistical_verdicts(self) -> list[Evidence]:
+        """Outlier and sign-flip verdicts over the whole span, against senders not refused yet."""
+        accused = {index for index, _ in self.refused}
+        if self.numel < self.cfg.min_evidence_numel or self.sq_tau == 0.0:
+            return []
+        tau, out = math.sqrt(self.sq_tau), []
+        for index in range(self.num_senders):
+            if index in accused or not bool(self.counted[index]):
+                continue
+            dist = math.sqrt(float(self.sq_dist[index]))
+            if dist > self.cfg.outlier_factor * tau:
+                out.append((index, "outlier", f"distance {dist:.3g} to the aggregate = {dist / tau:.1f} tau"))
+                continue
+            norms = math.sqrt(float(self.sq_norm[index]) * self.sq_agg)
+            cosine = float(self.dot[index]) / norms if norms > 0 else 0.0
+            if cosine < self.cfg.flip_cosine:
+                out.append((index, "sign_flip", f"cosine {cosine:.2f} to the aggregate over the span"))
+        return out
+
+
+def check_delta(
+    delta: torch.Tensor, own_part: torch.Tensor, reference_norm: float, cfg: RobustConfig = DEFAULT
+) -> tuple[bool, str]:
+    """Receiver side: may we apply `delta` (= reducer's average - our part)? (ok, reason).
+
+    `reference_norm` is max(||own part||, the part's share of our whole vector's norm); the runner
+    computes it so that a part we happen to hold as zeros (rare embedding rows) is not a reason to
+    refuse. Below `min_reference_norm` only finiteness is checked."""
+    if delta.shape != own_part.shape:
+        return False, f"returned a part of shape {tuple(delta.shape)}, ours is {tuple(own_part.shape)}"
+    if not bool(torch.isfinite(delta).all()):
+        return False, "returned a non-finite average"
+    norm = float(delta.double().norm())
+    if reference_norm >= cfg.min_reference_norm and norm > cfg.delta_bound * reference_norm:
+        return (
+            False,
+            f"returned an average {norm / reference_norm:.3g}x our part's norm away (bound {cfg.delta_bound:g})",
+        )
+    return True, "ok"
