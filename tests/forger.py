@@ -1,8 +1,11 @@
 """A malicious volunteer, for tests only: it joins the run like any peer, then serves a forged state.
 
-It never trains. It claims the swarm's current epoch and the highest donor priority, so hivemind's
-own `load_state_from_peers` would pick it first, and answers `rpc_download_state` with the run's
-initial weights scaled by --scale. Usage: python tests/forger.py HOST:PORT [--scale 3.0]
+It is admitted like an honest volunteer (Join, the proof of its DHT identity, a swarm token,
+heartbeats saying "training", its own signed progress record), so once it is long-standing it is
+one of the publisher's voters; it never trains. It claims the swarm's current epoch (in its state
+and its progress record) and the highest donor priority, so hivemind's own `load_state_from_peers`
+would pick it first, and answers `rpc_download_state` with the run's initial weights scaled by
+--scale. Usage: python tests/forger.py HOST:PORT [--scale 3.0] [--cache-dir DIR]
 Once it serves, prints one line in the shape of a `--log-format json` event (see
 crowdtrain.peer.events; this event is the test's own, not in the schema):
 {"ts": ..., "level": "INFO", "logger": "forger", "msg": "forger: serving as <id>", "event": "forger_serving", "peer_id": "<id>"}
@@ -13,54 +16,53 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import threading
+import tempfile
 import time
 
 import torch
+
+
+def make_forger(coordinator: str, scale: float, cache_dir: str):
+    from crowdtrain.peer.config import PeerConfig
+    from crowdtrain.peer.swarm import refresh_offloaded_parameters
+    from crowdtrain.peer.trainer import Volunteer
+
+    class Forger(Volunteer):
+        def recover(self) -> None:  # nothing to load: it serves its own state
+            pass
+
+        def train(self, model, batches) -> None:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.mul_(scale)
+            refresh_offloaded_parameters(self.opt, model)
+            peer_id = self.dht.peer_id.to_base58()
+            serving = {"ts": round(time.time(), 3), "level": "INFO", "logger": "forger"}
+            serving |= {"msg": f"forger: serving as {peer_id}", "event": "forger_serving", "peer_id": peer_id}
+            print(json.dumps(serving), flush=True)
+            while not self.stop_event.wait(0.5):
+                # claim whatever epoch the honest peers reached, and be everyone's first choice of donor
+                epoch = max(self.opt.tracker.global_epoch, 1)
+                self.opt.state_averager.local_epoch = epoch
+                self.opt.state_averager.state_sharing_priority = 1e9
+                if self.opt.tracker.local_progress.epoch != epoch:
+                    self.opt.tracker.report_local_progress(local_epoch=epoch, samples_accumulated=0)
+                self.stats.update(phase="training", local_epoch=epoch, samples_per_s=1.0)
+
+    config = PeerConfig(
+        coordinator=coordinator, name="forger", device="cpu", listen_host="127.0.0.1", cache_dir=cache_dir
+    )
+    return Forger(config)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("coordinator")
     parser.add_argument("--scale", type=float, default=3.0)
+    parser.add_argument("--cache-dir", default="")
     args = parser.parse_args()
-
-    from crowdtrain.peer.client import CoordinatorClient
-    from crowdtrain.peer.manifest import RunManifest
-    from crowdtrain.peer.model import build_model
-    from crowdtrain.peer.processes import use_fork_start_method
-    from crowdtrain.peer.swarm import make_optimizer, start_dht
-    from crowdtrain.protos import coordinator_pb2 as pb
-
-    use_fork_start_method()
-    with CoordinatorClient(args.coordinator) as client:
-        joined = client.join(pb.JoinRequest(name="forger", version="0", device="cpu"))
-    manifest = RunManifest.from_json(joined.manifest_json)
-    model = build_model(manifest)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.mul_(args.scale)
-    dht = start_dht(list(joined.initial_peers), listen_host="127.0.0.1")
-    opt = make_optimizer(
-        manifest, model, dht, batch_size_per_step=manifest.swarm.batch_size_per_step, verbose=False
-    )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    peer_id = dht.peer_id.to_base58()
-    serving = {"ts": round(time.time(), 3), "level": "INFO", "logger": "forger"}
-    serving |= {"msg": f"forger: serving as {peer_id}", "event": "forger_serving", "peer_id": peer_id}
-    print(json.dumps(serving), flush=True)
-    try:
-        while not stop.wait(0.5):
-            # claim whatever epoch the honest peers reached, and be everyone's first choice of donor
-            opt.state_averager.local_epoch = max(opt.tracker.global_epoch, 1)
-            opt.state_averager.state_sharing_priority = 1e9
-    finally:
-        opt.shutdown()
-        dht.shutdown()
-    return 0
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="forger-")
+    return make_forger(args.coordinator, args.scale, cache_dir).run()
 
 
 if __name__ == "__main__":

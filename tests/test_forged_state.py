@@ -1,9 +1,12 @@
-"""A volunteer serving a forged state cannot get it published: the publisher asks several peers.
+"""A volunteer serving a forged state cannot get it published: the publisher asks several voters.
 
-Two honest peers train; a third joins that claims the swarm's epoch and the highest donor priority
-(so hivemind alone would download from it first) but serves 3x-scaled initial weights. Published
-checkpoints must keep coming from the honest majority, the forger must be named in the recorded
-disagreement, and with one honest peer against the forger nothing may be published at all.
+Two honest peers train; a third joins that claims the swarm's epoch (in its state and its signed
+progress record) and the highest donor priority (so hivemind alone would download from it first)
+but serves 3x-scaled initial weights. It is admitted and heartbeats like any volunteer, so once it
+is long-standing (`PublisherSettings.min_voter_age_s`) it is a voter: published checkpoints must
+keep coming from the honest majority, the forger must be named in the recorded disagreement, and
+with one honest peer against the forger nothing may be published at all. (Identities that are not
+voters are never asked: tests/test_state_trust.py.)
 """
 
 from __future__ import annotations
@@ -38,14 +41,13 @@ def test_a_forged_state_is_outvoted_and_never_published(launcher, tmp_path: Path
         coordinator, "checkpoint_published", timeout_s=60, start=index_after(coordinator, agreed)
     )
 
-    forger = launcher.start_program(
-        "forger", [sys.executable, str(Path(__file__).with_name("forger.py")), endpoints["grpc"]]
-    )
+    forger_cmd = [sys.executable, str(Path(__file__).with_name("forger.py")), endpoints["grpc"]]
+    forger = launcher.start_program("forger", [*forger_cmd, "--cache-dir", str(tmp_path / "cache-forger")])
     forger_id = launcher.wait_for_event(forger, "forger_serving", timeout_s=180)["peer_id"]
     outvoted = launcher.wait_for_event(
         coordinator,
         "state_chosen",
-        timeout_s=300,
+        timeout_s=420,  # it votes once it is long-standing (min_voter_age_s)
         where=lambda e: len(e["agreeing"]) == 2 and forger_id in e["outvoted"],
     )
     published = launcher.wait_for_event(
