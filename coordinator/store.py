@@ -164,18 +164,18 @@ class Store:
 
     def reload_bans(self) -> None:
         """Re-read which sessions and DHT identities are banned (and why) from the database."""
-        with self._db_lock:
+        with self._db_lock:  # held while applying: a ban written meanwhile is applied after this
             rows = self._db.execute("SELECT session_id, ban_reason FROM peers WHERE banned = 1").fetchall()
             self._banned_dht = frozenset(
                 row[0] for row in self._db.execute("SELECT dht_peer_id FROM banned_dht_ids")
             )
-        banned = {sid: reason or "" for sid, reason in rows}
-        with self._lock:
-            for sid, record in self._peers.items():
-                if (record.banned, record.ban_reason) != (sid in banned, banned.get(sid, "")):
-                    self._peers[sid] = dataclasses.replace(
-                        record, banned=sid in banned, ban_reason=banned.get(sid, "")
-                    )
+            banned = {sid: reason or "" for sid, reason in rows}
+            with self._lock:
+                for sid, record in self._peers.items():
+                    if (record.banned, record.ban_reason) != (sid in banned, banned.get(sid, "")):
+                        self._peers[sid] = dataclasses.replace(
+                            record, banned=sid in banned, ban_reason=banned.get(sid, "")
+                        )
 
     # ------------------------------------------------------------------ meta
 
