@@ -168,7 +168,7 @@ def token_decision(
 ) -> tuple[bool, str]:
     """Whether this heartbeat's response carries a new swarm token: proven, admitted (`allowed`:
     `still_admitted`'s verdict), not banned, and none issued or the last one due for renewal."""
-    if not record.dht_verified or not record.dht_public_key:
+    if not record.dht_verified or not record.proven_key_hex:
         return False, "its DHT identity is not proven yet"
     if record.banned or record.dht_peer_id in banned_dht_ids:
         return False, "banned: no swarm token"
@@ -275,7 +275,7 @@ class Gate:
         if not issue:
             return "", reason
         try:
-            public_key = openssh_public_key(bytes.fromhex(record.dht_public_key))
+            public_key = openssh_public_key(bytes.fromhex(record.proven_key_hex))
         except ValueError as e:
             return "", f"no swarm token: {e}"
         token = self.sign(SwarmToken(self.run_id, record.dht_peer_id, public_key, now + ttl_s))

@@ -55,7 +55,7 @@ class PeerRecord(PeerReport):
     ban_reason: str = ""  # why it is banned, when not by the operator's `crowdtrain ban`
     invite_id: str = ""  # the invite it joined with (`invite` admission); revoking it ends the session
     admitted_dht_id: str = ""  # the DHT identity it announced at Join; its proof must be of this one
-    dht_public_key: str = ""  # hex libp2p public key of its proven DHT identity (its swarm token's key)
+    proven_key_hex: str = ""  # the libp2p public key (hex) of its proven DHT identity: its swarm token's key
     samples_note: str = ""  # why its samples_total was capped below its claim ("" when not)
 
 

@@ -249,7 +249,7 @@ class CoordinatorServicer:
         still, why = self.gate.still_admitted(dataclasses.replace(record, dht_verified=True))
         if not still:
             raise NotAdmittedError(why)
-        return dataclasses.replace(record, dht_verified=True, dht_public_key=request.dht_public_key.hex())
+        return dataclasses.replace(record, dht_verified=True, proven_key_hex=request.dht_public_key.hex())
 
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         reason = check_request(request)["reason"]

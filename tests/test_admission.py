@@ -296,7 +296,7 @@ def test_the_token_key_is_exactly_hiveminds_rsa_public_key_bytes():
 
 def _record(**kw) -> PeerRecord:
     base = dict(
-        session_id="s", joined_unix_s=0.0, last_seen_unix_s=0.0, dht_peer_id="QmA", dht_public_key="08"
+        session_id="s", joined_unix_s=0.0, last_seen_unix_s=0.0, dht_peer_id="QmA", proven_key_hex="08"
     )
     return PeerRecord(**{**base, **kw})
 
