@@ -33,6 +33,7 @@ class SwarmAccess:
         from crowdtrain.peer.swarmauth import TokenFile
 
         self.identity, self.run_id, self.run_key_hex = identity, run_id, run_key_hex
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)  # a token may come before any shard
         self.token_file = TokenFile(Path(cache_dir) / f"swarm-token-{identity.peer_id}.json")
         self._admitted = threading.Event()
         self._dht = None
