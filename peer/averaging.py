@@ -26,15 +26,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import multiprocessing as mp
-import queue
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import AsyncIterator  # noqa: UP035 (hivemind reads rpc_* annotations via typing)
 
 import torch
 from crowdtrain.peer import robust
+from crowdtrain.peer.evidence import EvidenceSink, Gate, admit
 from crowdtrain.peer.robust import DEFAULT, RobustConfig, SpanEvidence, check_delta, robust_reduce
 from crowdtrain.peer.stateload import load_state_checked
 from hivemind.averaging import DecentralizedAverager
@@ -48,56 +44,6 @@ from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
 logger = logging.getLogger(__name__)
-
-Gate = Callable[[str], tuple[bool, str]]
-
-
-@dataclass(frozen=True)
-class EvidenceRecord:
-    """One rejected contribution: who sent it (DHT peer id, base58), what was wrong, when."""
-
-    offender: str
-    kind: str  # non_finite | weight | outlier | sign_flip | bad_average
-    detail: str
-    unix_s: float
-
-
-class EvidenceSink:
-    """Evidence from hivemind's averager processes to the parent: create it before the optimizer
-    (the averagers fork), `report` from anywhere, `drain` in the parent. Bounded: when the parent
-    does not drain, new records are dropped (counted in `dropped` of the reporting process)
-    instead of blocking an averager."""
-
-    def __init__(self, max_pending: int = 1000):
-        self._queue = mp.get_context("fork").Queue(maxsize=max_pending)
-        self.dropped = 0
-
-    def report(self, offender: str, kind: str, detail: str) -> None:
-        self._queue.cancel_join_thread()  # an averager exiting never waits for the parent to read
-        try:
-            self._queue.put_nowait(EvidenceRecord(offender, kind, detail[:200], time.time()))
-        except queue.Full:
-            self.dropped += 1
-
-    def drain(self, max_records: int = 100) -> list[EvidenceRecord]:
-        records = []
-        while len(records) < max_records:
-            try:
-                records.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return records
-
-
-def admit(gate: Gate | None, peer_id_base58: str) -> tuple[bool, str]:
-    """The gate's answer, refusing when the gate itself fails."""
-    if gate is None:
-        return True, "no gate: everyone is admitted"
-    try:
-        admitted, reason = gate(peer_id_base58)
-    except Exception as e:  # a gate that cannot decide must not let a stranger in
-        return False, f"the admission gate failed ({type(e).__name__}: {e})"
-    return bool(admitted), reason
 
 
 class RobustPartReducer(TensorPartReducer):
@@ -372,8 +318,29 @@ class GuardedStateAverager(_Guarded, TrainingStateAverager):
     """The state averager `make_optimizer` gives hivemind (through `_make_state_averager`)."""
 
 
+def make_state_averager(opt, *, gate: Gate | None, evidence: EvidenceSink | None, **kwargs):
+    """What hivemind 1.1.12's `Optimizer._make_state_averager(**kwargs)` builds, guarded: the same
+    arguments as hivemind's own (`opt` is the optimizer being built)."""
+    return GuardedStateAverager(
+        dht=opt.dht,
+        prefix=f"{opt.run_id}_state_averager",
+        min_matchmaking_time=opt.matchmaking_time,
+        allreduce_timeout=opt.allreduce_timeout,
+        shutdown_timeout=opt.shutdown_timeout,
+        offload_optimizer=opt.offload_optimizer,
+        custom_gradients=opt.offload_optimizer,
+        status_loglevel=opt.status_loglevel,
+        next_chunk_timeout=opt.next_chunk_timeout,
+        client_mode=opt.client_mode,
+        auxiliary=opt.auxiliary,
+        start=True,
+        gate=gate,
+        evidence=evidence,
+        **kwargs,
+    )
+
+
 __all__ = [
-    "EvidenceRecord",
     "EvidenceSink",
     "Gate",
     "GuardedAverager",
@@ -382,4 +349,5 @@ __all__ = [
     "RobustAllReduceRunner",
     "RobustPartReducer",
     "admit",
+    "make_state_averager",
 ]

@@ -40,17 +40,26 @@ class SwarmError(CrowdtrainError):
 
 
 class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that clips the (swarm-averaged) gradient norm right before each update."""
+    """AdamW that clips the (swarm-averaged) gradient norm right before each update, and skips an
+    update whose gradient is not finite (counted in `skipped_steps`): a bad average never reaches
+    the parameters."""
 
     def __init__(self, params, *, max_grad_norm: float, **kwargs):
         super().__init__(params, **kwargs)
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.skipped_steps = max_grad_norm, 0
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.max_grad_norm > 0:
-            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        if not torch.isfinite(total_norm):
+            self.skipped_steps += 1
+            msg = "skipped an optimizer step: the averaged gradient is not finite (a groupmate's NaN/Inf or "
+            logger.warning(msg + "our own overflow; %d skipped so far)", self.skipped_steps)
+            for p in params:
+                p.grad.zero_()
+            return None
         return super().step(closure)
 
 
@@ -158,14 +167,17 @@ def _start_dht_once(initial_peers: Sequence[str], kwargs: dict):
 
 
 def make_optimizer(
-    manifest: RunManifest, model: torch.nn.Module, dht, *, batch_size_per_step: int, verbose: bool
+    manifest: RunManifest, model, dht, *, batch_size_per_step: int, verbose: bool, gate=None, evidence=None
 ):
     """The run's hivemind.Optimizer: gradients averaged every `target_batch_size` samples, then AdamW.
+    Its averagers are peer/averaging.py's: robust all-reduce, and only peers `gate(peer_id_base58)
+    -> (admitted, reason)` admits (None: everyone) average with us or swap state; rejected
+    contributions go to `evidence` (an `evidence.EvidenceSink`). Create both before this call.
 
     Must be called from the main thread (hivemind installs a signal handler), and afterwards the
     caller must re-install its own SIGINT/SIGTERM handlers. Stop it with `leave_swarm`.
     """
-    from hivemind.optim.grad_averager import GradientAverager
+    from crowdtrain.peer.averaging import GuardedGradientAverager
 
     # hivemind replays the LR schedule up to the loaded epoch before any optimizer step: expected
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
@@ -205,7 +217,10 @@ def make_optimizer(
         # hivemind warns (and can deadlock) when a request may outlive the matchmaking window;
         # 1.1.12 forwards averager_opts to the state averager only, hence the factory for gradients
         averager_opts=dict(request_timeout=request_timeout_s),
-        grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout_s),
+        grad_averager_factory=partial(
+            GuardedGradientAverager, request_timeout=request_timeout_s, gate=gate, evidence=evidence
+        ),
+        guard=dict(gate=gate, evidence=evidence),
         verbose=verbose,
     )
 
@@ -307,9 +322,19 @@ def start_progress_tracker(dht, run_id: str, target_batch_size: int, **kwargs) -
 
 
 class _Optimizer(hivemind.Optimizer):
-    """hivemind.Optimizer with a progress tracker that finishes its asyncio tasks when it stops.
-    hivemind 1.1.12: `_make_progress_tracker` is the (private) hook its __init__ builds the tracker
-    with; this one passes the same arguments as hivemind's own."""
+    """hivemind.Optimizer with a progress tracker that finishes its asyncio tasks when it stops, and
+    the guarded state averager (peer/averaging.py). hivemind 1.1.12: `_make_progress_tracker` and
+    `_make_state_averager` are the (private) hooks its __init__ builds them with; these pass the
+    same arguments as hivemind's own."""
+
+    def __init__(self, *, guard: dict, **kwargs):
+        self._guard = guard  # gate and evidence sink of the state averager
+        super().__init__(**kwargs)
+
+    def _make_state_averager(self, **kwargs):
+        from crowdtrain.peer.averaging import make_state_averager
+
+        return make_state_averager(self, **self._guard, **kwargs)
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         return start_progress_tracker(

@@ -16,7 +16,8 @@ import time
 import hivemind
 import pytest
 import torch
-from crowdtrain.peer.averaging import EvidenceSink, GuardedAverager
+from crowdtrain.peer.averaging import GuardedAverager
+from crowdtrain.peer.evidence import EvidenceSink
 from hivemind.averaging import DecentralizedAverager
 
 SIZE = 20_000  # values per averager: spans of ~5,000 per member, enough for statistical verdicts
