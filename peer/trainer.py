@@ -298,14 +298,13 @@ class Volunteer:
     def _step(self, model, batch) -> float:
         """Forward, backward and hivemind's step (which averages with the swarm when it is time)."""
         import torch
+        from crowdtrain.peer.robust import nonfinite_loss_message
 
         try:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 loss = model(input_ids=batch, labels=batch).loss
             if not torch.isfinite(loss):
-                raise PeerError(
-                    f"training loss became {loss.item()} at epoch {self.opt.local_epoch}; lower the learning rate"
-                )
+                raise PeerError(nonfinite_loss_message(loss.item(), self.opt.local_epoch, model))
             loss.backward()
         except torch.cuda.OutOfMemoryError as e:
             raise PeerError(
