@@ -40,10 +40,10 @@ STATE_LOAD_ATTEMPTS = 5  # then fall back to the latest published checkpoint
 # How far the swarm's parameters may move per epoch, in units of the peak learning rate (RMS over
 # all parameters). One Adam(W) step moves each coordinate by at most about lr when
 # (1 - beta1) <= sqrt(1 - beta2), as in every crowdtrain preset (Kingma & Ba 2015, section 2.1),
-# plus lr * weight_decay * |w|; x4 covers the bias-correction transient after statistics restart
-# (a joiner's first steps) and weight decay. State averaging mixes peers' parameters convexly and
-# cannot move them further than that.
-DRIFT_LR_SLACK = 4.0
+# plus lr * weight_decay * |w|; state averaging mixes peers' parameters convexly and cannot move
+# them further. Measured: honest tiny-preset swarms move 0.29 x lr per epoch (RMS between
+# consecutive published checkpoints, tests/test_forged_state.py's swarm); 1.5 leaves 5x of room.
+DRIFT_LR_SLACK = 1.5
 DRIFT_SPREAD = 0.01  # plus this share of the checkpoint's RMS: honest peers differ this much (the publisher's agreement tolerance)
 
 
