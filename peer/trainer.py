@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import zlib
@@ -27,12 +26,15 @@ from functools import partial
 from pathlib import Path
 
 from crowdtrain.peer import __version__
+from crowdtrain.peer.access import SwarmAccess
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
 from crowdtrain.peer.config import PeerConfig
 from crowdtrain.peer.device import describe_device, pick_device
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
+from crowdtrain.peer.identity import PeerIdentity
+from crowdtrain.peer.meter import EpochMeter, StatusLine
 from crowdtrain.peer.recovery import Recovery
 from crowdtrain.peer.rejoin import rejoin_in_background
 from crowdtrain.peer.runproof import check_joined_run
@@ -47,54 +49,6 @@ logger = logging.getLogger(__name__)
 
 class PeerError(CrowdtrainError):
     """The volunteer cannot take part; the message says what to do."""
-
-
-class StatusLine:
-    """One live line on a terminal, redrawn at most every `interval_s`; nothing when stderr is a
-    file or a pipe (the epoch log lines say it all there)."""
-
-    def __init__(self, interval_s: float = 0.5):
-        self.live, self.interval_s, self._drawn = sys.stderr.isatty(), interval_s, 0.0
-
-    def draw(self, opt, loss: float, samples_per_s: float, swarm_peers: int) -> None:
-        if not self.live or time.monotonic() - self._drawn < self.interval_s:
-            return
-        from hivemind.utils import get_dht_time
-
-        self._drawn = time.monotonic()
-        eta_s = max(0.0, opt.tracker.estimated_next_update_time - get_dht_time())
-        sys.stderr.write(
-            f"\r\033[Kepoch {opt.local_epoch} | loss {loss:.3f} | {samples_per_s:.1f} samples/s | "
-            f"swarm {swarm_peers} peers | next averaging in {eta_s:.0f}s"
-        )
-        sys.stderr.flush()
-
-    def clear(self) -> None:
-        """Before a log line, which then takes the status line's place."""
-        if self.live:
-            sys.stderr.write("\r\033[K")
-
-
-class EpochMeter:
-    """The training loop's numbers: a throughput average for heartbeats and the status line, and
-    the mean loss and throughput of the current epoch for its log line."""
-
-    def __init__(self, epoch: int):
-        self.samples_total, self.ema_rate = 0, 0.0
-        self.start_epoch(epoch)
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.losses, self.samples, self.t0 = epoch, [], 0, time.monotonic()
-
-    def add(self, samples: int, loss: float, seconds: float) -> None:
-        rate = samples / max(seconds, 1e-6)
-        self.ema_rate = rate if self.ema_rate == 0 else 0.9 * self.ema_rate + 0.1 * rate
-        self.samples_total += samples
-        self.samples += samples
-        self.losses.append(loss)
-
-    def epoch_rate(self) -> float:
-        return self.samples / max(time.monotonic() - self.t0, 1e-6)
 
 
 class Volunteer:
@@ -123,7 +77,9 @@ class Volunteer:
         self.start_heartbeat()
         batches = self.load_data()  # the first shard now: a data problem fails before the swarm
         model = self.build_model()  # the run's initial weights, or the checkpoint Join names
-        self.join_swarm(model)  # DHT node and hivemind optimizer
+        self.join_swarm(model)  # admitted to the swarm, then DHT node and hivemind optimizer
+        if self.stop_event.is_set():
+            return 0
         self.recover()  # catch up to the swarm's state (or the latest checkpoint)
         if self.stop_event.is_set():
             return 0
@@ -140,7 +96,14 @@ class Volunteer:
             torch.set_num_threads(self.config.threads)
         self.device = pick_device(self.config.device)
         self.device_label = describe_device(self.device)
-        request = pb.JoinRequest(name=self.name, version=__version__, device=self.device_label)
+        self.identity = self._identity()  # before Join: an allowlist admits identities
+        request = pb.JoinRequest(
+            name=self.name,
+            version=__version__,
+            device=self.device_label,
+            invite_code=self.config.invite,
+            dht_public_key=self.identity.public_key_protobuf,
+        )
         self.joined = retry_until(
             lambda: self.client.join(request),
             deadline_s=self.config.join_timeout_s,
@@ -176,8 +139,15 @@ class Volunteer:
             device=self.device_label,
         )
 
+    def _identity(self) -> PeerIdentity:
+        if self.config.identity:
+            return PeerIdentity(Path(self.config.identity).expanduser())
+        return PeerIdentity.fresh(Path(self.config.cache_dir).expanduser())
+
     def start_heartbeat(self) -> None:
         initial_peers = list(self.joined.initial_peers)
+        self.access = SwarmAccess(self.identity, self.manifest.run_id, self.run_key, self.cache_dir)
+        self.stats.update(dht_peer_id=self.identity.peer_id)  # proven by the first heartbeats
         self.heartbeat = HeartbeatReporter(
             self.client,
             self.session_id,
@@ -188,7 +158,22 @@ class Volunteer:
             device=self.device_label,
             interval_s=self.settings.heartbeat_interval_s,
             on_reconnect=lambda: rejoin_in_background(self.dht, initial_peers),
-        ).start()
+            on_token=self.access.on_token,
+            evidence=self._evidence,
+        )
+        self.heartbeat.set_dht_proof(*self.identity.prove(self.joined.dht_challenge))
+        self.heartbeat.start()
+
+    def _evidence(self) -> list:
+        """Rejected contributions our averagers recorded since the last heartbeat (see peer/robust.py)."""
+        sink = getattr(self, "evidence_sink", None)
+        if sink is None:
+            return []
+        epoch = self.stats.get().local_epoch
+        return [
+            pb.Rejection(offender=r.offender, kind=r.kind, detail=r.detail, epoch=epoch)
+            for r in sink.drain(max_records=32)
+        ]
 
     def load_data(self) -> Iterator[list[list[int]]]:
         """Endless shuffled batches, from the shard Join assigned us on through the whole dataset."""
@@ -234,11 +219,13 @@ class Volunteer:
 
     def join_swarm(self, model) -> None:
         from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
-        from crowdtrain.peer.swarm import DhtIdentity, make_optimizer, start_dht
+        from crowdtrain.peer.swarm import start_dht
 
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9
-        self.identity = DhtIdentity(self.cache_dir)  # we hold the key, so we can prove our peer id
+        self.access.wait_for_token(self.config.token_wait_s, self.stop_event)  # admitted first
+        if self.stop_event.is_set():
+            return
         self.dht = start_dht(
             list(self.joined.initial_peers),
             listen_host=self.config.listen_host,
@@ -246,14 +233,27 @@ class Volunteer:
             client_mode=self.config.client_mode,
             stop=self.stop_event,
             identity_path=str(self.identity.path),
+            authorizer=self.access.authorizer(),
         )
-        dht_peer_id = self.dht.peer_id.to_base58()
-        self.heartbeat.set_dht_proof(*self.identity.prove(self.joined.dht_challenge, dht_peer_id))
-        self.stats.update(dht_peer_id=dht_peer_id)
-        self.opt = make_optimizer(
-            self.manifest, model, self.dht, batch_size_per_step=self.batch_size, verbose=False
-        )
+        self.access.attach(self.dht)
+        self.opt = self._make_optimizer(model)
         self._install_signal_handlers()  # hivemind's averager just set SIGINT to "ignored"
+
+    def _make_optimizer(self, model):
+        """The run's hivemind optimizer, averaging only with token holders and robustly."""
+        from crowdtrain.peer.evidence import EvidenceSink
+        from crowdtrain.peer.swarm import make_optimizer
+
+        self.evidence_sink = EvidenceSink()
+        return make_optimizer(
+            self.manifest,
+            model,
+            self.dht,
+            batch_size_per_step=self.batch_size,
+            verbose=False,
+            gate=self.access.gate(self.dht),
+            evidence=self.evidence_sink,
+        )
 
     def recover(self) -> None:
         if self.settings.resume_from_step > 0:
