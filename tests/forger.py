@@ -46,7 +46,8 @@ def make_forger(coordinator: str, scale: float, cache_dir: str):
                 self.opt.state_averager.local_epoch = epoch
                 self.opt.state_averager.state_sharing_priority = 1e9
                 if self.opt.tracker.local_progress.epoch != epoch:
-                    self.opt.tracker.report_local_progress(local_epoch=epoch, samples_accumulated=0)
+                    # hivemind 1.1.12: a tracker publishes its record only while it reports samples
+                    self.opt.tracker.report_local_progress(local_epoch=epoch, samples_accumulated=1)
                 self.stats.update(phase="training", local_epoch=epoch, samples_per_s=1.0)
 
     config = PeerConfig(
