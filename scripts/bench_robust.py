@@ -3,6 +3,7 @@
     .venv/bin/python -m scripts.bench_robust                      # 4 averagers, 10M floats, 5 rounds each
     .venv/bin/python -m scripts.bench_robust --values 1000000 --rounds 3   # a quick look
     .venv/bin/python -m scripts.bench_robust --spread             # the honest spreads behind peer/robust.py
+    .venv/bin/python -m scripts.bench_robust --reducer            # CPU per part: robust vs stock sum
 
 Every averager holds `--values` float32 values (honest: signal + noise); each round all of them
 call `step()` together and the round's time is the slowest member's. Stock is hivemind 1.1.12's
@@ -70,13 +71,44 @@ def one_round(averagers, timeout_s: float = 120.0) -> float:
     return time.perf_counter() - started
 
 
+def reducer_cost(senders: int, values: int = 2**17, repeats: int = 30) -> int:
+    """CPU time to reduce one hivemind part (131,072 float32 from each sender), one thread."""
+    from crowdtrain.peer.robust import robust_reduce
+
+    torch.set_num_threads(1)
+    parts, weights = [torch.randn(values) for _ in range(senders)], [1.0] * senders
+
+    def stock():  # what TensorPartReducer does: accumulate weighted parts, divide
+        acc = torch.zeros(values)
+        for part, weight in zip(parts, weights, strict=True):
+            acc.add_(part, alpha=weight)
+        return acc.div_(sum(weights))
+
+    timings = {}
+    for name, reduce in (("stock", stock), ("robust", lambda: robust_reduce(parts, weights))):
+        reduce()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            reduce()
+        timings[name] = (time.perf_counter() - started) / repeats
+    per_value = {name: seconds / (values * senders) * 1e9 for name, seconds in timings.items()}
+    print(
+        f"one part of {values:,} values from {senders} senders: stock {timings['stock'] * 1e3:.2f} ms, "
+        f"robust {timings['robust'] * 1e3:.2f} ms ({per_value['robust']:.1f} ns per value received)"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--values", type=int, default=10_000_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--spread", action="store_true", help="print the honest spreads instead")
+    parser.add_argument("--reducer", action="store_true", help="time one part's reduction instead")
     args = parser.parse_args()
+    if args.reducer:
+        return reducer_cost(args.peers)
     if args.spread:
         from scripts.robust_spread import run_spread
 
