@@ -43,7 +43,7 @@ def test_a_forged_state_is_outvoted_and_never_published(launcher, tmp_path: Path
 
     forger_cmd = [sys.executable, str(Path(__file__).with_name("forger.py")), endpoints["grpc"]]
     forger = launcher.start_program("forger", [*forger_cmd, "--cache-dir", str(tmp_path / "cache-forger")])
-    forger_id = launcher.wait_for_event(forger, "forger_serving", timeout_s=180)["peer_id"]
+    forger_id = launcher.wait_for_event(forger, "forger_serving", timeout_s=300)["peer_id"]
     outvoted = launcher.wait_for_event(
         coordinator,
         "state_chosen",
