@@ -92,6 +92,20 @@ def cmd_peer(config: peer_cfg.PeerConfig) -> int:
     return Volunteer(config).run()
 
 
+def cmd_identity(config: peer_cfg.IdentityConfig) -> int:
+    """Print this machine's persistent peer id (for an operator's allowlist)."""
+    from pathlib import Path
+
+    from crowdtrain.peer.identity import PeerIdentity
+    from crowdtrain.peer.trust import default_config_dir
+
+    path = Path(config.identity).expanduser() if config.identity else default_config_dir() / "identity.key"
+    identity = PeerIdentity(path)
+    print(identity.peer_id)
+    print(f"(key in {path}; start peers with --identity {path} to use it)", file=sys.stderr)
+    return 0
+
+
 def cmd_pull(config: peer_cfg.PullConfig) -> int:
     from pathlib import Path
 
@@ -261,6 +275,11 @@ COMMANDS = {
         "run a coordinator: bootstrap node, API, checkpoints",
     ),
     "peer": (peer_cfg.PeerConfig, cmd_peer, "donate compute: join a run and train"),
+    "identity": (
+        peer_cfg.IdentityConfig,
+        cmd_identity,
+        "print this machine's peer id for a run's allowlist (creates the key once)",
+    ),
     "pull": (peer_cfg.PullConfig, cmd_pull, "download and verify a published checkpoint"),
     "checkpoints": (
         peer_cfg.CheckpointsConfig,

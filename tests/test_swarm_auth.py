@@ -87,7 +87,10 @@ def test_a_stock_hivemind_node_cannot_join_or_write(swarm):
     with pytest.raises(SwarmError, match="none of the initial_peers responded"):
         start_dht(swarm["maddrs"], listen_host="127.0.0.1", attempts=1)
     stranger = hivemind.DHT(
-        initial_peers=swarm["maddrs"], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], ensure_bootstrap_success=False
+        initial_peers=swarm["maddrs"],
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        ensure_bootstrap_success=False,
     )
     try:
         stranger.store("forged", "evil", get_dht_time() + 60)
@@ -113,7 +116,9 @@ def test_nodes_with_bad_tokens_are_refused(swarm, run_key, problem):
     async def present_anything():
         from hivemind.proto.auth_pb2 import AccessToken
 
-        return AccessToken(username=text, public_key=identity.hivemind_private_key().get_public_key().to_bytes())
+        return AccessToken(
+            username=text, public_key=identity.hivemind_private_key().get_public_key().to_bytes()
+        )
 
     authorizer.get_token = present_anything
     authorizer.is_token_valid = lambda token: True  # the attacker trusts anything
@@ -166,3 +171,15 @@ def test_swarm_access_keeps_only_its_own_valid_token(tmp_path, run_key):
     access.on_token(good)
     assert access.token_file() == good
     access.wait_for_token(1.0, stop=__import__("threading").Event())
+
+
+def test_identity_command_prints_a_stable_peer_id(tmp_path, capsys):
+    """`crowdtrain identity` creates the key once; the id is what a peer with --identity proves."""
+    from crowdtrain.coordinator.cli import main
+
+    key = tmp_path / "id.key"
+    assert main(["identity", "--identity", str(key)]) == 0
+    first = capsys.readouterr().out.strip()
+    assert main(["identity", "--identity", str(key)]) == 0
+    assert capsys.readouterr().out.strip() == first == PeerIdentity(key).peer_id
+    assert oct(key.stat().st_mode & 0o777) == "0o600"

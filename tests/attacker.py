@@ -1,0 +1,180 @@
+"""A malicious volunteer, for tests and scripts/attacks.py only (never installed).
+
+It joins like any volunteer (Join, the DHT proof, a swarm token: the run admits anyone in `open`
+mode), then attacks with STOCK hivemind averagers: no robust reduction on its side, no gate, no
+checks, so its own span of every all-reduce is the plain mean hivemind computes. Attacks:
+
+    nan        its gradient contribution is NaN
+    scale      its gradient times 1e4
+    signflip   its gradient times -1
+    shift      "a little is enough": its gradient plus a fixed direction of 0.5x its norm
+    forge      never trains; serves the run's initial weights x3 as its state, claiming the
+               swarm's epoch and the highest donor priority (two of them: sybils agreeing)
+    giant      never trains; serves a state 10x the model's size with the highest priority
+
+Usage: python -m tests.attacker --attack nan --coordinator HOST:PORT [peer flags...]
+It logs what a peer logs (`--log-format json` events) plus one event of its own,
+{"event": "attacking", "attack": ..., "dht_peer_id": ...}, once it takes part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import torch
+
+ATTACKS = ("nan", "scale", "signflip", "shift", "forge", "giant")
+
+
+def corrupt(attack: str, tensors, direction: list) -> None:
+    """Apply a gradient attack in place to the tensors about to be averaged."""
+    with torch.no_grad():
+        if attack == "nan":
+            for t in tensors:
+                t.fill_(float("nan"))
+        elif attack == "scale":
+            for t in tensors:
+                t.mul_(1e4)
+        elif attack == "signflip":
+            for t in tensors:
+                t.neg_()
+        elif attack == "shift":
+            if not direction:
+                g = torch.Generator().manual_seed(1234)
+                direction.extend(torch.randn(t.shape, generator=g) for t in tensors)
+            norm = torch.sqrt(sum(t.double().pow(2).sum() for t in tensors)).item()
+            dnorm = torch.sqrt(sum(d.double().pow(2).sum() for d in direction)).item()
+            for t, d in zip(tensors, direction, strict=True):
+                t.add_(d, alpha=0.5 * norm / max(dnorm, 1e-12))
+
+
+def _stock_optimizer(volunteer, model, attack: str):
+    """The run's optimizer with STOCK hivemind averagers in place of peer/averaging.py's guarded
+    ones (test-only: swapped where make_optimizer looks them up), its contribution corrupted."""
+    import hivemind.compression
+    from crowdtrain.peer import averaging, swarm
+    from hivemind.optim.grad_averager import GradientAverager
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    direction: list = []
+
+    class CorruptingGradientAverager(GradientAverager):
+        def __init__(self, *args, gate=None, evidence=None, **kwargs):
+            super().__init__(*args, **kwargs)  # no gate, no evidence: a stock averager
+
+        def load_accumulators_into_averager_(self):
+            super().load_accumulators_into_averager_()
+            with self.get_tensors() as tensors:
+                corrupt(attack, tensors, direction)
+
+    class StockStateAverager(TrainingStateAverager):
+        def __init__(self, *args, gate=None, evidence=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+        def get_current_state(self):
+            metadata, tensors, infos = super().get_current_state()
+            if attack != "giant":
+                return metadata, tensors, infos
+            extra = torch.zeros(10 * sum(t.numel() for t in tensors) + 1)  # 10x the whole state
+            info = hivemind.compression.CompressionInfo.from_tensor(extra, key=len(infos))
+            return metadata, [*tensors, extra], [*infos, info]
+
+    averaging.GuardedGradientAverager = CorruptingGradientAverager
+    averaging.GuardedStateAverager = StockStateAverager
+    return swarm.make_optimizer(
+        volunteer.manifest, model, volunteer.dht, batch_size_per_step=volunteer.batch_size, verbose=False
+    )
+
+
+def make_attacker(config, attack: str):
+    from crowdtrain.peer.events import emit
+    from crowdtrain.peer.trainer import Volunteer
+
+    logger = logging.getLogger("attacker")
+
+    class Attacker(Volunteer):
+        def _make_optimizer(self, model):
+            self.evidence_sink = None
+            opt = _stock_optimizer(self, model, attack)
+            emit(
+                logger,
+                "attacking",
+                "attacking the swarm with %s as %s",
+                attack,
+                self.identity.peer_id,
+                attack=attack,
+                dht_peer_id=self.identity.peer_id,
+            )
+            return opt
+
+        def recover(self) -> None:
+            if attack not in ("forge", "giant"):
+                super().recover()
+
+        def train(self, model, batches) -> None:
+            if attack not in ("forge", "giant"):
+                return self._train_tolerating_nan(model, batches)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(3.0)  # every forger serves the same forged state: sybils agree
+            from crowdtrain.peer.swarm import refresh_offloaded_parameters
+
+            refresh_offloaded_parameters(self.opt, model)
+            while not self.stop_event.wait(0.5):
+                self.opt.state_averager.local_epoch = max(self.opt.tracker.global_epoch, 1)
+                self.opt.state_averager.state_sharing_priority = 1e9
+                self.stats.update(phase="training", local_epoch=self.opt.state_averager.local_epoch)
+
+        def _train_tolerating_nan(self, model, batches) -> None:
+            """Train as a volunteer does, but never stop: an attacker whose own model went bad
+            goes back to its initial weights and keeps attacking."""
+            from crowdtrain.peer.model import as_batch
+            from crowdtrain.peer.swarm import refresh_offloaded_parameters
+
+            clean = [p.detach().clone() for p in model.parameters()]
+            self.stats.update(phase="training")
+            model.train()
+            while not self.stop_event.is_set():
+                batch = as_batch(next(batches), self.device)
+                loss = model(input_ids=batch, labels=batch).loss
+                if torch.isfinite(loss):
+                    loss.backward()
+                else:
+                    with torch.no_grad():
+                        for p, c in zip(model.parameters(), clean, strict=True):
+                            p.copy_(c)
+                    refresh_offloaded_parameters(self.opt, model)
+                    (model(input_ids=batch, labels=batch).loss).backward()
+                self.opt.step()
+                self.opt.zero_grad()
+                self.stats.update(local_epoch=self.opt.local_epoch, samples_per_s=10.0)
+                time.sleep(0.01)
+
+    return Attacker(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from crowdtrain.peer.config import PeerConfig, add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser(prog="attacker")
+    parser.add_argument("--attack", choices=ATTACKS, required=True)
+    parser.add_argument("--log-format", default="json")
+    add_arguments(parser, PeerConfig)
+    args = parser.parse_args(argv)
+    from crowdtrain.coordinator.cli import _configure_logging
+
+    _configure_logging("INFO", args.log_format)
+    config = from_arguments(PeerConfig, args)
+    try:
+        return make_attacker(config, args.attack).run()
+    except Exception as e:  # an attacker's failure is the test's information, not a crash
+        print(json.dumps({"event": "attacker_failed", "error": f"{type(e).__name__}: {e}"}), flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
