@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
-import torch
+# as `crowdtrain` does (coordinator/cli.py): hivemind forks its DHT while gRPC threads run; with
+# gRPC's fork handlers on, the forked DHT process can crash in cygrpc (seen: segfault, no DHT)
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import torch  # noqa: E402
 
 
 def make_forger(coordinator: str, scale: float, cache_dir: str):
