@@ -11,6 +11,7 @@ donor is asked. Runs inside the averager process (it is an averager method's bod
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -92,6 +93,10 @@ async def load_state_checked(averager, future, timeout, *, admit) -> None:
             if averager.next_chunk_timeout is not None
             else averager.request_timeout
         )
+    # hivemind runs this as a task it does not keep, and an MPFuture is only weakly referenced: while
+    # we await our own state from the host process nothing else holds this task, and the garbage
+    # collector destroyed it ("Task was destroyed but it is pending!", seen in tests/test_swarm.py)
+    averager._load_state_task = asyncio.current_task()
     try:
         donors = await _donors(averager, admit)
         if not donors:
@@ -123,5 +128,6 @@ async def load_state_checked(averager, future, timeout, *, admit) -> None:
             future.set_result((metadata, tensors))
             return
     finally:
+        averager._load_state_task = None
         if not future.done():
             future.set_result(None)
