@@ -118,6 +118,7 @@ class Coordinator:
 
     def _start_dht(self) -> list[str]:
         """The bootstrap DHT node, on --dht-port or else the port of the last start; its addresses."""
+        from crowdtrain.coordinator.swarmnodes import CoordinatorNodeAccess
         from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
         from crowdtrain.peer.swarm import start_dht
 
@@ -125,12 +126,17 @@ class Coordinator:
         tie_children_to_this_process()  # no orphans, even after kill -9
         cfg = self.config
         dht_port = cfg.dht_port or int(self.store.get_meta("dht_port") or 0)
+        # the swarm answers token holders only: this node mints its own (coordinator/swarmnodes.py)
+        access = CoordinatorNodeAccess(
+            self.run.manifest.run_id, self.run.signing_key, self.data_dir / "dht.key"
+        )
         self.dht = start_dht(
             [],
             listen_host=cfg.host,
             port=dht_port,
             announce_host=self.public_host if dht_port else "",
-            identity_path=str(self.data_dir / "dht.key"),
+            identity_path=str(access.identity.path),
+            authorizer=access.authorizer(),
         )
         maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if not dht_port:

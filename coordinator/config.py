@@ -49,6 +49,10 @@ class CoordinatorConfig:
     state_agreement_rel_tol: float = option(
         0.01, "peers' states agree when their relative L2 distance is at most this"
     )
+    min_voter_age_s: float = option(
+        120.0,
+        "a peer's state counts for publishing once its proven DHT identity has been in the run this long",
+    )
     tls_cert: str = option(
         "", "serve gRPC and HTTP over TLS with this certificate chain (PEM; with --tls-key)"
     )

@@ -63,8 +63,7 @@ class PublisherSettings:
             keep_every_steps=config.keep_every_steps,
             agreement_peers=config.state_agreement_peers,
             agreement_rel_tol=config.state_agreement_rel_tol,
-            # CoordinatorConfig.min_voter_age_s (--min-voter-age-s) where the config has it
-            min_voter_age_s=getattr(config, "min_voter_age_s", cls.min_voter_age_s),
+            min_voter_age_s=config.min_voter_age_s,
         )
 
 
