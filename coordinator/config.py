@@ -82,7 +82,9 @@ class CoordinatorConfig:
     autoban_min_reporters: int = option(
         2, "ban a peer automatically once this many distinct peers reported refusing its contributions"
     )
-    autoban_min_reports: int = option(3, "... with at least this many reports in all")
+    autoban_min_reports: int = option(
+        6, "... with at least this many reports in all (one per reporter, epoch and kind)"
+    )
     autoban_window_s: float = option(600.0, "... within this many seconds")
 
 

@@ -50,7 +50,7 @@ class AutobanConfigError(CrowdtrainError):
 @dataclass(frozen=True)
 class AutobanSettings:
     min_reporters: int = 2  # distinct proven DHT identities that must have reported the offender
-    min_reports: int = 3  # reports in all (each reporter counts once per epoch and kind)
+    min_reports: int = 6  # reports in all (each reporter counts once per epoch and kind)
     window_s: float = 600.0  # only reports this recent count
 
     def __post_init__(self):

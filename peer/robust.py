@@ -60,6 +60,9 @@ class RobustConfig:
     flip_cosine: float = -0.3  # cosine to the aggregate over the whole span below this: sign flip
     min_flip_numel: int = 4096  # parts smaller than this are never dropped for their cosine
     min_evidence_numel: int = 4096  # spans smaller than this give no statistical verdicts
+    min_judged_weight: float = 0.5  # senders declaring less than this x the median weight get no
+    # statistical verdict (outlier, sign flip): a peer that averaged 1 micro-batch while the others
+    # averaged 6 sends a noisy gradient (an honest late joiner measured at cosine -0.54 over a span)
     delta_bound: float = 20.0  # a returned ||delta|| over this x our reference norm is refused
     min_reference_norm: float = 1e-12  # below this our own part is ~0: only finiteness is checked
 
@@ -78,7 +81,9 @@ class PartResult:
     dot: torch.Tensor  # <x_i, aggregate>
     sq_norm: torch.Tensor  # ||x_i||^2
     tau: float
-    counted: torch.Tensor  # bool: whose statistics mean something (finite, positive weight)
+    counted: (
+        torch.Tensor
+    )  # bool: whose statistics mean something (finite, weight >= min_judged_weight x median)
 
 
 def clamp_weights(weights: list[float], cfg: RobustConfig = DEFAULT) -> tuple[torch.Tensor, list[Evidence]]:
@@ -162,7 +167,7 @@ def robust_reduce(parts: list[torch.Tensor], weights: list[float], cfg: RobustCo
         aggregate, tau = torch.zeros(flat.shape[1]), 0.0
     else:
         aggregate, tau = centered_clip(flat[use], w[use], cfg)
-        dropped = _far_or_flipped(flat, aggregate, tau, use, cfg, refused)
+        dropped = _far_or_flipped(flat, aggregate, tau, use, cfg, refused, judged=_judged(w, cfg))
         if dropped.any() and (use & ~dropped).any():
             use = use & ~dropped
             aggregate, tau = centered_clip(flat[use], w[use], cfg)
@@ -174,20 +179,31 @@ def robust_reduce(parts: list[torch.Tensor], weights: list[float], cfg: RobustCo
         dot=(clean @ aggregate).double(),
         sq_norm=(clean**2).sum(dim=1).double(),
         tau=tau,
-        counted=finite & (w > 0),
+        counted=finite & (w > 0) & _judged(w, cfg),
     )
 
 
-def _far_or_flipped(x, aggregate, tau, use, cfg: RobustConfig, refused: list[Evidence]) -> torch.Tensor:
+def _judged(w: torch.Tensor, cfg: RobustConfig) -> torch.Tensor:
+    """Senders whose declared weight is large enough for a statistical verdict against them."""
+    positive = w[w > 0]
+    if len(positive) == 0:
+        return torch.zeros_like(w, dtype=torch.bool)
+    return w >= cfg.min_judged_weight * float(positive.quantile(0.5))
+
+
+def _far_or_flipped(
+    x, aggregate, tau, use, cfg: RobustConfig, refused: list[Evidence], judged: torch.Tensor
+) -> torch.Tensor:
     """Senders to drop from this part (needs 3+ senders to tell who is odd): farther than
     `outlier_factor` x tau from the aggregate, or, in a part of `min_flip_numel`+ values, with a
-    cosine to it below `flip_drop_cosine`. Appends the evidence to `refused`."""
+    cosine to it below `flip_drop_cosine`. Appends the evidence against `judged` senders to
+    `refused` (a low-weight sender is dropped quietly: its noise is expected)."""
     dropped = torch.zeros_like(use)
     if int(use.sum()) < 3:
         return dropped
     dist = (x - aggregate).norm(dim=1)
     far = use & (dist > cfg.outlier_factor * tau) if tau > 0 else torch.zeros_like(use)  # tau 0: median won
-    for index in torch.nonzero(far).flatten().tolist():
+    for index in torch.nonzero(far & judged).flatten().tolist():
         refused.append(
             (index, "outlier", f"distance {float(dist[index]):.3g} = {float(dist[index]) / tau:.1f} tau")
         )
@@ -195,7 +211,7 @@ def _far_or_flipped(x, aggregate, tau, use, cfg: RobustConfig, refused: list[Evi
     if x.shape[1] >= cfg.min_flip_numel:
         cos = _cosines(x, aggregate)
         flipped = use & ~far & (cos < cfg.flip_drop_cosine)
-        for index in torch.nonzero(flipped).flatten().tolist():
+        for index in torch.nonzero(flipped & judged).flatten().tolist():
             refused.append((index, "sign_flip", f"cosine {float(cos[index]):.2f} to the aggregate"))
         dropped |= flipped
     return dropped

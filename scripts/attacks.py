@@ -11,7 +11,8 @@ each on the run's held-out shard and compares with the `baseline` scenario (no a
 number of epochs). It also reads the coordinator's view: is the attacker BANNED (and why), and
 did the publisher ever choose a state the attacker served?
 
-Scenarios: baseline, nan, scale (x1e4), signflip, shift ("a little is enough"), forge (two sybil
+Scenarios: baseline, stock (the baseline's honest peers on stock hivemind averagers, without
+the defences: what they cost in throughput), nan, scale (x1e4), signflip, shift ("a little is enough"), forge (two sybil
 identities serving the same forged state with the highest priority) and giant (a state 10x the
 model's size). Goal (issue 11): honest peers keep training, final held-out loss within 10% of the
 baseline, the attacker banned, no forged state published.
@@ -40,7 +41,7 @@ from crowdtrain.coordinator.demo import (
 
 from scripts.harness import events_named, wait_for_event
 
-SCENARIOS = ("baseline", "nan", "scale", "signflip", "shift", "forge", "giant")
+SCENARIOS = ("baseline", "stock", "nan", "scale", "signflip", "shift", "forge", "giant")
 HONEST_PEERS = 3
 BANNABLE = ("nan", "scale", "signflip")  # contributions that are refused, so reported and banned
 
@@ -50,6 +51,7 @@ class Outcome:
     scenario: str
     honest_losses: list[float] = field(default_factory=list)  # held-out loss of each honest peer's model
     honest_exits: list[int | None] = field(default_factory=list)
+    samples_per_s: list[float] = field(default_factory=list)  # each honest peer's mean epoch throughput
     epochs_reached: list[int] = field(default_factory=list)
     seconds: float = 0.0
     attacker_ids: list[str] = field(default_factory=list)
@@ -74,6 +76,15 @@ def _attacker_command(attack: str, grpc: str, cache_dir: Path, name: str) -> lis
     args = ["--attack", attack, "--coordinator", grpc, "--name", name, "--listen-host", "127.0.0.1"]
     args += ["--cache-dir", str(cache_dir), "--threads", "1", "--device", "cpu"]
     return [sys.executable, "-m", "tests.attacker", *args]
+
+
+def _honest_command(scenario: str, grpc: str, work_dir: Path, i: int, epochs: int) -> list[str]:
+    """An honest volunteer: `crowdtrain peer`, or for `stock` the same on stock hivemind averagers."""
+    args = ("--name", f"honest-{i}", "--threads", "1", "--device", "cpu", "--seed", str(i + 1))
+    args += ("--max-epochs", str(epochs), "--save-dir", str(work_dir / f"saved-{i}"))
+    if scenario == "stock":
+        return _attacker_command("none", grpc, work_dir / "cache", f"honest-{i}") + list(args[2:])
+    return local_peer_command(grpc, work_dir / "cache", *args)
 
 
 def evaluate_saved(model_dir: Path, data_dir: Path, manifest: dict) -> float:
@@ -110,12 +121,7 @@ def run_scenario(scenario: str, work_dir: Path, epochs: int, timeout_s: float = 
         honest = [
             spawn(
                 f"honest-{i}",
-                local_peer_command(
-                    endpoints["grpc"],
-                    work_dir / "cache",
-                    *("--name", f"honest-{i}", "--threads", "1", "--device", "cpu", "--seed", str(i + 1)),
-                    *("--max-epochs", str(epochs), "--save-dir", str(work_dir / f"saved-{i}")),
-                ),
+                _honest_command(scenario, endpoints["grpc"], work_dir, i, epochs),
                 work_dir,
                 echo=False,
             )
@@ -123,7 +129,7 @@ def run_scenario(scenario: str, work_dir: Path, epochs: int, timeout_s: float = 
         ]
         children += honest
         attackers = []
-        if scenario != "baseline":
+        if scenario not in ("baseline", "stock"):
             wait_for_event(honest[0], "epoch", timeout_s=600)  # the attack starts on a running swarm
             for j in range(2 if scenario == "forge" else 1):
                 command = _attacker_command(
@@ -137,7 +143,10 @@ def run_scenario(scenario: str, work_dir: Path, epochs: int, timeout_s: float = 
         manifest = _get_json(f"{endpoints['http']}/api/v1/run")
         for i, child in enumerate(honest):
             outcome.honest_exits.append(child.proc.poll())
-            epochs_seen = [e["epoch"] for e in events_named(child, "epoch")]
+            epoch_events = events_named(child, "epoch")
+            epochs_seen = [e["epoch"] for e in epoch_events]
+            rates = [e["samples_per_s"] for e in epoch_events[2:]]  # after the start-up epochs
+            outcome.samples_per_s.append(sum(rates) / len(rates) if rates else 0.0)
             outcome.epochs_reached.append(max(epochs_seen, default=0))
             outcome.honest_losses.append(evaluate_saved(work_dir / f"saved-{i}", data_dir, manifest))
     finally:
@@ -176,15 +185,16 @@ def _read_coordinator(outcome: Outcome, endpoints: dict, coordinator: Child, att
 def table(outcomes: list[Outcome]) -> str:
     base = next((o for o in outcomes if o.scenario == "baseline"), None)
     lines = [
-        "| scenario | honest held-out loss (mean) | vs baseline | honest peers finished | attacker state | "
-        "forged state published | checkpoints | evidence records | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scenario | honest held-out loss (mean) | vs baseline | honest peers finished | honest samples/s "
+        "(sum) | attacker state | forged state published | checkpoints | evidence records | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         ratio = o.mean_loss / base.mean_loss if base and math.isfinite(base.mean_loss) else math.nan
         finished = sum(e == 0 for e in o.honest_exits)
         lines.append(
             f"| {o.scenario} | {o.mean_loss:.3f} | {ratio:.3f} | {finished}/{len(o.honest_exits)} | "
+            f"{sum(o.samples_per_s):.1f} | "
             f"{', '.join(o.attacker_states) or '-'} | {'YES' if o.forged_published else 'no'} | "
             f"{o.checkpoints} | {o.rejections} | {o.seconds:.0f} |"
         )

@@ -11,6 +11,8 @@ checks, so its own span of every all-reduce is the plain mean hivemind computes.
     forge      never trains; serves the run's initial weights x3 as its state, claiming the
                swarm's epoch and the highest donor priority (two of them: sybils agreeing)
     giant      never trains; serves a state 10x the model's size with the highest priority
+    none       an honest volunteer on stock hivemind averagers (what the defences cost is
+               measured against it: scripts/attacks.py's `stock` scenario)
 
 Usage: python -m tests.attacker --attack nan --coordinator HOST:PORT [peer flags...]
 It logs what a peer logs (`--log-format json` events) plus one event of its own,
@@ -27,7 +29,7 @@ import time
 
 import torch
 
-ATTACKS = ("nan", "scale", "signflip", "shift", "forge", "giant")
+ATTACKS = ("nan", "scale", "signflip", "shift", "forge", "giant", "none")
 
 
 def corrupt(attack: str, tensors, direction: list) -> None:
@@ -116,6 +118,8 @@ def make_attacker(config, attack: str):
                 super().recover()
 
         def train(self, model, batches) -> None:
+            if attack == "none":
+                return super().train(model, batches)
             if attack not in ("forge", "giant"):
                 return self._train_tolerating_nan(model, batches)
             with torch.no_grad():

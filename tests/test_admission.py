@@ -452,7 +452,7 @@ def test_the_coordinators_flags_build_its_gate_and_evidence(tmp_path: Path):
         config = CoordinatorConfig(data_dir=str(tmp_path), admission="invite", swarm_token_ttl_s=60.0)
         options = servicer_options(config, RUN_ID, run_key, store)
         assert options["gate"].settings == AdmissionSettings("invite", "", 60.0)
-        assert options["evidence"].settings == AutobanSettings(2, 3, 600.0)
+        assert options["evidence"].settings == AutobanSettings(2, 6, 600.0)
         listed = tmp_path / "allow.txt"
         _write(listed, "")
         config = CoordinatorConfig(data_dir=str(tmp_path), admission="allowlist", allowlist_path=str(listed))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from scripts.attacks import BANNABLE, run_scenario
 
 pytestmark = [pytest.mark.attack, pytest.mark.swarm]  # `-m "not swarm"` skips them too

@@ -159,3 +159,19 @@ def test_the_non_finite_loss_message_blames_the_right_thing():
         model.weight[0, 0] = float("nan")
     message = nonfinite_loss_message(float("nan"), 3, model)
     assert "parameters became non-finite" in message and "learning rate" not in message
+
+
+def test_an_honest_low_weight_sender_is_never_accused():
+    """What tests/test_swarm.py found: a late joiner that averaged 1 micro-batch (weight 16) while
+    its groupmates averaged 6 (weight 96) sent a gradient pointing away from the aggregate (cosine
+    -0.54 over a span) and was banned. A light sender's part is mostly noise: no statistical verdict
+    against it (it pulls the result by its small weight only), while the same part at full weight
+    is still named."""
+    g = torch.Generator().manual_seed(11)
+    for trial in range(20):
+        signal = torch.randn(D, generator=g)
+        heavy = [signal + 0.3 * torch.randn(D, generator=g) for _ in range(2)]
+        away = -signal + 0.5 * torch.randn(D, generator=g)
+        assert span_verdicts([[p] for p in [*heavy, away]], [96.0, 96.0, 16.0]) == [], trial
+        named = span_verdicts([[p] for p in [*heavy, away]], [96.0, 96.0, 96.0])
+        assert {index for index, _, _ in named} == {2}, trial
