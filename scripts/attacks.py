@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -105,10 +106,28 @@ def evaluate_saved(model_dir: Path, data_dir: Path, manifest: dict) -> float:
     return evaluate(model, blocks[: manifest["data"]["eval_max_sequences"]])
 
 
-def run_scenario(scenario: str, work_dir: Path, epochs: int, timeout_s: float = 1200.0) -> Outcome:
+def prepare_run(data_dir: Path) -> Path:
+    """Build the run once (dataset, tokenizer, manifest, keys) in `data_dir`; scenarios start their
+    coordinators on copies of it, so each swarm is fresh but no scenario rebuilds the run."""
+    work_dir = data_dir.parent
+    child = spawn(
+        "prepare", coordinator_command(data_dir, "--checkpoint-interval-s", "0"), work_dir, echo=False
+    )
+    try:
+        wait_for_endpoints(data_dir / "endpoints.json", child, timeout_s=600)
+    finally:
+        stop_children([child])
+    return data_dir
+
+
+def run_scenario(
+    scenario: str, work_dir: Path, epochs: int, timeout_s: float = 1200.0, prepared: Path | None = None
+) -> Outcome:
     """One scenario from a fresh coordinator to the honest peers' saved models; always cleans up."""
     outcome, children = Outcome(scenario), []
     data_dir, t0 = work_dir / "coordinator", time.monotonic()
+    if prepared is not None:
+        shutil.copytree(prepared, data_dir, ignore=shutil.ignore_patterns("endpoints.json"))
     try:
         coordinator = spawn(
             "coordinator",
@@ -210,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = ["baseline", *[a for a in args.attacks if a != "baseline"]]
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="crowdtrain-attacks-") as tmp:
+        prepared = prepare_run(Path(tmp) / "prepared" / "coordinator")
         for scenario in scenarios:
             print(f"--- {scenario}", flush=True)
-            outcome = run_scenario(scenario, Path(tmp) / scenario, args.epochs)
+            outcome = run_scenario(scenario, Path(tmp) / scenario, args.epochs, prepared=prepared)
             print(json.dumps(outcome.__dict__ | {"mean_loss": outcome.mean_loss}, default=str), flush=True)
             outcomes.append(outcome)
     text = table(outcomes)
