@@ -128,6 +128,7 @@ def honest_spread() -> float:
     return NOISE * (SIZE + 64) ** 0.5
 
 
+@pytest.mark.attack  # the "before" of each attack, on stock hivemind: run with `pytest -m attack`
 @pytest.mark.parametrize("attack", list(ATTACKS))
 def test_stock_hivemind_is_ruined_by_one_attacker(dhts, attack):
     """The "before" figure: stock averagers take the attacker's part as it is."""
@@ -262,6 +263,7 @@ def test_a_refused_peer_neither_serves_nor_gets_state(dhts):
     assert stolen is None
 
 
+@pytest.mark.attack  # the "before", on stock hivemind's donor choice
 def test_without_the_gate_the_well_formed_forged_state_wins(dhts):
     """The "before" of the test above: the highest declared priority is asked first."""
     with donors(dhts, "well_formed") as (joiner, honest, attacker, evidence):
