@@ -110,6 +110,7 @@ def prepare_run(data_dir: Path) -> Path:
     """Build the run once (dataset, tokenizer, manifest, keys) in `data_dir`; scenarios start their
     coordinators on copies of it, so each swarm is fresh but no scenario rebuilds the run."""
     work_dir = data_dir.parent
+    work_dir.mkdir(parents=True, exist_ok=True)
     child = spawn(
         "prepare", coordinator_command(data_dir, "--checkpoint-interval-s", "0"), work_dir, echo=False
     )
