@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 
@@ -93,23 +92,19 @@ def _stock_optimizer(volunteer, model, attack: str):
 
 
 def make_attacker(config, attack: str):
-    from crowdtrain.peer.events import emit
     from crowdtrain.peer.trainer import Volunteer
-
-    logger = logging.getLogger("attacker")
 
     class Attacker(Volunteer):
         def _make_optimizer(self, model):
             self.evidence_sink = None
             opt = _stock_optimizer(self, model, attack)
-            emit(
-                logger,
-                "attacking",
-                "attacking the swarm with %s as %s",
-                attack,
-                self.identity.peer_id,
-                attack=attack,
-                dht_peer_id=self.identity.peer_id,
+            record = {"ts": round(time.time(), 3), "level": "WARNING", "logger": "attacker"}
+            record |= {"msg": f"attacking the swarm with {attack} as {self.identity.peer_id}"}
+            print(
+                json.dumps(
+                    record | {"event": "attacking", "attack": attack, "dht_peer_id": self.identity.peer_id}
+                ),
+                flush=True,
             )
             return opt
 
