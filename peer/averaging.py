@@ -31,7 +31,7 @@ from typing import AsyncIterator  # noqa: UP035 (hivemind reads rpc_* annotation
 import torch
 from crowdtrain.peer import robust
 from crowdtrain.peer.evidence import EvidenceSink, Gate, admit
-from crowdtrain.peer.robust import DEFAULT, RobustConfig, SpanEvidence, check_delta, robust_reduce
+from crowdtrain.peer.robust import DEFAULT, STATE, RobustConfig, SpanEvidence, check_delta, robust_reduce
 from crowdtrain.peer.stateload import load_state_checked
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
@@ -322,6 +322,7 @@ def make_state_averager(opt, *, gate: Gate | None, evidence: EvidenceSink | None
     """What hivemind 1.1.12's `Optimizer._make_state_averager(**kwargs)` builds, guarded: the same
     arguments as hivemind's own (`opt` is the optimizer being built)."""
     return GuardedStateAverager(
+        robust_cfg=STATE,
         dht=opt.dht,
         prefix=f"{opt.run_id}_state_averager",
         min_matchmaking_time=opt.matchmaking_time,

@@ -175,3 +175,18 @@ def test_an_honest_low_weight_sender_is_never_accused():
         assert span_verdicts([[p] for p in [*heavy, away]], [96.0, 96.0, 16.0]) == [], trial
         named = span_verdicts([[p] for p in [*heavy, away]], [96.0, 96.0, 96.0])
         assert {index for index, _, _ in named} == {2}, trial
+
+
+def test_parameters_drifting_apart_are_not_evidence():
+    """The state averager averages parameters: two copies agree to 1e-7 and a third that missed a
+    round is 1e-3 away, thousands of tau. Reduced robustly, but never reported (robust.STATE)."""
+    from crowdtrain.peer.robust import STATE
+
+    g = torch.Generator().manual_seed(3)
+    params = torch.randn(D, generator=g)
+    copies = [params + 1e-7 * torch.randn(D, generator=g) for _ in range(3)]
+    copies.append(params + 1e-3 * torch.randn(D, generator=g))
+    assert span_verdicts([[c] for c in copies], [1.0] * 4)  # the gradient rules would report it
+    span = SpanEvidence(4, STATE)
+    span.add(robust_reduce(copies, [1.0] * 4, STATE))
+    assert span.verdicts() == []
