@@ -64,7 +64,7 @@ def _stock_optimizer(volunteer, model, attack: str):
     direction: list = []
 
     class CorruptingGradientAverager(GradientAverager):
-        def __init__(self, *args, gate=None, evidence=None, **kwargs):
+        def __init__(self, *args, gate=None, evidence=None, robust_cfg=None, **kwargs):
             super().__init__(*args, **kwargs)  # no gate, no evidence: a stock averager
 
         def load_accumulators_into_averager_(self):
@@ -73,7 +73,7 @@ def _stock_optimizer(volunteer, model, attack: str):
                 corrupt(attack, tensors, direction)
 
     class StockStateAverager(TrainingStateAverager):
-        def __init__(self, *args, gate=None, evidence=None, **kwargs):
+        def __init__(self, *args, gate=None, evidence=None, robust_cfg=None, **kwargs):
             super().__init__(*args, **kwargs)
 
         def get_current_state(self):
