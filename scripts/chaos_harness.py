@@ -79,6 +79,7 @@ class ChaosConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 6.0
     checkpoint_interval_s: float = 10.0
+    min_voter_age_s: float = 120.0  # --min-voter-age-s: a peer's state counts for publishing after this
     faults: tuple[Fault, ...] | None = None  # an explicit plan instead of one drawn from the seed
     wan: bool = False  # peers in their own network namespaces behind netem links (see wan.py)
 
@@ -275,6 +276,8 @@ class Chaos:
             str(c.heartbeat_interval_s),
             "--heartbeat-timeout-s",
             str(c.heartbeat_timeout_s),
+            "--min-voter-age-s",
+            str(c.min_voter_age_s),
             *(("--host", HUB_IP) if self.lab else ()),
         )
         self.coordinator = spawn(name, args, self.work, echo=False)

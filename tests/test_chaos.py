@@ -25,7 +25,9 @@ def test_short_chaos_run(tmp_path: Path):
     ]
     if use_wan:
         faults.append(Fault(50, "partition", 2, 20))
-    config = ChaosConfig(peers=3, duration_s=180, faults=tuple(faults), wan=use_wan)
+    # a restarted peer has a new identity, so it votes on published state only after
+    # --min-voter-age-s: 120 s (the default) would leave a 3-minute run with faults without voters
+    config = ChaosConfig(peers=3, duration_s=180, faults=tuple(faults), wan=use_wan, min_voter_age_s=15.0)
     report = run_chaos(config, tmp_path / "chaos")
     print(report.summary())
     expected = {"kill": 1, "stop": 1, "coordinator": 1} | ({"partition": 1} if use_wan else {})
