@@ -37,6 +37,8 @@ from crowdtrain.peer.tls import ClientTls
 logger = logging.getLogger(__name__)
 
 STATE_LOAD_ATTEMPTS = 5  # then fall back to the latest published checkpoint
+CATCH_UP_ROUNDS = 3  # rounds of (swarm's state, else a checkpoint) before a peer gives up
+CATCH_UP_RETRY_S = 15.0  # between those rounds
 # How far the swarm's parameters may move per epoch, in units of the peak learning rate (RMS over
 # all parameters). One Adam(W) step moves each coordinate by at most about lr when
 # (1 - beta1) <= sqrt(1 - beta2), as in every crowdtrain preset (Kingma & Ba 2015, section 2.1),
@@ -161,11 +163,26 @@ class Recovery:
         global_epoch = self._swarm_epoch(opt, swarm)
         if global_epoch is None:
             return
-        loaded = self._load_state_from_peers(opt, swarm, global_epoch)
-        if loaded and self.verify_loaded(opt, global_epoch):
-            return
-        if not self.stop_event.is_set():
-            self.fall_back_to_checkpoint(opt, global_epoch, discarded=loaded)
+        for attempt in range(1, CATCH_UP_ROUNDS + 1):
+            loaded = self._load_state_from_peers(opt, swarm, global_epoch)
+            if (loaded and self.verify_loaded(opt, global_epoch)) or self.stop_event.is_set():
+                return
+            try:
+                return self.fall_back_to_checkpoint(opt, global_epoch, discarded=loaded)
+            except RecoveryError as e:
+                # the other peers unreachable (a partition) while the coordinator restarts: both
+                # come back, so try both again before giving up (chaos run: a restarted peer met both)
+                if attempt == CATCH_UP_ROUNDS:
+                    raise
+                logger.warning(
+                    "%s; trying the swarm and the coordinator again in %.0fs (%d/%d)",
+                    e,
+                    CATCH_UP_RETRY_S,
+                    attempt,
+                    CATCH_UP_ROUNDS,
+                )
+                if self.stop_event.wait(CATCH_UP_RETRY_S):
+                    return
 
     def verify_loaded(self, opt, global_epoch: int) -> bool:
         """Whether the state just loaded from a peer passes `drift_check` against the latest
