@@ -8,7 +8,10 @@ webserver's docstring) and go, one at a time in a fast loop, to a coordinator in
 (scripts/fuzz_target.py) while a well-behaved peer heartbeats every 50 ms. A run fails when
 - a gRPC call ends with a code outside ALLOWED_CODES (UNKNOWN or INTERNAL mean an unhandled
   exception), or an HTTP request gets a 5xx other than 503 (load shedding), 501 (a method other
-  than GET/HEAD: RFC 9110 15.6.2) or 505 (a malformed version), no answer within HTTP_TIMEOUT_S,
+  than GET/HEAD: RFC 9110 15.6.2) or 505 (a malformed version), no answer within HTTP_TIMEOUT_S
+  (bytes that are only blank lines are no request at all: RFC 9112 2.2 lets the server skip them,
+  so the fuzzer then half-closes the connection and the server must close it within HTTP_TIMEOUT_S;
+  tests/test_http_server.py checks that idle connections are closed after `idle_timeout_s`),
   or an answer that is not HTTP to a well-formed HTTP/1.x request; a connection the server closes
   or resets is fine;
 - any response exceeds MAX_RESPONSE_BYTES, or anything logs at ERROR;
@@ -220,7 +223,8 @@ class Fuzzer:
         self.report.record(label, code.name, size, problem, call.raw if raw else requests)
 
     def send_http(self, request: HttpRequest) -> None:
-        outcome, size = http_exchange(self.target.http_port, request.wire)
+        blank = not request.wire.strip(b"\r\n")
+        outcome, size = http_exchange(self.target.http_port, request.wire, half_close=blank)
         problem = None
         well_formed = _WELL_FORMED.match(request.wire)
         if outcome.startswith("HTTP "):
@@ -231,7 +235,9 @@ class Fuzzer:
             if status.startswith("5") and status != "503" and not refused:
                 problem = f"status {status}"
         elif outcome == "timeout":
-            problem = f"no answer within {HTTP_TIMEOUT_S} s"
+            problem = f"no answer within {HTTP_TIMEOUT_S} s" + (
+                " (nor a close after our EOF)" if blank else ""
+            )
         elif outcome == "not HTTP" and well_formed:
             problem = "an answer that is not HTTP to an HTTP/1.x request"
         self.report.record(f"HTTP {request.route}", outcome, size, problem, request.wire)
@@ -282,14 +288,16 @@ def _head_complete(data: bytes, is_head: bool) -> bool:
     return False  # read to the end of the connection
 
 
-def http_exchange(port: int, wire: bytes) -> tuple[str, int]:
-    """Send `wire` on a new connection; ("HTTP <status>" | "closed" | "reset" | "timeout" |
+def http_exchange(port: int, wire: bytes, half_close: bool = False) -> tuple[str, int]:
+    """Send `wire` on a new connection (then, with `half_close`, our EOF); ("HTTP <status>" | "closed" | "reset" | "timeout" |
     "not HTTP", bytes received)."""
     data = bytearray()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S) as s:
             try:
                 s.sendall(wire)
+                if half_close:
+                    s.shutdown(socket.SHUT_WR)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # it refused the rest: its answer, if any, is still to be read
             while len(data) < _READ_CAP and not _head_complete(bytes(data), wire.startswith(b"HEAD ")):

@@ -69,6 +69,9 @@ def make_run(tmp_path: Path, corpus: Path):
     ), tokenizer_json
 
 
+TEST_VOTER_AGE_S = 15.0
+
+
 class Launcher:
     """Start `crowdtrain` subcommands as real processes (`--log-format json`); their logs, as text,
     go to the test's tmp dir, and tests read their progress events (child.events)."""
@@ -83,6 +86,11 @@ class Launcher:
         return child
 
     def start_coordinator(self, data_dir: Path, *extra: str, name: str = "coordinator") -> Child:
+        """A coordinator whose volunteers vote on published states after TEST_VOTER_AGE_S (not the
+        default 120 s: every test with a publisher would wait two minutes for its first checkpoint;
+        tests/test_state_trust.py and tests/test_forged_state.py are where voter age is tested)."""
+        if "--min-voter-age-s" not in extra:
+            extra = ("--min-voter-age-s", str(TEST_VOTER_AGE_S), *extra)
         child = spawn(name, coordinator_command(data_dir, *extra), self.log_dir, echo=False)
         self.children.append(child)
         return child

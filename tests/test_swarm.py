@@ -21,7 +21,7 @@ from scripts.harness import events_named, index_after
 from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.swarm
-MAX_EPOCHS = 36
+MAX_EPOCHS = 20
 
 
 def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path: Path):
@@ -84,6 +84,10 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
     # averaging they would be about as far apart as each is from the initial weights; hivemind
     # tolerates a failed or partial round (a peer then applies its local gradient for the missing
     # part until the next state averaging), so "agree" means: far closer to each other than to init.
+    # Without averaging they would be about `travelled` apart; with it, typically ~1% of it. One
+    # partial round after the last state averaging (every 5 epochs) leaves a peer about one local
+    # AdamW step (~1 here, 4% of `travelled`) off the others: seen once in a clean-clone run, on 2
+    # busy cores. 10% still fails any run whose averaging does not work.
     import urllib.request
 
     from crowdtrain.peer.manifest import RunManifest
@@ -102,7 +106,7 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
     gaps = [distance(states[0], other) for other in states[1:]]
     max_diff = max(gaps) / travelled
     assert travelled > 1.0, f"peer 0 barely moved from its initial weights ({travelled})"
-    assert max_diff < 0.05, f"peers differ by {gaps} while training moved them {travelled}"
+    assert max_diff < 0.10, f"peers differ by {gaps} while training moved them {travelled}"
 
     # --- pull that checkpoint with the CLI; transformers loads it, generates, and scores it as published
     step, published_loss = published
