@@ -238,6 +238,35 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            name="small30m",
+            description="~30M parameters; a model whose gradients take seconds to exchange, for CPU "
+            "benchmarks and small GPUs",
+            hidden_size=512,
+            num_layers=8,
+            num_heads=8,
+            intermediate_size=1408,
+            vocab_size=8192,
+            seq_len=256,
+            tie_word_embeddings=True,
+            max_corpus_bytes=20_000_000,
+            num_shards=8,
+            eval_fraction=0.02,
+            eval_max_sequences=32,
+            optim=OptimSpec(
+                learning_rate=1e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=5, max_grad_norm=1.0
+            ),
+            swarm=SwarmSpec(
+                # one CPU thread computes ~1 micro-batch of 8 x 256 tokens in a few seconds: 64
+                # sequences per epoch keeps a 2-peer CPU swarm at an epoch every ~30 s
+                target_batch_size=64,
+                batch_size_per_step=8,
+                matchmaking_time_s=5.0,
+                averaging_timeout_s=60.0,
+                average_state_every=5,
+                load_state_timeout_s=120.0,
+            ),
+        ),
+        Preset(
             name="base125m",
             description="~124M parameters (GPT-2-small-sized Llama); for volunteers with GPUs",
             hidden_size=768,

@@ -106,13 +106,14 @@ def evaluate_saved(model_dir: Path, data_dir: Path, manifest: dict) -> float:
     return evaluate(model, blocks[: manifest["data"]["eval_max_sequences"]])
 
 
-def prepare_run(data_dir: Path) -> Path:
+def prepare_run(data_dir: Path, *extra: str) -> Path:
     """Build the run once (dataset, tokenizer, manifest, keys) in `data_dir`; scenarios start their
-    coordinators on copies of it, so each swarm is fresh but no scenario rebuilds the run."""
+    coordinators on copies of it, so each swarm is fresh but no scenario rebuilds the run. `extra`:
+    more `crowdtrain coordinator` flags (`--preset small30m`)."""
     work_dir = data_dir.parent
     work_dir.mkdir(parents=True, exist_ok=True)
     child = spawn(
-        "prepare", coordinator_command(data_dir, "--checkpoint-interval-s", "0"), work_dir, echo=False
+        "prepare", coordinator_command(data_dir, "--checkpoint-interval-s", "0", *extra), work_dir, echo=False
     )
     try:
         wait_for_endpoints(data_dir / "endpoints.json", child, timeout_s=600)

@@ -63,7 +63,14 @@ def _stock_optimizer(volunteer, model, attack: str):
 
     direction: list = []
 
+    # hivemind names an averager's RPCs after its class: ours must be spelt as stock hivemind's
+    # (what a real attacker runs), or no honest peer ever hears from it
+
     class CorruptingGradientAverager(GradientAverager):
+        @classmethod
+        def _get_handle_name(cls, namespace, method_name):
+            return GradientAverager._get_handle_name(namespace, method_name)
+
         def __init__(self, *args, gate=None, evidence=None, robust_cfg=None, **kwargs):
             super().__init__(*args, **kwargs)  # no gate, no evidence: a stock averager
 
@@ -73,6 +80,10 @@ def _stock_optimizer(volunteer, model, attack: str):
                 corrupt(attack, tensors, direction)
 
     class StockStateAverager(TrainingStateAverager):
+        @classmethod
+        def _get_handle_name(cls, namespace, method_name):
+            return TrainingStateAverager._get_handle_name(namespace, method_name)
+
         def __init__(self, *args, gate=None, evidence=None, robust_cfg=None, **kwargs):
             super().__init__(*args, **kwargs)
 

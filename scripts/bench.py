@@ -1,0 +1,548 @@
+"""The benchmark suite: the swarm vs plain PyTorch and centralized training, all-reduce vs TCP.
+
+Everything runs side by side on this machine (issue 12) and is printed as one table, each figure
+with its goal; the table goes to docs/benchmarks.md.
+
+    python -m scripts.bench                                        # every figure (~10 minutes, 2 cores)
+    python -m scripts.bench --figures swarm --seconds 120 --settle-s 60
+    python -m scripts.bench --figures allreduce --sizes-mb 100 500 --group-sizes 2 4
+
+Figures:
+- swarm (one run per preset in `--presets`, default `tiny` and the 30M-parameter `small30m`; each
+  gives three figures): a coordinator (publishing off) and 2 `crowdtrain peer`s
+  with 1 thread each train for `--settle-s`, then for `--seconds`; afterwards two plain PyTorch
+  loops (`python -m scripts.bench plain`: the same model, micro-batch, optimizer, thread count and
+  data shards, no hivemind) run at the same time for as long.
+  * utilization: the swarm's aggregate samples/s over the plain loops'. Goal >= 0.90.
+  * join: seconds from `crowdtrain peer` start to the end of its first swarm epoch (its first
+    samples in an optimizer step).
+  * memory: a peer's peak RSS (its process group, p2pd included) over a plain loop's. Goal <= 2x.
+- quality: held-out loss after `--epochs` swarm epochs (the same samples) of a 2-peer and a 4-peer
+  swarm (each peer's saved model, mean) over one centralized process with the same global batch,
+  optimizer and learning-rate schedule (gradients of target_batch_size samples accumulated per
+  step). Goal <= 1.02. The training-loss curves go to docs/benchmarks-loss.png when matplotlib is
+  installed (`pip install matplotlib`).
+- allreduce: one all-reduce of `--sizes-mb` among `--group-sizes` in-process averagers on
+  127.0.0.1: ours (peer/averaging.py's averager as the peers run it) vs stock hivemind 1.1.12
+  defaults vs raw loopback TCP (one connection moving the same bytes). MB/s is the tensor's size
+  over the round's time (matchmaking excluded). Goal: ours >= 5x stock.
+- gpu: only where CUDA is available (`scripts/gpu_smoke.sh` measures MFU there); elsewhere the
+  table says why it is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ("swarm", "quality", "allreduce", "gpu")
+
+
+@dataclass
+class Row:
+    figure: str
+    measured: str
+    goal: str
+    met: bool | None  # None: no goal, or not measured here
+
+    def cells(self) -> list[str]:
+        verdict = "-" if self.met is None else ("yes" if self.met else "NO")
+        return [self.figure, self.measured, self.goal, verdict]
+
+
+# --- the plain loop and the centralized baseline --------------------------------------------------
+
+
+def load_run(data_dir: Path):
+    """(manifest, tokenizer, load_blocks(shard index)) of a prepared run's data directory."""
+    from crowdtrain.coordinator.store import Store
+    from crowdtrain.peer.data import read_shard, tokenize_blocks
+    from crowdtrain.peer.manifest import RunManifest
+    from tokenizers import Tokenizer
+
+    store = Store(data_dir / "state.sqlite3")
+    try:
+        manifest = RunManifest.from_json(store.get_meta("manifest_json"))
+        tokenizer = Tokenizer.from_str(store.get_meta("tokenizer_json"))
+    finally:
+        store.close()
+
+    def load_blocks(i: int | None) -> list[list[int]]:
+        name = manifest.data.eval.name if i is None else manifest.data.shards[i].name
+        return tokenize_blocks(tokenizer, read_shard(data_dir / "data" / name), manifest.data.seq_len)
+
+    return manifest, tokenizer, load_blocks
+
+
+def make_adamw(manifest, model):
+    from crowdtrain.peer.swarm import ClippedAdamW
+
+    optim = manifest.optim
+    return ClippedAdamW(
+        model.parameters(),
+        lr=optim.learning_rate,
+        betas=tuple(optim.betas),
+        weight_decay=optim.weight_decay,
+        max_grad_norm=optim.max_grad_norm,
+    )
+
+
+def centralized(data_dir: Path, epochs: int) -> dict:
+    """One process, the swarm's math without the swarm: per epoch, gradients of target_batch_size
+    samples (micro-batches of batch_size_per_step, averaged), clipped AdamW, the same warm-up."""
+    import torch
+    from crowdtrain.peer.data import rotating_batches
+    from crowdtrain.peer.model import as_batch, build_model, evaluate
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    manifest, _, load_blocks = load_run(data_dir)
+    model = build_model(manifest)
+    opt = make_adamw(manifest, model)
+    warmup = max(1, manifest.optim.warmup_epochs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / warmup))
+    micro, target = manifest.swarm.batch_size_per_step, manifest.swarm.target_batch_size
+    accumulate = max(1, target // micro)
+    batches = rotating_batches(len(manifest.data.shards), 0, load_blocks, micro, seed=0)
+    curve = []
+    model.train()
+    for epoch in range(1, epochs + 1):
+        losses = []
+        for _ in range(accumulate):
+            batch = as_batch(next(batches), "cpu")
+            loss = model(input_ids=batch, labels=batch).loss
+            (loss / accumulate).backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+        curve.append((epoch * accumulate * micro, sum(losses) / len(losses)))
+    blocks = load_blocks(None)[: manifest.data.eval_max_sequences]
+    return {"eval_loss": evaluate(model, blocks), "curve": curve}
+
+
+def plain_loop(data_dir: Path, shard: int, seconds: float, warmup_s: float, peers: int) -> dict:
+    """Train the run's model alone, as one of `peers` swarm peers would compute: the same micro-batch
+    and optimizer, a step every target_batch_size / peers samples. One thread."""
+    import torch
+    from crowdtrain.peer.data import rotating_batches
+    from crowdtrain.peer.model import as_batch, build_model
+
+    torch.set_num_threads(1)
+    manifest, _, load = load_run(data_dir)
+    model = build_model(manifest)
+    opt = make_adamw(manifest, model)
+    swarm = manifest.swarm
+    micro = swarm.batch_size_per_step
+    step_every = max(1, swarm.target_batch_size // peers // micro)
+    batches = rotating_batches(len(manifest.data.shards), shard, load, micro, seed=shard)
+    model.train()
+    samples, micro_steps, started = 0, 0, time.monotonic()
+    window_start, window_samples = None, 0
+    while True:
+        now = time.monotonic()
+        if window_start is None and now - started >= warmup_s:
+            window_start, window_samples = now, samples
+        if window_start is not None and now - window_start >= seconds:
+            break
+        batch = as_batch(next(batches), "cpu")
+        model(input_ids=batch, labels=batch).loss.backward()
+        samples += batch.shape[0]
+        micro_steps += 1
+        if micro_steps % step_every == 0:
+            opt.step()
+            opt.zero_grad()
+    elapsed = time.monotonic() - window_start
+    return {
+        "samples_per_s": (samples - window_samples) / elapsed,
+        "peak_rss_mb": _vm_hwm_kb(os.getpid()) / 1024,
+        "seconds": elapsed,
+    }
+
+
+# --- process memory -------------------------------------------------------------------------------
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    """Peak resident set size of one process (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def group_peak_rss_mb(pgid: int) -> float:
+    """Sum of the peak RSS of every live process in a process group (a peer and its p2pd)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == pgid:
+                total += _vm_hwm_kb(int(entry.name))
+        except (ProcessLookupError, PermissionError):
+            continue
+    return total / 1024
+
+
+# --- the swarm figures ----------------------------------------------------------------------------
+
+
+def _rate_between(events: list[dict], t0: float, t1: float) -> float | None:
+    """A peer's samples/s between its last epoch events at or before t0 and t1 (event `ts`)."""
+    before = [e for e in events if e.get("event") == "epoch" and e["ts"] <= t0]
+    until = [e for e in events if e.get("event") == "epoch" and e["ts"] <= t1]
+    if not before or not until or until[-1]["ts"] <= before[-1]["ts"]:
+        return None
+    return (until[-1]["samples_total"] - before[-1]["samples_total"]) / (until[-1]["ts"] - before[-1]["ts"])
+
+
+def swarm_figures(preset: str, seconds: float, settle_s: float, work: Path, peers: int = 2) -> list[Row]:
+    from crowdtrain.coordinator.demo import coordinator_command, local_peer_command, spawn, stop_children
+
+    from scripts.attacks import prepare_run
+    from scripts.harness import events_named, wait_for_event
+
+    data_dir = prepare_run(work / "coordinator", "--preset", preset)
+    children, peer_children = [], []
+    try:
+        coordinator = spawn(
+            "coordinator", coordinator_command(data_dir, "--checkpoint-interval-s", "0"), work, echo=False
+        )
+        children.append(coordinator)
+        grpc = wait_for_event(coordinator, "coordinator_ready", timeout_s=600)["grpc"]
+        started = {}
+        for i in range(peers):
+            name = f"peer-{i}"
+            args = ("--name", name, "--threads", "1", "--device", "cpu")
+            started[name] = time.time()
+            peer_children.append(
+                spawn(name, local_peer_command(grpc, work / f"cache-{i}", *args), work, echo=False)
+            )
+        children += peer_children
+        joins = []
+        for child in peer_children:
+            first = wait_for_event(child, "epoch", timeout_s=600)
+            joins.append(first["ts"] - started[child.name])
+        settle_until = min(started.values()) + settle_s
+        time.sleep(max(0.0, settle_until - time.time()))
+        t0 = time.time()
+        time.sleep(seconds)
+        t1 = time.time()
+        swarm_rss = [group_peak_rss_mb(child.proc.pid) for child in peer_children]
+        rates = [_rate_between(events_named(child, "epoch"), t0, t1) for child in peer_children]
+    finally:
+        stop_children(children)
+    if any(r is None for r in rates):
+        raise RuntimeError(f"a peer logged no two epochs within the {seconds:.0f} s window: {rates}")
+    plain = run_plain_loops(data_dir, peers, seconds)
+    swarm_rate, plain_rate = sum(rates), sum(p["samples_per_s"] for p in plain)
+    ratio = swarm_rate / plain_rate
+    rss_ratio = max(swarm_rss) / max(p["peak_rss_mb"] for p in plain)
+    return [
+        Row(
+            f"utilization ({preset}, 2 peers x 1 thread)",
+            f"{ratio:.2f} ({swarm_rate:.1f} vs {plain_rate:.1f} samples/s)",
+            ">= 0.90",
+            ratio >= 0.90,
+        ),
+        Row(
+            f"joining ({preset}): start -> first epoch",
+            f"{statistics.median(joins):.1f} s median, {max(joins):.1f} s max",
+            "-",
+            None,
+        ),
+        Row(
+            f"memory ({preset}): peer peak RSS / plain loop",
+            f"{rss_ratio:.2f}x ({max(swarm_rss):.0f} vs {max(p['peak_rss_mb'] for p in plain):.0f} MB)",
+            "<= 2x",
+            rss_ratio <= 2.0,
+        ),
+    ]
+
+
+def run_plain_loops(data_dir: Path, peers: int, seconds: float, warmup_s: float = 15.0) -> list[dict]:
+    """`peers` plain loops at the same time, each on the shard a peer would start from."""
+    import subprocess
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "scripts.bench", "plain", "--data-dir", str(data_dir), "--shard", str(i)]
+            + ["--peers", str(peers), "--seconds", str(seconds), "--warmup-s", str(warmup_s)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for i in range(peers)
+    ]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=seconds + warmup_s + 600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a plain loop failed (exit {proc.returncode})")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+# --- statistical efficiency -----------------------------------------------------------------------
+
+
+def swarm_to_epochs(prepared: Path, peers: int, epochs: int, work: Path) -> dict:
+    """A fresh swarm of `peers` (1 thread each) on a copy of the prepared run, to `epochs` epochs;
+    the mean held-out loss of the peers' saved models and peer 0's training-loss curve."""
+    import shutil
+
+    from crowdtrain.coordinator.demo import coordinator_command, local_peer_command, spawn, stop_children
+    from crowdtrain.peer.model import evaluate
+    from transformers import AutoModelForCausalLM
+
+    from scripts.harness import events_named, wait_for_event
+
+    work.mkdir(parents=True)
+    data_dir = work / "coordinator"
+    shutil.copytree(prepared, data_dir, ignore=shutil.ignore_patterns("endpoints.json"))
+    manifest, _, load_blocks = load_run(data_dir)
+    children = []
+    try:
+        coordinator = spawn(
+            "coordinator", coordinator_command(data_dir, "--checkpoint-interval-s", "0"), work, echo=False
+        )
+        children.append(coordinator)
+        grpc = wait_for_event(coordinator, "coordinator_ready", timeout_s=600)["grpc"]
+        honest = []
+        for i in range(peers):
+            args = ("--name", f"peer-{i}", "--threads", "1", "--device", "cpu", "--max-epochs", str(epochs))
+            args += ("--save-dir", str(work / f"saved-{i}"))
+            honest.append(
+                spawn(f"peer-{i}", local_peer_command(grpc, work / f"cache-{i}", *args), work, echo=False)
+            )
+        children += honest
+        deadline = time.monotonic() + 60 * epochs
+        while time.monotonic() < deadline and any(c.proc.poll() is None for c in honest):
+            time.sleep(1)
+        if any(c.proc.poll() != 0 for c in honest):
+            raise RuntimeError(f"a peer of the {peers}-peer swarm did not finish: see {work}")
+        curve = [
+            (e["epoch"] * manifest.swarm.target_batch_size, e["loss"])
+            for e in events_named(honest[0], "epoch")
+        ]
+    finally:
+        stop_children(children)
+    blocks = load_blocks(None)[: manifest.data.eval_max_sequences]
+    losses = [
+        evaluate(AutoModelForCausalLM.from_pretrained(work / f"saved-{i}"), blocks) for i in range(peers)
+    ]
+    return {"eval_loss": sum(losses) / len(losses), "curve": curve}
+
+
+def quality_figures(epochs: int, work: Path, plot_path: Path | None) -> list[Row]:
+    from scripts.attacks import prepare_run
+
+    prepared = prepare_run(work / "prepared" / "coordinator")
+    central = centralized(prepared, epochs)
+    runs = {n: swarm_to_epochs(prepared, n, epochs, work / f"swarm-{n}") for n in (2, 4)}
+    rows = []
+    for n, run in runs.items():
+        ratio = run["eval_loss"] / central["eval_loss"]
+        rows.append(
+            Row(
+                f"quality (tiny, {epochs} epochs): {n}-peer swarm / centralized held-out loss",
+                f"{ratio:.3f} ({run['eval_loss']:.3f} vs {central['eval_loss']:.3f})",
+                "<= 1.02",
+                ratio <= 1.02,
+            )
+        )
+    if plot_path is not None:
+        curves = {"centralized": central["curve"]} | {f"{n}-peer swarm": r["curve"] for n, r in runs.items()}
+        plot_curves(curves, plot_path, f"tiny: training loss vs samples ({epochs} epochs)")
+    return rows
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no plot ({path.name}): matplotlib is not installed (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in curves.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], label=label)
+    ax.set_xlabel("samples")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
+# --- all-reduce throughput ------------------------------------------------------------------------
+
+
+def tcp_loopback_mb_s(size_mb: float) -> float:
+    """Raw TCP: one loopback connection moving size_mb from one thread to another."""
+    payload = memoryview(bytearray(int(size_mb * 1e6)))
+    server = socket.create_server(("127.0.0.1", 0))
+    received = bytearray(1 << 20)
+
+    def receive():
+        conn, _ = server.accept()
+        with conn:
+            left = len(payload)
+            while left > 0:
+                n = conn.recv_into(received)
+                if n == 0:
+                    break
+                left -= n
+
+    reader = threading.Thread(target=receive)
+    reader.start()
+    started = time.perf_counter()
+    with socket.create_connection(server.getsockname()) as conn:
+        conn.sendall(payload)
+    reader.join()
+    elapsed = time.perf_counter() - started
+    server.close()
+    return size_mb / elapsed
+
+
+def allreduce_figures(sizes_mb: list[float], group_sizes: list[int], rounds: int) -> list[Row]:
+    import hivemind
+    from crowdtrain.peer.averaging import GuardedAverager
+    from crowdtrain.peer.evidence import EvidenceSink
+    from hivemind.averaging import DecentralizedAverager
+
+    from scripts.bench_robust import LOCAL, group, one_round
+
+    rows = []
+    for n in group_sizes:
+        root = hivemind.DHT(start=True, **LOCAL)
+        dhts = [root] + [
+            hivemind.DHT(initial_peers=root.get_visible_maddrs(), start=True, **LOCAL) for _ in range(n - 1)
+        ]
+        try:
+            for size_mb in sizes_mb:
+                values = int(size_mb * 1e6 / 4)
+                speeds = {}
+                for name, cls, extra in (
+                    ("stock", DecentralizedAverager, {}),
+                    ("ours", GuardedAverager, {"evidence": EvidenceSink()}),
+                ):
+                    with group(cls, dhts, values, f"bench_{name}_{n}_{size_mb:g}", **extra) as averagers:
+                        times = [one_round(averagers, timeout_s=600) for _ in range(rounds)]
+                    speeds[name] = size_mb / statistics.median(times)
+                tcp = tcp_loopback_mb_s(size_mb)
+                ratio = speeds["ours"] / speeds["stock"]
+                rows.append(
+                    Row(
+                        f"all-reduce {size_mb:g} MB, {n} peers (MB/s)",
+                        f"ours {speeds['ours']:.0f}, stock {speeds['stock']:.0f}, raw TCP {tcp:.0f}: "
+                        f"ours/stock {ratio:.2f}x, ours/TCP {speeds['ours'] / tcp:.3f}",
+                        "ours >= 5x stock",
+                        ratio >= 5.0,
+                    )
+                )
+                print(rows[-1].cells(), flush=True)
+        finally:
+            for dht in dhts:
+                dht.shutdown()
+    return rows
+
+
+def gpu_figures() -> list[Row]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Row("GPU MFU (base125m)", "skipped: no CUDA device on this machine", ">= 40%", None)]
+    return [
+        Row(
+            "GPU MFU (base125m)",
+            "run `bash scripts/gpu_smoke.sh` on this machine: it reports tokens/s and MFU",
+            ">= 40%",
+            None,
+        )
+    ]
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+
+def markdown(rows: list[Row], command: str, images: list[Path]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"`{command}` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Regenerate with the same command.",
+        "",
+        "| figure | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    for image in images:
+        lines += ["", f"![{image.stem}]({image.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plain"]:
+        parser = argparse.ArgumentParser(prog="scripts.bench plain")
+        parser.add_argument("--data-dir", type=Path, required=True)
+        parser.add_argument("--shard", type=int, default=0)
+        parser.add_argument("--peers", type=int, default=2)
+        parser.add_argument("--seconds", type=float, default=120.0)
+        parser.add_argument("--warmup-s", type=float, default=15.0)
+        a = parser.parse_args(argv[1:])
+        print(json.dumps(plain_loop(a.data_dir, a.shard, a.seconds, a.warmup_s, a.peers)), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES))
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small30m"], help="of the swarm figures")
+    parser.add_argument("--seconds", type=float, default=120.0, help="measured window of the swarm figures")
+    parser.add_argument("--settle-s", type=float, default=60.0, help="swarm start-up left out of the window")
+    parser.add_argument("--epochs", type=int, default=20, help="swarm epochs of the quality figure")
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[100.0, 500.0])
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=2, help="all-reduce rounds per size (median)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to write nothing")
+    args = parser.parse_args(argv)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="crowdtrain-bench-") as tmp:
+        if "swarm" in args.figures:
+            for preset in args.presets:
+                rows += swarm_figures(preset, args.seconds, args.settle_s, Path(tmp) / f"swarm-{preset}")
+        if "quality" in args.figures:
+            plot = Path(args.out).with_name("benchmarks-loss.png") if args.out else None
+            rows += quality_figures(args.epochs, Path(tmp) / "quality", plot)
+        if "allreduce" in args.figures:
+            rows += allreduce_figures(args.sizes_mb, args.group_sizes, args.rounds)
+        if "gpu" in args.figures:
+            rows += gpu_figures()
+    width = [max(len(r.cells()[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row.cells(), width, strict=True)))
+    if args.out:
+        command = "python -m scripts.bench " + " ".join(argv)
+        images = [p for p in [Path(args.out).with_name("benchmarks-loss.png")] if p.exists()]
+        Path(args.out).write_text(markdown(rows, command.strip(), images))
+        print(f"written to {args.out}")
+    return 0 if all(r.met is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
