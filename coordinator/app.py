@@ -59,6 +59,7 @@ class Coordinator:
         self.store: Store | None = None
         self.run: Run | None = None
         self.dht = self.monitor = self.metrics = self.web = self.grpc_server = self.publisher = None
+        self.revocations = None
         self.endpoints: dict = {}
         self._stopped = threading.Event()
         # every status view (HTTP, GetStatus, /metrics) shares one snapshot, rebuilt at most once a second
@@ -93,6 +94,15 @@ class Coordinator:
         self.store, self.run = open_run(cfg, self.data_dir)
         maddrs = self._start_dht()
         self._start_monitor()
+        from crowdtrain.coordinator.swarmnodes import RevocationPublisher
+
+        self.revocations = RevocationPublisher(
+            self.dht,
+            self.run.manifest.run_id,
+            self.run.signing_key,
+            self.store.banned_dht_ids,
+            cfg.swarm_token_ttl_s,
+        ).start()
         self.metrics = CoordinatorMetrics(self.cached_status.get)
         downloads = self._start_web()
         http_base_url = f"{self.web.scheme}://{self.public_host}:{self.web.port}"
@@ -283,6 +293,9 @@ class Coordinator:
         if self.web is not None:
             self.web.shutdown()
             self.web = None
+        if self.revocations is not None:
+            self.revocations.shutdown()
+            self.revocations = None
         if self.monitor is not None:
             self.monitor.shutdown()
             self.monitor = None

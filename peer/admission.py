@@ -7,8 +7,9 @@ manifest names and every peer already trusts). The token names the run, the hold
 id and the same RSA key in hivemind's `RSAPublicKey.to_bytes()` form (OpenSSH), and an expiry.
 Honest peers refuse DHT requests (peer/swarmauth.py, hivemind's authorizer) and averaging or
 state requests (peer/averaging.py) from any identity without a valid token; the coordinator stops
-renewing the tokens of banned or revoked peers, so a ban reaches the swarm within one token
-lifetime. Pure: no hivemind, no clock (callers pass `now`), no I/O.
+renewing the tokens of banned or revoked peers (they leave within one token lifetime), and
+publishes a signed `Revocation` for each banned identity, which the averagers' gate reads within
+seconds. Pure: no hivemind, no clock (callers pass `now`), no I/O.
 """
 
 from __future__ import annotations
@@ -121,6 +122,86 @@ def parse_and_check(
         return None, f"not a swarm token: {e}"
     ok, reason = check_token(token, run_id, run_public_key_hex, now, peer_id)
     return (token if ok else None), reason
+
+
+REVOCATION_CONTEXT = b"crowdtrain swarm revocation v1\n"  # never a token's, a manifest's or a checkpoint's
+MAX_REVOCATION_BYTES = 512
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """The run's key saying: `peer_id` is out (banned) until `until_unix_s`, whatever token it holds.
+
+    Tokens cannot be recalled, so without this a ban reaches the swarm only when the banned peer's
+    last token expires (`--swarm-token-ttl-s`). The coordinator publishes one per banned identity
+    and the averagers' gate reads them with the tokens (peer/swarmauth.py)."""
+
+    run_id: str
+    peer_id: str
+    until_unix_s: float
+    signature: str = ""
+
+    def payload(self) -> bytes:
+        body = {
+            "run_id": self.run_id,
+            "peer_id": self.peer_id,
+            "until_unix_s": round(float(self.until_unix_s), 3),
+        }
+        return REVOCATION_CONTEXT + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def to_json(self) -> str:
+        body = json.loads(self.payload()[len(REVOCATION_CONTEXT) :])
+        return json.dumps({**body, "signature": self.signature}, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Revocation:
+        """Parse a revocation (ValueError when it is not one); `check_revocation` checks the signature."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="strict")
+        if len(text) > MAX_REVOCATION_BYTES:
+            raise ValueError(f"a revocation is at most {MAX_REVOCATION_BYTES} bytes, got {len(text)}")
+        data = json.loads(text)
+        if not isinstance(data, dict) or set(data) != {"run_id", "peer_id", "until_unix_s", "signature"}:
+            raise ValueError("a revocation has exactly run_id, peer_id, until_unix_s, signature")
+        if not all(isinstance(data[k], str) for k in ("run_id", "peer_id", "signature")):
+            raise ValueError("revocation fields have the wrong types")
+        until = data["until_unix_s"]
+        if isinstance(until, bool) or not isinstance(until, (int, float)) or not math.isfinite(until):
+            raise ValueError("revocation expiry is not a number")
+        if not _RUN_ID.match(data["run_id"]) or not _PEER_ID.match(data["peer_id"]):
+            raise ValueError("revocation names a malformed run id or peer id")
+        return cls(data["run_id"], data["peer_id"], float(until), data["signature"])
+
+
+def sign_revocation(private_key, revocation: Revocation) -> Revocation:
+    return Revocation(
+        revocation.run_id,
+        revocation.peer_id,
+        revocation.until_unix_s,
+        private_key.sign(revocation.payload()).hex(),
+    )
+
+
+def parse_revocation(
+    text: str | bytes, run_id: str, run_public_key_hex: str, now: float, peer_id: str | None = None
+) -> tuple[Revocation | None, str]:
+    """(revocation, reason) when `text` is a revocation in force for `run_id` (and `peer_id`, the
+    DHT subkey it was stored under), signed by the run's key; else (None, why)."""
+    try:
+        revocation = Revocation.from_json(text)
+    except (ValueError, UnicodeDecodeError, TypeError) as e:
+        return None, f"not a revocation: {e}"
+    if revocation.run_id != run_id:
+        return None, f"revocation is for run {revocation.run_id!r}, not {run_id!r}"
+    if peer_id is not None and revocation.peer_id != peer_id:
+        return None, f"revocation names {revocation.peer_id}, stored under {peer_id}"
+    if now >= revocation.until_unix_s:
+        return None, "revocation lapsed"
+    if not run_public_key_hex or not verify_hex(
+        run_public_key_hex, revocation.payload(), revocation.signature
+    ):
+        return None, "revocation is not signed by the run's key"
+    return revocation, "signed by the run's key, in force"
 
 
 def needs_renewal(token: SwarmToken | None, now: float, ttl_s: float) -> bool:

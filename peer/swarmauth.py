@@ -8,7 +8,9 @@ Two places refuse a peer without a valid swarm token (peer/admission.py):
 - averaging and state downloads, which hivemind does not authorize, ask `AdmittedPeers`: the peer
   ids whose tokens are published in the DHT under `<run_id>_swarm_tokens` (subkey: the peer id),
   each checked with the run's key, cached until it expires. peer/averaging.py consults it in
-  rpc_join_group, rpc_aggregate_part, rpc_download_state and before an all-reduce.
+  rpc_join_group, rpc_aggregate_part, rpc_download_state and before an all-reduce. It also reads
+  the coordinator's signed revocations under `<run_id>_swarm_revocations`: a banned peer is
+  refused within a refresh (seconds), not only once its last token expires.
 
 A peer's own token comes from the coordinator through its heartbeats (`TokenFile`: written by the
 peer, read by the DHT process, which hivemind forks and which therefore cannot share memory with
@@ -24,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from crowdtrain.peer.admission import SwarmToken, parse_and_check
+from crowdtrain.peer.admission import SwarmToken, parse_and_check, parse_revocation
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
 from hivemind.utils.auth import TokenAuthorizerBase
@@ -37,6 +39,11 @@ REFRESH_BEFORE_EXPIRY_S = 60.0  # a token this close to expiry is re-read (a ren
 def tokens_key(run_id: str) -> str:
     """The DHT key under which every admitted peer publishes its token (subkey: its peer id)."""
     return f"{run_id}_swarm_tokens"
+
+
+def revocations_key(run_id: str) -> str:
+    """The DHT key of the coordinator's signed revocations (subkey: the banned peer id)."""
+    return f"{run_id}_swarm_revocations"
 
 
 class TokenFile:
@@ -157,6 +164,7 @@ class AdmittedPeers:
         self.dht, self.run_id, self.run_public_key_hex = dht, run_id, run_public_key_hex
         self.refresh_s, self.min_refresh_s = refresh_s, min_refresh_s
         self._expiry: dict[str, float] = {}
+        self._revoked: dict[str, float] = {}  # peer id -> until (signed revocations)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pid = None
@@ -170,7 +178,9 @@ class AdmittedPeers:
                 logger.debug("reading swarm tokens failed: %r", e)
         now = get_dht_time()
         with self._lock:
-            expires = self._expiry.get(peer_id)
+            expires, revoked_until = self._expiry.get(peer_id), self._revoked.get(peer_id, 0.0)
+        if now < revoked_until:
+            return False, "revoked by the run's coordinator (banned)"
         if expires is not None and now < expires:
             return True, "holds a valid swarm token"
         self._wake.set()  # maybe it just got one: look again soon
@@ -181,7 +191,7 @@ class AdmittedPeers:
     def admitted(self) -> set[str]:
         now = get_dht_time()
         with self._lock:
-            return {p for p, e in self._expiry.items() if e > now}
+            return {p for p, e in self._expiry.items() if e > now and self._revoked.get(p, 0.0) <= now}
 
     def _ensure_thread(self) -> bool:
         """Start the refresh thread in this process; whether it was just started."""
@@ -216,8 +226,32 @@ class AdmittedPeers:
                 token, _ = parse_and_check(value, self.run_id, self.run_public_key_hex, now, peer_id=subkey)
                 if token is not None:
                     fresh[subkey] = token.expires_unix_s
+        try:
+            revoked = self._read_revocations(now)
+        except Exception as e:  # tokens still count; revocations already read stay in force
+            logger.debug("reading swarm revocations failed: %r", e)
+            revoked = {}
         with self._lock:
             for peer_id, expires in fresh.items():
                 self._expiry[peer_id] = max(expires, self._expiry.get(peer_id, 0.0))
             self._expiry = {p: e for p, e in self._expiry.items() if e > now - 3600}
+            for peer_id, until in revoked.items():
+                self._revoked[peer_id] = max(until, self._revoked.get(peer_id, 0.0))
+            self._revoked = {p: u for p, u in self._revoked.items() if u > now}
             return sum(e > now for e in self._expiry.values())
+
+    def _read_revocations(self, now: float) -> dict[str, float]:
+        """peer id -> until, for the revocations in force that the run's key signed."""
+        found = self.dht.get(revocations_key(self.run_id), latest=True, return_future=True).result(timeout=15)
+        revoked: dict[str, float] = {}
+        if found is not None and isinstance(found.value, dict):
+            for subkey, item in list(found.value.items())[:10_000]:
+                value = getattr(item, "value", None)
+                if not isinstance(subkey, str) or not isinstance(value, (str, bytes)):
+                    continue
+                revocation, _ = parse_revocation(
+                    value, self.run_id, self.run_public_key_hex, now, peer_id=subkey
+                )
+                if revocation is not None:
+                    revoked[subkey] = revocation.until_unix_s
+        return revoked

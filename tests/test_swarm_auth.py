@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 hivemind = pytest.importorskip("hivemind")
 
+from crowdtrain.coordinator.swarmnodes import RevocationPublisher  # noqa: E402
 from crowdtrain.peer.access import SwarmAccess  # noqa: E402
-from crowdtrain.peer.admission import SwarmToken, sign_token  # noqa: E402
+from crowdtrain.peer.admission import Revocation, SwarmToken, parse_revocation, sign_revocation, sign_token  # noqa: E402
 from crowdtrain.peer.identity import PeerIdentity  # noqa: E402
 from crowdtrain.peer.swarm import SwarmError, start_dht  # noqa: E402
 from crowdtrain.peer.swarmauth import (  # noqa: E402
@@ -24,6 +25,7 @@ from crowdtrain.peer.swarmauth import (  # noqa: E402
     MintedTokens,
     SwarmAuthorizer,
     publish_token,
+    revocations_key,
     tokens_key,
 )
 from hivemind.utils import get_dht_time  # noqa: E402
@@ -159,6 +161,76 @@ def test_admitted_peers_forgets_a_peer_when_its_token_expires(swarm, run_key):
     time.sleep(2.5)  # not renewed: what a banned peer's last token does
     ok, reason = gate(identity.peer_id)
     assert not ok and "expired" in reason
+
+
+def test_a_ban_reaches_the_gate_through_a_signed_revocation_before_the_token_expires(swarm, run_key):
+    """Before: a banned peer's 600 s token kept it in every group and serving state until it
+    expired (scripts/attacks.py: honest peers loaded a banned sign-flipper's state 57 s and 84 s
+    after its ban). Now the coordinator publishes a revocation and the gate refuses at its next read;
+    revocations signed by another key, for another run, or stored under another id are ignored."""
+    a, b = swarm["a"], swarm["b"]
+    banned, bystander = PeerIdentity.fresh(swarm["tmp"]), PeerIdentity.fresh(swarm["tmp"])
+    for identity in (banned, bystander):
+        assert publish_token(b, RUN, token_for(run_key, identity))
+    gate = AdmittedPeers(a, RUN, _hex(run_key))
+    gate.refresh()
+    assert gate(banned.peer_id)[0] and gate(bystander.peer_id)[0]
+    # forged revocations of the bystander, stored by an admitted node
+    expires = get_dht_time() + 60
+    other_key = ed25519.Ed25519PrivateKey.generate()
+    forged = [
+        sign_revocation(other_key, Revocation(RUN, bystander.peer_id, expires)),  # not the run's key
+        sign_revocation(run_key, Revocation("another-run", bystander.peer_id, expires)),
+    ]
+    for revocation in forged:
+        b.store(
+            revocations_key(RUN),
+            subkey=bystander.peer_id,
+            value=revocation.to_json(),
+            expiration_time=expires,
+        )
+    moved = sign_revocation(run_key, Revocation(RUN, banned.peer_id, expires)).to_json()  # under another id
+    b.store(revocations_key(RUN), subkey=bystander.peer_id, value=moved, expiration_time=expires + 1)
+    b.store(revocations_key(RUN), subkey="junk", value="x" * 100_000, expiration_time=expires)
+    # the coordinator bans one of them
+    publisher = RevocationPublisher(a, RUN, run_key, lambda: frozenset({banned.peer_id}), ttl_s=600.0)
+    assert publisher.publish_once() == 1
+    assert publisher.publish_once() == 0, "republished only at half-life"
+    gate.refresh()
+    ok, reason = gate(banned.peer_id)
+    assert not ok and "revoked" in reason
+    assert gate(bystander.peer_id)[0], "forged revocations are ignored"
+    assert banned.peer_id not in gate.admitted() and bystander.peer_id in gate.admitted()
+
+
+@pytest.mark.parametrize(
+    "problem", ["wrong key", "wrong run", "lapsed", "other subkey", "oversized", "extra field", "not json"]
+)
+def test_revocations_are_parsed_strictly(run_key, problem):
+    now, peer = 1000.0, "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    revocation = Revocation(RUN, peer, now + 60)
+    key, run, subkey = run_key, RUN, peer
+    text = None
+    if problem == "wrong key":
+        key = ed25519.Ed25519PrivateKey.generate()
+    elif problem == "wrong run":
+        run = "other-run"
+    elif problem == "lapsed":
+        revocation = Revocation(RUN, peer, now - 1)
+    elif problem == "other subkey":
+        subkey = "QmZ" + peer[3:]
+    elif problem == "oversized":
+        text = sign_revocation(key, revocation).to_json()[:-1] + ',"pad":"' + "x" * 600 + '"}'
+    elif problem == "extra field":
+        text = sign_revocation(key, revocation).to_json()[:-1] + ',"reason":"x"}'
+    elif problem == "not json":
+        text = "{not json"
+    text = text or sign_revocation(key, revocation).to_json()
+    assert parse_revocation(
+        sign_revocation(run_key, Revocation(RUN, peer, now + 60)).to_json(), RUN, _hex(run_key), now, peer
+    )[0]
+    parsed, reason = parse_revocation(text, run, _hex(run_key), now, peer_id=subkey)
+    assert parsed is None, reason
 
 
 def test_swarm_access_keeps_only_its_own_valid_token(tmp_path, run_key):
