@@ -37,11 +37,12 @@ def test_short_chaos_run(tmp_path: Path):
     assert report.faults_injected == expected, report.summary()
     assert report.end_epoch >= 10, report.summary()
     assert report.final_eval_loss < report.initial_eval_loss - 0.5, report.summary()
-    # publishing resumes after the coordinator's crash: each incarnation publishes. Not more: a peer
-    # that was stopped or cut off trains on its own meanwhile, and honest peers then differ by a few
-    # percent (beyond the publisher's 1% agreement) until the next state average (every 5 epochs),
-    # so three minutes with four faults may hold only one agreement window per incarnation
-    assert all(n >= 1 for n in report.published_per_coordinator), report.summary()
+    # publishing resumes after the coordinator's crash: each incarnation's publisher decides (publishes,
+    # or refuses with a reason). Not "each publishes": a peer that was stopped or cut off trains on
+    # its own meanwhile, and honest peers then differ by a few percent (beyond the publisher's 1%
+    # agreement) until the next state average; a clean-clone run's restarted coordinator saw only
+    # such disagreement (2.5%) in its 78 s. The 10-minute run (scripts/chaos.py) asserts publishing.
+    assert all("no decision" not in note for note in report.publisher_notes), report.summary()
     assert report.checkpoints_published >= 2, report.summary()
     assert report.checkpoints_verified == report.checkpoints_published, report.summary()
     assert not report.checkpoints_lost and not report.checkpoint_errors
