@@ -213,21 +213,14 @@ class AdmittedPeers:
             time.sleep(max(0.0, self.min_refresh_s - (time.monotonic() - self._last_refresh)))
 
     def refresh(self) -> int:
-        """Read the published tokens once; returns how many valid ones are known."""
+        """Read the published tokens (and revocations) once; returns how many valid tokens are known."""
         self._last_refresh = time.monotonic()
-        found = self.dht.get(tokens_key(self.run_id), latest=True, return_future=True).result(timeout=15)
         now = get_dht_time()
-        fresh: dict[str, float] = {}
-        if found is not None and isinstance(found.value, dict):
-            for subkey, item in list(found.value.items())[:10_000]:
-                value = getattr(item, "value", None)
-                if not isinstance(subkey, str) or not isinstance(value, (str, bytes)):
-                    continue
-                token, _ = parse_and_check(value, self.run_id, self.run_public_key_hex, now, peer_id=subkey)
-                if token is not None:
-                    fresh[subkey] = token.expires_unix_s
+        fresh = self._read_signed(tokens_key(self.run_id), parse_and_check, lambda t: t.expires_unix_s, now)
         try:
-            revoked = self._read_revocations(now)
+            revoked = self._read_signed(
+                revocations_key(self.run_id), parse_revocation, lambda r: r.until_unix_s, now
+            )
         except Exception as e:  # tokens still count; revocations already read stay in force
             logger.debug("reading swarm revocations failed: %r", e)
             revoked = {}
@@ -240,18 +233,17 @@ class AdmittedPeers:
             self._revoked = {p: u for p, u in self._revoked.items() if u > now}
             return sum(e > now for e in self._expiry.values())
 
-    def _read_revocations(self, now: float) -> dict[str, float]:
-        """peer id -> until, for the revocations in force that the run's key signed."""
-        found = self.dht.get(revocations_key(self.run_id), latest=True, return_future=True).result(timeout=15)
-        revoked: dict[str, float] = {}
+    def _read_signed(self, key: str, parse, expiry, now: float) -> dict[str, float]:
+        """peer id (the subkey) -> expiry, for the records under `key` that `parse` (a token's or a
+        revocation's: checks the run, the subkey and the run key's signature) accepts; `expiry(record)`."""
+        found = self.dht.get(key, latest=True, return_future=True).result(timeout=15)
+        valid: dict[str, float] = {}
         if found is not None and isinstance(found.value, dict):
             for subkey, item in list(found.value.items())[:10_000]:
                 value = getattr(item, "value", None)
                 if not isinstance(subkey, str) or not isinstance(value, (str, bytes)):
                     continue
-                revocation, _ = parse_revocation(
-                    value, self.run_id, self.run_public_key_hex, now, peer_id=subkey
-                )
-                if revocation is not None:
-                    revoked[subkey] = revocation.until_unix_s
-        return revoked
+                record, _ = parse(value, self.run_id, self.run_public_key_hex, now, peer_id=subkey)
+                if record is not None:
+                    valid[subkey] = expiry(record)
+        return valid
