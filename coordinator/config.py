@@ -21,6 +21,11 @@ class CoordinatorConfig:
     data: tuple[str, ...] = option(
         (), "text files or directories to train on (default: this Python's stdlib source)"
     )
+    swarm: tuple[str, ...] = option(
+        (),
+        "when DATA_DIR holds no run yet: override the preset's swarm settings, KEY=VALUE each "
+        "(e.g. matchmaking_time_s=10 overlap_communication=true grad_compression=float16)",
+    )
     host: str = option("127.0.0.1", "interface to bind the gRPC, HTTP and DHT servers to (0.0.0.0 for all)")
     public_host: str = option(
         "", "address peers use to reach this machine (default: --host, or a guess for 0.0.0.0)"

@@ -26,7 +26,7 @@ from crowdtrain.coordinator.config import CoordinatorConfig
 from crowdtrain.coordinator.signing import load_or_create_key, new_key, public_key_hex, save_key
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.manifest import RunManifest, build_manifest, get_preset
+from crowdtrain.peer.manifest import RunManifest, build_manifest, get_preset, override_swarm
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def create_run(config: CoordinatorConfig, data_dir: Path, signing_public_key: st
         tokenizer=tokenizer,
         data=data,
         signing_public_key=signing_public_key,
+        swarm=override_swarm(preset.swarm, config.swarm),
     )
     logger.info("created run %s (preset %s) in %.1fs", manifest.run_id, preset.name, time.monotonic() - t0)
     return manifest, tokenizer_json
@@ -95,7 +96,7 @@ def open_run(config: CoordinatorConfig, data_dir: Path) -> tuple[Store, Run]:
 
 
 def _new_run(config: CoordinatorConfig, data_dir: Path, state_path: Path) -> tuple[Store, Run]:
-    get_preset(config.preset)  # fail on a typo before writing anything
+    override_swarm(get_preset(config.preset).swarm, config.swarm)  # fail on a typo before writing anything
     _check_writable(data_dir)  # and on a data dir that cannot be, before a minute of building
     key = new_key()
     try:
@@ -135,6 +136,13 @@ def _existing_run(config: CoordinatorConfig, data_dir: Path, store: Store) -> Ru
             manifest.run_id,
             manifest.preset,
             config.preset,
+        )
+    if config.swarm and override_swarm(manifest.swarm, config.swarm) != manifest.swarm:
+        logger.warning(
+            "%s holds run %s, whose swarm settings are fixed in its signed manifest; ignoring --swarm %s",
+            data_dir,
+            manifest.run_id,
+            " ".join(config.swarm),
         )
     signing_key = load_or_create_key(data_dir / "signing.key")
     if manifest.signing_public_key and manifest.signing_public_key != public_key_hex(signing_key):

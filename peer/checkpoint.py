@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,13 +168,23 @@ def verify_signature(meta: CheckpointMeta, public_key: str | None) -> None:
 
 
 def verify_dir(
-    directory: Path, expected: CheckpointMeta | None = None, public_key: str | None = None
+    directory: Path,
+    expected: CheckpointMeta | None = None,
+    public_key: str | None = None,
+    *,
+    digests: Mapping[str, str] | None = None,
 ) -> CheckpointMeta:
     """Check the signature, then that `directory` holds exactly the files crowdtrain.json lists
     (regular files, no symlinks, nothing else) with their sizes and sha256 (and `expected`'s list).
 
     `public_key` (hex) pins the signer; without it the signature only proves crowdtrain.json is
     intact and was made by whoever holds the key recorded in it.
+
+    `digests` ({file name: sha256 hex}) are digests the caller computed itself from the bytes it
+    wrote to those files (`download.HashedFile`: pull hashes while downloading), never digests
+    anyone else claims: a file named there is not read again, its digest is compared instead.
+    Everything else is still checked on disk. A file changed on disk after the caller hashed it is
+    not seen (`crowdtrain verify`, which passes no digests, reads every file).
     """
     if directory.is_symlink() or not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory (or is a symlink); refusing it")
@@ -184,6 +195,7 @@ def verify_dir(
             f"{directory / META_NAME} does not match the coordinator's listing of step {expected.step}"
         )
     _refuse_unlisted(directory, meta)
+    digests = digests or {}
     for entry in meta.files:
         path = directory / entry.name
         try:
@@ -194,7 +206,7 @@ def verify_dir(
             raise CheckpointError(f"{path} is not a regular file (a symlink?); refusing it")
         if st.st_size != entry.size_bytes:
             raise CheckpointError(f"{path} has {st.st_size} bytes, expected {entry.size_bytes}")
-        digest = sha256_file(path)
+        digest = digests.get(entry.name) or sha256_file(path)
         if digest != entry.sha256:
             raise CheckpointError(
                 f"{path} is corrupted: sha256 {digest[:12]}..., expected {entry.sha256[:12]}..."

@@ -3,6 +3,7 @@
     download(f"{base}/data/{name}", cache / name, sha256=shard.sha256)      # atomic, verified, cached
     download(url, staging / "model.safetensors", sha256=entry.sha256,      # continues a partial file
              resume=True, deadline=time.monotonic() + 600, progress=bar)
+    digest = download_resumable(url, dest, sha256=..., size=...)        # the same, and the sha256 it kept
 
 Without `resume`, the bytes go to a hidden, randomly named `.NAME.*.part` beside `dest` and replace `dest` (atomic
 rename) only once complete and verified: `dest` is the whole verified file or absent, and a verified
@@ -11,12 +12,15 @@ a whole directory and renames that): an interrupted download continues with an H
 Files are created with O_EXCL|O_NOFOLLOW (a symlink planted at a name is never followed, an existing
 file is never appended to unless it is the regular file a download left); at most the promised
 `size` is accepted, and Content-Range/Content-Length are parsed strictly (ASCII digits) and checked
-against it. Bytes that do not match a known sha256 are deleted (DownloadCorrupted); any other failure is a
-DownloadError. Both say what failed; callers add what to do about it in their own terms.
+against it. The sha256 is computed as the bytes are written (`HashedFile`; a partial file's bytes are
+read back first), not by reading the downloaded file again. Bytes that do not match a known sha256
+are deleted (DownloadCorrupted); any other failure is a DownloadError. Both say what failed; callers
+add what to do about it in their own terms.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
@@ -45,34 +49,74 @@ class DownloadCorrupted(DownloadError):
     """The bytes did not match their sha256 and were deleted: downloading again starts afresh."""
 
 
-def check_sha256(path: Path, sha256: str, what: str) -> None:
-    """Raise DownloadCorrupted (after deleting `path`) unless its sha256 is `sha256` ("" = unknown)."""
+def check_sha256(path: Path, sha256: str, what: str, digest: str = "") -> None:
+    """Raise DownloadCorrupted (after deleting `path`) unless its sha256 is `sha256` ("" = unknown).
+    `digest`: the sha256 of the bytes this process wrote to `path` (a `HashedFile`'s); without it
+    the file is read again."""
     if not sha256:
         return
-    digest = sha256_file(path)
+    digest = digest or sha256_file(path)
     if digest != sha256:
         path.unlink(missing_ok=True)
         raise DownloadCorrupted(f"{what} is corrupted: sha256 {digest[:12]}..., expected {sha256[:12]}...")
 
 
-def open_new(path: Path):
-    """A new file for writing: never follows a symlink, never reuses an existing file (O_EXCL)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    return os.fdopen(fd, "wb")
+class HashedFile:
+    """The file a download writes, and the sha256 of every byte in it, kept as the bytes go in.
 
+    `have` bytes an interrupted download left are read back first, through the very descriptor the
+    new bytes are appended to (regular file, no symlink, exactly `have` bytes long); with `have` 0
+    the file is created (O_EXCL|O_NOFOLLOW: a symlink planted at the name is never followed, an
+    existing file never reused). So `hexdigest()` is the digest of what this process read and wrote
+    through that descriptor, and no file needs reading again once it is complete. A change made to
+    the file on disk by someone else meanwhile is not seen (nor was it by hashing the file after
+    download: it can change after any check).
+    """
 
-def open_partial(path: Path, have: int):
-    """The file an interrupted download left, for appending (`have` bytes, regular, no symlink);
-    a new file when `have` is 0."""
-    if not have:
-        return open_new(path)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-    f = os.fdopen(fd, "ab")
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size != have:
-        f.close()
-        raise DownloadError(f"{path} changed while resuming its download; pull again")
-    return f
+    def __init__(self, path: Path, have: int):
+        self.path, self._hash = path, hashlib.sha256()
+        if not have:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            return
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != have:
+                raise DownloadError(f"{path} changed while resuming its download; pull again")
+            self._hash_prefix(have)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _hash_prefix(self, have: int) -> None:
+        offset = 0
+        while offset < have:
+            data = os.pread(self._fd, min(CHUNK_BYTES, have - offset), offset)
+            if not data:
+                raise DownloadError(f"{self.path} changed while resuming its download; pull again")
+            self._hash.update(data)
+            offset += len(data)
+
+    def write(self, data) -> None:
+        """Append `data` (bytes or a memoryview, never copied) and hash it."""
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> HashedFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def download(
@@ -91,9 +135,9 @@ def download(
     UNKNOWN_SIZE_LIMIT_BYTES) bounds what is accepted and lets a resumed download skip a file that is
     already whole; `deadline` is a time.monotonic() bound on the whole download; `progress` is
     anything with `update(n_bytes)` (a tqdm bar); `ssl_context` verifies https:// servers."""
+    fetch = dict(timeout_s=timeout_s, deadline=deadline, progress=progress, ssl_context=ssl_context)
     if resume:
-        _fetch(url, dest, size, timeout_s, deadline, progress, ssl_context)
-        check_sha256(dest, sha256, url)
+        download_resumable(url, dest, sha256=sha256, size=size, **fetch)
         return dest
     if sha256 and _is_regular(dest) and sha256_file(dest) == sha256:
         return dest  # cached
@@ -103,13 +147,30 @@ def download(
     part = Path(name)
     try:
         part.unlink()  # _fetch creates it again with O_EXCL: nobody can swap in a symlink unseen
-        _fetch(url, part, size, timeout_s, deadline, progress, ssl_context)
-        check_sha256(part, sha256, url)
+        check_sha256(part, sha256, url, _fetch(url, part, size, **fetch))
     except BaseException:
         part.unlink(missing_ok=True)
         raise
     os.replace(part, dest)  # replaces a symlink at `dest` itself, never its target
     return dest
+
+
+def download_resumable(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str = "",
+    size: int = -1,
+    timeout_s: float = 120.0,
+    deadline: float | None = None,
+    progress=None,
+    ssl_context=None,
+) -> str:
+    """`download(..., resume=True)`, returning the sha256 of `dest`'s bytes as this process read and
+    wrote them (`HashedFile`), already checked against `sha256` when that is known."""
+    digest = _fetch(url, dest, size, timeout_s, deadline, progress, ssl_context)
+    check_sha256(dest, sha256, url, digest)
+    return digest
 
 
 def _is_regular(path: Path) -> bool:
@@ -166,11 +227,13 @@ def expected_body_bytes(headers, status: int, have: int, size: int) -> tuple[int
     return start, n
 
 
-def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress, ssl_context) -> None:
-    """Append to `dest` what is missing of `url` (a Range request when it holds bytes already)."""
+def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress, ssl_context) -> str:
+    """Append to `dest` what is missing of `url` (a Range request when it holds bytes already);
+    returns the sha256 of all of `dest`, hashed as it was read back and written."""
     have = bytes_already_here(dest, size, progress)
     if have and have == size:
-        return
+        with HashedFile(dest, have) as f:
+            return f.hexdigest()
     limit = size if size >= 0 else UNKNOWN_SIZE_LIMIT_BYTES
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     if deadline is not None:
@@ -181,16 +244,19 @@ def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress
             if not start:  # nothing yet, or a server ignoring Range: start over
                 dest.unlink(missing_ok=True)
             written = start
-            with open_partial(dest, start) as f:
-                while chunk := response.read(CHUNK_BYTES):
-                    written += len(chunk)
+            # one buffer for the whole body: `response.read(n)` would allocate and copy every chunk
+            buffer = memoryview(bytearray(CHUNK_BYTES))
+            with HashedFile(dest, start) as f:
+                while n := response.readinto(buffer):
+                    written += n
                     if written > limit:  # a server sending more than was promised: stop
                         raise DownloadError(f"{url} sent more than the {limit} bytes expected")
-                    f.write(chunk)
+                    f.write(buffer[:n])
                     if progress is not None:
-                        progress.update(len(chunk))
+                        progress.update(n)
                     if deadline is not None and time.monotonic() > deadline:
                         raise DownloadError(f"download of {url} exceeded the time limit")
+                return f.hexdigest()
     except NetworkValueError as e:
         raise DownloadError(f"{url}: the server's answer is malformed: {e}") from e
     except urllib.error.HTTPError as e:

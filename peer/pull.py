@@ -12,7 +12,8 @@ than a step already verified from the run is refused (replay). Only then are the
 fetched, each name one allowed checkpoint file name, each download stopped at its signed size.
 Files land in a private staging directory beside OUT (`mkdtemp`, mode 0700, files created with
 O_EXCL|O_NOFOLLOW) and OUT is renamed into place only after `verify_dir` (exactly the listed files,
-regular, right sizes and sha256). An interrupted pull resumes in its own staging directory (HTTP
+regular, right sizes and sha256). Each sha256 is computed while the file is written (a resumed file's
+earlier bytes are read back first, `download.HashedFile`): no file is read again. An interrupted pull resumes in its own staging directory (HTTP
 Range, or the gRPC stream's offset); one that fails verification is deleted.
 `crowdtrain verify OUT --public-key KEY` repeats the check offline.
 """
@@ -36,10 +37,10 @@ from crowdtrain.peer.download import (
     UNKNOWN_SIZE_LIMIT_BYTES,
     DownloadCorrupted,
     DownloadError,
+    HashedFile,
     bytes_already_here,
     check_sha256,
-    download,
-    open_partial,
+    download_resumable,
 )
 from crowdtrain.peer.listing import Listed, PullError, is_http, list_published
 from crowdtrain.peer.tls import ClientTls
@@ -65,29 +66,32 @@ def _progress_bar(total_bytes: int):
 
 def _download_grpc(
     client: CoordinatorClient, step: int, dest: Path, size: int, deadline: float, progress
-) -> None:
+) -> str:
     """Fetch one file over the DownloadCheckpointFile stream, continuing a partial file; at most
-    `size` bytes (-1: unknown, then at most UNKNOWN_SIZE_LIMIT_BYTES)."""
+    `size` bytes (-1: unknown, then at most UNKNOWN_SIZE_LIMIT_BYTES). Returns the sha256 of the
+    whole file as it was read back and written (`HashedFile`)."""
     limit = size if size >= 0 else UNKNOWN_SIZE_LIMIT_BYTES
     have = bytes_already_here(dest, size, progress)
-    if have == size:
-        return
-    chunks = client.download_checkpoint_file(
-        step, dest.name, have, timeout_s=max(1.0, deadline - time.monotonic())
-    )
     try:
-        with open_partial(dest, have) as f:
+        with HashedFile(dest, have) as f:
+            if have == size:
+                return f.hexdigest()
+            chunks = client.download_checkpoint_file(
+                step, dest.name, have, timeout_s=max(1.0, deadline - time.monotonic())
+            )
             for chunk in chunks:
                 if chunk.offset != have:
                     raise PullError(
                         f"{dest.name}: the coordinator sent bytes at {chunk.offset}, expected {have}"
                     )
-                if have + len(chunk.data) > limit:
+                data = chunk.data  # once: every read of a bytes field copies it (upb protobuf)
+                if have + len(data) > limit:
                     raise PullError(f"{dest.name}: the coordinator sent more than the {limit} bytes expected")
-                f.write(chunk.data)
-                have += len(chunk.data)
+                f.write(data)
+                have += len(data)
                 if progress is not None:
-                    progress.update(len(chunk.data))
+                    progress.update(len(data))
+            return f.hexdigest()
     except CoordinatorRejected as e:
         raise PullError(f"{e}; the checkpoint may have been pruned, pull again") from e
     except (CoordinatorUnavailable, OSError) as e:
@@ -126,21 +130,24 @@ class _Source:
         self.context = tls.ssl_context() if tls is not None and is_http(coordinator) else None
         self.client = None if is_http(coordinator) else CoordinatorClient(coordinator, tls=tls)
 
-    def fetch(self, staging: Path, name: str, size: int, sha256: str, progress=None) -> None:
+    def fetch(self, staging: Path, name: str, size: int, sha256: str, progress=None) -> str:
+        """Download `name` into `staging`, checked against `sha256` ("" = unknown) as it lands;
+        returns the sha256 of the bytes written to the file, hashed while they were written."""
         if self.client is not None:
-            _download_grpc(self.client, self.info.step, staging / name, size, self.deadline, progress)
-            check_sha256(staging / name, sha256, name)
-        else:
-            download(
-                f"{self.info.url}/{name}",
-                staging / name,
-                sha256=sha256,
-                size=size,
-                resume=True,
-                deadline=self.deadline,
-                progress=progress,
-                ssl_context=self.context,
+            digest = _download_grpc(
+                self.client, self.info.step, staging / name, size, self.deadline, progress
             )
+            check_sha256(staging / name, sha256, name, digest)
+            return digest
+        return download_resumable(
+            f"{self.info.url}/{name}",
+            staging / name,
+            sha256=sha256,
+            size=size,
+            deadline=self.deadline,
+            progress=progress,
+            ssl_context=self.context,
+        )
 
     def close(self) -> None:
         if self.client is not None:
@@ -157,20 +164,23 @@ def _fetch_meta(source: _Source, staging: Path) -> CheckpointMeta:
     return meta
 
 
-def _fetch_files(source: _Source, meta: CheckpointMeta, staging: Path) -> None:
+def _fetch_files(source: _Source, meta: CheckpointMeta, staging: Path) -> dict[str, str]:
     """Every file crowdtrain.json lists (and nothing else stays in `staging`), each bounded by its
-    signed size and checked against its signed sha256 as it lands."""
+    signed size and checked against its signed sha256 as it lands; returns {name: sha256 of the
+    bytes written to it}, for `verify_dir` not to read every file again."""
     listed = {f.name for f in meta.files} | {checkpoint.META_NAME}
     for path in staging.iterdir():  # leftovers of an earlier try at another version: not ours
         if path.name not in listed:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     progress = _progress_bar(sum(f.size_bytes for f in meta.files))
+    digests = {}
     try:
         for entry in meta.files:
             progress.set_description_str(entry.name)
-            source.fetch(staging, entry.name, entry.size_bytes, entry.sha256, progress)
+            digests[entry.name] = source.fetch(staging, entry.name, entry.size_bytes, entry.sha256, progress)
     finally:
         progress.close()
+    return digests
 
 
 def _check_trust(
@@ -196,8 +206,8 @@ def _download_verified(
     try:
         meta = _fetch_meta(source, staging)
         _check_trust(coordinator, meta, info, step, policy)
-        _fetch_files(source, meta, staging)
-        return checkpoint.verify_dir(staging, public_key=meta.public_key)
+        digests = _fetch_files(source, meta, staging)
+        return checkpoint.verify_dir(staging, public_key=meta.public_key, digests=digests)
     except trust.UntrustedKey as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise PullError(f"nothing was written: {e}") from e

@@ -117,6 +117,13 @@ def clamp_weights(weights: list[float], cfg: RobustConfig = DEFAULT) -> tuple[to
     return w, evidence
 
 
+def sq_norm(x: torch.Tensor) -> float:
+    """||x||^2 in one pass, without a float64 copy of x: float32 accumulation (torch's reductions
+    sum pairwise, so 1e8 values lose no meaningful precision); inf when x holds NaN/Inf or overflows."""
+    norm = float(torch.linalg.vector_norm(x.float() if x.dtype != torch.float32 else x))
+    return norm * norm if math.isfinite(norm) else math.inf
+
+
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     """Coordinate-wise median of the rows of x (n, d); the mean of the middle two when n is even.
     Up to 16 rows an odd-even transposition network of elementwise min/max (10x faster than
@@ -179,9 +186,9 @@ def robust_reduce(parts: list[torch.Tensor], weights: list[float], cfg: RobustCo
     return PartResult(
         aggregate=aggregate.reshape(parts[0].shape).to(parts[0].dtype),
         refused=refused,
-        sq_dist=((clean - aggregate) ** 2).sum(dim=1).double(),
+        sq_dist=torch.linalg.vector_norm(clean - aggregate, dim=1).double() ** 2,
         dot=(clean @ aggregate).double(),
-        sq_norm=(clean**2).sum(dim=1).double(),
+        sq_norm=torch.linalg.vector_norm(clean, dim=1).double() ** 2,
         tau=tau,
         counted=finite & (w > 0) & _judged(w, cfg),
     )
@@ -253,7 +260,7 @@ class SpanEvidence:
             self.refused.setdefault((index, kind), detail)  # the first detail of each kind is enough
         self.numel += part.aggregate.numel()
         self.sq_tau += part.tau**2
-        self.sq_agg += float(part.aggregate.double().pow(2).sum())
+        self.sq_agg += sq_norm(part.aggregate)
         self.sq_dist += part.sq_dist
         self.dot += part.dot
         self.sq_norm += part.sq_norm
@@ -295,9 +302,11 @@ def check_delta(
     refuse. Below `min_reference_norm` only finiteness is checked."""
     if delta.shape != own_part.shape:
         return False, f"returned a part of shape {tuple(delta.shape)}, ours is {tuple(own_part.shape)}"
-    if not bool(torch.isfinite(delta).all()):
+    norm = float(torch.linalg.vector_norm(delta.float()))  # NaN or Inf when any value is, one pass
+    if not math.isfinite(norm) and not bool(torch.isfinite(delta).all()):
         return False, "returned a non-finite average"
-    norm = float(delta.double().norm())
+    if not math.isfinite(norm):  # finite values whose norm overflows float32: certainly too far
+        return False, "returned an average too large to measure"
     if reference_norm >= cfg.min_reference_norm and norm > cfg.delta_bound * reference_norm:
         return (
             False,

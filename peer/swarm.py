@@ -148,9 +148,20 @@ def start_dht(
     return _start_dht_once(initial_peers, kwargs)
 
 
+def _import_before_fork() -> None:
+    """hivemind imports its multiaddr codecs (and with them `cid` and `multicodec`) on first use,
+    which is inside the DHT process it forks. A child that imports while another thread of the
+    parent held an import lock at fork time spins forever (seen in the test suite: a DHT process
+    at 100% CPU in `multicodec`'s import). Parsing one full address here imports them before the fork."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    Multiaddr("/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N")
+
+
 def _start_dht_once(initial_peers: Sequence[str], kwargs: dict):
     from hivemind.dht.crypto import RSASignatureValidator
 
+    _import_before_fork()
     try:
         return hivemind.DHT(
             initial_peers=list(initial_peers),
@@ -177,7 +188,7 @@ def make_optimizer(
     Must be called from the main thread (hivemind installs a signal handler), and afterwards the
     caller must re-install its own SIGINT/SIGTERM handlers. Stop it with `leave_swarm`.
     """
-    from crowdtrain.peer.averaging import GuardedGradientAverager
+    from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, GuardedGradientAverager
 
     # hivemind replays the LR schedule up to the loaded epoch before any optimizer step: expected
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
@@ -211,18 +222,42 @@ def make_optimizer(
         load_state_timeout=swarm.load_state_timeout_s,
         average_state_every=swarm.average_state_every,
         offload_optimizer=True,
-        delay_optimizer_step=False,
-        delay_grad_averaging=False,
+        # overlap: an epoch's gradients are averaged (and applied) while the next epoch computes
+        delay_optimizer_step=swarm.overlap_communication,
+        delay_grad_averaging=swarm.overlap_communication,
         delay_state_averaging=True,
+        grad_compression=grad_compression(swarm.grad_compression),
         # hivemind warns (and can deadlock) when a request may outlive the matchmaking window;
         # 1.1.12 forwards averager_opts to the state averager only, hence the factory for gradients
         averager_opts=dict(request_timeout=request_timeout_s),
         grad_averager_factory=partial(
-            GuardedGradientAverager, request_timeout=request_timeout_s, gate=gate, evidence=evidence
+            GuardedGradientAverager,
+            request_timeout=request_timeout_s,
+            part_size_bytes=GRAD_PART_SIZE_BYTES,
+            gate=gate,
+            evidence=evidence,
         ),
         guard=dict(gate=gate, evidence=evidence),
         verbose=verbose,
     )
+
+
+def grad_compression(name: str):
+    """hivemind's codec for a manifest's `swarm.grad_compression` (peer.manifest.GRAD_COMPRESSIONS).
+    hivemind's 8-bit codecs are left out: numpy >= 2.4 breaks them in 1.1.12 (docs/hivemind.md)."""
+    from hivemind.compression import Float16Compression, NoCompression, ScaledFloat16Compression
+
+    codecs = {
+        "none": NoCompression,
+        "float16": Float16Compression,
+        "scaled_float16": ScaledFloat16Compression,
+    }
+    if name not in codecs:
+        raise SwarmError(
+            f"the run asks for gradient compression {name!r}, which this crowdtrain does not know "
+            f"({', '.join(codecs)}); upgrade with `pip install -U crowdtrain`"
+        )
+    return codecs[name]()
 
 
 def leave_swarm(opt, dht, timeout_s: float = 10.0) -> None:
@@ -301,10 +336,32 @@ def finish_event_loop(loop: asyncio.AbstractEventLoop) -> None:
     loop.close()
 
 
+# hivemind 1.1.12's tracker stores our progress in the DHT after every micro-batch: each store is
+# a signed DHT RPC to several nodes, and on 2 cores the DHT process took ~22% of a core per peer,
+# a third of it RSA signing (py-spy, scripts/bench.py --profile). Others extrapolate our progress
+# from our samples/s between reports, so reporting at most this often (and at once when our
+# epoch changes) loses nothing they need.
+PROGRESS_REPORT_INTERVAL_S = 2.0
+
+
 class _TidyProgressTracker(ProgressTracker):
-    """hivemind 1.1.12's ProgressTracker returns from its thread with a DHT request and a shutdown
-    watcher still pending and its event loop open ("Task was destroyed but it is pending!" at
-    exit): finish them. Its `run()` leaves that loop as the thread's current one."""
+    """hivemind 1.1.12's ProgressTracker, reporting at most every PROGRESS_REPORT_INTERVAL_S (and
+    whenever our epoch changes), and tidy when it stops: hivemind's returns from its thread with a
+    DHT request and a shutdown watcher still pending and its event loop open ("Task was destroyed
+    but it is pending!" at exit). Its `run()` leaves that loop as the thread's current one."""
+
+    _last_report_s = -float("inf")
+
+    def report_local_progress(
+        self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True
+    ):
+        new_epoch = local_epoch != self.local_progress.epoch
+        super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+        now = time.monotonic()
+        if new_epoch or samples_accumulated == 0 or now - self._last_report_s >= PROGRESS_REPORT_INTERVAL_S:
+            self._last_report_s = now
+        else:  # not yet: the next report carries these samples too
+            self.should_report_progress.clear()
 
     def run(self):
         try:

@@ -48,10 +48,13 @@ def revocations_key(run_id: str) -> str:
 
 class TokenFile:
     """The peer's current token, in a 0600 file: written when a heartbeat brings a new one, read by
-    the DHT process's authorizer (a forked process: no shared memory)."""
+    the DHT process's authorizer (a forked process: no shared memory). The authorizer asks for it on
+    every DHT request; the file is read again at most every `reread_s` (renewals come minutes
+    before expiry)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, reread_s: float = 1.0):
+        self.path, self.reread_s = Path(path), reread_s
+        self._text, self._read_at = "", -float("inf")
 
     def write(self, token_json: str) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -59,12 +62,17 @@ class TokenFile:
         with os.fdopen(fd, "w") as f:
             f.write(token_json)
         os.replace(tmp, self.path)
+        self._text, self._read_at = token_json, time.monotonic()
 
     def __call__(self) -> str:
-        try:
-            return self.path.read_text()
-        except OSError:
-            return ""
+        now = time.monotonic()
+        if now - self._read_at >= self.reread_s:
+            try:
+                self._text = self.path.read_text()
+            except OSError:
+                self._text = ""
+            self._read_at = now
+        return self._text
 
 
 class MintedTokens:

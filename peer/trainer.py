@@ -264,7 +264,14 @@ class Volunteer:
     def train(self, model, batches: Iterator[list[list[int]]]) -> None:
         """Step until stopped, banned, or --max-epochs; one log line per swarm epoch."""
         from crowdtrain.peer.model import as_batch
+        from crowdtrain.peer.prefetch import Prefetcher
 
+        # batches (and the next shard's download and tokenization) are made ahead on a thread,
+        # started here, after hivemind's last fork
+        with Prefetcher(batches, partial(as_batch, device=self.device), depth=8, name="batches") as ahead:
+            self._train(model, ahead)
+
+    def _train(self, model, batches) -> None:
         self.stats.update(phase="training", local_epoch=self.opt.local_epoch)
         meter, status = EpochMeter(self.opt.local_epoch), StatusLine()
         model.train()
@@ -275,7 +282,7 @@ class Volunteer:
                     "this peer; ask them, or run it under another --name only if they agree"
                 )
             t0 = time.monotonic()
-            batch = as_batch(next(batches), self.device)
+            batch = next(batches)
             loss = self._step(model, batch)
             meter.add(batch.shape[0], loss, time.monotonic() - t0)
             swarm_peers = self.opt.tracker.global_progress.num_peers

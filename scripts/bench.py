@@ -3,29 +3,38 @@
 Everything runs side by side on this machine (issue 12) and is printed as one table, each figure
 with its goal; the table goes to docs/benchmarks.md.
 
-    python -m scripts.bench                                        # every figure (~10 minutes, 2 cores)
-    python -m scripts.bench --figures swarm --seconds 120 --settle-s 60
+    python -m scripts.bench                                        # every figure (~45 minutes, 2 cores)
+    python -m scripts.bench --figures swarm --presets tiny --profile \
+        --variants '' overlap_communication=true,grad_compression=float16   # compare swarm settings
     python -m scripts.bench --figures allreduce --sizes-mb 100 500 --group-sizes 2 4
 
 Figures:
-- swarm (one run per preset in `--presets`, default `tiny` and the 30M-parameter `small30m`; each
-  gives three figures): a coordinator (publishing off) and 2 `crowdtrain peer`s
-  with 1 thread each train for `--settle-s`, then for `--seconds`; afterwards two plain PyTorch
-  loops (`python -m scripts.bench plain`: the same model, micro-batch, optimizer, thread count and
-  data shards, no hivemind) run at the same time for as long.
+- swarm (one run per preset in `--presets`, default `tiny` and the 30M-parameter `small30m`, and per
+  swarm-settings variant in `--variants`, each a `crowdtrain coordinator --swarm` list; each run
+  gives four figures): a coordinator (publishing off) and 2 `crowdtrain peer`s with 1 thread each
+  train for `--settle-s`, then for `--seconds`; afterwards two plain PyTorch loops (`python -m
+  scripts.bench plain`: the same model, micro-batch, optimizer, thread count and data shards, no
+  hivemind) run at the same time for as long.
   * utilization: the swarm's aggregate samples/s over the plain loops'. Goal >= 0.90.
   * join: seconds from `crowdtrain peer` start to the end of its first swarm epoch (its first
     samples in an optimizer step).
-  * memory: a peer's peak RSS (its process group, p2pd included) over a plain loop's. Goal <= 2x.
+  * traffic: bytes a peer's process group sent over TCP (`ss`: its p2pd carries averaging, state
+    and DHT traffic) per 1,000 samples it computed.
+  * memory: a peer's peak PSS (the peer, its forked averagers and its p2pd; shared pages counted
+    once) over a plain loop's. Goal <= 2x.
+  With `--profile`, py-spy records peer-0's main thread in the window and the shares of its wall
+  time (forward, backward, hivemind's step, the optimizer update, waiting for data) are printed.
 - quality: held-out loss after `--epochs` swarm epochs (the same samples) of a 2-peer and a 4-peer
   swarm (each peer's saved model, mean) over one centralized process with the same global batch,
   optimizer and learning-rate schedule (gradients of target_batch_size samples accumulated per
-  step). Goal <= 1.02. The training-loss curves go to docs/benchmarks-loss.png when matplotlib is
-  installed (`pip install matplotlib`).
+  step), per variant. Goal <= 1.02. The training-loss curves go to docs/benchmarks-loss*.png when
+  matplotlib is installed.
 - allreduce: one all-reduce of `--sizes-mb` among `--group-sizes` in-process averagers on
-  127.0.0.1: ours (peer/averaging.py's averager as the peers run it) vs stock hivemind 1.1.12
-  defaults vs raw loopback TCP (one connection moving the same bytes). MB/s is the tensor's size
-  over the round's time (matchmaking excluded). Goal: ours >= 5x stock.
+  127.0.0.1: ours (peer/averaging.py's guarded averager with the peers' part size and
+  `--compression`) vs stock hivemind 1.1.12 defaults vs raw loopback TCP (one connection moving the
+  same bytes), with the CPU seconds per round of the averagers (python) and the p2pd daemons. MB/s
+  is the tensor's size over the round's time (matchmaking excluded). Goal: ours >= 5x stock.
+- pull: `crowdtrain pull` vs `curl` of the same published checkpoint (scripts/bench_pull.py).
 - gpu: only where CUDA is available (`scripts/gpu_smoke.sh` measures MFU there); elsewhere the
   table says why it is skipped.
 """
@@ -45,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ("swarm", "quality", "allreduce", "gpu")
+FIGURES = ("swarm", "quality", "allreduce", "pull", "gpu")
 
 
 @dataclass
@@ -148,10 +157,13 @@ def plain_loop(data_dir: Path, shard: int, seconds: float, warmup_s: float, peer
     model.train()
     samples, micro_steps, started = 0, 0, time.monotonic()
     window_start, window_samples = None, 0
+    peak_pss_kb, sampled = 0, 0.0
     while True:
         now = time.monotonic()
+        if now - sampled >= 1.0:
+            peak_pss_kb, sampled = max(peak_pss_kb, pss_kb(os.getpid())), now
         if window_start is None and now - started >= warmup_s:
-            window_start, window_samples = now, samples
+            window_start, window_samples, window_cpu_s = now, samples, time.process_time()
         if window_start is not None and now - window_start >= seconds:
             break
         batch = as_batch(next(batches), "cpu")
@@ -162,9 +174,11 @@ def plain_loop(data_dir: Path, shard: int, seconds: float, warmup_s: float, peer
             opt.step()
             opt.zero_grad()
     elapsed = time.monotonic() - window_start
+    cpu_s = time.process_time() - window_cpu_s
     return {
+        "cpu_cores": cpu_s / elapsed,
         "samples_per_s": (samples - window_samples) / elapsed,
-        "peak_rss_mb": _vm_hwm_kb(os.getpid()) / 1024,
+        "peak_pss_mb": max(peak_pss_kb, pss_kb(os.getpid())) / 1024,
         "seconds": elapsed,
     }
 
@@ -172,29 +186,159 @@ def plain_loop(data_dir: Path, shard: int, seconds: float, warmup_s: float, peer
 # --- process memory -------------------------------------------------------------------------------
 
 
-def _vm_hwm_kb(pid: int) -> int:
-    """Peak resident set size of one process (0 if it is gone)."""
+# --- traffic ---------------------------------------------------------------------------------------
+
+
+def tcp_bytes_acked(pids: set[int]) -> dict[tuple[str, str, int], int]:
+    """bytes_acked of every established TCP socket the processes `pids` own, by (local, remote, pid),
+    from `ss -tinp` (a peer's p2pd carries all of its swarm traffic: averaging, state, DHT)."""
+    import re
+    import subprocess
+
+    out = subprocess.run(
+        ["ss", "-tinpH", "state", "established"], capture_output=True, text=True, timeout=30
+    ).stdout
+    counts, key = {}, None
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):
+            fields, owner = line.split(), re.search(r"pid=(\d+)", line)
+            key = None
+            if owner and int(owner.group(1)) in pids and len(fields) >= 4:
+                key = (fields[2], fields[3], int(owner.group(1)))
+        elif key is not None and (acked := re.search(r"bytes_acked:(\d+)", line)):
+            counts[key] = int(acked.group(1))
+            key = None
+    return counts
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of one process: its resident memory with pages shared among N processes
+    counted 1/N (hivemind's forked averagers share most of their pages with the peer). 0 if gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
 
 
-def group_peak_rss_mb(pgid: int) -> float:
-    """Sum of the peak RSS of every live process in a process group (a peer and its p2pd)."""
-    total = 0
+class PeerMeter:
+    """What one peer's process group (the peer, its forked averagers, its p2pd) does between
+    `start()` and `stop()`, sampled every `interval_s`: bytes it sent over TCP, and the peak of its
+    summed PSS. Sockets that open and close between two samples are missed; libp2p keeps its
+    connections open, so they are few."""
+
+    def __init__(self, pgid: int, interval_s: float = 1.0):
+        self.pgid, self.interval_s = pgid, interval_s
+        self.peak_pss_mb = 0.0
+        self._first: dict = {}
+        self._last: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> PeerMeter:
+        self._first = self._sample()
+        self._last = dict(self._first)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> dict:
+        pids = group_pids(self.pgid)
+        self.peak_pss_mb = max(self.peak_pss_mb, sum(pss_kb(pid) for pid in pids) / 1024)
+        return tcp_bytes_acked(pids)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._last.update(self._sample())
+
+    def stop(self) -> int:
+        """Bytes sent since start()."""
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._sample())
+        return sum(v - self._first.get(k, 0) for k, v in self._last.items())
+
+
+def group_pids(pgid: int) -> set[int]:
+    """The live processes of a process group (a peer and its p2pd)."""
+    pids = set()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    pids.add(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return pids
+
+
+# --- where a peer's time goes ----------------------------------------------------------------------
+
+# (category, a substring of a frame that puts a main-thread sample in it), first match wins
+PROFILE_RULES = (
+    ("waiting for the next batch", "Prefetcher.__next__"),
+    ("loading state from peers", "load_state_from_peers"),
+    ("optimizer update (AdamW)", "AdamW.step"),
+    ("hivemind step: other (waiting for the group, all-reduce, bookkeeping)", "Optimizer.step (hivemind/"),
+    ("backward", "backward (torch"),
+    ("forward", "_call_impl"),
+)
+
+
+def profile_shares(raw: str) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """From `py-spy record --idle --threads --format raw` output: the share of the main thread's
+    samples (wall time, waiting included) in each PROFILE_RULES category ("other" for the rest), and
+    the most frequent last three frames under hivemind's Optimizer.step."""
+    counts: dict[str, int] = {}
+    under_step: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        if len(frames) < 2 or not frames[0].endswith(": MainThread") or not n.isdigit():
             continue
-        try:
-            if os.getpgid(int(entry.name)) == pgid:
-                total += _vm_hwm_kb(int(entry.name))
-        except (ProcessLookupError, PermissionError):
-            continue
-    return total / 1024
+        total += int(n)
+        category = next((c for c, frame in PROFILE_RULES if any(frame in f for f in frames)), "other")
+        counts[category] = counts.get(category, 0) + int(n)
+        step = next((i for i, f in enumerate(frames) if "Optimizer.step (hivemind/" in f), None)
+        if step is not None:
+            tail = " <- ".join(f.split(" (")[0] for f in reversed(frames[step + 1 :][-3:])) or "(itself)"
+            under_step[tail] = under_step.get(tail, 0) + int(n)
+    if not total:
+        return {}, []
+    shares = {c: n / total for c, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+    top = sorted(under_step.items(), key=lambda kv: -kv[1])[:6]
+    return shares, [(frames, n / total) for frames, n in top]
+
+
+def start_profile(pid: int, seconds: float, out: Path):
+    """py-spy recording `pid` (main thread wall time, waits included) for `seconds`; None (and a
+    printed reason) when py-spy is not installed (`pip install py-spy`) or may not attach."""
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("no profile: py-spy is not installed (pip install py-spy)")
+        return None
+    command = [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "--idle", "--threads"]
+    command += ["--format", "raw", "--rate", "50", "--nonblocking", "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def print_profile(proc, out: Path, label: str) -> None:
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode != 0 or not out.exists():
+        print(f"no profile of {label}: py-spy exited {proc.returncode}: {err.strip()[-300:]}")
+        return
+    shares, top = profile_shares(out.read_text())
+    print(f"where peer-0's main thread spends its time ({label}; py-spy, waits included):")
+    for category, share in shares.items():
+        print(f"  {share:6.1%}  {category}")
+    print("  under hivemind's Optimizer.step, the most frequent innermost frames:")
+    for frames, share in top:
+        print(f"  {share:6.1%}  {frames}")
 
 
 # --- the swarm figures ----------------------------------------------------------------------------
@@ -209,13 +353,24 @@ def _rate_between(events: list[dict], t0: float, t1: float) -> float | None:
     return (until[-1]["samples_total"] - before[-1]["samples_total"]) / (until[-1]["ts"] - before[-1]["ts"])
 
 
-def swarm_figures(preset: str, seconds: float, settle_s: float, work: Path, peers: int = 2) -> list[Row]:
+def swarm_figures(
+    preset: str,
+    seconds: float,
+    settle_s: float,
+    work: Path,
+    variant: tuple[str, ...] = (),
+    peers: int = 2,
+    profile: bool = False,
+) -> list[Row]:
+    """Utilization, joining, traffic and memory of a `peers`-peer swarm of `preset` with the swarm
+    settings `variant` (`crowdtrain coordinator --swarm KEY=VALUE`; empty: the preset's own)."""
     from crowdtrain.coordinator.demo import coordinator_command, local_peer_command, spawn, stop_children
 
     from scripts.attacks import prepare_run
     from scripts.harness import events_named, wait_for_event
 
-    data_dir = prepare_run(work / "coordinator", "--preset", preset)
+    swarm_flags = ("--swarm", *variant) if variant else ()
+    data_dir = prepare_run(work / "coordinator", "--preset", preset, *swarm_flags)
     children, peer_children = [], []
     try:
         coordinator = spawn(
@@ -238,10 +393,19 @@ def swarm_figures(preset: str, seconds: float, settle_s: float, work: Path, peer
             joins.append(first["ts"] - started[child.name])
         settle_until = min(started.values()) + settle_s
         time.sleep(max(0.0, settle_until - time.time()))
+        meters = [PeerMeter(child.proc.pid).start() for child in peer_children]
+        cpu_before = [process_tree_cpu_s(child.proc.pid) for child in children]
+        spy = start_profile(peer_children[0].proc.pid, seconds, work / "profile.txt") if profile else None
         t0 = time.time()
         time.sleep(seconds)
         t1 = time.time()
-        swarm_rss = [group_peak_rss_mb(child.proc.pid) for child in peer_children]
+        cpu = [
+            cpu_between(b, process_tree_cpu_s(c.proc.pid), t1 - t0)
+            for b, c in zip(cpu_before, children, strict=True)
+        ]
+        if spy is not None:
+            print_profile(spy, work / "profile.txt", f"{preset} {' '.join(variant)}".strip())
+        sent = [meter.stop() for meter in meters]
         rates = [_rate_between(events_named(child, "epoch"), t0, t1) for child in peer_children]
     finally:
         stop_children(children)
@@ -250,25 +414,40 @@ def swarm_figures(preset: str, seconds: float, settle_s: float, work: Path, peer
     plain = run_plain_loops(data_dir, peers, seconds)
     swarm_rate, plain_rate = sum(rates), sum(p["samples_per_s"] for p in plain)
     ratio = swarm_rate / plain_rate
-    rss_ratio = max(swarm_rss) / max(p["peak_rss_mb"] for p in plain)
+    peer_mb, plain_mb = max(m.peak_pss_mb for m in meters), max(p["peak_pss_mb"] for p in plain)
+    per_1000 = [b / (r * (t1 - t0)) for b, r in zip(sent, rates, strict=True)]  # bytes per sample
+    label = f"{preset}" + (f", {' '.join(variant)}" if variant else "")
+    peer_cpu = {role: statistics.mean(c[role] for c in cpu[1:]) for role in cpu[1]}
+    cpu_text = (
+        f"per peer: training process {peer_cpu['main']:.2f}, its DHT and averager processes "
+        f"{peer_cpu['python']:.2f}, p2pd {peer_cpu['p2pd']:.2f}; coordinator {sum(cpu[0].values()):.2f}; "
+        f"plain loop {statistics.mean(p['cpu_cores'] for p in plain):.2f}"
+    )
     return [
         Row(
-            f"utilization ({preset}, 2 peers x 1 thread)",
+            f"utilization ({label}; 2 peers x 1 thread)",
             f"{ratio:.2f} ({swarm_rate:.1f} vs {plain_rate:.1f} samples/s)",
             ">= 0.90",
             ratio >= 0.90,
         ),
         Row(
-            f"joining ({preset}): start -> first epoch",
+            f"joining ({label}): start -> first epoch",
             f"{statistics.median(joins):.1f} s median, {max(joins):.1f} s max",
             "-",
             None,
         ),
         Row(
-            f"memory ({preset}): peer peak RSS / plain loop",
-            f"{rss_ratio:.2f}x ({max(swarm_rss):.0f} vs {max(p['peak_rss_mb'] for p in plain):.0f} MB)",
+            f"traffic ({label}): sent per peer per 1,000 samples",
+            f"{statistics.mean(per_1000) * 1000 / 1e6:.1f} MB (all TCP of the peer's p2pd)",
+            "-",
+            None,
+        ),
+        Row(f"CPU cores used ({label})", cpu_text, "-", None),
+        Row(
+            f"memory ({label}): peer peak PSS / plain loop",
+            f"{peer_mb / plain_mb:.2f}x ({peer_mb:.0f} vs {plain_mb:.0f} MB)",
             "<= 2x",
-            rss_ratio <= 2.0,
+            peer_mb / plain_mb <= 2.0,
         ),
     ]
 
@@ -347,10 +526,12 @@ def swarm_to_epochs(prepared: Path, peers: int, epochs: int, work: Path) -> dict
     return {"eval_loss": sum(losses) / len(losses), "curve": curve}
 
 
-def quality_figures(epochs: int, work: Path, plot_path: Path | None) -> list[Row]:
+def quality_figures(
+    epochs: int, work: Path, plot_path: Path | None, variant: tuple[str, ...] = ()
+) -> list[Row]:
     from scripts.attacks import prepare_run
 
-    prepared = prepare_run(work / "prepared" / "coordinator")
+    prepared = prepare_run(work / "prepared" / "coordinator", *(("--swarm", *variant) if variant else ()))
     central = centralized(prepared, epochs)
     runs = {n: swarm_to_epochs(prepared, n, epochs, work / f"swarm-{n}") for n in (2, 4)}
     rows = []
@@ -358,7 +539,8 @@ def quality_figures(epochs: int, work: Path, plot_path: Path | None) -> list[Row
         ratio = run["eval_loss"] / central["eval_loss"]
         rows.append(
             Row(
-                f"quality (tiny, {epochs} epochs): {n}-peer swarm / centralized held-out loss",
+                f"quality (tiny{', ' + ' '.join(variant) if variant else ''}; {epochs} epochs): "
+                f"{n}-peer swarm / centralized held-out loss",
                 f"{ratio:.3f} ({run['eval_loss']:.3f} vs {central['eval_loss']:.3f})",
                 "<= 1.02",
                 ratio <= 1.02,
@@ -366,7 +548,8 @@ def quality_figures(epochs: int, work: Path, plot_path: Path | None) -> list[Row
         )
     if plot_path is not None:
         curves = {"centralized": central["curve"]} | {f"{n}-peer swarm": r["curve"] for n, r in runs.items()}
-        plot_curves(curves, plot_path, f"tiny: training loss vs samples ({epochs} epochs)")
+        settings = f" ({', '.join(variant)})" if variant else ""
+        plot_curves(curves, plot_path, f"tiny{settings}: training loss vs samples, {epochs} epochs")
     return rows
 
 
@@ -422,14 +605,54 @@ def tcp_loopback_mb_s(size_mb: float) -> float:
     return size_mb / elapsed
 
 
-def allreduce_figures(sizes_mb: list[float], group_sizes: list[int], rounds: int) -> list[Row]:
+def process_tree_cpu_s(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by `root_pid` and its descendants: "p2pd" (the
+    daemons), "main" (`root_pid` itself) and "python" (every other descendant: hivemind's DHT and
+    averager processes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            stats[int(entry.name)] = (comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (_, ppid, _) in stats.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier += children
+    out = {"main": 0.0, "python": 0.0, "p2pd": 0.0}
+    for pid in tree & set(stats):
+        comm, _, cpu = stats[pid]
+        out["main" if pid == root_pid else "p2pd" if comm == "p2pd" else "python"] += cpu
+    return out
+
+
+def cpu_between(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores used (CPU seconds per second) per role between two process_tree_cpu_s readings."""
+    return {role: (after[role] - before.get(role, 0.0)) / seconds for role in after}
+
+
+def allreduce_figures(
+    sizes_mb: list[float], group_sizes: list[int], rounds: int, compression: str
+) -> list[Row]:
+    """Stock hivemind defaults against ours: the guarded averager with the part size the peers use
+    and `compression` (a manifest's grad_compression)."""
     import hivemind
-    from crowdtrain.peer.averaging import GuardedAverager
+    from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, GuardedAverager
     from crowdtrain.peer.evidence import EvidenceSink
+    from crowdtrain.peer.swarm import grad_compression
     from hivemind.averaging import DecentralizedAverager
 
     from scripts.bench_robust import LOCAL, group, one_round
 
+    ours = {"evidence": EvidenceSink(), "part_size_bytes": GRAD_PART_SIZE_BYTES}
+    ours["compression"] = grad_compression(compression)
     rows = []
     for n in group_sizes:
         root = hivemind.DHT(start=True, **LOCAL)
@@ -439,30 +662,51 @@ def allreduce_figures(sizes_mb: list[float], group_sizes: list[int], rounds: int
         try:
             for size_mb in sizes_mb:
                 values = int(size_mb * 1e6 / 4)
-                speeds = {}
+                speeds, cpu = {}, {}
                 for name, cls, extra in (
                     ("stock", DecentralizedAverager, {}),
-                    ("ours", GuardedAverager, {"evidence": EvidenceSink()}),
+                    ("ours", GuardedAverager, ours),
                 ):
                     with group(cls, dhts, values, f"bench_{name}_{n}_{size_mb:g}", **extra) as averagers:
+                        before = process_tree_cpu_s(os.getpid())
                         times = [one_round(averagers, timeout_s=600) for _ in range(rounds)]
+                        after = process_tree_cpu_s(os.getpid())
                     speeds[name] = size_mb / statistics.median(times)
+                    used = {k: (after[k] - before[k]) / rounds for k in after}
+                    cpu[name] = {"python": used["main"] + used["python"], "p2pd": used["p2pd"]}
                 tcp = tcp_loopback_mb_s(size_mb)
                 ratio = speeds["ours"] / speeds["stock"]
                 rows.append(
                     Row(
-                        f"all-reduce {size_mb:g} MB, {n} peers (MB/s)",
+                        f"all-reduce {size_mb:g} MB, {n} peers (MB/s; ours = guarded, {compression})",
                         f"ours {speeds['ours']:.0f}, stock {speeds['stock']:.0f}, raw TCP {tcp:.0f}: "
-                        f"ours/stock {ratio:.2f}x, ours/TCP {speeds['ours'] / tcp:.3f}",
+                        f"ours/stock {ratio:.2f}x; CPU s per round python/p2pd: ours "
+                        f"{cpu['ours']['python']:.1f}/{cpu['ours']['p2pd']:.1f}, stock "
+                        f"{cpu['stock']['python']:.1f}/{cpu['stock']['p2pd']:.1f}",
                         "ours >= 5x stock",
                         ratio >= 5.0,
                     )
                 )
-                print(rows[-1].cells(), flush=True)
+                print(" | ".join(rows[-1].cells()), flush=True)
         finally:
             for dht in dhts:
                 dht.shutdown()
     return rows
+
+
+def pull_rows(size_mb: float, work: Path, rounds: int) -> list[Row]:
+    from scripts.bench_pull import pull_figures
+
+    work.mkdir(parents=True)
+    return [
+        Row(
+            f"pull ({transport}) / curl, {size_mb:g} MB checkpoint",
+            f"{ratio:.2f}x ({pull_mb_s:.0f} vs {curl_mb_s:.0f} MB/s; download + signature + sha256 + rename)",
+            ">= 0.9x",
+            ratio >= 0.9,
+        )
+        for transport, pull_mb_s, curl_mb_s, ratio in pull_figures(size_mb, work, rounds)
+    ]
 
 
 def gpu_figures() -> list[Row]:
@@ -514,10 +758,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES))
     parser.add_argument("--presets", nargs="+", default=["tiny", "small30m"], help="of the swarm figures")
     parser.add_argument("--seconds", type=float, default=120.0, help="measured window of the swarm figures")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[""],
+        help="swarm settings to compare, one comma-separated KEY=VALUE list each ('' = the preset's), "
+        "e.g. '' overlap_communication=true,grad_compression=float16",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="record peer-0 with py-spy in each swarm window, print shares"
+    )
     parser.add_argument("--settle-s", type=float, default=60.0, help="swarm start-up left out of the window")
     parser.add_argument("--epochs", type=int, default=20, help="swarm epochs of the quality figure")
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[100.0, 500.0])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument(
+        "--compression", default="float16", help="gradient compression of ours in the all-reduce figure"
+    )
+    parser.add_argument("--pull-mb", type=float, default=500.0, help="checkpoint size of the pull figure")
+    parser.add_argument("--pull-rounds", type=int, default=3, help="pull figure: best of this many")
     parser.add_argument("--rounds", type=int, default=2, help="all-reduce rounds per size (median)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to write nothing")
     args = parser.parse_args(argv)
@@ -525,12 +784,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="crowdtrain-bench-") as tmp:
         if "swarm" in args.figures:
             for preset in args.presets:
-                rows += swarm_figures(preset, args.seconds, args.settle_s, Path(tmp) / f"swarm-{preset}")
+                for k, variant in enumerate(args.variants):
+                    settings = tuple(a for a in variant.split(",") if a.strip())
+                    work = Path(tmp) / f"swarm-{preset}-{k}"
+                    rows += swarm_figures(
+                        preset, args.seconds, args.settle_s, work, settings, profile=args.profile
+                    )
+                    print(*(" | ".join(r.cells()) for r in rows[-5:]), sep="\n", flush=True)
         if "quality" in args.figures:
-            plot = Path(args.out).with_name("benchmarks-loss.png") if args.out else None
-            rows += quality_figures(args.epochs, Path(tmp) / "quality", plot)
+            for k, variant in enumerate(args.variants):
+                settings = tuple(a for a in variant.split(",") if a.strip())
+                name = "benchmarks-loss.png" if k == 0 else f"benchmarks-loss-{k}.png"
+                plot = Path(args.out).with_name(name) if args.out else None
+                rows += quality_figures(args.epochs, Path(tmp) / f"quality-{k}", plot, settings)
         if "allreduce" in args.figures:
-            rows += allreduce_figures(args.sizes_mb, args.group_sizes, args.rounds)
+            rows += allreduce_figures(args.sizes_mb, args.group_sizes, args.rounds, args.compression)
+        if "pull" in args.figures:
+            rows += pull_rows(args.pull_mb, Path(tmp) / "pull", args.pull_rounds)
         if "gpu" in args.figures:
             rows += gpu_figures()
     width = [max(len(r.cells()[i]) for r in rows) for i in range(4)]
@@ -538,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row.cells(), width, strict=True)))
     if args.out:
         command = "python -m scripts.bench " + " ".join(argv)
-        images = [p for p in [Path(args.out).with_name("benchmarks-loss.png")] if p.exists()]
+        images = sorted(Path(args.out).parent.glob("benchmarks-loss*.png"))
         Path(args.out).write_text(markdown(rows, command.strip(), images))
         print(f"written to {args.out}")
     return 0 if all(r.met is not False for r in rows) else 1

@@ -7,7 +7,8 @@ Publish latency is "epoch reached -> checkpoint downloadable": from the moment t
 its `epoch` event for epoch S (the peers run with `--log-format json`) to the moment /api/v1/checkpoints lists step S (it includes waiting for the publisher's
 next round, --checkpoint-interval-s). Pull throughput compares `crowdtrain pull` (download +
 signature + sha256 of every file + atomic rename), over the gRPC stream and over HTTP, with plain
-`curl` of the same files, in the same run, and prints the ratios.
+`curl` of the same files, in the same run, and prints the ratios (`scripts.bench_pull`, which
+measures the same without training: a run's initial weights).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +31,8 @@ from crowdtrain.coordinator.demo import (
     stop_children,
     wait_for_endpoints,
 )
+
+from scripts.bench_pull import compare_with_curl, format_table
 
 
 def main() -> int:
@@ -105,33 +107,11 @@ def main() -> int:
                 f"(interval {args.checkpoint_interval_s:.0f}s)"
             )
 
-        from crowdtrain.peer.pull import list_published, pull
-
-        listed, _ = list_published(endpoints["grpc"])
-        latest = listed[-1]
-        size = sum(f.size_bytes for f in latest.files)
-        curl_dir = work / "curl"
-        curl_dir.mkdir()
-        t0 = time.monotonic()
-        for f in latest.files:
-            subprocess.run(
-                ["curl", "-sf", "-o", str(curl_dir / f.name), f"{latest.url}/{f.name}"], check=True
-            )
-        curl_s = time.monotonic() - t0
-        print(f"\npull of step {latest.step} ({size / 1e6:.1f} MB, {len(latest.files)} files):")
-        print(f"  curl over HTTP (download only)          {curl_s:7.2f}s  {size / 1e6 / curl_s:8.1f} MB/s")
-        for label, source in (("gRPC stream", endpoints["grpc"]), ("HTTP", endpoints["http"])):
-            t0 = time.monotonic()
-            pull(source, work / f"pulled-{label[:4]}", step=latest.step)
-            pull_s = time.monotonic() - t0
-            print(
-                f"  crowdtrain pull, {label:<11} (+verify) {pull_s:7.2f}s  {size / 1e6 / pull_s:8.1f} MB/s"
-                f"  = {pull_s / curl_s:.2f}x curl's time"
-            )
+        size_mb, rows = compare_with_curl(endpoints, work)
+        print()
+        print(format_table(size_mb, rows))
     finally:
         stop_children(children)
-        for pulled in work.glob("pulled-*"):
-            shutil.rmtree(pulled, ignore_errors=True)
         if os.environ.get("OUT"):  # the device machine sends $OUT back
             for child in children:
                 shutil.copy(child.log_path, Path(os.environ["OUT"], child.log_path.name))

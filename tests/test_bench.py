@@ -37,3 +37,73 @@ def test_the_table_marks_missed_goals():
 
 def test_raw_tcp_moves_bytes_over_loopback():
     assert tcp_loopback_mb_s(8.0) > 1.0  # MB/s; a stalled or broken copy would hang or fail
+
+
+def test_bytes_a_process_sends_over_tcp_are_counted():
+    import os
+    import socket
+    import threading
+
+    from scripts.bench import tcp_bytes_acked
+
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    conn, _ = server.accept()
+    with server, client, conn:
+        before = tcp_bytes_acked({os.getpid()})
+        assert before, "ss shows this process's loopback sockets"
+        payload = b"x" * 3_000_000
+        got = bytearray()
+
+        def read_all():
+            while len(got) < len(payload):
+                got.extend(conn.recv(1 << 20))
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        client.sendall(payload)
+        reader.join(30)
+        after = tcp_bytes_acked({os.getpid()})
+        sent = sum(v - before.get(k, 0) for k, v in after.items())
+        assert len(payload) <= sent < len(payload) + 100_000
+        assert tcp_bytes_acked({-1}) == {}  # no such process: nothing counted
+
+
+def test_profile_shares_split_the_main_threads_wall_time():
+    from scripts.bench import profile_shares
+
+    step = "thread (1): MainThread;<module> (peer.py:1);Trainer._step (peer/trainer.py:300)"
+    raw = "\n".join(
+        [
+            f"{step};_call_impl (torch/nn/modules/module.py:1);forward (llama.py:3) 30",
+            f"{step};Tensor.backward (torch/_tensor.py:5);backward (torch/autograd/__init__.py:9) 50",
+            f"{step};Optimizer.step (hivemind/optim/optimizer.py:400);StepControl.result (control.py:1);wait (threading.py:2) 15",
+            f"{step};Optimizer.step (hivemind/optim/optimizer.py:400);ClippedAdamW.step (peer/swarm.py:50) 5",
+            "thread (2): batches;Prefetcher._fill (peer/prefetch.py:9) 100",  # not the main thread
+        ]
+    )
+    shares, top = profile_shares(raw)
+    assert shares["backward"] == 0.5 and shares["forward"] == 0.3
+    assert shares["optimizer update (AdamW)"] == 0.05
+    assert abs(sum(shares.values()) - 1.0) < 1e-9
+    assert top[0] == ("wait <- StepControl.result", 0.15)
+    assert profile_shares("") == ({}, [])
+
+
+def test_cpu_of_a_process_tree_counts_children():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from scripts.bench import process_tree_cpu_s
+
+    child = subprocess.Popen([sys.executable, "-c", "sum(range(30_000_000)); input()"], stdin=subprocess.PIPE)
+    try:
+        before = process_tree_cpu_s(os.getpid())["python"]
+        deadline = time.monotonic() + 60
+        while process_tree_cpu_s(os.getpid())["python"] - before < 0.3:
+            assert time.monotonic() < deadline, "the child's CPU time was never counted"
+            time.sleep(0.1)
+    finally:
+        child.communicate(b"\n", timeout=60)

@@ -279,6 +279,50 @@ def test_signature_pins_the_run_key_and_covers_every_field(tmp_path: Path):
         checkpoint.verify_dir(directory, public_key=public_key_hex(KEY))
 
 
+def test_verify_dir_with_the_digests_pull_computed_still_checks_everything_else(tmp_path: Path, monkeypatch):
+    root = tmp_path / "ckpt"
+    staging = archive.new_staging_dir(root, 4)
+    (staging / "model.safetensors").write_bytes(b"weights" * 100)
+    (staging / "config.json").write_text("{}")
+    meta = archive.finalize(staging, root, _meta(4), signing_key=KEY)
+    directory, key = root / "step-00000004", public_key_hex(KEY)
+    digests = {f.name: f.sha256 for f in meta.files}
+    read = []
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: read.append(path.name) or "0" * 64)
+    assert checkpoint.verify_dir(directory, public_key=key, digests=digests) == meta
+    assert read == [], "a file with a known digest was read again"
+    with pytest.raises(CheckpointError, match="config.json is corrupted"):
+        checkpoint.verify_dir(
+            directory, public_key=key, digests={"model.safetensors": digests["model.safetensors"]}
+        )
+    assert read == ["config.json"]  # a file without a known digest is hashed on disk
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupted"):
+        checkpoint.verify_dir(directory, public_key=key, digests={**digests, "model.safetensors": "1" * 64})
+
+    (directory / "extra.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="does not list.*extra.bin"):
+        checkpoint.verify_dir(directory, public_key=key, digests=digests)
+    (directory / "extra.bin").unlink()
+    with open(directory / "model.safetensors", "ab") as f:
+        f.write(b"!")
+    with pytest.raises(CheckpointError, match="bytes, expected"):
+        checkpoint.verify_dir(directory, public_key=key, digests=digests)
+    (directory / "model.safetensors").write_bytes(b"weights" * 100)
+    (directory / "config.json").unlink()
+    (directory / "config.json").symlink_to(directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        checkpoint.verify_dir(directory, public_key=key, digests=digests)
+    (directory / "config.json").unlink()
+    (directory / "config.json").write_text("{}")
+    assert checkpoint.verify_dir(directory, public_key=key, digests=digests) == meta
+    with pytest.raises(CheckpointError, match="not the run's key"):
+        checkpoint.verify_dir(directory, public_key=public_key_hex(new_key()), digests=digests)
+    text = (directory / "crowdtrain.json").read_text()
+    (directory / "crowdtrain.json").write_text(text.replace('"eval_loss": 5.0', '"eval_loss": 1.0'))
+    with pytest.raises(CheckpointError, match="signature"):
+        checkpoint.verify_dir(directory, public_key=key, digests=digests)
+
+
 def test_verify_command_checks_a_pulled_directory_offline(coordinator_with_checkpoint, tmp_path: Path):
     import subprocess
 

@@ -16,6 +16,7 @@ from crowdtrain.peer.manifest import (
     TokenizerSpec,
     build_manifest,
     get_preset,
+    override_swarm,
 )
 
 from tests.conftest import make_run
@@ -130,6 +131,39 @@ def test_manifest_rejects_other_versions_and_unknown_fields(tmp_path: Path, smal
         RunManifest.from_json(json.dumps(dict(raw, surprise=1)))
     with pytest.raises(ManifestError, match="not valid JSON"):
         RunManifest.from_json("{")
+
+
+def test_a_manifest_from_before_the_swarm_knobs_still_reads(tmp_path: Path, small_corpus: Path):
+    raw = json.loads(_manifest(tmp_path, small_corpus).to_json())
+    for key in ("overlap_communication", "grad_compression"):
+        del raw["swarm"][key]
+    again = RunManifest.from_json(json.dumps(raw))
+    assert (again.swarm.overlap_communication, again.swarm.grad_compression) == (False, "none")
+
+
+def test_operators_override_swarm_settings_checked():
+    tiny = get_preset("tiny").swarm
+    changed = override_swarm(
+        tiny, ["matchmaking_time_s=7.5", "overlap_communication=true", " grad_compression = float16"]
+    )
+    assert (changed.matchmaking_time_s, changed.overlap_communication, changed.grad_compression) == (
+        7.5,
+        True,
+        "float16",
+    )
+    assert changed.target_batch_size == tiny.target_batch_size
+    assert override_swarm(tiny, []) == tiny
+    for bad, message in (
+        ("surprise=1", "KEY=VALUE"),
+        ("matchmaking_time_s", "KEY=VALUE"),
+        ("target_batch_size=many", "many"),
+        ("target_batch_size=0", "positive"),
+        ("averaging_timeout_s=-1", "between"),
+        ("overlap_communication=maybe", "true or false"),
+        ("grad_compression=uniform8bit", "not one of"),
+    ):
+        with pytest.raises(ManifestError, match=message):
+            override_swarm(tiny, [bad])
 
 
 def test_unknown_preset_lists_the_choices():

@@ -245,6 +245,25 @@ def test_swarm_access_keeps_only_its_own_valid_token(tmp_path, run_key):
     access.wait_for_token(1.0, stop=__import__("threading").Event())
 
 
+def test_a_token_renewed_by_the_main_process_reaches_the_dht_processs_reader(tmp_path):
+    """The DHT process reads the token file (cached for `reread_s`, it asks on every request); the
+    main process writes it: a renewal is seen within reread_s, the writer sees it at once."""
+    from crowdtrain.peer.swarmauth import TokenFile
+
+    writer, reader = TokenFile(tmp_path / "t.json"), TokenFile(tmp_path / "t.json", reread_s=0.2)
+    assert reader() == ""
+    writer.write("first")
+    assert writer() == "first"
+    time.sleep(0.25)
+    assert reader() == "first"
+    writer.write("renewed")
+    assert writer() == "renewed"
+    deadline = time.monotonic() + 5
+    while reader() != "renewed":
+        assert time.monotonic() < deadline, "the renewal never reached the reader"
+        time.sleep(0.05)
+
+
 def test_identity_command_prints_a_stable_peer_id(tmp_path, capsys):
     """`crowdtrain identity` creates the key once; the id is what a peer with --identity proves."""
     from crowdtrain.coordinator.cli import main
