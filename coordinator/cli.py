@@ -28,7 +28,7 @@ from crowdtrain.coordinator.cli_invite import INVITE_COMMANDS
 from crowdtrain.peer import __version__
 from crowdtrain.peer import config as peer_cfg
 from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.events import JsonFormatter
+from crowdtrain.peer.events import JsonFormatter, quiet_expected_averaging_failures
 
 
 def _configure_logging(level: str, log_format: str) -> None:
@@ -41,6 +41,7 @@ def _configure_logging(level: str, log_format: str) -> None:
     # hivemind installs its own handler on its loggers; keep them, but align their level and format
     for noisy in ("hivemind", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    quiet_expected_averaging_failures()
 
 
 def _hivemind_logs_through_ours() -> None:

@@ -277,11 +277,10 @@ class Publisher:
 
     def _write_checkpoint(self, epoch: int, eval_loss: float, last: int) -> checkpoint.CheckpointMeta:
         """The model as it stands, with tokenizer and model card, written atomically and signed."""
-        from crowdtrain.peer.model import hf_tokenizer
+        from crowdtrain.peer.model import save_hf
 
         staging = archive.new_staging_dir(self.root, epoch)
-        self.model.save_pretrained(staging)
-        hf_tokenizer(self.tokenizer_json, self.manifest).save_pretrained(staging)
+        save_hf(self.model, self.tokenizer_json, self.manifest, staging)
         (staging / "README.md").write_text(
             model_card(
                 self.manifest,

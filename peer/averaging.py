@@ -30,6 +30,7 @@ from typing import AsyncIterator  # noqa: UP035 (hivemind reads rpc_* annotation
 
 import torch
 from crowdtrain.peer import robust
+from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.evidence import EvidenceSink, Gate, admit
 from crowdtrain.peer.robust import DEFAULT, STATE, RobustConfig, SpanEvidence, check_delta, robust_reduce
 from crowdtrain.peer.stateload import load_state_checked
@@ -344,6 +345,24 @@ def make_state_averager(opt, *, gate: Gate | None, evidence: EvidenceSink | None
     )
 
 
+def grad_compression(name: str):
+    """hivemind's codec for a manifest's `swarm.grad_compression` (peer.swarmspec.GRAD_COMPRESSIONS).
+    hivemind's 8-bit codecs are left out: numpy >= 2.4 breaks them in 1.1.12 (docs/hivemind.md)."""
+    from hivemind.compression import Float16Compression, NoCompression, ScaledFloat16Compression
+
+    codecs = {
+        "none": NoCompression,
+        "float16": Float16Compression,
+        "scaled_float16": ScaledFloat16Compression,
+    }
+    if name not in codecs:
+        raise CrowdtrainError(
+            f"the run asks for gradient compression {name!r}, which this crowdtrain does not know "
+            f"({', '.join(codecs)}); upgrade with `pip install -U crowdtrain`"
+        )
+    return codecs[name]()
+
+
 __all__ = [
     "EvidenceSink",
     "Gate",
@@ -353,5 +372,6 @@ __all__ = [
     "RobustAllReduceRunner",
     "RobustPartReducer",
     "admit",
+    "grad_compression",
     "make_state_averager",
 ]

@@ -8,3 +8,7 @@ traceback and asks for a report. Messages say what failed, why, and what to do.
 
 class CrowdtrainError(Exception):
     """An expected failure with an actionable message."""
+
+
+class ManifestError(CrowdtrainError, ValueError):
+    """A run manifest, its swarm settings or a preset is unknown, malformed or from an incompatible version."""

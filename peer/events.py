@@ -102,3 +102,28 @@ def parse_event(line: str) -> dict | None:
     (other output, a plain log record, a line cut short)."""
     record = parse_record(line)
     return record if record is not None and "event" in record else None
+
+
+class ExpectedAveragingFailures(logging.Filter):
+    """hivemind logs a round that found no partner in time ("could not find a group") at ERROR with
+    a traceback. In a swarm where volunteers come and go that is an expected outcome, not a bug: the
+    peer keeps its samples for the next round. Attached to hivemind's averager logger, this turns
+    those records into one WARNING line that says so; every other record passes unchanged."""
+
+    EXPECTED = "could not find a group"
+    NOTE = " (no partner was ready in time, e.g. one just left; the samples count in the next round)"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.EXPECTED in str(record.msg) and record.levelno >= logging.ERROR:
+            record.msg, record.args = f"{record.getMessage()}{self.NOTE}", ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_expected_averaging_failures() -> None:
+    """Install ExpectedAveragingFailures on hivemind's averager logger (before hivemind forks, so its
+    averager processes inherit it). hivemind 1.1.12 logs them in `DecentralizedAverager._step`."""
+    averager_logger = logging.getLogger("hivemind.averaging.averager")
+    if not any(isinstance(f, ExpectedAveragingFailures) for f in averager_logger.filters):
+        averager_logger.addFilter(ExpectedAveragingFailures())

@@ -9,7 +9,10 @@ Every peer and the coordinator's publisher build the same initial weights: the i
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from crowdtrain.peer.manifest import RunManifest
@@ -54,6 +57,27 @@ def hf_tokenizer(tokenizer_json: str, manifest: RunManifest) -> PreTrainedTokeni
         model_max_length=manifest.data.seq_len,
     )
     return tok
+
+
+def save_hf(model: PreTrainedModel, tokenizer_json: str, manifest: RunManifest, directory: Path) -> None:
+    """The model and its tokenizer in Hugging Face format, loadable with `from_pretrained(directory)`."""
+    model.save_pretrained(directory)
+    hf_tokenizer(tokenizer_json, manifest).save_pretrained(directory)
+
+
+def save_hf_atomically(
+    model, tokenizer_json: str, manifest: RunManifest, out: Path, extra: dict[str, str]
+) -> None:
+    """`save_hf` into a staging directory beside `out`, plus `extra` files (name: text), then swapped
+    in by rename: a reader of `out` sees the old model or the new one, never half of one."""
+    staging = out.with_name(f".{out.name}.saving-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_hf(model, tokenizer_json, manifest, staging)
+    for name, text in extra.items():
+        (staging / name).write_text(text)
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(staging, out)
 
 
 def as_batch(blocks: Sequence[list[int]], device: str | torch.device) -> torch.Tensor:

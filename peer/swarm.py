@@ -148,20 +148,9 @@ def start_dht(
     return _start_dht_once(initial_peers, kwargs)
 
 
-def _import_before_fork() -> None:
-    """hivemind imports its multiaddr codecs (and with them `cid` and `multicodec`) on first use,
-    which is inside the DHT process it forks. A child that imports while another thread of the
-    parent held an import lock at fork time spins forever (seen in the test suite: a DHT process
-    at 100% CPU in `multicodec`'s import). Parsing one full address here imports them before the fork."""
-    from hivemind.utils.multiaddr import Multiaddr
-
-    Multiaddr("/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N")
-
-
 def _start_dht_once(initial_peers: Sequence[str], kwargs: dict):
     from hivemind.dht.crypto import RSASignatureValidator
 
-    _import_before_fork()
     try:
         return hivemind.DHT(
             initial_peers=list(initial_peers),
@@ -188,7 +177,7 @@ def make_optimizer(
     Must be called from the main thread (hivemind installs a signal handler), and afterwards the
     caller must re-install its own SIGINT/SIGTERM handlers. Stop it with `leave_swarm`.
     """
-    from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, GuardedGradientAverager
+    from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, GuardedGradientAverager, grad_compression
 
     # hivemind replays the LR schedule up to the loaded epoch before any optimizer step: expected
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
@@ -205,10 +194,6 @@ def make_optimizer(
             max_grad_norm=optim.max_grad_norm,
         )
 
-    def scheduler_factory(opt):
-        warmup = max(1, optim.warmup_epochs)
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / warmup))
-
     return _Optimizer(
         dht=dht,
         run_id=manifest.run_id,
@@ -216,7 +201,7 @@ def make_optimizer(
         batch_size_per_step=batch_size_per_step,
         optimizer=optimizer_factory,
         params=model.parameters(),
-        scheduler=scheduler_factory,
+        scheduler=partial(_warmup_schedule, warmup_epochs=optim.warmup_epochs),
         matchmaking_time=swarm.matchmaking_time_s,
         averaging_timeout=swarm.averaging_timeout_s,
         load_state_timeout=swarm.load_state_timeout_s,
@@ -242,22 +227,9 @@ def make_optimizer(
     )
 
 
-def grad_compression(name: str):
-    """hivemind's codec for a manifest's `swarm.grad_compression` (peer.manifest.GRAD_COMPRESSIONS).
-    hivemind's 8-bit codecs are left out: numpy >= 2.4 breaks them in 1.1.12 (docs/hivemind.md)."""
-    from hivemind.compression import Float16Compression, NoCompression, ScaledFloat16Compression
-
-    codecs = {
-        "none": NoCompression,
-        "float16": Float16Compression,
-        "scaled_float16": ScaledFloat16Compression,
-    }
-    if name not in codecs:
-        raise SwarmError(
-            f"the run asks for gradient compression {name!r}, which this crowdtrain does not know "
-            f"({', '.join(codecs)}); upgrade with `pip install -U crowdtrain`"
-        )
-    return codecs[name]()
+def _warmup_schedule(opt, *, warmup_epochs: int):
+    warmup = max(1, warmup_epochs)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / warmup))
 
 
 def leave_swarm(opt, dht, timeout_s: float = 10.0) -> None:
@@ -337,31 +309,10 @@ def finish_event_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 
 # hivemind 1.1.12's tracker stores our progress in the DHT after every micro-batch: each store is
-# a signed DHT RPC to several nodes, and on 2 cores the DHT process took ~22% of a core per peer,
-# a third of it RSA signing (py-spy, scripts/bench.py --profile). Others extrapolate our progress
-# from our samples/s between reports, so reporting at most this often (and at once when our
-# epoch changes) loses nothing they need.
-PROGRESS_REPORT_INTERVAL_S = 2.0
-
-
 class _TidyProgressTracker(ProgressTracker):
-    """hivemind 1.1.12's ProgressTracker, reporting at most every PROGRESS_REPORT_INTERVAL_S (and
-    whenever our epoch changes), and tidy when it stops: hivemind's returns from its thread with a
+    """hivemind 1.1.12's ProgressTracker, tidy when it stops: hivemind's returns from its thread with a
     DHT request and a shutdown watcher still pending and its event loop open ("Task was destroyed
     but it is pending!" at exit). Its `run()` leaves that loop as the thread's current one."""
-
-    _last_report_s = -float("inf")
-
-    def report_local_progress(
-        self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True
-    ):
-        new_epoch = local_epoch != self.local_progress.epoch
-        super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
-        now = time.monotonic()
-        if new_epoch or samples_accumulated == 0 or now - self._last_report_s >= PROGRESS_REPORT_INTERVAL_S:
-            self._last_report_s = now
-        else:  # not yet: the next report carries these samples too
-            self.should_report_progress.clear()
 
     def run(self):
         try:

@@ -346,22 +346,13 @@ class Volunteer:
 
     def save(self, model) -> None:
         """With --save-dir: write this peer's model there atomically (staging directory, then rename)."""
-        import shutil
+        from crowdtrain.peer.model import save_hf_atomically
 
-        from crowdtrain.peer.model import hf_tokenizer
-
-        if not self.config.save_dir:
-            return
-        out = Path(self.config.save_dir).expanduser()
-        staging = out.with_name(f".{out.name}.saving-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        hf_tokenizer(self.joined.tokenizer_json, self.manifest).save_pretrained(staging)
-        (staging / "epoch.txt").write_text(f"{self.opt.local_epoch}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-        logger.info("saved this peer's model at epoch %d to %s", self.opt.local_epoch, out)
+        if self.config.save_dir:
+            out = Path(self.config.save_dir).expanduser()
+            extra = {"epoch.txt": f"{self.opt.local_epoch}\n"}
+            save_hf_atomically(model, self.joined.tokenizer_json, self.manifest, out, extra)
+            logger.info("saved this peer's model at epoch %d to %s", self.opt.local_epoch, out)
 
     # ------------------------------------------------------------------ signals and teardown
 

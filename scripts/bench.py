@@ -644,9 +644,8 @@ def allreduce_figures(
     """Stock hivemind defaults against ours: the guarded averager with the part size the peers use
     and `compression` (a manifest's grad_compression)."""
     import hivemind
-    from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, GuardedAverager
+    from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, GuardedAverager, grad_compression
     from crowdtrain.peer.evidence import EvidenceSink
-    from crowdtrain.peer.swarm import grad_compression
     from hivemind.averaging import DecentralizedAverager
 
     from scripts.bench_robust import LOCAL, group, one_round

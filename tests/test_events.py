@@ -53,3 +53,30 @@ def test_fields_must_match_the_schema_and_json_stays_valid():
     assert json.loads(plain)["msg"] == "a plain record" and parse_event(plain) is None
     assert parse_event("Traceback (most recent call last):") is None
     assert parse_event('{"event": "epoch", "epo') is None
+
+
+def test_a_round_without_partners_is_one_warning_line_and_other_errors_keep_their_traceback():
+    from crowdtrain.peer.events import quiet_expected_averaging_failures
+    from hivemind.averaging.partition import AllreduceException
+
+    quiet_expected_averaging_failures()
+    quiet_expected_averaging_failures()  # idempotent: one filter
+    averager_logger = logging.getLogger("hivemind.averaging.averager")
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    averager_logger.addHandler(handler)
+    try:
+        for error in (AllreduceException("Averaging step failed: could not find a group"), KeyError("bug")):
+            try:
+                raise error
+            except Exception as e:
+                averager_logger.exception(e)  # as hivemind 1.1.12's DecentralizedAverager._step does
+    finally:
+        averager_logger.removeHandler(handler)
+    text = out.getvalue()
+    expected, _, unexpected = text.partition("ERROR 'bug'")
+    assert expected.startswith("WARNING Averaging step failed: could not find a group (no partner was ready")
+    assert "Traceback" not in expected and expected.count("\n") == 1
+    assert "Traceback" in unexpected and "KeyError" in unexpected
+    assert sum(type(f).__name__ == "ExpectedAveragingFailures" for f in averager_logger.filters) == 1
