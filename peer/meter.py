@@ -36,19 +36,27 @@ class EpochMeter:
     """The training loop's numbers: a throughput average for heartbeats and the status line, and
     the mean loss and throughput of the current epoch for its log line."""
 
-    def __init__(self, epoch: int):
-        self.samples_total, self.ema_rate = 0, 0.0
+    def __init__(self, epoch: int, clock=time.monotonic):
+        self.clock, self.samples_total, self.ema_rate = clock, 0, 0.0
         self.start_epoch(epoch)
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.losses, self.samples, self.t0 = epoch, [], 0, time.monotonic()
+        self.epoch, self.losses, self.samples, self.t0 = epoch, [], 0, self.clock()
+        self.compute_s = 0.0
 
-    def add(self, samples: int, loss: float, seconds: float) -> None:
+    def add(self, samples: int, loss: float, seconds: float, compute_s: float = 0.0) -> None:
+        """One micro-batch: `seconds` in all, `compute_s` of them computing (not waiting)."""
         rate = samples / max(seconds, 1e-6)
         self.ema_rate = rate if self.ema_rate == 0 else 0.9 * self.ema_rate + 0.1 * rate
         self.samples_total += samples
         self.samples += samples
         self.losses.append(loss)
+        self.compute_s += compute_s
 
     def epoch_rate(self) -> float:
-        return self.samples / max(time.monotonic() - self.t0, 1e-6)
+        return self.samples / max(self.clock() - self.t0, 1e-6)
+
+    def compute_share(self) -> float:
+        """The share of this epoch's wall time spent computing (forward, backward, local steps)
+        rather than waiting for the swarm or for data: the utilization of this peer's hardware."""
+        return min(1.0, self.compute_s / max(self.clock() - self.t0, 1e-6))

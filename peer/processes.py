@@ -1,4 +1,5 @@
-"""Process hygiene for whoever runs hivemind: the fork start method, and no orphans after kill -9.
+"""Process hygiene for whoever runs hivemind: the fork start method, no orphans after kill -9, and
+signal handlers that stop the parent, not its forked children.
 
 hivemind 1.1.12 forks its DHT and averager processes (the DHT's starts the p2pd daemon); volunteers
 and the coordinator both call these once, early, before any hivemind object exists.
@@ -6,11 +7,15 @@ and the coordinator both call these once, early, before any hivemind object exis
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _tied = False
@@ -70,3 +75,26 @@ def tie_children_to_this_process() -> None:
 def use_fork_start_method() -> None:
     """hivemind's averager is an mp.Process that cannot be pickled: only 'fork' works."""
     mp.set_start_method("fork", force=True)
+
+
+def stop_on_signals(stop_event: threading.Event, what_next: str) -> None:
+    """SIGINT and SIGTERM set `stop_event` (logging "received SIG..., <what_next>"); a second one
+    raises KeyboardInterrupt (stop waiting for a clean exit). In a hivemind child forked from this
+    process the handler does not stop the parent's work: Ctrl+C in a terminal sends SIGINT to the
+    whole process group, which the child ignores (the parent shuts its children down in order),
+    and SIGTERM, which hivemind itself sends a child that did not stop in time, is obeyed."""
+    main_pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main_pid:
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        if stop_event.is_set():
+            raise KeyboardInterrupt
+        logger.info("received %s, %s", signal.Signals(signum).name, what_next)
+        stop_event.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

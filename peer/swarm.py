@@ -39,30 +39,6 @@ class SwarmError(CrowdtrainError):
     """The peer could not join the swarm's DHT; the message says what to check."""
 
 
-class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that clips the (swarm-averaged) gradient norm right before each update, and skips an
-    update whose gradient is not finite (counted in `skipped_steps`): a bad average never reaches
-    the parameters."""
-
-    def __init__(self, params, *, max_grad_norm: float, **kwargs):
-        super().__init__(params, **kwargs)
-        self.max_grad_norm, self.skipped_steps = max_grad_norm, 0
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        if not torch.isfinite(total_norm):
-            self.skipped_steps += 1
-            msg = "skipped an optimizer step: the averaged gradient is not finite (a groupmate's NaN/Inf or "
-            logger.warning(msg + "our own overflow; %d skipped so far)", self.skipped_steps)
-            for p in params:
-                p.grad.zero_()
-            return None
-        return super().step(closure)
-
-
 class DhtIdentity:
     """This peer's hivemind (libp2p) identity and the proof that its DHT peer id is its own.
 
@@ -167,56 +143,71 @@ def _start_dht_once(initial_peers: Sequence[str], kwargs: dict):
 
 
 def make_optimizer(
-    manifest: RunManifest, model, dht, *, batch_size_per_step: int, verbose: bool, gate=None, evidence=None
+    manifest: RunManifest,
+    model,
+    dht,
+    *,
+    batch_size_per_step: int,
+    verbose: bool,
+    gate=None,
+    evidence=None,
+    extra_tensors=(),
 ):
-    """The run's hivemind.Optimizer: gradients averaged every `target_batch_size` samples, then AdamW.
-    Its averagers are peer/averaging.py's: robust all-reduce, and only peers `gate(peer_id_base58)
-    -> (admitted, reason)` admits (None: everyone) average with us or swap state; rejected
-    contributions go to `evidence` (an `evidence.EvidenceSink`). Create both before this call.
+    """The run's hivemind.Optimizer. Synchronous mode: gradients averaged every `target_batch_size`
+    samples, then AdamW. DiLoCo mode (peer/diloco.py): the caller steps `inner_optimizer(...)` on
+    the model and passes its `state_tensors()` as `extra_tensors` (shared with joiners); this one
+    averages pseudo-gradients every `target_batch_size` samples, then an outer Nesterov step. Its averagers are peer/averaging.py's: robust all-reduce, and only peers
+    `gate(peer_id_base58) -> (admitted, reason)` admits (None: everyone) average with us or swap
+    state; rejected contributions go to `evidence` (an `evidence.EvidenceSink`). Create both before.
 
     Must be called from the main thread (hivemind installs a signal handler), and afterwards the
     caller must re-install its own SIGINT/SIGTERM handlers. Stop it with `leave_swarm`.
     """
     from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, GuardedGradientAverager, grad_compression
+    from crowdtrain.peer.diloco import PseudoGradientAverager
+    from crowdtrain.peer.optimizers import adamw, outer_optimizer, warmup_schedule
 
     # hivemind replays the LR schedule up to the loaded epoch before any optimizer step: expected
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
     optim, swarm = manifest.optim, manifest.swarm
     request_timeout_s = max(0.5, min(3.0, swarm.matchmaking_time_s / 2))
-
-    def optimizer_factory(params):
-        return ClippedAdamW(
-            params,
-            lr=optim.learning_rate,
-            betas=tuple(optim.betas),
-            weight_decay=optim.weight_decay,
-            max_grad_norm=optim.max_grad_norm,
+    if swarm.mode == "diloco":
+        averager_class, scheduler = PseudoGradientAverager, None
+        optimizer = partial(
+            outer_optimizer, learning_rate=swarm.outer_learning_rate, momentum=swarm.outer_momentum
         )
-
+    else:
+        averager_class, scheduler = (
+            GuardedGradientAverager,
+            partial(warmup_schedule, warmup_epochs=optim.warmup_epochs),
+        )
+        optimizer = partial(adamw, optim=optim)
     return _Optimizer(
         dht=dht,
         run_id=manifest.run_id,
         target_batch_size=swarm.target_batch_size,
         batch_size_per_step=batch_size_per_step,
-        optimizer=optimizer_factory,
+        optimizer=optimizer,
         params=model.parameters(),
-        scheduler=partial(_warmup_schedule, warmup_epochs=optim.warmup_epochs),
+        scheduler=scheduler,
         matchmaking_time=swarm.matchmaking_time_s,
         averaging_timeout=swarm.averaging_timeout_s,
         load_state_timeout=swarm.load_state_timeout_s,
         average_state_every=swarm.average_state_every,
-        offload_optimizer=True,
+        offload_optimizer=True,  # in diloco mode, the offloaded copy is the outer model
         # overlap: an epoch's gradients are averaged (and applied) while the next epoch computes
         delay_optimizer_step=swarm.overlap_communication,
         delay_grad_averaging=swarm.overlap_communication,
-        delay_state_averaging=True,
+        # diloco: a state round must land right after the outer step, before inner steps move the model
+        delay_state_averaging=swarm.mode != "diloco",
+        extra_tensors=extra_tensors,
         grad_compression=grad_compression(swarm.grad_compression),
         # hivemind warns (and can deadlock) when a request may outlive the matchmaking window;
         # 1.1.12 forwards averager_opts to the state averager only, hence the factory for gradients
         averager_opts=dict(request_timeout=request_timeout_s),
         grad_averager_factory=partial(
-            GuardedGradientAverager,
+            averager_class,
             request_timeout=request_timeout_s,
             part_size_bytes=GRAD_PART_SIZE_BYTES,
             gate=gate,
@@ -225,11 +216,6 @@ def make_optimizer(
         guard=dict(gate=gate, evidence=evidence),
         verbose=verbose,
     )
-
-
-def _warmup_schedule(opt, *, warmup_epochs: int):
-    warmup = max(1, warmup_epochs)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / warmup))
 
 
 def leave_swarm(opt, dht, timeout_s: float = 10.0) -> None:
@@ -336,8 +322,11 @@ class _Optimizer(hivemind.Optimizer):
     same arguments as hivemind's own."""
 
     def __init__(self, *, guard: dict, **kwargs):
+        from crowdtrain.peer.diloco import attach_outer_parameters
+
         self._guard = guard  # gate and evidence sink of the state averager
         super().__init__(**kwargs)
+        attach_outer_parameters(self)
 
     def _make_state_averager(self, **kwargs):
         from crowdtrain.peer.averaging import make_state_averager

@@ -25,9 +25,16 @@ class SwarmSpec:
     # (hivemind's delay_grad_averaging + delay_optimizer_step); docs/benchmarks.md has its effect
     overlap_communication: bool = False
     grad_compression: str = "none"  # how gradients travel: one of GRAD_COMPRESSIONS
+    # "sync": every peer's gradients are averaged at every epoch; "diloco": peers take local AdamW
+    # steps and average how far they moved once per epoch (peer/diloco.py, docs/performance.md)
+    mode: str = "sync"
+    outer_learning_rate: float = 0.7  # diloco: SGD learning rate of the outer step
+    outer_momentum: float = 0.9  # diloco: its Nesterov momentum
+    inner_warmup_steps: int = 50  # diloco: local steps over which the local AdamW's learning rate warms up
 
 
 GRAD_COMPRESSIONS = ("none", "float16", "scaled_float16")
+TRAINING_MODES = ("sync", "diloco")
 
 
 def override_swarm(spec: SwarmSpec, assignments: typing.Iterable[str]) -> SwarmSpec:
@@ -58,7 +65,7 @@ def _parse_setting(key: str, tp, text: str):
 
 def check_swarm(spec: SwarmSpec) -> SwarmSpec:
     """Raise ManifestError unless every swarm setting is usable; returns `spec`."""
-    for key in ("target_batch_size", "batch_size_per_step", "average_state_every"):
+    for key in ("target_batch_size", "batch_size_per_step", "average_state_every", "inner_warmup_steps"):
         if not isinstance(getattr(spec, key), int) or getattr(spec, key) < 1:
             raise ManifestError(f"swarm setting {key} must be a positive integer, not {getattr(spec, key)!r}")
     for key in ("matchmaking_time_s", "averaging_timeout_s", "load_state_timeout_s"):
@@ -73,7 +80,22 @@ def check_swarm(spec: SwarmSpec) -> SwarmSpec:
         raise ManifestError(
             f"swarm setting grad_compression {spec.grad_compression!r} is not one of {', '.join(GRAD_COMPRESSIONS)}"
         )
+    if spec.mode not in TRAINING_MODES:
+        raise ManifestError(f"swarm setting mode {spec.mode!r} is not one of {', '.join(TRAINING_MODES)}")
+    lr, momentum = spec.outer_learning_rate, spec.outer_momentum
+    if not all(isinstance(v, (int, float)) for v in (lr, momentum)) or not (
+        0 < lr <= 10 and 0 <= momentum < 1
+    ):
+        raise ManifestError(
+            "swarm settings outer_learning_rate must be in (0, 10] and outer_momentum in [0, 1), not "
+            f"{spec.outer_learning_rate!r} and {spec.outer_momentum!r}"
+        )
+    if spec.mode == "diloco" and spec.overlap_communication:
+        raise ManifestError(
+            "swarm setting overlap_communication is not supported with mode=diloco: a delayed outer step "
+            "would overwrite the inner steps taken meanwhile; choose one of them"
+        )
     return spec
 
 
-__all__ = ["GRAD_COMPRESSIONS", "SwarmSpec", "check_swarm", "override_swarm"]
+__all__ = ["GRAD_COMPRESSIONS", "TRAINING_MODES", "SwarmSpec", "check_swarm", "override_swarm"]

@@ -5,7 +5,7 @@
 
 One log line per swarm epoch:
 
-    epoch=12 loss=5.231 samples_per_s=88.1 swarm_peers=2 lr=3.0e-03 samples_total=3456
+    epoch=12 loss=5.231 samples_per_s=88.1 swarm_peers=2 lr=3.0e-03 samples_total=3456 compute_share=0.78
 
 `Volunteer._run` reads top to bottom as the steps a peer takes; each step is a method below it.
 Catching up to the swarm lives in peer/recovery.py, hivemind wiring in peer/swarm.py.
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import signal
 import socket
 import threading
 import time
@@ -35,6 +33,7 @@ from crowdtrain.peer.events import emit
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
 from crowdtrain.peer.identity import PeerIdentity
 from crowdtrain.peer.meter import EpochMeter, StatusLine
+from crowdtrain.peer.processes import stop_on_signals
 from crowdtrain.peer.recovery import Recovery
 from crowdtrain.peer.rejoin import rejoin_in_background
 from crowdtrain.peer.runproof import check_joined_run
@@ -62,7 +61,7 @@ class Volunteer:
         self.client = CoordinatorClient(
             config.coordinator, tls=ClientTls.from_flags(config.tls, config.tls_ca)
         )
-        self.dht = self.opt = self.heartbeat = None
+        self.dht = self.opt = self.heartbeat = self.inner = None  # inner: DiLoCo's local optimizer
         self.session_id = ""
 
     def run(self) -> int:
@@ -218,6 +217,7 @@ class Volunteer:
         return model
 
     def join_swarm(self, model) -> None:
+        from crowdtrain.peer.optimizers import inner_optimizer
         from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
         from crowdtrain.peer.swarm import start_dht
 
@@ -236,6 +236,8 @@ class Volunteer:
             authorizer=self.access.authorizer(),
         )
         self.access.attach(self.dht)
+        if self.manifest.swarm.mode == "diloco":
+            self.inner = inner_optimizer(self.manifest, model)
         self.opt = self._make_optimizer(model)
         self._install_signal_handlers()  # hivemind's averager just set SIGINT to "ignored"
 
@@ -253,6 +255,7 @@ class Volunteer:
             verbose=False,
             gate=self.access.gate(self.dht),
             evidence=self.evidence_sink,
+            extra_tensors=self.inner.state_tensors() if self.inner is not None else (),
         )
 
     def recover(self) -> None:
@@ -283,8 +286,8 @@ class Volunteer:
                 )
             t0 = time.monotonic()
             batch = next(batches)
-            loss = self._step(model, batch)
-            meter.add(batch.shape[0], loss, time.monotonic() - t0)
+            loss, compute_s = self._step(model, batch)
+            meter.add(batch.shape[0], loss, time.monotonic() - t0, compute_s)
             swarm_peers = self.opt.tracker.global_progress.num_peers
             self.stats.update(
                 local_epoch=self.opt.local_epoch,
@@ -302,11 +305,13 @@ class Volunteer:
                     logger.info("reached --max-epochs %d, leaving", self.config.max_epochs)
                     return
 
-    def _step(self, model, batch) -> float:
-        """Forward, backward and hivemind's step (which averages with the swarm when it is time)."""
+    def _step(self, model, batch) -> tuple[float, float]:
+        """Forward, backward and hivemind's step (which averages with the swarm when it is time):
+        (loss, seconds of computing: forward, backward and a DiLoCo local step)."""
         import torch
         from crowdtrain.peer.robust import nonfinite_loss_message
 
+        t0 = time.monotonic()
         try:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 loss = model(input_ids=batch, labels=batch).loss
@@ -319,29 +324,35 @@ class Volunteer:
                 f"({str(e).splitlines()[0][:120]}); restart with --batch-size {max(1, self.batch_size // 2)}, "
                 "or free the GPU"
             ) from None
+        if self.inner is not None:  # DiLoCo: a local step; hivemind's counts samples, steps the outer model
+            self.inner.step()
+        compute_s = time.monotonic() - t0
         self.opt.step()
-        self.opt.zero_grad()
-        return loss.item()
+        if self.inner is None:
+            self.opt.zero_grad()
+        return loss.item(), compute_s
 
     def _log_epoch(self, meter: EpochMeter, swarm_peers: int) -> None:
         mean_loss, rate = sum(meter.losses) / len(meter.losses), meter.epoch_rate()
-        lr = self.opt.opt.param_groups[0]["lr"]
+        lr = (self.inner.optimizer if self.inner is not None else self.opt.opt).param_groups[0]["lr"]
         emit(
             logger,
             "epoch",
-            "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d",
+            "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d compute_share=%.2f",
             self.opt.local_epoch,
             mean_loss,
             rate,
             swarm_peers,
             lr,
             meter.samples_total,
+            meter.compute_share(),
             epoch=self.opt.local_epoch,
             loss=round(mean_loss, 5),
             samples_per_s=round(rate, 3),
             swarm_peers=swarm_peers,
             lr=lr,
             samples_total=meter.samples_total,
+            compute_share=round(meter.compute_share(), 4),
         )
 
     def save(self, model) -> None:
@@ -357,24 +368,7 @@ class Volunteer:
     # ------------------------------------------------------------------ signals and teardown
 
     def _install_signal_handlers(self) -> None:
-        main_pid = os.getpid()
-
-        def handler(signum, frame):
-            if os.getpid() != main_pid:
-                # a hivemind child forked from us. Ctrl+C in a terminal sends SIGINT to the whole
-                # process group: ignore it, the parent shuts its children down in order. SIGTERM is
-                # what hivemind itself sends a child that did not stop in time: obey it.
-                if signum == signal.SIGTERM:
-                    signal.signal(signum, signal.SIG_DFL)
-                    os.kill(os.getpid(), signum)
-                return
-            if self.stop_event.is_set():
-                raise KeyboardInterrupt  # a second signal: stop waiting for a clean exit
-            logger.info("received %s, leaving the swarm after this step", signal.Signals(signum).name)
-            self.stop_event.set()
-
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+        stop_on_signals(self.stop_event, "leaving the swarm after this step")
 
     def shutdown(self) -> None:
         """Leave the run and stop hivemind's processes; idempotent, safe from any exit path."""

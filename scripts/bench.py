@@ -94,21 +94,16 @@ def load_run(data_dir: Path):
 
 
 def make_adamw(manifest, model):
-    from crowdtrain.peer.swarm import ClippedAdamW
+    from crowdtrain.peer.optimizers import adamw
 
-    optim = manifest.optim
-    return ClippedAdamW(
-        model.parameters(),
-        lr=optim.learning_rate,
-        betas=tuple(optim.betas),
-        weight_decay=optim.weight_decay,
-        max_grad_norm=optim.max_grad_norm,
-    )
+    return adamw(model.parameters(), optim=manifest.optim)
 
 
-def centralized(data_dir: Path, epochs: int) -> dict:
+def centralized(data_dir: Path, epochs: int, target_batch_size: int | None = None) -> dict:
     """One process, the swarm's math without the swarm: per epoch, gradients of target_batch_size
-    samples (micro-batches of batch_size_per_step, averaged), clipped AdamW, the same warm-up."""
+    samples (micro-batches of batch_size_per_step, averaged), clipped AdamW, the same warm-up.
+    `target_batch_size` replaces the run's (a low-communication run is compared with centralized
+    training at the synchronous preset's batch, on as many samples)."""
     import torch
     from crowdtrain.peer.data import rotating_batches
     from crowdtrain.peer.model import as_batch, build_model, evaluate
@@ -119,7 +114,7 @@ def centralized(data_dir: Path, epochs: int) -> dict:
     opt = make_adamw(manifest, model)
     warmup = max(1, manifest.optim.warmup_epochs)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / warmup))
-    micro, target = manifest.swarm.batch_size_per_step, manifest.swarm.target_batch_size
+    micro, target = manifest.swarm.batch_size_per_step, target_batch_size or manifest.swarm.target_batch_size
     accumulate = max(1, target // micro)
     batches = rotating_batches(len(manifest.data.shards), 0, load_blocks, micro, seed=0)
     curve = []
@@ -508,7 +503,7 @@ def swarm_to_epochs(prepared: Path, peers: int, epochs: int, work: Path) -> dict
                 spawn(f"peer-{i}", local_peer_command(grpc, work / f"cache-{i}", *args), work, echo=False)
             )
         children += honest
-        deadline = time.monotonic() + 60 * epochs
+        deadline = time.monotonic() + 60 * epochs * max(1, manifest.swarm.target_batch_size // 256)
         while time.monotonic() < deadline and any(c.proc.poll() is None for c in honest):
             time.sleep(1)
         if any(c.proc.poll() != 0 for c in honest):
@@ -529,10 +524,15 @@ def swarm_to_epochs(prepared: Path, peers: int, epochs: int, work: Path) -> dict
 def quality_figures(
     epochs: int, work: Path, plot_path: Path | None, variant: tuple[str, ...] = ()
 ) -> list[Row]:
+    from crowdtrain.peer.manifest import get_preset
+
     from scripts.attacks import prepare_run
 
     prepared = prepare_run(work / "prepared" / "coordinator", *(("--swarm", *variant) if variant else ()))
-    central = centralized(prepared, epochs)
+    # the same samples as the swarm's `epochs`, at the synchronous preset's batch and schedule
+    preset_batch = get_preset("tiny").swarm.target_batch_size
+    run_batch = load_run(prepared)[0].swarm.target_batch_size
+    central = centralized(prepared, epochs * run_batch // preset_batch, target_batch_size=preset_batch)
     runs = {n: swarm_to_epochs(prepared, n, epochs, work / f"swarm-{n}") for n in (2, 4)}
     rows = []
     for n, run in runs.items():

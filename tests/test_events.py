@@ -23,14 +23,22 @@ def _capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]
 
 
 def test_an_event_is_the_same_human_line_and_a_json_object():
-    fields = dict(epoch=12, loss=5.231, samples_per_s=37.6, swarm_peers=2, lr=3e-3, samples_total=1536)
-    args = (12, 5.231, 37.6, 2, 3e-3, 1536)
-    text = "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d"
+    fields = dict(
+        epoch=12,
+        loss=5.231,
+        samples_per_s=37.6,
+        swarm_peers=2,
+        lr=3e-3,
+        samples_total=1536,
+        compute_share=0.78,
+    )
+    args = (12, 5.231, 37.6, 2, 3e-3, 1536, 0.78)
+    text = "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d compute_share=%.2f"
     human, human_out = _capture(logging.Formatter("%(message)s"))
     emit(human, "epoch", text, *args, **fields)
     assert (
         human_out.getvalue().strip()
-        == "epoch=12 loss=5.231 samples_per_s=37.6 swarm_peers=2 lr=3.0e-03 samples_total=1536"
+        == "epoch=12 loss=5.231 samples_per_s=37.6 swarm_peers=2 lr=3.0e-03 samples_total=1536 compute_share=0.78"
     )
 
     machine, machine_out = _capture(JsonFormatter())
@@ -80,3 +88,20 @@ def test_a_round_without_partners_is_one_warning_line_and_other_errors_keep_thei
     assert "Traceback" not in expected and expected.count("\n") == 1
     assert "Traceback" in unexpected and "KeyError" in unexpected
     assert sum(type(f).__name__ == "ExpectedAveragingFailures" for f in averager_logger.filters) == 1
+
+
+def test_an_epochs_compute_share_is_computing_time_over_wall_time():
+    from crowdtrain.peer.meter import EpochMeter
+
+    now = [100.0]
+    meter = EpochMeter(3, clock=lambda: now[0])
+    for _ in range(4):  # 4 micro-batches of 1 s each, 0.75 s of it computing
+        now[0] += 1.0
+        meter.add(16, 5.0, 1.0, compute_s=0.75)
+    now[0] += 4.0  # then 4 s waiting for the all-reduce
+    assert meter.compute_share() == pytest.approx(3.0 / 8.0)
+    assert meter.epoch_rate() == pytest.approx(64 / 8.0)
+    meter.start_epoch(4)
+    now[0] += 1.0
+    meter.add(16, 4.0, 1.0, compute_s=1.0)
+    assert meter.compute_share() == pytest.approx(1.0) and meter.samples_total == 80

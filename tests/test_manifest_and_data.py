@@ -135,10 +135,18 @@ def test_manifest_rejects_other_versions_and_unknown_fields(tmp_path: Path, smal
 
 def test_a_manifest_from_before_the_swarm_knobs_still_reads(tmp_path: Path, small_corpus: Path):
     raw = json.loads(_manifest(tmp_path, small_corpus).to_json())
-    for key in ("overlap_communication", "grad_compression"):
+    for key in (
+        "overlap_communication",
+        "grad_compression",
+        "mode",
+        "outer_learning_rate",
+        "outer_momentum",
+        "inner_warmup_steps",
+    ):
         del raw["swarm"][key]
     again = RunManifest.from_json(json.dumps(raw))
     assert (again.swarm.overlap_communication, again.swarm.grad_compression) == (False, "none")
+    assert again.swarm.mode == "sync"
 
 
 def test_operators_override_swarm_settings_checked():

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from crowdtrain.peer.optimizers import ClippedAdamW
 from crowdtrain.peer.robust import (
     DEFAULT,
     SpanEvidence,
@@ -15,7 +16,6 @@ from crowdtrain.peer.robust import (
     nonfinite_loss_message,
     robust_reduce,
 )
-from crowdtrain.peer.swarm import ClippedAdamW
 
 D = 8192  # values per part (above min_flip_numel, as most parts of a real model are)
 

@@ -1,0 +1,153 @@
+"""The low-communication mode (`swarm.mode = "diloco"`, peer/diloco.py): its settings are checked,
+and one real hivemind Optimizer takes DiLoCo's outer step exactly (the swarm-level behaviour is in
+tests/test_swarm.py's DiLoCo run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from crowdtrain.peer.manifest import ManifestError, get_preset, override_swarm
+from crowdtrain.peer.optimizers import inner_optimizer, outer_optimizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_mode_and_its_outer_step_settings_are_checked():
+    tiny = get_preset("tiny").swarm
+    assert tiny.mode == "sync"
+    diloco = override_swarm(tiny, ["mode=diloco", "outer_learning_rate=0.5", "outer_momentum=0.8"])
+    assert (diloco.mode, diloco.outer_learning_rate, diloco.outer_momentum) == ("diloco", 0.5, 0.8)
+    for bad, message in (
+        (["mode=async"], "not one of"),
+        (["mode=diloco", "overlap_communication=true"], "not supported with mode=diloco"),
+        (["outer_learning_rate=0"], "outer_learning_rate"),
+        (["outer_momentum=1"], "outer_momentum"),
+        (["inner_warmup_steps=0"], "positive"),
+    ):
+        with pytest.raises(ManifestError, match=message):
+            override_swarm(tiny, bad)
+
+
+def test_the_inner_learning_rate_warms_up_over_local_steps_and_a_joiner_continues_the_count():
+    from crowdtrain.peer.optimizers import adamw
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    manifest = SimpleNamespace(
+        optim=get_preset("tiny").optim,
+        swarm=override_swarm(get_preset("tiny").swarm, ["mode=diloco", "inner_warmup_steps=4"]),
+    )
+    inner = inner_optimizer(manifest, model)
+    assert isinstance(
+        inner.optimizer, type(adamw([torch.nn.Parameter(torch.zeros(1))], optim=manifest.optim))
+    )
+    seen = []
+    for _ in range(6):
+        model.weight.grad = torch.ones(1, 3)
+        inner.step()
+        seen.append(inner.optimizer.param_groups[0]["lr"] / manifest.optim.learning_rate)
+        assert torch.equal(model.weight.grad, torch.zeros(1, 3)), (
+            "gradients are cleared after every inner step"
+        )
+    assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    # a joiner receives these tensors (moments and step counts) in place, and so its warm-up is over
+    joiner = inner_optimizer(manifest, torch.nn.Linear(3, 1, bias=False))
+    for mine, theirs in zip(joiner.state_tensors(), inner.state_tensors(), strict=True):
+        mine.copy_(theirs)
+    joiner.optimizer.param_groups[0]["params"][0].grad = torch.ones(1, 3)
+    joiner.step()
+    assert joiner.optimizer.param_groups[0]["lr"] == manifest.optim.learning_rate
+
+
+def test_the_outer_optimizer_is_nesterov_sgd_on_the_pseudo_gradient():
+    outer = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = outer_optimizer([outer], learning_rate=0.7, momentum=0.9)
+    delta = torch.tensor([0.5, 0.25])  # outer minus local: the local model moved by -delta
+    outer.grad = delta.clone()
+    opt.step()
+    assert torch.allclose(outer.detach(), torch.tensor([1.0, -2.0]) - 0.7 * 1.9 * delta)
+
+
+def test_a_diloco_peer_takes_the_outer_step_and_resets_its_model(tmp_path: Path):
+    """The real hivemind Optimizer (its offloaded copy is the outer model) with our averager: after
+    4 inner steps, one outer step from the pseudo-gradient, and the model reset to the result."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.diloco_probe", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["moved"] > 1e-4, "the inner steps moved the model away from the outer one"
+    assert result["outer_error"] < 1e-5, result
+    assert result["reset_error"] == 0.0, result
+    assert result["inner_state_served"] and result["inner_steps_counted"] == 4.0, (
+        "joiners get the inner AdamW"
+    )
+    assert len(result["losses"]) == 4 and all(math.isfinite(x) for x in result["losses"])
+
+
+DILOCO_EPOCHS = 8
+
+
+@pytest.mark.swarm
+def test_a_diloco_swarm_trains_agrees_publishes_and_takes_a_joiner(launcher, tmp_path: Path):
+    """Three volunteers as real processes in mode=diloco (16 local AdamW steps per peer between
+    outer steps): the loss falls, the two that trained throughout end with the same outer model,
+    a late joiner starts from the swarm's state, and the coordinator publishes a better model."""
+    from safetensors.torch import load_file
+
+    from scripts.harness import events_named
+
+    data_dir = tmp_path / "coordinator"
+    coordinator = launcher.start_coordinator(
+        data_dir,
+        "--checkpoint-interval-s",
+        "8",
+        "--heartbeat-interval-s",
+        "2",
+        "--swarm",
+        "mode=diloco",
+        "target_batch_size=512",
+    )
+    endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
+    initial_loss = endpoints["initial_eval_loss"]
+
+    def start_peer(i: int):
+        args = ("--max-epochs", str(DILOCO_EPOCHS), "--save-dir", str(tmp_path / f"saved-{i}"))
+        return launcher.start_peer(f"peer-{i}", endpoints["grpc"], tmp_path / "cache", *args)
+
+    peers = [start_peer(0), start_peer(1)]
+    launcher.wait_for_event(peers[0], "epoch", timeout_s=420, where=lambda e: e["epoch"] >= 3)
+    swarm_loss = events_named(peers[0], "epoch")[-1]["loss"]
+    peers.append(start_peer(2))
+    loaded = launcher.wait_for_event(peers[2], "state_loaded", timeout_s=300)
+    assert loaded["epoch"] >= 3
+    first_loss = launcher.wait_for_event(peers[2], "epoch", timeout_s=300)["loss"]
+    assert first_loss < initial_loss - 1.0 and abs(first_loss - swarm_loss) < 0.8, (first_loss, swarm_loss)
+    published = launcher.wait_for_event(
+        coordinator,
+        "checkpoint_published",
+        timeout_s=420,
+        where=lambda e: e["eval_loss"] < initial_loss - 1.0,
+    )
+    for peer in peers:
+        assert peer.proc.wait(timeout=600) == 0, "\n".join(peer.lines[-30:])
+    for peer in peers[:2]:
+        epochs = events_named(peer, "epoch")
+        assert max(e["swarm_peers"] for e in epochs) >= 2, "peer never saw the others"
+        assert epochs[-1]["loss"] < epochs[0]["loss"] - 1.0, "training loss did not fall"
+    states = [load_file(tmp_path / f"saved-{i}" / "model.safetensors") for i in range(2)]
+    # each saved its model right after the last outer step, which resets it to the outer model:
+    # the same tensors on both when they averaged together (without averaging: about 1.0 apart)
+    gap = max(float((states[0][k] - states[1][k]).abs().max()) for k in states[0])
+    assert gap < 1e-3, f"the two peers' outer models differ by up to {gap}"
+    assert published["step"] >= 1
