@@ -95,7 +95,7 @@ def test_a_diloco_peer_takes_the_outer_step_and_resets_its_model(tmp_path: Path)
     assert len(result["losses"]) == 4 and all(math.isfinite(x) for x in result["losses"])
 
 
-DILOCO_EPOCHS = 8
+DILOCO_EPOCHS = 6
 
 
 @pytest.mark.swarm
@@ -126,11 +126,11 @@ def test_a_diloco_swarm_trains_agrees_publishes_and_takes_a_joiner(launcher, tmp
         return launcher.start_peer(f"peer-{i}", endpoints["grpc"], tmp_path / "cache", *args)
 
     peers = [start_peer(0), start_peer(1)]
-    launcher.wait_for_event(peers[0], "epoch", timeout_s=420, where=lambda e: e["epoch"] >= 3)
+    launcher.wait_for_event(peers[0], "epoch", timeout_s=420, where=lambda e: e["epoch"] >= 2)
     swarm_loss = events_named(peers[0], "epoch")[-1]["loss"]
     peers.append(start_peer(2))
     loaded = launcher.wait_for_event(peers[2], "state_loaded", timeout_s=300)
-    assert loaded["epoch"] >= 3
+    assert loaded["epoch"] >= 2
     first_loss = launcher.wait_for_event(peers[2], "epoch", timeout_s=300)["loss"]
     assert first_loss < initial_loss - 1.0 and abs(first_loss - swarm_loss) < 0.8, (first_loss, swarm_loss)
     published = launcher.wait_for_event(

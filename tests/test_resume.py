@@ -32,6 +32,8 @@ def wait_for_a_good_checkpoint(launcher, coordinator, target: float, timeout_s: 
 
 
 def test_full_swarm_restart_resumes_from_the_latest_checkpoint(launcher, tmp_path: Path):
+    """In the low-communication mode (the fallback test below covers the synchronous one): a
+    resumed peer's outer model, the copy hivemind keeps and peers share, must be the checkpoint's."""
     data_dir = tmp_path / "coordinator"
     coordinator = launcher.start_coordinator(
         data_dir,
@@ -41,6 +43,8 @@ def test_full_swarm_restart_resumes_from_the_latest_checkpoint(launcher, tmp_pat
         "1",
         "--heartbeat-timeout-s",
         "6",
+        "--swarm",
+        "mode=diloco",
     )
     endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
     first = launcher.start_peer("first", endpoints["grpc"], tmp_path / "cache-1")
