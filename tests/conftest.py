@@ -159,15 +159,3 @@ def _no_proxy(monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     yield
 
-
-# Modules that fork hivemind's DHT and averager processes from the pytest process itself. A fork
-# shares open file descriptions with the parent, and once earlier tests have left threads and
-# event loops in the parent (grpc's aio poller, tqdm's monitor, uvloop), a DHT child once died at
-# start in CI: "BlockingIOError: [Errno 11]" reading its command pipe, which something in the parent
-# had made non-blocking; the test then blocked writing to that pipe until its 600 s timeout. Run
-# these modules first, while the parent is still a plain single-threaded interpreter.
-FORKS_HIVEMIND_IN_PROCESS = ("test_swarm_auth.py", "test_robust_averaging.py", "test_state_trust.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in FORKS_HIVEMIND_IN_PROCESS)  # stable: order kept
