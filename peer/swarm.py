@@ -153,36 +153,20 @@ def make_optimizer(
     evidence=None,
     extra_tensors=(),
 ):
-    """The run's hivemind.Optimizer. Synchronous mode: gradients averaged every `target_batch_size`
-    samples, then AdamW. DiLoCo mode (peer/diloco.py): the caller steps `inner_optimizer(...)` on
-    the model and passes its `state_tensors()` as `extra_tensors` (shared with joiners); this one
-    averages pseudo-gradients every `target_batch_size` samples, then an outer Nesterov step. Its averagers are peer/averaging.py's: robust all-reduce, and only peers
-    `gate(peer_id_base58) -> (admitted, reason)` admits (None: everyone) average with us or swap
-    state; rejected contributions go to `evidence` (an `evidence.EvidenceSink`). Create both before.
-
-    Must be called from the main thread (hivemind installs a signal handler), and afterwards the
-    caller must re-install its own SIGINT/SIGTERM handlers. Stop it with `leave_swarm`.
-    """
-    from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, GuardedGradientAverager, grad_compression
-    from crowdtrain.peer.diloco import PseudoGradientAverager
-    from crowdtrain.peer.optimizers import adamw, outer_optimizer, warmup_schedule
+    """The run's hivemind.Optimizer: sync mode averages gradients every `target_batch_size` samples,
+    then AdamW; diloco mode (peer/diloco.py) pseudo-gradients, then an outer Nesterov step, while the
+    caller steps `inner_optimizer(...)`, whose `state_tensors()` are our `extra_tensors`. Averagers
+    are robust (peer/averaging.py); only peers `gate(peer_id) -> (admitted, reason)` admits average
+    or swap state with us; refused contributions go to `evidence` (an EvidenceSink). Call from the
+    main thread, then re-install SIGINT/SIGTERM handlers (hivemind's replace them); `leave_swarm` stops it."""
+    from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, grad_compression
 
     # hivemind replays the LR schedule up to the loaded epoch before any optimizer step: expected
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
-    optim, swarm = manifest.optim, manifest.swarm
+    swarm = manifest.swarm
     request_timeout_s = max(0.5, min(3.0, swarm.matchmaking_time_s / 2))
-    if swarm.mode == "diloco":
-        averager_class, scheduler = PseudoGradientAverager, None
-        optimizer = partial(
-            outer_optimizer, learning_rate=swarm.outer_learning_rate, momentum=swarm.outer_momentum
-        )
-    else:
-        averager_class, scheduler = (
-            GuardedGradientAverager,
-            partial(warmup_schedule, warmup_epochs=optim.warmup_epochs),
-        )
-        optimizer = partial(adamw, optim=optim)
+    averager_class, optimizer, scheduler = _mode(manifest)
     return _Optimizer(
         dht=dht,
         run_id=manifest.run_id,
@@ -216,6 +200,22 @@ def make_optimizer(
         guard=dict(gate=gate, evidence=evidence),
         verbose=verbose,
     )
+
+
+def _mode(manifest: RunManifest):
+    """(gradient averager class, optimizer factory, scheduler factory) of the run's training mode."""
+    from crowdtrain.peer.averaging import GuardedGradientAverager
+    from crowdtrain.peer.diloco import PseudoGradientAverager
+    from crowdtrain.peer.optimizers import adamw, outer_optimizer, warmup_schedule
+
+    optim, swarm = manifest.optim, manifest.swarm
+    if swarm.mode == "diloco":
+        outer = partial(
+            outer_optimizer, learning_rate=swarm.outer_learning_rate, momentum=swarm.outer_momentum
+        )
+        return PseudoGradientAverager, outer, None
+    schedule = partial(warmup_schedule, warmup_epochs=optim.warmup_epochs)
+    return GuardedGradientAverager, partial(adamw, optim=optim), schedule
 
 
 def leave_swarm(opt, dht, timeout_s: float = 10.0) -> None:
