@@ -158,4 +158,3 @@ def _no_proxy(monkeypatch):
     # urllib honours http_proxy; our servers are on 127.0.0.1
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     yield
-
