@@ -221,11 +221,25 @@ def donors(dhts, forged: str, *, guarded_joiner: bool = True, refuse_attacker: b
         joiner = DecentralizedAverager(honest_tensors(3), dht=dhts[2], **common)
     try:
         honest.state_sharing_priority, attacker.state_sharing_priority = 1.0, 1e9
-        time.sleep(1.5)  # both declarations reach the DHT
+        _wait_for_declarations(dhts[2], common["prefix"], {honest: 1.0, attacker: 1e9})
         yield joiner, honest, attacker, evidence
     finally:
         for averager in (honest, attacker, joiner):
             averager.shutdown()
+
+
+def _wait_for_declarations(dht, prefix: str, priorities: dict, timeout_s: float = 60.0) -> None:
+    """Until the joiner's DHT node reads every donor's declared priority (a fixed 1.5 s sleep was
+    too short once on 2 busy cores: the stock joiner found no donor and loaded nothing)."""
+    wanted = {averager.peer_id.to_bytes(): value for averager, value in priorities.items()}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found, _ = dht.get(f"{prefix}.all_averagers", latest=True) or ({}, None)
+        seen = {key: getattr(item, "value", None) for key, item in found.items()}
+        if all(seen.get(key) == value for key, value in wanted.items()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the donors' declarations did not reach the DHT in {timeout_s:.0f} s: {seen}")
 
 
 def loaded_matches(loaded, tensors) -> bool:
