@@ -132,7 +132,9 @@ def test_a_diloco_swarm_trains_agrees_publishes_and_takes_a_joiner(launcher, tmp
     loaded = launcher.wait_for_event(peers[2], "state_loaded", timeout_s=300)
     assert loaded["epoch"] >= 2
     first_loss = launcher.wait_for_event(peers[2], "epoch", timeout_s=300)["loss"]
-    assert first_loss < initial_loss - 1.0 and abs(first_loss - swarm_loss) < 0.8, (first_loss, swarm_loss)
+    # not random init, and not worse than the swarm before it joined (the swarm keeps improving while
+    # the joiner starts: seen 5.34 against the 6.27 sampled then)
+    assert first_loss < initial_loss - 1.0 and first_loss < swarm_loss + 0.8, (first_loss, swarm_loss)
     published = launcher.wait_for_event(
         coordinator,
         "checkpoint_published",
