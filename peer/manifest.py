@@ -100,6 +100,7 @@ class RunManifest:
             raise ManifestError("run manifest is not a JSON object")
         manifest = _from_dict(cls, raw)
         _check_names(manifest)
+        check_swarm(manifest.swarm)  # from the network: an unknown mode or a wild outer step is refused
         return manifest
 
     def sha256(self) -> str:

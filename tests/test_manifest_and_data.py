@@ -149,6 +149,15 @@ def test_a_manifest_from_before_the_swarm_knobs_still_reads(tmp_path: Path, smal
     assert again.swarm.mode == "sync"
 
 
+def test_a_manifest_with_unusable_swarm_settings_is_refused(tmp_path: Path, small_corpus: Path):
+    raw = json.loads(_manifest(tmp_path, small_corpus).to_json())
+    for key, value in (("mode", "async"), ("outer_learning_rate", 1e9), ("target_batch_size", 0)):
+        hostile = json.loads(json.dumps(raw))
+        hostile["swarm"][key] = value
+        with pytest.raises(ManifestError, match=key):
+            RunManifest.from_json(json.dumps(hostile))
+
+
 def test_operators_override_swarm_settings_checked():
     tiny = get_preset("tiny").swarm
     changed = override_swarm(
