@@ -25,7 +25,17 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "state_loaded": ("epoch", "seconds"),
     "resumed_from_checkpoint": ("step", "eval_loss"),
     "checkpoint_fallback": ("step", "swarm_epoch"),
-    "epoch": ("epoch", "loss", "samples_per_s", "swarm_peers", "lr", "samples_total", "compute_share"),
+    "epoch": (
+        "epoch",
+        "loss",
+        "samples_per_s",
+        "swarm_peers",
+        "lr",
+        "samples_total",
+        "compute_share",
+        "averaged_with",
+        "group",
+    ),
     "coordinator_unreachable": ("what", "retry_in_s"),
     "swarm_rejoined": ("reached", "bootstrap_peers"),
     # the coordinator

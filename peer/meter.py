@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import sys
 import time
 
@@ -60,3 +62,20 @@ class EpochMeter:
         """The share of this epoch's wall time spent computing (forward, backward, local steps)
         rather than waiting for the swarm or for data: the utilization of this peer's hardware."""
         return min(1.0, self.compute_s / max(self.clock() - self.t0, 1e-6))
+
+
+def round_group(control, own_peer_id) -> tuple[str, ...]:
+    """Who averaged together in a finished hivemind round (`control`, hivemind's StepControl, whose
+    result maps each member's peer id to what it gathered): their sorted peer ids; just this peer's
+    when the round failed, was skipped (no partner) or has not finished."""
+    try:
+        if control is not None and control.done() and not control.cancelled():
+            return tuple(sorted(str(peer_id) for peer_id in control.result(0)))
+    except (Exception, asyncio.CancelledError):  # the round failed: this peer stepped alone
+        pass
+    return (str(own_peer_id),)
+
+
+def group_fingerprint(group: tuple[str, ...]) -> str:
+    """8 hex digits naming a group of peers: two peers that averaged together log the same one."""
+    return hashlib.sha256("\n".join(group).encode()).hexdigest()[:8]

@@ -325,8 +325,16 @@ class _Optimizer(hivemind.Optimizer):
         from crowdtrain.peer.diloco import attach_outer_parameters
 
         self._guard = guard  # gate and evidence sink of the state averager
+        self.last_group: tuple[str, ...] = ()  # peer ids of the last gradient round's group
         super().__init__(**kwargs)
         attach_outer_parameters(self)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        """hivemind's, then note who this round averaged with (the epoch log line reports it)."""
+        from crowdtrain.peer.meter import round_group
+
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        self.last_group = round_group(maybe_step_control, self.dht.peer_id)
 
     def _make_state_averager(self, **kwargs):
         from crowdtrain.peer.averaging import make_state_averager

@@ -6,6 +6,7 @@
 One log line per swarm epoch:
 
     epoch=12 loss=5.231 samples_per_s=88.1 swarm_peers=2 lr=3.0e-03 samples_total=3456 compute_share=0.78
+    averaged_with=2 group=3f9a0c1e
 
 `Volunteer._run` reads top to bottom as the steps a peer takes; each step is a method below it.
 Catching up to the swarm lives in peer/recovery.py, hivemind wiring in peer/swarm.py.
@@ -32,7 +33,7 @@ from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
 from crowdtrain.peer.identity import PeerIdentity
-from crowdtrain.peer.meter import EpochMeter, StatusLine
+from crowdtrain.peer.meter import EpochMeter, StatusLine, group_fingerprint
 from crowdtrain.peer.processes import stop_on_signals
 from crowdtrain.peer.recovery import Recovery
 from crowdtrain.peer.rejoin import rejoin_in_background
@@ -335,10 +336,13 @@ class Volunteer:
     def _log_epoch(self, meter: EpochMeter, swarm_peers: int) -> None:
         mean_loss, rate = sum(meter.losses) / len(meter.losses), meter.epoch_rate()
         lr = (self.inner.optimizer if self.inner is not None else self.opt.opt).param_groups[0]["lr"]
+        # the round that ended this epoch; none (it caught up by loading the state): alone
+        group, self.opt.last_group = self.opt.last_group or (str(self.dht.peer_id),), ()
         emit(
             logger,
             "epoch",
-            "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d compute_share=%.2f",
+            "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d compute_share=%.2f "
+            "averaged_with=%d group=%s",
             self.opt.local_epoch,
             mean_loss,
             rate,
@@ -346,6 +350,8 @@ class Volunteer:
             lr,
             meter.samples_total,
             meter.compute_share(),
+            len(group),
+            group_fingerprint(group),
             epoch=self.opt.local_epoch,
             loss=round(mean_loss, 5),
             samples_per_s=round(rate, 3),
@@ -353,6 +359,8 @@ class Volunteer:
             lr=lr,
             samples_total=meter.samples_total,
             compute_share=round(meter.compute_share(), 4),
+            averaged_with=len(group),  # the last gradient round's group, this peer included
+            group=group_fingerprint(group),  # peers that averaged together log the same fingerprint
         )
 
     def save(self, model) -> None:

@@ -19,6 +19,19 @@ def events_named(child: Child, event: str, start: int = 0) -> list[dict]:
     return [e for e in child.events[start:] if e["event"] == event]
 
 
+def rounds_together(a: Child, b: Child) -> dict[int, bool]:
+    """For each epoch both peers logged: whether the gradient round that ended it put them in the
+    same group (the `group` fingerprint of their epoch events; a round with no partner or a failed
+    one leaves a peer alone, and its model then differs until the next state averaging)."""
+    groups = [
+        {e["epoch"]: (e["group"], e["averaged_with"]) for e in events_named(c, "epoch")} for c in (a, b)
+    ]
+    return {
+        epoch: groups[0][epoch] == groups[1][epoch] and groups[0][epoch][1] >= 2
+        for epoch in sorted(groups[0].keys() & groups[1].keys())
+    }
+
+
 def index_after(child: Child, event: dict) -> int:
     """The index in child.events just after `event` (one that wait_for_event returned)."""
     return next(i for i, e in enumerate(child.events) if e is event) + 1

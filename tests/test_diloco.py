@@ -105,7 +105,7 @@ def test_a_diloco_swarm_trains_agrees_publishes_and_takes_a_joiner(launcher, tmp
     a late joiner starts from the swarm's state, and the coordinator publishes a better model."""
     from safetensors.torch import load_file
 
-    from scripts.harness import events_named
+    from scripts.harness import events_named, rounds_together
 
     data_dir = tmp_path / "coordinator"
     coordinator = launcher.start_coordinator(
@@ -147,9 +147,28 @@ def test_a_diloco_swarm_trains_agrees_publishes_and_takes_a_joiner(launcher, tmp
         epochs = events_named(peer, "epoch")
         assert max(e["swarm_peers"] for e in epochs) >= 2, "peer never saw the others"
         assert epochs[-1]["loss"] < epochs[0]["loss"] - 1.0, "training loss did not fall"
+    together = rounds_together(peers[0], peers[1])
+    assert sum(together.values()) >= len(together) / 2, f"peers 0 and 1 rarely averaged together: {together}"
+    # Each saved its model right after the last outer step, which resets it to the outer model.
+    # The two agree exactly only if no round (of pseudo-gradients or of state) ever split them: a
+    # peer that steps alone keeps that difference until a state round that groups them both. Seen:
+    # 0 with no split; 0.045 of the distance travelled from init after a split first round, 0.117
+    # after a split last one (the joiner's first round held a partner until its timeout). Without
+    # averaging they would end about as far apart as they travelled.
+    import urllib.request
+
+    from crowdtrain.peer.manifest import RunManifest
+    from crowdtrain.peer.model import build_model
+
+    with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
+        initial = build_model(RunManifest.from_json(response.read().decode())).state_dict()
     states = [load_file(tmp_path / f"saved-{i}" / "model.safetensors") for i in range(2)]
-    # each saved its model right after the last outer step, which resets it to the outer model:
-    # the same tensors on both when they averaged together (without averaging: about 1.0 apart)
-    gap = max(float((states[0][k] - states[1][k]).abs().max()) for k in states[0])
-    assert gap < 1e-3, f"the two peers' outer models differ by up to {gap}"
+
+    def distance(a: dict, b: dict) -> float:
+        return sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) ** 0.5
+
+    travelled, gap = distance(states[0], initial), distance(states[0], states[1])
+    assert gap < 0.25 * travelled, (
+        f"outer models {gap} apart, travelled {travelled}; rounds together: {together}"
+    )
     assert published["step"] >= 1

@@ -31,14 +31,20 @@ def test_an_event_is_the_same_human_line_and_a_json_object():
         lr=3e-3,
         samples_total=1536,
         compute_share=0.78,
+        averaged_with=2,
+        group="3f9a0c1e",
     )
-    args = (12, 5.231, 37.6, 2, 3e-3, 1536, 0.78)
-    text = "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d compute_share=%.2f"
+    args = (12, 5.231, 37.6, 2, 3e-3, 1536, 0.78, 2, "3f9a0c1e")
+    text = (
+        "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d compute_share=%.2f "
+        "averaged_with=%d group=%s"
+    )
     human, human_out = _capture(logging.Formatter("%(message)s"))
     emit(human, "epoch", text, *args, **fields)
     assert (
         human_out.getvalue().strip()
-        == "epoch=12 loss=5.231 samples_per_s=37.6 swarm_peers=2 lr=3.0e-03 samples_total=1536 compute_share=0.78"
+        == "epoch=12 loss=5.231 samples_per_s=37.6 swarm_peers=2 lr=3.0e-03 samples_total=1536 compute_share=0.78 "
+        "averaged_with=2 group=3f9a0c1e"
     )
 
     machine, machine_out = _capture(JsonFormatter())
@@ -105,3 +111,23 @@ def test_an_epochs_compute_share_is_computing_time_over_wall_time():
     now[0] += 1.0
     meter.add(16, 4.0, 1.0, compute_s=1.0)
     assert meter.compute_share() == pytest.approx(1.0) and meter.samples_total == 80
+
+
+def test_a_round_names_its_group_and_a_failed_one_leaves_the_peer_alone():
+    from concurrent.futures import Future
+
+    from crowdtrain.peer.meter import group_fingerprint, round_group
+
+    def finished(result=None, error=None) -> Future:
+        f = Future()
+        f.set_exception(error) if error else f.set_result(result)
+        return f
+
+    together = round_group(finished({"QmB": b"", "QmA": b""}), "QmA")
+    assert together == ("QmA", "QmB") == round_group(finished({"QmA": 1, "QmB": 2}), "QmB")
+    assert group_fingerprint(together) == group_fingerprint(("QmA", "QmB")) != group_fingerprint(("QmA",))
+    assert len(group_fingerprint(together)) == 8
+    cancelled = Future()
+    cancelled.cancel()
+    for alone in (None, Future(), cancelled, finished(error=TimeoutError("could not find a group"))):
+        assert round_group(alone, "QmA") == ("QmA",)
