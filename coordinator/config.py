@@ -17,7 +17,9 @@ class CoordinatorConfig:
     data_dir: str = option(
         REQUIRED, "directory holding the run: manifest, data shards, peer state, checkpoints"
     )
-    preset: str = option("tiny", "run preset used when DATA_DIR holds no run yet (tiny, small30m, base125m)")
+    preset: str = option(
+        "tiny", "run preset used when DATA_DIR holds no run yet (tiny, small30m, wan30m, base125m)"
+    )
     data: tuple[str, ...] = option(
         (), "text files or directories to train on (default: this Python's stdlib source)"
     )

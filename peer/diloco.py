@@ -35,8 +35,9 @@ from crowdtrain.peer.averaging import GuardedGradientAverager
 logger = logging.getLogger(__name__)
 
 
-class PseudoGradientAverager(GuardedGradientAverager):
-    """Averages pseudo-gradients (outer parameters minus local ones) instead of gradients.
+class PseudoGradients:
+    """Makes a hivemind GradientAverager average pseudo-gradients (outer parameters minus local
+    ones) instead of gradients; mixed in before the averager class.
 
     `outer_parameters` (hivemind's offloaded copy, in the order of `parameters`) must be set before
     the first round; `_Optimizer` in peer/swarm.py does it right after hivemind builds both."""
@@ -71,11 +72,16 @@ class PseudoGradientAverager(GuardedGradientAverager):
         self._anchor_batch_size = None
 
 
+class PseudoGradientAverager(PseudoGradients, GuardedGradientAverager):
+    """The run's gradient averager in mode=diloco: pseudo-gradients, averaged robustly behind the
+    admission gate (peer/averaging.py)."""
+
+
 def attach_outer_parameters(opt) -> None:
     """Point a PseudoGradientAverager at hivemind's offloaded copy of the parameters (the outer
     model). hivemind 1.1.12: `Optimizer.state_averager.optimizer.param_groups` hold that copy, in
     the order of the model's parameters, as hivemind's `_make_gradient_averager` itself relies on."""
-    if isinstance(opt.grad_averager, PseudoGradientAverager):
+    if isinstance(opt.grad_averager, PseudoGradients):
         groups = opt.state_averager.optimizer.param_groups
         opt.grad_averager.outer_parameters = [p for group in groups for p in group["params"]]
 

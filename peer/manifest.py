@@ -285,6 +285,28 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
+# small30m's model for volunteers behind home links (issue 13): DiLoCo with fp16 pseudo-gradients.
+# target_batch_size sets H, the local steps between exchanges (512 / 2 peers / 8 per step = 32 on a
+# 2-peer swarm): the compute between exchanges must hide a 60 MB fp16 exchange (24 s at 20 Mbit/s) to
+# reach 0.9 of wall time computing. State rounds move 3 model sizes in fp32 (parameters and both
+# AdamW moments), so they are rare. Measured: docs/performance.md.
+PRESETS["wan30m"] = dataclasses.replace(
+    PRESETS["small30m"],
+    name="wan30m",
+    description="small30m's ~30M-parameter model in the low-communication mode (DiLoCo), for "
+    "volunteers behind 20-100 Mbit/s links",
+    swarm=SwarmSpec(
+        target_batch_size=512,
+        batch_size_per_step=8,
+        matchmaking_time_s=10.0,
+        averaging_timeout_s=300.0,
+        average_state_every=10,
+        load_state_timeout_s=600.0,
+        grad_compression="float16",
+        mode="diloco",
+    ),
+)
+
 
 def get_preset(name: str) -> Preset:
     try:

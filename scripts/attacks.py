@@ -3,6 +3,7 @@
     python -m scripts.attacks                        # every attack, then the table
     python -m scripts.attacks --attacks nan scale    # some of them
     python -m scripts.attacks --epochs 24 --out docs/attacks.md
+    python -m scripts.attacks --attacks scale signflip --swarm mode=diloco target_batch_size=512
 
 For each scenario: a coordinator (open admission: anyone may join), 3 honest `crowdtrain peer`s
 (1 CPU thread each) and the attacker(s) of tests/attacker.py, real processes on 127.0.0.1. The
@@ -227,11 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--out", default="", help="also write the table (markdown) to this file")
+    parser.add_argument(
+        "--swarm",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the run's swarm settings, e.g. mode=diloco",
+    )
     args = parser.parse_args(argv)
     scenarios = ["baseline", *[a for a in args.attacks if a != "baseline"]]
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="crowdtrain-attacks-") as tmp:
-        prepared = prepare_run(Path(tmp) / "prepared" / "coordinator")
+        swarm = ("--swarm", *args.swarm) if args.swarm else ()
+        prepared = prepare_run(Path(tmp) / "prepared" / "coordinator", *swarm)
         for scenario in scenarios:
             print(f"--- {scenario}", flush=True)
             outcome = run_scenario(scenario, Path(tmp) / scenario, args.epochs, prepared=prepared)

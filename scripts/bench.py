@@ -7,6 +7,7 @@ with its goal; the table goes to docs/benchmarks.md.
     python -m scripts.bench --figures swarm --presets tiny --profile \
         --variants '' overlap_communication=true,grad_compression=float16   # compare swarm settings
     python -m scripts.bench --figures allreduce --sizes-mb 100 500 --group-sizes 2 4
+    python -m scripts.bench --figures wan --rates-mbit 20 --wan-runs wan30m   # as root
 
 Figures:
 - swarm (one run per preset in `--presets`, default `tiny` and the 30M-parameter `small30m`, and per
@@ -35,6 +36,9 @@ Figures:
   same bytes), with the CPU seconds per round of the averagers (python) and the p2pd daemons. MB/s
   is the tensor's size over the round's time (matchmaking excluded). Goal: ours >= 5x stock.
 - pull: `crowdtrain pull` vs `curl` of the same published checkpoint (scripts/bench_pull.py).
+- wan (needs root; skipped with the reason elsewhere): scripts/bench_wan.py. For each of
+  `--wan-runs` and each of `--rates-mbit`, 2 peers in network namespaces behind links shaped to that
+  rate: the share of wall time computing and the bytes sent per 1,000 samples. Goal >= 0.90 at 20.
 - gpu: only where CUDA is available (`scripts/gpu_smoke.sh` measures MFU there); elsewhere the
   table says why it is skipped.
 """
@@ -54,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ("swarm", "quality", "allreduce", "pull", "gpu")
+FIGURES = ("swarm", "quality", "allreduce", "pull", "gpu", "wan")
 
 
 @dataclass
@@ -184,14 +188,16 @@ def plain_loop(data_dir: Path, shard: int, seconds: float, warmup_s: float, peer
 # --- traffic ---------------------------------------------------------------------------------------
 
 
-def tcp_bytes_acked(pids: set[int]) -> dict[tuple[str, str, int], int]:
+def tcp_bytes_acked(pids: set[int], netns: str | None = None) -> dict[tuple[str, str, int], int]:
     """bytes_acked of every established TCP socket the processes `pids` own, by (local, remote, pid),
-    from `ss -tinp` (a peer's p2pd carries all of its swarm traffic: averaging, state, DHT)."""
+    from `ss -tinp` (a peer's p2pd carries all of its swarm traffic: averaging, state, DHT), run in
+    network namespace `netns` when given."""
     import re
     import subprocess
 
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     out = subprocess.run(
-        ["ss", "-tinpH", "state", "established"], capture_output=True, text=True, timeout=30
+        [*prefix, "ss", "-tinpH", "state", "established"], capture_output=True, text=True, timeout=30
     ).stdout
     counts, key = {}, None
     for line in out.splitlines():
@@ -224,11 +230,12 @@ class PeerMeter:
     summed PSS. Sockets that open and close between two samples are missed; libp2p keeps its
     connections open, so they are few."""
 
-    def __init__(self, pgid: int, interval_s: float = 1.0):
-        self.pgid, self.interval_s = pgid, interval_s
+    def __init__(self, pgid: int, interval_s: float = 1.0, netns: str | None = None):
+        self.pgid, self.interval_s, self.netns = pgid, interval_s, netns
         self.peak_pss_mb = 0.0
         self._first: dict = {}
         self._last: dict = {}
+        self.timeline: list[tuple[float, int]] = []  # (unix time, bytes sent since start) per sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -241,18 +248,22 @@ class PeerMeter:
     def _sample(self) -> dict:
         pids = group_pids(self.pgid)
         self.peak_pss_mb = max(self.peak_pss_mb, sum(pss_kb(pid) for pid in pids) / 1024)
-        return tcp_bytes_acked(pids)
+        return tcp_bytes_acked(pids, self.netns)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._last.update(self._sample())
+            self.timeline.append((time.time(), self.sent()))
+
+    def sent(self) -> int:
+        return sum(v - self._first.get(k, 0) for k, v in self._last.items())
 
     def stop(self) -> int:
         """Bytes sent since start()."""
         self._stop.set()
         self._thread.join()
         self._last.update(self._sample())
-        return sum(v - self._first.get(k, 0) for k, v in self._last.items())
+        return self.sent()
 
 
 def group_pids(pgid: int) -> set[int]:
@@ -786,6 +797,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pull-mb", type=float, default=500.0, help="checkpoint size of the pull figure")
     parser.add_argument("--pull-rounds", type=int, default=3, help="pull figure: best of this many")
     parser.add_argument("--rounds", type=int, default=2, help="all-reduce rounds per size (median)")
+    parser.add_argument(
+        "--rates-mbit", type=float, nargs="+", default=[20.0, 100.0], help="of the wan figure"
+    )
+    parser.add_argument("--wan-epochs", type=int, default=2, help="wan figure: epochs measured per peer")
+    parser.add_argument(
+        "--wan-runs",
+        nargs="+",
+        default=["small30m:averaging_timeout_s=300", "wan30m"],
+        help="wan figure: PRESET[:KEY=VALUE,...] each (swarm settings; the synchronous preset's round "
+        "timeout is raised so that its 120 MB fp32 exchange can finish at 20 Mbit/s)",
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to write nothing")
     args = parser.parse_args(argv)
     rows: list[Row] = []
@@ -811,6 +833,10 @@ def main(argv: list[str] | None = None) -> int:
             rows += pull_rows(args.pull_mb, Path(tmp) / "pull", args.pull_rounds)
         if "gpu" in args.figures:
             rows += gpu_figures()
+        if "wan" in args.figures:
+            from scripts.bench_wan import wan_rows
+
+            rows += wan_rows(args.wan_runs, args.rates_mbit, args.wan_epochs, Path(tmp))
     width = [max(len(r.cells()[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row.cells(), width, strict=True)))

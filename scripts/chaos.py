@@ -2,6 +2,7 @@
 
     .venv/bin/python -m scripts.chaos --peers 4 --minutes 10 --seed 7
     .venv/bin/python -m scripts.chaos --peers 3 --minutes 4 --wan    # as root: peers behind netem links
+    .venv/bin/python -m scripts.chaos --swarm mode=diloco target_batch_size=1024   # the low-communication mode
 
 See scripts/chaos_harness.py for the faults and how each figure is measured (from the processes'
 progress events and the coordinator's HTTP API). The report is printed and
@@ -32,6 +33,13 @@ def main() -> int:
     parser.add_argument(
         "--wan", action="store_true", help="peers in network namespaces behind tc netem links"
     )
+    parser.add_argument(
+        "--swarm",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the run's swarm settings, e.g. mode=diloco",
+    )
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -41,6 +49,7 @@ def main() -> int:
         seed=args.seed,
         mean_fault_interval_s=args.mean_fault_interval_s,
         wan=args.wan,
+        swarm=tuple(args.swarm),
     )
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="crowdtrain-chaos-"))
     try:

@@ -82,6 +82,7 @@ class ChaosConfig:
     min_voter_age_s: float = 120.0  # --min-voter-age-s: a peer's state counts for publishing after this
     faults: tuple[Fault, ...] | None = None  # an explicit plan instead of one drawn from the seed
     wan: bool = False  # peers in their own network namespaces behind netem links (see wan.py)
+    swarm: tuple[str, ...] = ()  # the coordinator's --swarm KEY=VALUE settings (e.g. mode=diloco)
 
 
 def plan_faults(config: ChaosConfig) -> list[Fault]:
@@ -127,6 +128,7 @@ class Report:
     seed: int
     peers: int
     duration_s: float
+    swarm: tuple[str, ...] = ()
     faults_planned: int = 0
     faults_injected: dict = field(default_factory=dict)
     faults_skipped: int = 0
@@ -166,7 +168,8 @@ class Report:
         ratios = ", ".join(f"{r:.2f}" for r in self.outage_throughput_ratio) or "none"
         return "\n".join(
             [
-                f"chaos run: seed {self.seed}, {self.peers} peers, {self.duration_s:.0f}s",
+                f"chaos run: seed {self.seed}, {self.peers} peers, {self.duration_s:.0f}s, "
+                f"swarm settings: {' '.join(self.swarm) or 'the preset'}",
                 f"  faults injected          {injected} (planned {self.faults_planned}, skipped {self.faults_skipped})",
                 f"  epochs                   0 -> {self.end_epoch}",
                 f"  eval loss                {self.initial_eval_loss:.3f} -> {self.final_eval_loss:.3f}",
@@ -230,7 +233,9 @@ class Chaos:
         self.config, self.work = config, work_dir
         self.peer_args = peer_args
         self.data_dir = work_dir / "coordinator"
-        self.report = Report(seed=config.seed, peers=config.peers, duration_s=config.duration_s)
+        self.report = Report(
+            seed=config.seed, peers=config.peers, duration_s=config.duration_s, swarm=config.swarm
+        )
         self.report.work_dir = str(work_dir)
         self.coordinator: Child | None = None
         self.coordinators: list[Child] = []  # every incarnation, for the publisher's decisions
@@ -279,6 +284,7 @@ class Chaos:
             "--min-voter-age-s",
             str(c.min_voter_age_s),
             *(("--host", HUB_IP) if self.lab else ()),
+            *(("--swarm", *c.swarm) if c.swarm else ()),
         )
         self.coordinator = spawn(name, args, self.work, echo=False)
         self.coordinators.append(self.coordinator)

@@ -57,7 +57,7 @@ def _stock_optimizer(volunteer, model, attack: str):
     """The run's optimizer with STOCK hivemind averagers in place of peer/averaging.py's guarded
     ones (test-only: swapped where make_optimizer looks them up), its contribution corrupted."""
     import hivemind.compression
-    from crowdtrain.peer import averaging, swarm
+    from crowdtrain.peer import averaging, diloco, swarm
     from hivemind.optim.grad_averager import GradientAverager
     from hivemind.optim.state_averager import TrainingStateAverager
 
@@ -95,7 +95,16 @@ def _stock_optimizer(volunteer, model, attack: str):
             info = hivemind.compression.CompressionInfo.from_tensor(extra, key=len(infos))
             return metadata, [*tensors, extra], [*infos, info]
 
+    class CorruptingPseudoGradientAverager(diloco.PseudoGradients, CorruptingGradientAverager):
+        """mode=diloco: the same attacks on the pseudo-gradient it contributes."""
+
+        def load_accumulators_into_averager_(self):
+            diloco.PseudoGradients.load_accumulators_into_averager_(self)
+            with self.get_tensors() as tensors:
+                corrupt(attack, tensors, direction)
+
     averaging.GuardedGradientAverager = CorruptingGradientAverager
+    diloco.PseudoGradientAverager = CorruptingPseudoGradientAverager
     averaging.GuardedStateAverager = StockStateAverager
     return swarm.make_optimizer(
         volunteer.manifest, model, volunteer.dht, batch_size_per_step=volunteer.batch_size, verbose=False

@@ -107,3 +107,32 @@ def test_cpu_of_a_process_tree_counts_children():
             time.sleep(0.1)
     finally:
         child.communicate(b"\n", timeout=60)
+
+
+def test_the_wan_figure_weights_each_epochs_compute_share_by_its_duration():
+    from scripts.bench_wan import compute_share_between, samples_between
+
+    events = [
+        {"event": "epoch", "ts": 100.0, "compute_share": 0.1, "samples_total": 64},  # joined, first round
+        {"event": "epoch", "ts": 110.0, "compute_share": 0.2, "samples_total": 128},
+        {
+            "event": "epoch",
+            "ts": 120.0,
+            "compute_share": 1.0,
+            "samples_total": 192,
+        },  # 10 s, computing all along
+        {"event": "epoch", "ts": 150.0, "compute_share": 0.5, "samples_total": 256},  # 30 s, half of it
+    ]
+    assert compute_share_between(events, 115.0, 200.0) == pytest.approx((1.0 * 10 + 0.5 * 30) / 40)
+    assert samples_between(events, 115.0, 200.0) == 256 - 128
+    assert compute_share_between(events, 160.0, 200.0) is None  # no epoch ended in the window
+    assert samples_between(events, 160.0, 200.0) == 0
+    assert compute_share_between(events, 0.0, 105.0) is None  # the first epoch has no start
+
+
+def test_the_quiet_rate_ignores_the_seconds_a_round_runs():
+    from scripts.bench_wan import quiet_rate
+
+    timeline = [(0.0, 0), (1.0, 1_000), (2.0, 2_000), (3.0, 5_002_000), (4.0, 5_003_000), (5.0, 5_004_000)]
+    assert quiet_rate(timeline) == pytest.approx(1_000)
+    assert quiet_rate([(0.0, 0)]) == 0.0
