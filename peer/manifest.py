@@ -286,17 +286,18 @@ PRESETS: dict[str, Preset] = {
 }
 
 # small30m's model for volunteers behind home links (issue 13): DiLoCo with fp16 pseudo-gradients.
-# target_batch_size sets H, the local steps between exchanges (512 / 2 peers / 8 per step = 32 on a
-# 2-peer swarm): the compute between exchanges must hide a 60 MB fp16 exchange (24 s at 20 Mbit/s) to
-# reach 0.9 of wall time computing. State rounds move 3 model sizes in fp32 (parameters and both
-# AdamW moments), so they are rare. Measured: docs/performance.md.
+# target_batch_size sets H, the local steps between exchanges (1024 / 2 peers / 8 per step = 64 on a
+# 2-peer swarm). Each round costs a peer about 36 s at 20 Mbit/s (a ~60 MB fp16 exchange and the
+# matchmaking around it) whatever H is: at 512, 0.89 of wall time computed on 2 CPU cores; at 1024,
+# measured in docs/performance.md. Faster hardware needs a proportionally larger H. State rounds move
+# 3 model sizes in fp32 (parameters and both AdamW moments), so they are rare.
 PRESETS["wan30m"] = dataclasses.replace(
     PRESETS["small30m"],
     name="wan30m",
     description="small30m's ~30M-parameter model in the low-communication mode (DiLoCo), for "
     "volunteers behind 20-100 Mbit/s links",
     swarm=SwarmSpec(
-        target_batch_size=512,
+        target_batch_size=1024,
         batch_size_per_step=8,
         matchmaking_time_s=10.0,
         averaging_timeout_s=300.0,

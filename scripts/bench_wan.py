@@ -96,8 +96,8 @@ def wan_figures(
                 for slot, c in enumerate(peer_children)
             ]
             t0 = time.time()
-            for child in peer_children:
-                start = len(child.events)
+            starts = [len(child.events) for child in peer_children]
+            for child, start in zip(peer_children, starts, strict=True):
                 for _ in range(epochs):
                     left_s = max(1.0, deadline - time.monotonic())
                     start = index_after(child, wait_for_event(child, "epoch", timeout_s=left_s, start=start))
