@@ -168,8 +168,11 @@ def make_attacker(config, attack: str):
                             p.copy_(c)
                     refresh_offloaded_parameters(self.opt, model)
                     (model(input_ids=batch, labels=batch).loss).backward()
+                if self.inner is not None:  # mode=diloco: a local step; the pseudo-gradient is corrupted
+                    self.inner.step()
                 self.opt.step()
-                self.opt.zero_grad()
+                if self.inner is None:  # hivemind zeroes them itself in diloco (reused buffers)
+                    self.opt.zero_grad()
                 self.stats.update(local_epoch=self.opt.local_epoch, samples_per_s=10.0)
                 time.sleep(0.01)
 
