@@ -41,7 +41,7 @@ from crowdtrain.coordinator.demo import (
     wait_for_endpoints,
 )
 
-from scripts.harness import events_named, wait_for_event
+from scripts.harness import add_swarm_option, events_named, wait_for_event
 
 SCENARIOS = ("baseline", "stock", "nan", "scale", "signflip", "shift", "forge", "giant")
 HONEST_PEERS = 3
@@ -228,13 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--out", default="", help="also write the table (markdown) to this file")
-    parser.add_argument(
-        "--swarm",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="the run's swarm settings, e.g. mode=diloco",
-    )
+    add_swarm_option(parser)
     args = parser.parse_args(argv)
     scenarios = ["baseline", *[a for a in args.attacks if a != "baseline"]]
     outcomes = []

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from scripts.chaos_harness import ChaosConfig, missed_targets, run_chaos
+from scripts.harness import add_swarm_option
 from scripts.wan import WanUnavailable
 
 
@@ -33,13 +34,7 @@ def main() -> int:
     parser.add_argument(
         "--wan", action="store_true", help="peers in network namespaces behind tc netem links"
     )
-    parser.add_argument(
-        "--swarm",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="the run's swarm settings, e.g. mode=diloco",
-    )
+    add_swarm_option(parser)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -14,6 +14,17 @@ from pathlib import Path
 from crowdtrain.coordinator.demo import Child
 
 
+def add_swarm_option(parser) -> None:
+    """`--swarm KEY=VALUE ...`: a harness's run settings, passed to `crowdtrain coordinator --swarm`."""
+    parser.add_argument(
+        "--swarm",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the run's swarm settings, e.g. mode=diloco",
+    )
+
+
 def events_named(child: Child, event: str, start: int = 0) -> list[dict]:
     """`child`'s `event` events so far, from index `start` of child.events."""
     return [e for e in child.events[start:] if e["event"] == event]
