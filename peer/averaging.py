@@ -322,10 +322,13 @@ class GuardedStateAverager(_Guarded, TrainingStateAverager):
     """The state averager `make_optimizer` gives hivemind (through `_make_state_averager`)."""
 
 
-def make_state_averager(opt, *, gate: Gate | None, evidence: EvidenceSink | None, **kwargs):
+def make_state_averager(
+    opt, *, gate: Gate | None, evidence: EvidenceSink | None, averager_class=None, **kwargs
+):
     """What hivemind 1.1.12's `Optimizer._make_state_averager(**kwargs)` builds, guarded: the same
-    arguments as hivemind's own (`opt` is the optimizer being built)."""
-    return GuardedStateAverager(
+    arguments as hivemind's own (`opt` is the optimizer being built); `averager_class` is a
+    GuardedStateAverager or a subclass (peer/diloco.py)."""
+    return (averager_class or GuardedStateAverager)(
         robust_cfg=STATE,
         dht=opt.dht,
         prefix=f"{opt.run_id}_state_averager",
@@ -347,13 +350,21 @@ def make_state_averager(opt, *, gate: Gate | None, evidence: EvidenceSink | None
 
 def grad_compression(name: str):
     """hivemind's codec for a manifest's `swarm.grad_compression` (peer.swarmspec.GRAD_COMPRESSIONS).
-    hivemind's 8-bit codecs are left out: numpy >= 2.4 breaks them in 1.1.12 (docs/hivemind.md)."""
-    from hivemind.compression import Float16Compression, NoCompression, ScaledFloat16Compression
+    "uint8" is hivemind's uniform 8-bit quantization (each part centred, 6 sigma in 256 bins, each
+    bin decoded to its mean); numpy >= 2.4 breaks its decoder in 1.1.12, hence numpy<2.4 in
+    pyproject.toml (docs/hivemind.md)."""
+    from hivemind.compression import (
+        Float16Compression,
+        NoCompression,
+        ScaledFloat16Compression,
+        Uniform8BitQuantization,
+    )
 
     codecs = {
         "none": NoCompression,
         "float16": Float16Compression,
         "scaled_float16": ScaledFloat16Compression,
+        "uint8": Uniform8BitQuantization,
     }
     if name not in codecs:
         raise CrowdtrainError(

@@ -18,6 +18,13 @@ No new machinery: it is hivemind's `Optimizer` with three choices made here.
 - the inner optimizer is a plain torch optimizer on the model (peer/optimizers.py `inner_optimizer`),
   stepped by the training loop.
 
+With `overlap_communication` the round runs in the background while inner steps go on (hivemind's
+`delay_grad_averaging` and `delay_optimizer_step`): the pseudo-gradient is taken when the round
+begins, and when the outer step lands the model becomes the new outer model *plus the local
+progress made since the pseudo-gradient was taken* (`KeepsLocalProgress`), so no inner step is
+thrown away; that progress goes into the next round's pseudo-gradient. This is the delayed outer
+step of Streaming DiLoCo's overlapping (Douillard et al., 2025) without fragments.
+
 hivemind 1.1.12 specifics: `Optimizer._make_gradient_averager` passes `reuse_grad_buffers` (ours is
 forced on: no accumulators are needed) and points the offloaded parameters' `.grad` at our averaged
 tensors, which the outer step then reads; `GradientAverager.step` calls
@@ -30,7 +37,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from crowdtrain.peer.averaging import GuardedGradientAverager
+from crowdtrain.peer.averaging import GuardedGradientAverager, GuardedStateAverager
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,7 @@ class PseudoGradients:
         kwargs.pop("accumulate_grads_on", None)
         super().__init__(*args, **kwargs)
         self.outer_parameters: Sequence[torch.Tensor] = ()
+        self.progress: LocalProgress | None = None  # overlap: where the pseudo-gradient was taken
 
     @torch.no_grad()
     def accumulate_grads_(self, batch_size: int):
@@ -62,8 +70,18 @@ class PseudoGradients:
                 "PseudoGradientAverager.outer_parameters was not set to hivemind's offloaded copy"
             )
         with self.get_tensors() as averaged:
-            for outer, local, out in zip(self.outer_parameters, self.parameters, averaged, strict=True):
-                torch.sub(outer, local.detach().to(outer.device), out=out)
+            if self.progress is None:
+                for outer, local, out in zip(self.outer_parameters, self.parameters, averaged, strict=True):
+                    torch.sub(outer, local.detach().to(outer.device), out=out)
+                return
+            # overlap: inner steps may run meanwhile (a failed round reloads from hivemind's thread),
+            # so read each tensor once, into the snapshot the outer step will be measured from
+            for outer, local, base, out in zip(
+                self.outer_parameters, self.parameters, self.progress.base, averaged, strict=True
+            ):
+                base.copy_(local.detach())
+                torch.sub(outer, base, out=out)
+            self.progress.known = True
 
     @torch.no_grad()
     def reset_accumulated_grads_(self):
@@ -77,13 +95,74 @@ class PseudoGradientAverager(PseudoGradients, GuardedGradientAverager):
     admission gate (peer/averaging.py)."""
 
 
-def attach_outer_parameters(opt) -> None:
+class LocalProgress:
+    """The model's local progress not yet sent is `model - base`. `base` is the model when the last
+    pseudo-gradient was taken, then the outer model it was rebased on; unknown (`known` False)
+    until the first round or after state was loaded, when the model is simply the outer model."""
+
+    def __init__(self, parameters: Sequence[torch.Tensor]):
+        self.base = [p.detach().clone() for p in parameters]
+        self.known = False
+
+
+class KeepsLocalProgress:
+    """Mixed in before hivemind's TrainingStateAverager (mode=diloco with overlap): writing the
+    outer model into the model keeps the local progress made since the pseudo-gradient was taken.
+    Without overlap no inner step runs in between, so the result is the outer model exactly."""
+
+    progress: LocalProgress | None = None
+
+    @torch.no_grad()
+    def _apply_optimizer_parameters_(self):
+        progress = self.progress
+        if progress is None or not progress.known:
+            super()._apply_optimizer_parameters_()
+        else:
+            outer = [p for group in self.optimizer.param_groups for p in group["params"]]
+            for main, new, base in zip(self.main_parameters, outer, progress.base, strict=True):
+                kept = main.detach() - base.to(main.device)
+                main.copy_(new.to(main.device)).add_(kept)
+        if progress is not None:  # what remains unsent is now measured from this outer model
+            forget_local_progress(progress, [p for g in self.optimizer.param_groups for p in g["params"]])
+            progress.known = True
+
+    def load_state_from_peers(self, *args, **kwargs):
+        """A downloaded state replaces the model: no local progress survives it."""
+        if self.progress is not None:
+            self.progress.known = False
+        return super().load_state_from_peers(*args, **kwargs)
+
+
+class OuterStateAverager(KeepsLocalProgress, GuardedStateAverager):
+    """The run's state averager in mode=diloco: hivemind's offloaded parameters are the outer model."""
+
+
+def forget_local_progress(progress: LocalProgress | None, outer: Sequence[torch.Tensor]) -> None:
+    """Measure local progress from `outer` from now on (after an outer step, or a checkpoint load)."""
+    if progress is not None:
+        with torch.no_grad():
+            for base, p in zip(progress.base, outer, strict=True):
+                base.copy_(p)
+
+
+def attach_outer_parameters(opt, overlap: bool = False) -> None:
     """Point a PseudoGradientAverager at hivemind's offloaded copy of the parameters (the outer
     model). hivemind 1.1.12: `Optimizer.state_averager.optimizer.param_groups` hold that copy, in
-    the order of the model's parameters, as hivemind's `_make_gradient_averager` itself relies on."""
+    the order of the model's parameters, as hivemind's `_make_gradient_averager` itself relies on.
+    With `overlap`, both averagers share one LocalProgress (see KeepsLocalProgress)."""
     if isinstance(opt.grad_averager, PseudoGradients):
         groups = opt.state_averager.optimizer.param_groups
         opt.grad_averager.outer_parameters = [p for group in groups for p in group["params"]]
+        if overlap and isinstance(opt.state_averager, KeepsLocalProgress):
+            progress = LocalProgress(opt.grad_averager.outer_parameters)
+            opt.grad_averager.progress = opt.state_averager.progress = progress
 
 
-__all__ = ["PseudoGradientAverager", "attach_outer_parameters"]
+__all__ = [
+    "KeepsLocalProgress",
+    "LocalProgress",
+    "OuterStateAverager",
+    "PseudoGradientAverager",
+    "attach_outer_parameters",
+    "forget_local_progress",
+]

@@ -166,7 +166,7 @@ def make_optimizer(
 
     swarm = manifest.swarm
     request_timeout_s = max(0.5, min(3.0, swarm.matchmaking_time_s / 2))
-    averager_class, optimizer, scheduler = _mode(manifest)
+    averager_class, state_averager_class, optimizer, scheduler = _mode(manifest)
     return _Optimizer(
         dht=dht,
         run_id=manifest.run_id,
@@ -180,11 +180,11 @@ def make_optimizer(
         load_state_timeout=swarm.load_state_timeout_s,
         average_state_every=swarm.average_state_every,
         offload_optimizer=True,  # in diloco mode, the offloaded copy is the outer model
-        # overlap: an epoch's gradients are averaged (and applied) while the next epoch computes
+        # overlap: an epoch's averaging (and step) runs while the next one computes; in diloco a state
+        # round lands right after the outer step, in the background with overlap (peer/diloco.py)
         delay_optimizer_step=swarm.overlap_communication,
         delay_grad_averaging=swarm.overlap_communication,
-        # diloco: a state round must land right after the outer step, before inner steps move the model
-        delay_state_averaging=swarm.mode != "diloco",
+        delay_state_averaging=swarm.mode != "diloco" or swarm.overlap_communication,
         extra_tensors=extra_tensors,
         grad_compression=grad_compression(swarm.grad_compression),
         # hivemind warns (and can deadlock) when a request may outlive the matchmaking window;
@@ -197,15 +197,15 @@ def make_optimizer(
             gate=gate,
             evidence=evidence,
         ),
-        guard=dict(gate=gate, evidence=evidence),
+        guard=dict(gate=gate, evidence=evidence, averager_class=state_averager_class),
         verbose=verbose,
     )
 
 
 def _mode(manifest: RunManifest):
-    """(gradient averager class, optimizer factory, scheduler factory) of the run's training mode."""
-    from crowdtrain.peer.averaging import GuardedGradientAverager
-    from crowdtrain.peer.diloco import PseudoGradientAverager
+    """(gradient and state averager classes, optimizer and scheduler factories) of the run's mode."""
+    from crowdtrain.peer.averaging import GuardedGradientAverager, GuardedStateAverager
+    from crowdtrain.peer.diloco import OuterStateAverager, PseudoGradientAverager
     from crowdtrain.peer.optimizers import adamw, outer_optimizer, warmup_schedule
 
     optim, swarm = manifest.optim, manifest.swarm
@@ -213,9 +213,9 @@ def _mode(manifest: RunManifest):
         outer = partial(
             outer_optimizer, learning_rate=swarm.outer_learning_rate, momentum=swarm.outer_momentum
         )
-        return PseudoGradientAverager, outer, None
+        return PseudoGradientAverager, OuterStateAverager, outer, None
     schedule = partial(warmup_schedule, warmup_epochs=optim.warmup_epochs)
-    return GuardedGradientAverager, partial(adamw, optim=optim), schedule
+    return GuardedGradientAverager, GuardedStateAverager, partial(adamw, optim=optim), schedule
 
 
 def leave_swarm(opt, dht, timeout_s: float = 10.0) -> None:
@@ -273,10 +273,13 @@ def refresh_offloaded_parameters(opt, model: torch.nn.Module) -> None:
     """Copy `model`'s parameters (just loaded from a checkpoint) into the optimizer's own copy.
     hivemind 1.1.12, `offload_optimizer=True`: the optimizer steps a separate CPU copy of the
     parameters, `opt.state_averager.optimizer`'s, and writes it back into the model after each step."""
+    from crowdtrain.peer.diloco import forget_local_progress  # nothing local is left to keep
+
     offloaded = [p for group in opt.state_averager.optimizer.param_groups for p in group["params"]]
     with torch.no_grad():
         for copy, param in zip(offloaded, model.parameters(), strict=True):
             copy.copy_(param)
+    forget_local_progress(getattr(opt.state_averager, "progress", None), offloaded)
 
 
 def finish_event_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -327,7 +330,7 @@ class _Optimizer(hivemind.Optimizer):
         self._guard = guard  # gate and evidence sink of the state averager
         self.last_group: tuple[str, ...] = ()  # peer ids of the last gradient round's group
         super().__init__(**kwargs)
-        attach_outer_parameters(self)
+        attach_outer_parameters(self, overlap=self.delay_grad_averaging)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         """hivemind's, then note who this round averaged with (the epoch log line reports it)."""

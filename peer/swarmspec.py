@@ -22,7 +22,8 @@ class SwarmSpec:
     average_state_every: int  # average parameters and optimizer state every N epochs
     load_state_timeout_s: float  # how long a joiner waits for one peer to send the state
     # average an epoch's gradients while the next epoch computes, applying them one step late
-    # (hivemind's delay_grad_averaging + delay_optimizer_step); docs/benchmarks.md has its effect
+    # (hivemind's delay_grad_averaging + delay_optimizer_step); in mode=diloco, the outer step lands
+    # while inner steps go on, keeping their progress; docs/benchmarks.md has its effect
     overlap_communication: bool = False
     grad_compression: str = "none"  # how gradients travel: one of GRAD_COMPRESSIONS
     # "sync": every peer's gradients are averaged at every epoch; "diloco": peers take local AdamW
@@ -33,7 +34,7 @@ class SwarmSpec:
     inner_warmup_steps: int = 50  # diloco: local steps over which the local AdamW's learning rate warms up
 
 
-GRAD_COMPRESSIONS = ("none", "float16", "scaled_float16")
+GRAD_COMPRESSIONS = ("none", "float16", "scaled_float16", "uint8")
 TRAINING_MODES = ("sync", "diloco")
 
 
@@ -89,11 +90,6 @@ def check_swarm(spec: SwarmSpec) -> SwarmSpec:
         raise ManifestError(
             "swarm settings outer_learning_rate must be in (0, 10] and outer_momentum in [0, 1), not "
             f"{spec.outer_learning_rate!r} and {spec.outer_momentum!r}"
-        )
-    if spec.mode == "diloco" and spec.overlap_communication:
-        raise ManifestError(
-            "swarm setting overlap_communication is not supported with mode=diloco: a delayed outer step "
-            "would overwrite the inner steps taken meanwhile; choose one of them"
         )
     return spec
 

@@ -103,9 +103,13 @@ def _stock_optimizer(volunteer, model, attack: str):
             with self.get_tensors() as tensors:
                 corrupt(attack, tensors, direction)
 
+    class StockOuterStateAverager(diloco.KeepsLocalProgress, StockStateAverager):
+        """mode=diloco: the outer model's state averager, stock."""
+
     averaging.GuardedGradientAverager = CorruptingGradientAverager
     diloco.PseudoGradientAverager = CorruptingPseudoGradientAverager
     averaging.GuardedStateAverager = StockStateAverager
+    diloco.OuterStateAverager = StockOuterStateAverager
     return swarm.make_optimizer(
         volunteer.manifest, model, volunteer.dht, batch_size_per_step=volunteer.batch_size, verbose=False
     )

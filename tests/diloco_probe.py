@@ -7,6 +7,13 @@ test run in `mode=diloco`. Prints one JSON object with what the test checks:
   outer model on the pseudo-gradient (outer minus local) taken right before that step;
 - `moved`: max |local - outer| before the outer step (inner steps did move the model);
 - `losses`: the inner steps' losses.
+
+`python -m tests.diloco_probe WORKDIR overlap` runs the same peer with `overlap_communication`, an
+outer learning rate of 1 and no momentum: a lone peer's outer step then lands exactly where its
+model was when the round began, so keeping the progress made since means the model never jumps.
+It prints `outer_steps`, `jump` (max |model after - model before| over the opt.step calls that
+applied an outer step) and `kept` (max |model - outer| right after one: the inner steps taken while
+the round ran, which a plain copy of the outer model would throw away).
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import torch
 TARGET, MICRO = 8, 2  # 4 inner steps per outer step
 
 
-def main(workdir: Path) -> None:
-    from crowdtrain.peer.model import as_batch, build_model
+def lone_peer(workdir: Path, **swarm_settings):
+    """(manifest, model, dht, inner optimizer, hivemind optimizer) of one peer in mode=diloco."""
+    from crowdtrain.peer.model import build_model
     from crowdtrain.peer.optimizers import inner_optimizer
     from crowdtrain.peer.processes import use_fork_start_method
-    from crowdtrain.peer.swarm import leave_swarm, make_optimizer, start_dht
+    from crowdtrain.peer.swarm import make_optimizer, start_dht
 
     from tests.conftest import make_run
 
@@ -42,6 +50,7 @@ def main(workdir: Path) -> None:
         target_batch_size=TARGET,
         batch_size_per_step=MICRO,
         matchmaking_time_s=1.0,
+        **swarm_settings,
     )
     manifest = dataclasses.replace(manifest, swarm=swarm)
     use_fork_start_method()
@@ -51,6 +60,15 @@ def main(workdir: Path) -> None:
     inner = inner_optimizer(manifest, model)
     extras = inner.state_tensors()
     opt = make_optimizer(manifest, model, dht, batch_size_per_step=MICRO, verbose=False, extra_tensors=extras)
+    return manifest, model, dht, inner, opt
+
+
+def main(workdir: Path) -> None:
+    from crowdtrain.peer.model import as_batch
+    from crowdtrain.peer.swarm import leave_swarm
+
+    manifest, model, dht, inner, opt = lone_peer(workdir)
+    swarm, extras = manifest.swarm, inner.state_tensors()
     outer = [p for g in opt.state_averager.optimizer.param_groups for p in g["params"]]
     vocab = manifest.model.config["vocab_size"]
     result: dict = {"losses": []}
@@ -84,5 +102,46 @@ def main(workdir: Path) -> None:
     print(json.dumps(result))
 
 
+def overlapped(workdir: Path, outer_steps: int = 3, max_inner_steps: int = 400) -> None:
+    from crowdtrain.peer.model import as_batch
+    from crowdtrain.peer.swarm import leave_swarm
+
+    settings = dict(overlap_communication=True, outer_learning_rate=1.0, outer_momentum=0.0)
+    manifest, model, dht, inner, opt = lone_peer(workdir, inner_warmup_steps=1, **settings)
+    outer = [p for g in opt.state_averager.optimizer.param_groups for p in g["params"]]
+    vocab = manifest.model.config["vocab_size"]
+    result: dict = {"outer_steps": 0, "jump": 0.0, "kept": 0.0, "losses": []}
+    landed = False  # an outer step landed in hivemind's thread; the next opt.step writes it in
+    try:
+        last_outer = [p.detach().clone() for p in outer]
+        for _ in range(max_inner_steps):
+            batch = as_batch(torch.randint(2, vocab, (MICRO, 32)).tolist(), "cpu")
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            inner.step()
+            result["losses"].append(loss.item())
+            with torch.no_grad():
+                before = [p.detach().clone() for p in model.parameters()]
+                if landed:  # the inner steps taken since the round began: a plain copy loses them
+                    kept = max(float((a - o).abs().max()) for a, o in zip(before, outer, strict=True))
+                    result["kept"], landed = max(result["kept"], kept), False
+                    if result["outer_steps"] >= outer_steps:
+                        break
+                opt.step()  # writes a landed outer step into the model, or begins a round
+                jump = max(
+                    float((a - b).abs().max()) for a, b in zip(model.parameters(), before, strict=True)
+                )
+                result["jump"] = max(result["jump"], jump)
+                if any(not torch.equal(a, b) for a, b in zip(outer, last_outer, strict=True)):
+                    last_outer, landed = [p.detach().clone() for p in outer], True
+                    result["outer_steps"] += 1
+    finally:
+        leave_swarm(opt, dht)
+    print(json.dumps(result))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["overlap"]:
+        overlapped(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))
