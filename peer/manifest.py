@@ -285,12 +285,13 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-# small30m's model for volunteers behind home links (issue 13): DiLoCo with fp16 pseudo-gradients.
+# small30m's model for volunteers behind home links (issue 13): DiLoCo with 8-bit pseudo-gradients.
 # target_batch_size sets H, the local steps between exchanges (1024 / 2 peers / 8 per step = 64 on a
-# 2-peer swarm). Each round costs a peer about 36 s at 20 Mbit/s (a ~60 MB fp16 exchange and the
+# 2-peer swarm). With fp16, each round cost a peer about 36 s at 20 Mbit/s (a ~60 MB exchange and the
 # matchmaking around it) whatever H is: at 512, 0.89 of wall time computed on 2 CPU cores; at 1024,
-# measured in docs/performance.md. Faster hardware needs a proportionally larger H. State rounds move
-# 3 model sizes in fp32 (parameters and both AdamW moments), so they are rare.
+# 0.96 (docs/performance.md). 8-bit halves the bytes at no measured cost in quality. Faster hardware
+# needs a proportionally larger H. State rounds move 3 model sizes in fp32 (parameters and both
+# AdamW moments), so they are rare. overlap_communication stays an operator's choice (measured there).
 PRESETS["wan30m"] = dataclasses.replace(
     PRESETS["small30m"],
     name="wan30m",
@@ -303,7 +304,7 @@ PRESETS["wan30m"] = dataclasses.replace(
         averaging_timeout_s=300.0,
         average_state_every=10,
         load_state_timeout_s=600.0,
-        grad_compression="float16",
+        grad_compression="uint8",
         mode="diloco",
     ),
 )
