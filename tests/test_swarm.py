@@ -21,7 +21,7 @@ from scripts.harness import events_named, index_after, rounds_together
 from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.swarm
-MAX_EPOCHS = 20
+MAX_EPOCHS = 16
 
 
 def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path: Path):
