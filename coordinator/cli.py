@@ -302,6 +302,26 @@ COMMANDS = {
 }
 
 
+LAYERED = ("peer",)  # commands whose settings may also come from the environment and a file
+
+
+def _layered_config(command: str, config_cls, args):
+    """The command's config from flags, CROWDTRAIN_* variables, its TOML file and defaults
+    (peer/layered.py); None after --print-config has shown them."""
+    from pathlib import Path
+
+    from crowdtrain.peer.layered import default_config_path, describe, read_config_file, resolve
+
+    path = Path(args.config).expanduser() if args.config else default_config_path(command)
+    file_values = read_config_file(path, config_cls, required=bool(args.config))
+    flags = peer_cfg.given_flags(config_cls, args)
+    config, settings = resolve(config_cls, flags, os.environ, file_values, str(path))
+    if args.print_config:
+        print(describe(settings))
+        return None
+    return config
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crowdtrain", description="Train a shared transformer with volunteers."
@@ -316,7 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (config_cls, _, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        peer_cfg.add_arguments(sp, config_cls)
+        peer_cfg.add_arguments(sp, config_cls, layered=name in LAYERED)
+        if name in LAYERED:
+            sp.epilog = (
+                f"Each setting also comes from CROWDTRAIN_<NAME> (e.g. CROWDTRAIN_COORDINATOR) or the "
+                f"TOML file --config (default: {name}.toml in crowdtrain's config directory); a flag wins "
+                "over the environment, which wins over the file."
+            )
+            sp.add_argument("--config", default="", help="TOML file with this command's settings")
+            sp.add_argument(
+                "--print-config", action="store_true", help="show the effective settings and their sources"
+            )
     invite = sub.add_parser("invite", help="invite codes for --admission invite (create, list, revoke)")
     invite_sub = invite.add_subparsers(dest="invite_command", required=True)
     for name, (config_cls, _, help_text) in INVITE_COMMANDS.items():
@@ -333,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         INVITE_COMMANDS[args.invite_command] if args.command == "invite" else COMMANDS[args.command]
     )
     try:
+        if args.command in LAYERED:
+            config = _layered_config(args.command, config_cls, args)
+            return 0 if config is None else handler(config)
         return handler(peer_cfg.from_arguments(config_cls, args))
     except KeyboardInterrupt:
         return 130

@@ -99,14 +99,19 @@ class VerifyConfig:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one `--flag` per dataclass field: name with dashes, type and help from the field."""
+def add_arguments(parser: argparse.ArgumentParser, cls, *, layered: bool = False) -> None:
+    """Add one `--flag` per dataclass field: name with dashes, type and help from the field.
+    `layered`: a flag not given is absent from the parsed namespace (nothing is required), so that
+    the environment and a config file can supply it (peer/layered.py)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         kwargs: dict = {"help": f.metadata.get("help", ""), "dest": f.name}
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if layered:
+            parser.add_argument(flag, **_layered_kwargs(kwargs, tp, f.default, required))
+            continue
         if f.metadata.get("positional"):
             parser.add_argument(f.name, type=tp, help=kwargs["help"], metavar=f.name.upper())
             continue
@@ -121,6 +126,25 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                 kwargs["default"] = f.default
                 kwargs["help"] += f" (default: {f.default!r})"
         parser.add_argument(flag, **kwargs)
+
+
+def _layered_kwargs(kwargs: dict, tp, default, required: bool) -> dict:
+    """argparse keywords for a flag whose absence is left to the environment, a file or the default."""
+    kwargs = dict(kwargs, default=argparse.SUPPRESS)
+    if tp is bool:
+        return kwargs | {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(tp) is tuple:
+        return kwargs | {"nargs": "+", "type": typing.get_args(tp)[0], "metavar": "PATH"}
+    note = " (required)" if required else f" (default: {default!r})"
+    return kwargs | {"type": tp, "help": kwargs["help"] + note}
+
+
+def given_flags(cls, namespace: argparse.Namespace) -> dict:
+    """The fields of `cls` given as flags on a layered command line (lists as tuples)."""
+    values = {
+        f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)
+    }
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def from_arguments(cls, namespace: argparse.Namespace):

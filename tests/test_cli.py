@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -43,6 +44,33 @@ def test_peer_with_a_malformed_address():
     assert result.returncode == 1
     [line] = error_lines(result)
     assert "HOST:PORT" in line
+
+
+def test_peer_settings_come_from_flags_then_environment_then_file(tmp_path: Path):
+    """`crowdtrain peer --print-config`: the effective settings and where each came from."""
+    config = tmp_path / "peer.toml"
+    config.write_text('coordinator = "file.example:7000"\nthreads = 3\nbatch_size = 4\n')
+    env = os.environ | {"CROWDTRAIN_THREADS": "2", "CROWDTRAIN_CLIENT_MODE": "true"}
+    result = subprocess.run(
+        cli_command("peer", "--config", str(config), "--batch-size", "8", "--print-config"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "'file.example:7000'" in rows["coordinator"] and f"(file {config})" in rows["coordinator"]
+    assert " 2 " in rows["threads"] and "(env CROWDTRAIN_THREADS)" in rows["threads"]
+    assert " 8 " in rows["batch_size"] and "(flag)" in rows["batch_size"]
+    assert "True" in rows["client_mode"] and "(env CROWDTRAIN_CLIENT_MODE)" in rows["client_mode"]
+    assert "(default)" in rows["device"]
+    # a typo in the file is an error, not a silently ignored setting
+    config.write_text('coordinatr = "x:1"\n')
+    result = run_cli("peer", "--config", str(config))
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "'coordinatr'" in line and "known settings" in line
 
 
 def test_unknown_preset_writes_nothing(tmp_path: Path):
