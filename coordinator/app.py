@@ -30,6 +30,7 @@ from crowdtrain.coordinator.config import CoordinatorConfig
 from crowdtrain.coordinator.evidence import counts_against
 from crowdtrain.coordinator.grpcserver import ServerTls, create_server
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.policy import minimum_peer_version
 from crowdtrain.coordinator.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.runs import Run, open_run
@@ -39,7 +40,7 @@ from crowdtrain.coordinator.snapshots import Memo
 from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.webserver import WebContext, WebServer
-from crowdtrain.peer import checkpoint
+from crowdtrain.peer import __version__, checkpoint
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.runproof import signing_payload
 from crowdtrain.peer.tls import TlsConfigError, server_ssl_context
@@ -200,6 +201,7 @@ class Coordinator:
                 checkpoint_root=self.checkpoint_root,
                 signing_public_key=public_key_hex(run.signing_key),
                 manifest_signature=sign_hex(run.signing_key, signing_payload(manifest_json)),
+                min_peer_version=minimum_peer_version(cfg.min_peer_version, __version__),
             ),
             self.store,
             self.health,

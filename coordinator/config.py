@@ -75,6 +75,11 @@ class CoordinatorConfig:
     prune_silent_joins_after_s: float = option(
         120.0, "forget a session that never sent a heartbeat after this long (abandoned joins, sybils)"
     )
+    min_peer_version: str = option(
+        "",
+        "refuse joiners whose crowdtrain is older than this version, telling them the upgrade command "
+        "(default: this coordinator's major.minor)",
+    )
     admission: str = option(
         "open",
         "who may join: open (anyone), invite (a code from `crowdtrain invite create`), allowlist "

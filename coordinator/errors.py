@@ -42,3 +42,7 @@ class UnauthenticatedError(RequestError):
 
 class RateLimitedError(RequestError):
     """Too many requests from this address or session; the message says when to retry."""
+
+
+class IncompatibleError(RequestError):
+    """The peer's crowdtrain is older than the run needs; the message is the command that upgrades it."""

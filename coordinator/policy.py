@@ -23,6 +23,7 @@ from crowdtrain.coordinator.errors import (
 )
 from crowdtrain.coordinator.limits import check_request
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
+from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.report import FIELD_NAMES, PeerReport, report_values
 
 
@@ -85,6 +86,45 @@ def assign_shard(known_peers: int, num_shards: int) -> tuple[int, str]:
     peer then walks on through all shards, see `crowdtrain.peer.data.rotating_batches`)."""
     shard = known_peers % num_shards
     return shard, f"round robin: {known_peers} peers joined before it, {num_shards} shards"
+
+
+def minimum_peer_version(configured: str, own_version: str) -> str:
+    """The oldest crowdtrain a peer may run: `configured` (checked), else this coordinator's own
+    major.minor ("0.1" for 0.1.3); "" (no minimum) when the own version is not a release."""
+    from packaging.version import InvalidVersion, Version
+
+    if configured:
+        try:
+            return str(Version(configured))
+        except InvalidVersion:
+            raise CrowdtrainError(
+                f"--min-peer-version {configured!r} is not a version number (e.g. 0.2 or 0.2.1)"
+            ) from None
+    try:
+        own = Version(own_version)
+    except InvalidVersion:
+        return ""
+    return "" if own.local else f"{own.major}.{own.minor}"
+
+
+def version_verdict(peer_version: str, minimum: str) -> tuple[bool, str]:
+    """May a peer that says it runs `peer_version` join? A courtesy to honest peers that are out of
+    date (they are told the command that fixes it), not a defence: any client can claim any version,
+    so one that is not a version number (a modified or unknown client) is let through like before."""
+    from packaging.version import InvalidVersion, Version
+
+    if not minimum:
+        return True, "no minimum version"
+    try:
+        have = Version(peer_version)
+    except InvalidVersion:
+        return True, f"version {peer_version!r} unreadable: not checked"
+    if have < Version(minimum):
+        return False, (
+            f"this run needs crowdtrain >= {minimum} and this peer runs {have}; upgrade with: "
+            f"pip install -U 'crowdtrain>={minimum}'"
+        )
+    return True, f"{have} >= {minimum}"
 
 
 def resume_step(

@@ -25,6 +25,7 @@ from crowdtrain.coordinator import archive, policy
 from crowdtrain.coordinator.admission import AdmissionSettings, Gate, NotAdmittedError
 from crowdtrain.coordinator.errors import (
     BannedError,
+    IncompatibleError,
     InvalidRequestError,
     NotFoundError,
     NotServedError,
@@ -54,6 +55,7 @@ STATUS_CODES: dict[type[RequestError], grpc.StatusCode] = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     BannedError: grpc.StatusCode.PERMISSION_DENIED,  # the peer's heartbeat stops it on this code
+    IncompatibleError: grpc.StatusCode.FAILED_PRECONDITION,  # an out-of-date peer: upgrade, not retry
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,  # peers retry it with backoff
     OutOfRangeError: grpc.StatusCode.OUT_OF_RANGE,
@@ -73,6 +75,7 @@ class RunInfo:
     checkpoint_root: Path
     signing_public_key: str = ""
     manifest_signature: str = ""  # the run key's signature of manifest_json (peer/runproof.py)
+    min_peer_version: str = ""  # joiners saying they run an older crowdtrain are refused ("" = any)
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,17 @@ class CoordinatorServicer:
             BucketSettings(abuse.heartbeat_burst, abuse.heartbeats_per_interval / interval_s)
         )
 
+    def _refuse_out_of_date(self, joiner: dict) -> None:
+        compatible, reason = policy.version_verdict(joiner["version"], self.run.min_peer_version)
+        if not compatible:
+            logger.info("refused peer %r: %s", joiner["name"], reason)
+            raise IncompatibleError(reason)
+
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         now = self.clock()
         joiner = check_request(request)
         self._limit(self._joins, caller_key(context.peer()) if context is not None else "local", now, "joins")
+        self._refuse_out_of_date(joiner)
         invite_id, announced_dht_id = self.gate.admit_join(
             joiner["invite_code"], joiner["dht_public_key"], now
         )

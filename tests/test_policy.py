@@ -15,6 +15,7 @@ from crowdtrain.coordinator.errors import (
 from crowdtrain.coordinator.limits import REQUEST_LIMITS, check_value
 from crowdtrain.coordinator.policy import Admission
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
+from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.report import PeerReport
 from crowdtrain.protos import coordinator_pb2 as pb
 
@@ -219,3 +220,33 @@ def test_apply_report_keeps_known_text_and_marks_the_peer_seen():
         before.joined_unix_s,
         0,
     )
+
+
+@pytest.mark.parametrize(
+    "peer_version, minimum, allowed, reason",
+    [
+        ("0.1.0", "0.1", True, "0.1.0 >= 0.1"),
+        ("0.2.3", "0.2", True, "0.2.3 >= 0.2"),
+        ("0.1.9", "0.2", False, "pip install -U 'crowdtrain>=0.2'"),
+        ("0.2.0rc1", "0.2", False, "this run needs crowdtrain >= 0.2 and this peer runs 0.2.0rc1"),
+        ("0.0.1", "", True, "no minimum version"),
+        ("", "0.2", True, "unreadable: not checked"),  # not a defence: a client may claim anything
+        ("bench", "0.2", True, "unreadable: not checked"),
+    ],
+)
+def test_version_verdict(peer_version, minimum, allowed, reason):
+    ok, why = policy.version_verdict(peer_version, minimum)
+    assert ok is allowed and reason in why
+
+
+@pytest.mark.parametrize(
+    "configured, own, minimum",
+    [("", "0.1.0", "0.1"), ("", "1.4.2", "1.4"), ("0.2.1", "0.1.0", "0.2.1"), ("", "0+unknown", "")],
+)
+def test_the_minimum_peer_version_defaults_to_the_coordinator_s_own_major_minor(configured, own, minimum):
+    assert policy.minimum_peer_version(configured, own) == minimum
+
+
+def test_a_minimum_peer_version_that_is_not_a_version_is_refused_at_start():
+    with pytest.raises(CrowdtrainError, match="--min-peer-version 'latest' is not a version number"):
+        policy.minimum_peer_version("latest", "0.1.0")

@@ -206,6 +206,30 @@ def test_bad_addresses_are_rejected(bad):
         CoordinatorClient(bad)
 
 
+def test_an_out_of_date_peer_is_told_the_upgrade_command(tmp_path: Path):
+    """Join refuses a peer older than the run's minimum with FAILED_PRECONDITION and the exact
+    command; the peer's client does not retry it, and its CLI prints that line."""
+    store = Store(tmp_path / "state.sqlite3")
+    run = RunInfo(
+        "{}", "abc", "{}", 1, "http://127.0.0.1:1", tmp_path / "checkpoints", min_peer_version="0.2"
+    )
+    servicer = CoordinatorServicer(run, store, HealthSettings(2.0, 10.0), initial_peers=list)
+    server, port = create_server(servicer, "127.0.0.1", 0)
+    server.start()
+    client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=5)
+    try:
+        with pytest.raises(CoordinatorRejected, match="FAILED_PRECONDITION") as refused:
+            client.join(pb.JoinRequest(name="old", version="0.1.7", device="cpu"))
+        assert "pip install -U 'crowdtrain>=0.2'" in str(refused.value)
+        assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        assert store.count_peers() == 0, "a refused joiner leaves no session behind"
+        assert client.join(pb.JoinRequest(name="new", version="0.2.0", device="cpu")).session_id
+    finally:
+        client.close()
+        server.stop(0).wait()
+        store.close()
+
+
 def test_banned_peers_are_refused(served):
     client, store, *_ = served
     joined = client.join(pb.JoinRequest(name="mallory"))
