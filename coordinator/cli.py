@@ -307,7 +307,7 @@ LAYERED = ("peer",)  # commands whose settings may also come from the environmen
 
 def _layered_config(command: str, config_cls, args):
     """The command's config from flags, CROWDTRAIN_* variables, its TOML file and defaults
-    (peer/layered.py); None after --print-config has shown them."""
+    (peer/layered.py); None after --print-config or --install-service did their part."""
     from pathlib import Path
 
     from crowdtrain.peer.layered import default_config_path, describe, read_config_file, resolve
@@ -318,6 +318,11 @@ def _layered_config(command: str, config_cls, args):
     config, settings = resolve(config_cls, flags, os.environ, file_values, str(path))
     if args.print_config:
         print(describe(settings))
+        return None
+    if args.install_service:
+        from crowdtrain.peer.unit import how_to_enable, install_unit, unit_text
+
+        print(how_to_enable(install_unit(unit_text(config))))
         return None
     return config
 
@@ -346,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--config", default="", help="TOML file with this command's settings")
             sp.add_argument(
                 "--print-config", action="store_true", help="show the effective settings and their sources"
+            )
+            sp.add_argument(
+                "--install-service",
+                action="store_true",
+                help="write a systemd user unit that runs this peer with these settings at every login "
+                "(and boot, with lingering), print how to enable it, and exit",
             )
     invite = sub.add_parser("invite", help="invite codes for --admission invite (create, list, revoke)")
     invite_sub = invite.add_subparsers(dest="invite_command", required=True)

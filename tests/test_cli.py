@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -71,6 +72,44 @@ def test_peer_settings_come_from_flags_then_environment_then_file(tmp_path: Path
     assert result.returncode == 1
     [line] = error_lines(result)
     assert "'coordinatr'" in line and "known settings" in line
+
+
+def test_install_service_writes_a_systemd_unit_with_the_peer_s_settings(tmp_path: Path):
+    env = os.environ | {
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "CROWDTRAIN_CONFIG_DIR": str(tmp_path / "ct"),
+    }
+
+    def install(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        command = cli_command("peer", "--coordinator", "203.0.113.7:50051", *args, "--install-service")
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env | extra_env)
+
+    result = install("--threads", "2", "--client-mode", "--name", "alice's 50% $HOME")
+    assert result.returncode == 0, result.stderr
+    unit = tmp_path / "xdg" / "systemd" / "user" / "crowdtrain-peer.service"
+    assert (
+        f"wrote {unit}" in result.stdout and "systemctl --user enable --now crowdtrain-peer" in result.stdout
+    )
+    text = unit.read_text()
+    assert unit.stat().st_mode & 0o777 == 0o600, "it may hold an invite code"
+    [exec_start] = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    assert (
+        '"--coordinator" "203.0.113.7:50051"' in exec_start
+        and '"--threads" "2" "--client-mode"' in exec_start
+    )
+    assert '"alice\'s 50%% $$HOME"' in exec_start, "systemd must not expand % or $ in a value"
+    assert "WantedBy=default.target" in text and "Restart=on-failure" in text
+    if shutil.which("systemd-analyze"):
+        verify = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+        )
+        assert verify.returncode == 0, verify.stderr
+    # a newline in a setting would smuggle directives into the unit: refused, nothing written
+    unit.unlink()
+    result = install(CROWDTRAIN_NAME="x\nExecStartPre=/bin/sh -c evil")
+    assert result.returncode == 1 and not unit.exists()
+    [line] = error_lines(result)
+    assert "control character" in line and "name" in line
 
 
 def test_unknown_preset_writes_nothing(tmp_path: Path):
