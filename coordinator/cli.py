@@ -29,6 +29,7 @@ from crowdtrain.peer import __version__
 from crowdtrain.peer import config as peer_cfg
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import JsonFormatter, quiet_expected_averaging_failures
+from crowdtrain.peer.layered import add_layered_options, config_from_command_line
 
 
 def _configure_logging(level: str, log_format: str) -> None:
@@ -305,28 +306,6 @@ COMMANDS = {
 LAYERED = ("peer",)  # commands whose settings may also come from the environment and a file
 
 
-def _layered_config(command: str, config_cls, args):
-    """The command's config from flags, CROWDTRAIN_* variables, its TOML file and defaults
-    (peer/layered.py); None after --print-config or --install-service did their part."""
-    from pathlib import Path
-
-    from crowdtrain.peer.layered import default_config_path, describe, read_config_file, resolve
-
-    path = Path(args.config).expanduser() if args.config else default_config_path(command)
-    file_values = read_config_file(path, config_cls, required=bool(args.config))
-    flags = peer_cfg.given_flags(config_cls, args)
-    config, settings = resolve(config_cls, flags, os.environ, file_values, str(path))
-    if args.print_config:
-        print(describe(settings))
-        return None
-    if args.install_service:
-        from crowdtrain.peer.unit import how_to_enable, install_unit, unit_text
-
-        print(how_to_enable(install_unit(unit_text(config))))
-        return None
-    return config
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crowdtrain", description="Train a shared transformer with volunteers."
@@ -343,21 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         peer_cfg.add_arguments(sp, config_cls, layered=name in LAYERED)
         if name in LAYERED:
-            sp.epilog = (
-                f"Each setting also comes from CROWDTRAIN_<NAME> (e.g. CROWDTRAIN_COORDINATOR) or the "
-                f"TOML file --config (default: {name}.toml in crowdtrain's config directory); a flag wins "
-                "over the environment, which wins over the file."
-            )
-            sp.add_argument("--config", default="", help="TOML file with this command's settings")
-            sp.add_argument(
-                "--print-config", action="store_true", help="show the effective settings and their sources"
-            )
-            sp.add_argument(
-                "--install-service",
-                action="store_true",
-                help="write a systemd user unit that runs this peer with these settings at every login "
-                "(and boot, with lingering), print how to enable it, and exit",
-            )
+            add_layered_options(sp, name)
     invite = sub.add_parser("invite", help="invite codes for --admission invite (create, list, revoke)")
     invite_sub = invite.add_subparsers(dest="invite_command", required=True)
     for name, (config_cls, _, help_text) in INVITE_COMMANDS.items():
@@ -375,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command in LAYERED:
-            config = _layered_config(args.command, config_cls, args)
+            config = config_from_command_line(args.command, config_cls, args, os.environ)
             return 0 if config is None else handler(config)
         return handler(peer_cfg.from_arguments(config_cls, args))
     except KeyboardInterrupt:

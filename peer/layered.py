@@ -107,6 +107,44 @@ def resolve(
     return cls(**{s.name: s.value for s in settings}), settings
 
 
+def add_layered_options(parser, command: str) -> None:
+    """The options of a layered command (`--config`, `--print-config`, `--install-service`)."""
+    parser.epilog = (
+        f"Each setting also comes from CROWDTRAIN_<NAME> (e.g. CROWDTRAIN_COORDINATOR) or the TOML "
+        f"file --config (default: {command}.toml in crowdtrain's config directory); a flag wins over "
+        "the environment, which wins over the file."
+    )
+    parser.add_argument("--config", default="", help="TOML file with this command's settings")
+    parser.add_argument(
+        "--print-config", action="store_true", help="show the effective settings and their sources"
+    )
+    parser.add_argument(
+        "--install-service",
+        action="store_true",
+        help="write a systemd user unit that runs this peer with these settings at every login "
+        "(and boot, with lingering), print how to enable it, and exit",
+    )
+
+
+def config_from_command_line(command: str, cls, namespace, env: Mapping[str, str]):
+    """The command's config from its flags (`namespace`), `env`, its TOML file and the defaults;
+    None once --print-config or --install-service has done its part (the CLI then exits 0)."""
+    from crowdtrain.peer.config import given_flags
+
+    path = Path(namespace.config).expanduser() if namespace.config else default_config_path(command)
+    file_values = read_config_file(path, cls, required=bool(namespace.config))
+    config, settings = resolve(cls, given_flags(cls, namespace), env, file_values, str(path))
+    if namespace.print_config:
+        print(describe(settings))
+        return None
+    if namespace.install_service:
+        from crowdtrain.peer.unit import how_to_enable, install_unit, unit_text
+
+        print(how_to_enable(install_unit(unit_text(config))))
+        return None
+    return config
+
+
 def describe(settings: list[Setting]) -> str:
     """One line per setting: name, value and source, aligned (for --print-config)."""
     width = max(len(s.name) for s in settings)
@@ -165,6 +203,8 @@ __all__ = [
     "ENV_PREFIX",
     "ConfigError",
     "Setting",
+    "add_layered_options",
+    "config_from_command_line",
     "default_config_path",
     "describe",
     "read_config_file",
