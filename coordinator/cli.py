@@ -137,7 +137,7 @@ def _ago(now: float, t: float) -> str:
 
 # REPORTED: times other peers refused its contributions (evidence; enough of them ban it)
 _STATUS_COLUMNS = (
-    "ID NAME STATE REASON DEVICE SAMPLES/S EPOCH COMPUTED CONTRIBUTED REPORTED SWARM UPTIME".split()
+    "ID NAME STATE REASON DEVICE VERSION SAMPLES/S EPOCH COMPUTED CONTRIBUTED REPORTED SWARM UPTIME".split()
 )
 _STATUS_COLUMNS = (*_STATUS_COLUMNS, "LAST SEEN")
 
@@ -145,6 +145,8 @@ _STATUS_COLUMNS = (*_STATUS_COLUMNS, "LAST SEEN")
 def format_status(status, now: float) -> str:
     """Render a GetStatusResponse as the operator's table (SWARM: peers it sees in the run's progress
     records; UPTIME: since its heartbeats started)."""
+    from collections import Counter
+
     from crowdtrain.coordinator.limits import clean_display
 
     s = status.summary
@@ -154,10 +156,14 @@ def format_status(status, now: float) -> str:
         else "none yet"
     )
     states = ", ".join(f"{n} {state}" for state, n in sorted(s.peers_by_state.items()) if n) or "no peers"
+    versions = Counter(
+        p.version or "unknown" for p in status.peers if p.state in ("JOINING", "ONLINE", "STALE")
+    )
     lines = [
         f"run {clean_display(s.run_id)}: global epoch {s.global_epoch}, swarm {s.samples_per_s:.1f} samples/s, "
         f"latest checkpoint eval loss {loss}, {s.total_contributed_samples} samples contributed",
         f"peers: {states}",
+        *([f"versions: {', '.join(f'{v} x{n}' for v, n in versions.most_common())}"] if versions else []),
         *([f"last refused checkpoint: {clean_display(s.last_rejection)}"] if s.last_rejection else []),
         "",
     ]
@@ -169,6 +175,7 @@ def format_status(status, now: float) -> str:
             p.state,
             p.reason,
             p.device,
+            p.version or "-",
             f"{p.samples_per_s:.1f}",
             str(p.local_epoch),
             str(p.computed_samples),

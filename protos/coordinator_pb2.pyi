@@ -197,7 +197,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("peer_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples", "uptime_s", "swarm_size", "dht_verified", "rejections_against")
+    __slots__ = ("peer_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples", "uptime_s", "swarm_size", "dht_verified", "rejections_against", "version")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,7 @@ class PeerStatus(_message.Message):
     SWARM_SIZE_FIELD_NUMBER: _ClassVar[int]
     DHT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_AGAINST_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     name: str
     state: str
@@ -232,7 +233,8 @@ class PeerStatus(_message.Message):
     swarm_size: int
     dht_verified: bool
     rejections_against: int
-    def __init__(self, peer_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ..., uptime_s: _Optional[float] = ..., swarm_size: _Optional[int] = ..., dht_verified: _Optional[bool] = ..., rejections_against: _Optional[int] = ...) -> None: ...
+    version: str
+    def __init__(self, peer_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ..., uptime_s: _Optional[float] = ..., swarm_size: _Optional[int] = ..., dht_verified: _Optional[bool] = ..., rejections_against: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class SwarmSummary(_message.Message):
     __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id", "last_rejection", "peers_not_listed")

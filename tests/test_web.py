@@ -125,7 +125,7 @@ def test_metrics_match_the_json_api(site):
 def test_grpc_status_matches_the_json_api(site):
     base, address, store, _, clock = site
     with CoordinatorClient(address) as client:
-        joined = client.join(pb.JoinRequest(name="carol", device="cuda:0"))
+        joined = client.join(pb.JoinRequest(name="carol", device="cuda:0", version="0.1.0"))
         client.heartbeat(
             pb.HeartbeatRequest(
                 session_id=joined.session_id,
@@ -150,12 +150,13 @@ def test_grpc_status_matches_the_json_api(site):
 
     table = format_status(status, now=clock[0] + 3)
     assert "carol" in table and "JOINING" in table and "3s ago" in table and "1234" in table
+    assert peer.version == "0.1.0" and "versions: 0.1.0 x1" in table  # the operator sees who runs what
     header, row = table.splitlines()[-2:]
     assert re.search(r"SWARM\s+UPTIME\s+LAST SEEN$", header) and re.search(r"\s5\s+13m\s+3s ago$", row)
     assert (peer.computed_samples, peer.swarm_size, peer.uptime_s) == (1234, 5, 754.0)
     [carol] = [p for p in json.loads(get(f"{base}/api/v1/peers")[2]) if p["name"] == "carol"]
     assert (carol["computed_samples"], carol["swarm_size"], carol["uptime_s"]) == (1234, 5, 754.0)
-    assert carol["phase"] == "loading_state" and carol["version"] == ""
+    assert carol["phase"] == "loading_state" and carol["version"] == "0.1.0"
 
 
 def test_dashboard_is_self_contained(site):

@@ -72,6 +72,7 @@ function renderPeers(peers) {
       (() => { const td = el("td"); td.append(el("span", p.state, `badge ${p.state}`)); return td; })(),
       reason,
       el("td", p.device),
+      el("td", p.version || "-"),
       el("td", fmt(p.samples_per_s), "num"),
       el("td", p.local_epoch, "num"),
       el("td", fmt(p.loss, 3), "num"),
