@@ -91,6 +91,10 @@ def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
 def cmd_peer(config: peer_cfg.PeerConfig) -> int:
     from crowdtrain.peer.trainer import Volunteer
 
+    if not 0 <= config.nice <= 19:
+        raise CrowdtrainError(f"--nice must be 0 to 19, not {config.nice}")
+    if config.nice:  # before anything starts: hivemind's processes and p2pd inherit it
+        os.nice(config.nice)
     return Volunteer(config).run()
 
 

@@ -27,8 +27,14 @@ REQUIRED = dataclasses.MISSING
 class PeerConfig:
     coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API")
     name: str = option("", "display name shown to operators (default: this machine's host name)")
-    device: str = option("auto", "where to train: auto, cpu, cuda or cuda:N")
+    device: str = option(
+        "auto", "where to train: auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps"
+    )
+    gpu: int = option(-1, "which CUDA GPU to train on, by index (-1: the first)")
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    nice: int = option(
+        10, "lower this peer's CPU priority by this much, 0-19, so the machine's owner comes first"
+    )
     batch_size: int = option(
         0, "sequences per local step (0: the run's default; lower it if you run out of memory)"
     )

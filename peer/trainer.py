@@ -94,7 +94,7 @@ class Volunteer:
 
         if self.config.threads > 0:
             torch.set_num_threads(self.config.threads)
-        self.device = pick_device(self.config.device)
+        self.device = pick_device(self.config.device, self.config.gpu)
         self.device_label = describe_device(self.device)
         self.identity = self._identity()  # before Join: an allowlist admits identities
         request = pb.JoinRequest(

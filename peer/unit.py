@@ -52,7 +52,6 @@ def unit_text(config, python: str = sys.executable) -> str:
         f"ExecStart={command}\n"
         "Restart=on-failure\n"
         "RestartSec=60\n"
-        "Nice=10\n"
         "KillSignal=SIGTERM\n"
         "TimeoutStopSec=120\n"
         "\n"

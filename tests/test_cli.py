@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,27 @@ def test_peer_with_a_wrong_address_says_what_to_check():
     assert result.returncode == 1
     [line] = error_lines(result)
     assert "127.0.0.1:1" in line and "check the address" in line
+
+
+def test_a_peer_runs_at_low_priority_by_default():
+    """Polite by default: the peer lowers its own CPU priority (--nice 10) before anything starts,
+    so the hivemind processes it forks inherit it. Watched while it tries an unreachable address."""
+    command = cli_command("peer", "--coordinator", "127.0.0.1:1", "--join-timeout-s", "20")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen, expected = [], min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)  # on top of the test's own
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and expected not in seen:
+            seen.append(os.getpriority(os.PRIO_PROCESS, proc.pid))
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert expected in seen, f"niceness seen: {sorted(set(seen))}, expected {expected}"
+    result = run_cli("peer", "--coordinator", "127.0.0.1:1", "--nice", "25")
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "--nice must be 0 to 19" in line
 
 
 def test_peer_with_a_malformed_address():
