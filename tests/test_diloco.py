@@ -210,3 +210,32 @@ def test_a_diloco_swarm_trains_agrees_publishes_and_takes_a_joiner(launcher, tmp
         f"outer models {gap} apart, travelled {travelled}; rounds together: {together}"
     )
     assert published["step"] >= 1
+
+
+@pytest.mark.parametrize(
+    "codebook_size, indices, dtype, size",
+    [
+        (2**62, b"\x00" * 16, "float32", [16]),  # a codebook far longer than the message
+        (-5, b"\x00" * 16, "float32", [16]),
+        (2, bytes(range(16)), "float32", [16]),  # indices past the codebook's end
+        (256, b"\x00" * 16, "float32", [1 << 20]),  # a shape larger than the values sent
+        (256, b"\x00" * 16, "manual_seed", [16]),  # a dtype naming something else in torch
+    ],
+)
+def test_a_hostile_8_bit_part_fails_to_decode_without_allocating(codebook_size, indices, dtype, size):
+    """The sender picks a part's codec, so any peer may send 8-bit parts whatever the run uses. A
+    malformed one must fail to decode (hivemind's reducer then drops that sender from the round)
+    rather than allocate what it claims or decode to garbage."""
+    import numpy as np
+    from hivemind.compression import deserialize_torch_tensor
+    from hivemind.proto import runtime_pb2
+
+    codebook = np.zeros(min(max(codebook_size, 0), 256), dtype=np.float32).tobytes()
+    part = runtime_pb2.Tensor(
+        compression=runtime_pb2.UNIFORM_8BIT,
+        buffer=np.int64(codebook_size).tobytes() + codebook + indices,
+        size=size,
+        dtype=dtype,
+    )
+    with pytest.raises((ValueError, IndexError, TypeError, AttributeError, RuntimeError)):
+        deserialize_torch_tensor(part)
