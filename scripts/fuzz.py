@@ -1,7 +1,7 @@
 """Fuzz a live coordinator: every RPC and HTTP route, with hypothesis-made requests.
 
     python -m scripts.fuzz --requests 200000           # the long run; prints a summary
-    python -m scripts.fuzz --requests 2000 --seed 7    # a quick one (tests/test_fuzz.py runs 6,000)
+    python -m scripts.fuzz --requests 2000 --seed 7    # a quick one (tests/test_fuzz.py runs 4,000)
 
 Requests come from scripts/fuzz_inputs.py (built from the protobuf descriptors and the route list in
 webserver's docstring) and go, one at a time in a fast loop, to a coordinator in this process
