@@ -74,18 +74,23 @@ def test_the_outer_optimizer_is_nesterov_sgd_on_the_pseudo_gradient():
     assert torch.allclose(outer.detach(), torch.tensor([1.0, -2.0]) - 0.7 * 1.9 * delta)
 
 
-def test_a_diloco_peer_takes_the_outer_step_and_resets_its_model(tmp_path: Path):
-    """The real hivemind Optimizer (its offloaded copy is the outer model) with our averager: after
-    4 inner steps, one outer step from the pseudo-gradient, and the model reset to the result."""
+def run_probe(workdir: Path, *args: str) -> dict:
+    """tests/diloco_probe.py in a fresh process (hivemind forks); its JSON result."""
     done = subprocess.run(
-        [sys.executable, "-m", "tests.diloco_probe", str(tmp_path)],
+        [sys.executable, "-m", "tests.diloco_probe", str(workdir), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_diloco_peer_takes_the_outer_step_and_resets_its_model(tmp_path: Path):
+    """The real hivemind Optimizer (its offloaded copy is the outer model) with our averager: after
+    4 inner steps, one outer step from the pseudo-gradient, and the model reset to the result."""
+    result = run_probe(tmp_path)
     assert result["moved"] > 1e-4, "the inner steps moved the model away from the outer one"
     assert result["outer_error"] < 1e-5, result
     assert result["reset_error"] == 0.0, result
@@ -118,15 +123,7 @@ def test_an_overlapped_outer_step_keeps_the_inner_steps_taken_meanwhile(tmp_path
     step must not throw them away. A lone peer with outer learning rate 1 and no momentum lands its
     outer step exactly where its model was when the round began, so the model must never jump,
     although it moved while the round ran (hivemind's plain copy would move it back by that much)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.diloco_probe", str(tmp_path), "overlap"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_probe(tmp_path, "overlap")
     assert result["outer_steps"] >= 3, result
     assert result["kept"] > 1e-4, f"no inner step ran while a round did: {result}"
     assert result["jump"] < 1e-5, result
