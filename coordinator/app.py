@@ -58,6 +58,7 @@ class Coordinator:
         )
         self.public_host = config.public_host or guess_public_host(config.host)
         self.store: Store | None = None
+        self.shards = None  # the servicer's ShardBook, once the gRPC API runs
         self.run: Run | None = None
         self.dht = self.monitor = self.metrics = self.web = self.grpc_server = self.publisher = None
         self.revocations = None
@@ -202,6 +203,7 @@ class Coordinator:
                 signing_public_key=public_key_hex(run.signing_key),
                 manifest_signature=sign_hex(run.signing_key, signing_payload(manifest_json)),
                 min_peer_version=minimum_peer_version(cfg.min_peer_version, __version__),
+                shard_bytes=tuple(s.size_bytes for s in run.manifest.data.shards),
             ),
             self.store,
             self.health,
@@ -216,6 +218,7 @@ class Coordinator:
             downloads=downloads,
             **servicer_options(cfg, run.manifest.run_id, run.signing_key, self.store),  # admission, evidence
         )
+        self.shards = servicer.shards  # the data's coverage, for status
         self.grpc_server, grpc_port = bind_remembered(
             self.store,
             "grpc_port",
@@ -244,6 +247,7 @@ class Coordinator:
             signing_key=run.signing_key,
             on_reject=lambda step, reason: self.store.add_rejection(time.time(), step, reason),
             in_use=downloads.in_use,
+            data_read=lambda: self.shards.coverage().describe() if self.shards is not None else "",
         )
         self.publisher.start()  # assigned first: a failed start is still shut down
 
@@ -274,6 +278,7 @@ class Coordinator:
             checkpoint.list_checkpoints(self.checkpoint_root),
             self.store.rejections(),
             rejections_against=counts_against(self.store),
+            coverage=self.shards.coverage() if self.shards is not None else None,
         )
 
     def wait(self) -> None:
@@ -304,6 +309,9 @@ class Coordinator:
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
+        if self.shards is not None and self.store is not None:
+            self.shards.flush()  # every shard's position, for the next start
+            self.shards = None
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -161,7 +161,7 @@ def format_status(status, now: float) -> str:
     )
     states = ", ".join(f"{n} {state}" for state, n in sorted(s.peers_by_state.items()) if n) or "no peers"
     versions = Counter(
-        p.version or "unknown" for p in status.peers if p.state in ("JOINING", "ONLINE", "STALE")
+        p.version or "unknown" for p in status.peers if p.state in ("JOINING", "ONLINE", "PAUSED", "STALE")
     )
     lines = [
         f"run {clean_display(s.run_id)}: global epoch {s.global_epoch}, swarm {s.samples_per_s:.1f} samples/s, "

@@ -23,6 +23,11 @@ class CoordinatorConfig:
     data: tuple[str, ...] = option(
         (), "text files or directories to train on (default: this Python's stdlib source)"
     )
+    data_field: str = option(
+        "text",
+        "the record field holding each document's text in --data JSONL files, Parquet columns and "
+        "hf: datasets (records without it are skipped and counted)",
+    )
     swarm: tuple[str, ...] = option(
         (),
         "when DATA_DIR holds no run yet: override the preset's swarm settings, KEY=VALUE each "

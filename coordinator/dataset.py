@@ -1,42 +1,60 @@
-"""Run creation's data: corpus discovery, a deterministic eval/train split, shards, the tokenizer.
+"""Run creation's data: the corpus, a deterministic eval/train split, shards, the tokenizer.
+
+    data, tokenizer, tokenizer_json = build_dataset(
+        ["corpus/", "extra/*.jsonl", "hf:org/name@train"], out_dir, source_label="my corpus",
+        field="text", num_shards=4, eval_fraction=0.05, max_bytes=6_000_000, seq_len=256,
+        eval_max_sequences=64, vocab_size=4096,
+    )
+    corpus = read_corpus(["logs/*.jsonl"], field="text")   # documents + skipped records by reason
 
 The coordinator turns a corpus (by default the Python standard library source of the running
-interpreter) into JSONL shards once per run and trains a byte-level BPE tokenizer on the training
-part. Nothing here imports torch, so the coordinator can build a run without it. Peers only read
-what this writes (`crowdtrain.peer.data`).
+interpreter; the forms an operator may give are read by `coordinator.sources`) into JSONL shards
+once per run and trains a byte-level BPE tokenizer on the training part. Nothing here imports
+torch, so the coordinator can build a run without it. Peers only read what this writes
+(`crowdtrain.peer.data`). Corrupted records are skipped, counted, logged in one summary line and
+noted in the run's source label ("my.jsonl (field text; 3 corrupted records skipped)").
 
-Determinism: documents are ordered by their path relative to the corpus root and assigned to eval
-or a shard by a hash of that path, so the same corpus always gives byte-identical shards and the
-same tokenizer.
+Determinism: documents are ordered by their path (relative to the corpus root, `file#record` for
+records) and assigned to eval or a shard by a hash of that path, so the same corpus always gives
+byte-identical shards and the same tokenizer. With a byte budget, only the documents the budget
+keeps are held in memory while reading (the same ones `split_documents` would keep).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import os
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from crowdtrain.coordinator.sources import TEXT_SUFFIXES, Document, ReadCounts, iter_entry, plural
 from crowdtrain.peer.data import EVAL_SHARD_NAME, DataError, sha256_file
 from crowdtrain.peer.manifest import EOS_TOKEN, PAD_TOKEN, DataSpec, ShardSpec, TokenizerSpec
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["Corpus", "Document", "build_dataset", "iter_documents", "read_corpus", "split_documents"]
 
-TEXT_SUFFIXES = frozenset(
-    {".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".toml", ".cfg", ".html", ".js"}
-)
+HF_READ_FACTOR = 4  # a Hugging Face stream is read up to this many times the byte budget
+HF_MAX_READ_BYTES = 1 << 30  # ... or this much text when the preset keeps the whole corpus
 
 
 @dataclass(frozen=True)
-class Document:
-    path: str  # relative to its corpus root, with "/" separators
-    text: str
+class Corpus:
+    documents: list[Document]  # sorted by path; with a byte budget, only those it keeps
+    counts: ReadCounts  # corrupted records skipped, by reason; documents taken from record fields
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Corrupted records skipped, by reason ("not JSON", "missing field 'text'", ...)."""
+        return dict(self.counts.skipped)
 
 
 def default_corpus() -> list[Path]:
@@ -50,51 +68,67 @@ def default_corpus_label() -> str:
     return f"python-stdlib {platform.python_version()} ({sysconfig.get_paths()['stdlib']})"
 
 
-def _walk_text_files(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        # site-packages is whatever the user installed, not the corpus; __pycache__ is bytecode
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", ".git"))
-        for name in sorted(filenames):
-            if Path(name).suffix in TEXT_SUFFIXES:
-                yield Path(dirpath) / name
+class _Budget:
+    """Keeps, of the documents offered, exactly those `split_documents(max_bytes=...)` would keep:
+    the shortest prefix in budget-hash order that reaches `max_bytes` (all of them when 0)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._heap: list[tuple[float, int, int, Document]] = []  # (-hash, -arrival, size, doc)
+        self._arrivals = itertools.count()
+        self._used = 0
+
+    def offer(self, doc: Document) -> None:
+        """Equal hashes (a repeated path) keep the earliest, as split_documents' stable sort does."""
+        size = len(doc.text.encode())
+        heapq.heappush(self._heap, (-_unit_hash(doc.path, "budget"), -next(self._arrivals), size, doc))
+        self._used += size
+        while self.max_bytes and len(self._heap) > 1 and self._used - self._heap[0][2] >= self.max_bytes:
+            self._used -= heapq.heappop(self._heap)[2]
+
+    def documents(self) -> list[Document]:
+        return sorted((entry[3] for entry in self._heap), key=lambda d: d.path)
 
 
-def iter_documents(sources: Sequence[Path]) -> list[Document]:
-    """All text documents under `sources` (files or directories), sorted by relative path.
+def read_corpus(sources: Sequence[str | os.PathLike], *, field: str = "text", max_bytes: int = 0) -> Corpus:
+    """Every usable document of the `--data` entries (see `coordinator.sources` for the forms).
 
-    Raises DataError naming the path when a source is missing or unreadable, or holds no text.
+    Corrupted records are skipped and counted. Raises DataError naming the entry when one is
+    missing, unreadable, an empty glob or an unavailable dataset, or when no text is left at all.
     """
-    docs: list[Document] = []
-    for source in sources:
-        source = Path(source)
-        if not source.exists():
-            raise DataError(f"data path {str(source)!r} does not exist; pass an existing file or directory")
-        if not os.access(source, os.R_OK):
-            raise DataError(f"data path {str(source)!r} is not readable; check its permissions")
-        if source.is_file():
-            files, root = [source], source.parent
-        else:
-            files, root = list(_walk_text_files(source)), source
-        for path in files:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                logger.debug("skipping %s: not UTF-8 text", path)
-                continue
-            except OSError as e:
-                if source.is_file():
-                    raise DataError(f"cannot read data file {str(path)!r}: {e.strerror}") from e
-                logger.debug("skipping %s: %s", path, e)
-                continue
-            if text.strip():
-                docs.append(Document(f"{source.name}/{path.relative_to(root).as_posix()}", text))
+    if not isinstance(field, str) or not field.strip():
+        raise DataError("--data-field must name the record field holding the text (e.g. text)")
+    counts = ReadCounts()
+    budget = _Budget(max_bytes)
+    hf_limit = HF_READ_FACTOR * max_bytes if max_bytes else HF_MAX_READ_BYTES
+    entries = [os.fspath(s) for s in sources]
+    for entry in entries:
+        for doc in iter_entry(entry, field=field, counts=counts, hf_max_read_bytes=hf_limit):
+            budget.offer(doc)
+    docs = budget.documents()
     if not docs:
+        skipped = f" (skipped {counts.summary()})" if counts.skipped_total else ""
         raise DataError(
-            f"no UTF-8 text found under {[str(s) for s in sources]}; "
-            f"give files or directories holding text ({', '.join(sorted(TEXT_SUFFIXES))})"
+            f"no UTF-8 text found under {entries}{skipped}; give files or directories holding text "
+            f"({', '.join(sorted(TEXT_SUFFIXES))}), JSONL or Parquet records with a {field!r} field, "
+            "or pick the field with --data-field"
         )
-    docs.sort(key=lambda d: d.path)
-    return docs
+    return Corpus(docs, counts)
+
+
+def iter_documents(
+    sources: Sequence[str | os.PathLike], *, field: str = "text", max_bytes: int = 0
+) -> list[Document]:
+    """All usable documents of `sources`, sorted by path (`read_corpus` without the skip counts)."""
+    return read_corpus(sources, field=field, max_bytes=max_bytes).documents
+
+
+def describe_source(label: str, corpus: Corpus, field: str) -> str:
+    """Pure: the run's provenance line, e.g. "my.jsonl (field text; 3 corrupted records skipped)"."""
+    notes = [f"field {field}"] if corpus.counts.records else []
+    if corpus.counts.skipped_total:
+        notes.append(f"{plural(corpus.counts.skipped_total, 'corrupted record')} skipped")
+    return f"{label} ({'; '.join(notes)})" if notes else label
 
 
 def _unit_hash(path: str, salt: str) -> float:
@@ -167,7 +201,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def build_dataset(
-    sources: Sequence[Path],
+    sources: Sequence[str | os.PathLike],
     out_dir: Path,
     *,
     source_label: str,
@@ -177,14 +211,18 @@ def build_dataset(
     seq_len: int,
     eval_max_sequences: int,
     vocab_size: int,
+    field: str = "text",
 ) -> tuple[DataSpec, TokenizerSpec, str]:
     """Read the corpus, write eval and training shards into `out_dir`, train the tokenizer.
 
-    Returns the data spec, tokenizer spec and the tokenizer's JSON text.
+    Returns the data spec (its source: `source_label` with the record field and the number of
+    corrupted records skipped), tokenizer spec and the tokenizer's JSON text.
     """
-    docs = iter_documents(sources)
+    corpus = read_corpus(sources, field=field, max_bytes=max_bytes)
+    if corpus.counts.skipped_total:
+        logger.warning("skipped %s (first: %s)", corpus.counts.summary(), corpus.counts.examples())
     eval_docs, shards = split_documents(
-        docs, num_shards=num_shards, eval_fraction=eval_fraction, max_bytes=max_bytes
+        corpus.documents, num_shards=num_shards, eval_fraction=eval_fraction, max_bytes=max_bytes
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_spec = write_shard(eval_docs, out_dir / EVAL_SHARD_NAME)
@@ -201,7 +239,7 @@ def build_dataset(
     tokenizer = train_tokenizer(train_texts, vocab_size)
     tokenizer_json = tokenizer.to_str()
     data = DataSpec(
-        source=source_label,
+        source=describe_source(source_label, corpus, field),
         seq_len=seq_len,
         eval_fraction=eval_fraction,
         eval=eval_spec,

@@ -166,6 +166,7 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
     def __init__(self, servicer: CoordinatorServicer, limits: GrpcLimits):
         self.servicer, self.limits = servicer, limits
         self.status_pool = ThreadPoolExecutor(limits.status_workers, thread_name_prefix="grpc-status")
+        self.reach_pool = ThreadPoolExecutor(4, thread_name_prefix="grpc-reach")
 
     @_translating_errors
     async def Join(self, request, context):
@@ -193,6 +194,12 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
         """Off the loop: building it for thousands of peers must not delay heartbeats."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.status_pool, self.servicer.GetStatus, request, context)
+
+    @_translating_errors
+    async def CheckReachability(self, request, context):
+        """Off the loop: it dials the peer, for up to a few seconds."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.reach_pool, self.servicer.CheckReachability, request, context)
 
     @_translating_errors
     async def DownloadCheckpointFile(self, request, context):
@@ -285,6 +292,7 @@ class GrpcServer:
     def _close(self) -> None:
         self._loop.close()
         self._adapter.status_pool.shutdown(wait=False, cancel_futures=True)
+        self._adapter.reach_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def create_server(

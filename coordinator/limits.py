@@ -57,11 +57,23 @@ class Limit:
 BASE58 = "[1-9A-HJ-NP-Za-km-z]"
 SESSION_ID = Limit("id", 32, "[0-9a-f]{32}", required=True, what="32 lowercase hex digits")
 SESSION_TOKEN = Limit("id", 64, "[A-Za-z0-9_-]{32,64}", what="32-64 URL-safe base64 characters")
-PHASES = ("joining", "loading_state", "training")
+PHASES = ("joining", "loading_state", "training", "paused")
 MAX_EPOCH = 2**40  # 10^12 epochs: no real swarm comes near; far from int64's end
 MAX_SAMPLES = 2**50  # a peer's own sample count; far from int64's end even summed over 2^13 peers
 MAX_SAMPLES_PER_S = 1e6  # one peer; a tiny model on the fastest accelerator does ~10^4
 MAX_UPTIME_S = 10 * 365 * 86400.0
+MAX_SHARDS = 2**20  # a run's data shards (presets use 8-64)
+MAX_SHARD_SEQUENCES = 2**40  # sequences in one shard
+MAX_SHARD_PASSES = 2**20
+MAX_MADDRS = 16  # multiaddrs one reachability request may list (the first 8 are dialed)
+# a libp2p multiaddr as hivemind prints it: /ip4/1.2.3.4/tcp/40000/p2p/Qm...
+MADDR = Limit(
+    "id", 200, r"/[A-Za-z0-9./_:%-]{1,199}", required=True, what="a multiaddr such as /ip4/1.2.3.4/tcp/4001"
+)
+SHARD_INDEX = Limit("int", low=0, high=MAX_SHARDS - 1)
+SHARD_POSITION = Limit("int", low=0, high=MAX_SHARD_SEQUENCES)
+SHARD_PASS = Limit("int", low=0, high=MAX_SHARD_PASSES)
+FLAG = Limit("int", low=0, high=1)
 MAX_REJECTIONS_PER_HEARTBEAT = 32  # evidence a peer sends per heartbeat (it sends one every few seconds)
 # a base58 libp2p peer id: an RSA key's sha2-256 multihash is 46 characters, identity ones ~50
 PEER_ID = Limit("id", 64, f"{BASE58}{{20,64}}", required=True, what="a base58 hivemind peer id")
@@ -74,6 +86,10 @@ REQUEST_LIMITS: dict[str, dict[str, Limit]] = {
         # secrets.token_urlsafe(24) of `crowdtrain invite create`: 32 characters
         "invite_code": Limit("id", 64, "[A-Za-z0-9_-]{16,64}", what="16-64 URL-safe base64 characters"),
         "dht_public_key": Limit("bytes", 1024),  # an RSA-2048 libp2p key is ~300 bytes
+        "resume_shard": SHARD_INDEX,  # where its last session stopped reading (see `shardbook`)
+        "resume_position": SHARD_POSITION,
+        "resume_pass": SHARD_PASS,
+        "resume_run_id": Limit("id", 64, "[A-Za-z0-9_.-]{1,64}", what="a run id"),
     },
     "Rejection": {
         "offender": PEER_ID,
@@ -99,6 +115,17 @@ REQUEST_LIMITS: dict[str, dict[str, Limit]] = {
         "samples_total": Limit("int", low=0, high=MAX_SAMPLES),
         "swarm_size": Limit("int", low=0, high=100_000),
         "rejections": Limit("messages", MAX_REJECTIONS_PER_HEARTBEAT, "Rejection"),
+        "pause_reason": Limit("display", 120),
+        "client_mode": FLAG,
+        "shard_index": SHARD_INDEX,  # claims: kept only for the shard the coordinator leased to it
+        "shard_position": SHARD_POSITION,
+        "shard_sequences": SHARD_POSITION,
+        "shard_pass": SHARD_PASS,
+    },
+    "ReachabilityRequest": {
+        "session_id": SESSION_ID,
+        "session_token": SESSION_TOKEN,
+        "maddrs": Limit("list", MAX_MADDRS, "", what="multiaddrs"),
     },
     "LeaveRequest": {
         "session_id": SESSION_ID,
@@ -134,6 +161,12 @@ def check_value(message: str, field: str, value, limit: Limit):
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"{field}[{i}]: {e}") from None
         return checked
+    if limit.kind == "list":  # of multiaddrs: each one checked like an id
+        if len(value) > limit.max_len:
+            raise InvalidRequestError(
+                f"{where} has {len(value)} entries, more than the {limit.max_len} allowed"
+            )
+        return [check_value(message, f"{field}[{i}]", item, MADDR) for i, item in enumerate(value)]
     if limit.kind == "bytes":
         if len(value) > limit.max_len:
             raise InvalidRequestError(

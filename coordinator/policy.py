@@ -1,9 +1,8 @@
 """What the coordinator decides about peers, as pure functions: no clocks, no I/O, no gRPC.
 
 Which heartbeats and leaves are accepted (`admit_session`: the session's secret token, bans),
-which sessions are pruned (`never_heartbeated`), which data shard a joiner reads (`assign_shard`),
-which checkpoint it starts from (`resume_step`), and what of a peer's report is kept
-(`checked_report`, `apply_report`). Decisions return (decision, reason); the servicer turns a
+which sessions are pruned (`never_heartbeated`), which checkpoint a joiner starts from
+(`resume_step`), and what of a peer's report is kept (`checked_report`, `apply_report`). Decisions return (decision, reason); the servicer turns a
 refusal into a domain error with `require_admitted`. Tests pass `now` and assert on the reason.
 """
 
@@ -79,13 +78,6 @@ def never_heartbeated(now: float, record: PeerRecord, prune_after_s: float) -> t
     if silent_s <= prune_after_s:
         return False, f"joined {silent_s:.0f}s ago, within {prune_after_s:.0f}s"
     return True, f"joined {silent_s:.0f}s ago and never heartbeated (limit {prune_after_s:.0f}s)"
-
-
-def assign_shard(known_peers: int, num_shards: int) -> tuple[int, str]:
-    """The training shard a joiner starts on: round robin over every peer the run has seen (each
-    peer then walks on through all shards, see `crowdtrain.peer.data.rotating_batches`)."""
-    shard = known_peers % num_shards
-    return shard, f"round robin: {known_peers} peers joined before it, {num_shards} shards"
 
 
 def minimum_peer_version(configured: str, own_version: str) -> str:

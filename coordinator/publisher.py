@@ -86,11 +86,12 @@ class Publisher:
         signing_key=None,
         on_reject: Callable[[int, str], None] = lambda step, reason: None,
         in_use: Callable[[], set[int]] = set,
+        data_read: Callable[[], str] = str,
     ):
         self.settings, self.manifest, self.tokenizer_json = settings, manifest, tokenizer_json
         self.eval_shard, self.root, self.initial_peers = eval_shard, checkpoint_root, initial_peers
         self.signing_key, self.on_reject, self.in_use = signing_key, on_reject, in_use
-        self.voters = voters
+        self.voters, self.data_read = voters, data_read  # data_read: the model card's coverage line
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dht = self._tracker = self._fetcher = self._access = None
@@ -290,6 +291,7 @@ class Publisher:
                 # Optimizer reads (not documented API): peers in the swarm's progress records
                 contributing_peers=self._tracker.global_progress.num_peers,
                 created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                data_read=self.data_read(),
             )
         )
         return archive.finalize(

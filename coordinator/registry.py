@@ -18,6 +18,7 @@ from crowdtrain.peer.report import PeerReport
 class PeerState(str, enum.Enum):
     JOINING = "JOINING"  # joined, still loading the model, data or swarm state
     ONLINE = "ONLINE"  # heartbeats (or progress records) arrive and it trains
+    PAUSED = "PAUSED"  # alive and heartbeating, but not training: its volunteer's settings or signal
     STALE = "STALE"  # late; it may be overloaded, suspended, or its link stalls
     DEAD = "DEAD"  # silent longer than the heartbeat timeout
     LEFT = "LEFT"  # said goodbye
@@ -43,7 +44,9 @@ class PeerRecord(PeerReport):
     last_seen_unix_s: float  # last heartbeat (or, for DHT-only peers, last progress record)
     left_unix_s: float | None = None
     left_reason: str = ""
-    shard_index: int = 0
+    lease_shard: int = -1  # the data shard the coordinator gave it to read (-1: none; `shardbook`)
+    next_shard: int = -1  # the shard reserved for it to read next (-1: none reserved yet)
+    reachability: str = ""  # "reachable", "unreachable" (the coordinator dialed it), "" = unchecked
     source: str = "heartbeat"  # "heartbeat" or "dht"
     dht_last_seen_unix_s: float | None = None  # last time its progress record was in the DHT
     banned: bool = False
@@ -79,6 +82,8 @@ def compute_state(now: float, record: PeerRecord, settings: HealthSettings) -> t
             PeerState.STALE,
             f"last heartbeat {silent_s:.0f}s ago (expected every {settings.heartbeat_interval_s:.0f}s)",
         )
+    if record.phase == "paused":
+        return PeerState.PAUSED, f"paused: {record.pause_reason or 'no reason given'}"
     if record.phase != "training":
         return PeerState.JOINING, record.phase.replace("_", " ")
     contributing, why = contribution(now, record, settings)

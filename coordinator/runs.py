@@ -47,7 +47,7 @@ def create_run(config: CoordinatorConfig, data_dir: Path, signing_public_key: st
     from crowdtrain.coordinator.dataset import build_dataset, default_corpus, default_corpus_label
 
     preset = get_preset(config.preset)
-    sources = [Path(p).expanduser() for p in config.data] or default_corpus()
+    sources = list(config.data) or default_corpus()  # files, directories, globs, hf:NAME (see dataset.py)
     label = ", ".join(str(p) for p in config.data) if config.data else default_corpus_label()
     t0 = time.monotonic()
     data, tokenizer, tokenizer_json = build_dataset(
@@ -60,6 +60,7 @@ def create_run(config: CoordinatorConfig, data_dir: Path, signing_public_key: st
         seq_len=preset.seq_len,
         eval_max_sequences=preset.eval_max_sequences,
         vocab_size=preset.vocab_size,
+        field=config.data_field,  # the label then names it, and the corrupted records skipped
     )
     manifest = build_manifest(
         preset,

@@ -9,6 +9,7 @@ every decision lives in `policy`, `registry` and `archive`, the state in the sto
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import grpc
-from crowdtrain.coordinator import archive, policy
+from crowdtrain.coordinator import archive, policy, reachability
 from crowdtrain.coordinator.admission import AdmissionSettings, Gate, NotAdmittedError
 from crowdtrain.coordinator.errors import (
     BannedError,
@@ -39,6 +40,8 @@ from crowdtrain.coordinator.identity import verify_dht_claim
 from crowdtrain.coordinator.limits import check_request
 from crowdtrain.coordinator.ratelimit import BucketSettings, RateLimiter, caller_key
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
+from crowdtrain.coordinator.shardbook import Claim, ShardBook, resume_claim
+from crowdtrain.coordinator.standings import Standings
 from crowdtrain.coordinator.status import SwarmStatus
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer import checkpoint
@@ -76,6 +79,7 @@ class RunInfo:
     signing_public_key: str = ""
     manifest_signature: str = ""  # the run key's signature of manifest_json (peer/runproof.py)
     min_peer_version: str = ""  # joiners saying they run an older crowdtrain are refused ("" = any)
+    shard_bytes: tuple[int, ...] = ()  # each training shard's size (bounds the sizes peers report)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,15 @@ class AbuseLimits:
     heartbeat_burst: int = 10  # heartbeats one session may send at once
     heartbeats_per_interval: float = 10.0  # sustained, per heartbeat_interval_s (peers send 1)
     prune_silent_joins_after_s: float = 120.0  # a session that never heartbeats is deleted then
+    reachability_burst: int = 3  # reachability checks one session may ask for at once
+    reachability_per_minute: float = 1.0  # and then, sustained (each dials up to 8 addresses)
+
+
+def _run_id_of(manifest_json: str) -> str:
+    try:
+        return str(json.loads(manifest_json).get("run_id", ""))
+    except (ValueError, AttributeError):  # tests serve stand-in manifests
+        return ""
 
 
 class CoordinatorServicer:
@@ -121,6 +134,16 @@ class CoordinatorServicer:
         self._heartbeats = RateLimiter(
             BucketSettings(abuse.heartbeat_burst, abuse.heartbeats_per_interval / interval_s)
         )
+        self._reach = RateLimiter(
+            BucketSettings(abuse.reachability_burst, abuse.reachability_per_minute / 60)
+        )
+        self.dial: Callable[[str, int], bool] = reachability.tcp_dial
+        num_shards = run.num_shards if run is not None else 1
+        sizes = (run.shard_bytes if run is not None else ()) or (2**40,) * num_shards
+        live_s = health_settings.heartbeat_timeout_s if health_settings else 60.0
+        self.shards = ShardBook(store, num_shards, sizes, live_s=live_s)
+        self._run_id = _run_id_of(run.manifest_json if run is not None else "")
+        self.standings = Standings(store.contribution_totals if store else dict, clock)
 
     def _refuse_out_of_date(self, joiner: dict) -> None:
         compatible, reason = policy.version_verdict(joiner["version"], self.run.min_peer_version)
@@ -137,11 +160,13 @@ class CoordinatorServicer:
             joiner["invite_code"], joiner["dht_public_key"], now
         )
         token, challenge = secrets.token_urlsafe(32), secrets.token_bytes(32)
+        claim = resume_claim(request, joiner, self._run_id)  # where its last session stopped reading
         with self._join_lock:  # shard assignment must not race between two joiners
             self._prune(now)
-            shard_index, shard_reason = policy.assign_shard(self.store.count_peers(), self.run.num_shards)
+            session_id = uuid.uuid4().hex
+            shard_index, start, shard_reason = self.shards.lease(now, session_id, claim)
             record = PeerRecord(
-                session_id=uuid.uuid4().hex,
+                session_id=session_id,
                 peer_id=secrets.token_hex(6),
                 token_sha256=policy.token_sha256(token),
                 dht_challenge=challenge.hex(),
@@ -151,23 +176,13 @@ class CoordinatorServicer:
                 version=joiner["version"],
                 device=joiner["device"],
                 shard_index=shard_index,
+                lease_shard=shard_index,
                 invite_id=invite_id,
                 admitted_dht_id=announced_dht_id,
             )
             self.store.upsert_peer(record)
-        metas = checkpoint.list_checkpoints(self.run.checkpoint_root)
-        resume_step, resume_reason = policy.resume_step(
-            now, self.store.peers_unordered(), metas[-1].step if metas else None, self.health
-        )
-        logger.info(
-            "peer %r joined (id %s, %s): shard %d (%s), resume from step %d (%s)",
-            record.name,
-            record.peer_id,
-            record.device,
-            shard_index,
-            shard_reason,
-            resume_step,
-            resume_reason,
+        resume_step = self._resume_step(
+            now, record, f"shard {shard_index} at {start.position} ({shard_reason})"
         )
         return pb.JoinResponse(
             session_id=record.session_id,
@@ -185,8 +200,22 @@ class CoordinatorServicer:
                 shard_index=shard_index,
                 http_base_url=self.run.http_base_url,
                 resume_from_step=resume_step,
+                shard_position=start.position,
+                shard_pass=start.passes,
             ),
         )
+
+    def _resume_step(self, now: float, record: PeerRecord, shard: str) -> int:
+        """The checkpoint a joiner starts from (0: the live swarm's state); logs the join."""
+        metas = checkpoint.list_checkpoints(self.run.checkpoint_root)
+        step, why = policy.resume_step(
+            now, self.store.peers_unordered(), metas[-1].step if metas else None, self.health
+        )
+        logger.info(
+            "peer %r joined (id %s, %s): %s, resume from step %d (%s)",
+            *(record.name, record.peer_id, record.device, shard, step, why),
+        )
+        return step
 
     def _limit(self, limiter: RateLimiter, key: str, now: float, what: str) -> None:
         allowed, retry_s = limiter.allow(key, now)
@@ -225,6 +254,7 @@ class CoordinatorServicer:
         updated = policy.apply_report(now, record, report)
         if request.dht_public_key and updated.dht_peer_id and not updated.dht_verified:
             updated = self._prove_dht(updated, request)
+        updated = self._place_in_data(now, updated)
         # written behind: heartbeats are frequent
         self.store.upsert_peer(updated, durable=False)
         if rejections and updated.dht_verified and self.evidence:  # only a proven identity's evidence counts
@@ -235,8 +265,45 @@ class CoordinatorServicer:
             dht_verified=updated.dht_verified,
             swarm_token=swarm_token,
         )
+        if updated.dht_verified:  # only a proven identity's ledger is its own
+            standing = self.standings.of(updated.dht_peer_id)
+            response.accepted_samples, response.share = standing.accepted_samples, standing.share
+            response.rank, response.ranked_peers = standing.rank, standing.ranked_peers
+        if updated.next_shard >= 0:
+            after = self.shards.cursor(updated.next_shard)
+            response.next_shard = updated.next_shard
+            response.next_shard_position, response.next_shard_pass = after.position, after.passes
         self.heartbeat_latency(time.perf_counter() - t0)
         return response
+
+    def _place_in_data(self, now: float, record: PeerRecord) -> PeerRecord:
+        """Its lease and next shard after the data position its heartbeat reports (`shardbook`)."""
+        if record.shard_sequences <= 0:  # it has not read a shard yet: nothing to report
+            claim = Claim(-1, 0, 0)
+        else:
+            claim = Claim(
+                record.shard_index, record.shard_position, record.shard_pass, record.shard_sequences
+            )
+        lease, next_shard = self.shards.report(
+            now, record.session_id, record.lease_shard, record.next_shard, claim
+        )
+        return dataclasses.replace(record, lease_shard=lease, next_shard=next_shard)
+
+    def CheckReachability(self, request: pb.ReachabilityRequest, context) -> pb.ReachabilityResponse:
+        """Dial what the peer announces (`reachability`): blocking for up to a few seconds, so the
+        server runs it off its event loop."""
+        maddrs = check_request(request)["maddrs"]
+        record = self._session(request)
+        now = self.clock()
+        self._limit(self._reach, record.session_id, now, "reachability checks")
+        seen = reachability.host_of(context.peer()) if context is not None else ""
+        reachable, dialed, advice = reachability.check(seen, maddrs[:8], self.dial, who=record.name)
+        current = self.store.get_peer(record.session_id) or record
+        verdict = "reachable" if reachable else "unreachable"
+        self.store.upsert_peer(dataclasses.replace(current, reachability=verdict))
+        return pb.ReachabilityResponse(
+            reachable=reachable, seen_host=seen, dialed=", ".join(dialed), advice=advice
+        )
 
     def _prove_dht(self, record: PeerRecord, request: pb.HeartbeatRequest) -> PeerRecord:
         """The record with its DHT claim verified, or InvalidRequestError saying why the proof fails."""
@@ -273,6 +340,7 @@ class CoordinatorServicer:
         )
         self._heartbeats.forget(record.session_id)
         self.gate.forget(record.session_id)
+        self.shards.release(record.session_id, now)  # held a while for its restart
         logger.info("peer %r (id %s) left (%s)", record.name, record.peer_id, reason or "no reason given")
         return pb.LeaveResponse()
 

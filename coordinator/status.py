@@ -45,6 +45,7 @@ class PeerView(PeerReport):
     joined_unix_s: float
     source: str
     rejections_against: int = 0  # reports by other peers that refused its contributions (`evidence`)
+    reachability: str = ""  # "reachable", "unreachable" (the coordinator dialed it) or "" (unchecked)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class SwarmSummary:
     rejected_checkpoints: int = 0  # states the publisher refused (recent ones)
     last_rejection: str = ""  # "step N: reason" of the newest refusal
     peers_not_listed: int = 0  # peers left out of `SwarmStatus.peers` (bounded: MAX_LISTED_PEERS)
+    # how much of the training data the swarm has read (`shardbook.Coverage`): sequences read, every
+    # finished pass counted, of the sequences in the shards whose size peers reported
+    dataset_sequences_read: int = 0
+    dataset_sequences: int = 0
+    dataset_shards: int = 0
+    dataset_shards_sized: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,7 @@ def _view(
         joined_unix_s=record.joined_unix_s,
         source=record.source,
         rejections_against=rejections_against.get(record.dht_peer_id, 0) if credited else 0,
+        reachability=record.reachability,
     )
 
 
@@ -131,9 +139,11 @@ def build_status(
     rejections: Sequence[dict] = (),
     max_listed_peers: int = MAX_LISTED_PEERS,
     rejections_against: dict[str, int] | None = None,
+    coverage=None,
 ) -> SwarmStatus:
     """`rejections`: states the publisher refused, newest first; `rejections_against`: reports
-    against each DHT identity (`evidence.EvidenceBook.counts_against`)."""
+    against each DHT identity (`evidence.EvidenceBook.counts_against`); `coverage`: how much of
+    the data the swarm read (`shardbook.ShardBook.coverage`)."""
     against = rejections_against or {}
     views = [_view(now, record, contribution_totals, health, against) for record in peers]
     by_state = Counter(v.state for v in views)
@@ -156,9 +166,14 @@ def build_status(
         rejected_checkpoints=len(rejections),
         last_rejection=f"step {rejections[0]['step']}: {rejections[0]['reason']}" if rejections else "",
         peers_not_listed=max(0, len(views) - max_listed_peers),
+        dataset_sequences_read=coverage.read if coverage else 0,
+        dataset_sequences=coverage.total if coverage else 0,
+        dataset_shards=coverage.shards if coverage else 0,
+        dataset_shards_sized=coverage.sized if coverage else 0,
     )
     # bounded: live peers first, then the most recently seen; shown by state, then by name
-    order = {s.value: i for i, s in enumerate((PeerState.ONLINE, PeerState.JOINING, PeerState.STALE))}
+    live = (PeerState.ONLINE, PeerState.PAUSED, PeerState.JOINING, PeerState.STALE)
+    order = {s.value: i for i, s in enumerate(live)}
     if len(views) > max_listed_peers:
         views.sort(key=lambda v: (order.get(v.state, 9), -v.last_seen_unix_s))
         views = views[:max_listed_peers]

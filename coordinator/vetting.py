@@ -93,7 +93,13 @@ def check_candidate(
 
 
 def model_card(
-    manifest: RunManifest, *, step: int, eval_loss: float, contributing_peers: int, created: str
+    manifest: RunManifest,
+    *,
+    step: int,
+    eval_loss: float,
+    contributing_peers: int,
+    created: str,
+    data_read: str = "",
 ) -> str:
     """README.md of a checkpoint directory (Hugging Face model card, with YAML front matter)."""
     m, d, swarm = manifest.model, manifest.data, manifest.swarm
@@ -125,6 +131,7 @@ A {m.num_parameters / 1e6:.2f}M-parameter {m.model_type} causal language model
 {d.source}; {len(d.shards)} training shards, {d.eval_fraction:.0%} of documents held out for
 evaluation (the loss above is measured on {d.eval_max_sequences} held-out sequences). Tokenizer:
 byte-level BPE trained on the training shards, sha256 `{manifest.tokenizer.sha256[:16]}...`.
+{f"Read so far by the swarm: {data_read}." if data_read else ""}
 
 ## Use
 

@@ -6,6 +6,7 @@
     GET /api/v1/run                           the run manifest
     GET /api/v1/state                         summary: global epoch, throughput, peers by state, ...
     GET /api/v1/peers                         every peer with its state and the reason for it
+    GET /api/v1/peers/<id>, GET /peer/<id>    one peer (public or hivemind id): sessions, accepted samples, rank
     GET /api/v1/history                       swarm throughput/epoch/loss over time, eval loss per checkpoint
     GET /api/v1/contributors                  contribution leaderboard (samples per peer)
     GET /api/v1/checkpoints                   published checkpoints, oldest first
@@ -49,6 +50,7 @@ from crowdtrain.coordinator.errors import NotFoundError, PortInUseError
 from crowdtrain.coordinator.httpfiles import send_bytes, send_file
 from crowdtrain.coordinator.loopthread import LoopThread
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.peerpage import PEER_KEY, peer_index
 from crowdtrain.coordinator.ratelimit import BucketSettings, RateLimiter
 from crowdtrain.coordinator.snapshots import Memo, ViewCache
 from crowdtrain.coordinator.status import SwarmStatus, contributors
@@ -120,6 +122,7 @@ def _views(ctx: WebContext, max_age_s: float) -> dict[str, Callable[[], bytes]]:
             [json.loads(m.to_json()) for m in checkpoint.list_checkpoints(ctx.checkpoint_root)]
         ).encode(),
         "rejections": lambda: json.dumps(rejection_rows(ctx.store)).encode(),
+        "peer_index": lambda: peer_index(snapshot.get()[1]["peers"], ctx.store.contribution_totals()),
     }
     if ctx.metrics is not None:
         views["metrics"] = lambda: generate_latest(ctx.metrics.registry)
@@ -214,13 +217,29 @@ class _Routes:
         if len(parts) == 3 and parts[:2] == ["api", "v1"]:
             if parts[2] == "run":
                 return await self._bytes(request, self.ctx.manifest_json.encode(), _JSON)
-            if parts[2] in self.views and parts[2] != "metrics":
+            if parts[2] in self.views and parts[2] not in ("metrics", "peer_index"):
                 return await self._view(request, parts[2], _JSON)
+        if len(parts) == 4 and parts[:3] == ["api", "v1", "peers"] and PEER_KEY.fullmatch(parts[3]):
+            return await self._peer(request, parts[3])  # a lookup in {peer id: JSON} (`peerpage`)
+        if len(parts) == 2 and parts[0] == "peer" and PEER_KEY.fullmatch(parts[1]):
+            return await self._bytes(request, *self.static["peer.html"])
         if len(parts) == 2 and parts[0] == "data" and parts[1] in self.ctx.data_files:
             return await send_file(request, self.ctx.data_dir / parts[1], self.limits.stall_timeout_s)
         if len(parts) == 3 and parts[0] == "checkpoints":
             return await self._checkpoint_file(request, parts[1], parts[2])
         return await self._bytes(request, f"no such resource {path[:200]}\n".encode(), "text/plain", 404)
+
+    async def _peer(self, request, key: str) -> web.StreamResponse:
+        index = asyncio.shield(asyncio.wrap_future(self.views.future("peer_index")))
+        try:
+            index = await asyncio.wait_for(index, self.limits.view_timeout_s)
+        except TimeoutError:
+            return await self._bytes(
+                request, b"status is busy; retry\n", "text/plain", 503, {"Retry-After": "2"}
+            )
+        if key not in index:
+            return await self._bytes(request, b"no such peer (yet)\n", "text/plain", 404)
+        return await self._bytes(request, index[key], _JSON)
 
     async def _view(self, request, name: str, content_type: str) -> web.StreamResponse:
         shared = asyncio.wrap_future(self.views.future(name))

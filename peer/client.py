@@ -113,6 +113,14 @@ class CoordinatorClient:
     def get_status(self) -> pb.GetStatusResponse:
         return self._call(self._stub.GetStatus, pb.GetStatusRequest())
 
+    def check_reachability(
+        self, session_id: str, session_token: str, maddrs: list[str]
+    ) -> pb.ReachabilityResponse:
+        request = pb.ReachabilityRequest(
+            session_id=session_id, session_token=session_token, maddrs=maddrs[:16]
+        )
+        return self._call(self._stub.CheckReachability, request, timeout_s=max(self.rpc_timeout_s, 30.0))
+
 
 def _translate(e: grpc.RpcError, address: str, tls: ClientTls | None = None) -> Exception:
     code, details = e.code(), e.details()

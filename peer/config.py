@@ -38,8 +38,32 @@ class PeerConfig:
     batch_size: int = option(
         0, "sequences per local step (0: the run's default; lower it if you run out of memory)"
     )
+    max_memory_gb: float = option(
+        0.0,
+        "use at most this much memory for training (0: what the device has free); the peer picks the "
+        "largest micro-batch that fits and accumulates up to --batch-size",
+    )
+    precision: str = option(
+        "auto", "compute precision: auto (bf16 on hardware that supports it, else fp32), bf16 or fp32"
+    )
+    max_upload_mbps: float = option(
+        0.0, "cap what this peer sends to other peers (averaging, serving state), Mbit/s (0: no cap)"
+    )
+    schedule: str = option(
+        "",
+        "train only in these local-time windows, e.g. 22:00-08:00 or 09:00-12:00,13:00-17:00 (empty: always)",
+    )
+    pause_when_busy: float = option(
+        0.0, "pause while other processes keep the CPU (or GPU) busier than this percent (0: never)"
+    )
+    pause_on_battery: bool = option(False, "pause while this machine runs on battery")
     listen_host: str = option("0.0.0.0", "interface the peer's DHT listens on")
-    announce_host: str = option("", "public address other peers should dial (set it behind port forwarding)")
+    listen_port: int = option(
+        0, "TCP port the peer's DHT listens on (0: any free one; fix it to forward it on your router)"
+    )
+    announce_host: str = option(
+        "", "public address other peers should dial (with --listen-port, behind port forwarding)"
+    )
     client_mode: bool = option(
         False, "do not accept incoming connections (behind NAT without port forwarding)"
     )

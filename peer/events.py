@@ -36,6 +36,12 @@ EVENTS: dict[str, tuple[str, ...]] = {
         "averaged_with",
         "group",
     ),
+    "data_start": ("shard", "passes", "position"),
+    "memory_plan": ("micro_batch", "batch_size", "reason"),
+    "reachability": ("reachable", "seen_host", "advice"),
+    "paused": ("reason",),
+    "resumed": ("paused_s", "resynced"),
+    "contribution": ("accepted_samples", "share", "rank", "ranked_peers"),
     "coordinator_unreachable": ("what", "retry_in_s"),
     "swarm_rejoined": ("reached", "bootstrap_peers"),
     # the coordinator

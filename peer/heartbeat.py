@@ -83,6 +83,7 @@ class HeartbeatReporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stream = client.heartbeat_stream()
+        self.answer: pb.HeartbeatResponse | None = None  # the coordinator's latest answer (hints, standing)
 
     def start(self) -> HeartbeatReporter:
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -158,6 +159,7 @@ class HeartbeatReporter:
             except Exception as e:  # must never reach the training loop
                 logger.warning("after reconnecting: %r", e)
         self.failed = 0
+        self.answer = response
         if public_key and response.dht_verified:
             self.dht_verified = True
         if response.heartbeat_interval_s > 0:

@@ -1,7 +1,7 @@
 """Read ahead of training: an iterator's next items are made on a background thread.
 
-A peer's batches come from `peer/data.py`'s `rotating_batches`, which at the end of each pass over a
-shard downloads and tokenizes the next one: without read-ahead the training loop (and with it the
+A peer's batches come from `peer/shardread.py`'s `ShardReader`, which at the end of each pass over
+a shard downloads and tokenizes the next one: without read-ahead the training loop (and with it the
 swarm's epoch) waits for that. `Prefetcher` runs the iterator `depth` items ahead of its consumer; an
 exception the iterator raises reaches the consumer at the item where it happened, and a consumer that
 stops early stops the thread (`shutdown()`, or leaving the `with` block).

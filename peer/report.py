@@ -18,7 +18,7 @@ from dataclasses import dataclass
 class PeerReport:
     """A peer's self-reported state; the trainer publishes a new immutable snapshot after each step."""
 
-    phase: str = "joining"  # "joining", "loading_state", "training"
+    phase: str = "joining"  # "joining", "loading_state", "training", "paused"
     dht_peer_id: str = ""  # its hivemind peer id, once its DHT runs
     name: str = ""  # display name chosen by the volunteer
     version: str = ""  # crowdtrain version of the peer
@@ -29,6 +29,15 @@ class PeerReport:
     uptime_s: float = 0.0  # since its heartbeats started
     samples_total: int = 0  # samples it processed since it started, accepted into the model or not
     swarm_size: int = 0  # peers it sees in the run's progress records
+    pause_reason: str = ""  # with phase "paused": why, in its words
+    client_mode: bool = False  # its DHT accepts no incoming connections
+    # its place in the run's data: the shard it reads, sequences read in this pass, the shard's size
+    # in sequences, and passes over it finished before (claims; the coordinator keeps them only for
+    # the shard it leased to this peer, see coordinator/shardbook.py)
+    shard_index: int = 0
+    shard_position: int = 0
+    shard_sequences: int = 0
+    shard_pass: int = 0
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PeerReport))

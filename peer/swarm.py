@@ -169,6 +169,8 @@ def make_optimizer(
     averager_class, state_averager_class, optimizer, scheduler = _mode(manifest)
     return _Optimizer(
         dht=dht,
+        # hivemind 1.1.12 reads dht.client_mode only when given one: else a client crashes at epoch 1
+        client_mode=dht.client_mode,
         run_id=manifest.run_id,
         target_batch_size=swarm.target_batch_size,
         batch_size_per_step=batch_size_per_step,
@@ -180,15 +182,14 @@ def make_optimizer(
         load_state_timeout=swarm.load_state_timeout_s,
         average_state_every=swarm.average_state_every,
         offload_optimizer=True,  # in diloco mode, the offloaded copy is the outer model
-        # overlap: an epoch's averaging (and step) runs while the next one computes; in diloco a state
-        # round lands right after the outer step, in the background with overlap (peer/diloco.py)
+        # overlap: averaging (and the step) runs while the next epoch computes (see peer/diloco.py)
         delay_optimizer_step=swarm.overlap_communication,
         delay_grad_averaging=swarm.overlap_communication,
         delay_state_averaging=swarm.mode != "diloco" or swarm.overlap_communication,
         extra_tensors=extra_tensors,
         grad_compression=grad_compression(swarm.grad_compression),
-        # hivemind warns (and can deadlock) when a request may outlive the matchmaking window;
-        # 1.1.12 forwards averager_opts to the state averager only, hence the factory for gradients
+        # a request must not outlive matchmaking (hivemind warns, can deadlock); 1.1.12 forwards
+        # averager_opts to the state averager only, hence the factory for gradients
         averager_opts=dict(request_timeout=request_timeout_s),
         grad_averager_factory=partial(
             averager_class,
@@ -254,8 +255,7 @@ def _let_the_averagers_finish(opt, timeout_s: float) -> None:
 
 
 # ------------------------------------------------------------------ hivemind 1.1.12 internals
-# Each function or class below relies on something hivemind does not document as public API;
-# docs/hivemind.md ("Private hivemind APIs we rely on") lists them and what breaks if they change.
+# Each relies on private hivemind API: docs/hivemind.md lists them and what breaks if they change.
 
 
 def set_local_epoch(opt, epoch: int) -> None:

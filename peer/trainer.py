@@ -14,12 +14,11 @@ Catching up to the swarm lives in peer/recovery.py, hivemind wiring in peer/swar
 
 from __future__ import annotations
 
-import itertools
 import logging
+import math
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -31,14 +30,17 @@ from crowdtrain.peer.config import PeerConfig
 from crowdtrain.peer.device import describe_device, pick_device
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
+from crowdtrain.peer.feed import DataFeed
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
 from crowdtrain.peer.identity import PeerIdentity
-from crowdtrain.peer.meter import EpochMeter, StatusLine, group_fingerprint
+from crowdtrain.peer.meter import ContributionSummary, EpochMeter, StatusLine, log_epoch, standing_text
+from crowdtrain.peer.pause import PauseMonitor, PauseSettings, SystemSampler, install_pause_signals
+from crowdtrain.peer.pausing import PauseGate
 from crowdtrain.peer.processes import stop_on_signals
 from crowdtrain.peer.recovery import Recovery
 from crowdtrain.peer.rejoin import rejoin_in_background
 from crowdtrain.peer.runproof import check_joined_run
-from crowdtrain.peer.shards import load_shard_blocks, run_cache_dir
+from crowdtrain.peer.shards import run_cache_dir
 from crowdtrain.peer.swarm import leave_swarm
 from crowdtrain.peer.tls import ClientTls
 from crowdtrain.peer.trust import trust_joined_run
@@ -63,10 +65,15 @@ class Volunteer:
             config.coordinator, tls=ClientTls.from_flags(config.tls, config.tls_ca)
         )
         self.dht = self.opt = self.heartbeat = self.inner = None  # inner: DiLoCo's local optimizer
+        self.feed = self.upload_limit = None
         self.session_id = ""
+        # SIGUSR1/SIGUSR2, --schedule, --pause-when-busy, --pause-on-battery (a bad value fails here)
+        self.pauser = PauseMonitor(PauseSettings.from_peer_config(config), sampler=SystemSampler())
+        self.pause_gate = PauseGate(self.pauser, self.stats, self.stop_event)
 
     def run(self) -> int:
         self._install_signal_handlers()
+        install_pause_signals(self.pauser.start())  # before hivemind forks: its children inherit them
         try:
             return self._run()
         finally:
@@ -77,6 +84,7 @@ class Volunteer:
         self.start_heartbeat()
         batches = self.load_data()  # the first shard now: a data problem fails before the swarm
         model = self.build_model()  # the run's initial weights, or the checkpoint Join names
+        self.fit(model)  # the micro-batch this machine holds; refused here when none fits
         self.join_swarm(model)  # admitted to the swarm, then DHT node and hivemind optimizer
         if self.stop_event.is_set():
             return 0
@@ -103,6 +111,7 @@ class Volunteer:
             device=self.device_label,
             invite_code=self.config.invite,
             dht_public_key=self.identity.public_key_protobuf,
+            **DataFeed.resume_fields(self.config),  # where this peer stopped reading last time
         )
         self.joined = retry_until(
             lambda: self.client.join(request),
@@ -175,72 +184,87 @@ class Volunteer:
             for r in sink.drain(max_records=32)
         ]
 
-    def load_data(self) -> Iterator[list[list[int]]]:
-        """Endless shuffled batches, from the shard Join assigned us on through the whole dataset."""
-        from crowdtrain.peer.data import rotating_batches
+    def load_data(self) -> Iterator:
+        """Endless (batch, place in the data) pairs, from where Join placed us (peer/feed.py)."""
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_str(self.joined.tokenizer_json)
-        num_shards = len(self.manifest.data.shards)
-        first_shard = self.settings.shard_index % num_shards
-        load = partial(self._load_shard, tokenizer, first_shard)
-        seed = self.config.seed or zlib.crc32(self.session_id.encode())
-        batches = rotating_batches(num_shards, first_shard, load, self.batch_size, seed)
-        return itertools.chain([next(batches)], batches)
-
-    def _load_shard(self, tokenizer, first_shard: int, index: int) -> list[list[int]] | None:
-        """Shard `index` as token blocks; None when it cannot be fetched now (see peer/shards.py)."""
-        data = self.manifest.data
-        ssl_context = ClientTls.from_flags(self.config.tls, self.config.tls_ca).ssl_context()
-        return load_shard_blocks(
-            self.settings.http_base_url,
-            self.cache_dir,
-            data.shards[index],
-            tokenizer,
-            data.seq_len,
-            required=index == first_shard,
-            ssl_context=ssl_context,
+        self.feed = DataFeed(
+            self.config, self.manifest, self.joined, self.cache_dir, self.stats, self._answer
         )
+        return self.feed.batches(Tokenizer.from_str(self.joined.tokenizer_json), self.batch_size)
+
+    def _answer(self):
+        return self.heartbeat.answer if self.heartbeat is not None else None
 
     def build_model(self):
-        import torch
         from crowdtrain.peer.model import build_model, num_parameters
 
         model = build_model(self.manifest, self.device)
         logger.info(
             "model: %s with %.2fM parameters", self.manifest.model.model_type, num_parameters(model) / 1e6
         )
-        self.use_amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.recovery = Recovery(self.config.coordinator, model, self.device, self.cache_dir, self.stop_event)
         self.recovery.use_key(self.run_key, ClientTls.from_flags(self.config.tls, self.config.tls_ca))
         if self.settings.resume_from_step > 0:  # nobody is training: start from the latest checkpoint
             self.recovery.load_checkpoint(self.settings.resume_from_step)
         return model
 
+    def fit(self, model) -> None:
+        """Precision and the largest micro-batch this machine holds (peer/fit.py); refused here,
+        before the swarm, when not even one sequence fits. Steps still count the whole batch."""
+        from crowdtrain.peer.accumulate import fit_to_machine
+
+        self.stepper, why = fit_to_machine(model, self.manifest, self.device, self.batch_size, self.config)
+        micro = self.stepper.micro_batch
+        emit(
+            logger,
+            "memory_plan",
+            "memory: %s",
+            why,
+            micro_batch=micro,
+            batch_size=self.batch_size,
+            reason=why,
+        )
+
     def join_swarm(self, model) -> None:
         from crowdtrain.peer.optimizers import inner_optimizer
         from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
-        from crowdtrain.peer.swarm import start_dht
 
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9
         self.access.wait_for_token(self.config.token_wait_s, self.stop_event)  # admitted first
         if self.stop_event.is_set():
             return
-        self.dht = start_dht(
-            list(self.joined.initial_peers),
-            listen_host=self.config.listen_host,
-            announce_host=self.config.announce_host,
-            client_mode=self.config.client_mode,
-            stop=self.stop_event,
-            identity_path=str(self.identity.path),
-            authorizer=self.access.authorizer(),
-        )
+        if self.config.max_upload_mbps > 0:  # before the DHT and averagers fork: they share the cap
+            from crowdtrain.peer.bandwidth import limit_upload
+
+            self.upload_limit = limit_upload(self.config.max_upload_mbps)
+        self.dht = self._start_dht(self.config.client_mode)
+        if not self.config.client_mode:  # can others reach us? If not: client mode, and why
+            from crowdtrain.peer.reach import ensure_reachable
+
+            ask = (self.client, self.session_id, self.joined.session_token, partial(self._start_dht, True))
+            self.dht, reachable = ensure_reachable(self.dht, *ask)
+            self.stats.update(client_mode=not reachable)
         self.access.attach(self.dht)
         if self.manifest.swarm.mode == "diloco":
             self.inner = inner_optimizer(self.manifest, model)
         self.opt = self._make_optimizer(model)
         self._install_signal_handlers()  # hivemind's averager just set SIGINT to "ignored"
+
+    def _start_dht(self, client_mode: bool):
+        from crowdtrain.peer.swarm import start_dht
+
+        return start_dht(
+            list(self.joined.initial_peers),
+            listen_host=self.config.listen_host,
+            port=0 if client_mode else self.config.listen_port,  # a client listens for nobody
+            announce_host=self.config.announce_host,
+            client_mode=client_mode,
+            stop=self.stop_event,
+            identity_path=str(self.identity.path),
+            authorizer=self.access.authorizer(),
+        )
 
     def _make_optimizer(self, model):
         """The run's hivemind optimizer, averaging only with token holders and robustly."""
@@ -267,17 +291,18 @@ class Volunteer:
 
     def train(self, model, batches: Iterator[list[list[int]]]) -> None:
         """Step until stopped, banned, or --max-epochs; one log line per swarm epoch."""
-        from crowdtrain.peer.model import as_batch
+        from crowdtrain.peer.feed import as_tagged_batch
         from crowdtrain.peer.prefetch import Prefetcher
 
         # batches (and the next shard's download and tokenization) are made ahead on a thread,
         # started here, after hivemind's last fork
-        with Prefetcher(batches, partial(as_batch, device=self.device), depth=8, name="batches") as ahead:
+        tensors = partial(as_tagged_batch, device=self.device)
+        with Prefetcher(batches, tensors, depth=8, name="batches") as ahead:
             self._train(model, ahead)
 
     def _train(self, model, batches) -> None:
         self.stats.update(phase="training", local_epoch=self.opt.local_epoch)
-        meter, status = EpochMeter(self.opt.local_epoch), StatusLine()
+        meter, status, summary = EpochMeter(self.opt.local_epoch), StatusLine(), ContributionSummary()
         model.train()
         while not self.stop_event.is_set():
             if self.heartbeat.refused is not None:
@@ -285,9 +310,16 @@ class Volunteer:
                     f"stopped training: {self.heartbeat.refused}. The run's operator no longer accepts "
                     "this peer; ask them, or run it under another --name only if they agree"
                 )
+            if self.pause_gate.paused():  # hands in its samples, idles, re-syncs (peer/pausing.py)
+                status.clear()
+                self.pause_gate.wait(
+                    self.opt, resync=partial(self.recovery.catch_up, self.opt, self.manifest.swarm)
+                )
+                continue
             t0 = time.monotonic()
-            batch = next(batches)
+            batch, place = next(batches)
             loss, compute_s = self._step(model, batch)
+            self.feed.trained(place)  # only batches stepped on move this peer's place in the data
             meter.add(batch.shape[0], loss, time.monotonic() - t0, compute_s)
             swarm_peers = self.opt.tracker.global_progress.num_peers
             self.stats.update(
@@ -297,71 +329,33 @@ class Volunteer:
                 samples_total=meter.samples_total,
                 swarm_size=swarm_peers,
             )
-            status.draw(self.opt, loss, meter.ema_rate, swarm_peers)
+            status.draw(self.opt, loss, meter.ema_rate, swarm_peers, standing_text(self._answer()))
             if self.opt.local_epoch != meter.epoch:
                 status.clear()
-                self._log_epoch(meter, swarm_peers)
+                log_epoch(self.opt, self.inner, self.dht, meter, swarm_peers)
+                summary.maybe_log(self._answer())
                 meter.start_epoch(self.opt.local_epoch)
                 if self.config.max_epochs and meter.epoch >= self.config.max_epochs:
                     logger.info("reached --max-epochs %d, leaving", self.config.max_epochs)
                     return
 
     def _step(self, model, batch) -> tuple[float, float]:
-        """Forward, backward and hivemind's step (which averages with the swarm when it is time):
+        """Forward and backward in micro-batches (backing off on out-of-memory), then hivemind's
+        step for the whole batch (which averages with the swarm when it is time):
         (loss, seconds of computing: forward, backward and a DiLoCo local step)."""
-        import torch
         from crowdtrain.peer.robust import nonfinite_loss_message
 
         t0 = time.monotonic()
-        try:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                loss = model(input_ids=batch, labels=batch).loss
-            if not torch.isfinite(loss):
-                raise PeerError(nonfinite_loss_message(loss.item(), self.opt.local_epoch, model))
-            loss.backward()
-        except torch.cuda.OutOfMemoryError as e:
-            raise PeerError(
-                f"{self.device_label} ran out of memory at --batch-size {self.batch_size} "
-                f"({str(e).splitlines()[0][:120]}); restart with --batch-size {max(1, self.batch_size // 2)}, "
-                "or free the GPU"
-            ) from None
+        loss = self.stepper(batch)
+        if not math.isfinite(loss):
+            raise PeerError(nonfinite_loss_message(loss, self.opt.local_epoch, model))
         if self.inner is not None:  # DiLoCo: a local step; hivemind's counts samples, steps the outer model
             self.inner.step()
         compute_s = time.monotonic() - t0
         self.opt.step()
         if self.inner is None:
             self.opt.zero_grad()
-        return loss.item(), compute_s
-
-    def _log_epoch(self, meter: EpochMeter, swarm_peers: int) -> None:
-        mean_loss, rate = sum(meter.losses) / len(meter.losses), meter.epoch_rate()
-        lr = (self.inner.optimizer if self.inner is not None else self.opt.opt).param_groups[0]["lr"]
-        # the round that ended this epoch; none (it caught up by loading the state): alone
-        group, self.opt.last_group = self.opt.last_group or (str(self.dht.peer_id),), ()
-        emit(
-            logger,
-            "epoch",
-            "epoch=%d loss=%.3f samples_per_s=%.1f swarm_peers=%d lr=%.1e samples_total=%d compute_share=%.2f "
-            "averaged_with=%d group=%s",
-            self.opt.local_epoch,
-            mean_loss,
-            rate,
-            swarm_peers,
-            lr,
-            meter.samples_total,
-            meter.compute_share(),
-            len(group),
-            group_fingerprint(group),
-            epoch=self.opt.local_epoch,
-            loss=round(mean_loss, 5),
-            samples_per_s=round(rate, 3),
-            swarm_peers=swarm_peers,
-            lr=lr,
-            samples_total=meter.samples_total,
-            compute_share=round(meter.compute_share(), 4),
-            averaged_with=len(group),  # the last gradient round's group, this peer included
-            group=group_fingerprint(group),  # peers that averaged together log the same fingerprint
-        )
+        return loss, compute_s
 
     def save(self, model) -> None:
         """With --save-dir: write this peer's model there atomically (staging directory, then rename)."""
@@ -381,6 +375,9 @@ class Volunteer:
     def shutdown(self) -> None:
         """Leave the run and stop hivemind's processes; idempotent, safe from any exit path."""
         self.stop_event.set()
+        self.pauser.shutdown()
+        if self.feed is not None:
+            self.feed.save()  # where this peer stopped reading, for its next start
         if self.heartbeat is not None:
             self.heartbeat.shutdown()
             self.heartbeat = None
@@ -397,3 +394,5 @@ class Volunteer:
             logger.exception("leaving the swarm failed; its processes are stopped with this one")
         finally:
             self.client.close()
+            if self.upload_limit is not None:
+                self.upload_limit.shutdown()

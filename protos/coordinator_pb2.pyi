@@ -7,30 +7,42 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "version", "device", "invite_code", "dht_public_key")
+    __slots__ = ("name", "version", "device", "invite_code", "dht_public_key", "resume_shard", "resume_position", "resume_pass", "resume_run_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     INVITE_CODE_FIELD_NUMBER: _ClassVar[int]
     DHT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SHARD_FIELD_NUMBER: _ClassVar[int]
+    RESUME_POSITION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_PASS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     device: str
     invite_code: str
     dht_public_key: bytes
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., invite_code: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ...) -> None: ...
+    resume_shard: int
+    resume_position: int
+    resume_pass: int
+    resume_run_id: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., invite_code: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., resume_shard: _Optional[int] = ..., resume_position: _Optional[int] = ..., resume_pass: _Optional[int] = ..., resume_run_id: _Optional[str] = ...) -> None: ...
 
 class PeerSettings(_message.Message):
-    __slots__ = ("heartbeat_interval_s", "shard_index", "http_base_url", "resume_from_step")
+    __slots__ = ("heartbeat_interval_s", "shard_index", "http_base_url", "resume_from_step", "shard_position", "shard_pass")
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     HTTP_BASE_URL_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    SHARD_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_PASS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
     shard_index: int
     http_base_url: str
     resume_from_step: int
-    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., shard_index: _Optional[int] = ..., http_base_url: _Optional[str] = ..., resume_from_step: _Optional[int] = ...) -> None: ...
+    shard_position: int
+    shard_pass: int
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., shard_index: _Optional[int] = ..., http_base_url: _Optional[str] = ..., resume_from_step: _Optional[int] = ..., shard_position: _Optional[int] = ..., shard_pass: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("session_id", "manifest_json", "manifest_sha256", "tokenizer_json", "initial_peers", "settings", "session_token", "peer_id", "dht_challenge", "manifest_signature", "admission")
@@ -71,7 +83,7 @@ class Rejection(_message.Message):
     def __init__(self, offender: _Optional[str] = ..., kind: _Optional[str] = ..., detail: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("session_id", "session_token", "dht_public_key", "dht_signature", "dht_peer_id", "name", "version", "device", "samples_per_s", "local_epoch", "loss", "uptime_s", "samples_total", "swarm_size", "phase", "rejections")
+    __slots__ = ("session_id", "session_token", "dht_public_key", "dht_signature", "dht_peer_id", "name", "version", "device", "samples_per_s", "local_epoch", "loss", "uptime_s", "samples_total", "swarm_size", "phase", "rejections", "pause_reason", "client_mode", "shard_index", "shard_position", "shard_sequences", "shard_pass")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DHT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +100,12 @@ class HeartbeatRequest(_message.Message):
     SWARM_SIZE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MODE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_PASS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     session_token: str
     dht_public_key: bytes
@@ -104,17 +122,37 @@ class HeartbeatRequest(_message.Message):
     swarm_size: int
     phase: str
     rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
-    def __init__(self, session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., dht_signature: _Optional[bytes] = ..., dht_peer_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., uptime_s: _Optional[float] = ..., samples_total: _Optional[int] = ..., swarm_size: _Optional[int] = ..., phase: _Optional[str] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
+    pause_reason: str
+    client_mode: bool
+    shard_index: int
+    shard_position: int
+    shard_sequences: int
+    shard_pass: int
+    def __init__(self, session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., dht_signature: _Optional[bytes] = ..., dht_peer_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., uptime_s: _Optional[float] = ..., samples_total: _Optional[int] = ..., swarm_size: _Optional[int] = ..., phase: _Optional[str] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., pause_reason: _Optional[str] = ..., client_mode: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_position: _Optional[int] = ..., shard_sequences: _Optional[int] = ..., shard_pass: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_s", "dht_verified", "swarm_token")
+    __slots__ = ("heartbeat_interval_s", "dht_verified", "swarm_token", "accepted_samples", "share", "rank", "ranked_peers", "next_shard", "next_shard_position", "next_shard_pass")
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     DHT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     SWARM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    RANKED_PEERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SHARD_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SHARD_POSITION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SHARD_PASS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
     dht_verified: bool
     swarm_token: str
-    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., dht_verified: _Optional[bool] = ..., swarm_token: _Optional[str] = ...) -> None: ...
+    accepted_samples: int
+    share: float
+    rank: int
+    ranked_peers: int
+    next_shard: int
+    next_shard_position: int
+    next_shard_pass: int
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., dht_verified: _Optional[bool] = ..., swarm_token: _Optional[str] = ..., accepted_samples: _Optional[int] = ..., share: _Optional[float] = ..., rank: _Optional[int] = ..., ranked_peers: _Optional[int] = ..., next_shard: _Optional[int] = ..., next_shard_position: _Optional[int] = ..., next_shard_pass: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("session_id", "reason", "session_token")
@@ -197,7 +235,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("peer_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples", "uptime_s", "swarm_size", "dht_verified", "rejections_against", "version")
+    __slots__ = ("peer_id", "name", "state", "reason", "device", "samples_per_s", "local_epoch", "contributed_samples", "last_seen_unix_s", "contributing", "dht_peer_id", "loss", "computed_samples", "uptime_s", "swarm_size", "dht_verified", "rejections_against", "version", "client_mode", "reachability", "shard_index", "pause_reason", "shard_position")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +254,11 @@ class PeerStatus(_message.Message):
     DHT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_AGAINST_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MODE_FIELD_NUMBER: _ClassVar[int]
+    REACHABILITY_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
+    SHARD_POSITION_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     name: str
     state: str
@@ -234,10 +277,15 @@ class PeerStatus(_message.Message):
     dht_verified: bool
     rejections_against: int
     version: str
-    def __init__(self, peer_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ..., uptime_s: _Optional[float] = ..., swarm_size: _Optional[int] = ..., dht_verified: _Optional[bool] = ..., rejections_against: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    client_mode: bool
+    reachability: str
+    shard_index: int
+    pause_reason: str
+    shard_position: int
+    def __init__(self, peer_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., contributed_samples: _Optional[int] = ..., last_seen_unix_s: _Optional[float] = ..., contributing: _Optional[bool] = ..., dht_peer_id: _Optional[str] = ..., loss: _Optional[float] = ..., computed_samples: _Optional[int] = ..., uptime_s: _Optional[float] = ..., swarm_size: _Optional[int] = ..., dht_verified: _Optional[bool] = ..., rejections_against: _Optional[int] = ..., version: _Optional[str] = ..., client_mode: _Optional[bool] = ..., reachability: _Optional[str] = ..., shard_index: _Optional[int] = ..., pause_reason: _Optional[str] = ..., shard_position: _Optional[int] = ...) -> None: ...
 
 class SwarmSummary(_message.Message):
-    __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id", "last_rejection", "peers_not_listed")
+    __slots__ = ("global_epoch", "samples_per_s", "latest_eval_loss", "latest_checkpoint_step", "peers_by_state", "total_contributed_samples", "run_id", "last_rejection", "peers_not_listed", "dataset_sequences_read", "dataset_sequences", "dataset_shards", "dataset_shards_sized")
     class PeersByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +302,10 @@ class SwarmSummary(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_REJECTION_FIELD_NUMBER: _ClassVar[int]
     PEERS_NOT_LISTED_FIELD_NUMBER: _ClassVar[int]
+    DATASET_SEQUENCES_READ_FIELD_NUMBER: _ClassVar[int]
+    DATASET_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_SHARDS_SIZED_FIELD_NUMBER: _ClassVar[int]
     global_epoch: int
     samples_per_s: float
     latest_eval_loss: float
@@ -263,7 +315,33 @@ class SwarmSummary(_message.Message):
     run_id: str
     last_rejection: str
     peers_not_listed: int
-    def __init__(self, global_epoch: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., latest_eval_loss: _Optional[float] = ..., latest_checkpoint_step: _Optional[int] = ..., peers_by_state: _Optional[_Mapping[str, int]] = ..., total_contributed_samples: _Optional[int] = ..., run_id: _Optional[str] = ..., last_rejection: _Optional[str] = ..., peers_not_listed: _Optional[int] = ...) -> None: ...
+    dataset_sequences_read: int
+    dataset_sequences: int
+    dataset_shards: int
+    dataset_shards_sized: int
+    def __init__(self, global_epoch: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., latest_eval_loss: _Optional[float] = ..., latest_checkpoint_step: _Optional[int] = ..., peers_by_state: _Optional[_Mapping[str, int]] = ..., total_contributed_samples: _Optional[int] = ..., run_id: _Optional[str] = ..., last_rejection: _Optional[str] = ..., peers_not_listed: _Optional[int] = ..., dataset_sequences_read: _Optional[int] = ..., dataset_sequences: _Optional[int] = ..., dataset_shards: _Optional[int] = ..., dataset_shards_sized: _Optional[int] = ...) -> None: ...
+
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("session_id", "session_token", "maddrs")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MADDRS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    session_token: str
+    maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReachabilityResponse(_message.Message):
+    __slots__ = ("reachable", "seen_host", "dialed", "advice")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    SEEN_HOST_FIELD_NUMBER: _ClassVar[int]
+    DIALED_FIELD_NUMBER: _ClassVar[int]
+    ADVICE_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    seen_host: str
+    dialed: str
+    advice: str
+    def __init__(self, reachable: _Optional[bool] = ..., seen_host: _Optional[str] = ..., dialed: _Optional[str] = ..., advice: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("summary", "peers")

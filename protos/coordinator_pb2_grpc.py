@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.CheckReachability = channel.unary_unary(
+                '/crowdtrain.v1.Coordinator/CheckReachability',
+                request_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.ReachabilityRequest.SerializeToString,
+                response_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.ReachabilityResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -127,6 +132,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckReachability(self, request, context):
+        """After its DHT starts, a peer asks whether other peers can reach it. The coordinator dials the
+        announced TCP ports at the address it sees the peer connect from (never another private host)
+        and says what would make the peer reachable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +178,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusRequest.FromString,
                     response_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'CheckReachability': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachability,
+                    request_deserializer=crowdtrain_dot_protos_dot_coordinator__pb2.ReachabilityRequest.FromString,
+                    response_serializer=crowdtrain_dot_protos_dot_coordinator__pb2.ReachabilityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +374,33 @@ class Coordinator:
             '/crowdtrain.v1.Coordinator/GetStatus',
             crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
             crowdtrain_dot_protos_dot_coordinator__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crowdtrain.v1.Coordinator/CheckReachability',
+            crowdtrain_dot_protos_dot_coordinator__pb2.ReachabilityRequest.SerializeToString,
+            crowdtrain_dot_protos_dot_coordinator__pb2.ReachabilityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -109,8 +109,8 @@ def centralized(data_dir: Path, epochs: int, target_batch_size: int | None = Non
     `target_batch_size` replaces the run's (a low-communication run is compared with centralized
     training at the synchronous preset's batch, on as many samples)."""
     import torch
-    from crowdtrain.peer.data import rotating_batches
     from crowdtrain.peer.model import as_batch, build_model, evaluate
+    from crowdtrain.peer.shardread import Place, ShardReader
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     manifest, _, load_blocks = load_run(data_dir)
@@ -120,13 +120,15 @@ def centralized(data_dir: Path, epochs: int, target_batch_size: int | None = Non
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, (epoch + 1) / warmup))
     micro, target = manifest.swarm.batch_size_per_step, target_batch_size or manifest.swarm.target_batch_size
     accumulate = max(1, target // micro)
-    batches = rotating_batches(len(manifest.data.shards), 0, load_blocks, micro, seed=0)
+    batches = iter(
+        ShardReader(load_blocks, len(manifest.data.shards), Place(0, 0, 0), micro, manifest.run_id)
+    )
     curve = []
     model.train()
     for epoch in range(1, epochs + 1):
         losses = []
         for _ in range(accumulate):
-            batch = as_batch(next(batches), "cpu")
+            batch = as_batch(next(batches)[0], "cpu")
             loss = model(input_ids=batch, labels=batch).loss
             (loss / accumulate).backward()
             losses.append(loss.item())
@@ -142,8 +144,8 @@ def plain_loop(data_dir: Path, shard: int, seconds: float, warmup_s: float, peer
     """Train the run's model alone, as one of `peers` swarm peers would compute: the same micro-batch
     and optimizer, a step every target_batch_size / peers samples. One thread."""
     import torch
-    from crowdtrain.peer.data import rotating_batches
     from crowdtrain.peer.model import as_batch, build_model
+    from crowdtrain.peer.shardread import Place, ShardReader
 
     torch.set_num_threads(1)
     manifest, _, load = load_run(data_dir)
@@ -152,7 +154,7 @@ def plain_loop(data_dir: Path, shard: int, seconds: float, warmup_s: float, peer
     swarm = manifest.swarm
     micro = swarm.batch_size_per_step
     step_every = max(1, swarm.target_batch_size // peers // micro)
-    batches = rotating_batches(len(manifest.data.shards), shard, load, micro, seed=shard)
+    batches = iter(ShardReader(load, len(manifest.data.shards), Place(shard, 0, 0), micro, manifest.run_id))
     model.train()
     samples, micro_steps, started = 0, 0, time.monotonic()
     window_start, window_samples = None, 0
@@ -165,7 +167,7 @@ def plain_loop(data_dir: Path, shard: int, seconds: float, warmup_s: float, peer
             window_start, window_samples, window_cpu_s = now, samples, time.process_time()
         if window_start is not None and now - window_start >= seconds:
             break
-        batch = as_batch(next(batches), "cpu")
+        batch = as_batch(next(batches)[0], "cpu")
         model(input_ids=batch, labels=batch).loss.backward()
         samples += batch.shape[0]
         micro_steps += 1

@@ -162,7 +162,9 @@ def make_attacker(config, attack: str):
             self.stats.update(phase="training")
             model.train()
             while not self.stop_event.is_set():
-                batch = as_batch(next(batches), self.device)
+                blocks, place = next(batches)
+                batch = as_batch(blocks, self.device)
+                self.feed.trained(place)
                 loss = model(input_ids=batch, labels=batch).loss
                 if torch.isfinite(loss):
                     loss.backward()

@@ -152,7 +152,8 @@ def test_a_dht_peer_id_claim_earns_no_credit_until_proven(served):
     public, dht_id, sign = rsa_identity()
     served.store.add_contributions([(dht_id, 1, 500)])  # what the swarm's records credit to that id
     thief = served.join("thief")
-    served.beat(thief, phase="training", dht_peer_id=dht_id)  # claims it, no proof
+    answer = served.beat(thief, phase="training", dht_peer_id=dht_id)  # claims it, no proof
+    assert (answer.accepted_samples, answer.rank) == (0, 0)  # "am I contributing?" is not told to it
     view = next(p for p in served.status().peers if p.peer_id == thief.peer_id)
     assert (view.contributed_samples, view.dht_verified) == (0, False)
     assert not served.store.mark_dht_seen(dht_id, served.clock(), 1)  # the records are not linked to it
@@ -177,6 +178,13 @@ def test_a_dht_peer_id_claim_earns_no_credit_until_proven(served):
         owner, phase="training", dht_peer_id=dht_id, dht_public_key=public, dht_signature=signature
     )
     assert response.dht_verified
+    # "am I contributing?": its accepted samples, their share of the run, its rank
+    assert (response.accepted_samples, response.share, response.rank, response.ranked_peers) == (
+        500,
+        1.0,
+        1,
+        1,
+    )
     view = next(p for p in served.status().peers if p.peer_id == owner.peer_id)
     assert (view.contributed_samples, view.dht_verified) == (500, True)
 

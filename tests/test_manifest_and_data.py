@@ -18,6 +18,7 @@ from crowdtrain.peer.manifest import (
     get_preset,
     override_swarm,
 )
+from crowdtrain.peer.shardread import Place, ShardReader
 
 from tests.conftest import make_run
 
@@ -97,8 +98,8 @@ def test_batches_walk_every_shard_starting_from_the_assigned_one():
         loads.append(i)
         return shards[i]
 
-    it = data.rotating_batches(3, 1, load, batch_size=2, seed=7)
-    seen = [next(it) for _ in range(8)]  # two batches per shard
+    it = iter(ShardReader(load, 3, Place(1, 0, 0), batch_size=2, run_id="r", seed=7))
+    seen = [next(it)[0] for _ in range(8)]  # two batches per shard
     assert loads == [1, 2, 0, 1]
     firsts = [batch[0][0] for batch in seen]
     assert firsts == [1, 1, 2, 2, 0, 0, 1, 1]
@@ -106,10 +107,13 @@ def test_batches_walk_every_shard_starting_from_the_assigned_one():
 
 
 def test_batches_reuse_the_last_shard_when_the_next_cannot_be_fetched():
-    it = data.rotating_batches(2, 0, lambda i: [[0, j] for j in range(2)] if i == 0 else None, 2, seed=1)
-    assert all(next(it)[0][0] == 0 for _ in range(5))
+    reader = ShardReader(lambda i: [[0, j] for j in range(2)] if i == 0 else None, 2, Place(0, 0, 0), 2, "r")
+    it = iter(reader)
+    got = [next(it) for _ in range(5)]
+    assert all(blocks[0][0] == 0 for blocks, _ in got)
+    assert [place.passes for _, place in got] == [1, 2, 3, 4, 5]  # each time a new pass of shard 0
     with pytest.raises(data.DataError, match="unavailable"):
-        next(data.rotating_batches(2, 1, lambda i: None, 2, seed=1))
+        next(iter(ShardReader(lambda i: None, 2, Place(1, 0, 0), 2, "r")))
 
 
 def _manifest(tmp_path: Path, small_corpus: Path) -> RunManifest:

@@ -90,19 +90,6 @@ def test_never_heartbeated(record, pruned, reason):
 
 
 @pytest.mark.parametrize(
-    ("known_peers", "num_shards", "shard", "reason"),
-    [
-        (0, 3, 0, "round robin: 0 peers joined before it, 3 shards"),
-        (4, 3, 1, "4 peers joined before it"),
-        (7, 1, 0, "1 shards"),
-    ],
-)
-def test_assign_shard(known_peers, num_shards, shard, reason):
-    got, why = policy.assign_shard(known_peers, num_shards)
-    assert got == shard and reason in why
-
-
-@pytest.mark.parametrize(
     ("peers", "latest", "step", "reason"),
     [
         ([peer()], None, 0, "no checkpoint published yet"),

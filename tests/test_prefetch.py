@@ -4,8 +4,9 @@ import threading
 import time
 
 import pytest
-from crowdtrain.peer.data import DataError, rotating_batches
+from crowdtrain.peer.data import DataError
 from crowdtrain.peer.prefetch import Prefetcher
+from crowdtrain.peer.shardread import Place, ShardReader
 
 
 def test_items_arrive_in_order_and_transformed():
@@ -70,11 +71,11 @@ def test_shutdown_stops_an_endless_source_and_is_idempotent():
     assert len(produced) == settled <= 4  # bounded by depth, and nothing after shutdown
 
 
-def test_rotating_batches_through_the_prefetcher_are_unchanged():
+def test_a_peers_batches_through_the_prefetcher_are_unchanged():
     shards = {i: [[i, j] for j in range(10)] for i in range(3)}
-    direct = rotating_batches(3, 1, shards.get, 4, seed=7)
+    direct = iter(ShardReader(shards.get, 3, Place(1, 0, 0), 4, "r", seed=7))
     expected = [next(direct) for _ in range(12)]
-    with Prefetcher(rotating_batches(3, 1, shards.get, 4, seed=7), depth=5) as ahead:
+    with Prefetcher(iter(ShardReader(shards.get, 3, Place(1, 0, 0), 4, "r", seed=7)), depth=5) as ahead:
         assert [next(ahead) for _ in range(12)] == expected
 
 

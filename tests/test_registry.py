@@ -71,7 +71,7 @@ def test_every_state_is_reachable_and_every_combination_has_a_reason():
     for banned, left, phase, silent, dht_seen, source in itertools.product(
         (False, True),
         (None, 990.0),
-        ("joining", "loading_state", "training"),
+        ("joining", "loading_state", "training", "paused"),
         (0.0, 11.0, 25.0),
         (None, 1000.0),
         ("heartbeat", "dht"),

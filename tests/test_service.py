@@ -59,7 +59,7 @@ def served(tmp_path: Path):
         store.close()
 
 
-def test_join_assigns_shards_round_robin_and_ships_the_run(served):
+def test_join_gives_each_peer_a_free_shard_and_ships_the_run(served):
     client, store, clock, port, _ = served
     responses = [client.join(pb.JoinRequest(name=f"p{i}", version="0.1.0", device="cpu")) for i in range(4)]
     assert [r.settings.shard_index for r in responses] == [0, 1, 2, 0]
@@ -68,7 +68,8 @@ def test_join_assigns_shards_round_robin_and_ships_the_run(served):
     assert r.manifest_json == '{"run": 1}' and r.manifest_sha256 == "abc" and r.tokenizer_json == "{}"
     assert list(r.initial_peers) == ["/ip4/127.0.0.1/tcp/1/p2p/x"]
     assert r.settings.heartbeat_interval_s == 2.0 and r.settings.http_base_url == "http://127.0.0.1:1"
-    # the same name joining again is a new session on the next shard (no shard is reserved for it)
+    # the same name joining again is a new session; every shard is read, so it shares the least-shared
+    # one (shard 0 has two readers)
     again = client.join(pb.JoinRequest(name="p1"))
     assert again.settings.shard_index == 1 and again.session_id != responses[1].session_id
 

@@ -47,7 +47,13 @@ def test_eval_loss_regression_beyond_the_margin_is_refused():
 
 def test_model_card_states_what_a_downloader_needs(tmp_path: Path, small_corpus: Path):
     manifest, _ = make_run(tmp_path, small_corpus)
-    card = model_card(manifest, step=12, eval_loss=4.5, contributing_peers=3, created="2026-11-27 12:00 UTC")
+    from crowdtrain.coordinator.shardbook import Cursor, coverage_of
+
+    read = coverage_of([Cursor(1, 10, 100), Cursor(0, 40, 80), Cursor()]).describe()
+    assert read == "150 of 180 training sequences (83.3%) in the 2 of 3 shards read so far"
+    card = model_card(
+        manifest, step=12, eval_loss=4.5, contributing_peers=3, created="2026-11-27 12:00 UTC", data_read=read
+    )
     for needle in (
         manifest.run_id,
         "step 12",
@@ -60,5 +66,6 @@ def test_model_card_states_what_a_downloader_needs(tmp_path: Path, small_corpus:
         "license: apache-2.0",
         "Intended use and limitations",
         manifest.sha256(),
+        f"Read so far by the swarm: {read}.",
     ):
         assert needle in card, needle

@@ -174,6 +174,56 @@ def test_dashboard_is_self_contained(site):
         get(f"{base}/static/..%2Fwebserver.py")
 
 
+def test_a_volunteer_bookmarks_its_own_page_by_public_or_hivemind_id(site):
+    base, address, store, root, clock = site
+    with CoordinatorClient(address) as client:
+        joined = [client.join(pb.JoinRequest(name=name, device="cpu")) for name in (EVIL, "bob", "carol")]
+        for j, dht_id, paused in zip(
+            joined, ("QmAqqq22222222222222222222", "QmBqqq33333333333333333333", ""), (1, 0, 0), strict=True
+        ):
+            client.heartbeat(
+                pb.HeartbeatRequest(
+                    session_id=j.session_id,
+                    session_token=j.session_token,
+                    phase="paused" if paused else "training",
+                    pause_reason="on battery" if paused else "",
+                    dht_peer_id=dht_id,
+                    shard_index=1,
+                    shard_position=8,
+                    shard_sequences=40,
+                )
+            )
+            if dht_id:  # as if proven with its hivemind key (tests/test_hostile_peers.py)
+                store.upsert_peer(dataclasses.replace(store.get_peer(j.session_id), dht_verified=True))
+    store.add_contributions([("QmAqqq22222222222222222222", 1, 300), ("QmBqqq33333333333333333333", 1, 100)])
+    for key in (joined[0].peer_id, "QmAqqq22222222222222222222"):
+        page = json.loads(get(f"{base}/api/v1/peers/{key}")[2])
+        assert page["peer"]["name"] == EVIL and page["peer"]["state"] == "PAUSED"
+        assert page["peer"]["reason"] == "paused: on battery" and page["peer"]["shard_position"] == 8
+        assert page["standing"] == {
+            "accepted_samples": 300,
+            "share": 0.75,
+            "rank": 1,
+            "ranked_peers": 2,
+            "credited": True,
+        }
+    bob = json.loads(get(f"{base}/api/v1/peers/{joined[1].peer_id}")[2])["standing"]
+    assert (bob["rank"], bob["accepted_samples"]) == (2, 100)
+    carol = json.loads(get(f"{base}/api/v1/peers/{joined[2].peer_id}")[2])["standing"]
+    assert (carol["credited"], carol["rank"]) == (False, 0)  # nothing proven, nothing credited
+    status, content_type, body = get(f"{base}/peer/QmAqqq22222222222222222222")
+    assert status == 200 and content_type.startswith("text/html") and b"/static/peer.js" in body
+    assert "innerHTML" not in get(f"{base}/static/peer.js")[2].decode()
+    assert json.loads(get(f"{base}/api/v1/state")[2])["peers_by_state"]["PAUSED"] == 1
+    # unknown, malformed or path-like ids are not found (answered as plain text, never as a page)
+    for key in ("QmNqqq44444444444444444444", "..%2F..%2Fetc", "a" * 65, EVIL.replace(" ", "%20"), "0" * 11):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(f"{base}/api/v1/peers/{key}")
+        assert e.value.code == 404 and e.value.headers["Content-Type"].startswith("text/plain")
+        with pytest.raises(urllib.error.HTTPError):
+            get(f"{base}/peer/{key}/x")
+
+
 def test_status_rpc_without_a_status_source_is_unimplemented(tmp_path: Path):
     store = Store(tmp_path / "s.sqlite3")
     servicer = CoordinatorServicer(

@@ -50,6 +50,11 @@ function renderSummary(s) {
   document.getElementById("eval-loss").textContent =
     s.latest_checkpoint_step >= 0 ? `${fmt(s.latest_eval_loss, 3)} @ ${s.latest_checkpoint_step}` : "-";
   document.getElementById("checkpoint-count").textContent = s.checkpoints;
+  // how much of the training data the swarm has read (every finished pass counted)
+  document.getElementById("data-read").textContent = s.dataset_sequences
+    ? `${fmt(100 * s.dataset_sequences_read / s.dataset_sequences)}%` +
+      (s.dataset_shards_sized < s.dataset_shards ? ` of ${s.dataset_shards_sized}/${s.dataset_shards} shards` : "")
+    : "-";
   const states = document.getElementById("peer-states");
   states.replaceChildren();
   for (const [state, n] of Object.entries(s.peers_by_state)) {
@@ -68,11 +73,19 @@ function renderPeers(peers) {
     tr.dataset.state = p.state;
     const reason = el("td", p.reason, p.state === "ONLINE" && !p.contributing ? "warn" : "");
     tr.append(
-      (() => { const td = el("td", p.name, "name"); td.title = `id ${clean(p.peer_id)}`; return td; })(),
+      (() => {  // links to the peer's own page, by its public id
+        const td = el("td", null, "name"), a = el("a", p.name);
+        a.href = `/peer/${encodeURIComponent(p.peer_id)}`;
+        td.title = `id ${clean(p.peer_id)}`;
+        td.append(a);
+        return td;
+      })(),
       (() => { const td = el("td"); td.append(el("span", p.state, `badge ${p.state}`)); return td; })(),
       reason,
       el("td", p.device),
       el("td", p.version || "-"),
+      el("td", p.client_mode ? "client mode" : p.reachability || "-", p.reachability === "unreachable" ? "warn" : ""),
+      el("td", p.shard_sequences ? `${p.shard_index}: ${p.shard_position}/${p.shard_sequences}` : "-", "num"),
       el("td", fmt(p.samples_per_s), "num"),
       el("td", p.local_epoch, "num"),
       el("td", fmt(p.loss, 3), "num"),

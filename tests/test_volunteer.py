@@ -1,0 +1,167 @@
+"""A volunteer's real machine and an operator's own data, in a real swarm of `crowdtrain` processes.
+
+The coordinator trains on a local JSONL file (its text in a chosen field, with corrupted records
+mixed in). Peer A is an ordinary full peer. Peer B announces an address nobody can dial, as a peer
+behind NAT does: the coordinator tells it so, and it trains in client mode. Then B is paused with
+SIGUSR1 (PAUSED in the coordinator's status, no samples while paused) and resumed with SIGUSR2
+(it loads the swarm's state before contributing again), and at last stopped and restarted: it
+continues in its shard where it stopped. Throughout, no two peers read the same shard.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from crowdtrain.peer.client import CoordinatorClient, CoordinatorUnavailable
+from crowdtrain.peer.shardread import PlaceFile
+
+from scripts.harness import events_named, index_after
+
+pytestmark = pytest.mark.swarm
+
+
+def write_corpus(path: Path) -> int:
+    """A JSONL corpus from stdlib sources, text in field "content", plus corrupted records."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"))[:120]
+    lines = [json.dumps({"content": f.read_text(encoding="utf-8", errors="replace")}) for f in files]
+    lines[5:5] = ["{not json", json.dumps({"text": "the wrong field"}), json.dumps({"content": 42})]
+    path.write_text("\n".join(lines) + "\n")
+    return 3
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+class ShardWatch:
+    """Polls the coordinator's status; records any moment two live peers read one shard."""
+
+    def __init__(self, address: str):
+        self.client, self.stop = CoordinatorClient(address, rpc_timeout_s=5), threading.Event()
+        self.overlaps: list[tuple[str, ...]] = []
+        self.samples = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                peers = self.client.get_status().peers
+            except CoordinatorUnavailable:
+                continue
+            live = [p for p in peers if p.state in ("ONLINE", "PAUSED") and p.shard_position > 0]
+            shards = [p.shard_index for p in live]
+            self.samples += 1
+            if len(shards) != len(set(shards)):
+                self.overlaps.append(tuple(f"{p.name}:{p.shard_index}" for p in live))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.client.close()
+
+
+def peer_view(client: CoordinatorClient, name: str):
+    views = [p for p in client.get_status().peers if p.name == name and p.state not in ("LEFT", "DEAD")]
+    return views[0] if views else None
+
+
+def wait_until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def test_client_mode_pause_resume_restart_and_disjoint_shards_over_jsonl(launcher, tmp_path: Path):
+    corrupted = write_corpus(tmp_path / "corpus.jsonl")
+    data_dir = tmp_path / "coordinator"
+    coordinator = launcher.start_coordinator(
+        data_dir,
+        "--data",
+        str(tmp_path / "corpus.jsonl"),
+        "--data-field",
+        "content",
+        "--heartbeat-interval-s",
+        "1",
+        "--checkpoint-interval-s",
+        "0",
+    )
+    endpoints = launcher.wait_for_endpoints(data_dir, coordinator)
+    import urllib.request
+
+    with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
+        source = json.loads(response.read())["data"]["source"]
+    assert f"{corrupted} corrupted records skipped" in source, source
+    watch = ShardWatch(endpoints["grpc"])
+    status = CoordinatorClient(endpoints["grpc"], rpc_timeout_s=10)
+    cache = tmp_path / "cache"
+    try:
+        a = launcher.start_peer("peer-a", endpoints["grpc"], cache)
+        nat = ("--announce-host", "192.0.2.1", "--listen-port", str(free_port()))
+        b = launcher.start_peer("peer-b", endpoints["grpc"], cache, *nat)
+
+        # --- reachable, or told why and switched to client mode
+        assert launcher.wait_for_event(a, "reachability", timeout_s=240)["reachable"] is True
+        told = launcher.wait_for_event(b, "reachability", timeout_s=240)
+        assert told["reachable"] is False and "--announce-host 127.0.0.1" in told["advice"], told
+        for peer in (a, b):
+            launcher.wait_for_event(peer, "epoch", timeout_s=300, where=lambda e: e["epoch"] >= 2)
+        view = peer_view(status, "peer-b")
+        assert view.client_mode and view.reachability == "unreachable"
+        assert peer_view(status, "peer-a").reachability == "reachable"
+
+        # --- pause: PAUSED with its reason, nothing computed while paused
+        b.proc.send_signal(signal.SIGUSR1)
+        assert "SIGUSR1" in launcher.wait_for_event(b, "paused", timeout_s=30)["reason"]
+        paused = wait_until(
+            lambda: (v := peer_view(status, "peer-b")) and v.state == "PAUSED" and v, 30, "PAUSED in status"
+        )
+        assert "SIGUSR1" in paused.reason
+        since = index_after(b, events_named(b, "paused")[-1])
+        epoch_a = events_named(a, "epoch")[-1]["epoch"]
+        launcher.wait_for_event(a, "epoch", timeout_s=240, where=lambda e: e["epoch"] >= epoch_a + 2)
+        time.sleep(2.5)  # two more heartbeats
+        still = peer_view(status, "peer-b")
+        assert still.state == "PAUSED" and still.computed_samples == paused.computed_samples
+        assert not events_named(b, "epoch", since) or all(
+            e["samples_total"] == paused.computed_samples for e in events_named(b, "epoch", since)
+        )
+
+        # --- resume: the swarm went on, so B loads its state before it contributes again
+        b.proc.send_signal(signal.SIGUSR2)
+        resumed = launcher.wait_for_event(b, "resumed", timeout_s=240, start=since)
+        assert resumed["resynced"] is True, resumed
+        after = launcher.wait_for_event(b, "epoch", timeout_s=240, start=index_after(b, resumed))
+        assert after["samples_total"] > paused.computed_samples
+
+        # --- stopped and restarted: it continues in its shard where it stopped
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(timeout=120) == 0, "\n".join(b.lines[-30:])
+        stopped = PlaceFile(cache, endpoints["grpc"], "peer-b").read()
+        assert stopped is not None
+        _, place = stopped
+        b2 = launcher.start_peer("peer-b", endpoints["grpc"], cache, *nat, label="peer-b-again")
+        start = launcher.wait_for_event(b2, "data_start", timeout_s=240)
+        assert (start["shard"], start["passes"], start["position"]) == (
+            place.shard,
+            place.passes,
+            place.position,
+        )
+        launcher.wait_for_event(b2, "epoch", timeout_s=300)
+    finally:
+        watch.close()
+        status.close()
+    assert watch.samples >= 20 and not watch.overlaps, watch.overlaps
