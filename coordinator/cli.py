@@ -140,10 +140,19 @@ def _ago(now: float, t: float) -> str:
 
 
 # REPORTED: times other peers refused its contributions (evidence; enough of them ban it)
-_STATUS_COLUMNS = (
-    "ID NAME STATE REASON DEVICE VERSION SAMPLES/S EPOCH COMPUTED CONTRIBUTED REPORTED SWARM UPTIME".split()
-)
-_STATUS_COLUMNS = (*_STATUS_COLUMNS, "LAST SEEN")
+_STATUS_COLUMNS = "ID NAME STATE REASON DEVICE VERSION NETWORK DATA SAMPLES/S EPOCH COMPUTED CONTRIBUTED REPORTED SWARM".split()
+_STATUS_COLUMNS = (*_STATUS_COLUMNS, "UPTIME", "LAST SEEN")
+
+
+def _data_read(s) -> str:
+    """How much of the training data the swarm has read (every finished pass counted)."""
+    share = s.dataset_sequences_read / s.dataset_sequences
+    sized = (
+        f", {s.dataset_shards_sized} of {s.dataset_shards} shards sized"
+        if s.dataset_shards_sized < s.dataset_shards
+        else ""
+    )
+    return f"{s.dataset_sequences_read:,} of {s.dataset_sequences:,} training sequences ({share:.1%}{sized})"
 
 
 def format_status(status, now: float) -> str:
@@ -169,6 +178,7 @@ def format_status(status, now: float) -> str:
         f"peers: {states}",
         *([f"versions: {', '.join(f'{v} x{n}' for v, n in versions.most_common())}"] if versions else []),
         *([f"last refused checkpoint: {clean_display(s.last_rejection)}"] if s.last_rejection else []),
+        *([f"data read: {_data_read(s)}"] if s.dataset_sequences else []),
         "",
     ]
     header = _STATUS_COLUMNS
@@ -180,6 +190,8 @@ def format_status(status, now: float) -> str:
             p.reason,
             p.device,
             p.version or "-",
+            "client" if p.client_mode else p.reachability or "-",
+            f"{p.shard_index}:{p.shard_position}" if p.shard_position else "-",  # shard:sequence
             f"{p.samples_per_s:.1f}",
             str(p.local_epoch),
             str(p.computed_samples),

@@ -54,7 +54,8 @@ class PauseGate:
                 self.monitor.wait_until_resumed(self.stop_event, timeout_s=IDLE_POLL_S)
         if self.stop_event.is_set():
             return
-        behind = opt.local_epoch < opt.tracker.global_epoch
+        local, swarm = opt.local_epoch, fresh_swarm_epoch(opt.tracker)
+        behind = local < swarm
         if behind:  # the swarm went on without it: its state first, then contributions
             self.stats.update(phase="loading_state", pause_reason="")
             resync()
@@ -63,8 +64,10 @@ class PauseGate:
         emit(
             logger,
             "resumed",
-            "resumed after %.0fs paused%s",
+            "resumed after %.0fs paused at epoch %d, the swarm at %d%s",
             paused_s,
+            local,
+            swarm,
             "; loaded the swarm's state first" if behind else "",
             paused_s=round(paused_s, 3),
             resynced=behind,
@@ -75,6 +78,22 @@ class PauseGate:
         if reason != shown and self.monitor.decision.paused:
             self.stats.update(pause_reason=reason)
         return reason
+
+
+def fresh_swarm_epoch(tracker, timeout_s: float = 15.0) -> int:
+    """The swarm's epoch read from its progress records now, not as hivemind's tracker last fetched
+    them (up to 10 s ago, long enough to miss epochs a small swarm took meanwhile).
+    hivemind 1.1.12 private: ProgressTracker's fetch loop wakes on `global_state_updated`, fetches
+    when `global_progress.next_fetch_time` has passed, then sets `fetched_global_progress_this_epoch`."""
+    tracker.fetched_global_progress_this_epoch.clear()
+    tracker.global_progress.next_fetch_time = 0.0
+    tracker.global_state_updated.set()
+    if not tracker.fetched_global_progress_this_epoch.wait(timeout_s):
+        logger.warning(
+            "the swarm's progress records did not arrive within %.0fs; using the last ones", timeout_s
+        )
+        tracker.fetched_global_progress_this_epoch.set()
+    return tracker.global_epoch
 
 
 def _handing_in(opt, epoch: int) -> bool:

@@ -97,7 +97,10 @@ def start_dht(
     coordinator restarts would find nobody there, so a failure is retried (`attempts` in all,
     `retry_s`, then twice that, ... apart) before giving up; setting `stop` ends the waiting.
     """
-    kwargs = dict(host_maddrs=[f"/ip4/{listen_host}/tcp/{port}"], client_mode=client_mode)
+    # a client looks for libp2p relays (hivemind's use_auto_relay) to be reachable through them
+    kwargs = dict(
+        host_maddrs=[f"/ip4/{listen_host}/tcp/{port}"], client_mode=client_mode, use_auto_relay=client_mode
+    )
     if announce_host and port:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
     if identity_path:
@@ -224,12 +227,9 @@ def leave_swarm(opt, dht, timeout_s: float = 10.0) -> None:
     processes do: no tracebacks, no "Task was destroyed but it is pending!", and the others learn
     at once that we left. Either argument may be None (start-up failed before it existed).
 
-    hivemind 1.1.12's `Optimizer.shutdown()` cancels a round still looking for a group, finishes
-    delayed updates (which re-announce the state we serve) and stops the averager processes at
-    once; a DHT request an averager sent in that instant is still in the DHT's pipe when it exits,
-    and the DHT process cannot receive it any more (FileNotFoundError traceback, then 3 s stalled
-    and "terminating it the hard way"). So those steps run here first, and the averagers are only
-    stopped after the DHT has received everything they sent.
+    hivemind 1.1.12's `Optimizer.shutdown()` cancels a round looking for a group, finishes delayed
+    updates and stops the averagers at once: a DHT request an averager sent then is lost with a
+    FileNotFoundError and a 3 s stall. So those steps run here first, averagers stopped last.
     """
     try:
         if opt is not None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,24 @@ def launcher(tmp_path: Path):
         groups = [c.proc.pid for c in launcher.children]
         leftovers = descendants_alive(groups)
         assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@contextlib.contextmanager
+def serving(servicer, store, rpc_timeout_s: float = 10.0) -> Iterator:
+    """`servicer` on an in-process gRPC server at 127.0.0.1:0: a client of it; the server and
+    `store` are closed afterwards."""
+    from crowdtrain.coordinator.grpcserver import create_server
+    from crowdtrain.peer.client import CoordinatorClient
+
+    server, port = create_server(servicer, "127.0.0.1", 0)
+    server.start()
+    client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=rpc_timeout_s)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.stop(0).wait()
+        store.close()
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 from crowdtrain.coordinator import reachability
-from crowdtrain.coordinator.grpcserver import create_server
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.standings import Standings, rank_totals
 from crowdtrain.coordinator.store import Store
-from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
+from crowdtrain.peer.client import CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.protos import coordinator_pb2 as pb
+
+from tests.conftest import serving
 
 
 @pytest.mark.parametrize(
@@ -95,15 +96,8 @@ def served(tmp_path: Path):
         return reachability.tcp_dial(host, port, timeout_s=1.0)
 
     servicer.dial = dial
-    server, port = create_server(servicer, "127.0.0.1", 0)
-    server.start()
-    client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=10)
-    try:
+    with serving(servicer, store) as client:
         yield client, store, dialed
-    finally:
-        client.close()
-        server.stop(0).wait()
-        store.close()
 
 
 def test_a_listening_peer_is_reachable_and_one_announcing_an_unreachable_address_is_told_why(served):

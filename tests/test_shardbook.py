@@ -7,14 +7,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator.grpcserver import create_server
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.shardbook import Claim, Cursor, ShardBook, advance, choose_shard, coverage_of
 from crowdtrain.coordinator.store import Store
-from crowdtrain.peer.client import CoordinatorClient
 from crowdtrain.peer.shardread import Place, PlaceFile, ShardReader, pass_order
 from crowdtrain.protos import coordinator_pb2 as pb
+
+from tests.conftest import serving
 
 FRESH = [Cursor() for _ in range(4)]
 
@@ -142,15 +142,8 @@ def parquet_run(tmp_path: Path):
     servicer = CoordinatorServicer(
         run, store, HealthSettings(2.0, 10.0), initial_peers=list, clock=lambda: clock[0]
     )
-    server, port = create_server(servicer, "127.0.0.1", 0)
-    server.start()
-    client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=5)
-    try:
+    with serving(servicer, store) as client:
         yield client, servicer, clock
-    finally:
-        client.close()
-        server.stop(0).wait()
-        store.close()
 
 
 def _beat(client, joined, shard, position, passes=0, sequences=50):
@@ -218,3 +211,18 @@ def test_hostile_places_are_refused_or_ignored(parquet_run):
         _beat(client, a, shard, -5)
     with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT"):
         client.join(pb.JoinRequest(name="x", resume_run_id="../../etc", resume_shard=1))
+
+
+def test_crowdtrain_status_says_how_much_of_the_data_was_read():
+    from crowdtrain.coordinator.cli import format_status
+
+    summary = pb.SwarmSummary(
+        run_id="r",
+        latest_checkpoint_step=-1,
+        dataset_sequences_read=150,
+        dataset_sequences=180,
+        dataset_shards=3,
+        dataset_shards_sized=2,
+    )
+    text = format_status(pb.GetStatusResponse(summary=summary), 0.0)
+    assert "data read: 150 of 180 training sequences (83.3%, 2 of 3 shards sized)" in text

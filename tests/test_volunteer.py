@@ -70,6 +70,19 @@ class ShardWatch:
         self.client.close()
 
 
+def cap_for(manifest_json: str, micro_batch: float) -> str:
+    """--max-memory-gb under which the run's model fits `micro_batch` sequences, as a peer measures
+    it (peer/fit.py: 10% of the cap is kept spare)."""
+    from crowdtrain.peer.fit import measure_memory
+    from crowdtrain.peer.manifest import RunManifest
+    from crowdtrain.peer.model import build_model
+
+    manifest = RunManifest.from_json(manifest_json)
+    needs = measure_memory(build_model(manifest), manifest.data.seq_len, "cpu", mode=manifest.swarm.mode)
+    fixed = needs.static_bytes + needs.activation_base_bytes
+    return repr((fixed + micro_batch * needs.per_sequence_bytes) / 0.9 / 1e9)
+
+
 def peer_view(client: CoordinatorClient, name: str):
     views = [p for p in client.get_status().peers if p.name == name and p.state not in ("LEFT", "DEAD")]
     return views[0] if views else None
@@ -103,15 +116,27 @@ def test_client_mode_pause_resume_restart_and_disjoint_shards_over_jsonl(launche
     import urllib.request
 
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
-        source = json.loads(response.read())["data"]["source"]
+        manifest_json = response.read().decode()
+    source = json.loads(manifest_json)["data"]["source"]
     assert f"{corrupted} corrupted records skipped" in source, source
+    batch_size = json.loads(manifest_json)["swarm"]["batch_size_per_step"]
     watch = ShardWatch(endpoints["grpc"])
     status = CoordinatorClient(endpoints["grpc"], rpc_timeout_s=10)
     cache = tmp_path / "cache"
     try:
+        # a machine that cannot hold the model is refused before it joins the swarm, with the numbers
+        small = launcher.start_peer("peer-small", endpoints["grpc"], cache, "--max-memory-gb", "0.001")
         a = launcher.start_peer("peer-a", endpoints["grpc"], cache)
+        # B: behind NAT, and with memory for about 4 of the run's 16 sequences per step
         nat = ("--announce-host", "192.0.2.1", "--listen-port", str(free_port()))
-        b = launcher.start_peer("peer-b", endpoints["grpc"], cache, *nat)
+        b = launcher.start_peer(
+            "peer-b", endpoints["grpc"], cache, *nat, "--max-memory-gb", cap_for(manifest_json, 4.5)
+        )
+        assert small.proc.wait(timeout=240) == 1
+        assert any("the model needs" in line for line in small.lines), "\n".join(small.lines[-10:])
+        assert not events_named(small, "reachability")
+        plan = launcher.wait_for_event(b, "memory_plan", timeout_s=240)
+        assert plan["batch_size"] == batch_size and 2 <= plan["micro_batch"] <= 6, plan
 
         # --- reachable, or told why and switched to client mode
         assert launcher.wait_for_event(a, "reachability", timeout_s=240)["reachable"] is True
