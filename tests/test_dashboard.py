@@ -124,6 +124,19 @@ def test_dashboard_health_and_coordinator_crash(launcher, tmp_path: Path):
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             assert page.locator("#peers img").count() == 0
+
+            # --- each peer's own page, linked from its row: what a volunteer bookmarks
+            page.click("#peers td.name a >> text=alice")
+            page.wait_for_function(
+                "document.getElementById('peer-name').textContent === 'alice'", timeout=30_000
+            )
+            assert page.locator("#peer-state").text_content() == "ONLINE"
+            evil_id = next(p["peer_id"] for p in api(base, "peers") if p["name"] == EVIL)
+            page.goto(f"{base}/peer/{evil_id}")
+            page.wait_for_function(
+                "document.getElementById('peer-state').textContent === 'DEAD'", timeout=30_000
+            )
+            assert page.locator("#peer-name").text_content() == EVIL and page.locator("img").count() == 0
         finally:
             browser.close()
     assert dialogs == [], f"script ran from a peer name: {dialogs}"

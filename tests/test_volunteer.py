@@ -126,7 +126,7 @@ def test_client_mode_pause_resume_restart_and_disjoint_shards_over_jsonl(launche
     try:
         # a machine that cannot hold the model is refused before it joins the swarm, with the numbers
         small = launcher.start_peer("peer-small", endpoints["grpc"], cache, "--max-memory-gb", "0.001")
-        a = launcher.start_peer("peer-a", endpoints["grpc"], cache)
+        a = launcher.start_peer("peer-a", endpoints["grpc"], cache, "--max-upload-mbps", "100")
         # B: behind NAT, and with memory for about 4 of the run's 16 sequences per step
         nat = ("--announce-host", "192.0.2.1", "--listen-port", str(free_port()))
         b = launcher.start_peer(
