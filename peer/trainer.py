@@ -337,7 +337,8 @@ class Volunteer:
                 meter.start_epoch(self.opt.local_epoch)
                 if self.config.max_epochs and meter.epoch >= self.config.max_epochs:
                     logger.info("reached --max-epochs %d, leaving", self.config.max_epochs)
-                    return
+                    break
+        summary.maybe_log(self._answer(), force=True)  # leaving: what the swarm accepted of its work
 
     def _step(self, model, batch) -> tuple[float, float]:
         """Forward and backward in micro-batches (backing off on out-of-memory), then hivemind's
