@@ -175,6 +175,7 @@ def test_client_mode_pause_resume_restart_and_disjoint_shards_over_jsonl(launche
         # --- stopped and restarted: it continues in its shard where it stopped
         b.proc.send_signal(signal.SIGTERM)
         assert b.proc.wait(timeout=120) == 0, "\n".join(b.lines[-30:])
+        assert any("contribution: " in line for line in b.lines)  # leaving: what the swarm accepted
         stopped = PlaceFile(cache, endpoints["grpc"], "peer-b").read()
         assert stopped is not None
         _, place = stopped
