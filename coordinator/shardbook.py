@@ -213,7 +213,11 @@ class ShardBook:
         """A joiner's shard, where to start in it, and why; the lease is held from now on."""
         with self._lock:
             busy = self._busy(now, session_id)
-            if claim is not None and not self._busy(now, session_id, held=False)[claim.shard]:
+            if (
+                claim is not None
+                and 0 <= claim.shard < self.num_shards
+                and not self._busy(now, session_id, held=False)[claim.shard]
+            ):
                 busy[claim.shard] = 0  # a returning peer gets back what was held for it
             shard, start, reason = choose_shard(self.num_shards, self._cursors, busy, claim)
             if start.key() > self._cursors[shard].key():

@@ -230,9 +230,9 @@ class _Routes:
         return await self._bytes(request, f"no such resource {path[:200]}\n".encode(), "text/plain", 404)
 
     async def _peer(self, request, key: str) -> web.StreamResponse:
-        index = asyncio.shield(asyncio.wrap_future(self.views.future("peer_index")))
+        building = asyncio.shield(asyncio.wrap_future(self.views.future("peer_index")))
         try:
-            index = await asyncio.wait_for(index, self.limits.view_timeout_s)
+            index = await asyncio.wait_for(building, self.limits.view_timeout_s)
         except TimeoutError:
             return await self._bytes(
                 request, b"status is busy; retry\n", "text/plain", 503, {"Retry-After": "2"}

@@ -148,3 +148,49 @@ def test_reachability_requests_are_bounded_and_rate_limited(served):
     with pytest.raises(CoordinatorUnavailable, match="RESOURCE_EXHAUSTED"):  # a peer retries later
         client.check_reachability(sid, token, ["/ip4/127.0.0.1/tcp/1"])
     assert len(dialed) == before  # refused before dialing anything
+
+
+def test_a_peer_shows_a_hostile_coordinators_advice_as_bounded_plain_text(caplog):
+    from crowdtrain.peer.reach import MAX_ADVICE_CHARS, ensure_reachable
+
+    class Dht:
+        stopped = False
+
+        def get_visible_maddrs(self):
+            return ["/ip4/127.0.0.1/tcp/1/p2p/QmX"]
+
+        def shutdown(self):
+            self.stopped = True
+
+    class Client:
+        def check_reachability(self, session_id, token, maddrs):
+            advice = "\x1b[2J\x1b]0;owned\x07forward port 1\nrm -rf ~" + "x" * 10_000
+            return pb.ReachabilityResponse(reachable=False, seen_host="\x1b[31m1.2.3.4", advice=advice)
+
+    dht, restarted = Dht(), object()
+    with caplog.at_level("WARNING"):
+        used, reachable = ensure_reachable(dht, Client(), "s", "t", lambda: restarted)
+    assert used is restarted and reachable is False and dht.stopped  # client mode, old node stopped
+    shown = caplog.records[-1].getMessage()
+    assert "\x1b" not in shown and "\n" not in shown and "\x07" not in shown
+    assert len(shown) < MAX_ADVICE_CHARS + 100
+
+
+def test_a_coordinators_next_shard_hint_is_checked_before_it_is_read():
+    from types import SimpleNamespace
+
+    from crowdtrain.peer.feed import DataFeed
+    from crowdtrain.peer.heartbeat import StatsBox
+    from crowdtrain.peer.shardread import Place
+
+    answer = [None]
+    config = SimpleNamespace(cache_dir="/nonexistent", coordinator="c:1", name="n")
+    manifest = SimpleNamespace(data=SimpleNamespace(shards=[0, 1, 2]), run_id="r")
+    joined = SimpleNamespace(settings=pb.PeerSettings(shard_index=1))
+    feed = DataFeed(config, manifest, joined, None, StatsBox(), answers=lambda: answer[0])
+    assert feed._hint(1) is None  # no answer yet: the reader moves on by itself
+    for hostile in (dict(next_shard=7), dict(next_shard=2, next_shard_position=-5), dict(next_shard=1)):
+        answer[0] = pb.HeartbeatResponse(**hostile)
+        assert feed._hint(1) is None, hostile
+    answer[0] = pb.HeartbeatResponse(next_shard=2, next_shard_position=40, next_shard_pass=1)
+    assert feed._hint(1) == Place(2, 1, 40)

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.shardbook import Claim, Cursor, ShardBook, advance, choose_shard, coverage_of
+from crowdtrain.coordinator.shardbook import (
+    Claim,
+    Coverage,
+    Cursor,
+    ShardBook,
+    advance,
+    choose_shard,
+    coverage_of,
+)
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer.shardread import Place, PlaceFile, ShardReader, pass_order
 from crowdtrain.protos import coordinator_pb2 as pb
@@ -58,9 +66,7 @@ def test_a_cursor_moves_only_forward_one_pass_at_a_time_within_the_shard(claim, 
 def test_a_shard_size_larger_than_its_bytes_allow_is_not_believed():
     moved, why = advance(Cursor(), Claim(0, 5, 0, 10**9), max_sequences=5000)
     assert moved.sequences == 0 and "exceeds what the shard's bytes allow" in why
-    assert coverage_of([moved, Cursor(2, 50, 100)]) == type(coverage_of([]))(
-        read=250, total=100, shards=2, sized=1
-    )
+    assert coverage_of([moved, Cursor(2, 50, 100)]) == Coverage(read=250, total=100, shards=2, sized=1)
 
 
 def test_leases_move_on_to_the_reserved_shard_and_a_leaver_frees_its_shard():
