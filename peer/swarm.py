@@ -1,4 +1,4 @@
-"""hivemind wiring shared by volunteers and the coordinator: DHT nodes, the optimizer, leaving.
+"""hivemind wiring shared by volunteers and the coordinator: DHT nodes and the optimizer.
 
 Volunteers build the run's `hivemind.Optimizer` here (`make_optimizer`), all with the same optimizer
 class, scheduler, offloading and parameter order: the state one peer downloads from another must
@@ -7,7 +7,7 @@ line up tensor for tensor, and the coordinator's publisher, which follows the sw
 tensors as the model's parameters in `model.parameters()` order. hivemind 1.1.12 pitfalls handled
 here (see docs/hivemind.md): the fork start method, SIGINT being ignored after an averager is created
 (callers install their handlers afterwards), the optimizer needing the main thread, orphaned
-children, and an orderly, quiet shutdown (`leave_swarm`). Every use of a hivemind internal is a
+children (leaving in order is peer/leaving.py). Every use of a hivemind internal is a
 small function at the end of this file, named in docs/hivemind.md.
 """
 
@@ -28,9 +28,7 @@ import torch
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.manifest import RunManifest
 from crowdtrain.peer.report import dht_claim_message
-from hivemind.averaging.control import AveragingStage
 from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
@@ -222,38 +220,6 @@ def _mode(manifest: RunManifest):
     return GuardedGradientAverager, GuardedStateAverager, partial(adamw, optim=optim), schedule
 
 
-def leave_swarm(opt, dht, timeout_s: float = 10.0) -> None:
-    """Stop the optimizer, then the DHT, so that hivemind's background work ends before its
-    processes do: no tracebacks, no "Task was destroyed but it is pending!", and the others learn
-    at once that we left. Either argument may be None (start-up failed before it existed).
-
-    hivemind 1.1.12's `Optimizer.shutdown()` cancels a round looking for a group, finishes delayed
-    updates and stops the averagers at once: a DHT request an averager sent then is lost with a
-    FileNotFoundError and a 3 s stall. So those steps run here first, averagers stopped last.
-    """
-    try:
-        if opt is not None:
-            try:
-                _let_the_averagers_finish(opt, timeout_s)
-            finally:  # whatever happened, stop hivemind's processes
-                opt.shutdown()  # what is left: tag along with a round already running, stop the averagers
-                opt.tracker.join(timeout_s)  # _TidyProgressTracker: its event loop closes
-                _say_goodbye(opt.tracker, opt.dht, timeout_s)
-    finally:
-        if dht is not None:
-            dht.shutdown()
-
-
-def _let_the_averagers_finish(opt, timeout_s: float) -> None:
-    """The first steps of hivemind's Optimizer.shutdown(), then a wait until the DHT has received
-    what the averagers sent in response (they react asynchronously)."""
-    _cancel_rounds_looking_for_group(opt, timeout_s)
-    opt.tracker.shutdown(timeout_s)
-    opt.state_averager.step(wait_for_delayed_updates=True)
-    time.sleep(0.25)  # an averager that just let go of a round tells the DHT a few moments later
-    _dht_barrier(opt.dht, timeout_s)
-
-
 # ------------------------------------------------------------------ hivemind 1.1.12 internals
 # Each relies on private hivemind API: docs/hivemind.md lists them and what breaks if they change.
 
@@ -353,48 +319,3 @@ class _Optimizer(hivemind.Optimizer):
             status_loglevel=self.status_loglevel,
             **kwargs,
         )
-
-
-def _cancel_rounds_looking_for_group(opt, timeout_s: float) -> None:
-    """Cancel the averaging rounds hivemind scheduled ahead that found no group yet (as
-    `Optimizer.shutdown()` would) and wait until the averagers have let go of them.
-    hivemind 1.1.12: `Optimizer.scheduled_grads` / `scheduled_state` hold those rounds."""
-    rounds = [
-        r
-        for r in (opt.scheduled_grads, opt.scheduled_state)
-        if r is not None and r.stage == AveragingStage.LOOKING_FOR_GROUP
-    ]
-    for r in rounds:
-        r.cancel()
-    deadline = time.monotonic() + timeout_s
-    while any(r.stage != AveragingStage.FINISHED for r in rounds) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-async def _nothing(_dht, _node) -> None:
-    return None
-
-
-def _dht_barrier(dht, timeout_s: float) -> None:
-    """Return once the DHT process has read every request sent to it before this call (all
-    processes write to one pipe, read in order)."""
-    try:
-        dht.run_coroutine(_nothing, return_future=True).result(timeout=timeout_s)
-    except Exception as e:  # a DHT that is already gone: nothing left to wait for
-        logger.debug("DHT barrier: %r", e)
-
-
-def _say_goodbye(tracker: ProgressTracker, dht, timeout_s: float) -> None:
-    """Clear our progress record and wait until it is stored, so the swarm stops counting us now.
-    hivemind 1.1.12's `ProgressTracker.shutdown()` sends the same `None` but does not wait, and a
-    DHT shut down right after drops it; the record is signed under `tracker._local_public_key`."""
-    try:
-        dht.store(
-            tracker.training_progress_key,
-            subkey=tracker._local_public_key,
-            value=None,
-            expiration_time=get_dht_time() + tracker.metadata_expiration,
-            return_future=True,
-        ).result(timeout=timeout_s)
-    except Exception as e:  # leaving anyway; the record expires by itself
-        logger.debug("could not clear our progress record: %r", e)

@@ -33,6 +33,7 @@ from crowdtrain.peer.events import emit
 from crowdtrain.peer.feed import DataFeed
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
 from crowdtrain.peer.identity import PeerIdentity
+from crowdtrain.peer.leaving import leave_swarm
 from crowdtrain.peer.meter import ContributionSummary, EpochMeter, StatusLine, log_epoch, standing_text
 from crowdtrain.peer.pause import PauseMonitor, PauseSettings, SystemSampler, install_pause_signals
 from crowdtrain.peer.pausing import PauseGate
@@ -41,7 +42,6 @@ from crowdtrain.peer.recovery import Recovery
 from crowdtrain.peer.rejoin import rejoin_in_background
 from crowdtrain.peer.runproof import check_joined_run
 from crowdtrain.peer.shards import run_cache_dir
-from crowdtrain.peer.swarm import leave_swarm
 from crowdtrain.peer.tls import ClientTls
 from crowdtrain.peer.trust import trust_joined_run
 from crowdtrain.protos import coordinator_pb2 as pb

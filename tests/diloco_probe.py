@@ -14,6 +14,11 @@ model was when the round began, so keeping the progress made since means the mod
 It prints `outer_steps`, `jump` (max |model after - model before| over the opt.step calls that
 applied an outer step) and `kept` (max |model - outer| right after one: the inner steps taken while
 the round ran, which a plain copy of the outer model would throw away).
+
+`python -m tests.diloco_probe WORKDIR stuck-leave` leaves the swarm while a round scheduled ahead is
+looking for a group and its averager is frozen (SIGSTOP, woken 4 s later), so the cancel is not
+taken within leave_swarm's wait: it prints `error` (what leave_swarm raised, or null) and
+`alive` (averager processes still running after it), and must then exit 0.
 """
 
 from __future__ import annotations
@@ -64,8 +69,8 @@ def lone_peer(workdir: Path, **swarm_settings):
 
 
 def main(workdir: Path) -> None:
+    from crowdtrain.peer.leaving import leave_swarm
     from crowdtrain.peer.model import as_batch
-    from crowdtrain.peer.swarm import leave_swarm
 
     manifest, model, dht, inner, opt = lone_peer(workdir)
     swarm, extras = manifest.swarm, inner.state_tensors()
@@ -103,8 +108,8 @@ def main(workdir: Path) -> None:
 
 
 def overlapped(workdir: Path, outer_steps: int = 3, max_inner_steps: int = 400) -> None:
+    from crowdtrain.peer.leaving import leave_swarm
     from crowdtrain.peer.model import as_batch
-    from crowdtrain.peer.swarm import leave_swarm
 
     settings = dict(overlap_communication=True, outer_learning_rate=1.0, outer_momentum=0.0)
     manifest, model, dht, inner, opt = lone_peer(workdir, inner_warmup_steps=1, **settings)
@@ -140,8 +145,39 @@ def overlapped(workdir: Path, outer_steps: int = 3, max_inner_steps: int = 400) 
     print(json.dumps(result))
 
 
+def stuck_leave(workdir: Path) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    from crowdtrain.peer.leaving import leave_swarm
+    from hivemind.averaging.control import AveragingStage
+    from hivemind.utils import get_dht_time
+
+    _, _, dht, _, opt = lone_peer(workdir)
+    averager = opt.grad_averager
+    opt.scheduled_grads = averager.schedule_step(scheduled_time=get_dht_time() + 60, timeout=120)
+    deadline = time.monotonic() + 30
+    while opt.scheduled_grads.stage != AveragingStage.LOOKING_FOR_GROUP and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(averager.pid, signal.SIGSTOP)  # a starved averager: it takes the cancel late
+    waker = threading.Timer(4.0, os.kill, (averager.pid, signal.SIGCONT))
+    waker.start()
+    result: dict = {"error": None}
+    try:
+        leave_swarm(opt, dht, timeout_s=1.0)
+    except Exception as e:
+        result["error"] = repr(e)
+    waker.join()
+    result["alive"] = [a.is_alive() for a in (opt.state_averager, averager)]
+    print(json.dumps(result), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["overlap"]:
         overlapped(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["stuck-leave"]:
+        stuck_leave(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]))

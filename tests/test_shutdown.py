@@ -4,9 +4,11 @@ And an orderly stop (SIGTERM, --max-epochs) is quiet: no traceback, no asyncio c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from scripts.harness import events_named
 from tests.conftest import descendants_alive
 
 pytestmark = pytest.mark.swarm
-# what hivemind printed at exit before peer/swarm.py's leave_swarm: a DHT request stranded by an
+ROOT = Path(__file__).resolve().parent.parent
+# what hivemind printed at exit before peer/leaving.py: a DHT request stranded by an
 # exiting averager (a FileNotFoundError traceback, then the DHT process killed "the hard way") and
 # asyncio tasks its progress tracker left pending
 NOISE = ("Traceback", "Task was destroyed", "the hard way")
@@ -89,3 +92,24 @@ def test_an_orderly_stop_prints_no_traceback(launcher, tmp_path: Path):
         noise = [line for line in at_exit if any(n in line for n in NOISE)]
         assert not noise, f"{peer.name} printed at exit:\n" + "\n".join(at_exit)
     assert coordinator.proc.poll() is None
+
+
+def test_leaving_while_an_averager_is_slow_to_let_go_of_a_round_exits_cleanly(tmp_path: Path):
+    """A round scheduled ahead is looking for a group when the peer leaves, and its averager takes the
+    cancel late (frozen here; on a loaded machine, seen taking over 10 s). hivemind's own shutdown
+    then cancelled it a second time, raised InvalidStateError before stopping the averagers, and the
+    process aborted at exit (exit -6, "terminate called without an active exception")."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.diloco_probe", str(tmp_path), "stuck-leave"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # (the DHT may still log the stranded-request traceback of docs/hivemind.md: the frozen averager
+    # sends its "no longer looking" after it was stopped; that is noise, not a failure to stop)
+    assert "terminate called" not in done.stderr, done.stderr[-3000:]
+    assert "Exception ignored" not in done.stderr, "hivemind's __del__ shut down a second time"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"error": None, "alive": [False, False]}, result
