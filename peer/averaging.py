@@ -327,7 +327,13 @@ def make_state_averager(
 ):
     """What hivemind 1.1.12's `Optimizer._make_state_averager(**kwargs)` builds, guarded: the same
     arguments as hivemind's own (`opt` is the optimizer being built); `averager_class` is a
-    GuardedStateAverager or a subclass (peer/diloco.py)."""
+    GuardedStateAverager or a subclass (peer/diloco.py).
+
+    hivemind shares the optimizer's tensors with its averager process in place when it offloads the
+    optimizer (`reuse_tensors`), and refuses ones off the CPU: mode=diloco's `extra_tensors` (the
+    inner AdamW's state) live on the model's GPU, so there the averager keeps its own CPU copies,
+    refreshed before each round and written back after it (hivemind's path without offloading)."""
+    reuse_tensors = opt.offload_optimizer and all_on_host(kwargs.get("extra_tensors", ()))
     return (averager_class or GuardedStateAverager)(
         robust_cfg=STATE,
         dht=opt.dht,
@@ -336,6 +342,7 @@ def make_state_averager(
         allreduce_timeout=opt.allreduce_timeout,
         shutdown_timeout=opt.shutdown_timeout,
         offload_optimizer=opt.offload_optimizer,
+        reuse_tensors=reuse_tensors,
         custom_gradients=opt.offload_optimizer,
         status_loglevel=opt.status_loglevel,
         next_chunk_timeout=opt.next_chunk_timeout,
@@ -346,6 +353,11 @@ def make_state_averager(
         evidence=evidence,
         **kwargs,
     )
+
+
+def all_on_host(tensors) -> bool:
+    """Whether hivemind can share `tensors` with its averager in place (CPU memory only)."""
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def grad_compression(name: str):

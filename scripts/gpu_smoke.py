@@ -8,6 +8,9 @@
 2. Swarm: a coordinator (publisher on the same device) and two peers train; a third peer joins late
    and loads the ~125M-parameter state from the others (timed); a checkpoint is published (timed),
    pulled (MB/s) and loaded with transformers, which generates a sample.
+3. DiLoCo: one lone `mode=diloco` peer (tests/diloco_probe.py) with its model and inner AdamW on the
+   device takes an outer step: the optimizer builds (the state averager keeps CPU copies of the inner
+   state), the outer step is exact and the model is reset to it.
 Prints a JSON report and writes it to $OUT/gpu_smoke.json when $OUT is set.
 """
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +54,7 @@ def main() -> int:
     report["compute"] = compute_benchmark(args.preset, args.device)
     print(json.dumps(report, indent=1), flush=True)
     report["swarm"] = swarm_check(args.preset, args.device, args.train_s)
+    report["diloco"] = diloco_check(args.device)
     text = json.dumps(report, indent=1)
     print(text)
     if os.environ.get("OUT"):
@@ -185,6 +190,21 @@ def swarm_check(preset: str, device: str, train_s: float) -> dict:
         if os.environ.get("OUT"):
             for child in children:
                 shutil.copy(child.log_path, Path(os.environ["OUT"], child.log_path.name))
+    return result
+
+
+def diloco_check(device: str) -> dict:
+    """tests/diloco_probe.py's lone DiLoCo peer on `device`, in a fresh process (hivemind forks)."""
+    work = tempfile.mkdtemp(prefix="crowdtrain-gpu-diloco-")
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "tests.diloco_probe", work, "--device", device]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        return {"exit_code": done.returncode, "stderr": done.stderr[-3000:]}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["ok"] = (
+        result["outer_error"] < 1e-4 and result["reset_error"] < 1e-6 and result["inner_state_served"]
+    )
     return result
 
 

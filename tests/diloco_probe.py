@@ -15,6 +15,11 @@ It prints `outer_steps`, `jump` (max |model after - model before| over the opt.s
 applied an outer step) and `kept` (max |model - outer| right after one: the inner steps taken while
 the round ran, which a plain copy of the outer model would throw away).
 
+`--device cuda` (scripts/gpu_smoke.py) runs the first probe with the model and the inner AdamW on
+a GPU. `python -m tests.diloco_probe WORKDIR copies` runs the first probe with the state averager keeping
+its own copies of the tensors, as it does when the inner AdamW's state is on a GPU (hivemind shares
+only CPU tensors in place), and adds `reuse_tensors`.
+
 `python -m tests.diloco_probe WORKDIR stuck-leave` leaves the swarm while a round scheduled ahead is
 looking for a group and its averager is frozen (SIGSTOP, woken 4 s later), so the cancel is not
 taken within leave_swarm's wait: it prints `error` (what leave_swarm raised, or null) and
@@ -33,7 +38,7 @@ import torch
 TARGET, MICRO = 8, 2  # 4 inner steps per outer step
 
 
-def lone_peer(workdir: Path, **swarm_settings):
+def lone_peer(workdir: Path, device: str = "cpu", **swarm_settings):
     """(manifest, model, dht, inner optimizer, hivemind optimizer) of one peer in mode=diloco."""
     from crowdtrain.peer.model import build_model
     from crowdtrain.peer.optimizers import inner_optimizer
@@ -60,7 +65,7 @@ def lone_peer(workdir: Path, **swarm_settings):
     manifest = dataclasses.replace(manifest, swarm=swarm)
     use_fork_start_method()
     torch.manual_seed(0)
-    model = build_model(manifest)
+    model = build_model(manifest).to(device)
     dht = start_dht([], listen_host="127.0.0.1", attempts=1)
     inner = inner_optimizer(manifest, model)
     extras = inner.state_tensors()
@@ -68,25 +73,25 @@ def lone_peer(workdir: Path, **swarm_settings):
     return manifest, model, dht, inner, opt
 
 
-def main(workdir: Path) -> None:
+def main(workdir: Path, device: str = "cpu") -> None:
     from crowdtrain.peer.leaving import leave_swarm
     from crowdtrain.peer.model import as_batch
 
-    manifest, model, dht, inner, opt = lone_peer(workdir)
+    manifest, model, dht, inner, opt = lone_peer(workdir, device)
     swarm, extras = manifest.swarm, inner.state_tensors()
+    result: dict = {"losses": [], "reuse_tensors": opt.state_averager.reuse_tensors, "device": device}
     outer = [p for g in opt.state_averager.optimizer.param_groups for p in g["params"]]
     vocab = manifest.model.config["vocab_size"]
-    result: dict = {"losses": []}
     try:
         for step in range(TARGET // MICRO):
-            batch = as_batch(torch.randint(2, vocab, (MICRO, 32)).tolist(), "cpu")
+            batch = as_batch(torch.randint(2, vocab, (MICRO, 32)).tolist(), device)
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             inner.step()
             result["losses"].append(loss.item())
             if step == TARGET // MICRO - 1:  # this micro-batch completes the epoch: snapshot first
                 outer_before = [p.detach().clone() for p in outer]
-                local_before = [p.detach().clone() for p in model.parameters()]
+                local_before = [p.detach().to("cpu", copy=True) for p in model.parameters()]
             opt.step()
         assert opt.local_epoch == 1, f"no outer step happened (epoch {opt.local_epoch})"
         lr, m = swarm.outer_learning_rate, swarm.outer_momentum
@@ -97,10 +102,12 @@ def main(workdir: Path) -> None:
         result["outer_error"] = max(float((p - e).abs().max()) for p, e in zip(outer, expected, strict=True))
         served = opt.state_averager.get_current_state()[1]  # what a joiner would download
         shared = served[len(outer) : len(outer) + len(extras)]
-        result["inner_state_served"] = all(torch.equal(a, b) for a, b in zip(shared, extras, strict=True))
+        result["inner_state_served"] = all(
+            torch.equal(a, b.cpu()) for a, b in zip(shared, extras, strict=True)
+        )
         result["inner_steps_counted"] = float(extras[-1])
         result["reset_error"] = max(
-            float((p - o).abs().max()) for p, o in zip(model.parameters(), outer, strict=True)
+            float((p.cpu() - o).abs().max()) for p, o in zip(model.parameters(), outer, strict=True)
         )
     finally:
         leave_swarm(opt, dht)
@@ -175,9 +182,20 @@ def stuck_leave(workdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[2:] == ["overlap"]:
-        overlapped(Path(sys.argv[1]))
-    elif sys.argv[2:] == ["stuck-leave"]:
-        stuck_leave(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    device = "cpu"
+    if "--device" in args:  # scripts/gpu_smoke.py: the first probe with the model on a GPU
+        at = args.index("--device")
+        device = args[at + 1]
+        del args[at : at + 2]
+    if args[1:] == ["overlap"]:
+        overlapped(Path(args[0]))
+    elif args[1:] == ["copies"]:
+        import crowdtrain.peer.averaging
+
+        crowdtrain.peer.averaging.all_on_host = lambda tensors: False  # what a GPU's tensors give
+        main(Path(args[0]))
+    elif args[1:] == ["stuck-leave"]:
+        stuck_leave(Path(args[0]))
     else:
-        main(Path(sys.argv[1]))
+        main(Path(args[0]), device)
