@@ -19,7 +19,6 @@ def leave_swarm(opt, dht, timeout_s: float = 10.0) -> None:
     processes do: no tracebacks, no "Task was destroyed but it is pending!", and the others learn
     at once that we left. Either argument may be None (start-up failed before it existed).
 
-
     hivemind 1.1.12's `Optimizer.shutdown()` cancels a round looking for a group, finishes delayed
     updates and stops the averagers at once: a DHT request an averager sent then is lost with a
     FileNotFoundError and a 3 s stall. So those steps run here first, averagers stopped last.
