@@ -140,8 +140,11 @@ def _ago(now: float, t: float) -> str:
 
 
 # REPORTED: times other peers refused its contributions (evidence; enough of them ban it)
-_STATUS_COLUMNS = "ID NAME STATE REASON DEVICE VERSION NETWORK DATA SAMPLES/S EPOCH COMPUTED CONTRIBUTED REPORTED SWARM".split()
-_STATUS_COLUMNS = (*_STATUS_COLUMNS, "UPTIME", "LAST SEEN")
+_STATUS_COLUMNS = (
+    *"ID NAME STATE REASON DEVICE VERSION NETWORK DATA SAMPLES/S EPOCH COMPUTED CONTRIBUTED".split(),
+    *"REPORTED SWARM UPTIME".split(),
+    "LAST SEEN",
+)
 
 
 def _data_read(s) -> str:

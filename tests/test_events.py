@@ -131,3 +131,28 @@ def test_a_round_names_its_group_and_a_failed_one_leaves_the_peer_alone():
     cancelled.cancel()
     for alone in (None, Future(), cancelled, finished(error=TimeoutError("could not find a group"))):
         assert round_group(alone, "QmA") == ("QmA",)
+
+
+def test_am_i_contributing_is_said_from_the_coordinators_answer_every_so_often(monkeypatch):
+    from crowdtrain.peer.meter import ContributionSummary, standing_text
+    from crowdtrain.protos import coordinator_pb2 as pb
+
+    answer = pb.HeartbeatResponse(accepted_samples=12400, share=0.31, rank=2, ranked_peers=5)
+    assert standing_text(answer) == "accepted 12,400 samples (31.0% of the run, rank 2 of 5)"
+    assert standing_text(pb.HeartbeatResponse()) == "" and standing_text(None) == ""
+    hostile = pb.HeartbeatResponse(accepted_samples=1, share=7.5, rank=1, ranked_peers=1)
+    assert "100.0% of the run" in standing_text(hostile)  # a share is shown within 0-100%
+    logged = []
+    monkeypatch.setattr(
+        "crowdtrain.peer.meter.emit",
+        lambda logger, event, msg, *args, **fields: logged.append((event, fields)),
+    )
+    now = [0.0]
+    summary = ContributionSummary(every_s=300.0, clock=lambda: now[0])
+    summary.maybe_log(answer)  # not before 300 s
+    now[0] = 301.0
+    summary.maybe_log(answer)
+    summary.maybe_log(answer)  # not again before another 300 s
+    summary.maybe_log(answer, force=True)  # leaving
+    assert [e for e, _ in logged] == ["contribution", "contribution"]
+    assert logged[0][1] == {"accepted_samples": 12400, "share": 0.31, "rank": 2, "ranked_peers": 5}

@@ -104,28 +104,3 @@ def test_samples_the_swarm_went_on_without_are_not_stepped_on(monkeypatch):
     opt = Optimizer(epoch=5, pending=48, tracker=tracker, round_after_steps=1)
     resyncs, _ = run_pause(opt)
     assert opt.steps == [] and resyncs == [5]  # stale samples: no step (hivemind would load state in it)
-
-
-def test_am_i_contributing_is_said_from_the_coordinators_answer_every_so_often(monkeypatch):
-    from crowdtrain.peer.meter import ContributionSummary, standing_text
-    from crowdtrain.protos import coordinator_pb2 as pb
-
-    answer = pb.HeartbeatResponse(accepted_samples=12400, share=0.31, rank=2, ranked_peers=5)
-    assert standing_text(answer) == "accepted 12,400 samples (31.0% of the run, rank 2 of 5)"
-    assert standing_text(pb.HeartbeatResponse()) == "" and standing_text(None) == ""
-    hostile = pb.HeartbeatResponse(accepted_samples=1, share=7.5, rank=1, ranked_peers=1)
-    assert "100.0% of the run" in standing_text(hostile)  # a share is shown within 0-100%
-    logged = []
-    monkeypatch.setattr(
-        "crowdtrain.peer.meter.emit",
-        lambda logger, event, msg, *args, **fields: logged.append((event, fields)),
-    )
-    now = [0.0]
-    summary = ContributionSummary(every_s=300.0, clock=lambda: now[0])
-    summary.maybe_log(answer)  # not before 300 s
-    now[0] = 301.0
-    summary.maybe_log(answer)
-    summary.maybe_log(answer)  # not again before another 300 s
-    summary.maybe_log(answer, force=True)  # leaving
-    assert [e for e, _ in logged] == ["contribution", "contribution"]
-    assert logged[0][1] == {"accepted_samples": 12400, "share": 0.31, "rank": 2, "ranked_peers": 5}

@@ -217,6 +217,11 @@ def test_hostile_places_are_refused_or_ignored(parquet_run):
         _beat(client, a, shard, -5)
     with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT"):
         client.join(pb.JoinRequest(name="x", resume_run_id="../../etc", resume_shard=1))
+    # a claim for a shard the run does not have (within the field's bound): an ordinary lease instead
+    past = client.join(pb.JoinRequest(name="y", resume_run_id="ct_pq", resume_shard=7, resume_position=40))
+    assert 0 <= past.settings.shard_index < 4 and past.settings.shard_position == 0
+    assert past.settings.shard_index not in (shard, reserved)  # still not a live peer's shard
+    assert all(servicer.shards.cursor(i).position <= 10 for i in range(4))
 
 
 def test_crowdtrain_status_says_how_much_of_the_data_was_read():

@@ -117,9 +117,10 @@ def test_client_mode_pause_resume_restart_and_disjoint_shards_over_jsonl(launche
 
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
         manifest_json = response.read().decode()
-    source = json.loads(manifest_json)["data"]["source"]
+    manifest = json.loads(manifest_json)
+    source = manifest["data"]["source"]
     assert f"{corrupted} corrupted records skipped" in source, source
-    batch_size = json.loads(manifest_json)["swarm"]["batch_size_per_step"]
+    batch_size = manifest["swarm"]["batch_size_per_step"]
     watch = ShardWatch(endpoints["grpc"])
     status = CoordinatorClient(endpoints["grpc"], rpc_timeout_s=10)
     cache = tmp_path / "cache"
