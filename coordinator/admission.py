@@ -3,8 +3,9 @@
 The operator chooses `--admission`: `open` (anyone), `invite` (a code from `crowdtrain invite
 create`, see `invites`), or `allowlist` (the hivemind peer ids listed in `--allowlist-path`, one per
 line, `#` comments; the file is re-read when it changes). A joiner in allowlist mode names its
-hivemind public key at Join (`JoinRequest.dht_public_key`); in every mode a key named at Join is the
-only one its later DHT proof may prove.
+hivemind public key at Join (`JoinRequest.dht_public_key`); in every mode the joiner names its key
+and signs the Join with it (`identity.verify_join`), and that key is the only one its session may
+ever prove: a session never switches identity, and an invite use binds the identity that spent it.
 
 Once a session has proven its DHT identity (the heartbeat's proof, `identity.verify_dht_claim`)
 and is admitted and not banned, its heartbeat response carries a `SwarmToken` (peer/admission.py)
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crowdtrain.coordinator.errors import BannedError, InvalidRequestError
-from crowdtrain.coordinator.identity import KEY_RSA, parse_public_key, peer_id_of
+from crowdtrain.coordinator.identity import KEY_RSA, parse_public_key, verify_join
 from crowdtrain.coordinator.invites import InviteBook
 from crowdtrain.coordinator.limits import PEER_ID
 from crowdtrain.coordinator.registry import PeerRecord
@@ -51,6 +52,7 @@ class AdmissionSettings:
     mode: str = "open"  # one of peer.admission.ADMISSION_MODES
     allowlist_path: str = ""  # base58 hivemind peer ids, one per line (allowlist mode)
     swarm_token_ttl_s: float = 600.0  # a ban or revocation reaches the swarm within this
+    max_join_skew_s: float = 300.0  # a Join signed further from the coordinator's clock is refused
 
     def __post_init__(self):
         if self.mode not in ADMISSION_MODES:
@@ -226,40 +228,37 @@ class Gate:
     def allowlisted(self) -> frozenset[str]:
         return self.allowlist.ids() if self.allowlist is not None else frozenset()
 
-    def admit_join(self, invite_code: str, dht_public_key: bytes, now: float) -> tuple[str, str]:
-        """(invite id, announced DHT id) of an admitted Join, spending an invite use; else
-        `NotAdmittedError` saying why (`InvalidRequestError` for a malformed key)."""
-        announced = ""
-        if dht_public_key:
-            try:
-                parse_public_key(dht_public_key)
-            except ValueError as e:
-                raise InvalidRequestError(f"dht_public_key is not a libp2p public key: {e}") from None
-            announced = peer_id_of(dht_public_key)
+    def admit_join(self, joiner: dict, now: float) -> tuple[str, str]:
+        """(invite id, the joiner's DHT id) of an admitted Join (`joiner`: its checked fields),
+        spending an invite use; else `NotAdmittedError` saying why (`InvalidRequestError` when it
+        does not prove the identity key it names: every mode binds a session to one identity)."""
+        announced, why = verify_join(
+            joiner["dht_public_key"], joiner["join_signature"], joiner["join_unix_s"], now,
+            self.settings.max_join_skew_s,
+        )  # fmt: skip
+        if not announced:
+            raise InvalidRequestError(why)
         invite_ok, invite_id = (True, ""), ""
         if self.settings.mode == "invite":
-            if not invite_code:
+            if not joiner["invite_code"]:
                 invite_ok = (
                     False,
                     "this run admits by invitation: pass --invite CODE from the run's operator",
                 )
             else:
-                invite, why = self.invites.consume(
-                    invite_code, now, lambda invite_id: self._returning(invite_id, announced)
-                )
+                invite, why = self.invites.consume(joiner["invite_code"], now, announced)
                 invite_ok, invite_id = (invite is not None, why), invite.invite_id if invite else ""
         ok, reason = admit_join(self.settings.mode, invite_ok, announced, self.allowlisted())
         if not ok:
             raise NotAdmittedError(reason)
         return invite_id, announced
 
-    def _returning(self, invite_id: str, announced_dht_id: str) -> bool:
-        """Whether a session admitted with `invite_id` proved `announced_dht_id` and is not banned:
-        the same volunteer restarting (its new session must prove that identity again)."""
-        return bool(announced_dht_id) and any(
-            r.invite_id == invite_id and r.dht_verified and r.dht_peer_id == announced_dht_id and not r.banned
-            for r in self.invites.store.peers_unordered()
-        )
+    def admission_root(self, invite_id: str, dht_id: str, address: str) -> str:
+        """What vouches for a session, for counting independent reporters (`evidence`): its invite,
+        its allowlist entry, or (open runs) the address it joined from."""
+        if self.settings.mode == "invite":
+            return f"invite:{invite_id}"
+        return f"key:{dht_id}" if self.settings.mode == "allowlist" else f"addr:{address}"
 
     def still_admitted(self, record: PeerRecord) -> tuple[bool, str]:
         return still_admitted(self.settings.mode, record, self.allowlisted())
@@ -283,14 +282,23 @@ class Gate:
             self._issued[record.session_id] = token
         return token.to_json(), reason
 
+    def holds_token(self, session_id: str, now: float) -> bool:
+        """Whether this session was sent a swarm token that is still valid."""
+        with self._lock:
+            last = self._issued.get(session_id)
+        return last is not None and last.expires_unix_s > now
+
     def forget(self, session_id: str) -> None:
         with self._lock:
             self._issued.pop(session_id, None)
 
 
-def servicer_options(config, run_id: str, signing_key, store) -> dict:
+def servicer_options(
+    config, run_id: str, signing_key, store, protected: Callable[[], frozenset[str]] = frozenset
+) -> dict:
     """The servicer's `gate` and `evidence` for a coordinator started with `config`
-    (a CoordinatorConfig), signing swarm tokens with the run's `signing_key`."""
+    (a CoordinatorConfig), signing swarm tokens with the run's `signing_key`; `protected()` gives
+    the coordinator's own DHT node ids (no evidence counts against them)."""
     from crowdtrain.coordinator.evidence import AutobanSettings, EvidenceBook
 
     settings = AdmissionSettings(config.admission, config.allowlist_path, config.swarm_token_ttl_s)
@@ -299,4 +307,4 @@ def servicer_options(config, run_id: str, signing_key, store) -> dict:
     )
     gate = Gate(settings, run_id, lambda token: sign_token(signing_key, token), InviteBook(store))
     logger.info("admission: %s; swarm tokens valid %.0fs", settings.mode, settings.swarm_token_ttl_s)
-    return {"gate": gate, "evidence": EvidenceBook(store, autoban)}
+    return {"gate": gate, "evidence": EvidenceBook(store, autoban, settings.mode, protected)}

@@ -132,7 +132,6 @@ class Coordinator:
         """The bootstrap DHT node, on --dht-port or else the port of the last start; its addresses."""
         from crowdtrain.coordinator.swarmnodes import CoordinatorNodeAccess
         from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
-        from crowdtrain.peer.swarm import start_dht
 
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9
@@ -142,13 +141,8 @@ class Coordinator:
         access = CoordinatorNodeAccess(
             self.run.manifest.run_id, self.run.signing_key, self.data_dir / "dht.key"
         )
-        self.dht = start_dht(
-            [],
-            listen_host=cfg.host,
-            port=dht_port,
-            announce_host=self.public_host if dht_port else "",
-            identity_path=str(access.identity.path),
-            authorizer=access.authorizer(),
+        self.dht = access.start_bootstrap_node(
+            listen_host=cfg.host, port=dht_port, announce_host=self.public_host if dht_port else ""
         )
         maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if not dht_port:
@@ -216,7 +210,7 @@ class Coordinator:
             status=self.cached_status.get,
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
             downloads=downloads,
-            **servicer_options(cfg, run.manifest.run_id, run.signing_key, self.store),  # admission, evidence
+            **servicer_options(cfg, run.manifest.run_id, run.signing_key, self.store, self._own_dht_ids()),
         )
         self.shards = servicer.shards  # the data's coverage, for status
         self.grpc_server, grpc_port = bind_remembered(
@@ -228,6 +222,15 @@ class Coordinator:
         )
         self.grpc_server.start()
         return grpc_port
+
+    def _own_dht_ids(self):
+        """The peer ids of this coordinator's DHT nodes (bootstrap, publisher): no report counts
+        against them, so strangers cannot have the coordinator revoke its own nodes."""
+        from crowdtrain.peer.identity import PeerIdentity
+
+        keys = (self.data_dir / "dht.key", self.checkpoint_root.parent / "publisher-dht.key")
+        ids = frozenset(PeerIdentity(path).peer_id for path in keys)
+        return lambda: ids
 
     def _start_publisher(self, maddrs: list[str], downloads: DownloadTracker) -> None:
         from crowdtrain.coordinator.publisher import Publisher, PublisherSettings

@@ -237,6 +237,7 @@ def cmd_status(config: cfg.StatusConfig) -> int:
 def cmd_ban(config: cfg.BanConfig) -> int:
     from pathlib import Path
 
+    from crowdtrain.coordinator import evidence
     from crowdtrain.coordinator.store import Store
 
     path = Path(config.data_dir).expanduser() / "state.sqlite3"
@@ -244,7 +245,7 @@ def cmd_ban(config: cfg.BanConfig) -> int:
         raise CrowdtrainError(f"{path} does not exist; pass the coordinator's --data-dir")
     store = Store(path)
     try:
-        changed = store.set_banned(config.peer, not config.unban)
+        changed = evidence.unban(store, config.peer) if config.unban else store.set_banned(config.peer, True)
     finally:
         store.close()
     if not changed:

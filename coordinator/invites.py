@@ -7,7 +7,9 @@
 A code is `secrets.token_urlsafe(24)` (192 random bits); the store keeps only its sha256, so a copy
 of the database admits no one. A Join in invite mode consumes one use in one SQLite transaction
 (`BEGIN IMMEDIATE`), so two joiners racing for a code's last use cannot both get in, even from two
-coordinator processes. Revoking an invite bans the sessions admitted with it: their heartbeats are
+coordinator processes. Each use binds the one identity that spent it (the key the joiner named and
+signed at Join): that identity may come back without spending another use, no other identity
+can, so one single-use invite admits exactly one swarm identity. Revoking an invite bans the sessions admitted with it: their heartbeats are
 refused and their swarm tokens are not renewed, so they leave the swarm within one token lifetime.
 The decision whether a code admits (`invite_usable`) is pure; `InviteBook` is its storage.
 """
@@ -18,7 +20,6 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from crowdtrain.coordinator.store import Store
@@ -29,6 +30,13 @@ CODE_BYTES = 24  # random bytes of a code: 32 URL-safe characters
 MAX_NOTE_CHARS = 200
 
 _SCHEMA = (
+    # the one identity each use of an invite admitted: it may come back, no other identity may
+    """CREATE TABLE IF NOT EXISTS invite_uses (
+        invite_id TEXT NOT NULL,
+        dht_peer_id TEXT NOT NULL,
+        t REAL NOT NULL,
+        PRIMARY KEY (invite_id, dht_peer_id)
+    )""",
     """CREATE TABLE IF NOT EXISTS invites (
         invite_id TEXT PRIMARY KEY,
         code_sha256 TEXT NOT NULL UNIQUE,
@@ -57,8 +65,8 @@ def code_sha256(code: str) -> str:
 
 def invite_usable(invite: Invite | None, now: float, returning: bool = False) -> tuple[bool, str]:
     """Whether an invite admits one more joiner at `now`, and why not (the joiner reads the reason).
-    A `returning` joiner (the identity a session admitted with this invite proved, restarted) needs
-    no use left: restarting a peer does not use up its single-use code."""
+    A `returning` joiner (the identity this invite admitted, restarted) needs no use left:
+    restarting a peer does not use up its single-use code."""
     if invite is None:
         return False, "this invite code is not one of this run's; check it, or ask the run's operator for one"
     if invite.revoked:
@@ -119,25 +127,39 @@ class InviteBook:
         rows = self.store.query(f"SELECT {_COLUMNS} FROM invites ORDER BY created_unix_s")
         return [_invite(row) for row in rows]
 
-    def consume(
-        self, code: str, now: float, returning: Callable[[str], bool] = lambda invite_id: False
-    ) -> tuple[Invite | None, str]:
-        """(invite, reason) when `code` admits one more joiner (one use is spent, unless
-        `returning(invite_id)` says the joiner is an identity this invite admitted before), else
-        (None, why); the check and the spending are one transaction."""
+    def consume(self, code: str, now: float, dht_peer_id: str) -> tuple[Invite | None, str]:
+        """(invite, reason) when `code` admits the identity `dht_peer_id` (proven at Join): an
+        identity this invite admitted before comes back without spending a use; any other spends one
+        and is bound to it. Else (None, why). The check and the spending are one transaction."""
         with self.store.transaction() as db:
             row = db.execute(
                 f"SELECT {_COLUMNS} FROM invites WHERE code_sha256 = ?", (code_sha256(code),)
             ).fetchone()
             invite = _invite(row) if row else None
-            back = invite is not None and returning(invite.invite_id)
+            back = invite is not None and bool(
+                db.execute(
+                    "SELECT 1 FROM invite_uses WHERE invite_id = ? AND dht_peer_id = ?",
+                    (invite.invite_id, dht_peer_id),
+                ).fetchone()
+            )
             ok, reason = invite_usable(invite, now, back)
             if not ok or back:
                 return (invite if ok else None), reason
             db.execute(
                 "UPDATE invites SET uses_left = uses_left - 1 WHERE invite_id = ?", (invite.invite_id,)
             )
+            db.execute(
+                "INSERT INTO invite_uses (invite_id, dht_peer_id, t) VALUES (?, ?, ?)",
+                (invite.invite_id, dht_peer_id, now),
+            )
         return invite, reason
+
+    def identities(self, invite_id: str) -> list[str]:
+        """The identities `invite_id` admitted, one per use spent."""
+        rows = self.store.query(
+            "SELECT dht_peer_id FROM invite_uses WHERE invite_id = ? ORDER BY t", (invite_id,)
+        )
+        return [row[0] for row in rows]
 
     def revoke(self, invite_id: str) -> int | None:
         """Revoke an invite and ban the sessions it admitted; the number of sessions ended, or None

@@ -40,7 +40,9 @@ def clean_display(text: str, max_chars: int | None = None) -> str:
 class Limit:
     """The limit of one request field. `kind`: "display" (cleaned and cut), "id" (must match
     `pattern` in full; empty allowed unless `required`), "enum" (one of `choices`), "int", "float"
-    (within [low, high]; NaN means "unknown" and becomes `nan_as`), "bytes" (at most `max_len`)."""
+    (within [low, high]; NaN means "unknown" and becomes `nan_as`), "bytes" (at most `max_len`),
+    "messages" (at most `max_len` nested messages, each checked), "list"/"ids" (at most `max_len`
+    multiaddrs / base58 peer ids)."""
 
     kind: str
     max_len: int = 0
@@ -75,6 +77,9 @@ SHARD_POSITION = Limit("int", low=0, high=MAX_SHARD_SEQUENCES)
 SHARD_PASS = Limit("int", low=0, high=MAX_SHARD_PASSES)
 FLAG = Limit("int", low=0, high=1)
 MAX_REJECTIONS_PER_HEARTBEAT = 32  # evidence a peer sends per heartbeat (it sends one every few seconds)
+MAX_GROUPS_PER_HEARTBEAT = 16  # averaging groups a peer reports per heartbeat (one per round at most)
+MAX_GROUP_MEMBERS = 64  # hivemind's target group sizes are 4-16
+GROUP_ID = Limit("bytes", 64)  # hivemind's group ids are 20-32 random bytes
 # a base58 libp2p peer id: an RSA key's sha2-256 multihash is 46 characters, identity ones ~50
 PEER_ID = Limit("id", 64, f"{BASE58}{{20,64}}", required=True, what="a base58 hivemind peer id")
 
@@ -90,12 +95,20 @@ REQUEST_LIMITS: dict[str, dict[str, Limit]] = {
         "resume_position": SHARD_POSITION,
         "resume_pass": SHARD_PASS,
         "resume_run_id": Limit("id", 64, "[A-Za-z0-9_.-]{1,64}", what="a run id"),
+        "join_signature": Limit("bytes", 1024),  # RSA-4096: 512 bytes
+        "join_unix_s": Limit("int", low=0, high=2**40),
     },
     "Rejection": {
         "offender": PEER_ID,
         "kind": Limit("id", 32, "[a-z0-9_]{1,32}", required=True, what="1-32 of a-z, 0-9 and _"),
         "detail": Limit("display", 200),
         "epoch": Limit("int", low=0, high=MAX_EPOCH - 1),
+        "group_id": GROUP_ID,
+    },
+    "AveragingGroup": {
+        "group_id": GROUP_ID,
+        "epoch": Limit("int", low=0, high=MAX_EPOCH - 1),
+        "members": Limit("ids", MAX_GROUP_MEMBERS, what="base58 hivemind peer ids"),
     },
     "HeartbeatRequest": {
         "session_id": SESSION_ID,
@@ -121,6 +134,7 @@ REQUEST_LIMITS: dict[str, dict[str, Limit]] = {
         "shard_position": SHARD_POSITION,
         "shard_sequences": SHARD_POSITION,
         "shard_pass": SHARD_PASS,
+        "groups": Limit("messages", MAX_GROUPS_PER_HEARTBEAT, "AveragingGroup"),
     },
     "ReachabilityRequest": {
         "session_id": SESSION_ID,
@@ -161,12 +175,13 @@ def check_value(message: str, field: str, value, limit: Limit):
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"{field}[{i}]: {e}") from None
         return checked
-    if limit.kind == "list":  # of multiaddrs: each one checked like an id
+    if limit.kind in ("list", "ids"):  # of multiaddrs or of peer ids: each one checked like an id
         if len(value) > limit.max_len:
             raise InvalidRequestError(
                 f"{where} has {len(value)} entries, more than the {limit.max_len} allowed"
             )
-        return [check_value(message, f"{field}[{i}]", item, MADDR) for i, item in enumerate(value)]
+        item_limit = MADDR if limit.kind == "list" else PEER_ID
+        return [check_value(message, f"{field}[{i}]", item, item_limit) for i, item in enumerate(value)]
     if limit.kind == "bytes":
         if len(value) > limit.max_len:
             raise InvalidRequestError(

@@ -80,6 +80,28 @@ def never_heartbeated(now: float, record: PeerRecord, prune_after_s: float) -> t
     return True, f"joined {silent_s:.0f}s ago and never heartbeated (limit {prune_after_s:.0f}s)"
 
 
+def forgotten(now: float, record: PeerRecord, forget_after_s: float) -> tuple[bool, str]:
+    """Whether a session is deleted for good: not seen for `forget_after_s` (it left or died long
+    ago; its credit lives in the ledger by identity, not here), unless banned (kept so the ban shows)."""
+    if record.banned or record.source != "heartbeat":
+        return False, "banned, or known from the DHT"
+    silent_s = now - record.last_seen_unix_s
+    if silent_s <= forget_after_s:
+        return False, f"seen {silent_s:.0f}s ago, within {forget_after_s:.0f}s"
+    return True, f"not seen for {silent_s:.0f}s (limit {forget_after_s:.0f}s)"
+
+
+def sessions_verdict(live_from_root: int, max_live: int, root: str) -> tuple[bool, str]:
+    """Whether one more session may join from `root` (an invite, allowlist entry or address) that
+    has `live_from_root` sessions online: a cap on sybils behind one root."""
+    if live_from_root >= max_live:
+        return False, (
+            f"{live_from_root} sessions from {root} are online, the most this coordinator allows "
+            "from one invite, key or address; stop one of them, or retry once one has left"
+        )
+    return True, f"{live_from_root} of {max_live} sessions from {root}"
+
+
 def minimum_peer_version(configured: str, own_version: str) -> str:
     """The oldest crowdtrain a peer may run: `configured` (checked), else this coordinator's own
     major.minor ("0.1" for 0.1.3); "" (no minimum) when the own version is not a release."""
@@ -150,11 +172,26 @@ def checked_report(request) -> PeerReport:
     return checked_heartbeat(request)[0]
 
 
-def checked_heartbeat(request) -> tuple[PeerReport, list[dict]]:
-    """(report, rejections) of a HeartbeatRequest, every field (each rejection's too, and their
-    number) within `limits.REQUEST_LIMITS`; InvalidRequestError names the first field outside."""
+def checked_heartbeat(request) -> tuple[PeerReport, list[dict], list[dict]]:
+    """(report, rejections, groups) of a HeartbeatRequest, every field (each rejection's and group's
+    too, and their number) within `limits.REQUEST_LIMITS`; InvalidRequestError names the first
+    field outside."""
     values = check_request(request)
-    return PeerReport(**{name: values[name] for name in FIELD_NAMES}), values["rejections"]
+    report = PeerReport(**{name: values[name] for name in FIELD_NAMES})
+    return report, values["rejections"], values["groups"]
+
+
+def identity_verdict(record: PeerRecord, report: PeerReport) -> tuple[bool, str]:
+    """Whether a heartbeat's DHT peer id is the session's: the identity it named and signed at Join
+    is the only one it may ever claim (a session that could switch would be many reporters)."""
+    if not record.admitted_dht_id:
+        return False, "this session joined without naming its identity (an older coordinator); join again"
+    if report.dht_peer_id and report.dht_peer_id != record.admitted_dht_id:
+        return False, (
+            f"dht_peer_id {report.dht_peer_id} is not the identity this session joined with "
+            f"({record.admitted_dht_id}); a session never changes identity: join again with this one"
+        )
+    return True, "the identity it joined with"
 
 
 def plausible_samples_total(
@@ -177,16 +214,14 @@ def plausible_samples_total(
 def apply_report(now: float, record: PeerRecord, report: PeerReport) -> PeerRecord:
     """The record after a heartbeat carrying `report`: seen now, no longer left, and the report's
     fields, except that empty text keeps what was known (e.g. a DHT id not yet known) and a sample
-    count beyond its throughput is capped (`samples_note` says so). A new DHT id must be proven
-    again."""
+    count beyond its throughput is capped (`samples_note` says so). Its DHT id is checked before
+    (`identity_verdict`): it never changes within a session."""
     values = {name: value for name, value in report_values(report).items() if value != ""}
     values["samples_total"], why = plausible_samples_total(now, record, report)
     # shown with its state (status, dashboard) while its claims exceed what its throughput allows
     values["samples_note"] = (
         "" if values["samples_total"] == report.samples_total else f"samples capped: {why}"
     )
-    if values.get("dht_peer_id", record.dht_peer_id) != record.dht_peer_id:
-        values["dht_verified"] = False
     return dataclasses.replace(
         record, **values, last_seen_unix_s=now, last_heartbeat_unix_s=now, left_unix_s=None, left_reason=""
     )

@@ -60,6 +60,9 @@ class PeerRecord(PeerReport):
     admitted_dht_id: str = ""  # the DHT identity it announced at Join; its proof must be of this one
     proven_key_hex: str = ""  # the libp2p public key (hex) of its proven DHT identity: its swarm token's key
     samples_note: str = ""  # why its samples_total was capped below its claim ("" when not)
+    admission_root: str = (
+        ""  # what admitted it: "invite:ID", "key:PEER_ID" (allowlist), "addr:ADDRESS" (open)
+    )
 
 
 def compute_state(now: float, record: PeerRecord, settings: HealthSettings) -> tuple[PeerState, str]:

@@ -36,10 +36,10 @@ from crowdtrain.coordinator.errors import (
     UnauthenticatedError,
 )
 from crowdtrain.coordinator.evidence import EvidenceBook
-from crowdtrain.coordinator.identity import verify_dht_claim
 from crowdtrain.coordinator.limits import check_request
+from crowdtrain.coordinator.proofs import IdentityProofs, banned_message
 from crowdtrain.coordinator.ratelimit import BucketSettings, RateLimiter, caller_key
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
+from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
 from crowdtrain.coordinator.shardbook import Claim, ShardBook, resume_claim
 from crowdtrain.coordinator.standings import Standings
 from crowdtrain.coordinator.status import SwarmStatus
@@ -91,8 +91,11 @@ class AbuseLimits:
     heartbeat_burst: int = 10  # heartbeats one session may send at once
     heartbeats_per_interval: float = 10.0  # sustained, per heartbeat_interval_s (peers send 1)
     prune_silent_joins_after_s: float = 120.0  # a session that never heartbeats is deleted then
+    forget_sessions_after_s: float = 86400.0  # a session not seen for this long is deleted
+    max_live_sessions_per_root: int = 64  # online sessions from one invite, allowlist key or address
     reachability_burst: int = 3  # reachability checks one session may ask for at once
     reachability_per_minute: float = 1.0  # and then, sustained (each dials up to 8 addresses)
+    max_failed_proofs: int = 3  # failed DHT proofs that end a session
 
 
 def _run_id_of(manifest_json: str) -> str:
@@ -129,6 +132,7 @@ class CoordinatorServicer:
         self.downloads = downloads or archive.DownloadTracker()
         self.abuse = abuse
         self._join_lock = threading.Lock()
+        self.proofs = IdentityProofs(store, abuse.max_failed_proofs)
         self._joins = RateLimiter(BucketSettings(abuse.joins_burst, abuse.joins_per_minute / 60))
         interval_s = health_settings.heartbeat_interval_s if health_settings else 1.0
         self._heartbeats = RateLimiter(
@@ -154,15 +158,17 @@ class CoordinatorServicer:
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         now = self.clock()
         joiner = check_request(request)
-        self._limit(self._joins, caller_key(context.peer()) if context is not None else "local", now, "joins")
+        address = caller_key(context.peer()) if context is not None else "local"
+        self._limit(self._joins, address, now, "joins")
         self._refuse_out_of_date(joiner)
-        invite_id, announced_dht_id = self.gate.admit_join(
-            joiner["invite_code"], joiner["dht_public_key"], now
-        )
+        invite_id, announced_dht_id = self.gate.admit_join(joiner, now)
+        if announced_dht_id in self.store.banned_dht_ids():
+            raise BannedError(banned_message(self.store, announced_dht_id))
         token, challenge = secrets.token_urlsafe(32), secrets.token_bytes(32)
         claim = resume_claim(request, joiner, self._run_id)  # where its last session stopped reading
         with self._join_lock:  # shard assignment must not race between two joiners
-            self._prune(now)
+            root = self.gate.admission_root(invite_id, announced_dht_id, address)
+            self._prune(now, root)
             session_id = uuid.uuid4().hex
             shard_index, start, shard_reason = self.shards.lease(now, session_id, claim)
             record = PeerRecord(
@@ -179,6 +185,7 @@ class CoordinatorServicer:
                 lease_shard=shard_index,
                 invite_id=invite_id,
                 admitted_dht_id=announced_dht_id,
+                admission_root=root,
             )
             self.store.upsert_peer(record)
         resume_step = self._resume_step(
@@ -222,15 +229,22 @@ class CoordinatorServicer:
         if not allowed:
             raise RateLimitedError(f"too many {what} from {key}; retry in {retry_s:.1f}s")
 
-    def _prune(self, now: float) -> None:
-        """Delete sessions that joined long ago and never heartbeated (abandoned, or sybils)."""
-        limit = self.abuse.prune_silent_joins_after_s
-        stale = [
-            p.session_id for p in self.store.peers_unordered() if policy.never_heartbeated(now, p, limit)[0]
-        ]
+    def _prune(self, now: float, root: str) -> None:
+        """Delete sessions that joined long ago and never heartbeated (abandoned, or sybils) and
+        sessions not seen for a day; refuse a joiner whose root has too many sessions online."""
+        silent, forget = self.abuse.prune_silent_joins_after_s, self.abuse.forget_sessions_after_s
+        stale, live_from_root = [], 0
+        for p in self.store.peers_unordered():
+            if policy.never_heartbeated(now, p, silent)[0] or policy.forgotten(now, p, forget)[0]:
+                stale.append(p.session_id)
+            elif p.admission_root == root and is_online(now, p, self.health):
+                live_from_root += 1
         if stale:
             self.store.delete_peers(stale)
-            logger.info("pruned %d session(s) that never heartbeated within %.0fs", len(stale), limit)
+            logger.info("pruned %d session(s): never heartbeated, or not seen for %.0fs", len(stale), forget)
+        ok, why = policy.sessions_verdict(live_from_root, self.abuse.max_live_sessions_per_root, root)
+        if not ok:
+            raise RateLimitedError(why)
 
     def _session(self, request) -> PeerRecord:
         """The record of the session a request names, once its token and bans are checked."""
@@ -247,19 +261,26 @@ class CoordinatorServicer:
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         t0 = time.perf_counter()
         # every field within its limit (the evidence too), before any lookup
-        report, rejections = policy.checked_heartbeat(request)
+        report, rejections, groups = policy.checked_heartbeat(request)
         record = self._session(request)
         now = self.clock()
         self._limit(self._heartbeats, record.session_id, now, "heartbeats")
+        same, why = policy.identity_verdict(record, report)
+        if not same:
+            raise InvalidRequestError(why)
         updated = policy.apply_report(now, record, report)
         if request.dht_public_key and updated.dht_peer_id and not updated.dht_verified:
-            updated = self._prove_dht(updated, request)
+            updated = self.proofs.prove(updated, request.dht_public_key, request.dht_signature)
+            still, why = self.gate.still_admitted(updated)
+            if not still:
+                raise NotAdmittedError(why)
         updated = self._place_in_data(now, updated)
         # written behind: heartbeats are frequent
         self.store.upsert_peer(updated, durable=False)
-        if rejections and updated.dht_verified and self.evidence:  # only a proven identity's evidence counts
-            self.evidence.intake(now, updated.dht_peer_id, rejections)
         swarm_token, _ = self.gate.token_for(now, updated, self.store.banned_dht_ids())
+        if (rejections or groups) and updated.dht_verified and self.evidence:  # only proven identities
+            holds_token = self.gate.holds_token(updated.session_id, now)
+            self.evidence.take(now, updated, holds_token, rejections, groups)
         response = pb.HeartbeatResponse(
             heartbeat_interval_s=self.health.heartbeat_interval_s,
             dht_verified=updated.dht_verified,
@@ -305,29 +326,6 @@ class CoordinatorServicer:
             reachable=reachable, seen_host=seen, dialed=", ".join(dialed), advice=advice
         )
 
-    def _prove_dht(self, record: PeerRecord, request: pb.HeartbeatRequest) -> PeerRecord:
-        """The record with its DHT claim verified, or InvalidRequestError saying why the proof fails."""
-        ok, reason = verify_dht_claim(
-            record.dht_peer_id,
-            request.dht_public_key,
-            request.dht_signature,
-            bytes.fromhex(record.dht_challenge),
-        )
-        if not ok:
-            raise InvalidRequestError(f"dht_public_key/dht_signature: {reason}")
-        if record.dht_peer_id in self.store.banned_dht_ids():
-            raise BannedError("this peer's DHT identity is banned; stop it")
-        if record.admitted_dht_id and record.dht_peer_id != record.admitted_dht_id:
-            raise NotAdmittedError(
-                f"this session joined with the key of {record.admitted_dht_id} but proved {record.dht_peer_id}; "
-                "run the peer with the identity it joined with (--identity), then join again"
-            )
-        logger.info("peer %r (id %s) proved DHT identity %s", record.name, record.peer_id, record.dht_peer_id)
-        still, why = self.gate.still_admitted(dataclasses.replace(record, dht_verified=True))
-        if not still:
-            raise NotAdmittedError(why)
-        return dataclasses.replace(record, dht_verified=True, proven_key_hex=request.dht_public_key.hex())
-
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         reason = check_request(request)["reason"]
         try:
@@ -340,6 +338,7 @@ class CoordinatorServicer:
         )
         self._heartbeats.forget(record.session_id)
         self.gate.forget(record.session_id)
+        self.proofs.forget(record.session_id)
         self.shards.release(record.session_id, now)  # held a while for its restart
         logger.info("peer %r (id %s) left (%s)", record.name, record.peer_id, reason or "no reason given")
         return pb.LeaveResponse()

@@ -189,7 +189,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         self._accused.add((offender, kind))
         logger.warning("refused a contribution of %s (%s: %s)", offender, kind, detail)
         if self._evidence is not None:
-            self._evidence.report(offender, kind, detail)
+            self._evidence.report(offender, kind, detail, self.group_id)
 
 
 class _Guarded:
@@ -255,9 +255,7 @@ class _Guarded:
         """hivemind 1.1.12's DecentralizedAverager._run_allreduce_inplace_ with our runner, after
         the gate admitted every groupmate."""
         group_id = group_info.group_id if group_id is None else group_id
-        assert group_id in self._running_groups, (
-            f"Group id {group_id} was not registered in _register_allreduce_group"
-        )
+        assert group_id in self._running_groups, f"group {group_id} was not registered before its all-reduce"
         for peer_id in group_info.peer_ids:
             if peer_id != self.peer_id and self._refused(peer_id, "an all-reduce round"):
                 error = AllreduceException(
@@ -277,6 +275,8 @@ class _Guarded:
             **kwargs,
         )
         self._running_groups[group_id].set_result(runner)
+        if self.evidence is not None:  # the coordinator cross-checks reports against groups
+            self.evidence.group(group_id, [peer_id.to_base58() for peer_id in group_info.peer_ids])
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
                 tensor.add_(update, alpha=self._averaging_alpha)

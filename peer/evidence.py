@@ -1,7 +1,9 @@
 """Evidence of rejected contributions, and the admission gate's answer (no hivemind, no torch).
 
 `EvidenceSink` carries evidence from hivemind's averager processes (forked) to the parent, which
-sends it to the coordinator with its heartbeats; `admit` asks the gate (peer/swarmauth.py builds
+sends it to the coordinator with its heartbeats: each refused contribution (`EvidenceRecord`, with
+the all-reduce group it was refused in) and each group this peer averaged in (`GroupRecord`: the
+coordinator counts a report only when a groupmate other than the reporter confirms the group); `admit` asks the gate (peer/swarmauth.py builds
 the real one) and refuses when the gate itself fails.
 """
 
@@ -24,6 +26,16 @@ class EvidenceRecord:
     kind: str  # non_finite | weight | outlier | sign_flip | bad_average
     detail: str
     unix_s: float
+    group_id: bytes = b""  # the all-reduce group it was refused in
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """An all-reduce group this peer averaged in, with every member's DHT peer id (base58)."""
+
+    group_id: bytes
+    members: tuple[str, ...]
+    unix_s: float
 
 
 class EvidenceSink:
@@ -36,14 +48,21 @@ class EvidenceSink:
         self._queue = mp.get_context("fork").Queue(maxsize=max_pending)
         self.dropped = 0
 
-    def report(self, offender: str, kind: str, detail: str) -> None:
+    def report(self, offender: str, kind: str, detail: str, group_id: bytes = b"") -> None:
+        self._put(EvidenceRecord(offender, kind, detail[:200], time.time(), bytes(group_id)[:64]))
+
+    def group(self, group_id: bytes, members: list[str]) -> None:
+        """Record that this peer averaged in `group_id` with `members` (itself included)."""
+        self._put(GroupRecord(bytes(group_id)[:64], tuple(members[:64]), time.time()))
+
+    def _put(self, record: EvidenceRecord | GroupRecord) -> None:
         self._queue.cancel_join_thread()  # an averager exiting never waits for the parent to read
         try:
-            self._queue.put_nowait(EvidenceRecord(offender, kind, detail[:200], time.time()))
+            self._queue.put_nowait(record)
         except queue.Full:
             self.dropped += 1
 
-    def drain(self, max_records: int = 100) -> list[EvidenceRecord]:
+    def drain(self, max_records: int = 100) -> list[EvidenceRecord | GroupRecord]:
         records = []
         while len(records) < max_records:
             try:
@@ -51,6 +70,23 @@ class EvidenceSink:
             except queue.Empty:
                 break
         return records
+
+
+def heartbeat_messages(sink: EvidenceSink | None, epoch: int, max_records: int = 48) -> list:
+    """What `sink` holds as the heartbeat's messages: `Rejection`s and `AveragingGroup`s."""
+    from crowdtrain.protos import coordinator_pb2 as pb
+
+    messages = []
+    for r in sink.drain(max_records) if sink is not None else []:
+        if isinstance(r, GroupRecord):
+            messages.append(pb.AveragingGroup(group_id=r.group_id, epoch=epoch, members=list(r.members)))
+        else:
+            messages.append(
+                pb.Rejection(
+                    offender=r.offender, kind=r.kind, detail=r.detail, epoch=epoch, group_id=r.group_id
+                )
+            )
+    return messages
 
 
 def admit(gate: Gate | None, peer_id_base58: str) -> tuple[bool, str]:

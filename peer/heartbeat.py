@@ -22,6 +22,7 @@ from crowdtrain.protos import coordinator_pb2 as pb
 logger = logging.getLogger(__name__)
 
 MAX_EVIDENCE = 32  # rejections per heartbeat (the coordinator's limit); older ones are dropped
+MAX_GROUPS = 16  # averaging groups per heartbeat (the coordinator's limit); older ones are dropped
 
 
 class StatsBox:
@@ -77,6 +78,7 @@ class HeartbeatReporter:
         self.interval_s, self.max_backoff_s, self.clock = interval_s, max_backoff_s, clock
         self.on_reconnect, self.on_token, self.evidence = on_reconnect, on_token, evidence
         self._pending_evidence: list = []  # pb.Rejection not yet delivered (kept across failures)
+        self._pending_groups: list = []  # pb.AveragingGroup not yet delivered (kept across failures)
         self.started = clock()
         self.failed = 0
         self.refused: CoordinatorRejected | None = None  # set when the operator banned this peer
@@ -104,6 +106,14 @@ class HeartbeatReporter:
         self._dht_proof, self.dht_verified = (public_key, signature), False
         self.stats.phase_changed.set()  # send it now: until it is accepted, this peer earns no credit
 
+    def _take_evidence(self) -> None:
+        """Add what `evidence` holds to what is pending, the newest within the coordinator's limits."""
+        messages = list(self.evidence())
+        groups = [m for m in messages if isinstance(m, pb.AveragingGroup)]
+        rejections = [m for m in messages if not isinstance(m, pb.AveragingGroup)]
+        self._pending_evidence = (self._pending_evidence + rejections)[-MAX_EVIDENCE:]
+        self._pending_groups = (self._pending_groups + groups)[-MAX_GROUPS:]
+
     def __enter__(self) -> HeartbeatReporter:
         return self.start()
 
@@ -121,7 +131,7 @@ class HeartbeatReporter:
                 uptime_s=self.clock() - self.started,
             )
             public_key, signature = (b"", b"") if self.dht_verified else self._dht_proof
-            self._pending_evidence = (self._pending_evidence + list(self.evidence()))[-MAX_EVIDENCE:]
+            self._take_evidence()
             request = to_message(
                 pb.HeartbeatRequest,
                 report,
@@ -130,9 +140,10 @@ class HeartbeatReporter:
                 dht_public_key=public_key,
                 dht_signature=signature,
                 rejections=self._pending_evidence,
+                groups=self._pending_groups,
             )
             response = self._stream.send(request)
-            self._pending_evidence = []
+            self._pending_evidence, self._pending_groups = [], []
         except CoordinatorRejected as e:
             if e.code is grpc.StatusCode.PERMISSION_DENIED:  # banned: the volunteer must stop
                 self.refused = e

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.report import dht_claim_message
+from crowdtrain.peer.report import dht_claim_message, join_message
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,27 @@ class PeerIdentity:
         pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
         message = dht_claim_message(challenge, self.peer_id)
         return self.public_key_protobuf, self._key.sign(message, pss, hashes.SHA256())
+
+    def join_fields(self, now_unix_s: float) -> dict:
+        """The JoinRequest fields that name this identity and prove it is ours (`join_message`)."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
+        signature = self._key.sign(join_message(int(now_unix_s), self.peer_id), pss, hashes.SHA256())
+        return dict(
+            dht_public_key=self.public_key_protobuf, join_signature=signature, join_unix_s=int(now_unix_s)
+        )
+
+    def signed_join(self, request):
+        """A copy of the JoinRequest `request` naming this identity, signed by it now."""
+        import time
+
+        signed = type(request)()
+        signed.CopyFrom(request)
+        for name, value in self.join_fields(time.time()).items():
+            setattr(signed, name, value)
+        return signed
 
     def hivemind_private_key(self):
         """The same key as a hivemind `RSAPrivateKey` (for the DHT authorizer's request signatures)."""

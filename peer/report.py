@@ -50,6 +50,13 @@ def dht_claim_message(challenge: bytes, dht_peer_id: str) -> bytes:
     return b"crowdtrain dht claim v1\n" + challenge + b"\n" + dht_peer_id.encode("ascii")
 
 
+def join_message(join_unix_s: int, dht_peer_id: str) -> bytes:
+    """What a joiner signs with the key it names at Join: the time it joins and its peer id, bound to
+    this purpose (a DHT claim signature cannot pass for one). The coordinator accepts it only within
+    a few minutes of its own clock, so a copy seen on the wire is soon useless."""
+    return b"crowdtrain join v1\n" + str(int(join_unix_s)).encode() + b"\n" + dht_peer_id.encode("ascii")
+
+
 def report_values(source) -> dict[str, object]:
     """The report's fields taken from any object that has them by name (a PeerReport, a record
     that extends it, a HeartbeatRequest)."""

@@ -30,6 +30,7 @@ from crowdtrain.peer.config import PeerConfig
 from crowdtrain.peer.device import describe_device, pick_device
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
+from crowdtrain.peer.evidence import heartbeat_messages
 from crowdtrain.peer.feed import DataFeed
 from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
 from crowdtrain.peer.identity import PeerIdentity
@@ -110,11 +111,10 @@ class Volunteer:
             version=__version__,
             device=self.device_label,
             invite_code=self.config.invite,
-            dht_public_key=self.identity.public_key_protobuf,
             **DataFeed.resume_fields(self.config),  # where this peer stopped reading last time
         )
-        self.joined = retry_until(
-            lambda: self.client.join(request),
+        self.joined = retry_until(  # signed anew at each try: the coordinator refuses an old signature
+            lambda: self.client.join(self.identity.signed_join(request)),
             deadline_s=self.config.join_timeout_s,
             what=f"joining the run at {self.config.coordinator}",
             stop=self.stop_event,
@@ -174,15 +174,8 @@ class Volunteer:
         self.heartbeat.start()
 
     def _evidence(self) -> list:
-        """Rejected contributions our averagers recorded since the last heartbeat (see peer/robust.py)."""
-        sink = getattr(self, "evidence_sink", None)
-        if sink is None:
-            return []
-        epoch = self.stats.get().local_epoch
-        return [
-            pb.Rejection(offender=r.offender, kind=r.kind, detail=r.detail, epoch=epoch)
-            for r in sink.drain(max_records=32)
-        ]
+        """Rejected contributions and averaging groups our averagers recorded since the last heartbeat."""
+        return heartbeat_messages(getattr(self, "evidence_sink", None), self.stats.get().local_epoch)
 
     def load_data(self) -> Iterator:
         """Endless (batch, place in the data) pairs, from where Join placed us (peer/feed.py)."""

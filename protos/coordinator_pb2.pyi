@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "version", "device", "invite_code", "dht_public_key", "resume_shard", "resume_position", "resume_pass", "resume_run_id")
+    __slots__ = ("name", "version", "device", "invite_code", "dht_public_key", "resume_shard", "resume_position", "resume_pass", "resume_run_id", "join_signature", "join_unix_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class JoinRequest(_message.Message):
     RESUME_POSITION_FIELD_NUMBER: _ClassVar[int]
     RESUME_PASS_FIELD_NUMBER: _ClassVar[int]
     RESUME_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    JOIN_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    JOIN_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     device: str
@@ -26,7 +28,9 @@ class JoinRequest(_message.Message):
     resume_position: int
     resume_pass: int
     resume_run_id: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., invite_code: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., resume_shard: _Optional[int] = ..., resume_position: _Optional[int] = ..., resume_pass: _Optional[int] = ..., resume_run_id: _Optional[str] = ...) -> None: ...
+    join_signature: bytes
+    join_unix_s: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., invite_code: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., resume_shard: _Optional[int] = ..., resume_position: _Optional[int] = ..., resume_pass: _Optional[int] = ..., resume_run_id: _Optional[str] = ..., join_signature: _Optional[bytes] = ..., join_unix_s: _Optional[int] = ...) -> None: ...
 
 class PeerSettings(_message.Message):
     __slots__ = ("heartbeat_interval_s", "shard_index", "http_base_url", "resume_from_step", "shard_position", "shard_pass")
@@ -71,19 +75,31 @@ class JoinResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., manifest_json: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[PeerSettings, _Mapping]] = ..., session_token: _Optional[str] = ..., peer_id: _Optional[str] = ..., dht_challenge: _Optional[bytes] = ..., manifest_signature: _Optional[str] = ..., admission: _Optional[str] = ...) -> None: ...
 
 class Rejection(_message.Message):
-    __slots__ = ("offender", "kind", "detail", "epoch")
+    __slots__ = ("offender", "kind", "detail", "epoch", "group_id")
     OFFENDER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     offender: str
     kind: str
     detail: str
     epoch: int
-    def __init__(self, offender: _Optional[str] = ..., kind: _Optional[str] = ..., detail: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    group_id: bytes
+    def __init__(self, offender: _Optional[str] = ..., kind: _Optional[str] = ..., detail: _Optional[str] = ..., epoch: _Optional[int] = ..., group_id: _Optional[bytes] = ...) -> None: ...
+
+class AveragingGroup(_message.Message):
+    __slots__ = ("group_id", "epoch", "members")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    group_id: bytes
+    epoch: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group_id: _Optional[bytes] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("session_id", "session_token", "dht_public_key", "dht_signature", "dht_peer_id", "name", "version", "device", "samples_per_s", "local_epoch", "loss", "uptime_s", "samples_total", "swarm_size", "phase", "rejections", "pause_reason", "client_mode", "shard_index", "shard_position", "shard_sequences", "shard_pass")
+    __slots__ = ("session_id", "session_token", "dht_public_key", "dht_signature", "dht_peer_id", "name", "version", "device", "samples_per_s", "local_epoch", "loss", "uptime_s", "samples_total", "swarm_size", "phase", "rejections", "pause_reason", "client_mode", "shard_index", "shard_position", "shard_sequences", "shard_pass", "groups")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DHT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +122,7 @@ class HeartbeatRequest(_message.Message):
     SHARD_POSITION_FIELD_NUMBER: _ClassVar[int]
     SHARD_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     SHARD_PASS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     session_token: str
     dht_public_key: bytes
@@ -128,7 +145,8 @@ class HeartbeatRequest(_message.Message):
     shard_position: int
     shard_sequences: int
     shard_pass: int
-    def __init__(self, session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., dht_signature: _Optional[bytes] = ..., dht_peer_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., uptime_s: _Optional[float] = ..., samples_total: _Optional[int] = ..., swarm_size: _Optional[int] = ..., phase: _Optional[str] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., pause_reason: _Optional[str] = ..., client_mode: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_position: _Optional[int] = ..., shard_sequences: _Optional[int] = ..., shard_pass: _Optional[int] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[AveragingGroup]
+    def __init__(self, session_id: _Optional[str] = ..., session_token: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ..., dht_signature: _Optional[bytes] = ..., dht_peer_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., local_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., uptime_s: _Optional[float] = ..., samples_total: _Optional[int] = ..., swarm_size: _Optional[int] = ..., phase: _Optional[str] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., pause_reason: _Optional[str] = ..., client_mode: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_position: _Optional[int] = ..., shard_sequences: _Optional[int] = ..., shard_pass: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[AveragingGroup, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("heartbeat_interval_s", "dht_verified", "swarm_token", "accepted_samples", "share", "rank", "ranked_peers", "next_shard", "next_shard_position", "next_shard_pass")

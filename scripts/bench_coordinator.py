@@ -37,7 +37,7 @@ async def join_all(stub, peers: int, concurrency: int = 64) -> list[tuple[str, s
     async def worker():
         for i in queue:
             response = await stub.Join(
-                pb.JoinRequest(name=f"sim-{i}", version="bench", device="cpu"), timeout=30
+                _signed(pb.JoinRequest(name=f"sim-{i}", version="bench", device="cpu")), timeout=30
             )
             sessions[i] = (response.session_id, response.session_token)
 
@@ -262,3 +262,19 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _signed(request):
+    """`request` naming a throwaway identity of this process and signed by it (every Join must be)."""
+    import tempfile
+    from pathlib import Path
+
+    from crowdtrain.peer.identity import PeerIdentity
+
+    global _IDENTITY
+    if _IDENTITY is None:
+        _IDENTITY = PeerIdentity.fresh(Path(tempfile.gettempdir()))
+    return _IDENTITY.signed_join(request)
+
+
+_IDENTITY = None

@@ -157,7 +157,7 @@ class GoodPeer:
         self._stop = threading.Event()
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         join = _method(self._channel, "Join", pb.JoinRequest, pb.JoinResponse)(
-            pb.JoinRequest(name="good-peer", version="0.1.0", device="cpu"), timeout=10
+            _signed(pb.JoinRequest(name="good-peer", version="0.1.0", device="cpu")), timeout=10
         )
         self._request = pb.HeartbeatRequest(
             **credentials(join, pb.HeartbeatRequest),
@@ -296,3 +296,19 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _signed(request):
+    """`request` naming a throwaway identity of this process and signed by it (every Join must be)."""
+    import tempfile
+    from pathlib import Path
+
+    from crowdtrain.peer.identity import PeerIdentity
+
+    global _IDENTITY
+    if _IDENTITY is None:
+        _IDENTITY = PeerIdentity.fresh(Path(tempfile.gettempdir()))
+    return _IDENTITY.signed_join(request)
+
+
+_IDENTITY = None
