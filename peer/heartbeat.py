@@ -106,6 +106,12 @@ class HeartbeatReporter:
         self._dht_proof, self.dht_verified = (public_key, signature), False
         self.stats.phase_changed.set()  # send it now: until it is accepted, this peer earns no credit
 
+    def _stop_refused(self, e: CoordinatorRejected) -> None:
+        """Banned or no longer admitted: stop beating; the trainer reads `refused` and stops."""
+        self.refused = e
+        self._stop.set()
+        self.stats.phase_changed.set()
+
     def _take_evidence(self) -> None:
         """Add what `evidence` holds to what is pending, the newest within the coordinator's limits."""
         messages = list(self.evidence())
@@ -146,9 +152,7 @@ class HeartbeatReporter:
             self._pending_evidence, self._pending_groups = [], []
         except CoordinatorRejected as e:
             if e.code is grpc.StatusCode.PERMISSION_DENIED:  # banned: the volunteer must stop
-                self.refused = e
-                self._stop.set()
-                self.stats.phase_changed.set()
+                self._stop_refused(e)
                 return False
             if self.failed == 0:
                 logger.warning("heartbeat failed (%s); training continues, will keep trying", e)
