@@ -35,7 +35,14 @@ from pathlib import Path
 
 from crowdtrain.coordinator.sources import TEXT_SUFFIXES, Document, ReadCounts, iter_entry, plural
 from crowdtrain.peer.data import EVAL_SHARD_NAME, DataError, sha256_file
-from crowdtrain.peer.manifest import EOS_TOKEN, PAD_TOKEN, DataSpec, ShardSpec, TokenizerSpec
+from crowdtrain.peer.manifest import (
+    EOS_TOKEN,
+    MAX_SHARD_BYTES,
+    PAD_TOKEN,
+    DataSpec,
+    ShardSpec,
+    TokenizerSpec,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 logger = logging.getLogger(__name__)
@@ -173,12 +180,26 @@ def split_documents(
 
 
 def write_shard(docs: Sequence[Document], path: Path) -> ShardSpec:
+    """The documents as a JSONL shard at `path`; DataError (nothing written) past MAX_SHARD_BYTES,
+    the most a volunteer accepts (peer/manifest.py)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps({"path": doc.path, "text": doc.text}, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    written = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in docs:
+                line = json.dumps({"path": doc.path, "text": doc.text}, ensure_ascii=False) + "\n"
+                written += len(line.encode("utf-8"))
+                if written > MAX_SHARD_BYTES:
+                    raise DataError(
+                        f"data shard {path.name} would hold more than {MAX_SHARD_BYTES >> 20} MiB, the most "
+                        "a volunteer downloads; use a smaller corpus or a preset with more shards"
+                    )
+                f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return ShardSpec(
         name=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size, num_documents=len(docs)

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 MAX_DOCUMENT_BYTES = 4 << 20  # of UTF-8 text per document; larger ones are skipped and counted
 MAX_RECORD_LINE_BYTES = 4 * MAX_DOCUMENT_BYTES  # a JSONL line, escapes and other fields included
-PARQUET_BATCH_ROWS = 256
+PARQUET_BATCH_ROWS = 16  # rows Arrow decodes at once, before their sizes are checked (each may be huge)
 TEXT_SUFFIXES = frozenset(
     {".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".toml", ".cfg", ".html", ".js"}
 )
@@ -301,8 +301,8 @@ def _read_parquet(path: Path, prefix: str, field: str, counts: ReadCounts) -> It
             counts.skip(f"missing field {field!r}", prefix, max(parquet.metadata.num_rows, 1))
             return
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
-            for value in batch.column(0).to_pylist():
-                text, reason = record_text({field: value}, field)
+            for value, reason in parquet_values(batch.column(0)):
+                text, reason = record_text({field: value}, field) if reason is None else (None, reason)
                 if text is None:
                     counts.skip(reason, f"{prefix}#{row}")
                 else:
@@ -312,6 +312,25 @@ def _read_parquet(path: Path, prefix: str, field: str, counts: ReadCounts) -> It
     except (pa.ArrowException, OSError, ValueError) as e:  # not Parquet, truncated, or damaged
         logger.warning("%s: stopped reading at row %d: %s", path, row, e)
         counts.skip(UNREADABLE, f"{prefix}#{row}")
+
+
+def parquet_values(column) -> Iterator[tuple[str | None, str | None]]:
+    """(value, None) for each row of an Arrow column that may hold a document, (None, TOO_LARGE)
+    for one over MAX_DOCUMENT_BYTES, known from the column's offsets without copying it out of
+    Arrow; a column of another type than text yields None for every row (record_text says why)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_string_view(column.type):
+        column = column.cast(pa.large_string())  # binary_length has no string_view kernel
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        yield from ((None, None) for _ in range(len(column)))
+        return
+    sizes = pc.binary_length(column)  # UTF-8 bytes per value, from the offsets; null for null
+    fits = pc.fill_null(pc.less_equal(sizes, MAX_DOCUMENT_BYTES), True)
+    kept = iter(column.filter(fits).to_pylist())
+    for ok in fits.to_pylist():
+        yield (next(kept), None) if ok else (None, TOO_LARGE)
 
 
 def _import_datasets(label: str):

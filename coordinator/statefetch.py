@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from crowdtrain.coordinator.agreement import FetchedState
 from crowdtrain.coordinator.limits import MAX_EPOCH
 from crowdtrain.coordinator.vetting import ExpectedTensor, check_tensor
-
-STREAMING_CHUNK_SIZE_BYTES = 2**16  # hivemind 1.1.12: utils/streaming.py, the parts a tensor is sent in
+from crowdtrain.peer.statewire import STREAM_PART_BYTES, StateAssembler, StateRefused, WireTensor
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class StateLimits:
     @property
     def max_messages(self) -> int:
         """Stream messages a donor may send: each tensor in hivemind's 64 KiB parts, twice over."""
-        parts = sum(-(-max(t.nbytes, 1) // STREAMING_CHUNK_SIZE_BYTES) for t in self.expected)
+        parts = sum(-(-max(t.nbytes, 1) // STREAM_PART_BYTES) for t in self.expected)
         return 2 * parts + 16
 
 
@@ -162,26 +161,31 @@ class StateFetcher:
         return FetchedState(peer=peer, epoch=reader.finish(), tensors=reader.tensors)
 
 
-class StateRefused(ValueError):
-    """A donor's stream broke the limits (`StateLimits`) or did not fit the model."""
-
-
 class StreamReader:
-    """Reassembles the parameters from `rpc_download_state` messages, within `limits`: each tensor
-    is checked (shape, dtype, finite: `vetting.check_tensor`) as soon as it is complete, and the
-    stream is refused once it exceeds `max_bytes` or `max_messages`, so a donor can never make us
+    """Reassembles the parameters from `rpc_download_state` messages, within `limits`: each tensor's
+    parts must declare the run's codec and the parameter's dtype and shape before they are decoded
+    (`peer.statewire.StateAssembler`, so its decoded bytes are the parameter's own), each tensor is
+    checked (finite: `vetting.check_tensor`) as soon as it is complete, and the stream is refused
+    (`StateRefused`) once it exceeds `max_bytes` or `max_messages`, so a donor can never make us
     hold more than about the model's size."""
 
     def __init__(self, limits: StateLimits):
         self.limits = limits
-        self.metadata, self.tensors, self.parts = None, [], []
+        self.metadata = None
+        self.assembler = StateAssembler(
+            [WireTensor(t.shape, t.dtype.removeprefix("torch."), t.element_size) for t in limits.expected]
+        )
         self.received_bytes = self.messages = 0
+
+    @property
+    def tensors(self) -> list:
+        return self.assembler.tensors
 
     def add(self, message) -> bool:
         """Take one message; True once every parameter is in (stop reading)."""
         # hivemind 1.1.12 internals: the stream of rpc_download_state: MSGPack metadata with "epoch"
-        # in the first message, a tensor's first part carries its dtype, parameters come before
-        # optimizer statistics (TrainingStateAverager.get_current_state)
+        # in the first message, a tensor's first part carries its codec, dtype and shape,
+        # parameters come before optimizer statistics (TrainingStateAverager.get_current_state)
         from hivemind.utils.serializer import MSGPackSerializer
 
         self.messages += 1
@@ -194,31 +198,23 @@ class StreamReader:
             )
         if message.metadata and self.metadata is None:
             self.metadata = MSGPackSerializer.loads(message.metadata)
-        if message.tensor_part.dtype and self.parts:
-            self._complete()
-            if len(self.tensors) >= len(self.limits.expected):
-                return True
-        self.parts.append(message.tensor_part)
-        return False
+        checked = len(self.tensors)
+        done = self.assembler.add(message.tensor_part)  # the parameters are in: optimizer statistics follow
+        self._check(checked)
+        return done
 
-    def _complete(self) -> None:
-        from hivemind.compression import deserialize_torch_tensor
-        from hivemind.utils.streaming import combine_from_streaming
-
-        index = len(self.tensors)
-        if index >= len(self.limits.expected):
-            return
-        tensor = deserialize_torch_tensor(combine_from_streaming(self.parts))
-        self.parts = []
-        problem = check_tensor(tensor, self.limits.expected[index])
-        if problem:
-            raise StateRefused(problem)
-        self.tensors.append(tensor)
+    def _check(self, start: int) -> None:
+        """Refuse the tensors completed since `start` unless each is finite (and fits: belt and braces)."""
+        for index in range(start, len(self.tensors)):
+            problem = check_tensor(self.tensors[index], self.limits.expected[index])
+            if problem:
+                raise StateRefused(problem)
 
     def finish(self) -> int:
         """The state's epoch once the stream ended; StateRefused if it is not a whole state."""
-        if self.parts:
-            self._complete()
+        checked = len(self.tensors)
+        self.assembler.finish()
+        self._check(checked)
         if not isinstance(self.metadata, dict) or not isinstance(self.metadata.get("epoch"), int):
             raise StateRefused("sent no state (no epoch in its metadata; it may not share state right now)")
         if len(self.tensors) < len(self.limits.expected):

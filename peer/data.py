@@ -9,7 +9,9 @@ layer above can use `sha256_file` cheaply.
     blocks = tokenize_blocks(tokenizer, texts, seq_len)
 
 A shard line that is not a JSON object with a string "text" (impossible after the sha256 check,
-unless the coordinator itself is broken) is skipped and counted, never a crash.
+unless the coordinator itself is broken) is skipped and counted, never a crash; a shard file over
+`MAX_SHARD_BYTES` (peer/manifest.py: no manifest may name one, so no download fetches one) is
+refused before it is read.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.manifest import EOS_TOKEN
+from crowdtrain.peer.manifest import EOS_TOKEN, MAX_SHARD_BYTES
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -80,8 +83,15 @@ def shard_texts(lines: Iterable[bytes | None]) -> tuple[list[str], int]:
 
 
 def read_shard_counted(path: Path) -> tuple[list[str], int]:
-    """The documents' texts of a shard file, and the number of malformed lines skipped (logged)."""
+    """The documents' texts of a shard file, and the number of malformed lines skipped (logged).
+    DataError for a file over MAX_SHARD_BYTES, which no manifest may name (it is not read)."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_SHARD_BYTES:
+            raise DataError(
+                f"data shard {path} holds {size} bytes, more than the {MAX_SHARD_BYTES} a run's shard "
+                "may; delete it so it is downloaded again"
+            )
         texts, skipped = shard_texts(iter_bounded_lines(f, MAX_SHARD_LINE_BYTES))
     if skipped:
         logger.warning(

@@ -4,7 +4,8 @@ when not even one sequence does. peer/accumulate.py then runs each step in those
 
 The swarm's math never changes: hivemind's Optimizer is told `batch_size` samples per step and
 still gets exactly that many; only how many go through one forward/backward (the micro-batch)
-adapts. Called by the training path right after the model is built:
+adapts. Before the model is built, peer/modelsize.py applies the static count below to its
+parameter count taken on torch's meta device; the training path then measures the built model:
 
     dtype, why = choose_precision(device, config.precision)      # peer/accumulate.py
     needs = measure_memory(model, seq_len, device, dtype=dtype, mode=swarm.mode,

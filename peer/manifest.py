@@ -18,11 +18,15 @@ from dataclasses import dataclass
 
 from crowdtrain.peer import names
 from crowdtrain.peer.errors import ManifestError
+from crowdtrain.peer.modelconfig import check_model_config
 from crowdtrain.peer.swarmspec import GRAD_COMPRESSIONS, SwarmSpec, check_swarm, override_swarm
 
 MANIFEST_FORMAT_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+# the most a manifest may say one data shard holds: a peer downloads a shard whole and tokenizes it
+# in memory (peer/data.py); the coordinator refuses to write a bigger one (coordinator/dataset.py)
+MAX_SHARD_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class RunManifest:
             raise ManifestError("run manifest is not a JSON object")
         manifest = _from_dict(cls, raw)
         _check_names(manifest)
+        _check_model(manifest)
         check_swarm(manifest.swarm)  # from the network: an unknown mode or a wild outer step is refused
         return manifest
 
@@ -115,9 +120,22 @@ def _check_names(manifest: RunManifest) -> None:
         for shard in (manifest.data.eval, *manifest.data.shards):
             names.safe_component(shard.name, names.SHARD_FILE, "a data shard name")
             names.check_sha256(shard.sha256, f"the sha256 of shard {shard.name}")
-            names.check_int(shard.size_bytes, f"the size of shard {shard.name}", maximum=1 << 40)
+            names.check_int(shard.size_bytes, f"the size of shard {shard.name}", maximum=MAX_SHARD_BYTES)
     except (names.NetworkValueError, AttributeError, TypeError) as e:
         raise ManifestError(f"run manifest refused: {e}") from e
+
+
+def _check_model(manifest: RunManifest) -> None:
+    """The model must be one a volunteer may build (peer/modelconfig.py). Raises ManifestError."""
+    model = manifest.model
+    ok, why = check_model_config(model.model_type, model.config, manifest.data.seq_len)
+    seed = model.init_seed
+    if ok and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        ok, why = False, f"model init_seed must be an integer in [0, 2^63), not {seed!r:.40}"
+    if not ok:
+        raise ManifestError(
+            f"run manifest refused: {why}; this crowdtrain builds only models its presets describe"
+        )
 
 
 def _from_dict(cls, raw):
@@ -356,6 +374,7 @@ __all__ = [
     "PRESETS",
     "DataSpec",
     "GRAD_COMPRESSIONS",
+    "MAX_SHARD_BYTES",
     "ManifestError",
     "ModelSpec",
     "OptimSpec",

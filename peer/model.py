@@ -2,6 +2,9 @@
 
 Every peer and the coordinator's publisher build the same initial weights: the init is seeded by
 `manifest.model.init_seed` and done on the CPU, then moved to the device. Nothing is downloaded.
+Before anything is allocated the model's parameters are counted on torch's meta device, and a model
+over the ceiling or too big for this machine is refused (peer/modelsize.py); its config was held to
+what our presets build when the manifest was read (peer/modelconfig.py).
 
     model = build_model(manifest)                     # LlamaForCausalLM, identical on every peer
     loss = evaluate(model, eval_blocks, batch_size=16) # mean next-token cross-entropy, nats
@@ -15,7 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from crowdtrain.peer.errors import ManifestError
 from crowdtrain.peer.manifest import RunManifest
+from crowdtrain.peer.modelconfig import check_model_config
+from crowdtrain.peer.modelsize import check_before_building
 from tokenizers import Tokenizer
 from transformers import (
     AutoConfig,
@@ -27,18 +33,46 @@ from transformers import (
 
 
 def build_config(manifest: RunManifest):
+    """The run's transformers config; ManifestError for a model this crowdtrain does not build."""
+    model = manifest.model
+    ok, why = check_model_config(model.model_type, model.config, manifest.data.seq_len)
+    if not ok:
+        raise ManifestError(f"cannot build the run's model: {why}")
     return AutoConfig.for_model(
-        manifest.model.model_type,
+        model.model_type,
         bos_token_id=None,
         eos_token_id=0,  # EOS_TOKEN is the tokenizer's first special token
         pad_token_id=1,
-        **manifest.model.config,
+        **model.config,
     )
 
 
-def build_model(manifest: RunManifest, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """The run's model with its deterministic initial weights, in float32 on `device`."""
+def count_parameters(manifest: RunManifest) -> int:
+    """The run's model's parameter count, from a copy built on torch's meta device (no memory)."""
+    with torch.device("meta"):
+        return num_parameters(AutoModelForCausalLM.from_config(build_config(manifest), dtype=torch.float32))
+
+
+def build_model(
+    manifest: RunManifest,
+    device: str | torch.device = "cpu",
+    *,
+    max_memory_gb: float = 0.0,
+    training: bool = False,
+) -> PreTrainedModel:
+    """The run's model with its deterministic initial weights, in float32 on `device`. Refused
+    (modelsize.ModelTooLarge) before any allocation when its parameters pass the ceiling or do not
+    fit this machine's memory (capped by `max_memory_gb`); with `training`, what must fit is the
+    training's static memory (weights, gradients, optimizer state, hivemind's copies: peer/fit.py)."""
     config = build_config(manifest)
+    swarm = manifest.swarm
+    check_before_building(
+        count_parameters(manifest),
+        device,
+        max_memory_gb=max_memory_gb,
+        mode=swarm.mode if training else None,
+        overlap=swarm.overlap_communication,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(manifest.model.init_seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -3,10 +3,12 @@
 hivemind 1.1.12's `DecentralizedAverager._load_state_from_peers` asks the donor with the highest
 self-declared priority (an unsigned DHT dictionary) and accepts whatever it streams: any number of
 tensors of any shape, NaN included, as many bytes as it likes. `load_state_checked` is that
-method with three changes: donors the gate refuses are skipped, the stream is cut as soon as it
-exceeds `BYTE_SLACK` x the bytes of our own state or holds more tensors than ours, and the result
-must match our own state tensor for tensor (count, shape, dtype) and be finite; otherwise the next
-donor is asked. Runs inside the averager process (it is an averager method's body).
+method with four changes: donors the gate refuses are skipped, the stream is cut as soon as it
+exceeds `BYTE_SLACK` x the bytes of our own state or holds more tensors than ours, each tensor's
+parts must declare our codec, dtype and shape before they are decoded (peer/statewire.py: a donor
+cannot make one wire byte decode into 16), and the result must match our own state tensor for
+tensor (count, shape, dtype) and be finite; otherwise the next donor is asked. Runs inside the
+averager process (it is an averager method's body).
 """
 
 from __future__ import annotations
@@ -17,20 +19,15 @@ import random
 import time
 
 import torch
-from hivemind.compression import deserialize_torch_tensor
+from crowdtrain.peer.statewire import StateAssembler, StateRefused, WireTensor
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout
-from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 logger = logging.getLogger(__name__)
 
 BYTE_SLACK = 1.1  # a donor may stream at most this x the bytes of our own state (tensors + metadata)
-
-
-class StateRefused(Exception):
-    """A donor's state is not one we can load; the message says why."""
 
 
 def check_state(
@@ -51,25 +48,21 @@ def check_state(
 
 
 async def _download(averager, peer: PeerID, timeout, expected, byte_cap: int):
-    """(metadata, tensors) streamed by `peer`, refused (StateRefused) the moment it is too big."""
+    """(metadata, tensors) streamed by `peer`, refused (StateRefused) the moment it is too big or a
+    tensor's parts do not fit the tensor of ours they stand for (`expected`: (shape, dtype) each)."""
     stub = averager.get_stub(averager._p2p, peer, namespace=averager.prefix)
     stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-    metadata, parts, tensors, received = None, [], [], 0
+    assembler = StateAssembler([WireTensor.like(shape, dtype) for shape, dtype in expected])
+    metadata, received = None, 0
     async for message in aiter_with_timeout(stream, timeout=timeout):
         received += len(message.metadata) + len(message.tensor_part.buffer)
         if received > byte_cap:
             raise StateRefused(f"streamed more than {byte_cap} bytes ({BYTE_SLACK}x our state)")
         if message.metadata:
             metadata = averager.serializer.loads(message.metadata)
-        if message.tensor_part.dtype and parts:
-            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-            parts = []
-            if len(tensors) >= len(expected):
-                raise StateRefused(f"streamed more tensors than our {len(expected)}")
-        parts.append(message.tensor_part)
-    if parts:
-        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-    return metadata, tensors
+        if assembler.add(message.tensor_part):
+            raise StateRefused(f"streamed more tensors than our {len(expected)}")
+    return metadata, assembler.finish()
 
 
 async def _donors(averager, admit) -> list[PeerID]:

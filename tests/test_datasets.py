@@ -154,6 +154,37 @@ def test_a_damaged_parquet_file_is_counted_not_a_crash(tmp_path: Path):
     assert len(corpus.documents) == 30
 
 
+@pytest.mark.parametrize("repeated", [False, True], ids=["distinct values", "one value repeated"])
+def test_a_parquet_decompression_bomb_is_skipped_without_copying_its_rows_out(tmp_path: Path, repeated):
+    """Security review 2026-12-07, N18: a few-KiB Parquet file of 8 rows x 5 MiB (40 MiB decoded)
+    among ordinary rows. The oversized rows are counted as too large from Arrow's offsets, and never
+    become Python strings: the traced peak stays far below one of them (the old reader converted
+    256-row batches first, all 40 MiB at once)."""
+    import tracemalloc
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    big = [(("a" if repeated else chr(97 + i)) * (5 << 20)) for i in range(8)]
+    texts = _texts(10, "pq")
+    table = pa.table({"text": texts[:5] + big + texts[5:]})
+    pq.write_table(
+        table, tmp_path / "bomb.parquet", compression="zstd", compression_level=1, use_dictionary=repeated
+    )
+    del big, table
+    assert (tmp_path / "bomb.parquet").stat().st_size < 64 << 10
+    counts = sources.ReadCounts()
+    tracemalloc.start()
+    try:
+        docs = list(sources.iter_entry(str(tmp_path / "bomb.parquet"), field="text", counts=counts))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [d.text for d in docs] == texts and docs[5].path == "bomb.parquet#13"
+    assert counts.skipped == {sources.TOO_LARGE: 8} and counts.first[sources.TOO_LARGE] == "bomb.parquet#5"
+    assert peak < 2 << 20, f"{peak} bytes traced: oversized rows were copied out of Arrow"
+
+
 def test_globs_expand_in_sorted_order_and_an_empty_match_names_the_pattern(tmp_path: Path, monkeypatch):
     root = tmp_path / "corpus"
     expected = []
