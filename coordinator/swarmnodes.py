@@ -1,6 +1,8 @@
 """The coordinator's own DHT nodes (the bootstrap node, the publisher's client node) in a swarm
 that admits only token holders: each mints its own swarm token with the run's signing key and
-publishes it, so peers answer its DHT requests and serve it state (peer/swarmauth.py)."""
+publishes it, so peers answer its DHT requests and serve it state (peer/swarmauth.py). The
+bootstrap node keeps only the run's records, and so many (coordinator/dhtstorage.py), and asks
+no router for a port mapping; it publishes the run's revocations (`RevocationPublisher`)."""
 
 from __future__ import annotations
 
@@ -42,6 +44,31 @@ class CoordinatorNodeAccess:
             self.run_id, self.run_key_hex, self.identity.hivemind_private_key(), self.tokens
         )
 
+    def start_bootstrap_node(self, *, listen_host: str, port: int, announce_host: str, limits=None):
+        """The run's bootstrap DHT node (no initial peers), with this node's identity and token,
+        storing only the run's records within `limits` (a DhtStorageLimits; default: its defaults)
+        and without UPnP (`nat_port_map`): the operator opens the port of a server."""
+        from crowdtrain.coordinator.dhtstorage import DhtStorageLimits, RunKeysValidator, cap_storage
+        from crowdtrain.peer.swarm import start_dht
+
+        limits = limits or DhtStorageLimits()
+        dht = start_dht(
+            [],
+            listen_host=listen_host,
+            port=port,
+            announce_host=announce_host,
+            identity_path=str(self.identity.path),
+            authorizer=self.authorizer(),
+            extra_validators=[RunKeysValidator(self.run_id)],
+            nat_port_map=False,
+        )
+        try:
+            cap_storage(dht, limits)
+        except BaseException:
+            dht.shutdown()
+            raise
+        return dht
+
     def publish(self, dht) -> bool:
         """Publish this node's token (peers' averagers then answer its state downloads)."""
         from crowdtrain.peer.swarmauth import publish_token
@@ -51,10 +78,12 @@ class CoordinatorNodeAccess:
 
 class RevocationPublisher:
     """Publishes, through the coordinator's DHT node, a revocation signed with the run's key for
-    every banned DHT identity (`banned()`), valid `ttl_s` (the swarm tokens' lifetime: any token
-    issued before the ban has expired by then) and republished at half-life while the ban lasts.
-    The averagers' gate reads them (peer/swarmauth.py), so a ban reaches the swarm within a refresh.
-    start() / shutdown() (idempotent) / context manager."""
+    every banned DHT identity (`banned()`), valid `ttl_s` and republished at half-life while the ban
+    lasts. `ttl_s` must be at least the swarm tokens' lifetime: a revocation voids the tokens that
+    expire before its end, i.e. those issued before it, and a token issued after it (the ban was
+    lifted) admits the peer again (peer/admission.py `gate_decision`). The averagers' gate reads
+    them (peer/swarmauth.py), so a ban reaches the swarm within a refresh; only the run's key can
+    write them (peer/dhtrecords.py). start() / shutdown() (idempotent) / context manager."""
 
     MAX_REVOCATIONS = 10_000  # what a reader reads at most
 
@@ -75,7 +104,7 @@ class RevocationPublisher:
 
     def publish_once(self, now: float | None = None) -> int:
         """Publish what is new or due; how many revocations were stored."""
-        from crowdtrain.peer.swarmauth import revocations_key
+        from crowdtrain.peer.dhtrecords import revocations_key
         from hivemind.utils import get_dht_time
 
         now = get_dht_time() if now is None else now

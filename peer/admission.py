@@ -208,3 +208,28 @@ def needs_renewal(token: SwarmToken | None, now: float, ttl_s: float) -> bool:
     """Whether a peer holding `token` should get a new one now: none yet, or less than half its
     lifetime left (a peer renews through its heartbeats, every few seconds)."""
     return token is None or token.expires_unix_s - now < ttl_s / 2
+
+
+def gate_decision(
+    token_expires_unix_s: float | None, revoked_until_unix_s: float, now: float
+) -> tuple[bool, str]:
+    """Whether the averagers' gate admits a peer whose latest valid published token expires at
+    `token_expires_unix_s` (None: none) and whose latest revocation lasts until
+    `revoked_until_unix_s` (0: none), and why not.
+
+    A revocation signed at T lasts until T + the tokens' lifetime (coordinator/swarmnodes.py), so it
+    voids exactly the tokens issued before T: they all expire by its end. A token expiring after
+    the revocation's end was issued after it (the operator lifted the ban and the coordinator
+    admitted the peer again): it admits the peer at once, not only when the revocation lapses."""
+    revoked = now < revoked_until_unix_s and (
+        token_expires_unix_s is None or token_expires_unix_s <= revoked_until_unix_s
+    )
+    if revoked:
+        return False, "revoked by the run's coordinator (banned)"
+    if token_expires_unix_s is None:
+        return False, "no valid swarm token published for this peer"
+    if now >= token_expires_unix_s:
+        return False, (
+            f"its swarm token expired {now - token_expires_unix_s:.0f}s ago (banned, revoked or not renewed)"
+        )
+    return True, "holds a valid swarm token"

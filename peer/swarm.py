@@ -85,6 +85,8 @@ def start_dht(
     client_mode: bool = False,
     identity_path: str | None = None,
     authorizer=None,
+    extra_validators: Sequence = (),
+    nat_port_map: bool = True,
     attempts: int = 4,
     retry_s: float = 5.0,
     stop: threading.Event | None = None,
@@ -94,10 +96,16 @@ def start_dht(
     The bootstrap peers are usually the coordinator's own node: a volunteer starting while the
     coordinator restarts would find nobody there, so a failure is retried (`attempts` in all,
     `retry_s`, then twice that, ... apart) before giving up; setting `stop` ends the waiting.
+    A node with the swarm's `authorizer` also validates the run's records (peer/dhtrecords.py),
+    with `extra_validators` besides; `nat_port_map=False` keeps p2pd from asking the local router
+    for a UPnP port mapping (servers, whose port the operator opens).
     """
     # a client looks for libp2p relays (hivemind's use_auto_relay) to be reachable through them
     kwargs = dict(
-        host_maddrs=[f"/ip4/{listen_host}/tcp/{port}"], client_mode=client_mode, use_auto_relay=client_mode
+        host_maddrs=[f"/ip4/{listen_host}/tcp/{port}"],
+        client_mode=client_mode,
+        use_auto_relay=client_mode,
+        nat_port_map=nat_port_map,
     )
     if announce_host and port:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
@@ -106,6 +114,7 @@ def start_dht(
         kwargs["check_if_identity_free"] = False  # our keys are fresh or persistent per volunteer
     if authorizer is not None:  # peer/swarmauth.py: only swarm-token holders are answered
         kwargs["authorizer"] = authorizer
+    kwargs["record_validators"] = [*_record_validators(authorizer), *extra_validators]
     for attempt in range(1, attempts if initial_peers else 1):
         try:
             return _start_dht_once(initial_peers, kwargs)
@@ -125,16 +134,20 @@ def start_dht(
     return _start_dht_once(initial_peers, kwargs)
 
 
-def _start_dht_once(initial_peers: Sequence[str], kwargs: dict):
+def _record_validators(authorizer) -> list:
+    """hivemind's signed records; with the swarm's authorizer, the run's records too, each written
+    only by its owner (peer/dhtrecords.py)."""
+    from crowdtrain.peer.swarmauth import SwarmAuthorizer
     from hivemind.dht.crypto import RSASignatureValidator
 
+    if isinstance(authorizer, SwarmAuthorizer):
+        return authorizer.record_validators()
+    return [RSASignatureValidator()]
+
+
+def _start_dht_once(initial_peers: Sequence[str], kwargs: dict):
     try:
-        return hivemind.DHT(
-            initial_peers=list(initial_peers),
-            start=True,
-            record_validators=[RSASignatureValidator()],
-            **kwargs,
-        )
+        return hivemind.DHT(initial_peers=list(initial_peers), start=True, **kwargs)
     except Exception as e:  # hivemind raises P2PDaemonError, P2PHandlerError, asyncio errors, ...
         raise SwarmError(
             f"could not start the swarm's DHT node ({type(e).__name__}: {e}); bootstrap peers were "

@@ -6,11 +6,13 @@ Two places refuse a peer without a valid swarm token (peer/admission.py):
   matchmaking declarations) carries the sender's token, checked by `SwarmAuthorizer`, hivemind's
   `TokenAuthorizerBase` (DHT RPCs only, see docs/hivemind.md);
 - averaging and state downloads, which hivemind does not authorize, ask `AdmittedPeers`: the peer
-  ids whose tokens are published in the DHT under `<run_id>_swarm_tokens` (subkey: the peer id),
-  each checked with the run's key, cached until it expires. peer/averaging.py consults it in
-  rpc_join_group, rpc_aggregate_part, rpc_download_state and before an all-reduce. It also reads
-  the coordinator's signed revocations under `<run_id>_swarm_revocations`: a banned peer is
-  refused within a refresh (seconds), not only once its last token expires.
+  ids whose tokens are published in the DHT under `<run_id>_swarm_tokens` (one record per holder,
+  which only the holder can write: peer/dhtrecords.py), each checked with the run's key, cached
+  until it expires. peer/averaging.py consults it in rpc_join_group, rpc_aggregate_part,
+  rpc_download_state and before an all-reduce. It also reads the coordinator's signed revocations
+  under `<run_id>_swarm_revocations`: a banned peer is refused within a refresh (seconds), not only
+  once its last token expires; a token issued after the revocation (the operator lifted the ban)
+  admits it again (`gate_decision`).
 
 A peer's own token comes from the coordinator through its heartbeats (`TokenFile`: written by the
 peer, read by the DHT process, which hivemind forks and which therefore cannot share memory with
@@ -26,7 +28,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from crowdtrain.peer.admission import SwarmToken, parse_and_check, parse_revocation
+from crowdtrain.peer.admission import SwarmToken, gate_decision, parse_and_check
+from crowdtrain.peer.dhtrecords import (
+    admission_validators,
+    owner_subkey,
+    revocation_record,
+    revocations_key,
+    token_record,
+    tokens_key,
+)
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
 from hivemind.utils.auth import TokenAuthorizerBase
@@ -34,16 +44,6 @@ from hivemind.utils.auth import TokenAuthorizerBase
 logger = logging.getLogger(__name__)
 
 REFRESH_BEFORE_EXPIRY_S = 60.0  # a token this close to expiry is re-read (a renewed one is there)
-
-
-def tokens_key(run_id: str) -> str:
-    """The DHT key under which every admitted peer publishes its token (subkey: its peer id)."""
-    return f"{run_id}_swarm_tokens"
-
-
-def revocations_key(run_id: str) -> str:
-    """The DHT key of the coordinator's signed revocations (subkey: the banned peer id)."""
-    return f"{run_id}_swarm_revocations"
 
 
 class TokenFile:
@@ -131,6 +131,11 @@ class SwarmAuthorizer(TokenAuthorizerBase):
             self._verified[text] = expires = token.expires_unix_s
         return now < expires
 
+    def record_validators(self) -> list:
+        """The DHT record validators of a node with this authorizer: the run's admission records
+        (peer/dhtrecords.py), its own token record signed with this node's key."""
+        return admission_validators(self.run_id, self.run_public_key_hex, self._local_private_key)
+
     def does_token_need_refreshing(self, access_token: AccessToken) -> bool:
         try:
             expires = float(access_token.expiration_time)
@@ -142,13 +147,15 @@ class SwarmAuthorizer(TokenAuthorizerBase):
 
 
 def publish_token(dht, run_id: str, token_json: str, timeout_s: float = 10.0) -> bool:
-    """Store our token where the averagers of other peers look for it; whether it was stored."""
+    """Store our token where the averagers of other peers look for it, under the subkey only our
+    key can write (the DHT's validators sign it: its authorizer holds the key the token names);
+    whether it was stored."""
     token = SwarmToken.from_json(token_json)
     try:
         return bool(
             dht.store(
                 tokens_key(run_id),
-                subkey=token.peer_id,
+                subkey=owner_subkey(token.public_key),
                 value=token_json,
                 expiration_time=token.expires_unix_s,
                 return_future=True,
@@ -187,19 +194,15 @@ class AdmittedPeers:
         now = get_dht_time()
         with self._lock:
             expires, revoked_until = self._expiry.get(peer_id), self._revoked.get(peer_id, 0.0)
-        if now < revoked_until:
-            return False, "revoked by the run's coordinator (banned)"
-        if expires is not None and now < expires:
-            return True, "holds a valid swarm token"
-        self._wake.set()  # maybe it just got one: look again soon
-        if expires is None:
-            return False, "no valid swarm token published for this peer"
-        return False, f"its swarm token expired {now - expires:.0f}s ago (banned, revoked or not renewed)"
+        admitted, reason = gate_decision(expires, revoked_until, now)
+        if not admitted:
+            self._wake.set()  # maybe it just got a (new) token: look again soon
+        return admitted, reason
 
     def admitted(self) -> set[str]:
         now = get_dht_time()
         with self._lock:
-            return {p for p, e in self._expiry.items() if e > now and self._revoked.get(p, 0.0) <= now}
+            return {p for p, e in self._expiry.items() if gate_decision(e, self._revoked.get(p, 0.0), now)[0]}
 
     def _ensure_thread(self) -> bool:
         """Start the refresh thread in this process; whether it was just started."""
@@ -224,11 +227,9 @@ class AdmittedPeers:
         """Read the published tokens (and revocations) once; returns how many valid tokens are known."""
         self._last_refresh = time.monotonic()
         now = get_dht_time()
-        fresh = self._read_signed(tokens_key(self.run_id), parse_and_check, lambda t: t.expires_unix_s, now)
+        fresh = self._read(tokens_key(self.run_id), self._token_expiry, now)
         try:
-            revoked = self._read_signed(
-                revocations_key(self.run_id), parse_revocation, lambda r: r.until_unix_s, now
-            )
+            revoked = self._read(revocations_key(self.run_id), self._revocation_until, now)
         except Exception as e:  # tokens still count; revocations already read stay in force
             logger.debug("reading swarm revocations failed: %r", e)
             revoked = {}
@@ -241,17 +242,28 @@ class AdmittedPeers:
             self._revoked = {p: u for p, u in self._revoked.items() if u > now}
             return sum(e > now for e in self._expiry.values())
 
-    def _read_signed(self, key: str, parse, expiry, now: float) -> dict[str, float]:
-        """peer id (the subkey) -> expiry, for the records under `key` that `parse` (a token's or a
-        revocation's: checks the run, the subkey and the run key's signature) accepts; `expiry(record)`."""
+    def _token_expiry(self, subkey, value, now: float) -> tuple[str, float] | None:
+        """(holder's peer id, expiry) of a valid, unexpired token record (peer/dhtrecords.py)."""
+        token, _ = token_record(subkey, value, self.run_id, self.run_public_key_hex)
+        return None if token is None or now >= token.expires_unix_s else (token.peer_id, token.expires_unix_s)
+
+    def _revocation_until(self, subkey, value, now: float) -> tuple[str, float] | None:
+        """(banned peer id, until) of a revocation in force, signed by the run's key."""
+        revocation, _ = revocation_record(subkey, value, self.run_id, self.run_public_key_hex)
+        if revocation is None or now >= revocation.until_unix_s:
+            return None
+        return revocation.peer_id, revocation.until_unix_s
+
+    def _read(self, key: str, parse, now: float) -> dict[str, float]:
+        """peer id -> latest time, for the records under `key` that `parse(subkey, value, now)`
+        accepts. Checked again here though every honest node's validators checked them: the
+        reader trusts no node's storage."""
         found = self.dht.get(key, latest=True, return_future=True).result(timeout=15)
-        valid: dict[str, float] = {}
+        latest: dict[str, float] = {}
         if found is not None and isinstance(found.value, dict):
             for subkey, item in list(found.value.items())[:10_000]:
-                value = getattr(item, "value", None)
-                if not isinstance(subkey, str) or not isinstance(value, (str, bytes)):
-                    continue
-                record, _ = parse(value, self.run_id, self.run_public_key_hex, now, peer_id=subkey)
-                if record is not None:
-                    valid[subkey] = expiry(record)
-        return valid
+                parsed = parse(subkey, getattr(item, "value", None), now)
+                if parsed is not None:
+                    peer_id, until = parsed
+                    latest[peer_id] = max(until, latest.get(peer_id, 0.0))
+        return latest

@@ -18,16 +18,10 @@ hivemind = pytest.importorskip("hivemind")
 from crowdtrain.coordinator.swarmnodes import RevocationPublisher  # noqa: E402
 from crowdtrain.peer.access import SwarmAccess  # noqa: E402
 from crowdtrain.peer.admission import Revocation, SwarmToken, parse_revocation, sign_revocation, sign_token  # noqa: E402
+from crowdtrain.peer.dhtrecords import owner_subkey, revocations_key, tokens_key  # noqa: E402
 from crowdtrain.peer.identity import PeerIdentity  # noqa: E402
 from crowdtrain.peer.swarm import SwarmError, start_dht  # noqa: E402
-from crowdtrain.peer.swarmauth import (  # noqa: E402
-    AdmittedPeers,
-    MintedTokens,
-    SwarmAuthorizer,
-    publish_token,
-    revocations_key,
-    tokens_key,
-)
+from crowdtrain.peer.swarmauth import AdmittedPeers, MintedTokens, SwarmAuthorizer, publish_token  # noqa: E402
 from hivemind.utils import get_dht_time  # noqa: E402
 
 RUN = "auth-run"
@@ -135,13 +129,21 @@ def test_nodes_with_bad_tokens_are_refused(swarm, run_key, problem):
 
 
 def test_admitted_peers_reads_only_valid_published_tokens(swarm, run_key):
+    """A token record is its holder's (peer/dhtrecords.py): an admitted peer cannot publish another
+    peer's token, a token under another owner's subkey or under a bare peer id, or garbage."""
     a, b, ib = swarm["a"], swarm["b"], swarm["ib"]
     outsider = PeerIdentity.fresh(swarm["tmp"])
     assert publish_token(b, RUN, token_for(run_key, ib))
-    # an admitted peer publishing junk: another peer's id with its own token, garbage, an expired token
     expires = get_dht_time() + 60
-    b.store(tokens_key(RUN), subkey=outsider.peer_id, value=token_for(run_key, ib), expiration_time=expires)
-    b.store(tokens_key(RUN), subkey="garbage", value="{not json", expiration_time=expires)
+    refused = [
+        (owner_subkey(outsider.rsa_public_openssh), token_for(run_key, outsider)),  # not b's key
+        (owner_subkey(ib.rsa_public_openssh), token_for(run_key, outsider)),  # b's subkey, another token
+        (outsider.peer_id, token_for(run_key, outsider)),  # the old, unprotected subkey
+        (owner_subkey(ib.rsa_public_openssh), "{not json"),
+    ]
+    for subkey, value in refused:
+        assert not b.store(tokens_key(RUN), subkey=subkey, value=value, expiration_time=expires)
+    assert not publish_token(b, RUN, token_for(run_key, outsider))
     gate = AdmittedPeers(a, RUN, _hex(run_key))
     assert gate.refresh() == 1
     assert gate(ib.peer_id)[0]
@@ -151,58 +153,66 @@ def test_admitted_peers_reads_only_valid_published_tokens(swarm, run_key):
 
 def test_admitted_peers_forgets_a_peer_when_its_token_expires(swarm, run_key):
     identity = PeerIdentity.fresh(swarm["tmp"])
-    short = token_for(run_key, identity, ttl_s=2.0)
-    swarm["b"].store(
-        tokens_key(RUN), subkey=identity.peer_id, value=short, expiration_time=get_dht_time() + 60
-    )
-    gate = AdmittedPeers(swarm["a"], RUN, _hex(run_key))
-    gate.refresh()
-    assert gate(identity.peer_id)[0]
-    time.sleep(2.5)  # not renewed: what a banned peer's last token does
-    ok, reason = gate(identity.peer_id)
-    assert not ok and "expired" in reason
+    c = node(swarm["maddrs"], identity, run_key)
+    try:
+        assert publish_token(c, RUN, token_for(run_key, identity, ttl_s=2.0))
+        gate = AdmittedPeers(swarm["a"], RUN, _hex(run_key))
+        gate.refresh()
+        assert gate(identity.peer_id)[0]
+        time.sleep(2.5)  # not renewed: what a banned peer's last token does
+        ok, reason = gate(identity.peer_id)
+        assert not ok and "expired" in reason
+    finally:
+        c.shutdown()
 
 
 def test_a_ban_reaches_the_gate_through_a_signed_revocation_before_the_token_expires(swarm, run_key):
     """Before: a banned peer's 600 s token kept it in every group and serving state until it
     expired (scripts/attacks.py: honest peers loaded a banned sign-flipper's state 57 s and 84 s
     after its ban). Now the coordinator publishes a revocation and the gate refuses at its next read;
-    revocations signed by another key, for another run, or stored under another id are ignored."""
-    a, b = swarm["a"], swarm["b"]
-    banned, bystander = PeerIdentity.fresh(swarm["tmp"]), PeerIdentity.fresh(swarm["tmp"])
-    for identity in (banned, bystander):
-        assert publish_token(b, RUN, token_for(run_key, identity))
-    gate = AdmittedPeers(a, RUN, _hex(run_key))
-    gate.refresh()
-    assert gate(banned.peer_id)[0] and gate(bystander.peer_id)[0]
-    # forged revocations of the bystander, stored by an admitted node
-    expires = get_dht_time() + 60
-    other_key = ed25519.Ed25519PrivateKey.generate()
-    forged = [
-        sign_revocation(other_key, Revocation(RUN, bystander.peer_id, expires)),  # not the run's key
-        sign_revocation(run_key, Revocation("another-run", bystander.peer_id, expires)),
-    ]
-    for revocation in forged:
-        b.store(
-            revocations_key(RUN),
-            subkey=bystander.peer_id,
-            value=revocation.to_json(),
-            expiration_time=expires,
+    revocations signed by another key, for another run, or stored under another id are refused by
+    every honest node (peer/dhtrecords.py), and ignored by the gate."""
+    a, b, bystander = swarm["a"], swarm["b"], swarm["ib"]
+    banned = PeerIdentity.fresh(swarm["tmp"])
+    c = node(swarm["maddrs"], banned, run_key)
+    try:
+        assert publish_token(c, RUN, token_for(run_key, banned))
+        assert publish_token(b, RUN, token_for(run_key, bystander))
+        gate = AdmittedPeers(a, RUN, _hex(run_key))
+        gate.refresh()
+        assert gate(banned.peer_id)[0] and gate(bystander.peer_id)[0]
+        # forged revocations of the bystander, stored by an admitted node
+        expires = get_dht_time() + 60
+        other_key = ed25519.Ed25519PrivateKey.generate()
+        forged = [
+            sign_revocation(other_key, Revocation(RUN, bystander.peer_id, expires)),  # not the run's key
+            sign_revocation(run_key, Revocation("another-run", bystander.peer_id, expires)),
+        ]
+        for revocation in forged:
+            assert not b.store(
+                revocations_key(RUN),
+                subkey=bystander.peer_id,
+                value=revocation.to_json(),
+                expiration_time=expires,
+            )
+        moved = sign_revocation(run_key, Revocation(RUN, banned.peer_id, expires)).to_json()  # another id
+        assert not b.store(
+            revocations_key(RUN), subkey=bystander.peer_id, value=moved, expiration_time=expires
         )
-    moved = sign_revocation(run_key, Revocation(RUN, banned.peer_id, expires)).to_json()  # under another id
-    b.store(revocations_key(RUN), subkey=bystander.peer_id, value=moved, expiration_time=expires + 1)
-    # 20x a revocation's limit, and under the 64 KiB that hivemind 1.1.12's DHT pipe survives in one
-    # call (docs/hivemind.md: a larger message once killed node B's DHT process mid-read)
-    b.store(revocations_key(RUN), subkey="junk", value="x" * 10_000, expiration_time=expires)
-    # the coordinator bans one of them
-    publisher = RevocationPublisher(a, RUN, run_key, lambda: frozenset({banned.peer_id}), ttl_s=600.0)
-    assert publisher.publish_once() == 1
-    assert publisher.publish_once() == 0, "republished only at half-life"
-    gate.refresh()
-    ok, reason = gate(banned.peer_id)
-    assert not ok and "revoked" in reason
-    assert gate(bystander.peer_id)[0], "forged revocations are ignored"
-    assert banned.peer_id not in gate.admitted() and bystander.peer_id in gate.admitted()
+        # 20x a revocation's limit, and under the 64 KiB that hivemind 1.1.12's DHT pipe survives in
+        # one call (docs/hivemind.md: a larger message once killed node B's DHT process mid-read)
+        assert not b.store(revocations_key(RUN), subkey="junk", value="x" * 10_000, expiration_time=expires)
+        # the coordinator bans one of them
+        publisher = RevocationPublisher(a, RUN, run_key, lambda: frozenset({banned.peer_id}), ttl_s=600.0)
+        assert publisher.publish_once() == 1
+        assert publisher.publish_once() == 0, "republished only at half-life"
+        gate.refresh()
+        ok, reason = gate(banned.peer_id)
+        assert not ok and "revoked" in reason
+        assert gate(bystander.peer_id)[0], "forged revocations are ignored"
+        assert banned.peer_id not in gate.admitted() and bystander.peer_id in gate.admitted()
+    finally:
+        c.shutdown()
 
 
 @pytest.mark.parametrize(
