@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from crowdtrain.coordinator.reachability import ReachSettings
 from crowdtrain.peer.config import REQUIRED, option
 
 
@@ -103,6 +104,17 @@ class CoordinatorConfig:
         6, "... with at least this many reports in all (one per reporter, epoch and kind)"
     )
     autoban_window_s: float = option(600.0, "... within this many seconds")
+    trusted_proxy: str = option(
+        ReachSettings.trusted_proxy,
+        "comma-separated addresses (or networks) of reverse proxies in front of the gRPC API: a call "
+        "from one comes from the last address of the x-forwarded-for it appends (e.g. nginx: "
+        "grpc_set_header X-Forwarded-For $proxy_add_x_forwarded_for); from anyone else it is ignored",
+    )
+    allow_loopback_dial: bool = option(
+        ReachSettings.allow_loopback_dial,
+        "reachability checks may dial 127.0.0.1/::1 for peers calling from this machine: for a swarm "
+        "on one machine (tests, demo) only; never behind a reverse proxy or tunnel",
+    )
 
 
 @dataclass(frozen=True)

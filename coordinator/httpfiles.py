@@ -73,12 +73,16 @@ async def send_bytes(
     stall_timeout_s: float,
     status: int = 200,
     headers: Mapping[str, str] | None = None,
+    close: bool = False,
 ) -> web.StreamResponse:
     """A complete response, written here (not after the handler returns) so that its writes are
-    bounded by the stall timeout too. HEAD gets the headers only."""
+    bounded by the stall timeout too. HEAD gets the headers only. `close`: with `Connection:
+    close`, and the connection is closed after it."""
     headers = {"Server": "crowdtrain", "Content-Type": content_type, **(headers or {})}
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = len(body)
+    if close:
+        response.force_close()
     await _send(request, response, _pieces(body), stall_timeout_s)
     return response
 

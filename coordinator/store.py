@@ -388,13 +388,13 @@ class Store:
                 (t, global_epoch, samples_per_s, peers_training, train_loss),
             )
 
-    def history(self, since_unix_s: float = 0.0, max_points: int = 2000) -> list[dict]:
-        """History rows since a time, thinned evenly to at most `max_points`."""
+    def history(self, max_points: int = 2000) -> list[dict]:
+        """At most `max_points` rows spread evenly by rowid (first and last included), by time; reads only those."""
         with self._db_lock:
             rows = self._db.execute(
-                "SELECT t, global_epoch, samples_per_s, peers_training, train_loss FROM history WHERE t >= ? ORDER BY t",
-                (since_unix_s,),
+                "WITH RECURSIVE b(lo, hi, n) AS MATERIALIZED (SELECT lo, hi, min(max(2, :m), hi - lo + 1) FROM (SELECT (SELECT min(rowid) FROM history) AS lo, (SELECT max(rowid) FROM history) AS hi)), k(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM k, b WHERE i + 1 < n) "
+                "SELECT t, global_epoch, samples_per_s, peers_training, train_loss FROM history WHERE rowid IN (SELECT lo + i * (hi - lo) / max(1, n - 1) FROM k, b) ORDER BY t",
+                {"m": max_points},
             ).fetchall()
-        step = max(1, -(-len(rows) // max_points))
         keys = ("t", "global_epoch", "samples_per_s", "peers_training", "train_loss")
-        return [dict(zip(keys, r, strict=True)) for r in rows[::step]]
+        return [dict(zip(keys, r, strict=True)) for r in rows[:max_points]]

@@ -24,10 +24,12 @@ It is open to the internet, so every connection is bounded (`HttpLimits`): aioht
 loop of its own (not the gRPC loop: a hostile HTTP client never delays a heartbeat), a connection
 with no complete request for `idle_timeout_s` is closed (idle keep-alive, headers trickled in
 slowly, a TLS handshake), a client that stops reading for `stall_timeout_s` is dropped (and a
-checkpoint it was downloading is released for retention), at most `max_connections` at once (more
-are answered 503 at once), one address gets `requests_per_s_per_address` (more: 429), request lines
-and headers are capped in size. The status views are built
-at most once per `view_max_age_s` in a one-thread pool and shared by every reader (`snapshots`).
+checkpoint it was downloading is released for retention), at most `max_connections` at once and
+`max_connections_per_address` per address (more are answered 503 at once: `connections`), one
+address gets `requests_per_s_per_address` (more: 429, and that connection is closed, so a client
+cannot keep connections alive on refusals), request lines and headers are capped in size. The
+status views are built at most once per `view_max_age_s` in a one-thread pool and shared by every
+reader (`snapshots`).
 With `ssl_context` (`--tls-cert/--tls-key`) it serves HTTPS only.
 """
 
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from pathlib import Path
 
 from aiohttp import web
 from crowdtrain.coordinator import archive, evidence
+from crowdtrain.coordinator.connections import BoundedServer, address_key
 from crowdtrain.coordinator.errors import NotFoundError, PortInUseError
 from crowdtrain.coordinator.httpfiles import send_bytes, send_file
 from crowdtrain.coordinator.loopthread import LoopThread
@@ -63,10 +65,6 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
 _JSON = "application/json"
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 40\r\n"
-    b"Retry-After: 5\r\nConnection: close\r\n\r\ntoo many connections; retry in a moment\n"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +79,10 @@ class HttpLimits:
     view_max_age_s: float = 1.0  # status views are rebuilt at most this often
     view_workers: int = 1  # threads that build status views
     max_connections: int = 512  # open connections; more are answered 503 and closed
+    max_connections_per_address: int = 16  # open connections of one address (an IPv6 /64); more: 503
+    # this machine: a reverse proxy or tunnel on it connects from here for many callers, so only
+    # max_connections bounds these (the proxy must cap its own clients)
+    uncapped_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
     backlog: int = 128  # connections the kernel queues before we accept them
     max_line_bytes: int = 8190  # request line and each header line
     max_headers: int = 64
@@ -148,20 +150,6 @@ def rejection_rows(store: Store, limit: int = 100) -> list[dict]:
     return sorted(rows, key=lambda r: -r["t"])  # stable
 
 
-def address_key(remote: str) -> str:
-    """The rate-limit key of a client address: itself, or for IPv6 its /64 network (one host
-    commonly holds a whole /64)."""
-    try:
-        address = ipaddress.ip_address(remote)
-    except ValueError:
-        return remote
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
-    return str(address)
-
-
 class _Routes:
     def __init__(self, ctx: WebContext, limits: HttpLimits):
         self.ctx, self.limits = ctx, limits
@@ -189,16 +177,20 @@ class _Routes:
             request.transport.abort()
         return web.Response(status=408)  # never reaches the client: its connection is gone
 
-    async def _bytes(self, request, body: bytes, content_type: str, status: int = 200, headers=None):
+    async def _bytes(
+        self, request, body: bytes, content_type: str, status: int = 200, headers=None, close=False
+    ):
         headers = {"Cache-Control": "no-store", **(headers or {})}
-        return await send_bytes(request, body, content_type, self.limits.stall_timeout_s, status, headers)
+        return await send_bytes(
+            request, body, content_type, self.limits.stall_timeout_s, status, headers, close=close
+        )
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
         allowed, retry_s = self.callers.allow(address_key(request.remote or ""), time.monotonic())
         if not allowed:  # every request costs the GIL the heartbeats need: strangers get a fair share
             retry = {"Retry-After": str(math.ceil(retry_s))}
-            return await self._bytes(
-                request, b"too many requests from your address\n", "text/plain", 429, retry
+            return await self._bytes(  # closed after: refusals never keep a connection alive
+                request, b"too many requests from your address\n", "text/plain", 429, retry, close=True
             )
         if request.method not in ("GET", "HEAD"):
             return await self._bytes(
@@ -284,37 +276,6 @@ class _QuietProtocolLog(logging.LoggerAdapter):
         self.debug(msg, *args, **kwargs)
 
 
-class _Busy(asyncio.Protocol):
-    """The protocol of a connection over `max_connections`: answer 503 and close."""
-
-    def connection_made(self, transport) -> None:
-        transport.write(_BUSY)
-        transport.close()
-
-
-class _BoundedServer(web.Server):
-    """aiohttp's low-level server, refusing connections beyond `max_connections`."""
-
-    def __init__(self, handler, max_connections: int, **kwargs):
-        super().__init__(handler, **kwargs)
-        self.max_connections = max_connections
-        self.refused = 0
-        self._warned_at = -float("inf")
-
-    def __call__(self):
-        if len(self.connections) < self.max_connections:
-            return super().__call__()
-        self.refused += 1
-        if time.monotonic() - self._warned_at > 10.0:
-            self._warned_at = time.monotonic()
-            logger.warning(
-                "HTTP: %d connections open, refusing more with 503 (%d refused so far)",
-                self.max_connections,
-                self.refused,
-            )
-        return _Busy()
-
-
 class WebServer:
     """Binds at construction; start() serves on a loop thread of its own; shutdown() is idempotent."""
 
@@ -339,9 +300,11 @@ class WebServer:
 
     async def _bind(self, host: str, port: int, ssl_context: ssl.SSLContext | None):
         limits = self.limits
-        http = _BoundedServer(
+        http = BoundedServer(
             self._routes.handle,
             limits.max_connections,
+            limits.max_connections_per_address,
+            limits.uncapped_addresses,
             keepalive_timeout=limits.idle_timeout_s,  # also from connect to the first request
             max_line_size=limits.max_line_bytes,
             max_field_size=limits.max_line_bytes,

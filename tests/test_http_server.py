@@ -3,6 +3,7 @@ readers cannot starve the peers' heartbeats. Short `HttpLimits` keep each test a
 
 from __future__ import annotations
 
+import http.client
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.connections import address_key, admit
 from crowdtrain.coordinator.grpcserver import GrpcLimits, create_server
 from crowdtrain.coordinator.httpfiles import Span, byte_span
 from crowdtrain.coordinator.loopthread import favour_event_loops
@@ -27,6 +29,8 @@ from crowdtrain.peer.checkpoint import CheckpointMeta, list_checkpoints
 from crowdtrain.peer.client import CoordinatorClient
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
+
+from tests.identities import signed_join
 
 BIG_FILE_BYTES = 32 << 20  # far more than loopback socket buffers hold
 
@@ -134,7 +138,7 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.05) -> float:
 
 def heartbeat_latencies_ms(address: str, seconds: float) -> list[float]:
     with CoordinatorClient(address) as client:
-        joined = client.join(pb.JoinRequest(name="good peer", device="cpu"))
+        joined = client.join(signed_join(name="good peer", device="cpu"))
         request = pb.HeartbeatRequest(
             session_id=joined.session_id, session_token=joined.session_token, phase="training"
         )
@@ -266,6 +270,75 @@ def test_connections_beyond_the_limit_get_503_and_heartbeats_keep_flowing(tmp_pa
             assert response.read() == b"ok\n"
 
 
+def connect_from(source: str, port: int) -> socket.socket:
+    """A connection to the test server from `source` (Linux routes all of 127/8 to loopback)."""
+    sock = socket.socket()
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def answer(sock: socket.socket, path: str) -> http.client.HTTPResponse:
+    """GET `path` on a kept-alive connection; the response, read whole."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.read()
+    return response
+
+
+def test_connections_are_capped_per_address_ipv6_by_its_64_and_this_machine_by_the_global_cap():
+    uncapped = ("127.0.0.1", "::1")
+    assert admit(15, "198.51.100.7", 16, uncapped) == (True, "")
+    allowed, why = admit(16, "2001:db8::1", 16, uncapped)
+    assert not allowed and "2001:db8::/64 holds 16 connections" in why
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert address_key("::ffff:198.51.100.7") == "198.51.100.7"
+    assert admit(10_000, "::ffff:127.0.0.1", 16, uncapped)[0] and admit(10_000, "::1", 16, uncapped)[0]
+
+
+def test_one_address_holding_connections_cannot_lock_out_another(tmp_path: Path):
+    """Before: the connection cap (512) was global: one address holding 520 connections made
+    every other client's request a 503 (dashboard, API, shards, HTTP pulls)."""
+    with site(tmp_path, idle_timeout_s=30.0) as s:
+        attacker = [connect_from("127.0.0.2", s.web.port) for _ in range(520)]
+        try:
+            per_address = HttpLimits().max_connections_per_address
+
+            def settled() -> bool:
+                for sock in [sock for sock in attacker if closed_by_server(sock)]:
+                    attacker.remove(sock)  # answered 503 and closed at once
+                    sock.close()
+                return len(attacker) <= per_address
+
+            wait_for(settled, 10)
+            assert len(attacker) == per_address and s.web.connections == per_address
+            for sock in attacker:  # what the attacker holds still works, one request at a time
+                assert answer(sock, "/healthz").status == 200
+            with connect_from("127.0.0.3", s.web.port) as other:
+                assert answer(other, "/api/v1/state").status == 200
+            with connect_from("127.0.0.2", s.web.port) as more:
+                refusal = more.recv(300)
+                assert refusal.startswith(b"HTTP/1.1 503 ") and b"from your address" in refusal
+        finally:
+            for sock in attacker:
+                sock.close()
+
+
+def test_a_request_refused_with_429_closes_its_connection(tmp_path: Path):
+    """Before: a 429 was kept alive like any answer, so refusals alone held a connection open."""
+    with site(tmp_path, requests_burst=2, requests_per_s_per_address=0.01, idle_timeout_s=30.0) as s:
+        with connect_from("127.0.0.2", s.web.port) as sock:
+            assert [answer(sock, "/healthz").status for _ in range(2)] == [200, 200]
+            assert not closed_by_server(sock)
+            refused = answer(sock, "/healthz")
+            assert refused.status == 429 and refused.getheader("Connection") == "close"
+            wait_for(lambda: closed_by_server(sock), 3)
+        with connect_from("127.0.0.3", s.web.port) as other:  # another address has its own budget
+            assert answer(other, "/healthz").status == 200
+
+
 def test_heartbeats_stay_fast_while_status_readers_hammer_the_api(tmp_path: Path):
     """Before: two readers of /api/v1/peers over a large peer table pushed heartbeat p50 over 1 s
     (4 readers and 2,000 peers: p50 101 ms, p99 360 ms)."""
@@ -324,9 +397,9 @@ def test_grpc_refuses_oversized_requests(tmp_path: Path):
     with site(tmp_path) as s, grpc.insecure_channel(s.address) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         with pytest.raises(grpc.RpcError) as e:
-            stub.Join(pb.JoinRequest(name="n" * (100 << 10), device="cpu"), timeout=10)
+            stub.Join(signed_join(name="n" * (100 << 10), device="cpu"), timeout=10)
         assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert stub.Join(pb.JoinRequest(name="small", device="cpu"), timeout=10).session_id
+        assert stub.Join(signed_join(name="small", device="cpu"), timeout=10).session_id
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 from crowdtrain.coordinator import reachability
+from crowdtrain.coordinator.errors import NotServedError
 from crowdtrain.coordinator.registry import HealthSettings
 from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.standings import Standings, rank_totals
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer.client import CoordinatorRejected, CoordinatorUnavailable
+from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.protos import coordinator_pb2 as pb
 
 from tests.conftest import serving
+from tests.identities import signed_join
 
 
 @pytest.mark.parametrize(
@@ -35,19 +38,108 @@ def test_multiaddrs_are_parsed_strictly(maddr, parsed):
     assert reachability.parse_maddr(maddr) == parsed
 
 
-def test_only_the_peers_own_address_or_a_public_one_is_ever_dialed():
+PUBLIC = "93.184.216.34"  # a globally routable caller (never dialed in these tests: `dial` is recorded)
+
+NEVER_DIALED = [
+    "/ip4/127.0.0.1/tcp/22",  # the coordinator's own machine
+    "/ip6/::1/tcp/22",
+    "/ip4/10.0.0.5/tcp/5432",  # someone's private network
+    "/ip4/172.16.0.1/tcp/80",
+    "/ip4/192.168.1.5/tcp/4001",
+    "/ip4/100.64.0.1/tcp/80",  # carrier-grade NAT
+    "/ip4/169.254.169.254/tcp/80",  # a cloud metadata service (link-local)
+    "/ip6/fe80::1/tcp/80",
+    "/ip6/fc00::5/tcp/80",  # unique local
+    "/ip6/fec0::5/tcp/80",  # site-local (deprecated, still is_global in Python 3.11)
+    "/ip4/224.0.0.1/tcp/80",  # multicast (is_global in Python 3.11)
+    "/ip6/ff02::1/tcp/80",
+    "/ip4/240.0.0.1/tcp/80",  # reserved
+    "/ip4/0.0.0.0/tcp/80",  # unspecified
+    "/ip6/::/tcp/80",
+    "/ip6/64:ff9b::a00:5/tcp/5432",  # NAT64 of 10.0.0.5 (is_global in Python 3.11)
+    "/ip6/64:ff9b::a9fe:a9fe/tcp/80",  # NAT64 of the metadata service
+    "/ip6/64:ff9b::7f00:1/tcp/22",  # NAT64 of 127.0.0.1
+    "/ip6/64:ff9b:1::a00:5/tcp/5432",  # local-use NAT64 prefix
+    "/ip6/2002:a00:5::1/tcp/5432",  # 6to4 of 10.0.0.5 (is_global in Python 3.11)
+    "/ip6/2002:7f00:1::1/tcp/22",  # 6to4 of 127.0.0.1
+    "/ip6/::ffff:10.0.0.5/tcp/5432",  # IPv4-mapped
+    "/ip6/::ffff:127.0.0.1/tcp/22",
+    "/ip6/::10.0.0.5/tcp/5432",  # IPv4-compatible (is_global in Python 3.11)
+    "/ip6/::ffff:0:a00:5/tcp/5432",  # IPv4-translated
+    "/ip6/2001:0:4136:e378:8000:63bf:f5ff:fffa/tcp/5432",  # Teredo, client 10.0.0.5
+]
+
+
+@pytest.mark.parametrize("maddr", NEVER_DIALED)
+def test_no_private_loopback_or_special_address_is_dialed_even_as_the_callers_own(maddr):
+    """Before: an address equal to the caller's own was dialed whatever it was (behind a proxy on
+    the coordinator's machine every caller is 127.0.0.1), and NAT64/6to4 spellings of private
+    addresses counted as global."""
+    host, port = reachability.parse_maddr(maddr)
+    dialed: list = []
+    for seen in (PUBLIC, host):
+        for settings in (reachability.ReachSettings(), reachability.ReachSettings(allow_loopback_dial=True)):
+            if settings.allow_loopback_dial and reachability._is_loopback(seen):
+                continue  # one machine's own swarm: the one case loopback is dialed (below)
+            targets, skipped = reachability.dial_targets(seen, [maddr], settings)
+            assert targets == [] and len(skipped) == 1, (seen, settings)
+            assert reachability.may_dial(host, seen, settings)[0] is False
+
+            def dial(h: str, p: int) -> bool:
+                dialed.append((h, p))
+                return True
+
+            if seen == PUBLIC:  # its own address is checked at the announced port instead
+                assert reachability.check(seen, [maddr], dial, settings=settings)[0] is False
+            else:
+                with pytest.raises(NotServedError, match="cannot check from here"):
+                    reachability.check(seen, [maddr], dial, settings=settings)
+    assert set(dialed) == {(PUBLIC, port)}  # only the public caller's own address
+
+
+def test_public_addresses_and_spellings_of_public_ones_are_dialed():
     maddrs = [
-        "/ip4/203.0.113.7/tcp/4001/p2p/Qm",  # where the coordinator sees it: dialed
-        "/ip4/10.0.0.5/tcp/4001/p2p/Qm",  # someone's private network: never
-        "/ip4/127.0.0.1/tcp/22",  # the coordinator's own machine: never
-        "/ip4/169.254.169.254/tcp/80",  # a cloud metadata service: never
-        "/ip4/8.8.8.8/tcp/53",  # public: dialed
+        f"/ip4/{PUBLIC}/tcp/4001/p2p/Qm",  # where the coordinator sees it
+        "/ip4/10.0.0.5/tcp/4001/p2p/Qm",  # never
+        "/ip6/::ffff:8.8.8.8/tcp/53",  # dialed as the IPv4 it is
+        "/ip6/2002:808:808::1/tcp/53",  # 6to4 of a public address
+        "/ip6/2606:4700::1111/tcp/443",
     ]
-    targets, skipped = reachability.dial_targets("203.0.113.7", maddrs)
-    assert targets == [("203.0.113.7", 4001), ("8.8.8.8", 53)]
-    assert len(skipped) == 3 and all("private" in s for s in skipped)
+    targets, skipped = reachability.dial_targets(PUBLIC, maddrs)
+    assert targets == [(PUBLIC, 4001), ("8.8.8.8", 53), ("2002:808:808::1", 53), ("2606:4700::1111", 443)]
+    assert skipped == ["10.0.0.5:4001 (a private address other peers cannot dial)"]
     many = [f"/ip4/8.8.8.{i}/tcp/1" for i in range(20)]
-    assert len(reachability.dial_targets("203.0.113.7", many)[0]) == reachability.MAX_DIALS
+    assert len(reachability.dial_targets(PUBLIC, many)[0]) == reachability.MAX_DIALS
+    # loopback only with --allow-loopback-dial, and only for a caller on loopback itself
+    one_machine = reachability.ReachSettings(allow_loopback_dial=True)
+    assert reachability.dial_targets("127.0.0.1", ["/ip4/127.0.0.1/tcp/9"], one_machine)[0] == [
+        ("127.0.0.1", 9)
+    ]
+    assert reachability.dial_targets("127.0.0.1", ["/ip4/127.0.0.1/tcp/9"])[0] == []
+    assert reachability.dial_targets(PUBLIC, ["/ip4/127.0.0.1/tcp/9"], one_machine)[0] == []
+
+
+def test_a_proxy_header_names_the_caller_only_from_a_configured_trusted_proxy():
+    header = [("x-forwarded-for", f"1.1.1.1, {PUBLIC}")]  # the proxy appended the last entry
+    caller_host = reachability.caller_host
+    assert caller_host("ipv4:127.0.0.1:5555", header) == "127.0.0.1"  # not configured: ignored
+    proxied = reachability.ReachSettings(trusted_proxy="127.0.0.1, ::1")
+    assert caller_host("ipv4:127.0.0.1:5555", header, proxied) == PUBLIC
+    assert caller_host("ipv6:[::1]:5555", header, proxied) == PUBLIC
+    assert caller_host("ipv4:8.8.4.4:5555", header, proxied) == "8.8.4.4"  # not from the proxy: ignored
+    assert caller_host("ipv4:127.0.0.1:5555", [("x-forwarded-for", "evil")], proxied) == "127.0.0.1"
+    assert caller_host("ipv4:127.0.0.1:5555", [], proxied) == "127.0.0.1"
+    assert (
+        caller_host("ipv4:10.0.0.7:1", header, reachability.ReachSettings(trusted_proxy="10.0.0.0/24"))
+        == PUBLIC
+    )
+    # a caller naming 127.0.0.1 through the proxy is still never dialed
+    forged = caller_host("ipv4:127.0.0.1:5555", [("x-forwarded-for", "127.0.0.1")], proxied)
+    assert reachability.dial_targets(forged, ["/ip4/127.0.0.1/tcp/22"], proxied)[0] == []
+    with pytest.raises(CrowdtrainError, match="--trusted-proxy 'localhost'"):
+        reachability.ReachSettings(trusted_proxy="localhost")
+    with pytest.raises(CrowdtrainError, match="give only one"):
+        reachability.ReachSettings(allow_loopback_dial=True, trusted_proxy="127.0.0.1")
 
 
 def test_advice_says_what_to_forward_and_announce():
@@ -59,6 +151,7 @@ def test_advice_says_what_to_forward_and_announce():
     assert reachability.verdict("203.0.113.7", announced, ["203.0.113.7:31337"], []) == (True, "")
     assert reachability.host_of("ipv4:203.0.113.7:5555") == "203.0.113.7"
     assert reachability.host_of("ipv6:[::1]:5555") == "::1"
+    assert reachability.host_of("ipv6:[::ffff:1.2.3.4]:5555") == "1.2.3.4"
     assert reachability.host_of("unix:/tmp/x") == ""
 
 
@@ -79,6 +172,9 @@ def test_ranks_share_ties_and_ignore_empty_ledgers():
 
 @pytest.fixture
 def served(tmp_path: Path):
+    """A servicer with default settings, called from 127.0.0.1 as through a proxy on its machine;
+    its dials are recorded, and answered from `answers` (never the real network) or, for
+    loopback, by a real connect."""
     store = Store(tmp_path / "state.sqlite3")
     run = RunInfo(
         manifest_json='{"run_id": "r"}',
@@ -90,48 +186,83 @@ def served(tmp_path: Path):
     )
     servicer = CoordinatorServicer(run, store, HealthSettings(2.0, 10.0), initial_peers=list)
     dialed: list[tuple[str, int]] = []
+    answers: dict[tuple[str, int], bool] = {}
 
     def dial(host: str, port: int) -> bool:
         dialed.append((host, port))
-        return reachability.tcp_dial(host, port, timeout_s=1.0)
+        if host in ("127.0.0.1", "::1"):
+            return reachability.tcp_dial(host, port, timeout_s=1.0)
+        return answers.get((host, port), False)
 
     servicer.dial = dial
     with serving(servicer, store) as client:
-        yield client, store, dialed
+        yield client, store, dialed, answers
 
 
-def test_a_listening_peer_is_reachable_and_one_announcing_an_unreachable_address_is_told_why(served):
-    client, store, dialed = served
+def test_a_session_behind_a_loopback_proxy_cannot_make_the_coordinator_dial_a_loopback_port(served):
+    """Before: behind a reverse proxy or tunnel on the coordinator's machine every caller is
+    127.0.0.1, and the coordinator dialed any 127.0.0.1 port a session announced: `reachable` and
+    the advice told which of the machine's ports were open."""
+    client, store, dialed, _ = served
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port, grpc_port = listener.getsockname()[1], int(client.address.rsplit(":", 1)[1])
+    probes = [f"/ip4/127.0.0.1/tcp/{port}", f"/ip6/::1/tcp/{port}", f"/ip4/127.0.0.1/tcp/{grpc_port}"]
+    try:
+        joined = client.join(signed_join(name="prober"))
+        with pytest.raises(CoordinatorRejected, match="UNIMPLEMENTED.*cannot check from here.*127.0.0.1"):
+            client.check_reachability(joined.session_id, joined.session_token, probes)
+        assert dialed == []
+        with pytest.raises(BlockingIOError):  # nothing ever connected to the listener
+            listener.accept()
+    finally:
+        listener.close()
+    assert store.get_peer(joined.session_id).reachability == ""  # unchecked: not "unreachable"
+
+
+def test_behind_a_proxy_a_peer_is_checked_at_its_public_address_or_left_unjudged(served):
+    client, store, dialed, answers = served
+    answers[(PUBLIC, 4001)] = True
+    joined = client.join(signed_join(name="home"))
+    maddrs = [f"/ip4/{PUBLIC}/tcp/4001/p2p/QmX", "/ip4/192.168.1.5/tcp/4001/p2p/QmX"]
+    answer = client.check_reachability(joined.session_id, joined.session_token, maddrs)
+    assert answer.reachable and answer.dialed == f"{PUBLIC}:4001" and answer.seen_host == "127.0.0.1"
+    assert store.get_peer(joined.session_id).reachability == "reachable"
+    other = client.join(signed_join(name="closed"))
+    with pytest.raises(CoordinatorRejected, match="cannot check from here"):
+        client.check_reachability(other.session_id, other.session_token, [f"/ip4/{PUBLIC}/tcp/4002"])
+    assert dialed == [(PUBLIC, 4001), (PUBLIC, 4002)]
+    assert store.get_peer(other.session_id).reachability == ""
+
+
+def test_on_one_machine_a_listening_peer_is_reachable_and_others_are_told_why():
+    """`--allow-loopback-dial` (tests, the demo): the check as a swarm on one machine sees it."""
+    one_machine = reachability.ReachSettings(allow_loopback_dial=True)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     try:
-        joined = client.join(pb.JoinRequest(name="home"))
-        answer = client.check_reachability(
-            joined.session_id, joined.session_token, [f"/ip4/127.0.0.1/tcp/{port}/p2p/QmX"]
+        announced = [f"/ip4/127.0.0.1/tcp/{port}/p2p/QmX"]
+        assert reachability.check("127.0.0.1", announced, settings=one_machine) == (
+            True,
+            [f"127.0.0.1:{port}"],
+            "",
         )
-        assert answer.reachable and answer.seen_host == "127.0.0.1" and answer.advice == ""
-        assert store.get_peer(joined.session_id).reachability == "reachable"
         # a peer behind NAT announces an address nobody can dial (TEST-NET): not dialed, and the
         # port it listens on, open where the coordinator sees it, is named in the advice
-        other = client.join(pb.JoinRequest(name="nat"))
-        answer = client.check_reachability(
-            other.session_id, other.session_token, [f"/ip4/192.0.2.1/tcp/{port}/p2p/QmY"]
-        )
-        assert not answer.reachable and "--announce-host 127.0.0.1" in answer.advice
-        assert ("192.0.2.1", port) not in dialed
-        assert store.get_peer(other.session_id).reachability == "unreachable"
+        nat = [f"/ip4/192.0.2.1/tcp/{port}/p2p/QmY"]
+        reachable, dialed, advice = reachability.check("127.0.0.1", nat, settings=one_machine)
+        assert not reachable and dialed == [] and "--announce-host 127.0.0.1" in advice
     finally:
         listener.close()
     # nothing listens there any more: unreachable, with the port-forwarding advice
-    answer = client.check_reachability(
-        joined.session_id, joined.session_token, [f"/ip4/127.0.0.1/tcp/{port}"]
-    )
-    assert not answer.reachable and f"forward TCP port {port}" in answer.advice
+    reachable, _, advice = reachability.check("127.0.0.1", announced, settings=one_machine)
+    assert not reachable and f"forward TCP port {port}" in advice
 
 
 def test_reachability_requests_are_bounded_and_rate_limited(served):
-    client, _, dialed = served
-    joined = client.join(pb.JoinRequest(name="x"))
+    client, _, dialed, answers = served
+    answers[(PUBLIC, 1)] = True
+    joined = client.join(signed_join(name="x"))
     sid, token = joined.session_id, joined.session_token
     with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT"):
         client._call(
@@ -141,12 +272,12 @@ def test_reachability_requests_are_bounded_and_rate_limited(served):
     with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT"):
         client.check_reachability(sid, token, ["/ip4/1.2.3.4/tcp/1\n/evil"])
     with pytest.raises(CoordinatorRejected, match="UNAUTHENTICATED|NOT_FOUND|PERMISSION"):
-        client.check_reachability(sid, "A" * 43, ["/ip4/127.0.0.1/tcp/1"])
+        client.check_reachability(sid, "A" * 43, [f"/ip4/{PUBLIC}/tcp/1"])
     for _ in range(3):  # the burst
-        client.check_reachability(sid, token, ["/ip4/127.0.0.1/tcp/1"])
+        assert client.check_reachability(sid, token, [f"/ip4/{PUBLIC}/tcp/1"]).reachable
     before = len(dialed)
     with pytest.raises(CoordinatorUnavailable, match="RESOURCE_EXHAUSTED"):  # a peer retries later
-        client.check_reachability(sid, token, ["/ip4/127.0.0.1/tcp/1"])
+        client.check_reachability(sid, token, [f"/ip4/{PUBLIC}/tcp/1"])
     assert len(dialed) == before  # refused before dialing anything
 
 
