@@ -129,14 +129,14 @@ class AdmissionRecordValidator(RecordValidatorBase):
     Register it with `IdentitySignatureValidator` (start_dht does): that one checks the owner's
     signature first and strips it (without it, every signed record fails here: values do not parse)."""
 
-    MAX_DECIDED = 4096  # decisions remembered: a lookup re-validates every entry of a dictionary
+    MAX_ACCEPTED = 4096  # records remembered as valid: a lookup re-validates every entry it returns
 
     def __init__(self, run_id: str, run_public_key_hex: str):
         self.run_id, self.run_public_key_hex = run_id, run_public_key_hex
         self._kinds = {dht_key_id(key): "other" for key in run_dht_keys(run_id)}
         self._kinds[dht_key_id(tokens_key(run_id))] = "tokens"
         self._kinds[dht_key_id(revocations_key(run_id))] = "revocations"
-        self._decided: dict[DHTRecord, bool] = {}
+        self._accepted: set[DHTRecord] = set()
 
     def validate(self, record: DHTRecord) -> bool:
         kind = self._kinds.get(record.key)
@@ -144,12 +144,14 @@ class AdmissionRecordValidator(RecordValidatorBase):
             return True
         if kind == "other":  # only the subkey matters: cheap, not remembered
             return self._decide(kind, record)
-        decided = self._decided.get(record)
-        if decided is None:
-            if len(self._decided) >= self.MAX_DECIDED:
-                self._decided.clear()
-            self._decided[record] = decided = self._decide(kind, record)
-        return decided
+        if record in self._accepted:
+            return True
+        accepted = self._decide(kind, record)
+        if accepted:  # only honest records are re-validated often; junk must not fill this
+            if len(self._accepted) >= self.MAX_ACCEPTED:
+                self._accepted.clear()
+            self._accepted.add(record)
+        return accepted
 
     def _decide(self, kind: str, record: DHTRecord) -> bool:
         try:
