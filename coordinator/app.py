@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from crowdtrain.coordinator import reachability
 from crowdtrain.coordinator.admission import servicer_options
 from crowdtrain.coordinator.archive import DownloadTracker
 from crowdtrain.coordinator.config import CoordinatorConfig
@@ -211,6 +212,7 @@ class Coordinator:
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
             downloads=downloads,
             **servicer_options(cfg, run.manifest.run_id, run.signing_key, self.store, self._own_dht_ids()),
+            reach=reachability.ReachSettings.from_config(cfg),
         )
         self.shards = servicer.shards  # the data's coverage, for status
         self.grpc_server, grpc_port = bind_remembered(

@@ -67,10 +67,12 @@ def cli_command(*args: str) -> list[str]:
 
 
 def coordinator_command(data_dir: Path, *extra: str) -> list[str]:
-    """`crowdtrain coordinator` for a local swarm: its run in `data_dir`, free ports (see endpoints.json)."""
+    """`crowdtrain coordinator` for a local swarm: its run in `data_dir`, free ports (see endpoints.json),
+    and reachability checks of peers on this machine (`--allow-loopback-dial`)."""
     return cli_command(
-        "coordinator", "--data-dir", str(data_dir), "--grpc-port", "0", "--http-port", "0", *extra
-    )
+        "coordinator", "--data-dir", str(data_dir), "--grpc-port", "0", "--http-port", "0",
+        "--allow-loopback-dial", *extra,
+    )  # fmt: skip
 
 
 def local_peer_command(grpc_address: str, cache_dir: Path, *extra: str) -> list[str]:

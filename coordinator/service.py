@@ -121,6 +121,7 @@ class CoordinatorServicer:
         abuse: AbuseLimits = AbuseLimits(),
         gate: Gate | None = None,
         evidence: EvidenceBook | None = None,
+        reach: reachability.ReachSettings | None = None,
     ):
         """`gate`: admission and swarm tokens (default: open, no tokens); `evidence`: reports
         against peers and automatic bans (default: the store's, with default thresholds)."""
@@ -142,6 +143,9 @@ class CoordinatorServicer:
             BucketSettings(abuse.reachability_burst, abuse.reachability_per_minute / 60)
         )
         self.dial: Callable[[str, int], bool] = reachability.tcp_dial
+        self.reach = (
+            reach or reachability.ReachSettings()
+        )  # whom the check may dial; which proxy names callers
         num_shards = run.num_shards if run is not None else 1
         sizes = (run.shard_bytes if run is not None else ()) or (2**40,) * num_shards
         live_s = health_settings.heartbeat_timeout_s if health_settings else 60.0
@@ -317,8 +321,9 @@ class CoordinatorServicer:
         record = self._session(request)
         now = self.clock()
         self._limit(self._reach, record.session_id, now, "reachability checks")
-        seen = reachability.host_of(context.peer()) if context is not None else ""
-        reachable, dialed, advice = reachability.check(seen, maddrs[:8], self.dial, who=record.name)
+        metadata = (context.invocation_metadata() or ()) if context is not None else ()
+        seen = reachability.caller_host(context.peer(), metadata, self.reach) if context is not None else ""
+        reachable, dialed, advice = reachability.check(seen, maddrs[:8], self.dial, record.name, self.reach)
         current = self.store.get_peer(record.session_id) or record
         verdict = "reachable" if reachable else "unreachable"
         self.store.upsert_peer(dataclasses.replace(current, reachability=verdict))
