@@ -23,6 +23,10 @@ from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected
 from crowdtrain.protos import coordinator_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.identities import identity, signed_join
+
+A_ID, B_ID = identity(801).peer_id, identity(802).peer_id  # the identities of EVIL's and bob's sessions
+
 EVIL = "<img src=x onerror=alert(1)>"
 
 
@@ -77,8 +81,11 @@ def get(url: str):
 def test_metrics_match_the_json_api(site):
     base, address, store, root, clock = site
     with CoordinatorClient(address) as client:
-        joined = [client.join(pb.JoinRequest(name=name, device="cpu")) for name in (EVIL, "bob")]
-        for j, dht_id in zip(joined, ("QmA", "QmB"), strict=True):
+        joined = [
+            client.join(signed_join(name=name, device="cpu", now=clock[0], who=who))
+            for name, who in ((EVIL, 801), ("bob", 802))
+        ]
+        for j, dht_id in zip(joined, (A_ID, B_ID), strict=True):
             client.heartbeat(
                 pb.HeartbeatRequest(
                     session_id=j.session_id,
@@ -91,7 +98,7 @@ def test_metrics_match_the_json_api(site):
             # as if proven with its hivemind key (tests/test_hostile_peers.py): only then it is credited
             store.upsert_peer(dataclasses.replace(store.get_peer(j.session_id), dht_verified=True))
         client.leave(joined[1].session_id, joined[1].session_token, "bye")
-    store.add_contributions([("QmA", 1, 100), ("QmA", 2, 50), ("QmB", 1, 30)])
+    store.add_contributions([(A_ID, 1, 100), (A_ID, 2, 50), (B_ID, 1, 30)])
     staging = new_staging_dir(root, 3)
     (staging / "f").write_text("x")
     finalize(staging, root, CheckpointMeta("ct_test", 3, 768, 4.25, 1990.0, "m", None, ()))
@@ -125,7 +132,7 @@ def test_metrics_match_the_json_api(site):
 def test_grpc_status_matches_the_json_api(site):
     base, address, store, _, clock = site
     with CoordinatorClient(address) as client:
-        joined = client.join(pb.JoinRequest(name="carol", device="cuda:0", version="0.1.0"))
+        joined = client.join(signed_join(name="carol", device="cuda:0", version="0.1.0", now=clock[0]))
         client.heartbeat(
             pb.HeartbeatRequest(
                 session_id=joined.session_id,
@@ -177,10 +184,11 @@ def test_dashboard_is_self_contained(site):
 def test_a_volunteer_bookmarks_its_own_page_by_public_or_hivemind_id(site):
     base, address, store, root, clock = site
     with CoordinatorClient(address) as client:
-        joined = [client.join(pb.JoinRequest(name=name, device="cpu")) for name in (EVIL, "bob", "carol")]
-        for j, dht_id, paused in zip(
-            joined, ("QmAqqq22222222222222222222", "QmBqqq33333333333333333333", ""), (1, 0, 0), strict=True
-        ):
+        joined = [
+            client.join(signed_join(name=name, device="cpu", now=clock[0], who=who))
+            for name, who in ((EVIL, 801), ("bob", 802), ("carol", 803))
+        ]
+        for j, dht_id, paused in zip(joined, (A_ID, B_ID, ""), (1, 0, 0), strict=True):
             client.heartbeat(
                 pb.HeartbeatRequest(
                     session_id=j.session_id,
@@ -195,8 +203,8 @@ def test_a_volunteer_bookmarks_its_own_page_by_public_or_hivemind_id(site):
             )
             if dht_id:  # as if proven with its hivemind key (tests/test_hostile_peers.py)
                 store.upsert_peer(dataclasses.replace(store.get_peer(j.session_id), dht_verified=True))
-    store.add_contributions([("QmAqqq22222222222222222222", 1, 300), ("QmBqqq33333333333333333333", 1, 100)])
-    for key in (joined[0].peer_id, "QmAqqq22222222222222222222"):
+    store.add_contributions([(A_ID, 1, 300), (B_ID, 1, 100)])
+    for key in (joined[0].peer_id, A_ID):
         page = json.loads(get(f"{base}/api/v1/peers/{key}")[2])
         assert page["peer"]["name"] == EVIL and page["peer"]["state"] == "PAUSED"
         assert page["peer"]["reason"] == "paused: on battery" and page["peer"]["shard_position"] == 8
