@@ -27,6 +27,7 @@ from crowdtrain.coordinator import config as cfg
 from crowdtrain.coordinator.cli_invite import INVITE_COMMANDS
 from crowdtrain.peer import __version__
 from crowdtrain.peer import config as peer_cfg
+from crowdtrain.peer.display import clean_display
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import JsonFormatter, quiet_expected_averaging_failures
 from crowdtrain.peer.layered import add_layered_options, config_from_command_line
@@ -125,6 +126,7 @@ def cmd_pull(config: peer_cfg.PullConfig) -> int:
         timeout_s=config.timeout_s,
         public_key=config.public_key,
         trust_new_key=config.trust_new_key,
+        trust_new_run=config.trust_new_run,
         tls=ClientTls.from_flags(config.tls, config.tls_ca),
     )
     print(
@@ -162,8 +164,6 @@ def format_status(status, now: float) -> str:
     """Render a GetStatusResponse as the operator's table (SWARM: peers it sees in the run's progress
     records; UPTIME: since its heartbeats started)."""
     from collections import Counter
-
-    from crowdtrain.coordinator.limits import clean_display
 
     s = status.summary
     loss = (
@@ -264,9 +264,8 @@ def cmd_checkpoints(config: peer_cfg.CheckpointsConfig) -> int:
     from crowdtrain.peer.tls import ClientTls
 
     listed, public_key = list_published(config.coordinator, ClientTls.from_flags(config.tls, config.tls_ca))
-    print(
-        f"{len(listed)} checkpoint(s); the coordinator says they are signed by {public_key or 'an unknown key'}"
-    )
+    claimed = clean_display(public_key, 128) or "an unknown key"  # the coordinator's words, unchecked
+    print(f"{len(listed)} checkpoint(s); the coordinator says they are signed by {claimed}")
     print(f"{'STEP':>8}  {'PUBLISHED (UTC)':<19}  {'EVAL LOSS':>9}  {'SIZE MB':>8}")
     for c in listed:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.created_unix_s))
@@ -373,11 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except CrowdtrainError as e:  # expected, and its message says what to do
-        print(f"error: {e}", file=sys.stderr)
+        # cleaned: a message may quote a coordinator (gRPC details, HTTP reasons), escapes and all
+        print(f"error: {clean_display(str(e))}", file=sys.stderr)
         logging.getLogger(__name__).debug("details", exc_info=True)
         return 1
     except OSError as e:  # the machine said no (a path, permissions, a full disk, a closed pipe)
-        print(f"error: {e}; check the path, its permissions and free space", file=sys.stderr)
+        print(
+            f"error: {clean_display(str(e))}; check the path, its permissions and free space", file=sys.stderr
+        )
         logging.getLogger(__name__).debug("details", exc_info=True)
         return 1
     except Exception:

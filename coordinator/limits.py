@@ -1,39 +1,21 @@
 """Every field a request may carry, with its limit: one table for gRPC and HTTP alike.
 
 Strangers call the coordinator, so nothing a request says is kept unless it fits here: text has a
-length and a charset (identifiers) or is display text (normalised: `clean_display`), a phase is one
-of an enum, a number lies in a plausible range. A request outside its limits is refused with
-`InvalidRequestError` (gRPC INVALID_ARGUMENT) naming the field and the limit; display text is cut
-to its length instead, since a long name harms no one once cut. Pure: no I/O, no clock.
+length and a charset (identifiers) or is display text (normalised: `clean_display`, in
+peer/display.py), a phase is one of an enum, a number lies in a plausible range. A request outside
+its limits is refused with `InvalidRequestError` (gRPC INVALID_ARGUMENT) naming the field and the
+limit; display text is cut to its length instead, since a long name harms no one once cut. Pure:
+no I/O, no clock.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
 
 from crowdtrain.coordinator.errors import InvalidRequestError
-
-# unicode categories dropped from display text: C0/C1 controls (Cc: newlines, ESC of ANSI
-# sequences), format characters (Cf: bidi overrides that reorder a terminal line), line and
-# paragraph separators, surrogates, private use and unassigned code points
-_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
-_SPACES = re.compile(r"\s+")
-
-
-def clean_display(text: str, max_chars: int | None = None) -> str:
-    """Text safe to show in a terminal, a log line or a page: NFKC-normalised, no control or format
-    characters, every run of whitespace one space, trimmed, then cut to `max_chars`."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(
-        " " if c.isspace() else c
-        for c in text
-        if c.isspace() or unicodedata.category(c) not in _DROPPED_CATEGORIES
-    )
-    text = _SPACES.sub(" ", text).strip()
-    return text if max_chars is None else text[:max_chars]
+from crowdtrain.peer.display import clean_display
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
+from crowdtrain.peer.display import clean_display
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.tls import ClientTls, connection_hint
@@ -29,6 +30,7 @@ _RETRYABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+MAX_DETAILS_CHARS = 500  # of a coordinator's error text shown to the volunteer
 
 
 class CoordinatorUnavailable(CrowdtrainError, ConnectionError):
@@ -123,7 +125,9 @@ class CoordinatorClient:
 
 
 def _translate(e: grpc.RpcError, address: str, tls: ClientTls | None = None) -> Exception:
-    code, details = e.code(), e.details()
+    """The error a caller sees. The status details are the coordinator's own words (a hostile one
+    may send terminal escape sequences): cleaned and cut before they reach any message or log."""
+    code, details = e.code(), clean_display(e.details() or "", MAX_DETAILS_CHARS)
     if code in _RETRYABLE or code is grpc.StatusCode.CANCELLED:
         hint = connection_hint(tls, details or "") if code is grpc.StatusCode.UNAVAILABLE else ""
         return CoordinatorUnavailable(

@@ -84,6 +84,12 @@ class PeerConfig:
     token_wait_s: float = option(
         60.0, "give up when the coordinator has not admitted this peer to the swarm within this long"
     )
+    trust_new_run: bool = option(
+        False,
+        "join a run (and trust its key) although this machine trusted another run under another key "
+        "at this coordinator address: only after checking the new run's key with its operator (an "
+        "impostor can re-sign the real run under a new run id); needed once, never written to the service",
+    )
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,11 @@ class PullConfig:
     )
     trust_new_key: bool = option(
         False, "accept the key the coordinator now signs with although it differs from the one trusted before"
+    )
+    trust_new_run: bool = option(
+        False,
+        "accept a run this machine has not trusted at this coordinator address, signed by a key not "
+        "trusted there (a run a training peer joined is not trusted by pull on that alone)",
     )
     tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
     tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")

@@ -12,10 +12,12 @@ a whole directory and renames that): an interrupted download continues with an H
 Files are created with O_EXCL|O_NOFOLLOW (a symlink planted at a name is never followed, an existing
 file is never appended to unless it is the regular file a download left); at most the promised
 `size` is accepted, and Content-Range/Content-Length are parsed strictly (ASCII digits) and checked
-against it. The sha256 is computed as the bytes are written (`HashedFile`; a partial file's bytes are
-read back first), not by reading the downloaded file again. Bytes that do not match a known sha256
-are deleted (DownloadCorrupted); any other failure is a DownloadError. Both say what failed; callers
-add what to do about it in their own terms.
+against it. The sha256 is computed as the bytes are written (`HashedFile`; a partial file's bytes
+are read back first), not by reading the downloaded file again. Bytes that do not match a known
+sha256 are deleted (DownloadCorrupted); any other failure is a DownloadError. Both say what failed
+(the server's own words cleaned for the terminal); callers add what to do about it in their own terms.
+With an `ssl_context` (the volunteer asked for TLS) only https:// URLs are fetched and a redirect
+to anything else is refused (`open_url`): asking for TLS never ends in plaintext, silently.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from crowdtrain.peer.data import sha256_file
+from crowdtrain.peer.display import clean_display
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.names import NetworkValueError, parse_ascii_int
 
@@ -147,7 +150,7 @@ def download(
     part = Path(name)
     try:
         part.unlink()  # _fetch creates it again with O_EXCL: nobody can swap in a symlink unseen
-        check_sha256(part, sha256, url, _fetch(url, part, size, **fetch))
+        check_sha256(part, sha256, clean_display(url, 300), _fetch(url, part, size, **fetch))
     except BaseException:
         part.unlink(missing_ok=True)
         raise
@@ -169,7 +172,7 @@ def download_resumable(
     """`download(..., resume=True)`, returning the sha256 of `dest`'s bytes as this process read and
     wrote them (`HashedFile`), already checked against `sha256` when that is known."""
     digest = _fetch(url, dest, size, timeout_s, deadline, progress, ssl_context)
-    check_sha256(dest, sha256, url, digest)
+    check_sha256(dest, sha256, clean_display(url, 300), digest)
     return digest
 
 
@@ -227,6 +230,39 @@ def expected_body_bytes(headers, status: int, have: int, size: int) -> tuple[int
     return start, n
 
 
+class PlaintextRefused(DownloadError):
+    """TLS was asked for (an ssl_context), but the URL, or a redirect, is not https://."""
+
+
+def _refuse_plaintext(url: str, what: str) -> None:
+    if not url.lower().startswith("https://"):
+        raise PlaintextRefused(
+            f"{what} {clean_display(url, 200)} is not https://, but TLS was asked for (--tls or --tls-ca); "
+            "use the coordinator's https:// address, or leave out --tls/--tls-ca to accept plaintext"
+        )
+
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to another https:// URL."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _refuse_plaintext(newurl, f"{clean_display(req.full_url, 200)} redirects to")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def open_url(request: urllib.request.Request | str, timeout_s: float, ssl_context=None):
+    """`urllib.request.urlopen`, except that with `ssl_context` (TLS asked for) a URL or a redirect
+    that is not https:// raises PlaintextRefused instead of going on in plaintext."""
+    if ssl_context is None:
+        return urllib.request.urlopen(request, timeout=timeout_s)
+    url = request.full_url if isinstance(request, urllib.request.Request) else request
+    _refuse_plaintext(url, "the URL")
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=ssl_context), _HttpsOnlyRedirects()
+    )
+    return opener.open(request, timeout=timeout_s)
+
+
 def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress, ssl_context) -> str:
     """Append to `dest` what is missing of `url` (a Range request when it holds bytes already);
     returns the sha256 of all of `dest`, hashed as it was read back and written."""
@@ -235,11 +271,12 @@ def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress
         with HashedFile(dest, have) as f:
             return f.hexdigest()
     limit = size if size >= 0 else UNKNOWN_SIZE_LIMIT_BYTES
+    shown = clean_display(url, 300)  # a shard's URL starts with what the coordinator named
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     if deadline is not None:
         timeout_s = max(1.0, min(timeout_s, deadline - time.monotonic()))
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s, context=ssl_context) as response:
+        with open_url(request, timeout_s, ssl_context) as response:
             start, _ = expected_body_bytes(response.headers, response.status, have, size)
             if not start:  # nothing yet, or a server ignoring Range: start over
                 dest.unlink(missing_ok=True)
@@ -250,16 +287,17 @@ def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress
                 while n := response.readinto(buffer):
                     written += n
                     if written > limit:  # a server sending more than was promised: stop
-                        raise DownloadError(f"{url} sent more than the {limit} bytes expected")
+                        raise DownloadError(f"{shown} sent more than the {limit} bytes expected")
                     f.write(buffer[:n])
                     if progress is not None:
                         progress.update(n)
                     if deadline is not None and time.monotonic() > deadline:
-                        raise DownloadError(f"download of {url} exceeded the time limit")
+                        raise DownloadError(f"download of {shown} exceeded the time limit")
                 return f.hexdigest()
     except NetworkValueError as e:
-        raise DownloadError(f"{url}: the server's answer is malformed: {e}") from e
+        raise DownloadError(f"{shown}: the server's answer is malformed: {clean_display(str(e))}") from e
     except urllib.error.HTTPError as e:
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}", http_status=e.code) from e
+        reason = clean_display(str(e.reason), 200)  # the server's words
+        raise DownloadError(f"{shown}: HTTP {e.code} {reason}", http_status=e.code) from e
     except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"could not download {url}: {e}") from e
+        raise DownloadError(f"could not download {shown}: {clean_display(str(e), 300)}") from e

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 from crowdtrain.peer import names
 from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta, FileEntry
 from crowdtrain.peer.client import CoordinatorClient
+from crowdtrain.peer.display import clean_display
+from crowdtrain.peer.download import PlaintextRefused, open_url
 from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.tls import ClientTls
+from crowdtrain.peer.tls import ClientTls, plaintext_refusal
 
 MAX_LISTING_BYTES = 16 << 20
 
@@ -46,7 +47,11 @@ def is_http(coordinator: str) -> bool:
 
 def list_published(coordinator: str, tls: ClientTls | None = None) -> tuple[list[Listed], str]:
     """(checkpoints oldest first, the signing key the coordinator claims) from `HOST:PORT` (gRPC)
-    or an http(s):// URL. Raises PullError for an unreachable coordinator or a malformed listing."""
+    or an http(s):// URL. Raises PullError for an unreachable coordinator, a malformed listing, or
+    an http:// URL with TLS asked for (`plaintext_refusal`)."""
+    refused = plaintext_refusal(coordinator, tls)
+    if refused:
+        raise PullError(refused)
     if is_http(coordinator):
         return _list_http(coordinator.rstrip("/"), tls)
     with CoordinatorClient(coordinator, tls=tls) as client:
@@ -75,7 +80,9 @@ def list_published(coordinator: str, tls: ClientTls | None = None) -> tuple[list
             for c in listing.checkpoints
         ]
     except names.NetworkValueError as e:
-        raise PullError(f"the coordinator at {coordinator} sent a malformed listing: {e}") from e
+        raise PullError(
+            f"the coordinator at {coordinator} sent a malformed listing: {clean_display(str(e), 300)}"
+        ) from e
     return sorted(listed, key=lambda c: c.step), listing.signing_public_key
 
 
@@ -84,16 +91,21 @@ def _list_http(base: str, tls: ClientTls | None) -> tuple[list[Listed], str]:
     try:
         raw = _get_json(f"{base}/api/v1/checkpoints", context)
         run = _get_json(f"{base}/api/v1/run", context)
+    except PlaintextRefused as e:
+        raise PullError(str(e)) from e
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise PullError(
-            f"could not list checkpoints at {base}: {e}; is that the coordinator's HTTP address?"
+            f"could not list checkpoints at {base}: {clean_display(str(e), 300)}; is that the "
+            "coordinator's HTTP address?"
         ) from e
     if not isinstance(raw, list) or not isinstance(run, dict):
         raise PullError(f"{base} answered with something that is not a checkpoint listing")
     try:
         metas = [CheckpointMeta.from_json(json.dumps(m)) for m in raw]
     except CheckpointError as e:
-        raise PullError(f"the coordinator at {base} sent a malformed listing: {e}") from e
+        raise PullError(
+            f"the coordinator at {base} sent a malformed listing: {clean_display(str(e), 300)}"
+        ) from e
     listed = [
         Listed(m.step, m.eval_loss, m.created_unix_s, m.files, f"{base}/checkpoints/{m.step}") for m in metas
     ]
@@ -102,7 +114,7 @@ def _list_http(base: str, tls: ClientTls | None) -> tuple[list[Listed], str]:
 
 
 def _get_json(url: str, context):
-    with urllib.request.urlopen(url, timeout=30, context=context) as response:
+    with open_url(url, 30, context) as response:
         data = response.read(MAX_LISTING_BYTES + 1)
     if len(data) > MAX_LISTING_BYTES:
         raise ValueError(f"{url} sent more than {MAX_LISTING_BYTES} bytes")

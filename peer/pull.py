@@ -6,15 +6,16 @@
     python -c "from transformers import pipeline; print(pipeline('text-generation', model='./model')('def '))"
 
 Order of trust: the (unsigned) listing only chooses the step. crowdtrain.json is fetched first (at
-most 1 MiB), its Ed25519 signature checked, and its key checked against the pinned `--public-key`
-or the key trusted on first use for this coordinator address (peer/trust.py); a "latest" older
-than a step already verified from the run is refused (replay). Only then are the files it lists
-fetched, each name one allowed checkpoint file name, each download stopped at its signed size.
-Files land in a private staging directory beside OUT (`mkdtemp`, mode 0700, files created with
-O_EXCL|O_NOFOLLOW) and OUT is renamed into place only after `verify_dir` (exactly the listed files,
-regular, right sizes and sha256). Each sha256 is computed while the file is written (a resumed file's
-earlier bytes are read back first, `download.HashedFile`): no file is read again. An interrupted pull resumes in its own staging directory (HTTP
-Range, or the gRPC stream's offset); one that fails verification is deleted.
+most 1 MiB), its Ed25519 signature checked, and its key checked against the pinned `--public-key` or
+the key trusted for this coordinator address (peer/trust.py: on first use or by a flag, never on a
+training peer's word alone); a "latest" older than a step already verified from the run is refused
+(replay). Only then are the files it lists fetched, each name one allowed checkpoint file name, each
+download stopped at its signed size. Files land in a private staging directory beside OUT
+(`mkdtemp`, mode 0700, files created with O_EXCL|O_NOFOLLOW) and OUT is renamed into place only
+after `verify_dir` (exactly the listed files, regular, right sizes and sha256). Each sha256 is
+computed while the file is written (a resumed file's earlier bytes are read back first,
+`download.HashedFile`): no file is read again. An interrupted pull resumes in its own staging
+directory (HTTP Range, or the gRPC stream's offset); one that fails verification is deleted.
 `crowdtrain verify OUT --public-key KEY` repeats the check offline.
 """
 
@@ -38,6 +39,7 @@ from crowdtrain.peer.download import (
     DownloadCorrupted,
     DownloadError,
     HashedFile,
+    PlaintextRefused,
     bytes_already_here,
     check_sha256,
     download_resumable,
@@ -185,35 +187,40 @@ def _fetch_files(source: _Source, meta: CheckpointMeta, staging: Path) -> dict[s
 
 def _check_trust(
     coordinator: str, meta: CheckpointMeta, info: Listed, step: int, policy: trust.TrustPolicy
-) -> None:
-    """The signer is the run's key (pinned or trusted on first use) and "latest" is no replay."""
+) -> str:
+    """The signer is the run's key (pinned or trusted on first use) and "latest" is no replay.
+    Returns how to record the key once the checkpoint is verified (trust.HOW_*)."""
     if meta.step != info.step:
         raise CheckpointError(
             f"{checkpoint.META_NAME} is for step {meta.step}, not the listed step {info.step}"
         )
-    known = policy.check(coordinator, meta.run_id, meta.public_key)
+    known, how = policy.check(coordinator, meta.run_id, meta.public_key)
     ok, reason = trust.newest_step_decision(known, meta.step, explicit_step=step >= 0)
     if not ok:
         raise trust.UntrustedKey(
             f"refusing step {meta.step} from {coordinator}: {reason}; pass --step to want it"
         )
+    return how
 
 
 def _download_verified(
     coordinator: str, info: Listed, step: int, staging: Path, timeout_s: float, tls, policy: trust.TrustPolicy
-) -> CheckpointMeta:
+) -> tuple[CheckpointMeta, str]:
+    """(the verified crowdtrain.json, how to record its key) for `info`, downloaded into `staging`."""
     source = _Source(coordinator, info, tls, time.monotonic() + timeout_s)
     try:
         meta = _fetch_meta(source, staging)
-        _check_trust(coordinator, meta, info, step, policy)
+        how = _check_trust(coordinator, meta, info, step, policy)
         digests = _fetch_files(source, meta, staging)
-        return checkpoint.verify_dir(staging, public_key=meta.public_key, digests=digests)
+        return checkpoint.verify_dir(staging, public_key=meta.public_key, digests=digests), how
     except trust.UntrustedKey as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise PullError(f"nothing was written: {e}") from e
     except (CheckpointError, DownloadCorrupted) as e:
         shutil.rmtree(staging, ignore_errors=True)  # never resume from bytes that failed verification
         raise PullError(f"verification failed, nothing was written: {e}") from e
+    except PlaintextRefused as e:  # a redirect out of https: trying again would not help
+        raise PullError(str(e)) from e
     except DownloadError as e:
         hint = (
             "the checkpoint may have been pruned, pull again" if e.http_status else "run pull again to resume"
@@ -232,29 +239,37 @@ def pull(
     public_key: str = "",
     trust_new_key: bool = False,
     new_run_ok: bool = False,
+    trust_new_run: bool = False,
     tls: ClientTls | None = None,
     store: trust.TrustStore | None = None,
 ) -> CheckpointMeta:
     """Download step `step` (-1: the latest) into `out`, verified (see the module docstring).
     `public_key` pins the run's key; else the key is trusted on first use per coordinator address
-    in `store` (default: the user's config directory); `trust_new_key` accepts a changed key;
-    `new_run_ok` trusts a run not seen at this address before (a training peer following Join)."""
+    in `store` (default: the user's config directory); `trust_new_key` accepts a changed key,
+    `trust_new_run` a run not trusted at this address before. `new_run_ok`: the caller is a training
+    peer (peer/recovery.py) pulling its run with the key trusted at Join pinned as `public_key`;
+    what it verifies is recorded as a peer's trust ("joined"), never as a volunteer's pin."""
     out = Path(out).expanduser()
     if out.is_symlink() or (
         out.exists() and any(out.iterdir()) and not (out / checkpoint.META_NAME).exists()
     ):
         raise PullError(f"{out} exists and is not a crowdtrain checkpoint; choose another --out or empty it")
-    policy = trust.TrustPolicy(store or trust.TrustStore.default(), public_key, trust_new_key, new_run_ok)
+    policy = trust.TrustPolicy(
+        store or trust.TrustStore.default(), public_key, trust_new_key, trust_new_run, joined=new_run_ok
+    )
     info = _choose(list_published(coordinator, tls)[0], step, coordinator)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(out, info.step)
     t0 = time.monotonic()
-    meta = _download_verified(coordinator, info, step, staging, timeout_s, tls, policy)
+    meta, how = _download_verified(coordinator, info, step, staging, timeout_s, tls, policy)
     if out.exists():
         shutil.rmtree(out)
     os.rename(staging, out)
     os.chmod(out, 0o755)  # mkdtemp made it private while it was being filled
-    policy.store.remember(coordinator, meta.run_id, meta.public_key, meta.step)
+    try:
+        policy.store.remember(coordinator, meta.run_id, meta.public_key, meta.step, how)
+    except trust.UntrustedKey as e:  # only with a pinned key: the pin decided, the record is unreadable
+        logger.warning("%s; step %d was verified with the pinned key but is not recorded", e, meta.step)
     elapsed = time.monotonic() - t0
     total = sum(f.size_bytes for f in meta.files)
     logger.info(

@@ -1,7 +1,10 @@
 """TLS for the coordinator's gRPC API and HTTP server, one set of rules for every client.
 
 A client uses TLS when it is given a CA file (`--tls-ca FILE`, e.g. the operator's self-signed
-certificate) or `--tls` (the system's trust store); otherwise it talks plaintext, as on a LAN.
+certificate: then only that CA is trusted) or `--tls` (the system's trust store); otherwise it
+talks plaintext, as on a LAN. TLS asked for is never dropped silently: an http:// address with
+`--tls`/`--tls-ca` is refused (`plaintext_refusal`), and so is a redirect out of https
+(peer/download.py).
 The server side (`--tls-cert`/`--tls-key`) is in the coordinator; both ends share these helpers.
 """
 
@@ -34,13 +37,13 @@ class ClientTls:
         return read_pem(self.ca_file, "CA certificate (--tls-ca)") if self.ca_file else None
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        """For HTTPS downloads; None for plaintext."""
+        """For HTTPS downloads; None for plaintext. With `ca_file`, that CA alone is trusted (as for
+        gRPC): a certificate some system CA issued for the host is refused."""
         if not self.enabled:
             return None
-        context = ssl.create_default_context()
-        if self.ca_file:
-            context.load_verify_locations(cadata=self.ca_pem().decode("ascii", "replace"))
-        return context
+        if self.ca_file:  # given cadata, create_default_context loads no system certificates
+            return ssl.create_default_context(cadata=self.ca_pem().decode("ascii", "replace"))
+        return ssl.create_default_context()
 
     def grpc_credentials(self):
         """grpc.ChannelCredentials for a secure channel; None for plaintext."""
@@ -49,6 +52,19 @@ class ClientTls:
         import grpc
 
         return grpc.ssl_channel_credentials(root_certificates=self.ca_pem())
+
+
+def plaintext_refusal(coordinator: str, tls: ClientTls | None) -> str:
+    """Pure: why `coordinator` cannot be used with `tls` ("" when it can): TLS was asked for, but the
+    address is an http:// URL, which would be fetched in plaintext."""
+    if tls is None or not tls.enabled or not coordinator.lower().startswith("http://"):
+        return ""
+    flag = f"--tls-ca {tls.ca_file}" if tls.ca_file else "--tls"
+    return (
+        f"{flag} asks for TLS, but {coordinator} is plaintext HTTP; use "
+        f"https://{coordinator[len('http://') :]} (a coordinator started with --tls-cert serves HTTPS on its "
+        "HTTP port), or leave out --tls/--tls-ca to download in plaintext"
+    )
 
 
 def read_pem(path: str, what: str) -> bytes:

@@ -124,9 +124,12 @@ class Volunteer:
         self.manifest = check_joined_run(
             joined.manifest_json, joined.manifest_sha256, joined.manifest_signature, joined.tokenizer_json
         )
-        # the key that signed it: trusted for this run at this address on first use, refused if changed
+        # its key: trusted here before, or first contact; another run under a new key needs --trust-new-run
         self.run_key = trust_joined_run(
-            self.config.coordinator, self.manifest.run_id, self.manifest.signing_public_key
+            self.config.coordinator,
+            self.manifest.run_id,
+            self.manifest.signing_public_key,
+            trust_new_run=self.config.trust_new_run,
         )
         self.cache_dir = run_cache_dir(self.config.cache_dir, self.manifest.run_id)
         self.batch_size = self.config.batch_size or self.manifest.swarm.batch_size_per_step

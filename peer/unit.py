@@ -18,6 +18,8 @@ from crowdtrain.peer.errors import CrowdtrainError
 UNIT_NAME = "crowdtrain-peer.service"
 # at boot the network may come up late: keep asking the coordinator instead of giving up after 60 s
 BOOT_JOIN_TIMEOUT_S = 3600.0
+# a one-time decision, not a setting: written into the unit it would accept any new run at every start
+NOT_KEPT = frozenset({"trust_new_run"})
 
 
 class UnitError(CrowdtrainError):
@@ -26,20 +28,22 @@ class UnitError(CrowdtrainError):
 
 def unit_text(config, python: str = sys.executable) -> str:
     """The unit running `crowdtrain peer` with every setting of `config` that differs from its
-    default (flags are what the volunteer gave: flags, environment or peer.toml, all resolved)."""
+    default (flags are what the volunteer gave: flags, environment or peer.toml, all resolved).
+    A value is written `--flag=VALUE`, one word: a value that looks like a flag (`--x`) is still
+    that setting's value, never a flag of its own that would fail every start."""
     args = [python, "-m", "crowdtrain.coordinator.cli", "peer"]
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.name == "join_timeout_s" and value == f.default:
             value = BOOT_JOIN_TIMEOUT_S
-        elif value == f.default:
+        elif value == f.default or f.name in NOT_KEPT:
             continue
         _refuse_control_characters(f.name, value)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag[2:])
         else:
-            args += [flag, str(value)]
+            args.append(f"{flag}={value}")
     _refuse_control_characters("python", python)
     command = " ".join(_quoted(a) for a in args)
     return (

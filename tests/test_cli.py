@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -115,11 +116,8 @@ def test_install_service_writes_a_systemd_unit_with_the_peer_s_settings(tmp_path
     text = unit.read_text()
     assert unit.stat().st_mode & 0o777 == 0o600, "it may hold an invite code"
     [exec_start] = [line for line in text.splitlines() if line.startswith("ExecStart=")]
-    assert (
-        '"--coordinator" "203.0.113.7:50051"' in exec_start
-        and '"--threads" "2" "--client-mode"' in exec_start
-    )
-    assert '"alice\'s 50%% $$HOME"' in exec_start, "systemd must not expand % or $ in a value"
+    assert '"--coordinator=203.0.113.7:50051"' in exec_start and '"--threads=2" "--client-mode"' in exec_start
+    assert '"--name=alice\'s 50%% $$HOME"' in exec_start, "systemd must not expand % or $ in a value"
     assert "WantedBy=default.target" in text and "Restart=on-failure" in text
     if shutil.which("systemd-analyze"):
         verify = subprocess.run(
@@ -255,3 +253,28 @@ def test_the_operating_system_refusing_is_one_line_not_a_bug(monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: [Errno 13] Permission denied: '/srv/model'") and err.count("\n") == 1
     assert "Traceback" not in err and "bug" not in err
+
+
+def _systemd_words(exec_start: str) -> list[str]:
+    """ExecStart's words as systemd passes them (double quotes with C escapes, `%%` and `$$`)."""
+    words = shlex.split(exec_start.removeprefix("ExecStart="))
+    return [w.replace("%%", "%").replace("$$", "$") for w in words]
+
+
+@pytest.mark.parametrize("value", ["--x", "-h", "--coordinator=198.51.100.1:1", 'a b \\ " %n $USER'])
+def test_a_flag_like_value_stays_that_settings_value_in_the_service(value):
+    """Review N21: `"--name" "--x"` made the installed service's argparse fail at every start; each
+    setting is now one `--flag=VALUE` word, whatever VALUE looks like."""
+    from crowdtrain.coordinator.cli import build_parser
+    from crowdtrain.peer.config import PeerConfig
+    from crowdtrain.peer.unit import unit_text
+
+    config = PeerConfig(coordinator="203.0.113.7:50051", name=value, schedule=value, trust_new_run=True)
+    [exec_start] = [
+        line for line in unit_text(config, "/usr/bin/python3").splitlines() if line.startswith("ExecStart=")
+    ]
+    words = _systemd_words(exec_start)
+    assert words[:4] == ["/usr/bin/python3", "-m", "crowdtrain.coordinator.cli", "peer"]
+    args = build_parser().parse_args(words[3:])
+    assert (args.name, args.schedule, args.coordinator) == (value, value, "203.0.113.7:50051")
+    assert not hasattr(args, "trust_new_run"), "a one-time acceptance is never kept in the service"

@@ -236,7 +236,7 @@ def test_a_coordinator_resigning_with_a_fresh_key_is_refused(hostile, store, tmp
     hostile.publish(forged, {"config.json": b'{"evil": 1}'})
     with pytest.raises(PullError, match=f"--public-key {public_key_hex(fresh_key)}") as refused:
         pull(hostile.base, tmp_path / "second", store=store)
-    assert "--trust-new-key" in str(refused.value) and str(store.path) in str(refused.value)
+    assert "--trust-new-key" in str(refused.value) and str(store.file_for(hostile.base)) in str(refused.value)
     assert not (tmp_path / "second").exists()
 
     # a pinned key refuses it even on a machine that never saw the run
@@ -274,25 +274,94 @@ def test_a_checkpoint_of_another_run_at_a_known_address_is_refused(hostile, stor
         pull(hostile.base, tmp_path / "second", store=store)
 
 
-def test_a_peer_trusts_a_new_run_but_not_a_new_key_for_a_known_run(store):
+def test_a_peer_refuses_a_new_key_for_a_known_run(store):
     key, fresh = public_key_hex(new_key()), public_key_hex(new_key())
     assert trust_joined_run("10.0.0.1:50051", "ct_a", key, store) == key  # first use
-    assert trust_joined_run("10.0.0.1:50051", "ct_b", fresh, store) == fresh  # Join names a new run
-    with pytest.raises(UntrustedKey, match="ct_a"):
+    assert trust_joined_run("10.0.0.1:50051", "ct_a", key, store) == key  # the same run again
+    with pytest.raises(UntrustedKey, match="ct_a") as refused:
         trust_joined_run("10.0.0.1:50051", "ct_a", fresh, store)
+    assert "cannot sign its run with another key" in str(refused.value)
+
+
+def test_an_impostor_renaming_the_run_neither_joins_nor_poisons_pull(hostile, store, tmp_path: Path):
+    """Review N7: an impostor re-signs the real manifest with its own key under a new run id. The
+    peer refuses it (it used to trust any new run id on first use), and even once a volunteer let a
+    peer accept it (--trust-new-run), a plain pull does not take the peer's word for it."""
+    honest, impostor = new_key(), new_key()
+    address = hostile.base  # the address the volunteer gave both the peer and pull
+    trust_joined_run(address, "ct_run", public_key_hex(honest), store)  # the real run, first contact
+    with pytest.raises(UntrustedKey, match="ct_impostor") as refused:
+        trust_joined_run(address, "ct_impostor", public_key_hex(impostor), store)
+    assert "--trust-new-run" in str(refused.value) and "ct_run" in str(refused.value)
+    assert set(store.runs_at(address)) == {"ct_run"}, "nothing of the impostor's was recorded"
+
+    # the volunteer is talked into accepting it for the peer: recorded as a peer's trust only
+    trust_joined_run(address, "ct_impostor", public_key_hex(impostor), store, trust_new_run=True)
+    assert store.runs_at(address)["ct_impostor"].how == "joined"
+    evil = b'{"model_type": "llama", "note": "attacker-made weights"}'
+    hostile.publish(signed(impostor, 1, {"config.json": evil}, run_id="ct_impostor"), {"config.json": evil})
+    with pytest.raises(PullError, match="ct_impostor.*--trust-new-run"):
+        pull(address, tmp_path / "poisoned", store=store)
+    assert not (tmp_path / "poisoned").exists()
+
+    # the real run's checkpoint: pull trusts what the peer saw first (the same key, no other run)
+    other = tmp_path / "other-store" / "trusted_keys.json"
+    trust_joined_run(address, "ct_run", public_key_hex(honest), TrustStore(other))
+    hostile.publish(signed(honest, 2, {"config.json": CONFIG}), {"config.json": CONFIG})
+    assert pull(address, tmp_path / "real", store=TrustStore(other)).step == 2
+    assert TrustStore(other).runs_at(address)["ct_run"].how == "first_use"
+
+
+def test_pull_accepts_a_new_run_only_deliberately(hostile, store, tmp_path: Path):
+    key, other = new_key(), new_key()
+    hostile.publish(signed(key, 3, {"config.json": CONFIG}), {"config.json": CONFIG})
+    pull(hostile.base, tmp_path / "first", store=store)
+    hostile.publish(signed(other, 9, {"config.json": CONFIG}, run_id="ct_next"), {"config.json": CONFIG})
+    with pytest.raises(PullError, match=f"--public-key {public_key_hex(other)} \\(or --trust-new-run\\)"):
+        pull(hostile.base, tmp_path / "second", store=store)
+    assert pull(hostile.base, tmp_path / "second", store=store, trust_new_run=True).step == 9
+    assert store.runs_at(hostile.base)["ct_next"].how == "accepted"
+    assert pull(hostile.base, tmp_path / "third", store=store).step == 9  # remembered
 
 
 @pytest.mark.parametrize(
     ("known", "run", "served", "kw", "decision"),
     [
         ({}, "r", "k1", {}, "first_use"),
-        ({"r": TrustedRun("k1", 3)}, "r", "k1", {}, "trust"),
-        ({"r": TrustedRun("k1", 3)}, "r", "k2", {}, "refuse"),
-        ({"r": TrustedRun("k1", 3)}, "r", "k2", {"accept_new": True}, "first_use"),
-        ({"r": TrustedRun("k1", 3)}, "s", "k2", {}, "refuse"),
-        ({"r": TrustedRun("k1", 3)}, "s", "k2", {"new_run_ok": True}, "first_use"),
+        ({"r": TrustedRun("k1", 3, "first_use")}, "r", "k1", {}, "trust"),
+        ({"r": TrustedRun("k1", 3, "first_use")}, "r", "k2", {}, "refuse"),
+        ({"r": TrustedRun("k1", 3, "first_use")}, "r", "k2", {"accept_new": True}, "accept"),
+        ({"r": TrustedRun("k1", 3, "first_use")}, "s", "k2", {}, "refuse"),
+        ({"r": TrustedRun("k1", 3, "first_use")}, "s", "k2", {"trust_new_run": True}, "accept"),
+        ({"r": TrustedRun("k1", 3, "first_use")}, "s", "k1", {}, "refuse"),  # another run: even one key
         ({}, "r", "k2", {"pinned_key": "k1"}, "refuse"),
         ({"r": TrustedRun("k2", 3)}, "r", "k1", {"pinned_key": "k1"}, "trust"),
+        # a training peer's entries refuse, but never trust for pull on their own
+        ({"r": TrustedRun("k1", 3, "joined")}, "r", "k2", {}, "refuse"),
+        ({"r": TrustedRun("k1", 3, "joined")}, "r", "k1", {}, "first_use"),
+        ({"r": TrustedRun("k1", 3, "joined"), "s": TrustedRun("k2", 3, "joined")}, "s", "k2", {}, "refuse"),
+        (
+            {"r": TrustedRun("k1", 3, "joined"), "s": TrustedRun("k2", 3, "joined")},
+            "s",
+            "k2",
+            {"for_pull": False},
+            "trust",
+        ),
+        ({"r": TrustedRun("k1", 3, "joined")}, "s", "k1", {"for_pull": False}, "refuse"),
+        (
+            {"r": TrustedRun("k1", 3, "joined")},
+            "s",
+            "k1",
+            {"for_pull": False, "trust_new_run": True},
+            "accept",
+        ),
+        (
+            {"r": TrustedRun("k1", 3, "first_use"), "s": TrustedRun("k2", 3, "joined")},
+            "s",
+            "k2",
+            {},
+            "refuse",
+        ),
     ],
 )
 def test_decide_key(known, run, served, kw, decision):
@@ -462,3 +531,59 @@ def test_grpc_pull_over_tls_with_a_self_signed_certificate(store, tmp_path: Path
         assert (tmp_path / "out" / "config.json").read_bytes() == CONFIG
     finally:
         server.stop(0).wait()
+
+
+# ---------------------------------------------------------------- review 2026-12-07, N16: TLS flags
+
+
+def _https_hostile(tmp_path: Path, name: str) -> tuple[Hostile, Path]:
+    cert, key_file = make_self_signed(tmp_path / name, common_name=name)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key_file))
+    return Hostile(context), cert
+
+
+def test_tls_flags_with_an_http_url_are_refused_not_ignored(hostile, store, tmp_path: Path):
+    """`pull --coordinator http://... --tls` used to download in plaintext, the flag ignored."""
+    hostile.publish(signed(new_key(), 3, {"config.json": CONFIG}), {"config.json": CONFIG})
+    for tls in (ClientTls.from_flags(True, ""), ClientTls.from_flags(False, str(tmp_path / "ca.pem"))):
+        with pytest.raises(PullError, match="plaintext HTTP; use https://127.0.0.1"):
+            pull(hostile.base, tmp_path / "out", store=store, tls=tls)
+    assert not (tmp_path / "out").exists() and not hostile.sent_bytes, "nothing was fetched in plaintext"
+
+
+def test_tls_ca_trusts_that_ca_alone_not_the_system_store(store, tmp_path: Path, monkeypatch):
+    """With --tls-ca, a certificate the system store trusts (here: SSL_CERT_FILE, which OpenSSL reads
+    as the system store) is refused, as gRPC refuses it; with --tls it is the store to use."""
+    server, system_ca = _https_hostile(tmp_path, "system-ca")
+    runs_ca, _ = make_self_signed(tmp_path / "runs-ca", common_name="the run's CA")
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_ca))
+    try:
+        server.publish(signed(new_key(), 3, {"config.json": CONFIG}), {"config.json": CONFIG})
+        tls = ClientTls.from_flags(False, str(runs_ca))
+        with pytest.raises(PullError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            pull(server.base, tmp_path / "out", store=store, tls=tls)
+        assert pull(server.base, tmp_path / "out", store=store, tls=ClientTls.from_flags(True, "")).step == 3
+    finally:
+        server.close()
+
+
+def test_a_redirect_out_of_https_is_refused(hostile, store, tmp_path: Path):
+    server, cert = _https_hostile(tmp_path, "tls")
+    meta = signed(new_key(), 3, {"config.json": CONFIG})
+    hostile.publish(meta, {"config.json": CONFIG})
+    server.publish(meta, {"config.json": CONFIG})
+
+    def to_plaintext(handler):
+        handler.send_response(302)
+        handler.send_header("Location", hostile.base + handler.path)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    server.routes["/checkpoints/3/config.json"] = to_plaintext
+    try:
+        with pytest.raises(PullError, match="redirects to http://127.0.0.1.*is not https://"):
+            pull(server.base, tmp_path / "out", store=store, tls=ClientTls.from_flags(False, str(cert)))
+    finally:
+        server.close()
+    assert "/checkpoints/3/config.json" not in hostile.sent_bytes
