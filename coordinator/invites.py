@@ -101,7 +101,7 @@ class InviteBook:
         self, now: float, uses: int = 1, expires_in_s: float = 0.0, note: str = ""
     ) -> tuple[str, Invite]:
         """(code, invite): the code is shown once, to the operator; only its hash is kept."""
-        from crowdtrain.coordinator.limits import clean_display
+        from crowdtrain.peer.display import clean_display
 
         if uses < 1:
             raise ValueError(f"an invite needs at least 1 use, got {uses}")

@@ -12,8 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from crowdtrain.coordinator.limits import clean_display
-from crowdtrain.coordinator.policy import is_confirmed_trainer
+from crowdtrain.peer.display import clean_display
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state, contribution
 from crowdtrain.peer.checkpoint import CheckpointMeta
 from crowdtrain.peer.report import PeerReport, report_values
@@ -40,7 +39,7 @@ class PeerView(PeerReport):
     reason: str
     contributing: bool
     computed_samples: int  # = samples_total: processed, accepted or not (the API's name for it)
-    contributed_samples: int  # samples the swarm's progress records show it contributed
+    contributed_samples: int  # its share of the epochs the swarm accepted it took part in (`credit`)
     last_seen_unix_s: float
     joined_unix_s: float
     source: str
@@ -150,12 +149,8 @@ def build_status(
     latest = checkpoints[-1] if checkpoints else None
     summary = SwarmSummary(
         run_id=run_id,
-        # a heartbeat alone cannot move the swarm's epoch: only the progress records, and peers
-        # whose proven DHT identity those records confirm
-        global_epoch=max(
-            progress.global_epoch,
-            max((r.local_epoch for r in peers if is_confirmed_trainer(now, r, health)), default=0),
-        ),
+        # the monitor's: only proven identities' progress records move it (`credit`), never a heartbeat
+        global_epoch=progress.global_epoch,
         samples_per_s=progress.samples_per_s,
         peers_by_state={s.value: by_state.get(s.value, 0) for s in PeerState},
         latest_eval_loss=latest.eval_loss if latest else math.nan,
