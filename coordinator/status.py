@@ -12,9 +12,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from crowdtrain.peer.display import clean_display
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state, contribution
 from crowdtrain.peer.checkpoint import CheckpointMeta
+from crowdtrain.peer.display import clean_display
 from crowdtrain.peer.report import PeerReport, report_values
 
 
