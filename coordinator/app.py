@@ -151,13 +151,17 @@ class Coordinator:
         return maddrs
 
     def _start_monitor(self) -> None:
+        from crowdtrain.coordinator.credit import CreditSettings
         from crowdtrain.coordinator.monitor import SwarmMonitor
 
+        manifest = self.run.manifest
         self.monitor = SwarmMonitor(
             self.dht,
-            self.run.manifest.run_id,
+            manifest.run_id,
             self.store,
             self.health,
+            # what the swarm accepts per epoch is in the signed manifest, not in any peer's record
+            CreditSettings(manifest.swarm.target_batch_size, self.health.heartbeat_interval_s),
             poll_interval_s=min(2.0, self.config.heartbeat_interval_s),
         ).start()
 
@@ -235,12 +239,23 @@ class Coordinator:
         return lambda: ids
 
     def _start_publisher(self, maddrs: list[str], downloads: DownloadTracker) -> None:
+        from crowdtrain.coordinator.evidence import EvidenceBook
         from crowdtrain.coordinator.publisher import Publisher, PublisherSettings
         from crowdtrain.coordinator.voters import VoterSettings, eligible_voters
 
         run = self.run
         settings = PublisherSettings.from_config(self.config)
         voting = VoterSettings(self.health, settings.min_voter_age_s, self.health.contribution_grace_s)
+        evidence = EvidenceBook(self.store, mode=self.config.admission)  # the servicer's tables, read
+
+        def voters() -> tuple[frozenset[str], str]:
+            """Proven, confirmed by a groupmate of another root, not quarantined (`voters`)."""
+            now = time.time()
+            groups = evidence.groups.since(now - voting.confirmed_within_s)
+            return eligible_voters(
+                now, self.store.peers_unordered(), voting, groups, evidence.quarantined(now)
+            )
+
         self.publisher = Publisher(
             settings,
             run.manifest,
@@ -248,7 +263,7 @@ class Coordinator:
             self.data_dir / "data" / run.manifest.data.eval.name,
             self.checkpoint_root,
             maddrs,
-            voters=lambda: eligible_voters(time.time(), self.store.peers_unordered(), voting),
+            voters=voters,
             signing_key=run.signing_key,
             on_reject=lambda step, reason: self.store.add_rejection(time.time(), step, reason),
             in_use=downloads.in_use,

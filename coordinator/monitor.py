@@ -2,14 +2,15 @@
 
 Every `poll_interval_s` it reads `<run_id>_progress` (one RSA-signed entry per training peer),
 marks the heartbeating peers it finds as contributing, adds peers that train without heartbeats,
-records how many samples each peer accumulated towards each epoch (the contribution ledger), and
-every `history_interval_s` appends a point to the swarm's history. All of it goes to SQLite.
+moves the contribution ledger on (`credit`: per epoch the swarm passed, the run's target batch size
+shared among the proven identities that took part), and every `history_interval_s` appends a point
+to the swarm's history. All of it goes to SQLite.
 
 The records are hostile input like any request: a record out of range is skipped with a log line,
 two records claiming one peer id in one read are both skipped (hivemind signs each record with a
-per-process key, but the peer id inside is the writer's claim), and a peer cannot be credited more
-samples than its reported throughput (capped at `MAX_SAMPLES_PER_S`) allows since its last record
-(`clamp_progress`). The parsing and accounting are pure functions; the thread only schedules them.
+per-process key, but the peer id inside is the writer's claim), and none of a record's numbers is
+credited (its samples and samples/s are shown, never counted: `credit`). The parsing and the
+accounting are pure functions; the thread only schedules them.
 """
 
 from __future__ import annotations
@@ -23,12 +24,23 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from crowdtrain.coordinator.credit import (
+    CreditSettings,
+    Sighting,
+    Tally,
+    advance,
+    epoch_rows,
+    live_identity_roots,
+)
+from crowdtrain.coordinator.groups import GroupBook
 from crowdtrain.coordinator.limits import MAX_EPOCH, MAX_SAMPLES_PER_S
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
 from crowdtrain.coordinator.status import SwarmProgress
 from crowdtrain.coordinator.store import Store
 
 logger = logging.getLogger(__name__)
+
+SWARM_EPOCH_KEY = "credit_swarm_epoch"  # in the store's meta
 
 
 @dataclass(frozen=True)
@@ -96,40 +108,6 @@ def vet_records(records: list[ProgressRecord]) -> list[ProgressRecord]:
     return kept
 
 
-@dataclass(frozen=True)
-class Sighting:
-    """What the monitor credited a peer with at its last read."""
-
-    epoch: int
-    samples: int
-    unix_s: float  # the coordinator's clock
-
-
-def clamp_progress(
-    r: ProgressRecord, previous: Sighting | None, now: float, first_window_s: float = 60.0, slack: int = 4096
-) -> tuple[ProgressRecord, str]:
-    """Pure: the record with samples_accumulated no more than twice its throughput allows since its
-    last sighting in the same epoch; a first sighting in an epoch may also hold what accumulated
-    before it (`first_window_s` of its throughput, at least `slack` samples: a batch in flight, a
-    coordinator that just started). Returns the record and why it was cut."""
-    if previous is not None and previous.epoch == r.epoch:
-        allowed = previous.samples + math.ceil(2 * r.samples_per_s * max(0.0, now - previous.unix_s))
-    else:
-        elapsed = first_window_s if previous is None else max(0.0, now - previous.unix_s)
-        allowed = math.ceil(2 * r.samples_per_s * elapsed) + slack
-    if r.samples_accumulated <= allowed:
-        return r, "within its throughput"
-    reason = f"claims {r.samples_accumulated} samples, its {r.samples_per_s:.1f} samples/s allow {allowed}"
-    return dataclasses.replace(r, samples_accumulated=allowed), reason
-
-
-def contribution_rows(records: Iterable[ProgressRecord]) -> list[tuple[str, int, int]]:
-    """Pure: (peer, epoch, samples accumulated so far) for each training peer. Stored with MAX
-    semantics, so re-reading the same record is harmless and the last reading before a peer moves
-    to the next epoch becomes its contribution to that epoch."""
-    return [(r.dht_peer_id, r.epoch, r.samples_accumulated) for r in records if r.samples_accumulated > 0]
-
-
 def summarize(records: Iterable[ProgressRecord], now: float) -> SwarmProgress:
     """Pure: the global epoch is the highest claimed by a full (non-client) peer, as in hivemind."""
     records = list(records)
@@ -148,6 +126,7 @@ class SwarmMonitor:
         run_id: str,
         store: Store,
         health: HealthSettings,
+        credit: CreditSettings,
         *,
         poll_interval_s: float = 2.0,
         history_interval_s: float = 5.0,
@@ -163,7 +142,10 @@ class SwarmMonitor:
         self.clock = clock
         self.progress = SwarmProgress()
         self._last_history = 0.0
-        self._sightings: dict[str, Sighting] = {}  # by peer id, for the peers in the last read
+        self.credit, self.groups = credit, GroupBook(store)
+        # the credit's swarm epoch survives restarts: a restart must not let a laggard root set it anew
+        saved = store.get_meta(SWARM_EPOCH_KEY)
+        self.tally = Tally(int(saved) if saved else None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -211,24 +193,32 @@ class SwarmMonitor:
             return []
         return parse_progress(item.value for item in found.value.values())
 
-    def clamp(self, records: list[ProgressRecord], now: float) -> list[ProgressRecord]:
-        """Every record's samples clamped to its throughput (`clamp_progress`), remembering what
-        was credited; peers absent from this read are forgotten."""
-        clamped, sightings = [], {}
-        for record in records:
-            kept, reason = clamp_progress(record, self._sightings.get(record.dht_peer_id), now)
-            if kept is not record:
-                logger.info("progress record of %s clamped: %s", record.dht_peer_id[-12:], reason)
-            sightings[record.dht_peer_id] = Sighting(kept.epoch, kept.samples_accumulated, now)
-            clamped.append(kept)
-        self._sightings = sightings
-        return clamped
+    def credit_epochs(self, now: float, records: list[ProgressRecord]) -> None:
+        """Move the credit on by this read (`credit.advance`) and write the ledger rows of the epochs
+        it settled (`credit.epoch_rows`)."""
+        roots = live_identity_roots(now, self.store.peers_unordered(), self.health)
+        sightings = [Sighting(r.dht_peer_id, r.epoch, r.samples_accumulated > 0) for r in records]
+        previous = self.tally.swarm_epoch
+        self.tally, settled, why = advance(self.tally, sightings, roots, now, self.credit)
+        if self.tally.swarm_epoch != previous:
+            logger.debug("swarm epoch for credit: %s", why)
+            self.store.set_meta({SWARM_EPOCH_KEY: str(self.tally.swarm_epoch)})
+        if not settled:
+            return
+        # an epoch's groups are reported after it began (averaging ends it): these are all of them
+        reports = self.groups.since(min(o.first_seen_unix_s for o in settled) - self.credit.settle_s)
+        banned = self.store.banned_dht_ids()
+        for epoch in settled:
+            rows, why = epoch_rows(epoch, reports, self.credit, banned)
+            self.store.add_contributions(rows)
+            logger.debug("credited %s", why)
 
     def tick(self) -> None:
         now = self.clock()
-        records = self.clamp(self.read_progress(), now)
-        self.progress = summarize(records, now)
-        self.store.add_contributions(contribution_rows(records))
+        records = self.read_progress()
+        self.credit_epochs(now, records)
+        # the epoch every view shows is the credit's: no record of an unproven writer moves it
+        self.progress = dataclasses.replace(summarize(records, now), global_epoch=self.tally.swarm_epoch or 0)
         for record in records:
             if self.store.mark_dht_seen(record.dht_peer_id, now, record.epoch, record.samples_per_s):
                 continue

@@ -15,11 +15,13 @@ import hmac
 import math
 from collections.abc import Iterable
 
+from crowdtrain.coordinator.credit import identity_roots, vouched
 from crowdtrain.coordinator.errors import (
     BannedError,
     NotFoundError,
     UnauthenticatedError,
 )
+from crowdtrain.coordinator.groups import GroupReport
 from crowdtrain.coordinator.limits import check_request
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
 from crowdtrain.peer.errors import CrowdtrainError
@@ -142,28 +144,57 @@ def version_verdict(peer_version: str, minimum: str) -> tuple[bool, str]:
 
 
 def resume_step(
-    now: float, peers: Iterable[PeerRecord], latest_checkpoint_step: int | None, health: HealthSettings
+    now: float,
+    peers: Iterable[PeerRecord],
+    latest_checkpoint_step: int | None,
+    health: HealthSettings,
+    groups: Iterable[GroupReport] = (),
 ) -> tuple[int, str]:
-    """The checkpoint a joiner starts from: the latest one when nobody is training (the whole swarm
-    left and volunteers come back), else 0 (load the live state from the training peers). Only
-    trainers the swarm's own progress records confirm count (`is_confirmed_trainer`), so a fake
-    heartbeat saying "training" cannot send newcomers to random weights."""
+    """The checkpoint a joiner starts from: 0 (load the live state from the training peers) when a
+    confirmed trainer exists, else the latest checkpoint, from which the joiner still loads the live
+    state if the swarm is ahead of it (peer/recovery.py `catch_up`). `groups`: the all-reduce groups
+    peers reported lately (`groups.GroupBook.since`).
+
+    A forged "someone is training" would send newcomers to random weights (a swarm epoch of 0 to
+    catch up to), so a peer's own word (its heartbeats, its own progress record) never makes it a
+    trainer: a training peer counts once another identity reported averaging with it within the
+    grace period, one of another admission root when the trainers come from several roots
+    (`trainers_confirmed`). A lone admitted peer (one invite, one allowlist entry) therefore never
+    counts: its newcomers start from the checkpoint and then catch up with it."""
     if latest_checkpoint_step is None:
         return 0, "no checkpoint published yet: load the state from the swarm"
-    if any(is_confirmed_trainer(now, p, health) for p in peers):
-        return 0, "peers are training: load the live state from them"
-    return latest_checkpoint_step, f"nobody is training: start from checkpoint {latest_checkpoint_step}"
+    confirmed_ids, why = trainers_confirmed(now, list(peers), health, groups)
+    if confirmed_ids:
+        return 0, f"peers are training ({why}): load the live state from them"
+    return (
+        latest_checkpoint_step,
+        f"nobody is training that {why}: start from checkpoint {latest_checkpoint_step}",
+    )
 
 
-def is_confirmed_trainer(now: float, record: PeerRecord, health: HealthSettings) -> bool:
-    """Online and training, and seen in the swarm's signed progress records within the grace period
-    under a DHT identity it proved (or known from those records alone)."""
-    if not is_online(now, record, health):
+def trainers_confirmed(
+    now: float, peers: list[PeerRecord], health: HealthSettings, groups: Iterable[GroupReport]
+) -> tuple[frozenset[str], str]:
+    """The identities of the sessions that train (`is_trainer`) and that another identity reported
+    averaging with within the grace period: one of another admission root when the trainers come
+    from several roots (`credit.vouched`), any other when they share one (in open runs, peers behind
+    one address; a root that is one identity cannot confirm itself). Returns them and the rule."""
+    roots = identity_roots(p for p in peers if is_trainer(now, p, health))
+    recent = [g for g in groups if now - g.t <= health.contribution_grace_s]
+    across = len(set(roots.values())) > 1
+    mate = "another admission root" if across else "another identity"
+    rule = f"a groupmate of {mate} confirmed within {health.contribution_grace_s:.0f}s"
+    return vouched(recent, roots, across_roots=across), rule
+
+
+def is_trainer(now: float, record: PeerRecord, health: HealthSettings) -> bool:
+    """Online and training under a DHT identity it proved, and seen in the swarm's signed progress
+    records within the grace period: its own word, until a groupmate confirms it
+    (`trainers_confirmed`). Never a peer known only from the DHT."""
+    if record.source != "heartbeat" or not record.dht_verified or not is_online(now, record, health):
         return False
-    if record.source == "dht":
-        return True
     seen = record.dht_last_seen_unix_s
-    return record.dht_verified and seen is not None and now - seen <= health.contribution_grace_s
+    return seen is not None and now - seen <= health.contribution_grace_s
 
 
 def checked_report(request) -> PeerReport:

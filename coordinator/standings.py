@@ -1,8 +1,9 @@
 """Am I contributing? A peer's accepted samples, its share of the run and its leaderboard rank.
 
-The ledger (`Store.contribution_totals`: samples per DHT identity, from the swarm's signed progress
-records) is summed in SQLite; a heartbeat must not wait for that, so the ranking is rebuilt at most
-every `refresh_s` and every heartbeat reads the cached one.
+The ledger (`Store.contribution_totals`: samples per DHT identity, written by the swarm monitor
+as `credit` settles each epoch the swarm passed) is summed in SQLite; a heartbeat must not wait
+for that, so the ranking is rebuilt at most every `refresh_s` and every heartbeat reads the cached
+one.
 
     standings = Standings(store.contribution_totals, clock=time.time)
     standings.of("QmPeer...")   # Standing(accepted_samples=1200, share=0.31, rank=1, ranked_peers=3)

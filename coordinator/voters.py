@@ -6,7 +6,14 @@ publisher asks only *voters* and counts one vote per voter. A voter is a DHT ide
 - a coordinator session proved it holds (`dht_verified`: it signed the Join challenge with the
   identity's key), not banned (no session of that identity is), not left, online, training;
 - is in the swarm's signed progress records lately (`seen_within_s`): it takes part in training;
-- is long-standing: its first proven session joined at least `min_age_s` ago.
+- is long-standing: its first proven session joined at least `min_age_s` ago;
+- is not quarantined by the evidence book (`evidence.EvidenceBook.quarantined`);
+- when the candidates come from several admission roots, is one that a groupmate of another root
+  confirms in a recent all-reduce group (`credit.vouched`), the proof credit asks for: a hostile
+  identity that writes records but never averages with the others does not vote. Where nobody is
+  so confirmed (one root, or nobody averaged across roots), every candidate votes as before:
+  voters are needed to publish at all, and a hostile root cannot turn that rule against the
+  honest, since it cannot undo their confirmations of each other.
 
 Several sessions of one identity are one voter. Donors come from the swarm's signed progress
 records (`<run_id>_progress`), never from the unsigned `<prefix>.all_averagers` dictionary where
@@ -25,6 +32,8 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from crowdtrain.coordinator.credit import identity_roots, vouched
+from crowdtrain.coordinator.groups import GroupReport
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
 
 
@@ -33,6 +42,9 @@ class VoterSettings:
     health: HealthSettings  # what "online" means (heartbeat interval and timeout)
     min_age_s: float = 120.0  # an identity votes once its first proven session is this old
     seen_within_s: float = 45.0  # and its signed progress record was read this recently
+    # and a groupmate of another admission root reported averaging with it this recently (several
+    # roots only); raise it for runs whose epochs are longer than this
+    confirmed_within_s: float = 600.0
 
 
 def voter_status(now: float, record: PeerRecord, settings: VoterSettings) -> tuple[bool, str]:
@@ -53,9 +65,16 @@ def voter_status(now: float, record: PeerRecord, settings: VoterSettings) -> tup
 
 
 def eligible_voters(
-    now: float, peers: Iterable[PeerRecord], settings: VoterSettings
+    now: float,
+    peers: Iterable[PeerRecord],
+    settings: VoterSettings,
+    groups: Iterable[GroupReport] = (),
+    quarantined: frozenset[str] = frozenset(),
 ) -> tuple[frozenset[str], str]:
-    """The DHT identities whose state counts, and a summary of who was left out and why."""
+    """The DHT identities whose state counts, and a summary of who was left out and why. `groups`:
+    recent all-reduce groups peers reported (`groups.GroupBook.since`); `quarantined`: identities
+    the evidence book quarantined (`evidence.EvidenceBook.quarantined`)."""
+    peers = list(peers)
     since: dict[str, float] = {}  # identity -> when its first proven session joined
     banned: set[str] = set()
     active: set[str] = set()
@@ -72,14 +91,41 @@ def eligible_voters(
         elif record.left_unix_s is None:
             skipped[why] = skipped.get(why, 0) + 1
     young = {who for who in active if now - since[who] < settings.min_age_s}
-    voters = frozenset(active - banned - young)
+    candidates = active - banned - young - quarantined
+    unconfirmed = unconfirmed_voters(now, peers, candidates, groups, settings, frozenset(banned))
+    voters = frozenset(candidates - unconfirmed)
     parts = [f"{len(voters)} voter(s)"]
     if banned & active:
         parts.append(f"{len(banned & active)} banned")
+    if (quarantined & active) - banned:
+        parts.append(f"{len((quarantined & active) - banned)} quarantined")
     if young - banned:
         parts.append(f"{len(young - banned)} joined less than {settings.min_age_s:.0f}s ago")
+    if unconfirmed:
+        parts.append(
+            f"{len(unconfirmed)} not confirmed by a groupmate of another admission root "
+            f"within {settings.confirmed_within_s:.0f}s"
+        )
     parts += [f"{n} session(s): {why}" for why, n in sorted(skipped.items())]
     return voters, "; ".join(parts)
+
+
+def unconfirmed_voters(
+    now: float,
+    peers: list[PeerRecord],
+    candidates: set[str],
+    groups: Iterable[GroupReport],
+    settings: VoterSettings,
+    banned: frozenset[str],
+) -> set[str]:
+    """The candidates left out for want of a groupmate of another admission root (module docstring):
+    none when the candidates share one root or when none of them is confirmed."""
+    roots = {who: root for who, root in identity_roots(peers).items() if who in candidates}
+    if len(set(roots.values())) < 2:
+        return set()
+    recent = [g for g in groups if now - g.t <= settings.confirmed_within_s]
+    confirmed_ids = vouched(recent, roots, banned)
+    return candidates - confirmed_ids if confirmed_ids else set()
 
 
 def voter_epochs(claims: Iterable[tuple[str, int, bool]], voters: frozenset[str]) -> dict[str, int]:

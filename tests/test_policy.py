@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from crowdtrain.coordinator.errors import (
     NotFoundError,
     UnauthenticatedError,
 )
+from crowdtrain.coordinator.groups import GroupReport
 from crowdtrain.coordinator.limits import REQUEST_LIMITS, check_value
 from crowdtrain.coordinator.policy import Admission
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
@@ -89,27 +91,56 @@ def test_never_heartbeated(record, pruned, reason):
     assert got is pruned and reason in why
 
 
+# a groupmate of another admission root averaged with identities Qms1 and Qms2 five seconds ago
+CONFIRMED = (GroupReport("g1", "Qmmate", "invite:mate", 3, frozenset({"Qms1", "Qms2", "Qmmate"}), NOW - 5),)
+
+
 @pytest.mark.parametrize(
-    ("peers", "latest", "step", "reason"),
+    ("peers", "latest", "groups", "step", "reason"),
     [
-        ([peer()], None, 0, "no checkpoint published yet"),
-        ([], None, 0, "no checkpoint published yet"),
-        ([], 12, 12, "nobody is training: start from checkpoint 12"),
-        ([peer()], 12, 0, "peers are training"),
-        ([peer(phase="loading_state")], 12, 12, "nobody is training"),  # a joiner is not a source
-        ([peer(last_seen_unix_s=NOW - 11)], 12, 12, "nobody is training"),  # stale
-        ([peer(left_unix_s=NOW - 1)], 12, 12, "nobody is training"),
-        ([peer(banned=True)], 12, 12, "nobody is training"),
-        ([peer(source="dht", last_seen_unix_s=NOW - 15)], 12, 0, "peers are training"),  # DHT-only
-        ([peer(last_seen_unix_s=NOW - 30), peer("s2")], 12, 0, "peers are training"),
+        ([peer()], None, (), 0, "no checkpoint published yet"),
+        ([], None, (), 0, "no checkpoint published yet"),
+        ([], 12, (), 12, "start from checkpoint 12"),
+        ([peer()], 12, CONFIRMED, 0, "peers are training"),
+        # its own progress record and "training" heartbeats are its own word (review N14)
+        ([peer()], 12, (), 12, "nobody is training that a groupmate of another identity confirmed"),
+        ([peer()], 12, [dataclasses.replace(CONFIRMED[0], reporter="Qms1")], 12, "nobody"),  # its own account
+        # trainers of several roots: only a groupmate of another root confirms
+        (
+            [peer(admission_root="invite:mate"), peer("s3", admission_root="invite:3")],
+            12,
+            CONFIRMED,
+            12,
+            "root",
+        ),
+        (
+            [peer(), peer("s3", admission_root="invite:3")],
+            12,
+            CONFIRMED,
+            0,
+            "another admission root confirmed",
+        ),
+        ([peer()], 12, [dataclasses.replace(CONFIRMED[0], t=NOW - 46)], 12, "within 45s"),  # too old
+        ([peer(phase="loading_state")], 12, CONFIRMED, 12, "nobody is training"),  # a joiner is no source
+        ([peer(last_seen_unix_s=NOW - 11)], 12, CONFIRMED, 12, "nobody is training"),  # stale
+        ([peer(left_unix_s=NOW - 1)], 12, CONFIRMED, 12, "nobody is training"),
+        ([peer(banned=True)], 12, CONFIRMED, 12, "nobody is training"),
+        (
+            [peer(source="dht", last_seen_unix_s=NOW - 15)],
+            12,
+            CONFIRMED,
+            12,
+            "nobody is training",
+        ),  # DHT-only
+        ([peer(last_seen_unix_s=NOW - 30), peer("s2")], 12, CONFIRMED, 0, "peers are training"),
         # a heartbeat saying "training" is not enough: a proven identity the records confirm is
-        ([peer(dht_verified=False)], 12, 12, "nobody is training"),
-        ([peer(dht_last_seen_unix_s=None)], 12, 12, "nobody is training"),
-        ([peer(dht_last_seen_unix_s=NOW - 60)], 12, 12, "nobody is training"),  # left the records
+        ([peer(dht_verified=False)], 12, CONFIRMED, 12, "nobody is training"),
+        ([peer(dht_last_seen_unix_s=None)], 12, CONFIRMED, 12, "nobody is training"),
+        ([peer(dht_last_seen_unix_s=NOW - 60)], 12, CONFIRMED, 12, "nobody is training"),  # left the records
     ],
 )
-def test_resume_step(peers, latest, step, reason):
-    got, why = policy.resume_step(NOW, peers, latest, HEALTH)
+def test_resume_step(peers, latest, groups, step, reason):
+    got, why = policy.resume_step(NOW, peers, latest, HEALTH, groups)
     assert got == step and reason in why
 
 

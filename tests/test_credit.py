@@ -1,0 +1,297 @@
+"""Credit is what the swarm accepted (`credit`), and the same proof for trainers and voters: a fake
+progress record stream earns nothing for epochs the swarm did not reach and nothing without a
+session (review N5), one admitted peer's own records do not send newcomers to random weights
+(review N14), and a lone honest volunteer is still credited. Pure functions with an injected clock,
+plus the monitor's scheduling over a fake DHT."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+from crowdtrain.coordinator import policy
+from crowdtrain.coordinator.credit import (
+    CreditSettings,
+    Sighting,
+    Tally,
+    advance,
+    epoch_rows,
+    next_swarm_epoch,
+)
+from crowdtrain.coordinator.groups import GroupReport
+from crowdtrain.coordinator.monitor import SwarmMonitor
+from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
+from crowdtrain.coordinator.standings import Standings
+from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.voters import VoterSettings, eligible_voters
+from crowdtrain.peer.meter import standing_text
+from crowdtrain.protos import coordinator_pb2 as pb
+
+SETTINGS = CreditSettings(target_batch_size=64, heartbeat_interval_s=1.0)  # an epoch settles 3 s after
+ROOTS = {"H1": "invite:1", "H2": "invite:2", "A": "invite:a"}  # DHT-only "D" has no session: no root
+
+
+def group(
+    epoch: int, reporter: str, members: set[str], t: float = 0.0, gid: str = "", root: str = ""
+) -> GroupReport:
+    """`reporter`'s account of averaging with `members` at `epoch` (its local epoch after the round)."""
+    return GroupReport(gid or f"g{epoch}", reporter, root or ROOTS[reporter], epoch, frozenset(members), t)
+
+
+def credit(reads: list[list[Sighting]], roots: dict[str, str], reports=()) -> tuple[Tally, dict]:
+    """Feed one read per second through the credit; the ledger as the store keeps it (the largest
+    row per identity and epoch)."""
+    tally, ledger = Tally(), {}
+    for now, sightings in enumerate(reads):
+        tally, settled, _ = advance(tally, sightings, roots, float(now), SETTINGS)
+        for epoch in settled:
+            for who, e, samples in epoch_rows(epoch, reports, SETTINGS)[0]:
+                ledger[who, e] = max(ledger.get((who, e), 0), samples)
+    return tally, ledger
+
+
+def total(ledger: dict, who: str) -> int:
+    return sum(samples for (peer, _), samples in ledger.items() if peer == who)
+
+
+def honest(i: int, *who: str, start: int = 0) -> list[Sighting]:
+    """The honest identities' records at read `i`: an epoch every 4 reads."""
+    return [Sighting(w, start + i // 4, True) for w in who]
+
+
+def test_fake_epochs_earn_nothing_and_a_peer_nobody_confirms_nothing_beside_confirmed_ones():
+    reads = 40  # the honest swarm reaches epoch 9 at read 36: epochs 0..8 settle (3 s after it passed them)
+    reports = [group(e + 1, h, {"H1", "H2"}) for e in range(10) for h in ("H1", "H2")]
+    reports += [group(e + 1, "A", {"A", "H1"}, gid=f"forged{e}") for e in range(10)]  # its own word
+    # the review's stream: a new epoch in every record, ahead of the swarm; and a DHT-only node
+    stream = [
+        [*honest(i, "H1", "H2"), Sighting("A", 50 + i, True), Sighting("D", 50 + i, True)]
+        for i in range(reads)
+    ]
+    tally, ledger = credit(stream, ROOTS, reports)
+    assert tally.swarm_epoch == 9
+    assert total(ledger, "A") == 0 and total(ledger, "D") == 0
+    assert total(ledger, "H1") == total(ledger, "H2") == 9 * 32
+    # sitting in the swarm's own epoch without averaging with anyone: the groupmates confirm each other, not it
+    sitting = [[*honest(i, "H1", "H2"), Sighting("A", i // 4, True)] for i in range(reads)]
+    _, ledger = credit(sitting, ROOTS, reports)
+    assert total(ledger, "A") == 0 and total(ledger, "H1") == 9 * 32
+    # and no epoch ever holds more than the target batch size
+    per_epoch: dict[int, int] = {}
+    for (_, e), samples in ledger.items():
+        per_epoch[e] = per_epoch.get(e, 0) + samples
+    assert per_epoch and max(per_epoch.values()) <= SETTINGS.target_batch_size
+
+
+def test_beside_a_lone_honest_root_a_fake_stream_earns_at_most_an_even_share_of_real_epochs():
+    lone = {"H1": "invite:1", "A": "invite:a"}
+    ahead = [[*honest(i, "H1"), Sighting("A", 50 + i, True)] for i in range(40)]
+    _, ledger = credit(ahead, lone)
+    assert total(ledger, "A") == 0 and total(ledger, "H1") == 9 * 64
+    # in the swarm's epoch, unconfirmed like the honest peer (nobody averages across roots): a share
+    alongside = [[*honest(i, "H1"), Sighting("A", i // 4, True)] for i in range(40)]
+    _, ledger = credit(alongside, lone)
+    assert total(ledger, "A") == total(ledger, "H1") == 9 * 32
+    # walking up from epoch 0 far behind the swarm: a laggard, credited nothing
+    behind = [honest(i, "H1", start=100) for i in range(8)]
+    behind += [[*honest(i, "H1", start=100), Sighting("A", i, True)] for i in range(8, 40)]
+    _, ledger = credit(behind, lone)
+    assert total(ledger, "A") == 0 and total(ledger, "H1") == 9 * 64
+    # no session, no credit, whatever its records say
+    _, ledger = credit([[*honest(i, "H1"), Sighting("D", i // 4, True)] for i in range(40)], lone)
+    assert total(ledger, "D") == 0 and total(ledger, "H1") == 9 * 64
+
+
+def test_the_swarm_epoch_needs_two_roots_never_falls_back_and_moves_one_epoch_per_read():
+    assert next_swarm_epoch(None, {"r1": 7}) == (7, "epoch 7: the only admission root near the swarm's epoch")
+    assert next_swarm_epoch(None, {"r1": 7, "r2": 900})[0] == 7  # a root alone ahead is not the swarm
+    assert next_swarm_epoch(7, {"r1": 8, "r2": 900})[0] == 8
+    assert next_swarm_epoch(7, {"r1": 900})[0] == 8  # alone: one epoch per read, not a jump
+    kept, why = next_swarm_epoch(7, {"r1": 7, "r2": 6})
+    assert kept == 7 and "kept" in why
+    assert next_swarm_epoch(7, {"r1": 8, "r2": 0})[0] == 8  # a root far behind has no say
+    fresh, why = next_swarm_epoch(70, {"r1": 3, "r2": 3})  # the swarm came back from an older checkpoint
+    assert fresh == 3 and "found afresh" in why
+    assert next_swarm_epoch(7, {}) == (7, "no proven identity in the progress records")
+
+
+# ---------------------------------------------------------------- the monitor schedules it
+
+
+def peer_id(seed: int):
+    from hivemind.p2p import PeerID
+
+    key = b"\x08\x01\x12\x20" + hashlib.sha256(bytes([seed])).digest()  # an identity-multihash peer id
+    return PeerID(b"\x00" + bytes([len(key)]) + key)
+
+
+def entry(seed: int, epoch: int, samples: int, rate: float) -> dict:
+    return dict(
+        peer_id=peer_id(seed).to_bytes(),
+        epoch=epoch,
+        samples_accumulated=samples,
+        samples_per_second=rate,
+        time=1.0,
+        client_mode=False,
+    )
+
+
+class Found:
+    def __init__(self, value):
+        self.value = value
+
+
+class Future:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self, timeout=None):
+        return self.value
+
+    def cancel(self):
+        pass
+
+
+class FakeDHT:
+    """hivemind.DHT's `get` of the progress key only."""
+
+    def __init__(self):
+        self.entries: list[dict] = []
+
+    def add_validators(self, validators):
+        pass
+
+    def get(self, key, latest, return_future):
+        assert key == "run_progress" and latest and return_future
+        return Future(Found({i: Found(e) for i, e in enumerate(self.entries)}))
+
+
+def session(seed: int, root: str, now: float) -> PeerRecord:
+    return PeerRecord(
+        session_id=f"s{seed}",
+        name=f"peer{seed}",
+        joined_unix_s=now,
+        last_seen_unix_s=now,
+        phase="training",
+        dht_peer_id=peer_id(seed).to_base58(),
+        dht_verified=True,
+        admitted_dht_id=peer_id(seed).to_base58(),
+        admission_root=root,
+    )
+
+
+def test_monitor_credits_a_lone_volunteer_and_not_a_fake_record_stream(tmp_path: Path):
+    store = Store(tmp_path / "s.sqlite3")
+    health = HealthSettings(1.0, 10.0, 20.0)
+    clock = [1000.0]
+    dht = FakeDHT()
+    monitor = SwarmMonitor(dht, "run", store, health, SETTINGS, clock=lambda: clock[0])
+    honest, attacker, ghost = (peer_id(i).to_base58() for i in range(3))
+    store.upsert_peer(session(0, "addr:198.51.100.7", clock[0]))
+
+    def read(i: int, extra=()) -> None:
+        for sid in ("s0", "s1"):  # their sessions heartbeat on time
+            if (record := store.get_peer(sid)) is not None:
+                store.upsert_peer(dataclasses.replace(record, last_seen_unix_s=clock[0]))
+        dht.entries = [entry(0, i // 4, 10 + i % 4, 8.0), *extra]
+        monitor.tick()
+        clock[0] += 1.0
+
+    for i in range(20):  # alone, an epoch every 4 reads (one a second): epochs 0..3 settle
+        read(i)
+    assert store.contribution_totals() == {honest: 4 * 64}
+    standing = Standings(store.contribution_totals, clock=lambda: clock[0]).of(honest)
+    answer = pb.HeartbeatResponse(
+        accepted_samples=standing.accepted_samples, share=standing.share, rank=standing.rank,
+        ranked_peers=standing.ranked_peers,
+    )  # fmt: skip
+    assert standing_text(answer) == "accepted 256 samples (100.0% of the run, rank 1 of 1)"
+
+    # the review's attack: an admitted session and a DHT-only node claim 1e6 samples/s and a new
+    # epoch in every record (the old clamp credited 168 M samples in 24 s)
+    store.upsert_peer(session(1, "addr:203.0.113.9", clock[0]))
+    for i in range(20, 44):
+        fakes = [entry(1, 100 + i, 10**8, 1e6), entry(2, 100 + i, 10**8, 1e6)]
+        read(i, fakes)
+    totals = store.contribution_totals()
+    assert attacker not in totals and ghost not in totals
+    assert totals == {honest: 10 * 64} and monitor.progress.global_epoch == 10
+
+    # a restarted coordinator keeps the swarm's epoch: walking up from epoch 0 earns nothing either
+    monitor = SwarmMonitor(dht, "run", store, health, SETTINGS, clock=lambda: clock[0])
+    assert monitor.tally.swarm_epoch == 10
+    for i in range(44, 54):
+        read(i, [entry(1, i - 44, 10**8, 1e6)])
+    totals = store.contribution_totals()
+    assert attacker not in totals and totals[honest] == 11 * 64  # epoch 10, open at the restart, is lost
+    store.close()
+
+
+# ---------------------------------------------------------------- N14: who is a trainer
+
+
+HEALTH = HealthSettings(5.0, 20.0, 45.0)
+NOW = 10_000.0
+
+
+def trainer(who: str, root: str, **kw) -> PeerRecord:
+    """A proven session training on time, in the swarm's progress records (its own record)."""
+    fields = dict(
+        session_id=f"s-{who}",
+        joined_unix_s=NOW - 600,
+        last_seen_unix_s=NOW - 1,
+        phase="training",
+        dht_peer_id=who,
+        dht_verified=True,
+        dht_last_seen_unix_s=NOW - 5,
+        admission_root=root,
+    )
+    return PeerRecord(**(fields | kw))
+
+
+def test_one_admitted_peer_cannot_make_itself_a_confirmed_trainer():
+    attacker = trainer("A", "invite:a")
+    # its own progress record and "training" heartbeats made it one (newcomers started at random weights)
+    step, why = policy.resume_step(NOW, [attacker], 12, HEALTH)
+    assert step == 12 and "start from checkpoint 12" in why
+    own = [group(3, "A", {"A", "H1"}, t=NOW - 2)]  # its own account of averaging with someone
+    assert policy.resume_step(NOW, [attacker], 12, HEALTH, own)[0] == 12
+    # a groupmate of another root confirms a trainer: newcomers load the live state
+    h1, h2 = trainer("H1", "invite:1"), trainer("H2", "invite:2")
+    confirmed = [group(3, "H2", {"H1", "H2"}, t=NOW - 2)]
+    step, why = policy.resume_step(NOW, [h1, h2], 12, HEALTH, confirmed)
+    assert step == 0 and "a groupmate of another admission root confirmed" in why
+    # trainers of one root confirm each other (peers behind one address in an open run)...
+    lan = [trainer("H1", "addr:x"), trainer("H2", "addr:x")]
+    by_lan = [group(3, "H2", {"H1", "H2"}, t=NOW - 2, root="addr:x")]
+    assert policy.resume_step(NOW, lan, 12, HEALTH, by_lan)[0] == 0
+    # ...but not once another root trains beside them, nor with a round older than the grace period
+    assert policy.resume_step(NOW, [*lan, attacker], 12, HEALTH, by_lan)[0] == 12
+    old = [group(3, "H2", {"H1", "H2"}, t=NOW - 60)]
+    assert policy.resume_step(NOW, [h1, h2], 12, HEALTH, old)[0] == 12
+    # nor a confirmed identity that is not training, left the progress records, or is DHT-only
+    for changed in ({"phase": "loading_state"}, {"dht_last_seen_unix_s": NOW - 60}, {"source": "dht"}):
+        peers = [dataclasses.replace(h1, **changed), h2]
+        assert policy.resume_step(NOW, peers, 12, HEALTH, confirmed)[0] == 12, changed
+
+
+# ---------------------------------------------------------------- voters: the same proof
+
+
+VOTING = VoterSettings(HEALTH, min_age_s=120.0, seen_within_s=45.0)
+
+
+def test_voters_need_a_groupmate_of_another_root_when_others_have_one_and_no_quarantine():
+    h1, h2, a = trainer("H1", "invite:1"), trainer("H2", "invite:2"), trainer("A", "invite:a")
+    confirmed = [group(3, "H1", {"H1", "H2"}, t=NOW - 30), group(3, "A", {"A", "H1"}, t=NOW - 30, gid="x")]
+    voters, why = eligible_voters(NOW, [h1, h2, a], VOTING, confirmed)
+    assert voters == {"H1", "H2"} and "1 not confirmed by a groupmate of another admission root" in why
+    voters, why = eligible_voters(NOW, [h1, h2, a], VOTING, confirmed, frozenset({"H2"}))
+    assert voters == {"H1"} and "1 quarantined" in why  # H1: confirmed by A's account (vouching is no gain)
+    # nobody confirmed across roots (a lone honest root beside another): everyone proven votes, as before
+    assert eligible_voters(NOW, [h1, a], VOTING)[0] == {"H1", "A"}
+    # one root: its members cannot confirm each other, and need not
+    same = [h1, trainer("H2", "invite:1")]
+    by_same_root = [group(3, "H1", {"H1", "H2"}, t=NOW - 30, root="invite:1")]
+    assert eligible_voters(NOW, same, VOTING, by_same_root)[0] == {"H1", "H2"}
