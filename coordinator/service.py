@@ -219,9 +219,9 @@ class CoordinatorServicer:
     def _resume_step(self, now: float, record: PeerRecord, shard: str) -> int:
         """The checkpoint a joiner starts from (0: the live swarm's state); logs the join."""
         metas = checkpoint.list_checkpoints(self.run.checkpoint_root)
-        step, why = policy.resume_step(
-            now, self.store.peers_unordered(), metas[-1].step if metas else None, self.health
-        )
+        groups = self.evidence.groups.since(now - self.health.contribution_grace_s) if self.evidence else ()
+        latest = metas[-1].step if metas else None
+        step, why = policy.resume_step(now, self.store.peers_unordered(), latest, self.health, groups)
         logger.info(
             "peer %r joined (id %s, %s): %s, resume from step %d (%s)",
             *(record.name, record.peer_id, record.device, shard, step, why),
