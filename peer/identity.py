@@ -15,6 +15,7 @@ id across restarts (`crowdtrain identity` prints it for the operator's allowlist
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -151,3 +152,10 @@ class PeerIdentity:
             }
         )
         return key
+
+
+@functools.cache
+def throwaway_identity() -> PeerIdentity:
+    """One fresh identity for this process, for tools that join as simulated peers (benchmarks,
+    the fuzzer): every Join names and signs an identity."""
+    return PeerIdentity.fresh(Path(tempfile.gettempdir()) / "crowdtrain-throwaway-identities")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 from crowdtrain.coordinator.demo import cli_command, spawn, stop_children, wait_for_endpoints
+from crowdtrain.peer.identity import throwaway_identity
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
@@ -37,7 +38,10 @@ async def join_all(stub, peers: int, concurrency: int = 64) -> list[tuple[str, s
     async def worker():
         for i in queue:
             response = await stub.Join(
-                _signed(pb.JoinRequest(name=f"sim-{i}", version="bench", device="cpu")), timeout=30
+                throwaway_identity().signed_join(
+                    pb.JoinRequest(name=f"sim-{i}", version="bench", device="cpu")
+                ),
+                timeout=30,
             )
             sessions[i] = (response.session_id, response.session_token)
 
@@ -262,19 +266,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _signed(request):
-    """`request` naming a throwaway identity of this process and signed by it (every Join must be)."""
-    import tempfile
-    from pathlib import Path
-
-    from crowdtrain.peer.identity import PeerIdentity
-
-    global _IDENTITY
-    if _IDENTITY is None:
-        _IDENTITY = PeerIdentity.fresh(Path(tempfile.gettempdir()))
-    return _IDENTITY.signed_join(request)
-
-
-_IDENTITY = None

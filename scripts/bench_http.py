@@ -27,6 +27,7 @@ from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.webserver import HttpLimits, WebContext, WebServer
 from crowdtrain.peer.checkpoint import CheckpointMeta, list_checkpoints
 from crowdtrain.peer.client import CoordinatorClient
+from crowdtrain.peer.identity import throwaway_identity
 from crowdtrain.protos import coordinator_pb2 as pb
 
 READER = """
@@ -45,7 +46,7 @@ print(reads, refused)
 
 def heartbeats(address: str, seconds: float) -> tuple[float, float]:
     with CoordinatorClient(address) as client:
-        joined = client.join(_signed(pb.JoinRequest(name="bench", device="cpu")))
+        joined = client.join(throwaway_identity().signed_join(pb.JoinRequest(name="bench", device="cpu")))
         request = pb.HeartbeatRequest(session_id=joined.session_id, session_token=joined.session_token)
         out, end = [], time.monotonic() + seconds
         while time.monotonic() < end:
@@ -146,19 +147,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _signed(request):
-    """`request` naming a throwaway identity of this process and signed by it (every Join must be)."""
-    import tempfile
-    from pathlib import Path
-
-    from crowdtrain.peer.identity import PeerIdentity
-
-    global _IDENTITY
-    if _IDENTITY is None:
-        _IDENTITY = PeerIdentity.fresh(Path(tempfile.gettempdir()))
-    return _IDENTITY.signed_join(request)
-
-
-_IDENTITY = None
