@@ -4,7 +4,8 @@ downloads in flight. No torch.
 The format of one checkpoint (`crowdtrain.json`, listing, verification) is `crowdtrain.peer.checkpoint`,
 which every reader uses. A checkpoint exists only once its directory
 has been renamed into place, after every file was written and fsynced; leftovers of an interrupted
-write (`.tmp-*`) are removed at start-up and never listed.
+write (`.tmp-*`) are removed at start-up and never listed. `published` is the listing every
+request reads: cached, re-read only when a checkpoint is added, removed or replaced.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from crowdtrain.coordinator import signing
@@ -111,6 +113,52 @@ def clean_staging(root: Path) -> int:
     return removed
 
 
+_CACHED_ROOTS = 16  # checkpoint roots whose listing `published` keeps (a coordinator has one)
+_listings: OrderedDict[str, tuple[object, list[CheckpointMeta]]] = OrderedDict()
+_listings_lock = threading.Lock()
+
+
+def listing_signature(root: Path) -> object:
+    """What changes whenever `list_checkpoints(root)` could: the root directory (mtime, inode) and
+    each step-* entry's name, inode and crowdtrain.json (mtime, size, inode); None without a root.
+    One scandir and a stat per checkpoint: no file is opened."""
+    try:
+        st = os.stat(root)
+        entries = []
+        with os.scandir(root) as it:
+            for entry in it:
+                if entry.name.startswith("step-"):
+                    try:
+                        m = os.stat(os.path.join(entry.path, META_NAME), follow_symlinks=False)
+                        meta = (m.st_mtime_ns, m.st_size, m.st_ino)
+                    except OSError:
+                        meta = None
+                    entries.append((entry.name, entry.inode(), meta))
+    except OSError:  # no root yet, or not a directory
+        return None
+    return st.st_mtime_ns, st.st_ino, tuple(sorted(entries))
+
+
+def published(root: Path) -> list[CheckpointMeta]:
+    """`list_checkpoints(root)` (oldest first), read from disk again only when `listing_signature`
+    changed: a stranger asking for the listing a thousand times a second costs a scandir each, not
+    a read and parse of every crowdtrain.json. Thread-safe; a change made before the call started
+    is always seen (the signature is taken before reading)."""
+    key, signature = str(root), listing_signature(root)
+    with _listings_lock:
+        cached = _listings.get(key)
+        if cached is not None and cached[0] == signature:
+            _listings.move_to_end(key)
+            return list(cached[1])
+    metas = list_checkpoints(root)
+    with _listings_lock:
+        _listings[key] = (signature, metas)
+        _listings.move_to_end(key)
+        while len(_listings) > _CACHED_ROOTS:
+            _listings.popitem(last=False)
+    return list(metas)
+
+
 def lookup_file(root: Path, step: int | None, name: str) -> tuple[CheckpointMeta, Path]:
     """The published checkpoint at `step` (None: the latest) and the path of its file `name`, for
     every transport that serves checkpoints (gRPC and HTTP).
@@ -119,7 +167,7 @@ def lookup_file(root: Path, step: int | None, name: str) -> tuple[CheckpointMeta
     name can reach outside the checkpoint's directory. Raises `NotFoundError` saying what exists.
     The file may still vanish (retention) before the caller opens it.
     """
-    metas = list_checkpoints(root)
+    metas = published(root)
     if not metas:
         raise NotFoundError("no checkpoint has been published yet; try again after the first one")
     meta = metas[-1] if step is None else next((m for m in metas if m.step == step), None)

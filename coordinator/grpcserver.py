@@ -3,11 +3,14 @@ health checking and reflection. `RequestError`s raised by the servicer become gR
 here, through `service.STATUS_CODES`. No torch, no hivemind.
 
 Bounded for the internet (`GrpcLimits`): requests above `max_receive_bytes` are refused by gRPC
-itself (RESOURCE_EXHAUSTED; the largest legitimate request is well under 1 KiB), at most
-`max_concurrent_rpcs` at once (each peer holds one HeartbeatStream) and `max_streams_per_connection`
-per connection, keepalive pings drop dead clients, GetStatus is built in a small thread pool (not
-on the loop that serves heartbeats), and a checkpoint download whose client stops reading for
-`stall_timeout_s` is cancelled, releasing retention. With `tls` it serves TLS only.
+itself (RESOURCE_EXHAUSTED; the largest legitimate request is well under 1 KiB); every call goes
+through `callgate` first (per-address rate limits, the first message within a few seconds, calls
+held per kind and per address, a budget for accepted heartbeat streams that nothing
+unauthenticated can take); `max_streams_per_connection` per connection, keepalive pings drop dead
+clients, connections are renewed after `max_connection_age_s`; GetStatus, ListCheckpoints and
+opening a download run in small thread pools (not on the loop that serves heartbeats), and a
+checkpoint download whose client stops reading for `stall_timeout_s` is cancelled, releasing
+retention. With `tls` it serves TLS only.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+from crowdtrain.coordinator.callbudget import CallBudget, CallLimits, Pool
+from crowdtrain.coordinator.callgate import CallGate, accept_session
 from crowdtrain.coordinator.errors import InvalidRequestError, PortInUseError, RequestError
 from crowdtrain.coordinator.loopthread import LoopThread
 from crowdtrain.coordinator.service import FILE_CHUNK_BYTES, SERVICE_NAME, STATUS_CODES, CoordinatorServicer
@@ -35,17 +40,36 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GrpcLimits:
-    """What gRPC clients may hold. Raise `max_concurrent_rpcs` above the number of peers you expect
-    (each holds one HeartbeatStream) if peers see RESOURCE_EXHAUSTED on joining."""
+    """What gRPC clients may hold. How many calls of each kind, per address and in all, and how
+    often one address may open them: `calls` (`callbudget.CallLimits`, which says when to raise
+    what)."""
 
     max_receive_bytes: int = 64 << 10  # one request message
-    max_concurrent_rpcs: int = 2000  # RPCs in progress, streams included; more get RESOURCE_EXHAUSTED
     max_streams_per_connection: int = 100  # HTTP/2 streams one connection may open at once
     keepalive_time_s: float = 30.0  # ping a connection silent for this long...
     keepalive_timeout_s: float = 10.0  # ...and drop it when the ping is not answered within this
     max_connection_idle_s: float = 600.0  # close a connection without any RPC for this long
+    # a connection is asked to go away after this long (+-10%), so none is held forever; its calls
+    # then have the grace to finish. A peer's heartbeat stream is cut at the end of the grace: its
+    # next heartbeat fails and the one after, 2 intervals later (3 after the last one answered;
+    # the default heartbeat timeout is 4), opens a new stream on a new connection
+    max_connection_age_s: float = 3600.0
+    max_connection_age_grace_s: float = 1800.0  # long enough for a checkpoint download to finish
+    # calls that arrived faster than the handler loop takes them queue in gRPC core; past this many
+    # it cancels new ones at random (CANCELLED), all of them at twice this. A burst of thousands of
+    # calls (a flood, or every peer reconnecting at once) queues for a moment instead
+    max_pending_calls: int = 8192
     stall_timeout_s: float = 30.0  # cancel a download whose client read nothing for this long
     status_workers: int = 2  # threads that answer GetStatus
+    calls: CallLimits = CallLimits()
+    # grpc.aio's own limit, above everything `calls` holds: calls being refused, and unary
+    # heartbeats being answered, hold no slot there
+    uncounted_rpcs: int = 4096
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """grpc.aio's one global counter: never the limit that refuses a call (`calls` is)."""
+        return self.calls.total_calls() + self.uncounted_rpcs
 
     def server_options(self) -> list[tuple[str, int]]:
         return [
@@ -58,6 +82,10 @@ class GrpcLimits:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.max_connection_idle_ms", int(self.max_connection_idle_s * 1000)),
+            ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(self.max_connection_age_grace_s * 1000)),
+            ("grpc.server.max_pending_requests", self.max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * self.max_pending_calls),
         ]
 
 
@@ -167,6 +195,7 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
         self.servicer, self.limits = servicer, limits
         self.status_pool = ThreadPoolExecutor(limits.status_workers, thread_name_prefix="grpc-status")
         self.reach_pool = ThreadPoolExecutor(4, thread_name_prefix="grpc-reach")
+        self.disk_pool = ThreadPoolExecutor(2, thread_name_prefix="grpc-disk")
 
     @_translating_errors
     async def Join(self, request, context):
@@ -178,8 +207,15 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
 
     @_translating_errors
     async def HeartbeatStream(self, request_iterator, context):
+        """Its first message must name a valid session (else the servicer's error ends it); then
+        it holds a session slot (`callgate.accept_session`)."""
+        accepted = False
         async for request in request_iterator:
-            yield self.servicer.Heartbeat(request, context)
+            response = self.servicer.Heartbeat(request, context)
+            if not accepted:
+                accept_session(request.session_id)
+                accepted = True
+            yield response
 
     @_translating_errors
     async def Leave(self, request, context):
@@ -187,7 +223,9 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
 
     @_translating_errors
     async def ListCheckpoints(self, request, context):
-        return self.servicer.ListCheckpoints(request, context)
+        """Off the loop: it may read every checkpoint's crowdtrain.json (`archive.published`)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.disk_pool, self.servicer.ListCheckpoints, request, context)
 
     @_translating_errors
     async def GetStatus(self, request, context):
@@ -204,7 +242,7 @@ class _AioAdapter(pb_grpc.CoordinatorServicer):
     @_translating_errors
     async def DownloadCheckpointFile(self, request, context):
         """Written with context.write (not yield) so that a client that stops reading is noticed."""
-        f, size, step = self.servicer.open_checkpoint_file(request)
+        f, size, step = await asyncio.to_thread(self.servicer.open_checkpoint_file, request)  # disk
         downloads = self.servicer.downloads
         downloads.begin(step)
         try:
@@ -236,6 +274,7 @@ class GrpcServer:
         tls: ServerTls | None = None,
     ):
         self._adapter = _AioAdapter(servicer, limits)
+        self.calls = CallBudget(limits.calls)  # what every call holds (used on the server's loop)
         self._loop = LoopThread("grpc-aio")
         try:
             self._server, self.port = self._loop.run(self._build(host, port, limits, tls))
@@ -245,7 +284,9 @@ class GrpcServer:
 
     async def _build(self, host: str, port: int, limits: GrpcLimits, tls: ServerTls | None):
         server = grpc.aio.server(
-            options=limits.server_options(), maximum_concurrent_rpcs=limits.max_concurrent_rpcs
+            options=limits.server_options(),
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+            interceptors=(CallGate(self.calls),),
         )
         server.add_generic_rpc_handlers((_method_handlers(self._adapter),))
         health_servicer = health.aio.HealthServicer()
@@ -286,6 +327,10 @@ class GrpcServer:
                 self._close()
         return self
 
+    def calls_held(self) -> dict[Pool, int]:
+        """How many calls each pool of `calls` holds right now (for metrics and tests)."""
+        return self._loop.run(_call(self.calls.held))
+
     def wait(self) -> None:
         """Compatibility with grpc.Server.stop(...).wait(): stop() already waited."""
 
@@ -293,6 +338,11 @@ class GrpcServer:
         self._loop.close()
         self._adapter.status_pool.shutdown(wait=False, cancel_futures=True)
         self._adapter.reach_pool.shutdown(wait=False, cancel_futures=True)
+        self._adapter.disk_pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _call(fn):
+    return fn()
 
 
 def create_server(
