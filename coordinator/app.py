@@ -17,6 +17,7 @@ Open the HTTP address in a browser for the live dashboard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,9 +28,10 @@ from pathlib import Path
 from crowdtrain.coordinator import reachability
 from crowdtrain.coordinator.admission import servicer_options
 from crowdtrain.coordinator.archive import DownloadTracker
+from crowdtrain.coordinator.callbudget import CallLimits, PoolCaps
 from crowdtrain.coordinator.config import CoordinatorConfig
 from crowdtrain.coordinator.evidence import counts_against
-from crowdtrain.coordinator.grpcserver import ServerTls, create_server
+from crowdtrain.coordinator.grpcserver import GrpcLimits, ServerTls, create_server
 from crowdtrain.coordinator.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.policy import minimum_peer_version
 from crowdtrain.coordinator.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
@@ -211,6 +213,7 @@ class Coordinator:
                 cfg.join_burst,
                 cfg.joins_per_minute,
                 prune_silent_joins_after_s=cfg.prune_silent_joins_after_s,
+                max_live_sessions_per_root=cfg.max_sessions_per_address,
             ),
             status=self.cached_status.get,
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
@@ -223,7 +226,7 @@ class Coordinator:
             self.store,
             "grpc_port",
             cfg.grpc_port,
-            lambda port: create_server(servicer, cfg.host, port, tls=self.tls),
+            lambda port: create_server(servicer, cfg.host, port, _grpc_limits(cfg), tls=self.tls),
             port_of=lambda bound: bound[1],
         )
         self.grpc_server.start()
@@ -341,3 +344,12 @@ class Coordinator:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _grpc_limits(cfg: CoordinatorConfig) -> GrpcLimits:
+    """The gRPC server's limits, with room for `--max-sessions-per-address` heartbeat streams from
+    one address (a large NAT, or a benchmark's simulated peers)."""
+    calls = CallLimits()
+    per_address = max(calls.session_streams.per_address, cfg.max_sessions_per_address)
+    streams = PoolCaps(max(calls.session_streams.total, per_address), per_address)
+    return GrpcLimits(calls=dataclasses.replace(calls, session_streams=streams))

@@ -81,6 +81,12 @@ class CoordinatorConfig:
     prune_silent_joins_after_s: float = option(
         120.0, "forget a session that never sent a heartbeat after this long (abandoned joins, sybils)"
     )
+    max_sessions_per_address: int = option(
+        256,
+        "sessions one admission root (an invite, an allowlisted key, or in open runs an address) may "
+        "hold online, and heartbeat streams one address may hold (at least 1024); raise it for more "
+        "volunteers behind one NAT",
+    )
     min_peer_version: str = option(
         "",
         "refuse joiners whose crowdtrain is older than this version, telling them the upgrade command "

@@ -44,7 +44,6 @@ from crowdtrain.coordinator.shardbook import Claim, ShardBook, resume_claim
 from crowdtrain.coordinator.standings import Standings
 from crowdtrain.coordinator.status import SwarmStatus
 from crowdtrain.coordinator.store import Store
-from crowdtrain.peer import checkpoint
 from crowdtrain.peer.report import to_message
 from crowdtrain.protos import coordinator_pb2 as pb
 
@@ -92,7 +91,7 @@ class AbuseLimits:
     heartbeats_per_interval: float = 10.0  # sustained, per heartbeat_interval_s (peers send 1)
     prune_silent_joins_after_s: float = 120.0  # a session that never heartbeats is deleted then
     forget_sessions_after_s: float = 86400.0  # a session not seen for this long is deleted
-    max_live_sessions_per_root: int = 64  # online sessions from one invite, allowlist key or address
+    max_live_sessions_per_root: int = 256  # online sessions from one invite, allowlist key or address
     reachability_burst: int = 3  # reachability checks one session may ask for at once
     reachability_per_minute: float = 1.0  # and then, sustained (each dials up to 8 addresses)
     max_failed_proofs: int = 3  # failed DHT proofs that end a session
@@ -218,7 +217,7 @@ class CoordinatorServicer:
 
     def _resume_step(self, now: float, record: PeerRecord, shard: str) -> int:
         """The checkpoint a joiner starts from (0: the live swarm's state); logs the join."""
-        metas = checkpoint.list_checkpoints(self.run.checkpoint_root)
+        metas = archive.published(self.run.checkpoint_root)
         groups = self.evidence.groups.since(now - self.health.contribution_grace_s) if self.evidence else ()
         latest = metas[-1].step if metas else None
         step, why = policy.resume_step(now, self.store.peers_unordered(), latest, self.health, groups)
@@ -365,7 +364,7 @@ class CoordinatorServicer:
                     ],
                     url=f"{base}/checkpoints/{m.step}",
                 )
-                for m in checkpoint.list_checkpoints(self.run.checkpoint_root)
+                for m in archive.published(self.run.checkpoint_root)
             ],
         )
 

@@ -57,7 +57,6 @@ from crowdtrain.coordinator.ratelimit import BucketSettings, RateLimiter
 from crowdtrain.coordinator.snapshots import Memo, ViewCache
 from crowdtrain.coordinator.status import SwarmStatus, contributors
 from crowdtrain.coordinator.store import Store
-from crowdtrain.peer import checkpoint
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 logger = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ def _views(ctx: WebContext, max_age_s: float) -> dict[str, Callable[[], bytes]]:
     def history() -> bytes:
         evals = [
             {"t": m.created_unix_s, "step": m.step, "eval_loss": m.eval_loss}
-            for m in checkpoint.list_checkpoints(ctx.checkpoint_root)
+            for m in archive.published(ctx.checkpoint_root)
         ]
         return json.dumps({"swarm": ctx.store.history(), "eval": evals}).encode()
 
@@ -121,7 +120,7 @@ def _views(ctx: WebContext, max_age_s: float) -> dict[str, Callable[[], bytes]]:
         ).encode(),
         "history": history,
         "checkpoints": lambda: json.dumps(
-            [json.loads(m.to_json()) for m in checkpoint.list_checkpoints(ctx.checkpoint_root)]
+            [json.loads(m.to_json()) for m in archive.published(ctx.checkpoint_root)]
         ).encode(),
         "rejections": lambda: json.dumps(rejection_rows(ctx.store)).encode(),
         "peer_index": lambda: peer_index(snapshot.get()[1]["peers"], ctx.store.contribution_totals()),

@@ -234,6 +234,8 @@ def main() -> int:
             "0",
             "--join-burst",  # every simulated peer joins from this one address
             str(10 * args.peers),
+            "--max-sessions-per-address",  # and holds its session and heartbeat stream from it
+            str(args.peers + 100),
             "--prune-silent-joins-after-s",  # joining 20,000 takes minutes before the first heartbeats
             "3600",
             "--heartbeat-interval-s",
