@@ -5,9 +5,14 @@
 
 Requests come from scripts/fuzz_inputs.py (built from the protobuf descriptors and the route list in
 webserver's docstring) and go, one at a time in a fast loop, to a coordinator in this process
-(scripts/fuzz_target.py) while a well-behaved peer heartbeats every 50 ms. A run fails when
+(scripts/fuzz_target.py) while a well-behaved peer heartbeats every 50 ms. A fuzzed call that picks
+a session (`GrpcCall.credentials`) gets what a real peer would send, so it reaches the code behind
+the checks: a Join is signed by one of a few identities, a heartbeat carries its session's
+credentials and claims (and, for an even pick, proves) the identity its session joined with. A run
+fails when
 - a gRPC call ends with a code outside ALLOWED_CODES (UNKNOWN or INTERNAL mean an unhandled
-  exception), or an HTTP request gets a 5xx other than 503 (load shedding), 501 (a method other
+  exception; UNIMPLEMENTED is allowed only as the coordinator's own answer, `NotServedError`, e.g.
+  a reachability check it cannot do for a caller on its own machine, never gRPC's unknown method), or an HTTP request gets a 5xx other than 503 (load shedding), 501 (a method other
   than GET/HEAD: RFC 9110 15.6.2) or 505 (a malformed version), no answer within HTTP_TIMEOUT_S
   (bytes that are only blank lines are no request at all: RFC 9112 2.2 lets the server skip them,
   so the fuzzer then half-closes the connection and the server must close it within HTTP_TIMEOUT_S;
@@ -56,7 +61,14 @@ from scripts.fuzz_inputs import (
     message_class,
     route_templates,
 )
-from scripts.fuzz_target import CHANNEL_OPTIONS, CoordinatorProcess, GoodPeerProcess, credentials, percentile
+from scripts.fuzz_target import (
+    CHANNEL_OPTIONS,
+    CoordinatorProcess,
+    GoodPeerProcess,
+    Identities,
+    credentials,
+    percentile,
+)
 
 ALLOWED_CODES = frozenset(
     grpc.StatusCode[name]
@@ -72,6 +84,7 @@ ALLOWED_CODES = frozenset(
         "ALREADY_EXISTS",
     )
 )
+GRPC_UNKNOWN_METHOD = "Method not found!"  # grpc's details of UNIMPLEMENTED for a method not served
 MAX_RESPONSE_BYTES = 1 << 20
 MAX_DB_BYTES = 64 << 20
 HEARTBEAT_P99_S = 0.050
@@ -166,8 +179,24 @@ class Fuzzer:
         self.target, self.report = target, report_
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="fuzz")
         self.channel = grpc.insecure_channel(target.grpc_address, options=CHANNEL_OPTIONS)
-        self.joins: list[pb.JoinResponse] = []
+        self.joins: list[tuple[pb.JoinResponse, int]] = []  # sessions, each with the identity it signed
+        self.identities = Identities()
         self.routes = route_templates(webserver.__doc__ or "")
+        self._join_as_peers()
+
+    def _join_as_peers(self) -> None:
+        """One session per identity, joined as a real peer joins: fuzzed calls reach past the session
+        check whether or not a fuzzed Join gets in (few do: a random field fails its check, and the
+        joins one address may make are few)."""
+        join = self.channel.unary_unary(
+            f"/{SERVICE_NAME}/Join",
+            request_serializer=pb.JoinRequest.SerializeToString,
+            response_deserializer=pb.JoinResponse.FromString,
+        )
+        for i in range(len(self.identities)):
+            request = pb.JoinRequest(name=f"fuzz-peer-{i}", version="0.1.0", device="cpu")
+            self.identities.sign(request, i)
+            self.joins.append((join(request, timeout=GRPC_TIMEOUT_S), i))
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -186,11 +215,15 @@ class Fuzzer:
     def _requests(self, call: GrpcCall, method) -> list:
         cls = message_class(method.input_type)
         messages = [cls(**fields) for fields in call.requests] or [cls()]
-        if call.credentials is not None and self.joins:
-            join = self.joins[call.credentials % len(self.joins)]
+        if call.credentials is not None and method.name == "Join":
+            for m in messages:
+                self.identities.sign(m, call.credentials)
+        elif call.credentials is not None and self.joins:
+            join, who = self.joins[call.credentials % len(self.joins)]
             for m in messages:
                 for name, value in credentials(join, cls).items():
                     setattr(m, name, value)
+                self.identities.as_peer(m, join, who, call.credentials)
         return messages
 
     def send_grpc(self, call: GrpcCall) -> None:
@@ -215,10 +248,11 @@ class Fuzzer:
             size = sum(len(r) if raw else r.ByteSize() for r in responses)
             code, details = grpc.StatusCode.OK, ""
             if method.name == "Join" and not raw:
-                self.joins = (self.joins + responses)[-256:]
+                self.joins = (self.joins + [(r, call.credentials or 0) for r in responses])[-256:]
         except grpc.RpcError as e:
             code, details = e.code(), e.details()
-        problem = None if code in ALLOWED_CODES else f"{code.name} ({_short(details, 200)})"
+        served = code is grpc.StatusCode.UNIMPLEMENTED and details != GRPC_UNKNOWN_METHOD  # NotServedError
+        problem = None if code in ALLOWED_CODES or served else f"{code.name} ({_short(details, 200)})"
         label = f"gRPC {method.name}" + (" (raw bytes)" if raw else "")
         self.report.record(label, code.name, size, problem, call.raw if raw else requests)
 
@@ -409,8 +443,9 @@ def fuzz(
     report_ = FuzzReport()
     target = CoordinatorProcess(directory)
     try:
-        peer = GoodPeerProcess(target.grpc_address)
+        # the fuzzer first: loading its identities (hivemind) would slow the good peer's heartbeats
         fuzzer = Fuzzer(target, report_, concurrency)
+        peer = GoodPeerProcess(target.grpc_address)
         t0 = time.monotonic()
         try:
             fuzzer.run(requests, seed)

@@ -1,7 +1,9 @@
 """A live coordinator in this process for the fuzzer (scripts/fuzz.py, tests/test_fuzz.py), built as
 crowdtrain.coordinator.app wires one but without a DHT or a publisher: a Store on a temporary
 SQLite file, the servicer on grpc.aio, the HTTP server, one data shard and one published,
-signed checkpoint. Also the well-behaved peer whose heartbeat latency the fuzz must not hurt.
+signed checkpoint. Also the well-behaved peer whose heartbeat latency the fuzz must not hurt, and
+the identities that sign Joins (every Join must name and sign its identity key) and prove
+themselves in heartbeats, as a real peer does.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_stat
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.webserver import WebContext, WebServer
 from crowdtrain.peer import checkpoint
+from crowdtrain.peer.identity import PeerIdentity, throwaway_identity
 from crowdtrain.protos import coordinator_pb2 as pb
 
 from scripts.fuzz_inputs import Hints
@@ -156,9 +159,9 @@ class GoodPeer:
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        join = _method(self._channel, "Join", pb.JoinRequest, pb.JoinResponse)(
-            _signed(pb.JoinRequest(name="good-peer", version="0.1.0", device="cpu")), timeout=10
-        )
+        request = pb.JoinRequest(name="good-peer", version="0.1.0", device="cpu")
+        Identities(1).sign(request, 0)
+        join = _method(self._channel, "Join", pb.JoinRequest, pb.JoinResponse)(request, timeout=10)
         self._request = pb.HeartbeatRequest(
             **credentials(join, pb.HeartbeatRequest),
             name="good-peer",
@@ -298,17 +301,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _signed(request):
-    """`request` naming a throwaway identity of this process and signed by it (every Join must be)."""
-    import tempfile
-    from pathlib import Path
+class Identities:
+    """Throwaway hivemind identities of this process (RSA keys in temporary directories; one is
+    `peer.identity.throwaway_identity`): what a fuzzed request needs to get past the identity checks
+    and reach the code behind them."""
 
-    from crowdtrain.peer.identity import PeerIdentity
+    def __init__(self, count: int = 4):
+        cache = Path(tempfile.gettempdir()) / "crowdtrain-fuzz-identities"
+        self._all = [throwaway_identity()] + [PeerIdentity.fresh(cache) for _ in range(count - 1)]
 
-    global _IDENTITY
-    if _IDENTITY is None:
-        _IDENTITY = PeerIdentity.fresh(Path(tempfile.gettempdir()))
-    return _IDENTITY.signed_join(request)
+    def __len__(self) -> int:
+        return len(self._all)
 
+    def sign(self, join: pb.JoinRequest, index: int) -> None:
+        """Make `join` name identity `index` and sign it now (`PeerIdentity.join_fields`)."""
+        for name, value in self._all[index % len(self._all)].join_fields(time.time()).items():
+            setattr(join, name, value)
 
-_IDENTITY = None
+    def as_peer(self, request, join: pb.JoinResponse, index: int, pick: int) -> None:
+        """Make a heartbeat of the session `join` (which identity `index` signed) claim that identity
+        where it names a DHT peer id, and, for an even `pick`, prove it where it names a key (an odd
+        one keeps the fuzzed proof: a failed one)."""
+        names = {f.name for f in request.DESCRIPTOR.fields}
+        me = self._all[index % len(self._all)]
+        if "dht_peer_id" in names and request.dht_peer_id:
+            request.dht_peer_id = me.peer_id
+        if "dht_public_key" in names and request.dht_public_key and pick % 2 == 0:
+            request.dht_public_key, request.dht_signature = me.prove(join.dht_challenge)

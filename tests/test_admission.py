@@ -33,11 +33,11 @@ from crowdtrain.coordinator.signing import new_key, public_key_hex
 from crowdtrain.coordinator.status import SwarmProgress, build_status
 from crowdtrain.coordinator.store import Store
 from crowdtrain.peer.admission import SwarmToken, parse_and_check, sign_token
-from crowdtrain.peer.report import dht_claim_message
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
-from tests.test_hostile_peers import Clock, refused, rsa_identity
+from tests.identities import identity, signed_join
+from tests.test_hostile_peers import Clock, refused
 
 HEALTH = HealthSettings(heartbeat_interval_s=2.0, heartbeat_timeout_s=10.0)
 RUN_ID = "ct_test_0001"
@@ -60,8 +60,9 @@ class Coordinator:
     def run_public_key(self) -> str:
         return public_key_hex(self.run_key)
 
-    def join(self, name: str = "p", **fields) -> pb.JoinResponse:
-        return self.stub.Join(pb.JoinRequest(name=name, **fields), timeout=5)
+    def join(self, name: str = "p", who: int | None = None, **fields) -> pb.JoinResponse:
+        """Join as test identity `who` (`tests.identities`; a new one when None)."""
+        return self.stub.Join(signed_join(name=name, who=who, **fields), timeout=5)
 
     def beat(self, joined: pb.JoinResponse, **fields) -> pb.HeartbeatResponse:
         request = pb.HeartbeatRequest(
@@ -69,14 +70,14 @@ class Coordinator:
         )
         return self.stub.Heartbeat(request, timeout=5)
 
-    def prove(self, joined: pb.JoinResponse, ident, **fields) -> pb.HeartbeatResponse:
-        """A heartbeat proving the DHT identity `ident` (public key, peer id, signer)."""
-        public, dht_id, sign = ident
+    def prove(self, joined: pb.JoinResponse, who: int, **fields) -> pb.HeartbeatResponse:
+        """A heartbeat proving the DHT identity of test identity `who` (`tests.identities`)."""
+        public, signature = identity(who).prove(joined.dht_challenge)
         return self.beat(
             joined,
-            dht_peer_id=dht_id,
+            dht_peer_id=identity(who).peer_id,
             dht_public_key=public,
-            dht_signature=sign(dht_claim_message(joined.dht_challenge, dht_id)),
+            dht_signature=signature,
             **fields,
         )
 
@@ -107,7 +108,7 @@ def coordinator(tmp_path: Path):
             lambda token: sign_token(run_key, token),
             InviteBook(store),
         )
-        evidence = EvidenceBook(store, autoban or AutobanSettings())
+        evidence = EvidenceBook(store, autoban or AutobanSettings(), mode)
         run = RunInfo('{"run": 1}', "abc", "{}", 3, "http://127.0.0.1:1", tmp_path / "checkpoints")
         c = Coordinator(None, store, clock, run_key, gate, evidence)
         servicer = CoordinatorServicer(
@@ -160,19 +161,25 @@ def test_invite_mode_needs_a_valid_unexpired_unrevoked_code_with_uses_left(coord
 
 def test_a_volunteer_restarting_with_its_identity_keeps_its_single_use_invite(coordinator):
     c = coordinator("invite")
-    code, _ = c.gate.invites.create(c.clock(), uses=1)
-    mine, stranger = rsa_identity(), rsa_identity()
-    refused(lambda: c.join("unproven", invite_code="B" * 32, dht_public_key=mine[0]), DENIED, "not one of")
-    first = c.join("alice", invite_code=code, dht_public_key=mine[0])
-    refused(lambda: c.join("alice again", invite_code=code, dht_public_key=mine[0]), DENIED, "used up")
-    assert c.prove(first, mine).swarm_token  # proven: from now on it may come back
-    again = c.join("alice restarted", invite_code=code, dht_public_key=mine[0])
-    assert c.prove(again, mine).swarm_token and c.gate.invites.list()[0].uses_left == 0
-    # someone who knows the code and alice's public key gets a session that can never prove it
-    thief = c.join("thief", invite_code=code, dht_public_key=mine[0])
-    refused(lambda: c.prove(thief, stranger), DENIED, "joined with the key of")
-    refused(lambda: c.join("other", invite_code=code, dht_public_key=stranger[0]), DENIED, "used up")
-    refused(lambda: c.join("keyless", invite_code=code), DENIED, "used up")
+    code, invite = c.gate.invites.create(c.clock(), uses=1)
+    mine, stranger = 1, 2  # test identities
+    refused(lambda: c.join("unproven", who=mine, invite_code="B" * 32), DENIED, "not one of")
+    first = c.join("alice", who=mine, invite_code=code)  # the use is bound to the key it signed with
+    assert c.gate.invites.identities(invite.invite_id) == [identity(mine).peer_id]
+    # its Join proved the key, so it may come back at once (was: only after a heartbeat's proof)
+    again = c.join("alice again", who=mine, invite_code=code)
+    assert c.prove(first, mine).swarm_token and c.prove(again, mine).swarm_token
+    assert c.gate.invites.list()[0].uses_left == 0
+    # someone who knows the code and alice's public key cannot sign her Join: no session at all
+    thief = signed_join(who=stranger, name="thief", invite_code=code)
+    thief.dht_public_key = identity(mine).public_key_protobuf
+    refused(lambda: c.stub.Join(thief, timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "join_signature")
+    refused(lambda: c.join("other", who=stranger, invite_code=code), DENIED, "used up")
+    keyless = pb.JoinRequest(name="keyless", invite_code=code)
+    refused(lambda: c.stub.Join(keyless, timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "dht_public_key")
+    assert c.store.count_peers() == 2 and c.gate.invites.identities(invite.invite_id) == [
+        identity(mine).peer_id
+    ]
 
 
 def test_an_invite_use_is_spent_atomically(tmp_path: Path):
@@ -180,10 +187,17 @@ def test_an_invite_use_is_spent_atomically(tmp_path: Path):
     racing consumers of a 1-use code admit exactly one."""
     first, second = Store(tmp_path / "s.sqlite3", 0), Store(tmp_path / "s.sqlite3", 0)
     try:
-        code, _ = InviteBook(first).create(100.0, uses=1)
-        results = [InviteBook(s).consume(code, 101.0) for s in (first, second, first)]
+        code, invite = InviteBook(first).create(100.0, uses=1)
+        joiners = ("QmJoinerA", "QmJoinerB", "QmJoinerC")
+        results = [
+            InviteBook(s).consume(code, 101.0, who)
+            for s, who in zip((first, second, first), joiners, strict=True)
+        ]
         assert [invite is not None for invite, _ in results] == [True, False, False]
         assert "used up" in results[1][1]
+        # the use is bound to the identity that spent it: that one comes back, from either store
+        assert InviteBook(second).consume(code, 102.0, "QmJoinerA")[0] is not None
+        assert InviteBook(second).identities(invite.invite_id) == ["QmJoinerA"]
     finally:
         first.close()
         second.close()
@@ -193,9 +207,9 @@ def test_revoking_an_invite_ends_its_sessions_and_stops_their_tokens(coordinator
     c = coordinator("invite")
     code, invite = c.gate.invites.create(c.clock(), uses=3)
     other_code, _ = c.gate.invites.create(c.clock(), uses=1)
-    revoked_peer, kept_peer = c.join("a", invite_code=code), c.join("b", invite_code=other_code)
-    assert c.prove(revoked_peer, rsa_identity()).swarm_token
-    assert c.prove(kept_peer, rsa_identity()).swarm_token
+    revoked_peer, kept_peer = c.join("a", who=1, invite_code=code), c.join("b", who=2, invite_code=other_code)
+    assert c.prove(revoked_peer, 1).swarm_token
+    assert c.prove(kept_peer, 2).swarm_token
     assert c.gate.invites.revoke(invite.invite_id) == 1
     refused(lambda: c.beat(revoked_peer, phase="training"), DENIED, f"invite {invite.invite_id} was revoked")
     assert c.view(revoked_peer).state == "BANNED" and "revoked" in c.view(revoked_peer).reason
@@ -210,24 +224,27 @@ def _write(path: Path, text: str) -> None:
 
 
 def test_allowlist_mode_admits_listed_keys_and_binds_the_proof_to_the_key(coordinator, tmp_path: Path):
-    listed, unlisted, other = rsa_identity(), rsa_identity(), rsa_identity()
+    listed, unlisted, other = 1, 2, 3  # test identities
     allowlist = tmp_path / "allowlist.txt"
-    _write(allowlist, f"# volunteers of the lab\n{listed[1]}  # alice\nnot-a-peer-id\n\n")
+    _write(allowlist, f"# volunteers of the lab\n{identity(listed).peer_id}  # alice\nnot-a-peer-id\n\n")
     c = coordinator("allowlist", str(allowlist))
-    refused(lambda: c.join("keyless"), DENIED, "--identity")
-    refused(lambda: c.join("unlisted", dht_public_key=unlisted[0]), DENIED, "not on this run's allowlist")
-    refused(lambda: c.join("garbage", dht_public_key=b"\x01\x02"), grpc.StatusCode.INVALID_ARGUMENT)
-    joined = c.join("alice", dht_public_key=listed[0])
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    refused(lambda: c.stub.Join(pb.JoinRequest(name="keyless"), timeout=5), invalid, "dht_public_key")
+    refused(lambda: c.join("unlisted", who=unlisted), DENIED, "not on this run's allowlist")
+    garbage = signed_join(name="garbage")
+    garbage.dht_public_key = b"\x01\x02"
+    refused(lambda: c.stub.Join(garbage, timeout=5), invalid, "dht_public_key")
+    joined = c.join("alice", who=listed)
     assert joined.admission == "allowlist"
-    # a session admitted for the listed key proving another key is refused, and gets no token
-    impostor = c.join("alice again", dht_public_key=listed[0])
-    refused(lambda: c.prove(impostor, other), DENIED, "joined with the key of")
+    # a session admitted for the listed key claiming another key is refused, and gets no token
+    impostor = c.join("alice again", who=listed)
+    refused(lambda: c.prove(impostor, other), invalid, "never changes identity")
     assert not c.store.get_peer(impostor.session_id).dht_verified
     assert c.prove(joined, listed).swarm_token
     # the file is re-read when it changes: removed -> refused and no token; added -> admitted
-    _write(allowlist, f"{unlisted[1]}\n")
+    _write(allowlist, f"{identity(unlisted).peer_id}\n")
     refused(lambda: c.beat(joined, phase="training"), DENIED, "removed from this run's allowlist")
-    assert c.join("bob", dht_public_key=unlisted[0]).admission == "allowlist"
+    assert c.join("bob", who=unlisted).admission == "allowlist"
 
 
 def test_admission_settings_refuse_what_cannot_work(tmp_path: Path):
@@ -244,13 +261,16 @@ def test_admission_settings_refuse_what_cannot_work(tmp_path: Path):
 
 def test_a_swarm_token_is_issued_only_after_proof_verifies_and_is_renewed_only_when_due(coordinator):
     c = coordinator("open")
-    ident = rsa_identity()
-    joined = c.join("alice")
-    assert c.beat(joined, phase="training", dht_peer_id=ident[1]).swarm_token == ""  # claimed, not proven
-    text = c.prove(joined, ident).swarm_token
-    token, reason = parse_and_check(text, RUN_ID, c.run_public_key, c.clock(), peer_id=ident[1])
+    ident = identity(1)
+    joined = c.join("alice", who=1)
+    assert (
+        c.beat(joined, phase="training", dht_peer_id=ident.peer_id).swarm_token == ""
+    )  # claimed, not proven
+    text = c.prove(joined, 1).swarm_token
+    token, reason = parse_and_check(text, RUN_ID, c.run_public_key, c.clock(), peer_id=ident.peer_id)
     assert token is not None, reason
-    assert token.public_key == openssh_public_key(ident[0]) and token.expires_unix_s == c.clock() + TTL_S
+    assert token.public_key == openssh_public_key(ident.public_key_protobuf)
+    assert token.expires_unix_s == pytest.approx(c.clock() + TTL_S, abs=0.001)  # kept to the ms
     other_run_key = public_key_hex(new_key())
     assert parse_and_check(text, RUN_ID, other_run_key, c.clock())[0] is None  # only the run's key
     assert parse_and_check(text, "ct_other", c.run_public_key, c.clock())[0] is None
@@ -263,10 +283,9 @@ def test_a_swarm_token_is_issued_only_after_proof_verifies_and_is_renewed_only_w
 
 def test_no_swarm_token_for_a_banned_identity(coordinator):
     c = coordinator("open")
-    ident = rsa_identity()
-    assert c.prove(c.join("mallory"), ident).swarm_token
-    assert c.store.set_banned(ident[1], True) == 1
-    refused(lambda: c.prove(c.join("mallory again"), ident), DENIED, "banned")
+    assert c.prove(c.join("mallory", who=1), 1).swarm_token
+    assert c.store.set_banned(identity(1).peer_id, True) == 1
+    refused(lambda: c.join("mallory again", who=1), DENIED, "banned")  # its Join names the banned key
 
 
 def test_the_token_key_is_exactly_hiveminds_rsa_public_key_bytes():
@@ -415,7 +434,7 @@ def test_invite_cli_create_list_revoke(tmp_path: Path, capsys):
         out = capsys.readouterr()
         code = out.out.strip()
         assert len(code) == 32 and "2 use(s)" in out.err
-        invite, _ = book.consume(code, time.time())
+        invite, _ = book.consume(code, time.time(), "QmVolunteer")
         assert invite is not None and invite.note == "for[2Jbob"  # no escape reaches a terminal
         record = PeerRecord(
             session_id="a" * 32, joined_unix_s=0, last_seen_unix_s=0, invite_id=invite.invite_id
@@ -435,7 +454,7 @@ def test_invite_cli_create_list_revoke(tmp_path: Path, capsys):
         assert "revoked" in store.get_peer(record.session_id).ban_reason
         assert cli.main(["invite", "list", "--data-dir", str(tmp_path)]) == 0
         assert "revoked" in capsys.readouterr().out
-        assert book.consume(code, time.time())[0] is None
+        assert book.consume(code, time.time(), "QmVolunteer")[0] is None  # revoked: not even for its own
     finally:
         store.close()
     assert cli.main(["invite", "list", "--data-dir", str(tmp_path / "nowhere")]) == 1

@@ -229,8 +229,6 @@ def test_apply_report_keeps_known_text_and_marks_the_peer_seen():
     assert (after.name, after.device, after.dht_peer_id) == ("alice", "cpu", "Qm")  # empty: unchanged
     assert (after.phase, after.samples_total, after.local_epoch) == ("loading_state", 9, 2)
     assert after.last_heartbeat_unix_s == NOW + 7 and after.dht_verified  # same DHT id: still proven
-    moved = policy.apply_report(NOW + 8, after, PeerReport(dht_peer_id="QmOther"))
-    assert moved.dht_peer_id == "QmOther" and not moved.dht_verified  # a new id must be proven again
     assert math.isnan(after.loss)  # a number is always the latest report's, NaN (unknown) included
     assert (after.last_seen_unix_s, after.left_unix_s, after.left_reason) == (NOW + 7, None, "")
     assert (after.session_id, after.joined_unix_s, after.shard_index) == (
@@ -238,6 +236,21 @@ def test_apply_report_keeps_known_text_and_marks_the_peer_seen():
         before.joined_unix_s,
         0,
     )
+
+
+@pytest.mark.parametrize(
+    ("admitted", "claimed", "same", "reason"),
+    [
+        ("QmA", "QmA", True, "the identity it joined with"),
+        ("QmA", "", True, "the identity it joined with"),  # not reported yet: nothing claimed
+        ("QmA", "QmOther", False, "a session never changes identity"),  # was: re-proven under the new id
+        ("", "QmA", False, "joined without naming its identity"),
+        ("", "", False, "joined without naming its identity"),
+    ],
+)
+def test_a_session_never_switches_the_identity_it_joined_with(admitted, claimed, same, reason):
+    ok, why = policy.identity_verdict(peer(admitted_dht_id=admitted), PeerReport(dht_peer_id=claimed))
+    assert ok is same and reason in why
 
 
 @pytest.mark.parametrize(

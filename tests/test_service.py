@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 from crowdtrain.coordinator import archive, errors
 from crowdtrain.coordinator.errors import PortInUseError
+from crowdtrain.coordinator.evidence import EvidenceBook
 from crowdtrain.coordinator.grpcserver import create_server
 from crowdtrain.coordinator.limits import REQUEST_LIMITS
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state
@@ -23,10 +25,12 @@ from crowdtrain.peer.report import FIELD_NAMES
 from crowdtrain.protos import coordinator_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.identities import identity, signed_join
+
 
 class Clock:
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
+    def __init__(self, now: float | None = None):
+        self.now = time.time() if now is None else now  # joins are signed on the wall clock
 
     def __call__(self) -> float:
         return self.now
@@ -46,7 +50,12 @@ def served(tmp_path: Path):
     )
     health = HealthSettings(heartbeat_interval_s=2.0, heartbeat_timeout_s=10.0)
     servicer = CoordinatorServicer(
-        run, store, health, initial_peers=lambda: ["/ip4/127.0.0.1/tcp/1/p2p/x"], clock=clock
+        run,
+        store,
+        health,
+        initial_peers=lambda: ["/ip4/127.0.0.1/tcp/1/p2p/x"],
+        clock=clock,
+        evidence=EvidenceBook(store),  # where the averaging groups peers report are kept
     )
     server, port = create_server(servicer, "127.0.0.1", 0)
     server.start()
@@ -61,7 +70,7 @@ def served(tmp_path: Path):
 
 def test_join_gives_each_peer_a_free_shard_and_ships_the_run(served):
     client, store, clock, port, _ = served
-    responses = [client.join(pb.JoinRequest(name=f"p{i}", version="0.1.0", device="cpu")) for i in range(4)]
+    responses = [client.join(signed_join(name=f"p{i}", version="0.1.0", device="cpu")) for i in range(4)]
     assert [r.settings.shard_index for r in responses] == [0, 1, 2, 0]
     assert len({r.session_id for r in responses}) == 4
     r = responses[0]
@@ -70,14 +79,14 @@ def test_join_gives_each_peer_a_free_shard_and_ships_the_run(served):
     assert r.settings.heartbeat_interval_s == 2.0 and r.settings.http_base_url == "http://127.0.0.1:1"
     # the same name joining again is a new session; every shard is read, so it shares the least-shared
     # one (shard 0 has two readers)
-    again = client.join(pb.JoinRequest(name="p1"))
+    again = client.join(signed_join(name="p1"))
     assert again.settings.shard_index == 1 and again.session_id != responses[1].session_id
 
 
 def test_heartbeat_then_silence_then_leave(served):
     client, store, clock, _, health = served
-    joined = client.join(pb.JoinRequest(name="<b>bob</b>", device="cpu"))
-    sid, token = joined.session_id, joined.session_token
+    joined = client.join(signed_join(who=1, name="<b>bob</b>", device="cpu"))
+    sid, token, dht_id = joined.session_id, joined.session_token, identity(1).peer_id
     clock.now += 1
     client.heartbeat(
         pb.HeartbeatRequest(
@@ -87,7 +96,7 @@ def test_heartbeat_then_silence_then_leave(served):
             samples_per_s=42.0,
             local_epoch=7,
             loss=5.5,
-            dht_peer_id="12D3Koo",
+            dht_peer_id=dht_id,
             swarm_size=2,
             samples_total=1000,
         )
@@ -97,8 +106,11 @@ def test_heartbeat_then_silence_then_leave(served):
         7,
         5.5,
         42.0,
-        "12D3Koo",
+        dht_id,
     )
+    with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT: dht_peer_id .* a session never changes"):
+        client.heartbeat(pb.HeartbeatRequest(session_id=sid, session_token=token, dht_peer_id="12D3Koo"))
+    assert store.get_peer(sid).dht_peer_id == dht_id  # the identity it joined with, still
     assert (record.swarm_size, record.samples_total) == (2, 1000)
     assert record.name == "<b>bob</b>"  # stored verbatim; escaping is the views' job
     assert compute_state(clock.now, record, health)[0] is PeerState.ONLINE
@@ -140,13 +152,12 @@ def test_second_server_on_the_same_port_fails_clearly(served, tmp_path: Path):
 
 def test_store_survives_reopen(served, tmp_path: Path):
     client, store, *_ = served
-    joined = client.join(pb.JoinRequest(name="durable"))
+    joined = client.join(signed_join(who=2, name="durable"))
     sid = joined.session_id
     report = dict(phase="training", uptime_s=12.5, swarm_size=3, samples_total=64, local_epoch=2)
+    report["dht_peer_id"] = identity(2).peer_id
     client.heartbeat(
-        pb.HeartbeatRequest(
-            session_id=sid, session_token=joined.session_token, loss=math.nan, dht_peer_id="Qm", **report
-        )
+        pb.HeartbeatRequest(session_id=sid, session_token=joined.session_token, loss=math.nan, **report)
     )
     store.set_meta({"k": "v"})
     store.flush()  # heartbeats are written behind
@@ -195,9 +206,7 @@ def test_store_adds_the_columns_of_new_fields_to_an_older_database(tmp_path: Pat
 def test_unreachable_coordinator_gives_up_with_advice():
     client = CoordinatorClient("127.0.0.1:1", rpc_timeout_s=0.5)
     with pytest.raises(CoordinatorUnavailable, match="check the address"):
-        retry_until(
-            lambda: client.join(pb.JoinRequest()), deadline_s=1.5, what="joining", initial_backoff_s=0.2
-        )
+        retry_until(lambda: client.join(signed_join()), deadline_s=1.5, what="joining", initial_backoff_s=0.2)
     client.close()
 
 
@@ -220,11 +229,11 @@ def test_an_out_of_date_peer_is_told_the_upgrade_command(tmp_path: Path):
     client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=5)
     try:
         with pytest.raises(CoordinatorRejected, match="FAILED_PRECONDITION") as refused:
-            client.join(pb.JoinRequest(name="old", version="0.1.7", device="cpu"))
+            client.join(signed_join(name="old", version="0.1.7", device="cpu"))
         assert "pip install -U 'crowdtrain>=0.2'" in str(refused.value)
         assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
         assert store.count_peers() == 0, "a refused joiner leaves no session behind"
-        assert client.join(pb.JoinRequest(name="new", version="0.2.0", device="cpu")).session_id
+        assert client.join(signed_join(name="new", version="0.2.0", device="cpu")).session_id
     finally:
         client.close()
         server.stop(0).wait()
@@ -233,13 +242,13 @@ def test_an_out_of_date_peer_is_told_the_upgrade_command(tmp_path: Path):
 
 def test_banned_peers_are_refused(served):
     client, store, *_ = served
-    joined = client.join(pb.JoinRequest(name="mallory"))
+    joined = client.join(signed_join(name="mallory"))
     sid = joined.session_id
     assert store.set_banned("mallory", True) == 0  # bans are by id, never by display name
     assert store.set_banned(joined.peer_id, True) == 1
     with pytest.raises(CoordinatorRejected, match="PERMISSION_DENIED"):
         client.heartbeat(pb.HeartbeatRequest(session_id=sid, session_token=joined.session_token))
-    client.join(pb.JoinRequest(name="mallory"))  # the name itself is nobody's identity
+    client.join(signed_join(name="mallory"))  # the name itself is nobody's identity
     # a heartbeat that raced with the ban cannot undo it
     record = store.get_peer(sid)
     store.upsert_peer(record.__class__(**{**record.__dict__, "banned": False}))
@@ -285,7 +294,7 @@ def test_undecodable_requests_are_invalid_arguments_not_crashes(served, caplog):
 
 def test_heartbeat_stream_answers_in_order_and_survives_a_restart(served, tmp_path: Path):
     client, store, clock, port, health = served
-    joined = client.join(pb.JoinRequest(name="streamer"))
+    joined = client.join(signed_join(name="streamer"))
     sid, token = joined.session_id, joined.session_token
     stream = client.heartbeat_stream()
     for epoch in range(5):
@@ -331,7 +340,7 @@ def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_pa
     server.start()
     client = CoordinatorClient(f"127.0.0.1:{port}", rpc_timeout_s=5)
     stats = StatsBox()
-    joined = client.join(pb.JoinRequest(name="p", device="cpu"))
+    joined = client.join(signed_join(name="p", device="cpu"))
     sid = joined.session_id
     reporter = HeartbeatReporter(
         client, sid, joined.session_token, stats, name="p", version="v", device="cpu", interval_s=60.0
@@ -357,8 +366,8 @@ def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_pa
 
 def test_heartbeat_request_carries_exactly_the_peer_report_and_views_fill_the_status_protos():
     """A new metric is one field in PeerReport and one in HeartbeatRequest: they must agree by name
-    (besides the credentials, the DHT proof and the evidence against other peers)."""
-    credentials = {"session_id", "session_token", "dht_public_key", "dht_signature", "rejections"}
+    (besides the credentials, the DHT proof, the evidence against other peers and its groups)."""
+    credentials = {"session_id", "session_token", "dht_public_key", "dht_signature", "rejections", "groups"}
     assert {f.name for f in pb.HeartbeatRequest.DESCRIPTOR.fields} == {*credentials, *FIELD_NAMES}
     # every field of every request has a limit
     for message in pb.DESCRIPTOR.message_types_by_name.values():
@@ -379,7 +388,7 @@ def test_every_domain_error_has_one_status_code():
 
 def test_reports_are_bounded_and_garbage_never_breaks_the_servicer(served):
     client, store, *_ = served
-    joined = client.join(pb.JoinRequest(name="n" * 1000, version="v" * 1000, device="d" * 1000))
+    joined = client.join(signed_join(name="n" * 1000, version="v" * 1000, device="d" * 1000))
     sid, token = joined.session_id, joined.session_token
     record = store.get_peer(sid)
     join_limits = REQUEST_LIMITS["JoinRequest"]
@@ -412,25 +421,38 @@ def test_reports_are_bounded_and_garbage_never_breaks_the_servicer(served):
 
 
 def test_joiners_resume_from_the_latest_checkpoint_only_when_nobody_trains(served, tmp_path: Path):
+    """Only a trainer another identity reported averaging with counts (issue 22, N14)."""
     client, store, clock, *_ = served
-    assert client.join(pb.JoinRequest(name="first")).settings.resume_from_step == 0  # nothing published
+    assert client.join(signed_join(name="first")).settings.resume_from_step == 0  # nothing published
     root = tmp_path / "checkpoints"  # the served run's checkpoint_root
     for step in (3, 8):
         staging = archive.new_staging_dir(root, step)
         (staging / "model.safetensors").write_bytes(b"w")
         archive.finalize(staging, root, CheckpointMeta("ct_test", step, 0, 5.0, 1.0, "m", None, ()))
-    trainer = client.join(pb.JoinRequest(name="trainer"))
+    trainer = client.join(signed_join(who=3, name="trainer"))
     assert trainer.settings.resume_from_step == 8  # the swarm left: start from the latest
-    client.heartbeat(
-        pb.HeartbeatRequest(
-            session_id=trainer.session_id, session_token=trainer.session_token, phase="training"
-        )
-    )
+    client.heartbeat(_beat(trainer, 3, phase="training"))
     # a heartbeat saying "training" is not enough: the swarm's records must confirm a proven identity
-    assert client.join(pb.JoinRequest(name="early")).settings.resume_from_step == 8
-    record = store.get_peer(trainer.session_id)
-    store.upsert_peer(dataclasses.replace(record, dht_peer_id="QmTrainer", dht_verified=True))
-    assert store.mark_dht_seen("QmTrainer", clock.now, 1)
-    assert client.join(pb.JoinRequest(name="late")).settings.resume_from_step == 0  # load from peers
+    assert client.join(signed_join(name="early")).settings.resume_from_step == 8
+    client.heartbeat(_beat(trainer, 3, proof=True, phase="training"))
+    assert store.mark_dht_seen(identity(3).peer_id, clock.now, 1)
+    # nor is its own progress record: another identity must report averaging with it
+    assert client.join(signed_join(name="alone")).settings.resume_from_step == 8
+    mate = client.join(signed_join(who=4, name="mate"))
+    group = pb.AveragingGroup(group_id=b"g" * 20, epoch=1, members=[identity(3).peer_id, identity(4).peer_id])
+    client.heartbeat(_beat(mate, 4, proof=True, phase="training", groups=[group]))
+    assert client.join(signed_join(name="late")).settings.resume_from_step == 0  # load from peers
     clock.now += 60  # the trainer went silent
-    assert client.join(pb.JoinRequest(name="later")).settings.resume_from_step == 8
+    assert client.join(signed_join(name="later")).settings.resume_from_step == 8
+
+
+def _beat(joined: pb.JoinResponse, who: int, proof: bool = False, **fields) -> pb.HeartbeatRequest:
+    """A heartbeat of `joined` claiming test identity `who` (the one it joined with), with its proof."""
+    if proof:
+        fields["dht_public_key"], fields["dht_signature"] = identity(who).prove(joined.dht_challenge)
+    return pb.HeartbeatRequest(
+        session_id=joined.session_id,
+        session_token=joined.session_token,
+        dht_peer_id=identity(who).peer_id,
+        **fields,
+    )

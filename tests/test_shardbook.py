@@ -3,6 +3,7 @@ servicer over in-process gRPC on 127.0.0.1:0 with a run built from a local Parqu
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from crowdtrain.peer.shardread import Place, PlaceFile, ShardReader, pass_order
 from crowdtrain.protos import coordinator_pb2 as pb
 
 from tests.conftest import serving
+from tests.identities import signed_join
 
 FRESH = [Cursor() for _ in range(4)]
 
@@ -144,7 +146,7 @@ def parquet_run(tmp_path: Path):
         checkpoint_root=tmp_path / "checkpoints",
         shard_bytes=tuple(s.size_bytes for s in spec.shards),
     )
-    clock = [1000.0]
+    clock = [time.time()]  # joins are signed on the wall clock
     servicer = CoordinatorServicer(
         run, store, HealthSettings(2.0, 10.0), initial_peers=list, clock=lambda: clock[0]
     )
@@ -168,8 +170,8 @@ def _beat(client, joined, shard, position, passes=0, sequences=50):
 
 def test_two_peers_over_parquet_never_read_one_shard_and_a_restart_continues(parquet_run):
     client, servicer, clock = parquet_run
-    a = client.join(pb.JoinRequest(name="a"))
-    b = client.join(pb.JoinRequest(name="b"))
+    a = client.join(signed_join(name="a"))
+    b = client.join(signed_join(name="b"))
     shard_a, shard_b = a.settings.shard_index, b.settings.shard_index
     assert shard_a != shard_b
     answer = _beat(client, a, shard_a, 20)
@@ -180,22 +182,20 @@ def test_two_peers_over_parquet_never_read_one_shard_and_a_restart_continues(par
     _beat(client, a, shard_a, 30)
     client.leave(a.session_id, a.session_token, "restart")
     again = client.join(
-        pb.JoinRequest(
-            name="a", resume_run_id="ct_pq", resume_shard=shard_a, resume_position=30, resume_pass=0
-        )
+        signed_join(name="a", resume_run_id="ct_pq", resume_shard=shard_a, resume_position=30, resume_pass=0)
     )
     assert (again.settings.shard_index, again.settings.shard_position) == (shard_a, 30)
     # b's shard is not given to a newcomer while b reads it; a claim for another run is ignored
-    c = client.join(pb.JoinRequest(name="c", resume_run_id="other", resume_shard=shard_b, resume_position=5))
+    c = client.join(signed_join(name="c", resume_run_id="other", resume_shard=shard_b, resume_position=5))
     assert c.settings.shard_index not in (shard_a, shard_b)
     # b leaves: its shard is held for its restart a while, then reassigned, continued where b stopped
     client.leave(b.session_id, b.session_token, "bye")
-    d = client.join(pb.JoinRequest(name="d"))
+    d = client.join(signed_join(name="d"))
     assert d.settings.shard_index not in (shard_a, shard_b, c.settings.shard_index)
     clock[0] += 121.0
     for peer, shard in ((again, shard_a), (c, c.settings.shard_index), (d, d.settings.shard_index)):
         _beat(client, peer, shard, 1)
-    e = client.join(pb.JoinRequest(name="e"))
+    e = client.join(signed_join(name="e"))
     assert (e.settings.shard_index, e.settings.shard_position) == (shard_b, 10)
     coverage = servicer.shards.coverage()
     assert (coverage.read, coverage.total, coverage.sized) == (30 + 10 + 1 + 1, 4 * 50, 4)
@@ -203,7 +203,7 @@ def test_two_peers_over_parquet_never_read_one_shard_and_a_restart_continues(par
 
 def test_hostile_places_are_refused_or_ignored(parquet_run):
     client, servicer, _ = parquet_run
-    a = client.join(pb.JoinRequest(name="a"))
+    a = client.join(signed_join(name="a"))
     shard = a.settings.shard_index
     reserved = _beat(client, a, shard, 10).next_shard
     _beat(client, a, shard, 10**9)  # past the shard's end
@@ -216,9 +216,9 @@ def test_hostile_places_are_refused_or_ignored(parquet_run):
     with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT"):
         _beat(client, a, shard, -5)
     with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT"):
-        client.join(pb.JoinRequest(name="x", resume_run_id="../../etc", resume_shard=1))
+        client.join(signed_join(name="x", resume_run_id="../../etc", resume_shard=1))
     # a claim for a shard the run does not have (within the field's bound): an ordinary lease instead
-    past = client.join(pb.JoinRequest(name="y", resume_run_id="ct_pq", resume_shard=7, resume_position=40))
+    past = client.join(signed_join(name="y", resume_run_id="ct_pq", resume_shard=7, resume_position=40))
     assert 0 <= past.settings.shard_index < 4 and past.settings.shard_position == 0
     assert past.settings.shard_index not in (shard, reserved)  # still not a live peer's shard
     assert all(servicer.shards.cursor(i).position <= 10 for i in range(4))

@@ -26,9 +26,9 @@ from crowdtrain.coordinator.webserver import WebContext, WebServer
 from crowdtrain.peer.checkpoint import CheckpointMeta, list_checkpoints
 from crowdtrain.peer.client import CoordinatorClient, CoordinatorUnavailable
 from crowdtrain.peer.tls import ClientTls, TlsConfigError, server_ssl_context
-from crowdtrain.protos import coordinator_pb2 as pb
 
 from tests.certs import make_self_signed
+from tests.identities import signed_join
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_a_client_trusting_the_certificate_gets_through(tls_site):
     assert web.scheme == "https"
     tls = ClientTls.from_flags(False, str(cert))
     with CoordinatorClient(address, tls=tls) as client:
-        joined = client.join(pb.JoinRequest(name="alice", device="cpu"))
+        joined = client.join(signed_join(name="alice", device="cpu"))
         assert joined.session_id and joined.settings.http_base_url == base
         assert [c.step for c in client.list_checkpoints().checkpoints] == [3]
         assert client.get_status().summary.run_id == "ct_test"
@@ -95,7 +95,7 @@ def test_grpc_clients_that_do_not_trust_the_server_fail_fast_and_say_why(tls_sit
     start = time.monotonic()
     with CoordinatorClient(address, rpc_timeout_s=10, tls=tls) as client:
         with pytest.raises(CoordinatorUnavailable) as e:
-            client.join(pb.JoinRequest(name="bob", device="cpu"))
+            client.join(signed_join(name="bob", device="cpu"))
     assert time.monotonic() - start < 8, "failed only at the deadline: a hang, not a refusal"
     message = str(e.value)
     if client_tls == "plaintext":
