@@ -5,8 +5,10 @@ norm checks) and answers every caller of its averaging RPCs; its DHT authorizer 
 only. The averagers here (`GuardedGradientAverager`, `GuardedStateAverager`, and
 `GuardedAverager` for tests) change that, inside hivemind's own butterfly all-reduce:
 
-- each member reduces its span with peer/robust.py (`RobustPartReducer`: finite parts only,
-  weights capped, CenteredClip, sign flips dropped) instead of a weighted sum;
+- each member reduces its span with peer/robust.py (`RobustPartReducer`, peer/partreducer.py:
+  finite parts only, weights capped, CenteredClip, sign flips dropped) instead of a weighted sum,
+  leaving out senders whose parts have pointed against its own gradient over many rounds
+  (peer/contribscore.py; the scores live on the averager, across rounds);
 - each member checks the average a reducer sends back against its own part
   (`robust.check_delta`) and keeps its own part where the answer is not finite or too far away;
 - `gate(peer_id_base58) -> (admitted, reason)`, an object created before hivemind forks its
@@ -23,20 +25,21 @@ docs/hivemind.md ("Private hivemind APIs we rely on").
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from typing import AsyncIterator  # noqa: UP035 (hivemind reads rpc_* annotations via typing)
 
 import torch
 from crowdtrain.peer import robust
+from crowdtrain.peer.contribscore import ContributionScores, RoundAgreement
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.evidence import EvidenceSink, Gate, admit
-from crowdtrain.peer.robust import DEFAULT, STATE, RobustConfig, SpanEvidence, check_delta, robust_reduce
+from crowdtrain.peer.partreducer import RobustPartReducer
+from crowdtrain.peer.robust import DEFAULT, STATE, RobustConfig, check_delta
 from crowdtrain.peer.stateload import load_state_checked
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.averaging.partition import AllreduceException
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
@@ -52,113 +55,35 @@ logger = logging.getLogger(__name__)
 GRAD_PART_SIZE_BYTES = 2**21
 
 
-class RobustPartReducer(TensorPartReducer):
-    """hivemind's TensorPartReducer, reducing each part with `robust_reduce` once every current
-    sender's part is in (hivemind 1.1.12 sums them as they come). `report(sender_index, kind,
-    detail)` receives the evidence: refusals as they happen, span verdicts when it finishes."""
-
-    def __init__(self, part_shapes, num_senders: int, *, report, cfg: RobustConfig = DEFAULT):
-        self._parts: dict[int, tuple[torch.Tensor, float]] = {}
-        self._report, self._cfg = report, cfg
-        self._span = SpanEvidence(num_senders, cfg)
-        self._reported = False
-        super().__init__(part_shapes, num_senders)
-
-    def reset_accumulators(self):
-        self._parts = {}
-        super().reset_accumulators()
-        self.accumulator = None  # unused: parts are kept whole until the last one arrives
-
-    async def accumulate_part(
-        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
-    ):
-        """hivemind 1.1.12's accumulate_part, keeping the part instead of adding it to a sum."""
-        assert 0 <= sender_index < self.num_senders, "invalid sender index"
-        assert 0 <= part_index < self.num_parts, "invalid part index"
-        self.num_parts_received[sender_index] += 1
-        while part_index > self.current_part_index:
-            await asyncio.wait(
-                {self.current_part_future, asyncio.create_task(self.finished.wait())},
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if self.finished.is_set():
-                raise AllreduceException(
-                    f"attempted to aggregate part in a finalized {self.__class__.__name__}"
-                )
-        if self.sender_failed_after[sender_index] != float("inf"):
-            raise BannedException(f"sender {sender_index} was banned in background")
-        assert part_index == self.current_part_index
-        current_part_future = self.current_part_future
-        if part_index < self.sender_failed_after[sender_index]:
-            if tensor_part.shape != self.part_shapes[part_index]:
-                self._report(sender_index, "bad_part", f"part of shape {tuple(tensor_part.shape)}")
-                tensor_part = torch.full(self.part_shapes[part_index], float("nan"))  # dropped as non-finite
-            self._parts[sender_index] = (tensor_part, float(weight))
-            self.current_part_accumulated_from += 1
-            self.check_current_part_finished()
-        return await current_part_future
-
-    def check_current_part_finished(self):
-        assert self.current_part_accumulated_from <= self.num_current_senders
-        if self.current_part_accumulated_from != self.num_current_senders:
-            return
-        senders = sorted(self._parts)
-        if senders:
-            result = robust_reduce(
-                [self._parts[i][0] for i in senders], [self._parts[i][1] for i in senders], self._cfg
-            )
-            self._span.add(_reindexed(result, senders, self.num_senders))
-            for index, kind, detail in result.refused:
-                self._report(senders[index], kind, detail)
-            aggregate = result.aggregate
-        else:
-            aggregate = torch.zeros(self.part_shapes[self.current_part_index])
-        self.current_part_future.set_result(aggregate)
-        self.reset_accumulators()
-
-    def finalize(self):
-        super().finalize()
-        if not self._reported and hasattr(self, "_span"):
-            self._reported = True
-            for index, kind, detail in self._span.statistical_verdicts():  # refusals went out already
-                self._report(index, kind, detail)
-
-
-def _reindexed(result: robust.PartResult, senders: list[int], num_senders: int) -> robust.PartResult:
-    """`result`'s per-sender statistics placed at the senders' indices among all `num_senders`."""
-
-    def spread(values: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(num_senders, dtype=values.dtype)
-        out[senders] = values
-        return out
-
-    return robust.PartResult(
-        aggregate=result.aggregate,
-        refused=[],
-        sq_dist=spread(result.sq_dist),
-        dot=spread(result.dot),
-        sq_norm=spread(result.sq_norm),
-        tau=result.tau,
-        counted=spread(result.counted),
-    )
-
-
 class RobustAllReduceRunner(AllReduceRunner):
     """hivemind's AllReduceRunner with `RobustPartReducer` for our span and every average a reducer
     returns checked against our own part (`check_delta`); a refused average keeps our part, as
     hivemind does for a reducer that failed. Evidence goes to `evidence` with the offender's id."""
 
-    def __init__(self, *, evidence: EvidenceSink | None = None, robust_cfg: RobustConfig = DEFAULT, **kwargs):
+    def __init__(
+        self,
+        *,
+        evidence: EvidenceSink | None = None,
+        robust_cfg: RobustConfig = DEFAULT,
+        scores: ContributionScores | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self._evidence, self._cfg = evidence, robust_cfg
         self._accused: set[tuple[str, str]] = set()
         stock = self.tensor_part_reducer
         stock.finished.set()  # replaced before use: its finalize must not report "received 0%"
+        senders = self.sender_peer_ids
+        agreement = None
+        if scores is not None and scores.cfg.enabled:
+            own = senders.index(self.peer_id) if self.peer_id in senders else None
+            agreement = RoundAgreement(scores, [p.to_base58() for p in senders], own)
         self.tensor_part_reducer = RobustPartReducer(
             stock.part_shapes,
-            len(self.sender_peer_ids),
-            report=lambda index, kind, detail: self._accuse(self.sender_peer_ids[index], kind, detail),
+            len(senders),
+            report=lambda index, kind, detail: self._accuse(senders[index], kind, detail),
             cfg=robust_cfg,
+            agreement=agreement,
         )
         container = self.tensor_part_container
         self._own_norm = math.sqrt(sum(robust.sq_norm(t.detach()) for t in container.local_tensors))
@@ -205,6 +130,7 @@ class _Guarded:
         **kwargs,
     ):
         self.gate, self.evidence, self.robust_cfg = gate, evidence, robust_cfg
+        self.contribution_scores = ContributionScores(robust_cfg.score)  # updated in the averager process
         super().__init__(*args, **kwargs)
 
     @classmethod
@@ -272,6 +198,7 @@ class _Guarded:
             ordered_peer_ids=group_info.peer_ids,
             evidence=self.evidence,
             robust_cfg=self.robust_cfg,
+            scores=self.contribution_scores,
             **kwargs,
         )
         self._running_groups[group_id].set_result(runner)
@@ -393,7 +320,6 @@ __all__ = [
     "GuardedGradientAverager",
     "GuardedStateAverager",
     "RobustAllReduceRunner",
-    "RobustPartReducer",
     "admit",
     "grad_compression",
     "make_state_averager",

@@ -23,7 +23,7 @@ class EvidenceRecord:
     """One rejected contribution: who sent it (DHT peer id, base58), what was wrong, when."""
 
     offender: str
-    kind: str  # non_finite | weight | outlier | sign_flip | bad_average
+    kind: str  # non_finite | weight | outlier | sign_flip | bad_average | persistent_disagreement
     detail: str
     unix_s: float
     group_id: bytes = b""  # the all-reduce group it was refused in

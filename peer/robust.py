@@ -36,7 +36,8 @@ the worst part 8% off the weighted mean (synthetic: 1e-7). Weights: honest peers
 speed declare up to ~10x apart, capped at 8x the median. A x1e4, a shifted-by-20-spreads or a NaN
 part is dropped, a sign flip of the honest mean has cosine ~ -1. The small-shift "a little is
 enough" attack stays within the honest spread by design: it is not detected, only bounded (its
-weight share x tau per iteration).
+weight share x tau per iteration). A bounded push AGAINST the honest direction, round after round,
+is caught over rounds instead: peer/contribscore.py (`score`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from crowdtrain.peer.contribscore import ScoreConfig
 
 Evidence = tuple[int, str, str]  # (sender index, kind, detail)
 
@@ -65,13 +67,16 @@ class RobustConfig:
     # averaged 6 sends a noisy gradient (an honest late joiner measured at cosine -0.54 over a span)
     delta_bound: float = 20.0  # a returned ||delta|| over this x our reference norm is refused
     min_reference_norm: float = 1e-12  # below this our own part is ~0: only finiteness is checked
+    # each sender's agreement with our own gradient over many rounds (peer/contribscore.py): a sender
+    # whose parts persistently point against ours is left out of our reductions
+    score: ScoreConfig = ScoreConfig()
 
 
 DEFAULT = RobustConfig()
 # parameters (the state averager): honest peers' copies agree to ~1e-7 right after an average and
 # drift apart by percents when one misses a round, so a distance in units of tau says nothing about
 # intent (honest peers were reported at 3,000 tau): robust reduction, but no statistical verdicts
-STATE = RobustConfig(min_judged_weight=math.inf)
+STATE = RobustConfig(min_judged_weight=math.inf, score=ScoreConfig(enabled=False))
 
 
 @dataclass

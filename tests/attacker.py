@@ -8,11 +8,18 @@ checks, so its own span of every all-reduce is the plain mean hivemind computes.
     scale      its gradient times 1e4
     signflip   its gradient times -1
     shift      "a little is enough": its gradient plus a fixed direction of 0.5x its norm
+    innorm_flip  a push against the swarm's direction within every per-round bound: its gradient
+               replaced by ||g|| x (-0.5 g/||g|| + 0.87 n), n a fresh random unit vector each
+               round (the same norm as its gradient; cosine ~ -0.5x an honest one's)
+    const_shift  its gradient plus the same vector every round: a fixed random direction of
+               0.5x the norm of its first gradient
     forge      never trains; serves the run's initial weights x3 as its state, claiming the
                swarm's epoch and the highest donor priority (two of them: sybils agreeing)
     giant      never trains; serves a state 10x the model's size with the highest priority
     none       an honest volunteer on stock hivemind averagers (what the defences cost is
                measured against it: scripts/attacks.py's `stock` scenario)
+    unscored   an honest volunteer on crowdtrain's guarded averagers with contribution scoring
+               off (peer/contribscore.py; scripts/attacks.py --no-score: what the score is worth)
 
 Usage: python -m tests.attacker --attack nan --coordinator HOST:PORT [peer flags...]
 It logs what a peer logs (`--log-format json` events) plus one event of its own,
@@ -28,11 +35,23 @@ import time
 
 import torch
 
-ATTACKS = ("nan", "scale", "signflip", "shift", "forge", "giant", "none")
+ATTACKS = (
+    "nan",
+    "scale",
+    "signflip",
+    "shift",
+    "innorm_flip",
+    "const_shift",
+    "forge",
+    "giant",
+    "none",
+    "unscored",
+)
 
 
-def corrupt(attack: str, tensors, direction: list) -> None:
-    """Apply a gradient attack in place to the tensors about to be averaged."""
+def corrupt(attack: str, tensors, memory: dict) -> None:
+    """Apply a gradient attack in place to the tensors about to be averaged (`memory`: the
+    attack's state across rounds)."""
     with torch.no_grad():
         if attack == "nan":
             for t in tensors:
@@ -43,14 +62,32 @@ def corrupt(attack: str, tensors, direction: list) -> None:
         elif attack == "signflip":
             for t in tensors:
                 t.neg_()
-        elif attack == "shift":
-            if not direction:
-                g = torch.Generator().manual_seed(1234)
-                direction.extend(torch.randn(t.shape, generator=g) for t in tensors)
-            norm = torch.sqrt(sum(t.double().pow(2).sum() for t in tensors)).item()
-            dnorm = torch.sqrt(sum(d.double().pow(2).sum() for d in direction)).item()
+        elif attack in ("shift", "const_shift"):
+            if "direction" not in memory:
+                memory["direction"] = _random_unit(tensors, seed=1234)
+            direction = memory["direction"]
+            if attack == "shift" or "norm" not in memory:
+                memory["norm"] = _norm(tensors)  # const_shift: the first round's, for good
             for t, d in zip(tensors, direction, strict=True):
-                t.add_(d, alpha=0.5 * norm / max(dnorm, 1e-12))
+                t.add_(d, alpha=0.5 * memory["norm"])
+        elif attack == "innorm_flip":
+            memory["round"] = memory.get("round", 0) + 1
+            noise = _random_unit(tensors, seed=10_000 + memory["round"])
+            norm = _norm(tensors)
+            for t, n in zip(tensors, noise, strict=True):
+                t.mul_(-0.5).add_(n, alpha=0.866 * norm)
+
+
+def _norm(tensors) -> float:
+    return torch.sqrt(sum(t.double().pow(2).sum() for t in tensors)).item()
+
+
+def _random_unit(tensors, seed: int) -> list[torch.Tensor]:
+    """A random direction of norm 1, shaped like `tensors`."""
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(t.shape, generator=g) for t in tensors]
+    norm = max(_norm(out), 1e-12)
+    return [x / norm for x in out]
 
 
 def _stock_optimizer(volunteer, model, attack: str):
@@ -61,7 +98,7 @@ def _stock_optimizer(volunteer, model, attack: str):
     from hivemind.optim.grad_averager import GradientAverager
     from hivemind.optim.state_averager import TrainingStateAverager
 
-    direction: list = []
+    memory: dict = {}
 
     # hivemind names an averager's RPCs after its class: ours must be spelt as stock hivemind's
     # (what a real attacker runs), or no honest peer ever hears from it
@@ -77,7 +114,7 @@ def _stock_optimizer(volunteer, model, attack: str):
         def load_accumulators_into_averager_(self):
             super().load_accumulators_into_averager_()
             with self.get_tensors() as tensors:
-                corrupt(attack, tensors, direction)
+                corrupt(attack, tensors, memory)
 
     class StockStateAverager(TrainingStateAverager):
         @classmethod
@@ -101,7 +138,7 @@ def _stock_optimizer(volunteer, model, attack: str):
         def load_accumulators_into_averager_(self):
             diloco.PseudoGradients.load_accumulators_into_averager_(self)
             with self.get_tensors() as tensors:
-                corrupt(attack, tensors, direction)
+                corrupt(attack, tensors, memory)
 
     class StockOuterStateAverager(diloco.KeepsLocalProgress, StockStateAverager):
         """mode=diloco: the outer model's state averager, stock."""
@@ -115,11 +152,36 @@ def _stock_optimizer(volunteer, model, attack: str):
     )
 
 
+def _unscore_gradient_averagers() -> None:
+    """Make the guarded gradient averagers run with contribution scoring off (test-only: swapped
+    where make_optimizer looks them up); everything else stays as a volunteer runs it."""
+    import dataclasses
+
+    from crowdtrain.peer import averaging, diloco
+    from crowdtrain.peer.contribscore import ScoreConfig
+    from crowdtrain.peer.robust import DEFAULT
+
+    unscored = dataclasses.replace(DEFAULT, score=ScoreConfig(enabled=False))
+
+    def without_score(base):
+        class Unscored(base):
+            def __init__(self, *args, robust_cfg=None, **kwargs):
+                super().__init__(*args, robust_cfg=unscored, **kwargs)
+
+        return Unscored
+
+    averaging.GuardedGradientAverager = without_score(averaging.GuardedGradientAverager)
+    diloco.PseudoGradientAverager = without_score(diloco.PseudoGradientAverager)
+
+
 def make_attacker(config, attack: str):
     from crowdtrain.peer.trainer import Volunteer
 
     class Attacker(Volunteer):
         def _make_optimizer(self, model):
+            if attack == "unscored":
+                _unscore_gradient_averagers()
+                return super()._make_optimizer(model)
             self.evidence_sink = None
             opt = _stock_optimizer(self, model, attack)
             record = {"ts": round(time.time(), 3), "level": "WARNING", "logger": "attacker"}
@@ -137,7 +199,7 @@ def make_attacker(config, attack: str):
                 super().recover()
 
         def train(self, model, batches) -> None:
-            if attack == "none":
+            if attack in ("none", "unscored"):
                 return super().train(model, batches)
             if attack not in ("forge", "giant"):
                 return self._train_tolerating_nan(model, batches)

@@ -4,8 +4,11 @@ per scenario on 2 cores, so marked `attack` and left out of the default run; run
 (docs/security.md).
 
 Each attack must leave the honest peers training to the end with a final held-out loss within
-10% of the same run without the attacker, publish nothing the attacker served, and (for attacks
-whose contributions are refused) get the attacker banned by the evidence the honest peers report.
+10% of the same run without the attacker (5% for the bounded poisoning of issue 22: shift,
+innorm_flip, const_shift), publish nothing the attacker served, and (for attacks whose
+contributions are refused) get the attacker banned or, in an open run such as these,
+quarantined by the evidence the honest peers report (coordinator/evidence.py). No honest peer's
+contribution score may leave another honest peer out (peer/contribscore.py).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import math
 
 import pytest
 
-from scripts.attacks import BANNABLE, run_scenario
+from scripts.attacks import ACTED_ON, BANNABLE, run_scenario
 
 pytestmark = [pytest.mark.attack, pytest.mark.swarm]  # `-m "not swarm"` skips them too
 EPOCHS = 24
+BOUNDED = ("shift", "innorm_flip", "const_shift")  # poisoning within every per-round bound (issue 22)
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +29,24 @@ def baseline(tmp_path_factory):
     outcome = run_scenario("baseline", tmp_path_factory.mktemp("baseline"), EPOCHS)
     assert outcome.honest_exits == [0, 0, 0], outcome
     assert math.isfinite(outcome.mean_loss), outcome
+    assert not outcome.left_out, f"an honest peer's score left out an honest peer: {outcome.left_out}"
     return outcome
 
 
-@pytest.mark.parametrize("attack", ["nan", "scale", "signflip", "shift", "forge", "giant"])
+@pytest.mark.parametrize(
+    "attack", ["nan", "scale", "signflip", "shift", "innorm_flip", "const_shift", "forge", "giant"]
+)
 def test_one_attacker_cannot_ruin_the_run(attack, baseline, tmp_path):
     outcome = run_scenario(attack, tmp_path, EPOCHS)
     assert outcome.attacker_ids, f"the attacker never took part: {outcome}"
     assert outcome.honest_exits == [0, 0, 0], f"honest peers did not all finish: {outcome}"
     assert outcome.epochs_reached and min(outcome.epochs_reached) >= EPOCHS, outcome
-    assert outcome.mean_loss <= 1.10 * baseline.mean_loss, (
+    assert outcome.mean_loss <= (1.05 if attack in BOUNDED else 1.10) * baseline.mean_loss, (
         f"{attack}: held-out loss {outcome.mean_loss:.3f} vs baseline {baseline.mean_loss:.3f}"
     )
     assert not outcome.forged_published, outcome
+    assert outcome.framed == 0, f"an honest peer was left out by another's score: {outcome.left_out}"
     if attack in BANNABLE:
-        assert all(state == "BANNED" for state in outcome.attacker_states), outcome
+        assert all(action in ACTED_ON for action in outcome.attacker_actions), outcome
+    if attack == "innorm_flip":
+        assert all(outcome.left_out.get(a, 0) >= 2 for a in outcome.attacker_ids), outcome
