@@ -228,16 +228,20 @@ class Gate:
     def allowlisted(self) -> frozenset[str]:
         return self.allowlist.ids() if self.allowlist is not None else frozenset()
 
-    def admit_join(self, joiner: dict, now: float) -> tuple[str, str]:
+    def admit_join(
+        self, joiner: dict, now: float, refuse_banned: Callable[[str], None] = lambda dht_id: None
+    ) -> tuple[str, str]:
         """(invite id, the joiner's DHT id) of an admitted Join (`joiner`: its checked fields),
         spending an invite use; else `NotAdmittedError` saying why (`InvalidRequestError` when it
-        does not prove the identity key it names: every mode binds a session to one identity)."""
+        does not prove the identity key it names: every mode binds a session to one identity);
+        `refuse_banned(dht_id)` raises for a banned identity before an invite use is spent."""
         announced, why = verify_join(
             joiner["dht_public_key"], joiner["join_signature"], joiner["join_unix_s"], now,
             self.settings.max_join_skew_s,
         )  # fmt: skip
         if not announced:
             raise InvalidRequestError(why)
+        refuse_banned(announced)  # before any invite use is spent
         invite_ok, invite_id = (True, ""), ""
         if self.settings.mode == "invite":
             if not joiner["invite_code"]:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from crowdtrain.coordinator.errors import NotServedError
+from crowdtrain.coordinator.ratelimit import caller_key
 from crowdtrain.peer.errors import CrowdtrainError
 
 if TYPE_CHECKING:
@@ -281,3 +282,12 @@ def caller_host(
     except ValueError:
         logger.info("trusted proxy %s sent a malformed %s: %r", host, FORWARDED_FOR, values[-1][:80])
         return host
+
+
+def caller_address(context, settings: ReachSettings) -> str:
+    """The rate-limit and admission-root key of a gRPC caller (`ratelimit.caller_key`): the address
+    a `--trusted-proxy` names for it, else its connection's; "local" for an in-process call."""
+    if context is None:
+        return "local"
+    host = caller_host(context.peer(), context.invocation_metadata() or (), settings)
+    return caller_key(f"ipv6:[{host}]:0" if ":" in host else f"ipv4:{host}:0")

@@ -38,7 +38,7 @@ from crowdtrain.coordinator.errors import (
 from crowdtrain.coordinator.evidence import EvidenceBook
 from crowdtrain.coordinator.limits import check_request
 from crowdtrain.coordinator.proofs import IdentityProofs, banned_message
-from crowdtrain.coordinator.ratelimit import BucketSettings, RateLimiter, caller_key
+from crowdtrain.coordinator.ratelimit import BucketSettings, RateLimiter
 from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, is_online
 from crowdtrain.coordinator.shardbook import Claim, ShardBook, resume_claim
 from crowdtrain.coordinator.standings import Standings
@@ -161,12 +161,10 @@ class CoordinatorServicer:
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         now = self.clock()
         joiner = check_request(request)
-        address = caller_key(context.peer()) if context is not None else "local"
+        address = reachability.caller_address(context, self.reach)  # behind a trusted proxy: the caller's
         self._limit(self._joins, address, now, "joins")
         self._refuse_out_of_date(joiner)
-        invite_id, announced_dht_id = self.gate.admit_join(joiner, now)
-        if announced_dht_id in self.store.banned_dht_ids():
-            raise BannedError(banned_message(self.store, announced_dht_id))
+        invite_id, announced_dht_id = self.gate.admit_join(joiner, now, self._refuse_banned)
         token, challenge = secrets.token_urlsafe(32), secrets.token_bytes(32)
         claim = resume_claim(request, joiner, self._run_id)  # where its last session stopped reading
         with self._join_lock:  # shard assignment must not race between two joiners
@@ -214,6 +212,10 @@ class CoordinatorServicer:
                 shard_pass=start.passes,
             ),
         )
+
+    def _refuse_banned(self, dht_id: str) -> None:
+        if dht_id in self.store.banned_dht_ids():
+            raise BannedError(banned_message(self.store, dht_id))
 
     def _resume_step(self, now: float, record: PeerRecord, shard: str) -> int:
         """The checkpoint a joiner starts from (0: the live swarm's state); logs the join."""

@@ -62,7 +62,7 @@ class Coordinator:
 
     def join(self, name: str = "p", who: int | None = None, **fields) -> pb.JoinResponse:
         """Join as test identity `who` (`tests.identities`; a new one when None)."""
-        return self.stub.Join(signed_join(name=name, who=who, **fields), timeout=5)
+        return self.stub.Join(signed_join(name=name, who=who, now=self.clock(), **fields), timeout=5)
 
     def beat(self, joined: pb.JoinResponse, **fields) -> pb.HeartbeatResponse:
         request = pb.HeartbeatRequest(
@@ -171,7 +171,7 @@ def test_a_volunteer_restarting_with_its_identity_keeps_its_single_use_invite(co
     assert c.prove(first, mine).swarm_token and c.prove(again, mine).swarm_token
     assert c.gate.invites.list()[0].uses_left == 0
     # someone who knows the code and alice's public key cannot sign her Join: no session at all
-    thief = signed_join(who=stranger, name="thief", invite_code=code)
+    thief = signed_join(who=stranger, now=c.clock(), name="thief", invite_code=code)
     thief.dht_public_key = identity(mine).public_key_protobuf
     refused(lambda: c.stub.Join(thief, timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "join_signature")
     refused(lambda: c.join("other", who=stranger, invite_code=code), DENIED, "used up")

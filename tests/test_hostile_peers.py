@@ -54,7 +54,7 @@ class Served:
 
     def join(self, name: str = "p", device: str = "cpu", who: int | None = None) -> pb.JoinResponse:
         """Join as test identity `who` (`tests.identities`; a new one when None)."""
-        return self.stub.Join(signed_join(who=who, name=name, device=device), timeout=5)
+        return self.stub.Join(signed_join(who=who, now=self.clock(), name=name, device=device), timeout=5)
 
     def beat(self, joined: pb.JoinResponse, **fields) -> pb.HeartbeatResponse:
         fields.setdefault("session_token", joined.session_token)
