@@ -19,10 +19,13 @@ Scenarios: baseline, stock (the baseline's honest peers on stock hivemind averag
 the defences: what they cost in throughput), nan, scale (x1e4), signflip, shift ("a little is
 enough"), innorm_flip (a push against the swarm's direction within every per-round bound),
 const_shift (the same vector added every round), forge (two sybil identities serving the same
-forged state with the highest priority) and giant (a state 10x the model's size). `--unscored A
+forged state with the highest priority), giant (a state 10x the model's size) and frame (never
+trains: for 3 minutes, fake evidence against everyone from as many identities as it can make, and
+the N3 overwrite of the swarm's admission records: tests/framer.py). `--unscored A
 ...` runs those attacks again with the honest peers' contribution scoring off (`A (unscored)`).
 Goals: honest peers keep training, final held-out loss within 10% of the baseline (issue 11;
-issue 22: 5% for bounded poisoning), the attacker banned or quarantined, no forged state published.
+issue 22: 5% for bounded poisoning and framing), the attacker banned or quarantined, no forged state
+published, and (frame) nobody banned or quarantined.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ from scripts.harness import add_swarm_option, events_named, wait_for_event
 
 SCENARIOS = (
     "baseline", "stock", "nan", "scale", "signflip", "shift", "innorm_flip", "const_shift", "forge", "giant",
+    "frame",
 )  # fmt: skip
+FRAME_S = 180  # how long the framer (tests/framer.py) attacks: the issue's 3 minutes
 HONEST_PEERS = 3
 BANNABLE = (
     "nan",
@@ -76,6 +81,8 @@ class Outcome:
     attacker_states: list[str] = field(default_factory=list)  # as /api/v1/peers shows them
     attacker_reasons: list[str] = field(default_factory=list)
     attacker_actions: list[str] = field(default_factory=list)  # banned | quarantined | none
+    acted_against: list[str] = field(default_factory=list)  # every identity banned or quarantined
+    framer: dict = field(default_factory=dict)  # what tests/framer.py says it did (`frame`)
     left_out: dict[str, int] = field(default_factory=dict)  # peer id -> honest peers that left it out
     forged_published: bool = False
     checkpoints: int = 0
@@ -102,6 +109,9 @@ def _get_json(url: str):
 
 
 def _attacker_command(attack: str, grpc: str, cache_dir: Path, name: str) -> list[str]:
+    if attack == "frame":  # never trains: fake evidence from many identities, the N3 overwrite
+        args = ["--coordinator", grpc, "--cache-dir", str(cache_dir), "--seconds", str(FRAME_S)]
+        return [sys.executable, "-m", "tests.framer", *args]
     args = ["--attack", attack, "--coordinator", grpc, "--name", name, "--listen-host", "127.0.0.1"]
     args += ["--cache-dir", str(cache_dir), "--threads", "1", "--device", "cpu"]
     return [sys.executable, "-m", "tests.attacker", *args]
@@ -247,6 +257,10 @@ def _read_coordinator(outcome: Outcome, endpoints: dict, coordinator: Child, att
     outcome.rejections = sum(r.get("source") == "peer_evidence" for r in rejections)
     actions = [r for r in rejections if r.get("source") == "automatic_ban"]
     outcome.attacker_actions = [automatic_action(actions, dht_id) for dht_id in outcome.attacker_ids]
+    outcome.acted_against = sorted({r.get("offender", "") for r in actions})
+    for child in attackers:
+        done = events_named(child, "framed")
+        outcome.framer = done[0] if done else outcome.framer
     chosen = events_named(coordinator, "state_chosen")
     outcome.forged_published = any(set(e.get("agreeing", [])) & set(outcome.attacker_ids) for e in chosen)
     outcome.checkpoints = len(events_named(coordinator, "checkpoint_published"))

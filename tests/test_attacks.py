@@ -50,3 +50,18 @@ def test_one_attacker_cannot_ruin_the_run(attack, baseline, tmp_path):
         assert all(action in ACTED_ON for action in outcome.attacker_actions), outcome
     if attack == "innorm_flip":
         assert all(outcome.left_out.get(a, 0) >= 2 for a in outcome.attacker_ids), outcome
+
+
+def test_a_framer_gets_nobody_banned_and_the_run_goes_on(baseline, tmp_path):
+    """Issue 22's swarm test: for 3 minutes one open-admission attacker (tests/framer.py) sends
+    fake evidence against the honest peers and the coordinator's nodes from as many identities as
+    the coordinator lets it make, and tries the N3 overwrite of the swarm's admission records.
+    Nobody is banned or quarantined, every honest peer keeps averaging to the end, held-out loss
+    stays within 5% of the run without the attacker, and checkpoints keep being published."""
+    outcome = run_scenario("frame", tmp_path, EPOCHS)
+    assert outcome.framer.get("identities", 0) >= 5 and outcome.framer.get("reports", 0) > 100, outcome
+    assert outcome.framer.get("victims"), f"the framer found nobody to accuse: {outcome}"
+    assert outcome.acted_against == [], f"framed: {outcome.acted_against}"
+    assert outcome.honest_exits == [0, 0, 0] and min(outcome.epochs_reached) >= EPOCHS, outcome
+    assert outcome.mean_loss <= 1.05 * baseline.mean_loss, (outcome.mean_loss, baseline.mean_loss)
+    assert outcome.checkpoints >= baseline.checkpoints // 2 and outcome.checkpoints >= 1, outcome
