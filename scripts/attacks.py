@@ -206,7 +206,7 @@ def run_scenario(
                 )
                 attackers.append(spawn(f"attacker-{j}", command, work_dir, echo=False))
             children += attackers
-        _wait_for_exits(honest, time.monotonic() + timeout_s)
+        _wait_for_exits(honest + (attackers if scenario == "frame" else []), time.monotonic() + timeout_s)
         outcome.seconds = time.monotonic() - t0
         _read_coordinator(outcome, endpoints, coordinator, attackers)
         _read_honest(outcome, honest, work_dir, data_dir, _get_json(f"{endpoints['http']}/api/v1/run"))
@@ -259,7 +259,7 @@ def _read_coordinator(outcome: Outcome, endpoints: dict, coordinator: Child, att
     outcome.attacker_actions = [automatic_action(actions, dht_id) for dht_id in outcome.attacker_ids]
     outcome.acted_against = sorted({r.get("offender", "") for r in actions})
     for child in attackers:
-        done = events_named(child, "framed")
+        done = events_named(child, "framed") or events_named(child, "framing")[-1:]
         outcome.framer = done[0] if done else outcome.framer
     chosen = events_named(coordinator, "state_chosen")
     outcome.forged_published = any(set(e.get("agreeing", [])) & set(outcome.attacker_ids) for e in chosen)

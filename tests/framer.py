@@ -33,7 +33,8 @@ YEAR_S = 365 * 86400.0
 
 
 def say(event: str, **fields) -> None:
-    print(json.dumps({"event": event, "ts": time.time(), **fields}), flush=True)
+    record = {"event": event, "ts": time.time(), "level": "INFO", "logger": "tests.framer", "msg": event}
+    print(json.dumps(record | fields), flush=True)  # a --log-format json record (peer/events.py)
 
 
 class Sybil:
@@ -151,6 +152,8 @@ def frame(address: str, cache_dir: Path, seconds: float, max_identities: int) ->
                 counts["reports"] += len(rejections)
             except (CoordinatorRejected, CoordinatorUnavailable):
                 counts["refused_heartbeats"] += 1
+        if counts["heartbeats"] and int(time.monotonic()) % 30 == 0:
+            say("framing", **counts)  # so far (the harness may stop it before the end)
         if not dht_answers and any(s.token for s in sybils):
             holder = next(s for s in sybils if s.token)
             dht_answers = overwrite_admission_records(holder, holder.joined, victims)
