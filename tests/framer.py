@@ -98,6 +98,7 @@ def overwrite_admission_records(sybil: Sybil, joined: pb.JoinResponse, victims: 
     import hivemind
     from crowdtrain.peer.dhtrecords import IdentitySignatureValidator, revocations_key, tokens_key
     from crowdtrain.peer.swarmauth import SwarmAuthorizer
+    from hivemind.utils import get_dht_time
 
     manifest = json.loads(joined.manifest_json)
     run_id, run_key = manifest["run_id"], manifest["signing_public_key"]
@@ -112,7 +113,7 @@ def overwrite_admission_records(sybil: Sybil, joined: pb.JoinResponse, victims: 
         record_validators=[IdentitySignatureValidator(me.hivemind_private_key())],
     )
     try:
-        year = hivemind.get_dht_time() + YEAR_S
+        year = get_dht_time() + YEAR_S
         answers = {
             "tokens_plain": dht.store(tokens_key(run_id), "x", expiration_time=year),
             "revocations_plain": dht.store(revocations_key(run_id), "x", expiration_time=year),
@@ -140,8 +141,9 @@ def frame(address: str, cache_dir: Path, seconds: float, max_identities: int) ->
                 counts["identities"] = len(sybils)
             except (CoordinatorRejected, CoordinatorUnavailable):
                 counts["join_refusals"] += 1
-        if sybils and not victims:
-            victims = victims_of(sybils[0].joined.settings.http_base_url, sybils[0].joined, set())
+        if sybils and (not victims or int(time.monotonic()) % 30 == 0):  # honest peers come and go
+            mine = {x.identity.peer_id for x in sybils}
+            victims = victims_of(sybils[0].joined.settings.http_base_url, sybils[0].joined, mine)
             say("framing", victims=victims, identities=len(sybils))
         groups, rejections = fake_evidence(sybils, victims)
         for s in sybils:
