@@ -201,7 +201,9 @@ def test_fake_evidence_from_many_identities_of_one_root_frames_nobody(run):
     gid = b"g" * 20
     for w, joined in attackers.items():
         fake = group(gid, *attackers, 10)
-        rejections = accusations(identity(10).peer_id, gid) + accusations(identity(PROTECTED).peer_id, gid)[:2]
+        rejections = (
+            accusations(identity(10).peer_id, gid) + accusations(identity(PROTECTED).peer_id, gid)[:2]
+        )
         c.prove(joined, w)  # renews nothing, proves again: still one identity per session
         c.beat(joined, w, groups=[fake], rejections=rejections)
     assert not c.banned(10) and identity(10).peer_id not in c.evidence.quarantined(c.clock())
