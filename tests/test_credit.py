@@ -28,6 +28,8 @@ from crowdtrain.coordinator.voters import VoterSettings, eligible_voters
 from crowdtrain.peer.meter import standing_text
 from crowdtrain.protos import coordinator_pb2 as pb
 
+from tests.test_monitor import _FakeDHT  # the one stand-in for hivemind.DHT's progress read
+
 SETTINGS = CreditSettings(target_batch_size=64, heartbeat_interval_s=1.0)  # an epoch settles 3 s after
 ROOTS = {"H1": "invite:1", "H2": "invite:2", "A": "invite:a"}  # DHT-only "D" has no session: no root
 
@@ -137,36 +139,6 @@ def entry(seed: int, epoch: int, samples: int, rate: float) -> dict:
     )
 
 
-class Found:
-    def __init__(self, value):
-        self.value = value
-
-
-class Future:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self, timeout=None):
-        return self.value
-
-    def cancel(self):
-        pass
-
-
-class FakeDHT:
-    """hivemind.DHT's `get` of the progress key only."""
-
-    def __init__(self):
-        self.entries: list[dict] = []
-
-    def add_validators(self, validators):
-        pass
-
-    def get(self, key, latest, return_future):
-        assert key == "run_progress" and latest and return_future
-        return Future(Found({i: Found(e) for i, e in enumerate(self.entries)}))
-
-
 def session(seed: int, root: str, now: float) -> PeerRecord:
     return PeerRecord(
         session_id=f"s{seed}",
@@ -185,7 +157,7 @@ def test_monitor_credits_a_lone_volunteer_and_not_a_fake_record_stream(tmp_path:
     store = Store(tmp_path / "s.sqlite3")
     health = HealthSettings(1.0, 10.0, 20.0)
     clock = [1000.0]
-    dht = FakeDHT()
+    dht = _FakeDHT()
     monitor = SwarmMonitor(dht, "run", store, health, SETTINGS, clock=lambda: clock[0])
     honest, attacker, ghost = (peer_id(i).to_base58() for i in range(3))
     store.upsert_peer(session(0, "addr:198.51.100.7", clock[0]))
