@@ -119,6 +119,7 @@ class Recovery:
     stop_event: threading.Event  # set when the peer is asked to stop: no more retries
     run_key: str = ""  # the run's signing key (hex) as trusted at Join: checkpoints must carry it
     tls: ClientTls | None = None  # how to reach the coordinator (None: plaintext)
+    loaded_step: int | None = None  # the published checkpoint the model holds (load_checkpoint)
 
     def use_key(self, run_key: str, tls: ClientTls | None) -> None:
         """Pull checkpoints with the run's key pinned (the key the Join manifest was signed with,
@@ -142,6 +143,7 @@ class Recovery:
             )
         with torch.no_grad():
             self.model.tie_weights()
+        self.loaded_step = step
         emit(
             logger,
             "resumed_from_checkpoint",
@@ -296,7 +298,10 @@ class Recovery:
                 "the state a peer sent is not usable (see the warning above) and no checkpoint is "
                 "published to start from instead; restart later, or ask the operator to ban that peer"
             )
-        if not listed or (listed[-1].step <= opt.local_epoch and not discarded):
+        holds_latest = (
+            bool(listed) and listed[-1].step == self.loaded_step == opt.local_epoch and not discarded
+        )
+        if not listed or (listed[-1].step <= opt.local_epoch and not discarded and not holds_latest):
             raise RecoveryError(
                 f"no peer could send the swarm's state (epoch {global_epoch}) and no newer checkpoint is "
                 "published; the other peers may be overloaded or unreachable - restart later"
@@ -315,7 +320,8 @@ class Recovery:
             step=step,
             swarm_epoch=global_epoch,
         )
-        self.load_checkpoint(step)
-        # the optimizer works on its own (offloaded) copy of the parameters: refresh it too
-        refresh_offloaded_parameters(opt, self.model)
+        if not holds_latest:  # else Join already had us start from it, and nothing overwrote it
+            self.load_checkpoint(step)
+            # the optimizer works on its own (offloaded) copy of the parameters: refresh it too
+            refresh_offloaded_parameters(opt, self.model)
         self.continue_epoch_count(opt, max(step, global_epoch))

@@ -349,6 +349,24 @@ def test_without_a_checkpoint_a_joiner_still_refuses_non_finite_state():
     assert not drift_check(_weights() | {"w": torch.full((2,), float("inf"))}, {}, 0, 0.0)[0]
 
 
+def _fake_optimizer(adam, load_state_from_peers, global_epoch: int, epochs: list):
+    """What Recovery reads of hivemind's Optimizer: a swarm at `global_epoch` (3 peers); every
+    epoch the joiner reports is appended to `epochs`."""
+    from types import SimpleNamespace
+
+    averager = SimpleNamespace(optimizer=adam, local_epoch=0, _update_scheduler=lambda: None)
+    tracker = SimpleNamespace(
+        fetched_global_progress_this_epoch=threading.Event(),
+        global_epoch=global_epoch,
+        global_progress=SimpleNamespace(num_peers=3),
+        report_local_progress=lambda local_epoch, samples_accumulated: epochs.append(local_epoch),
+    )
+    tracker.fetched_global_progress_this_epoch.set()
+    return SimpleNamespace(
+        tracker=tracker, local_epoch=0, state_averager=averager, load_state_from_peers=load_state_from_peers
+    )
+
+
 def test_a_joiner_discards_a_forged_state_and_starts_from_the_checkpoint(tmp_path, monkeypatch, caplog):
     """The whole path with a fake optimizer: hivemind 'loads' a 3x-scaled state at the swarm's
     epoch; the joiner compares it with the published checkpoint, discards it (statistics zeroed)
@@ -370,17 +388,7 @@ def test_a_joiner_discards_a_forged_state_and_starts_from_the_checkpoint(tmp_pat
                 p.copy_(3 * published[name])
         opt.local_epoch = 12
 
-    averager = SimpleNamespace(optimizer=adam, local_epoch=0, _update_scheduler=lambda: None)
-    tracker = SimpleNamespace(
-        fetched_global_progress_this_epoch=threading.Event(),
-        global_epoch=12,
-        global_progress=SimpleNamespace(num_peers=3),
-        report_local_progress=lambda local_epoch, samples_accumulated: epochs.append(local_epoch),
-    )
-    tracker.fetched_global_progress_this_epoch.set()
-    opt = SimpleNamespace(
-        tracker=tracker, local_epoch=0, state_averager=averager, load_state_from_peers=load_state_from_peers
-    )
+    opt = _fake_optimizer(adam, load_state_from_peers, 12, epochs)
     listed = [SimpleNamespace(step=10)]
     monkeypatch.setattr(pull, "list_published", lambda coordinator, tls: (listed, "key"))
     recovery = Recovery("127.0.0.1:1", model, torch.device("cpu"), tmp_path, threading.Event())
@@ -399,6 +407,34 @@ def test_a_joiner_discards_a_forged_state_and_starts_from_the_checkpoint(tmp_pat
     assert "the state loaded from the swarm was discarded" in caplog.text
     assert torch.equal(model.weight, published["weight"]) and epochs == [12]
     assert not adam.state[model.weight]["exp_avg"].any()
+
+
+def test_a_joiner_that_holds_the_latest_checkpoint_joins_a_swarm_that_cannot_send_its_state(
+    tmp_path, monkeypatch, caplog
+):
+    """Join had the newcomer start from the latest checkpoint (step 10); the swarm is at epoch 12
+    but its only trainer froze. Nothing newer is published, yet the joiner holds the best the run
+    can offer: it joins the swarm's epoch with those weights rather than giving up (CI, issue 22)."""
+    from types import SimpleNamespace
+
+    from crowdtrain.peer import pull
+    from crowdtrain.peer.recovery import Recovery
+
+    model = torch.nn.Linear(8, 4)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    epochs = []
+    opt = _fake_optimizer(torch.optim.AdamW(model.parameters()), lambda: None, 12, epochs)
+    monkeypatch.setattr(pull, "list_published", lambda coordinator, tls: ([SimpleNamespace(step=10)], "key"))
+    monkeypatch.setattr(pull, "pull", lambda *a, **kw: pytest.fail("the checkpoint is pulled again"))
+    recovery = Recovery("127.0.0.1:1", model, torch.device("cpu"), tmp_path, threading.Event())
+    recovery.loaded_step = opt.local_epoch = 10  # as load_checkpoint + continue_epoch_count leave it
+    monkeypatch.setattr("crowdtrain.peer.recovery.CATCH_UP_RETRY_S", 0.0)
+    swarm = SimpleNamespace(matchmaking_time_s=1.0, load_state_timeout_s=0.1)
+    with caplog.at_level("INFO"):
+        recovery.catch_up(opt, swarm)
+    assert "no peer could send the swarm's state: starting from published checkpoint step 10" in caplog.text
+    assert epochs == [12]
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
 def test_an_operator_who_trusts_one_voter_gets_the_first_voters_state():
