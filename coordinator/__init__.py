@@ -1,5 +1,17 @@
-"""The coordinator: creates the run (dataset, manifest, signing key) and serves it - peer registry
-and store, gRPC API, HTTP dashboard, bootstrap DHT node, swarm monitor, checkpoint publisher.
+"""The operator's service: creates the run (dataset, manifest, signing key), serves it, keeps the
+books on every peer, and publishes the community's checkpoints. Builds on `crowdtrain.peer` (the
+run contract), never the reverse. Layers, top down (enforced by import-linter, pyproject.toml):
 
-The run contract it serves (manifest, checkpoint format) lives in `crowdtrain.peer`, which every
-participant imports; `crowdtrain.coordinator.app` wires the process together."""
+    cli.py, cli_invite.py, demo.py   the `crowdtrain` commands
+    app.py        the coordinator process: starts its components in order, stops them in reverse
+    config.py     the operator's settings, composed of the components' own
+    api/          what it serves: gRPC servicer and server, HTTP server, metrics, reachability
+    run/          creating and opening a run: data dir, ports, dataset, the operator's corpus
+    publishing/   fetch the swarm's state, choose and vet it, sign and archive it
+    admission/    who may join and stay: Join gate, identity proofs, invites, bans, DHT nodes
+    flood/        the servers under a flood: call and connection budgets, rate limits
+    peers/        the books on every peer: health, policy, SQLite store, shards, credit, status
+    limits.py     every field a request may carry, with its limit
+    signing.py    the run's Ed25519 signing key
+    errors.py     the coordinator's expected failures
+"""

@@ -25,28 +25,29 @@ import threading
 import time
 from pathlib import Path
 
-from crowdtrain.coordinator import reachability
-from crowdtrain.coordinator.admission import servicer_options
-from crowdtrain.coordinator.archive import DownloadTracker
-from crowdtrain.coordinator.callbudget import CallLimits, PoolCaps
+from crowdtrain.coordinator.admission.bans import counts_against
+from crowdtrain.coordinator.admission.gate import servicer_options
+from crowdtrain.coordinator.api import reachability
+from crowdtrain.coordinator.api.grpcserver import GrpcLimits, ServerTls, create_server
+from crowdtrain.coordinator.api.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.api.servicer import AbuseLimits, CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.api.snapshots import Memo
+from crowdtrain.coordinator.api.webserver import WebContext, WebServer
 from crowdtrain.coordinator.config import CoordinatorConfig
-from crowdtrain.coordinator.evidence import counts_against
-from crowdtrain.coordinator.grpcserver import GrpcLimits, ServerTls, create_server
-from crowdtrain.coordinator.metrics import CoordinatorMetrics
-from crowdtrain.coordinator.policy import minimum_peer_version
-from crowdtrain.coordinator.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
-from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.runs import Run, open_run
-from crowdtrain.coordinator.service import AbuseLimits, CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.flood.callbudget import CallLimits, PoolCaps
+from crowdtrain.coordinator.peers.health import HealthSettings
+from crowdtrain.coordinator.peers.policy import minimum_peer_version
+from crowdtrain.coordinator.peers.status import SwarmProgress, SwarmStatus, build_status
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing.archive import DownloadTracker
+from crowdtrain.coordinator.run.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
+from crowdtrain.coordinator.run.runs import Run, open_run
 from crowdtrain.coordinator.signing import public_key_hex, sign_hex
-from crowdtrain.coordinator.snapshots import Memo
-from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
-from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.webserver import WebContext, WebServer
-from crowdtrain.peer import __version__, checkpoint
+from crowdtrain.peer import __version__
+from crowdtrain.peer.checkpoints import format as checkpoint
 from crowdtrain.peer.events import emit
-from crowdtrain.peer.runproof import signing_payload
-from crowdtrain.peer.tls import TlsConfigError, server_ssl_context
+from crowdtrain.peer.link.tls import TlsConfigError, server_ssl_context
+from crowdtrain.peer.run.runproof import signing_payload
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class Coordinator:
         self.store, self.run = open_run(cfg, self.data_dir)
         maddrs = self._start_dht()
         self._start_monitor()
-        from crowdtrain.coordinator.swarmnodes import RevocationPublisher
+        from crowdtrain.coordinator.admission.swarmnodes import RevocationPublisher
 
         self.revocations = RevocationPublisher(
             self.dht,
@@ -133,14 +134,14 @@ class Coordinator:
 
     def _start_dht(self) -> list[str]:
         """The bootstrap DHT node, on --dht-port or else the port of the last start; its addresses."""
-        from crowdtrain.coordinator.swarmnodes import CoordinatorNodeAccess
-        from crowdtrain.peer.processes import tie_children_to_this_process, use_fork_start_method
+        from crowdtrain.coordinator.admission.swarmnodes import CoordinatorNodeAccess
+        from crowdtrain.peer.swarm.lifecycle import tie_children_to_this_process, use_fork_start_method
 
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9
         cfg = self.config
         dht_port = cfg.dht_port or int(self.store.get_meta("dht_port") or 0)
-        # the swarm answers token holders only: this node mints its own (coordinator/swarmnodes.py)
+        # the swarm answers token holders only: this node mints its own (coordinator/admission/swarmnodes.py)
         access = CoordinatorNodeAccess(
             self.run.manifest.run_id, self.run.signing_key, self.data_dir / "dht.key"
         )
@@ -153,8 +154,8 @@ class Coordinator:
         return maddrs
 
     def _start_monitor(self) -> None:
-        from crowdtrain.coordinator.credit import CreditSettings
-        from crowdtrain.coordinator.monitor import SwarmMonitor
+        from crowdtrain.coordinator.peers.credit import CreditSettings
+        from crowdtrain.coordinator.peers.monitor import SwarmMonitor
 
         manifest = self.run.manifest
         self.monitor = SwarmMonitor(
@@ -235,16 +236,16 @@ class Coordinator:
     def _own_dht_ids(self):
         """The peer ids of this coordinator's DHT nodes (bootstrap, publisher): no report counts
         against them, so strangers cannot have the coordinator revoke its own nodes."""
-        from crowdtrain.peer.identity import PeerIdentity
+        from crowdtrain.peer.admission.identity import PeerIdentity
 
         keys = (self.data_dir / "dht.key", self.checkpoint_root.parent / "publisher-dht.key")
         ids = frozenset(PeerIdentity(path).peer_id for path in keys)
         return lambda: ids
 
     def _start_publisher(self, maddrs: list[str], downloads: DownloadTracker) -> None:
-        from crowdtrain.coordinator.evidence import EvidenceBook
-        from crowdtrain.coordinator.publisher import Publisher, PublisherSettings
-        from crowdtrain.coordinator.voters import VoterSettings, eligible_voters
+        from crowdtrain.coordinator.admission.bans import EvidenceBook
+        from crowdtrain.coordinator.publishing.publisher import Publisher, PublisherSettings
+        from crowdtrain.coordinator.publishing.voters import VoterSettings, eligible_voters
 
         run = self.run
         settings = PublisherSettings.from_config(self.config)

@@ -26,11 +26,11 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from crowdtrain.coordinator import config as cfg
 from crowdtrain.coordinator.cli_invite import INVITE_COMMANDS
 from crowdtrain.peer import __version__
-from crowdtrain.peer import config as peer_cfg
 from crowdtrain.peer.display import clean_display
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import JsonFormatter, quiet_expected_averaging_failures
-from crowdtrain.peer.layered import add_layered_options, config_from_command_line
+from crowdtrain.peer.settings import commands as peer_cfg
+from crowdtrain.peer.settings.layered import add_layered_options, config_from_command_line
 
 
 def _configure_logging(level: str, log_format: str) -> None:
@@ -71,8 +71,8 @@ def _tune_gc_for_a_long_running_server() -> None:
 def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
     import signal
 
+    from crowdtrain.coordinator.api.loopthread import favour_event_loops
     from crowdtrain.coordinator.app import Coordinator
-    from crowdtrain.coordinator.loopthread import favour_event_loops
 
     coordinator = Coordinator(config)
     try:
@@ -90,7 +90,7 @@ def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
 
 
 def cmd_peer(config: peer_cfg.PeerConfig) -> int:
-    from crowdtrain.peer.trainer import Volunteer
+    from crowdtrain.peer.volunteer.trainer import Volunteer
 
     if not 0 <= config.nice <= 19:
         raise CrowdtrainError(f"--nice must be 0 to 19, not {config.nice}")
@@ -103,8 +103,8 @@ def cmd_identity(config: peer_cfg.IdentityConfig) -> int:
     """Print this machine's persistent peer id (for an operator's allowlist)."""
     from pathlib import Path
 
-    from crowdtrain.peer.identity import PeerIdentity
-    from crowdtrain.peer.trust import default_config_dir
+    from crowdtrain.peer.admission.identity import PeerIdentity
+    from crowdtrain.peer.settings.layered import default_config_dir
 
     path = Path(config.identity).expanduser() if config.identity else default_config_dir() / "identity.key"
     identity = PeerIdentity(path)
@@ -116,8 +116,8 @@ def cmd_identity(config: peer_cfg.IdentityConfig) -> int:
 def cmd_pull(config: peer_cfg.PullConfig) -> int:
     from pathlib import Path
 
-    from crowdtrain.peer.pull import pull
-    from crowdtrain.peer.tls import ClientTls
+    from crowdtrain.peer.checkpoints.pull import pull
+    from crowdtrain.peer.link.tls import ClientTls
 
     meta = pull(
         config.coordinator,
@@ -220,8 +220,8 @@ def format_status(status, now: float) -> str:
 def cmd_status(config: cfg.StatusConfig) -> int:
     import time
 
-    from crowdtrain.peer.client import CoordinatorClient
-    from crowdtrain.peer.tls import ClientTls
+    from crowdtrain.peer.link.client import CoordinatorClient
+    from crowdtrain.peer.link.tls import ClientTls
 
     with CoordinatorClient(config.coordinator, tls=ClientTls.from_flags(config.tls, config.tls_ca)) as client:
         while True:
@@ -237,8 +237,8 @@ def cmd_status(config: cfg.StatusConfig) -> int:
 def cmd_ban(config: cfg.BanConfig) -> int:
     from pathlib import Path
 
-    from crowdtrain.coordinator import evidence
-    from crowdtrain.coordinator.store import Store
+    from crowdtrain.coordinator.admission import bans as evidence
+    from crowdtrain.coordinator.peers.store import Store
 
     path = Path(config.data_dir).expanduser() / "state.sqlite3"
     if not path.exists():
@@ -260,8 +260,8 @@ def cmd_ban(config: cfg.BanConfig) -> int:
 def cmd_checkpoints(config: peer_cfg.CheckpointsConfig) -> int:
     import time
 
-    from crowdtrain.peer.pull import list_published
-    from crowdtrain.peer.tls import ClientTls
+    from crowdtrain.peer.checkpoints.pull import list_published
+    from crowdtrain.peer.link.tls import ClientTls
 
     listed, public_key = list_published(config.coordinator, ClientTls.from_flags(config.tls, config.tls_ca))
     claimed = clean_display(public_key, 128) or "an unknown key"  # the coordinator's words, unchecked
@@ -278,7 +278,7 @@ def cmd_checkpoints(config: peer_cfg.CheckpointsConfig) -> int:
 def cmd_verify(config: peer_cfg.VerifyConfig) -> int:
     from pathlib import Path
 
-    from crowdtrain.peer.checkpoint import verify_dir
+    from crowdtrain.peer.checkpoints.format import verify_dir
 
     meta = verify_dir(Path(config.directory), public_key=config.public_key or None)
     who = (

@@ -17,8 +17,8 @@ from crowdtrain.peer.errors import CrowdtrainError
 def _invite_book(data_dir: str):
     from pathlib import Path
 
-    from crowdtrain.coordinator.invites import InviteBook
-    from crowdtrain.coordinator.store import Store
+    from crowdtrain.coordinator.admission.invites import InviteBook
+    from crowdtrain.coordinator.peers.store import Store
 
     path = Path(data_dir).expanduser() / "state.sqlite3"
     if not path.exists():
@@ -55,7 +55,7 @@ def _utc(t: float) -> str:
 def cmd_invite_list(config: cfg.InviteListConfig) -> int:
     import time
 
-    from crowdtrain.coordinator.invites import invite_usable
+    from crowdtrain.coordinator.admission.invites import invite_usable
 
     book = _invite_book(config.data_dir)
     try:

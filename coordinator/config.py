@@ -1,5 +1,5 @@
 """Frozen settings of the operator's commands (coordinator, status, ban, demo); the CLI is generated
-from these dataclasses by `crowdtrain.peer.config.add_arguments`, like the participant's commands.
+from these dataclasses by `crowdtrain.peer.settings.commands.add_arguments`, like the participant's commands.
 
 Each field's `help` metadata becomes its `--flag` help; units are in the names. Importing this module
 is cheap (no torch, no hivemind), so `crowdtrain --help` is instant.
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from crowdtrain.coordinator.reachability import ReachSettings
-from crowdtrain.peer.config import REQUIRED, option
+from crowdtrain.coordinator.api.reachability import ReachSettings
+from crowdtrain.peer.settings.commands import REQUIRED, option
 
 
 @dataclass(frozen=True)

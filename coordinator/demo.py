@@ -214,7 +214,7 @@ def _start_swarm(config: DemoConfig, workdir: Path, children: list[Child]) -> di
 
 def _train(config: DemoConfig, children: list[Child], checkpoints_dir: Path) -> None:
     """Let the swarm train for the demo's minutes, then wait for a published checkpoint."""
-    from crowdtrain.peer.checkpoint import list_checkpoints
+    from crowdtrain.peer.checkpoints.format import list_checkpoints
 
     train_until = time.monotonic() + config.minutes * 60
     while time.monotonic() < train_until:
@@ -243,7 +243,7 @@ def _peer_summary(child: Child) -> str | None:
 
 
 def run_demo(config: DemoConfig) -> int:
-    from crowdtrain.peer.pull import pull
+    from crowdtrain.peer.checkpoints.pull import pull
 
     t_start = time.monotonic()
     workdir = Path(config.workdir or tempfile.mkdtemp(prefix="crowdtrain-demo-")).resolve()

@@ -13,7 +13,7 @@ each on the run's held-out shard and compares with the `baseline` scenario (no a
 number of epochs). It also reads the coordinator's view: was the attacker banned or quarantined
 (an open run's automatic action) and why, and did the publisher ever choose a state the attacker
 served? And the honest peers' own: whom their contribution scores left out of their reductions
-(peer/contribscore.py), the attacker or (framed) an honest peer.
+(peer/robust/contribscore.py), the attacker or (framed) an honest peer.
 
 Scenarios: baseline, stock (the baseline's honest peers on stock hivemind averagers, without
 the defences: what they cost in throughput), nan, scale (x1e4), signflip, shift ("a little is
@@ -65,7 +65,7 @@ BANNABLE = (
     "signflip",
 )  # contributions that are refused, so reported, then banned or quarantined
 ACTED_ON = ("banned", "quarantined")  # what the coordinator's automatic action makes of a peer
-_LEFT_OUT = re.compile(r"left (\S+) out of our reduction")  # peer/contribscore.py's warning
+_LEFT_OUT = re.compile(r"left (\S+) out of our reduction")  # peer/robust/contribscore.py's warning
 
 
 @dataclass
@@ -132,8 +132,8 @@ def _honest_command(
 
 def evaluate_saved(model_dir: Path, data_dir: Path, manifest: dict) -> float:
     """Held-out loss of a saved peer model on the run's eval shard."""
-    from crowdtrain.peer.data import read_shard, tokenize_blocks
-    from crowdtrain.peer.model import evaluate
+    from crowdtrain.peer.data.shards import read_shard, tokenize_blocks
+    from crowdtrain.peer.run.model import evaluate
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 

@@ -31,7 +31,7 @@ Figures:
   step), per variant. Goal <= 1.02. The training-loss curves go to docs/benchmarks-loss*.png when
   matplotlib is installed.
 - allreduce: one all-reduce of `--sizes-mb` among `--group-sizes` in-process averagers on
-  127.0.0.1: ours (peer/averaging.py's guarded averager with the peers' part size and
+  127.0.0.1: ours (peer/swarm/averaging.py's guarded averager with the peers' part size and
   `--compression`) vs stock hivemind 1.1.12 defaults vs raw loopback TCP (one connection moving the
   same bytes), with the CPU seconds per round of the averagers (python) and the p2pd daemons. MB/s
   is the tensor's size over the round's time (matchmaking excluded). Goal: ours >= 5x stock.
@@ -78,9 +78,9 @@ class Row:
 
 def load_run(data_dir: Path):
     """(manifest, tokenizer, load_blocks(shard index)) of a prepared run's data directory."""
-    from crowdtrain.coordinator.store import Store
-    from crowdtrain.peer.data import read_shard, tokenize_blocks
-    from crowdtrain.peer.manifest import RunManifest
+    from crowdtrain.coordinator.peers.store import Store
+    from crowdtrain.peer.data.shards import read_shard, tokenize_blocks
+    from crowdtrain.peer.run.manifest import RunManifest
     from tokenizers import Tokenizer
 
     store = Store(data_dir / "state.sqlite3")
@@ -98,7 +98,7 @@ def load_run(data_dir: Path):
 
 
 def make_adamw(manifest, model):
-    from crowdtrain.peer.optimizers import adamw
+    from crowdtrain.peer.swarm.optimizers import adamw
 
     return adamw(model.parameters(), optim=manifest.optim)
 
@@ -109,8 +109,8 @@ def centralized(data_dir: Path, epochs: int, target_batch_size: int | None = Non
     `target_batch_size` replaces the run's (a low-communication run is compared with centralized
     training at the synchronous preset's batch, on as many samples)."""
     import torch
-    from crowdtrain.peer.model import as_batch, build_model, evaluate
-    from crowdtrain.peer.shardread import Place, ShardReader
+    from crowdtrain.peer.data.reader import Place, ShardReader
+    from crowdtrain.peer.run.model import as_batch, build_model, evaluate
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     manifest, _, load_blocks = load_run(data_dir)
@@ -144,8 +144,8 @@ def plain_loop(data_dir: Path, shard: int, seconds: float, warmup_s: float, peer
     """Train the run's model alone, as one of `peers` swarm peers would compute: the same micro-batch
     and optimizer, a step every target_batch_size / peers samples. One thread."""
     import torch
-    from crowdtrain.peer.model import as_batch, build_model
-    from crowdtrain.peer.shardread import Place, ShardReader
+    from crowdtrain.peer.data.reader import Place, ShardReader
+    from crowdtrain.peer.run.model import as_batch, build_model
 
     torch.set_num_threads(1)
     manifest, _, load = load_run(data_dir)
@@ -492,7 +492,7 @@ def swarm_to_epochs(prepared: Path, peers: int, epochs: int, work: Path) -> dict
     import shutil
 
     from crowdtrain.coordinator.demo import coordinator_command, local_peer_command, spawn, stop_children
-    from crowdtrain.peer.model import evaluate
+    from crowdtrain.peer.run.model import evaluate
     from transformers import AutoModelForCausalLM
 
     from scripts.harness import events_named, wait_for_event
@@ -537,7 +537,7 @@ def swarm_to_epochs(prepared: Path, peers: int, epochs: int, work: Path) -> dict
 def quality_figures(
     epochs: int, work: Path, plot_path: Path | None, variant: tuple[str, ...] = ()
 ) -> list[Row]:
-    from crowdtrain.peer.manifest import get_preset
+    from crowdtrain.peer.run.manifest import get_preset
 
     from scripts.attacks import prepare_run
 
@@ -666,8 +666,8 @@ def allreduce_figures(
     """Stock hivemind defaults against ours: the guarded averager with the part size the peers use
     and `compression` (a manifest's grad_compression)."""
     import hivemind
-    from crowdtrain.peer.averaging import GRAD_PART_SIZE_BYTES, GuardedAverager, grad_compression
-    from crowdtrain.peer.evidence import EvidenceSink
+    from crowdtrain.peer.robust.evidence import EvidenceSink
+    from crowdtrain.peer.swarm.averaging import GRAD_PART_SIZE_BYTES, GuardedAverager, grad_compression
     from hivemind.averaging import DecentralizedAverager
 
     from scripts.bench_robust import LOCAL, group, one_round

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 from crowdtrain.coordinator.demo import cli_command, spawn, stop_children, wait_for_endpoints
-from crowdtrain.peer.identity import throwaway_identity
+from crowdtrain.peer.admission.identity import throwaway_identity
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 

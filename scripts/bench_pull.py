@@ -29,9 +29,9 @@ import urllib.request
 from pathlib import Path
 
 from crowdtrain.coordinator.demo import coordinator_command, spawn, stop_children, wait_for_endpoints
-from crowdtrain.peer import trust
-from crowdtrain.peer.checkpoint import CheckpointMeta
-from crowdtrain.peer.pull import list_published, pull  # imported before any clock starts
+from crowdtrain.peer.checkpoints import trust
+from crowdtrain.peer.checkpoints.format import CheckpointMeta
+from crowdtrain.peer.checkpoints.pull import list_published, pull  # imported before any clock starts
 
 # a corpus of stdlib packages: enough documents for base125m's 64 shards, a tokenizer in seconds
 CORPUS_PACKAGES = (
@@ -55,7 +55,7 @@ CORPUS_PACKAGES = (
 
 def preset_for(size_mb: float) -> str:
     """The preset whose fp32 weights are nearest `size_mb` megabytes."""
-    from crowdtrain.peer.manifest import PRESETS
+    from crowdtrain.peer.run.manifest import PRESETS
 
     return min(PRESETS.values(), key=lambda p: abs(p.num_parameters() * 4 / 1e6 - size_mb)).name
 
@@ -63,10 +63,10 @@ def preset_for(size_mb: float) -> str:
 def publish_initial_checkpoint(data_dir: Path, preset: str):
     """Create a run in `data_dir` (the coordinator's own code) and publish its initial weights as
     step 0, signed with the run's key; returns the CheckpointMeta."""
-    from crowdtrain.coordinator import archive
     from crowdtrain.coordinator.config import CoordinatorConfig
-    from crowdtrain.coordinator.runs import open_run
-    from crowdtrain.peer.model import build_model, hf_tokenizer
+    from crowdtrain.coordinator.publishing import archive
+    from crowdtrain.coordinator.run.runs import open_run
+    from crowdtrain.peer.run.model import build_model, hf_tokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpus = tuple(str(stdlib / p) for p in CORPUS_PACKAGES if (stdlib / p).is_dir())

@@ -2,12 +2,12 @@
 
     .venv/bin/python -m scripts.bench_robust                      # 4 averagers, 10M floats, 5 rounds each
     .venv/bin/python -m scripts.bench_robust --values 1000000 --rounds 3   # a quick look
-    .venv/bin/python -m scripts.bench_robust --spread             # the honest spreads behind peer/robust.py
+    .venv/bin/python -m scripts.bench_robust --spread             # the honest spreads behind peer/robust/reduce.py
     .venv/bin/python -m scripts.bench_robust --reducer            # CPU per part: robust vs stock sum
 
 Every averager holds `--values` float32 values (honest: signal + noise); each round all of them
 call `step()` together and the round's time is the slowest member's. Stock is hivemind 1.1.12's
-DecentralizedAverager, guarded is peer/averaging.py's GuardedAverager (robust reducer, returned
+DecentralizedAverager, guarded is peer/swarm/averaging.py's GuardedAverager (robust reducer, returned
 averages checked, gate that admits everyone). Rounds alternate stock/guarded so that load on the
 machine hits both alike; the ratio of medians is printed.
 """
@@ -21,8 +21,8 @@ import time
 
 import hivemind
 import torch
-from crowdtrain.peer.averaging import GuardedAverager
-from crowdtrain.peer.evidence import EvidenceSink
+from crowdtrain.peer.robust.evidence import EvidenceSink
+from crowdtrain.peer.swarm.averaging import GuardedAverager
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 
@@ -73,7 +73,7 @@ def one_round(averagers, timeout_s: float = 120.0) -> float:
 
 def reducer_cost(senders: int, values: int = 2**17, repeats: int = 30) -> int:
     """CPU time to reduce one hivemind part (131,072 float32 from each sender), one thread."""
-    from crowdtrain.peer.robust import robust_reduce
+    from crowdtrain.peer.robust.reduce import robust_reduce
 
     torch.set_num_threads(1)
     parts, weights = [torch.randn(values) for _ in range(senders)], [1.0] * senders

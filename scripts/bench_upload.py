@@ -1,4 +1,4 @@
-"""How well `--max-upload-mbps` (peer/bandwidth.py) holds: one hivemind P2P sends a stream of
+"""How well `--max-upload-mbps` (peer/machine/bandwidth.py) holds: one hivemind P2P sends a stream of
 1 MiB messages to another through hivemind's real stream path, capped, and the rate is measured.
 
     python -m scripts.bench_upload                               # as root: caps 5, 20, 50, none
@@ -68,7 +68,7 @@ async def serve_probe(p2p) -> None:
 
 async def send_probe(p2p, peer_id, total_bytes: int, cap_mbps: float) -> UploadMeasurement:
     """Stream `total_bytes` in PART_BYTES messages to a peer serving the probe; measure the rate."""
-    from crowdtrain.peer.bandwidth import active_limit
+    from crowdtrain.peer.machine.bandwidth import active_limit
     from google.protobuf import struct_pb2, wrappers_pb2
 
     parts, payload = max(1, total_bytes // PART_BYTES), os.urandom(PART_BYTES)
@@ -102,7 +102,7 @@ def bytes_for(cap_mbps: float, seconds: float) -> int:
 
 async def loopback_measurement(cap_mbps: float, total_bytes: int) -> UploadMeasurement:
     """Two P2P instances in this process on 127.0.0.1, the sender's uploads capped at `cap_mbps`."""
-    from crowdtrain.peer.bandwidth import limit_upload
+    from crowdtrain.peer.machine.bandwidth import limit_upload
     from hivemind.p2p import P2P
 
     receiver = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -245,7 +245,7 @@ async def _receive(listen: str) -> None:
 
 async def _send(listen: str, to: list[str], cap_mbps: float, total_bytes: int) -> None:
     """Role `send`: one capped probe to the receiver at `to`; prints its UploadMeasurement as JSON."""
-    from crowdtrain.peer.bandwidth import limit_upload
+    from crowdtrain.peer.machine.bandwidth import limit_upload
     from hivemind.p2p import P2P, PeerID
 
     limit = limit_upload(cap_mbps)

@@ -4,7 +4,7 @@ each sit in their own network namespace behind a link shaped to RATE Mbit/s each
 
 Per peer, over the `epochs` epochs after its first (joining and loading excluded):
 - utilization: the share of wall time spent computing (forward, backward, local steps), the
-  duration-weighted `compute_share` of its epoch events (peer/meter.py measures it in-process);
+  duration-weighted `compute_share` of its epoch events (peer/volunteer/meter.py measures it in-process);
 - traffic: the bytes its processes sent (`ss` inside its namespace) per 1,000 samples it computed.
 
 Both are ratios on whatever machine runs them; on 2 CPU cores a 30M model computes so slowly that

@@ -544,7 +544,7 @@ class Chaos:
         time.sleep(2.0)  # let exiting children finish
         r.orphans = [f"{pid} {cmd}" for pid, cmd in processes_in_groups(self.pgids)]
 
-        from crowdtrain.peer import checkpoint
+        from crowdtrain.peer.checkpoints import format as checkpoint
 
         root = self.data_dir / "checkpoints"
         metas = checkpoint.list_checkpoints(root)

@@ -45,8 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from crowdtrain.coordinator import webserver
-from crowdtrain.coordinator.service import SERVICE_NAME
+from crowdtrain.coordinator.api import webserver
+from crowdtrain.coordinator.api.servicer import SERVICE_NAME
 from crowdtrain.protos import coordinator_pb2 as pb
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
@@ -354,13 +354,13 @@ def http_exchange(port: int, wire: bytes, half_close: bool = False) -> tuple[str
 def field_limits() -> tuple[dict[str, int], dict[str, tuple[float, float]]]:
     """(longest text, numeric range) by field name, from whichever limits table the code has:
     crowdtrain.coordinator.limits.REQUEST_LIMITS (per message and field), else
-    crowdtrain.peer.report.LIMITS (text lengths only). The loosest over messages wins."""
+    crowdtrain.peer.run.report.LIMITS (text lengths only). The loosest over messages wins."""
     lengths: dict[str, int] = {}
     ranges: dict[str, tuple[float, float]] = {}
     try:
         table = importlib.import_module("crowdtrain.coordinator.limits").REQUEST_LIMITS
     except (ImportError, AttributeError):
-        old = importlib.import_module("crowdtrain.peer.report").LIMITS
+        old = importlib.import_module("crowdtrain.peer.run.report").LIMITS
         return {f.name: getattr(old, f.name) for f in dataclasses.fields(old)}, {}
     for fields in table.values():
         for name, limit in fields.items():

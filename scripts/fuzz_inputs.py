@@ -1,5 +1,5 @@
 """What the fuzzer sends: hypothesis strategies built from the Coordinator service's protobuf
-descriptors and from the HTTP route list in crowdtrain.coordinator.webserver's docstring.
+descriptors and from the HTTP route list in crowdtrain.coordinator.api.webserver's docstring.
 
 Nothing here knows a field by name: a field added to a request message, or a route added to the
 docstring, is fuzzed on its own. Values favour the edges where servers break: huge, unicode,

@@ -16,16 +16,17 @@ import time
 from pathlib import Path
 
 import grpc
-from crowdtrain.coordinator import archive, signing
-from crowdtrain.coordinator.grpcserver import create_server
-from crowdtrain.coordinator.metrics import CoordinatorMetrics
-from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import SERVICE_NAME, CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.status import SwarmProgress, SwarmStatus, build_status
-from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.webserver import WebContext, WebServer
-from crowdtrain.peer import checkpoint
-from crowdtrain.peer.identity import PeerIdentity, throwaway_identity
+from crowdtrain.coordinator import signing
+from crowdtrain.coordinator.api.grpcserver import create_server
+from crowdtrain.coordinator.api.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.api.servicer import SERVICE_NAME, CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.api.webserver import WebContext, WebServer
+from crowdtrain.coordinator.peers.health import HealthSettings
+from crowdtrain.coordinator.peers.status import SwarmProgress, SwarmStatus, build_status
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing import archive
+from crowdtrain.peer.admission.identity import PeerIdentity, throwaway_identity
+from crowdtrain.peer.checkpoints import format as checkpoint
 from crowdtrain.protos import coordinator_pb2 as pb
 
 from scripts.fuzz_inputs import Hints

@@ -65,8 +65,8 @@ def main() -> int:
 def compute_benchmark(preset_name: str, device: str, steps: int = 8) -> dict:
     """Training steps of the preset's model alone, at the preset's per-peer batch size."""
     import torch
-    from crowdtrain.peer.manifest import DataSpec, ShardSpec, TokenizerSpec, build_manifest, get_preset
-    from crowdtrain.peer.model import build_model, num_parameters
+    from crowdtrain.peer.run.manifest import DataSpec, ShardSpec, TokenizerSpec, build_manifest, get_preset
+    from crowdtrain.peer.run.model import build_model, num_parameters
 
     preset = get_preset(preset_name)
     shard = ShardSpec("x", "0" * 64, 0, 0)
@@ -170,7 +170,7 @@ def swarm_check(preset: str, device: str, train_s: float) -> dict:
         result["published_eval_loss"] = _round(published["eval_loss"], 4)
         result["publish_fetch_eval_write_s"] = _round(published["seconds"], 1)
 
-        from crowdtrain.peer.pull import pull
+        from crowdtrain.peer.checkpoints.pull import pull
 
         t_pull = time.monotonic()
         meta = pull(endpoints["grpc"], work / "pulled", step=result["published_step"])

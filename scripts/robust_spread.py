@@ -1,4 +1,4 @@
-"""Honest spreads that peer/robust.py's constants were chosen from (`python -m scripts.bench_robust --spread`).
+"""Honest spreads that peer/robust/reduce.py's constants were chosen from (`python -m scripts.bench_robust --spread`).
 
 Senders are honest peers: the tiny preset's model (hidden 128, 2 layers, vocab 2,048) on different
 Zipf-distributed token batches, each peer accumulating 1 to 10 batches (its declared weight), at
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
-from crowdtrain.peer.robust import DEFAULT, SpanEvidence, robust_reduce
+from crowdtrain.peer.robust.reduce import DEFAULT, SpanEvidence, robust_reduce
 
 PART_VALUES = 2**17
 
@@ -26,7 +26,7 @@ def _split(flat_tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 def _tiny_model():
-    from crowdtrain.peer.manifest import get_preset
+    from crowdtrain.peer.run.manifest import get_preset
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(

@@ -19,7 +19,7 @@ checks, so its own span of every all-reduce is the plain mean hivemind computes.
     none       an honest volunteer on stock hivemind averagers (what the defences cost is
                measured against it: scripts/attacks.py's `stock` scenario)
     unscored   an honest volunteer on crowdtrain's guarded averagers with contribution scoring
-               off (peer/contribscore.py; scripts/attacks.py --no-score: what the score is worth)
+               off (peer/robust/contribscore.py; scripts/attacks.py --no-score: what the score is worth)
 
 Usage: python -m tests.attacker --attack nan --coordinator HOST:PORT [peer flags...]
 It logs what a peer logs (`--log-format json` events) plus one event of its own,
@@ -91,10 +91,11 @@ def _random_unit(tensors, seed: int) -> list[torch.Tensor]:
 
 
 def _stock_optimizer(volunteer, model, attack: str):
-    """The run's optimizer with STOCK hivemind averagers in place of peer/averaging.py's guarded
+    """The run's optimizer with STOCK hivemind averagers in place of peer/swarm/averaging.py's guarded
     ones (test-only: swapped where make_optimizer looks them up), its contribution corrupted."""
     import hivemind.compression
-    from crowdtrain.peer import averaging, diloco, swarm
+    from crowdtrain.peer.swarm import averaging, diloco
+    from crowdtrain.peer.swarm import wiring as swarm
     from hivemind.optim.grad_averager import GradientAverager
     from hivemind.optim.state_averager import TrainingStateAverager
 
@@ -157,9 +158,9 @@ def _unscore_gradient_averagers() -> None:
     where make_optimizer looks them up); everything else stays as a volunteer runs it."""
     import dataclasses
 
-    from crowdtrain.peer import averaging, diloco
-    from crowdtrain.peer.contribscore import ScoreConfig
-    from crowdtrain.peer.robust import DEFAULT
+    from crowdtrain.peer.robust.contribscore import ScoreConfig
+    from crowdtrain.peer.robust.reduce import DEFAULT
+    from crowdtrain.peer.swarm import averaging, diloco
 
     unscored = dataclasses.replace(DEFAULT, score=ScoreConfig(enabled=False))
 
@@ -175,7 +176,7 @@ def _unscore_gradient_averagers() -> None:
 
 
 def make_attacker(config, attack: str):
-    from crowdtrain.peer.trainer import Volunteer
+    from crowdtrain.peer.volunteer.trainer import Volunteer
 
     class Attacker(Volunteer):
         def _make_optimizer(self, model):
@@ -206,7 +207,7 @@ def make_attacker(config, attack: str):
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(3.0)  # every forger serves the same forged state: sybils agree
-            from crowdtrain.peer.swarm import refresh_offloaded_parameters
+            from crowdtrain.peer.swarm.wiring import refresh_offloaded_parameters
 
             refresh_offloaded_parameters(self.opt, model)
             while not self.stop_event.wait(0.5):
@@ -217,8 +218,8 @@ def make_attacker(config, attack: str):
         def _train_tolerating_nan(self, model, batches) -> None:
             """Train as a volunteer does, but never stop: an attacker whose own model went bad
             goes back to its initial weights and keeps attacking."""
-            from crowdtrain.peer.model import as_batch
-            from crowdtrain.peer.swarm import refresh_offloaded_parameters
+            from crowdtrain.peer.run.model import as_batch
+            from crowdtrain.peer.swarm.wiring import refresh_offloaded_parameters
 
             clean = [p.detach().clone() for p in model.parameters()]
             self.stats.update(phase="training")
@@ -248,7 +249,7 @@ def make_attacker(config, attack: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crowdtrain.peer.config import PeerConfig, add_arguments, from_arguments
+    from crowdtrain.peer.settings.commands import PeerConfig, add_arguments, from_arguments
 
     parser = argparse.ArgumentParser(prog="attacker")
     parser.add_argument("--attack", choices=ATTACKS, required=True)

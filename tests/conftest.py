@@ -26,7 +26,7 @@ ARTIFACTS = ROOT / "artifacts"
 
 @pytest.fixture(autouse=True)
 def private_trust_store(tmp_path_factory, monkeypatch):
-    """Keys trusted on first use (peer/trust.py) go to a fresh directory per test, never ~/.config;
+    """Keys trusted on first use (peer/checkpoints/trust.py) go to a fresh directory per test, never ~/.config;
     CLI children inherit it."""
     monkeypatch.setenv("CROWDTRAIN_CONFIG_DIR", str(tmp_path_factory.mktemp("crowdtrain-config")))
 
@@ -50,8 +50,8 @@ def make_run(tmp_path: Path, corpus: Path):
     """A tiny run (vocab 400) over `corpus`: (manifest, tokenizer JSON), with its shards in tmp_path/d."""
     import dataclasses
 
-    from crowdtrain.coordinator import dataset
-    from crowdtrain.peer.manifest import build_manifest, get_preset
+    from crowdtrain.coordinator.run import dataset
+    from crowdtrain.peer.run.manifest import build_manifest, get_preset
 
     preset = dataclasses.replace(get_preset("tiny"), vocab_size=400, num_shards=4, eval_fraction=0.05)
     spec, tok, tokenizer_json = dataset.build_dataset(
@@ -158,8 +158,8 @@ def launcher(tmp_path: Path):
 def serving(servicer, store, rpc_timeout_s: float = 10.0) -> Iterator:
     """`servicer` on an in-process gRPC server at 127.0.0.1:0: a client of it; the server and
     `store` are closed afterwards."""
-    from crowdtrain.coordinator.grpcserver import create_server
-    from crowdtrain.peer.client import CoordinatorClient
+    from crowdtrain.coordinator.api.grpcserver import create_server
+    from crowdtrain.peer.link.client import CoordinatorClient
 
     server, port = create_server(servicer, "127.0.0.1", 0)
     server.start()

@@ -40,10 +40,10 @@ TARGET, MICRO = 8, 2  # 4 inner steps per outer step
 
 def lone_peer(workdir: Path, device: str = "cpu", **swarm_settings):
     """(manifest, model, dht, inner optimizer, hivemind optimizer) of one peer in mode=diloco."""
-    from crowdtrain.peer.model import build_model
-    from crowdtrain.peer.optimizers import inner_optimizer
-    from crowdtrain.peer.processes import use_fork_start_method
-    from crowdtrain.peer.swarm import make_optimizer, start_dht
+    from crowdtrain.peer.run.model import build_model
+    from crowdtrain.peer.swarm.lifecycle import use_fork_start_method
+    from crowdtrain.peer.swarm.optimizers import inner_optimizer
+    from crowdtrain.peer.swarm.wiring import make_optimizer, start_dht
 
     from tests.conftest import make_run
 
@@ -74,8 +74,8 @@ def lone_peer(workdir: Path, device: str = "cpu", **swarm_settings):
 
 
 def main(workdir: Path, device: str = "cpu") -> None:
-    from crowdtrain.peer.leaving import leave_swarm
-    from crowdtrain.peer.model import as_batch
+    from crowdtrain.peer.run.model import as_batch
+    from crowdtrain.peer.swarm.lifecycle import leave_swarm
 
     manifest, model, dht, inner, opt = lone_peer(workdir, device)
     swarm, extras = manifest.swarm, inner.state_tensors()
@@ -115,8 +115,8 @@ def main(workdir: Path, device: str = "cpu") -> None:
 
 
 def overlapped(workdir: Path, outer_steps: int = 3, max_inner_steps: int = 400) -> None:
-    from crowdtrain.peer.leaving import leave_swarm
-    from crowdtrain.peer.model import as_batch
+    from crowdtrain.peer.run.model import as_batch
+    from crowdtrain.peer.swarm.lifecycle import leave_swarm
 
     settings = dict(overlap_communication=True, outer_learning_rate=1.0, outer_momentum=0.0)
     manifest, model, dht, inner, opt = lone_peer(workdir, inner_warmup_steps=1, **settings)
@@ -158,7 +158,7 @@ def stuck_leave(workdir: Path) -> None:
     import threading
     import time
 
-    from crowdtrain.peer.leaving import leave_swarm
+    from crowdtrain.peer.swarm.lifecycle import leave_swarm
     from hivemind.averaging.control import AveragingStage
     from hivemind.utils import get_dht_time
 
@@ -191,9 +191,9 @@ if __name__ == "__main__":
     if args[1:] == ["overlap"]:
         overlapped(Path(args[0]))
     elif args[1:] == ["copies"]:
-        import crowdtrain.peer.averaging
+        import crowdtrain.peer.swarm.averaging
 
-        crowdtrain.peer.averaging.all_on_host = lambda tensors: False  # what a GPU's tensors give
+        crowdtrain.peer.swarm.averaging.all_on_host = lambda tensors: False  # what a GPU's tensors give
         main(Path(args[0]))
     elif args[1:] == ["stuck-leave"]:
         stuck_leave(Path(args[0]))

@@ -28,9 +28,9 @@ import torch  # noqa: E402
 
 
 def make_forger(coordinator: str, scale: float, cache_dir: str):
-    from crowdtrain.peer.config import PeerConfig
-    from crowdtrain.peer.swarm import refresh_offloaded_parameters
-    from crowdtrain.peer.trainer import Volunteer
+    from crowdtrain.peer.settings.commands import PeerConfig
+    from crowdtrain.peer.swarm.wiring import refresh_offloaded_parameters
+    from crowdtrain.peer.volunteer.trainer import Volunteer
 
     class Forger(Volunteer):
         def recover(self) -> None:  # nothing to load: it serves its own state

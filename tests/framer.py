@@ -25,8 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
-from crowdtrain.peer.identity import PeerIdentity
+from crowdtrain.peer.admission.identity import PeerIdentity
+from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.protos import coordinator_pb2 as pb
 
 YEAR_S = 365 * 86400.0
@@ -96,8 +96,8 @@ def overwrite_admission_records(sybil: Sybil, joined: pb.JoinResponse, victims: 
     """The review's N3: plain values for a year under the tokens and revocations keys, junk under
     each victim's subkey, from a node without crowdtrain's validators; what each store answered."""
     import hivemind
-    from crowdtrain.peer.dhtrecords import IdentitySignatureValidator, revocations_key, tokens_key
-    from crowdtrain.peer.swarmauth import SwarmAuthorizer
+    from crowdtrain.peer.admission.access import SwarmAuthorizer
+    from crowdtrain.peer.admission.dhtrecords import IdentitySignatureValidator, revocations_key, tokens_key
     from hivemind.utils import get_dht_time
 
     manifest = json.loads(joined.manifest_json)

@@ -1,5 +1,5 @@
 """Joins as a real peer sends them: every Join names an identity key and signs it with that key
-(`crowdtrain.coordinator.identity.verify_join`), in every admission mode.
+(`crowdtrain.coordinator.admission.signatures.verify_join`), in every admission mode.
 
     client.join(signed_join(name="alice"))                 # a new identity per call
     client.join(signed_join(name="bob", who=3))            # identity 3 of this test process, again
@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from crowdtrain.peer.identity import PeerIdentity
+from crowdtrain.peer.admission.identity import PeerIdentity
 from crowdtrain.protos import coordinator_pb2 as pb
 
 _KEYS = tempfile.TemporaryDirectory(prefix="crowdtrain-test-identities-")

@@ -13,7 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 from crowdtrain.coordinator import cli
-from crowdtrain.coordinator.admission import (
+from crowdtrain.coordinator.admission.bans import AutobanSettings, EvidenceBook, counts_against
+from crowdtrain.coordinator.admission.gate import (
     AdmissionConfigError,
     AdmissionSettings,
     Gate,
@@ -24,15 +25,14 @@ from crowdtrain.coordinator.admission import (
     still_admitted,
     token_decision,
 )
-from crowdtrain.coordinator.evidence import AutobanSettings, EvidenceBook, counts_against
-from crowdtrain.coordinator.grpcserver import create_server
-from crowdtrain.coordinator.invites import Invite, InviteBook, invite_usable
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.admission.invites import Invite, InviteBook, invite_usable
+from crowdtrain.coordinator.api.grpcserver import create_server
+from crowdtrain.coordinator.api.servicer import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord
+from crowdtrain.coordinator.peers.status import SwarmProgress, build_status
+from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.coordinator.signing import new_key, public_key_hex
-from crowdtrain.coordinator.status import SwarmProgress, build_status
-from crowdtrain.coordinator.store import Store
-from crowdtrain.peer.admission import SwarmToken, parse_and_check, sign_token
+from crowdtrain.peer.admission.tokens import SwarmToken, parse_and_check, sign_token
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
@@ -462,9 +462,9 @@ def test_invite_cli_create_list_revoke(tmp_path: Path, capsys):
 
 
 def test_the_coordinators_flags_build_its_gate_and_evidence(tmp_path: Path):
-    from crowdtrain.coordinator.admission import servicer_options
+    from crowdtrain.coordinator.admission.bans import AutobanConfigError
+    from crowdtrain.coordinator.admission.gate import servicer_options
     from crowdtrain.coordinator.config import CoordinatorConfig
-    from crowdtrain.coordinator.evidence import AutobanConfigError
 
     store, run_key = Store(tmp_path / "s.sqlite3", 0), new_key()
     try:

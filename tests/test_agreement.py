@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from crowdtrain.coordinator.agreement import FetchedState, judge, relative_distance
+from crowdtrain.coordinator.publishing.agreement import FetchedState, judge, relative_distance
 
 TOL = 0.01
 

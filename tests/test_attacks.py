@@ -7,8 +7,8 @@ Each attack must leave the honest peers training to the end with a final held-ou
 10% of the same run without the attacker (5% for the bounded poisoning of issue 22: shift,
 innorm_flip, const_shift), publish nothing the attacker served, and (for attacks whose
 contributions are refused) get the attacker banned or, in an open run such as these,
-quarantined by the evidence the honest peers report (coordinator/evidence.py). No honest peer's
-contribution score may leave another honest peer out (peer/contribscore.py).
+quarantined by the evidence the honest peers report (coordinator/admission/bans.py). No honest peer's
+contribution score may leave another honest peer out (peer/robust/contribscore.py).
 """
 
 from __future__ import annotations

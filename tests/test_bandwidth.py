@@ -1,4 +1,4 @@
-"""--max-upload-mbps (peer/bandwidth.py): the shared token bucket with an injected clock, its sharing
+"""--max-upload-mbps (peer/machine/bandwidth.py): the shared token bucket with an injected clock, its sharing
 across forked processes, the wrapping of hivemind's send path, and the cap measured on real hivemind
 P2P traffic over 127.0.0.1 and, as root, across a shaped link between two network namespaces."""
 
@@ -13,8 +13,9 @@ import threading
 import time
 
 import pytest
-from crowdtrain.peer import bandwidth
-from crowdtrain.peer.bandwidth import (
+from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.machine import bandwidth
+from crowdtrain.peer.machine.bandwidth import (
     BucketState,
     HivemindSendPathChanged,
     SharedTokenBucket,
@@ -26,7 +27,6 @@ from crowdtrain.peer.bandwidth import (
     reserve,
     upload_cap,
 )
-from crowdtrain.peer.errors import CrowdtrainError
 
 from scripts import bench_upload as probe
 

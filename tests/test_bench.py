@@ -72,14 +72,14 @@ def test_bytes_a_process_sends_over_tcp_are_counted():
 def test_profile_shares_split_the_main_threads_wall_time():
     from scripts.bench import profile_shares
 
-    step = "thread (1): MainThread;<module> (peer.py:1);Trainer._step (peer/trainer.py:300)"
+    step = "thread (1): MainThread;<module> (peer.py:1);Trainer._step (peer/volunteer/trainer.py:300)"
     raw = "\n".join(
         [
             f"{step};_call_impl (torch/nn/modules/module.py:1);forward (llama.py:3) 30",
             f"{step};Tensor.backward (torch/_tensor.py:5);backward (torch/autograd/__init__.py:9) 50",
             f"{step};Optimizer.step (hivemind/optim/optimizer.py:400);StepControl.result (control.py:1);wait (threading.py:2) 15",
-            f"{step};Optimizer.step (hivemind/optim/optimizer.py:400);ClippedAdamW.step (peer/optimizers.py:30) 5",
-            "thread (2): batches;Prefetcher._fill (peer/prefetch.py:9) 100",  # not the main thread
+            f"{step};Optimizer.step (hivemind/optim/optimizer.py:400);ClippedAdamW.step (peer/swarm/optimizers.py:30) 5",
+            "thread (2): batches;Prefetcher._fill (peer/data/prefetch.py:9) 100",  # not the main thread
         ]
     )
     shares, top = profile_shares(raw)

@@ -8,17 +8,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.api.grpcserver import create_server
+from crowdtrain.coordinator.api.servicer import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.api.webserver import WebContext, WebServer
 from crowdtrain.coordinator.errors import NotFoundError
-from crowdtrain.coordinator.grpcserver import create_server
-from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.peers.health import HealthSettings
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing import archive
 from crowdtrain.coordinator.signing import new_key, public_key_hex, sign_hex
-from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.webserver import WebContext, WebServer
-from crowdtrain.peer import checkpoint
-from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta
-from crowdtrain.peer.pull import PullError, pull, staging_dir
+from crowdtrain.peer.checkpoints import format as checkpoint
+from crowdtrain.peer.checkpoints.format import CheckpointError, CheckpointMeta
+from crowdtrain.peer.checkpoints.pull import PullError, pull, staging_dir
 
 from tests.conftest import make_run
 
@@ -39,7 +39,7 @@ def _meta(step: int, previous: int | None = None) -> CheckpointMeta:
 
 
 def _publish_real_model(root: Path, tmp_path: Path, small_corpus: Path, step: int) -> CheckpointMeta:
-    from crowdtrain.peer.model import build_model, hf_tokenizer
+    from crowdtrain.peer.run.model import build_model, hf_tokenizer
 
     manifest, tokenizer_json = make_run(tmp_path, small_corpus)
     staging = archive.new_staging_dir(root, step)
@@ -216,7 +216,7 @@ def test_pull_refuses_a_corrupted_file_and_writes_nothing(coordinator_with_check
 
 
 def test_grpc_streaming_download_resumes_at_an_offset_and_refuses_unknown_files(coordinator_with_checkpoint):
-    from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected
+    from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorRejected
 
     address, _, root, meta = coordinator_with_checkpoint
     whole = (root / "step-00000005" / "model.safetensors").read_bytes()

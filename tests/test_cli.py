@@ -206,7 +206,7 @@ def test_a_data_dir_whose_state_is_not_a_database(tmp_path: Path):
 
 
 def test_a_data_dir_whose_run_manifest_is_garbage(tmp_path: Path):
-    from crowdtrain.coordinator.store import Store
+    from crowdtrain.coordinator.peers.store import Store
 
     run = tmp_path / "run"
     run.mkdir()
@@ -266,8 +266,8 @@ def test_a_flag_like_value_stays_that_settings_value_in_the_service(value):
     """Review N21: `"--name" "--x"` made the installed service's argparse fail at every start; each
     setting is now one `--flag=VALUE` word, whatever VALUE looks like."""
     from crowdtrain.coordinator.cli import build_parser
-    from crowdtrain.peer.config import PeerConfig
-    from crowdtrain.peer.unit import unit_text
+    from crowdtrain.peer.settings.commands import PeerConfig
+    from crowdtrain.peer.settings.service import unit_text
 
     config = PeerConfig(coordinator="203.0.113.7:50051", name=value, schedule=value, trust_new_run=True)
     [exec_start] = [

@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 from crowdtrain.coordinator import cli
-from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected
-from crowdtrain.peer.download import DownloadError, download
+from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorRejected
+from crowdtrain.peer.link.download import DownloadError, download
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 

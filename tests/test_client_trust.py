@@ -1,4 +1,4 @@
-"""The volunteer's trust store (peer/trust.py) under a hostile coordinator: review 2026-12-07, N17
+"""The volunteer's trust store (peer/checkpoints/trust.py) under a hostile coordinator: review 2026-12-07, N17
 (it grew with every run id met until, past 4 MiB, it no longer parsed and every pull and join from
 every coordinator failed) and the bookkeeping N7's fix relies on (how each key was trusted).
 Pure file operations on tmp_path; no server, well under a second each."""
@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from crowdtrain.peer import trust
-from crowdtrain.peer.trust import (
+from crowdtrain.peer.checkpoints import trust
+from crowdtrain.peer.checkpoints.trust import (
     MAX_RUNS_PER_ADDRESS,
     TrustedRun,
     TrustPolicy,

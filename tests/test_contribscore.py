@@ -1,4 +1,4 @@
-"""Contribution scores over many rounds (peer/contribscore.py) with synthetic gradients.
+"""Contribution scores over many rounds (peer/robust/contribscore.py) with synthetic gradients.
 
 The attack of issue 22: one sender replaces its gradient, every round, by a push against the
 swarm's direction that stays within every per-round bound (`innorm_flip`: ||g|| x (-0.5 g/||g||
@@ -15,8 +15,8 @@ import random
 
 import pytest
 import torch
-from crowdtrain.peer.contribscore import KIND, ContributionScores, RoundAgreement, ScoreConfig, judge
-from crowdtrain.peer.partreducer import RobustPartReducer
+from crowdtrain.peer.robust.contribscore import KIND, ContributionScores, RoundAgreement, ScoreConfig, judge
+from crowdtrain.peer.robust.partreducer import RobustPartReducer
 
 SIZE = 8_192  # values in the reducer's span (two parts)
 SENDERS = ["me", "honest-1", "honest-2", "attacker"]

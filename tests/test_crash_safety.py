@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from crowdtrain.peer import checkpoint
+from crowdtrain.peer.checkpoints import format as checkpoint
 
 pytestmark = pytest.mark.swarm
 

@@ -10,8 +10,8 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from crowdtrain.coordinator import policy
-from crowdtrain.coordinator.credit import (
+from crowdtrain.coordinator.peers import policy
+from crowdtrain.coordinator.peers.credit import (
     CreditSettings,
     Sighting,
     Tally,
@@ -19,13 +19,13 @@ from crowdtrain.coordinator.credit import (
     epoch_rows,
     next_swarm_epoch,
 )
-from crowdtrain.coordinator.groups import GroupReport
-from crowdtrain.coordinator.monitor import SwarmMonitor
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
-from crowdtrain.coordinator.standings import Standings
-from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.voters import VoterSettings, eligible_voters
-from crowdtrain.peer.meter import standing_text
+from crowdtrain.coordinator.peers.groups import GroupReport
+from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord
+from crowdtrain.coordinator.peers.monitor import SwarmMonitor
+from crowdtrain.coordinator.peers.standings import Standings
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing.voters import VoterSettings, eligible_voters
+from crowdtrain.peer.volunteer.meter import standing_text
 from crowdtrain.protos import coordinator_pb2 as pb
 
 from tests.test_monitor import _FakeDHT  # the one stand-in for hivemind.DHT's progress read

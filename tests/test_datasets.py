@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator import dataset, sources
-from crowdtrain.peer import data
+from crowdtrain.coordinator.run import dataset, sources
+from crowdtrain.peer.data import shards as data
 
 BUILD = dict(num_shards=2, eval_fraction=0.2, max_bytes=0, seq_len=16, eval_max_sequences=4, vocab_size=300)
 
@@ -81,7 +81,7 @@ def test_every_corrupted_jsonl_record_is_skipped_and_counted(tmp_path: Path, cap
     ]
     raw = ("\n".join(lines) + "\n").encode() + b'{"text": "caf\xe9 latin-1"}\n'
     (tmp_path / "bad.jsonl").write_bytes(raw)
-    with caplog.at_level(logging.WARNING, logger="crowdtrain.coordinator.dataset"):
+    with caplog.at_level(logging.WARNING, logger="crowdtrain.coordinator.run.dataset"):
         spec, shard_texts, _ = _build([tmp_path / "bad.jsonl"], tmp_path / "out")
     corpus = dataset.read_corpus([tmp_path / "bad.jsonl"])
     assert corpus.skipped == {
@@ -296,7 +296,7 @@ def test_the_peer_skips_and_counts_malformed_shard_lines(tmp_path: Path, caplog)
     ]
     body = b"\n".join([json.dumps({"text": t}).encode() for t in good] + hostile + [b"", b"   "]) + b"\n"
     (tmp_path / "shard.jsonl").write_bytes(body)
-    with caplog.at_level(logging.WARNING, logger="crowdtrain.peer.data"):
+    with caplog.at_level(logging.WARNING, logger="crowdtrain.peer.data.shards"):
         texts, skipped = data.read_shard_counted(tmp_path / "shard.jsonl")
     assert (texts, skipped) == (good, len(hostile))
     assert data.read_shard(tmp_path / "shard.jsonl") == good
@@ -314,7 +314,7 @@ def test_a_run_created_from_the_operators_jsonl_names_the_field_and_the_skips(tm
     import random
 
     from crowdtrain.coordinator.config import CoordinatorConfig
-    from crowdtrain.coordinator.runs import create_run
+    from crowdtrain.coordinator.run.runs import create_run
 
     rng = random.Random(0)
     words = [

@@ -1,10 +1,10 @@
-"""Which device a volunteer trains on (peer/device.py): `--device auto` picks CUDA, then Apple
+"""Which device a volunteer trains on (peer/machine/device.py): `--device auto` picks CUDA, then Apple
 MPS, then the CPU and says why; what cannot be used is refused with what to use instead."""
 
 from __future__ import annotations
 
 import pytest
-from crowdtrain.peer.device import DeviceError, choose_device, pick_device
+from crowdtrain.peer.machine.device import DeviceError, choose_device, pick_device
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,7 @@ def test_this_machine_trains_on_what_torch_sees(caplog):
 
     import torch
 
-    with caplog.at_level(logging.INFO, logger="crowdtrain.peer.device"):
+    with caplog.at_level(logging.INFO, logger="crowdtrain.peer.machine.device"):
         device = pick_device("auto")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     if expected == "cpu" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():

@@ -1,5 +1,5 @@
-"""The run's admission records stay their writers' (peer/dhtrecords.py), and the coordinator's DHT
-node keeps only the run's records, within limits, without UPnP (coordinator/dhtstorage.py).
+"""The run's admission records stay their writers' (peer/admission/dhtrecords.py), and the coordinator's DHT
+node keeps only the run's records, within limits, without UPnP (coordinator/admission/dhtstorage.py).
 
 Security review N3: one admitted peer stored a plain value under `<run_id>_swarm_tokens` and
 `<run_id>_swarm_revocations`, expiring in a year; hivemind 1.1.12 let it replace the dictionaries
@@ -20,16 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 hivemind = pytest.importorskip("hivemind")
 
-from crowdtrain.coordinator.dhtstorage import DhtStorageLimits  # noqa: E402
-from crowdtrain.coordinator.swarmnodes import CoordinatorNodeAccess, RevocationPublisher  # noqa: E402
-from crowdtrain.peer.admission import (  # noqa: E402
-    Revocation,
-    SwarmToken,
-    gate_decision,
-    sign_revocation,
-    sign_token,
-)
-from crowdtrain.peer.dhtrecords import (  # noqa: E402
+from crowdtrain.coordinator.admission.dhtstorage import DhtStorageLimits  # noqa: E402
+from crowdtrain.coordinator.admission.swarmnodes import CoordinatorNodeAccess, RevocationPublisher  # noqa: E402
+from crowdtrain.peer.admission.access import AdmittedPeers, SwarmAuthorizer, publish_token  # noqa: E402
+from crowdtrain.peer.admission.dhtrecords import (  # noqa: E402
     RECORD_SLACK_S,
     IdentitySignatureValidator,
     admission_record_decision,
@@ -37,9 +31,15 @@ from crowdtrain.peer.dhtrecords import (  # noqa: E402
     revocations_key,
     tokens_key,
 )
-from crowdtrain.peer.identity import PeerIdentity  # noqa: E402
-from crowdtrain.peer.swarm import start_dht  # noqa: E402
-from crowdtrain.peer.swarmauth import AdmittedPeers, SwarmAuthorizer, publish_token  # noqa: E402
+from crowdtrain.peer.admission.identity import PeerIdentity  # noqa: E402
+from crowdtrain.peer.admission.tokens import (  # noqa: E402
+    Revocation,
+    SwarmToken,
+    gate_decision,
+    sign_revocation,
+    sign_token,
+)
+from crowdtrain.peer.swarm.wiring import start_dht  # noqa: E402
 from hivemind.utils import get_dht_time  # noqa: E402
 
 RUN = "records-run"

@@ -1,4 +1,4 @@
-"""The low-communication mode (`swarm.mode = "diloco"`, peer/diloco.py): its settings are checked,
+"""The low-communication mode (`swarm.mode = "diloco"`, peer/swarm/diloco.py): its settings are checked,
 and one real hivemind Optimizer takes DiLoCo's outer step exactly (the swarm-level behaviour is in
 tests/test_swarm.py's DiLoCo run)."""
 
@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from crowdtrain.peer.manifest import ManifestError, get_preset, override_swarm
-from crowdtrain.peer.optimizers import inner_optimizer, outer_optimizer
+from crowdtrain.peer.run.manifest import ManifestError, get_preset, override_swarm
+from crowdtrain.peer.swarm.optimizers import inner_optimizer, outer_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def test_the_mode_and_its_outer_step_settings_are_checked():
 
 
 def test_the_inner_learning_rate_warms_up_over_local_steps_and_a_joiner_continues_the_count():
-    from crowdtrain.peer.optimizers import adamw
+    from crowdtrain.peer.swarm.optimizers import adamw
 
     model = torch.nn.Linear(3, 1, bias=False)
     manifest = SimpleNamespace(
@@ -109,7 +109,7 @@ def test_a_diloco_peer_takes_the_outer_step_and_resets_its_model(tmp_path: Path,
 def test_each_gradient_codec_decodes_what_it_encodes(name: str, bytes_ratio: float, max_error: float):
     """What a peer sends with `grad_compression=NAME` (hivemind's codecs): smaller, and close to the
     original. uint8 also proves the numpy pin: hivemind 1.1.12's 8-bit decoder fails on numpy>=2.4."""
-    from crowdtrain.peer.averaging import grad_compression
+    from crowdtrain.peer.swarm.averaging import grad_compression
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 
     torch.manual_seed(0)
@@ -197,8 +197,8 @@ def test_a_diloco_swarm_trains_agrees_publishes_and_takes_a_joiner(launcher, tmp
     # averaging they would end about as far apart as they travelled.
     import urllib.request
 
-    from crowdtrain.peer.manifest import RunManifest
-    from crowdtrain.peer.model import build_model
+    from crowdtrain.peer.run.manifest import RunManifest
+    from crowdtrain.peer.run.model import build_model
 
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
         initial = build_model(RunManifest.from_json(response.read().decode())).state_dict()

@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from crowdtrain.peer import download as download_module
-from crowdtrain.peer.download import (
+from crowdtrain.peer.link import download as download_module
+from crowdtrain.peer.link.download import (
     DownloadCorrupted,
     DownloadError,
     HashedFile,

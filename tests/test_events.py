@@ -97,7 +97,7 @@ def test_a_round_without_partners_is_one_warning_line_and_other_errors_keep_thei
 
 
 def test_an_epochs_compute_share_is_computing_time_over_wall_time():
-    from crowdtrain.peer.meter import EpochMeter
+    from crowdtrain.peer.volunteer.meter import EpochMeter
 
     now = [100.0]
     meter = EpochMeter(3, clock=lambda: now[0])
@@ -116,7 +116,8 @@ def test_an_epochs_compute_share_is_computing_time_over_wall_time():
 def test_a_round_names_its_group_and_a_failed_one_leaves_the_peer_alone():
     from concurrent.futures import Future
 
-    from crowdtrain.peer.meter import group_fingerprint, round_group
+    from crowdtrain.peer.swarm.averaging import round_group
+    from crowdtrain.peer.volunteer.meter import group_fingerprint
 
     def finished(result=None, error=None) -> Future:
         f = Future()
@@ -134,7 +135,7 @@ def test_a_round_names_its_group_and_a_failed_one_leaves_the_peer_alone():
 
 
 def test_am_i_contributing_is_said_from_the_coordinators_answer_every_so_often(monkeypatch):
-    from crowdtrain.peer.meter import ContributionSummary, standing_text
+    from crowdtrain.peer.volunteer.meter import ContributionSummary, standing_text
     from crowdtrain.protos import coordinator_pb2 as pb
 
     answer = pb.HeartbeatResponse(accepted_samples=12400, share=0.31, rank=2, ranked_peers=5)
@@ -144,7 +145,7 @@ def test_am_i_contributing_is_said_from_the_coordinators_answer_every_so_often(m
     assert "100.0% of the run" in standing_text(hostile)  # a share is shown within 0-100%
     logged = []
     monkeypatch.setattr(
-        "crowdtrain.peer.meter.emit",
+        "crowdtrain.peer.volunteer.meter.emit",
         lambda logger, event, msg, *args, **fields: logged.append((event, fields)),
     )
     now = [0.0]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from crowdtrain.coordinator.evidence import AutobanSettings, Report, autoban_decision
+from crowdtrain.coordinator.admission.bans import AutobanSettings, Report, autoban_decision
+from crowdtrain.coordinator.api.webserver import WebContext, WebServer
 from crowdtrain.coordinator.limits import MAX_REJECTIONS_PER_HEARTBEAT
-from crowdtrain.coordinator.webserver import WebContext, WebServer
 from crowdtrain.protos import coordinator_pb2 as pb
 
 from tests import test_admission

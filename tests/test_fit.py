@@ -1,4 +1,4 @@
-"""Fitting training to the machine (peer/fit.py, peer/accumulate.py): measured memory needs, the
+"""Fitting training to the machine (peer/machine/fit.py, peer/machine/accumulate.py): measured memory needs, the
 micro-batch a memory cap allows, gradient accumulation that keeps the full batch's gradient, the
 out-of-memory back-off, and the precision choice. A tiny Llama built the way peers build it."""
 
@@ -10,14 +10,14 @@ import math
 
 import pytest
 import torch
-from crowdtrain.peer.accumulate import (
+from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.machine.accumulate import (
     AccumulatingStep,
     back_off,
     choose_precision,
     decide_precision,
 )
-from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.fit import (
+from crowdtrain.peer.machine.fit import (
     SAFETY_MARGIN,
     CannotFit,
     FitError,
@@ -28,8 +28,8 @@ from crowdtrain.peer.fit import (
     measure_memory,
     plan_micro_batch,
 )
-from crowdtrain.peer.manifest import DataSpec, ShardSpec, TokenizerSpec, build_manifest, get_preset
-from crowdtrain.peer.model import build_model
+from crowdtrain.peer.run.manifest import DataSpec, ShardSpec, TokenizerSpec, build_manifest, get_preset
+from crowdtrain.peer.run.model import build_model
 
 VOCAB, SEQ_LEN, BATCH = 96, 16, 8
 CUDA_OOM = torch.cuda.OutOfMemoryError(
@@ -43,7 +43,7 @@ MPS_OOM = RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, othe
 
 
 def tiny_model() -> torch.nn.Module:
-    """The run's model (peer/model.py) from a manifest of a shrunken `tiny` preset."""
+    """The run's model (peer/run/model.py) from a manifest of a shrunken `tiny` preset."""
     preset = dataclasses.replace(
         get_preset("tiny"),
         hidden_size=32,
@@ -251,7 +251,7 @@ def test_out_of_memory_backs_off_8_4_2_and_keeps_the_full_batch_gradient(error, 
     full_loss, reference = full_batch_gradient(model, batch)
     double = RefusesOver(model, limit=2, error=error)
     step = AccumulatingStep(double, BATCH)
-    with caplog.at_level(logging.WARNING, logger="crowdtrain.peer.accumulate"):
+    with caplog.at_level(logging.WARNING, logger="crowdtrain.peer.machine.accumulate"):
         loss = step(batch)
     assert double.sizes == [8, 4, 2, 2, 2, 2]
     assert step.micro_batch == 2 and step.back_offs == 2

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from crowdtrain.coordinator import archive
-from crowdtrain.coordinator.callbudget import CallBudget, CallLimits, Pool, PoolCaps
-from crowdtrain.coordinator.grpcserver import GrpcLimits, create_server
-from crowdtrain.coordinator.loopthread import LoopThread
-from crowdtrain.coordinator.ratelimit import BucketSettings
-from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.status import SwarmProgress, build_status
-from crowdtrain.coordinator.store import Store
-from crowdtrain.peer.checkpoint import META_NAME, CheckpointMeta
-from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
+from crowdtrain.coordinator.api.grpcserver import GrpcLimits, create_server
+from crowdtrain.coordinator.api.loopthread import LoopThread
+from crowdtrain.coordinator.api.servicer import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.flood.callbudget import CallBudget, CallLimits, Pool, PoolCaps
+from crowdtrain.coordinator.flood.ratelimit import BucketSettings
+from crowdtrain.coordinator.peers.health import HealthSettings
+from crowdtrain.coordinator.peers.status import SwarmProgress, build_status
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing import archive
+from crowdtrain.peer.checkpoints.format import META_NAME, CheckpointMeta
+from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from crowdtrain.peer import checkpoint
+from crowdtrain.peer.checkpoints import format as checkpoint
 
 from scripts.harness import events_named, index_after
 

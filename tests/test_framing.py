@@ -16,16 +16,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from crowdtrain.coordinator import evidence as evidence_module
-from crowdtrain.coordinator.admission import AdmissionSettings, Gate
-from crowdtrain.coordinator.evidence import AutobanSettings, EvidenceBook
-from crowdtrain.coordinator.grpcserver import create_server
-from crowdtrain.coordinator.invites import InviteBook
-from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import AbuseLimits, CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.admission import bans as evidence_module
+from crowdtrain.coordinator.admission.bans import AutobanSettings, EvidenceBook
+from crowdtrain.coordinator.admission.gate import AdmissionSettings, Gate
+from crowdtrain.coordinator.admission.invites import InviteBook
+from crowdtrain.coordinator.api.grpcserver import create_server
+from crowdtrain.coordinator.api.servicer import AbuseLimits, CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.peers.health import HealthSettings
+from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.coordinator.signing import new_key
-from crowdtrain.coordinator.store import Store
-from crowdtrain.peer.admission import sign_token
+from crowdtrain.peer.admission.tokens import sign_token
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 

@@ -8,7 +8,7 @@ with the same requests. The long run is `python -m scripts.fuzz --requests 20000
 from __future__ import annotations
 
 import grpc
-from crowdtrain.coordinator import webserver
+from crowdtrain.coordinator.api import webserver
 from crowdtrain.protos import coordinator_pb2 as pb
 from hypothesis import given, settings
 

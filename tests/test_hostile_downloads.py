@@ -18,10 +18,20 @@ from pathlib import Path
 import grpc
 import pytest
 from crowdtrain.coordinator.signing import new_key, public_key_hex, sign_hex
-from crowdtrain.peer import names
-from crowdtrain.peer.checkpoint import CheckpointError, CheckpointMeta, FileEntry, verify_dir
-from crowdtrain.peer.download import expected_body_bytes
-from crowdtrain.peer.manifest import (
+from crowdtrain.peer import checks as names
+from crowdtrain.peer.checkpoints.format import CheckpointError, CheckpointMeta, FileEntry, verify_dir
+from crowdtrain.peer.checkpoints.pull import PullError, pull
+from crowdtrain.peer.checkpoints.trust import (
+    TrustedRun,
+    TrustStore,
+    UntrustedKey,
+    decide_key,
+    trust_joined_run,
+)
+from crowdtrain.peer.data.shards import run_cache_dir, shard_path
+from crowdtrain.peer.link.download import expected_body_bytes
+from crowdtrain.peer.link.tls import ClientTls
+from crowdtrain.peer.run.manifest import (
     DataSpec,
     ManifestError,
     RunManifest,
@@ -30,10 +40,6 @@ from crowdtrain.peer.manifest import (
     build_manifest,
     get_preset,
 )
-from crowdtrain.peer.pull import PullError, pull
-from crowdtrain.peer.shards import run_cache_dir, shard_path
-from crowdtrain.peer.tls import ClientTls
-from crowdtrain.peer.trust import TrustedRun, TrustStore, UntrustedKey, decide_key, trust_joined_run
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 

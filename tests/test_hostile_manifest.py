@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from crowdtrain.coordinator import dataset
-from crowdtrain.peer import data, model
-from crowdtrain.peer.manifest import (
+from crowdtrain.coordinator.run import dataset
+from crowdtrain.peer.data import shards as data
+from crowdtrain.peer.run import model
+from crowdtrain.peer.run.manifest import (
     MAX_SHARD_BYTES,
     PRESETS,
     DataSpec,
@@ -25,7 +26,7 @@ from crowdtrain.peer.manifest import (
     TokenizerSpec,
     build_manifest,
 )
-from crowdtrain.peer.modelsize import MAX_MODEL_PARAMETERS, ModelTooLarge, fits_before_building
+from crowdtrain.peer.run.modelsize import MAX_MODEL_PARAMETERS, ModelTooLarge, fits_before_building
 
 # the review's probe: 8192 hidden x 16 layers, 15.6 B parameters
 HUGE = dict(

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from crowdtrain.coordinator import archive, identity
-from crowdtrain.coordinator.monitor import ProgressRecord, vet_records
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.status import SwarmProgress, build_status, contributors
-from crowdtrain.coordinator.store import MAX_LEDGER_SAMPLES, Store
-from crowdtrain.peer.checkpoint import CheckpointMeta
-from crowdtrain.peer.report import dht_claim_message
+from crowdtrain.coordinator.admission import signatures as identity
+from crowdtrain.coordinator.api.servicer import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord
+from crowdtrain.coordinator.peers.monitor import ProgressRecord, vet_records
+from crowdtrain.coordinator.peers.status import SwarmProgress, build_status, contributors
+from crowdtrain.coordinator.peers.store import MAX_LEDGER_SAMPLES, Store
+from crowdtrain.coordinator.publishing import archive
+from crowdtrain.peer.checkpoints.format import CheckpointMeta
+from crowdtrain.peer.run.report import dht_claim_message
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
@@ -63,7 +64,7 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path):
-    from crowdtrain.coordinator.grpcserver import create_server
+    from crowdtrain.coordinator.api.grpcserver import create_server
 
     store, clock = Store(tmp_path / "state.sqlite3", flush_interval_s=0), Clock()
     run = RunInfo('{"run": 1}', "abc", "{}", 3, "http://127.0.0.1:1", tmp_path / "checkpoints")
@@ -204,7 +205,7 @@ def test_a_dht_peer_id_claim_earns_no_credit_until_proven(served):
 
 
 def test_peer_ids_are_derived_as_hivemind_derives_them(tmp_path: Path):
-    from crowdtrain.peer.swarm import DhtIdentity
+    from crowdtrain.peer.swarm.wiring import DhtIdentity
     from hivemind.p2p import P2P, PeerID
 
     ident = DhtIdentity(tmp_path)

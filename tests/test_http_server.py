@@ -15,18 +15,18 @@ from pathlib import Path
 
 import grpc
 import pytest
-from crowdtrain.coordinator import archive
-from crowdtrain.coordinator.connections import address_key, admit
-from crowdtrain.coordinator.grpcserver import GrpcLimits, create_server
-from crowdtrain.coordinator.httpfiles import Span, byte_span
-from crowdtrain.coordinator.loopthread import favour_event_loops
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
-from crowdtrain.coordinator.service import AbuseLimits, CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.status import SwarmProgress, build_status
-from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.webserver import HttpLimits, WebContext, WebServer
-from crowdtrain.peer.checkpoint import CheckpointMeta, list_checkpoints
-from crowdtrain.peer.client import CoordinatorClient
+from crowdtrain.coordinator.api.grpcserver import GrpcLimits, create_server
+from crowdtrain.coordinator.api.httpfiles import Span, byte_span
+from crowdtrain.coordinator.api.loopthread import favour_event_loops
+from crowdtrain.coordinator.api.servicer import AbuseLimits, CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.api.webserver import HttpLimits, WebContext, WebServer
+from crowdtrain.coordinator.flood.connections import address_key, admit
+from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord
+from crowdtrain.coordinator.peers.status import SwarmProgress, build_status
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing import archive
+from crowdtrain.peer.checkpoints.format import CheckpointMeta, list_checkpoints
+from crowdtrain.peer.link.client import CoordinatorClient
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 

@@ -1,4 +1,4 @@
-"""Where a command's settings come from (peer/layered.py): flag over environment over config file
+"""Where a command's settings come from (peer/settings/layered.py): flag over environment over config file
 over default, and nothing unchecked from the environment or the file."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from crowdtrain.peer.config import PeerConfig
-from crowdtrain.peer.layered import ConfigError, describe, read_config_file, resolve
+from crowdtrain.peer.settings.commands import PeerConfig
+from crowdtrain.peer.settings.layered import ConfigError, describe, read_config_file, resolve
 
 
 def write(path: Path, text: str) -> Path:

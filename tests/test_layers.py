@@ -16,8 +16,11 @@ import pytest
 from tests.conftest import ROOT
 
 MAX_FUNCTION_LINES = 60
-MAX_FILE_LINES = 400
-# generated code aside, a longer file or function needs a reason here
+# size by concept, not by file: a folder is one concept, small enough to hold in one's head
+MAX_FILE_LINES = 600
+MAX_FOLDER_MODULES = 10  # modules in one folder, __init__.py not counted
+MAX_FOLDER_LINES = 2_000
+# generated code aside, a longer file or function, or a bigger folder, needs a reason here
 LONGER_ALLOWED: dict[str, str] = {}
 
 
@@ -25,9 +28,9 @@ def test_the_servers_core_imports_neither_torch_nor_hivemind_nor_tokenizers():
     """What the gRPC/HTTP servers load at run time, dynamic imports included."""
     code = (
         "import sys\n"
-        "import crowdtrain.coordinator.service, crowdtrain.coordinator.grpcserver, crowdtrain.coordinator.webserver\n"
-        "import crowdtrain.coordinator.store, crowdtrain.coordinator.status, crowdtrain.coordinator.metrics\n"
-        "import crowdtrain.coordinator.registry, crowdtrain.coordinator.archive, crowdtrain.peer.client\n"
+        "import crowdtrain.coordinator.api.servicer, crowdtrain.coordinator.api.grpcserver, crowdtrain.coordinator.api.webserver\n"
+        "import crowdtrain.coordinator.peers.store, crowdtrain.coordinator.peers.status, crowdtrain.coordinator.api.metrics\n"
+        "import crowdtrain.coordinator.peers.health, crowdtrain.coordinator.publishing.archive, crowdtrain.peer.link.client\n"
         "heavy = sorted(m for m in ('torch', 'hivemind', 'tokenizers', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
@@ -37,21 +40,48 @@ def test_the_servers_core_imports_neither_torch_nor_hivemind_nor_tokenizers():
     assert result.returncode == 0, result.stderr
 
 
-def test_the_layer_contract_catches_a_peer_module_importing_the_coordinator(tmp_path: Path):
-    """The contract in pyproject.toml is live: a peer-side import of the coordinator breaks it."""
+def _lint_with_probe(probe: Path, line: str) -> subprocess.CompletedProcess:
+    """import-linter's verdict with `probe` (a module holding `line`) added to the tree."""
+    probe.write_text(line + "  # noqa: F401\n")
+    try:
+        return subprocess.run([str(_lint_imports())], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    finally:
+        probe.unlink()
+
+
+def _lint_imports() -> Path:
     lint = Path(sys.executable).with_name("lint-imports")
     if not lint.exists():
         pytest.skip("import-linter is not installed (the dev extra)")
-    ok = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return lint
+
+
+@pytest.mark.parametrize(
+    "probe, line, broken",
+    [
+        # the packages: the peer never imports the coordinator
+        ("peer/zz_layer_probe.py", "from crowdtrain.coordinator.peers import health", "one-way layers"),
+        # inside the peer: a lower folder never imports a higher one, siblings never each other
+        ("peer/run/zz_layer_probe.py", "from crowdtrain.peer.volunteer import trainer", "peer: volunteer"),
+        ("peer/data/zz_layer_probe.py", "from crowdtrain.peer.checkpoints import pull", "peer: volunteer"),
+        # inside the coordinator: the books on peers never reach up into the servers
+        (
+            "coordinator/peers/zz_layer_probe.py",
+            "from crowdtrain.coordinator.api import servicer",
+            "coordinator: cli",
+        ),
+    ],
+)
+def test_the_layer_contracts_catch_a_wrong_import(probe: str, line: str, broken: str):
+    """The contracts in pyproject.toml are live: each wrong import breaks the contract it should."""
+    ok = subprocess.run([str(_lint_imports())], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert ok.returncode == 0, ok.stdout[-3000:]
-    probe = ROOT / "peer" / "zz_layer_probe.py"
-    probe.write_text("from crowdtrain.coordinator import registry  # noqa: F401\n")
-    try:
-        broken = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    finally:
-        probe.unlink()
-    assert broken.returncode != 0
-    assert "crowdtrain.peer.zz_layer_probe -> crowdtrain.coordinator.registry" in broken.stdout
+    result = _lint_with_probe(ROOT / probe, line)
+    assert result.returncode != 0
+    module = "crowdtrain." + probe.removesuffix(".py").replace("/", ".")
+    report = " ".join(result.stdout.split())  # import-linter wraps long lines
+    assert f"{broken}" in report and f"{module} -> " in report, result.stdout[-3000:]
+    assert report.count(" BROKEN") == 1, result.stdout[-3000:]
 
 
 def test_a_built_wheel_installs_only_the_crowdtrain_namespace(tmp_path: Path):
@@ -81,11 +111,11 @@ def test_a_built_wheel_installs_only_the_crowdtrain_namespace(tmp_path: Path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"crowdtrain"}, top
     for expected in (
-        "crowdtrain/peer/trainer.py",
+        "crowdtrain/peer/volunteer/trainer.py",
         "crowdtrain/coordinator/cli.py",
         "crowdtrain/protos/coordinator_pb2.py",
         "crowdtrain/protos/coordinator.proto",
-        "crowdtrain/coordinator/static/app.js",
+        "crowdtrain/coordinator/api/static/app.js",
     ):
         assert expected in names, expected
     assert not [n for n in names if "chaos" in n or "/wan.py" in n], "test harnesses stay out of the wheel"
@@ -114,3 +144,28 @@ def test_functions_and_files_stay_small_enough_to_read():
     assert not too_long, (
         f"over {MAX_FUNCTION_LINES} lines per function / {MAX_FILE_LINES} per file: {too_long}"
     )
+
+
+def test_each_folder_is_one_concept_of_a_readable_size():
+    """Every folder of a package (its top level and each sub-package) has a code map in its
+    __init__.py naming each of its modules, at most MAX_FOLDER_MODULES modules and
+    MAX_FOLDER_LINES lines."""
+    folders = [ROOT / "peer", ROOT / "coordinator"]
+    folders += [d for top in folders for d in sorted(top.iterdir()) if (d / "__init__.py").exists()]
+    problems = []
+    for folder in folders:
+        name = str(folder.relative_to(ROOT))
+        modules = sorted(p for p in folder.glob("*.py") if p.name != "__init__.py")
+        lines = sum(len(p.read_text().splitlines()) for p in modules)
+        if (len(modules) > MAX_FOLDER_MODULES or lines > MAX_FOLDER_LINES) and name not in LONGER_ALLOWED:
+            problems.append(f"{name}: {len(modules)} modules, {lines} lines")
+        code_map = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
+        unnamed = [p.name for p in modules if p.name not in code_map]
+        unnamed += [
+            d.name + "/"
+            for d in folder.iterdir()
+            if (d / "__init__.py").exists() and d.name + "/" not in code_map
+        ]
+        if unnamed:
+            problems.append(f"{name}/__init__.py's code map does not name {unnamed}")
+    assert not problems, problems

@@ -7,9 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator import dataset
-from crowdtrain.peer import data
-from crowdtrain.peer.manifest import (
+from crowdtrain.coordinator.run import dataset
+from crowdtrain.peer.checks import sha256_file
+from crowdtrain.peer.data import shards as data
+from crowdtrain.peer.data.reader import Place, ShardReader
+from crowdtrain.peer.run.manifest import (
     PRESETS,
     ManifestError,
     RunManifest,
@@ -18,7 +20,6 @@ from crowdtrain.peer.manifest import (
     get_preset,
     override_swarm,
 )
-from crowdtrain.peer.shardread import Place, ShardReader
 
 from tests.conftest import make_run
 
@@ -80,7 +81,7 @@ def test_tokenizer_training_is_deterministic_and_round_trips(small_corpus: Path,
     assert json_a == json_b and tok_a == tok_b and spec_a == spec_b
     for shard in (spec_a.eval, *spec_a.shards):
         path = tmp_path / "a" / shard.name
-        assert data.sha256_file(path) == shard.sha256 and path.stat().st_size == shard.size_bytes
+        assert sha256_file(path) == shard.sha256 and path.stat().st_size == shard.size_bytes
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(json_a)
@@ -216,7 +217,7 @@ def test_parameter_count_matches_the_built_model(name: str):
 
 def test_identical_initial_weights_and_sane_initial_loss(tmp_path: Path, small_corpus: Path):
     import torch
-    from crowdtrain.peer.model import build_model, evaluate
+    from crowdtrain.peer.run.model import build_model, evaluate
 
     manifest = _manifest(tmp_path, small_corpus)
     a, b = build_model(manifest), build_model(manifest)
@@ -228,7 +229,7 @@ def test_identical_initial_weights_and_sane_initial_loss(tmp_path: Path, small_c
 
 
 def _stored_run(data_dir: Path, manifest_json: str | None, tokenizer_json: str | None = "{}") -> None:
-    from crowdtrain.coordinator.store import Store
+    from crowdtrain.coordinator.peers.store import Store
 
     data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(data_dir / "state.sqlite3", flush_interval_s=0)
@@ -240,7 +241,7 @@ def _stored_run(data_dir: Path, manifest_json: str | None, tokenizer_json: str |
 @pytest.mark.parametrize("stored", ["[1, 2]", '"a string"', '{"format_version": 1, "model": 5}'])
 def test_a_stored_manifest_of_another_shape_is_a_run_dir_error(tmp_path: Path, stored: str):
     from crowdtrain.coordinator.config import CoordinatorConfig
-    from crowdtrain.coordinator.runs import RunDirError, open_run
+    from crowdtrain.coordinator.run.runs import RunDirError, open_run
 
     _stored_run(tmp_path / "run", stored)
     with pytest.raises(RunDirError, match="run manifest in .*state.sqlite3 cannot be read"):
@@ -249,7 +250,7 @@ def test_a_stored_manifest_of_another_shape_is_a_run_dir_error(tmp_path: Path, s
 
 def test_an_interrupted_creation_and_a_damaged_signing_key_say_what_to_do(tmp_path: Path, small_corpus: Path):
     from crowdtrain.coordinator.config import CoordinatorConfig
-    from crowdtrain.coordinator.runs import RunDirError, open_run
+    from crowdtrain.coordinator.run.runs import RunDirError, open_run
     from crowdtrain.coordinator.signing import SigningKeyError
 
     config = CoordinatorConfig(data_dir=str(tmp_path / "run"))

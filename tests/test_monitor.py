@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator.credit import CreditSettings
-from crowdtrain.coordinator.monitor import SwarmMonitor, parse_progress, summarize
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state
-from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.peers.credit import CreditSettings
+from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord, PeerState, compute_state
+from crowdtrain.coordinator.peers.monitor import SwarmMonitor, parse_progress, summarize
+from crowdtrain.coordinator.peers.store import Store
 from hivemind.p2p import PeerID
 
 HEALTH = HealthSettings(2.0, 10.0, 20.0)

@@ -1,4 +1,4 @@
-"""Pausing a volunteer's peer (peer/pause.py, peer/machineload.py): the schedule's parsing, the pure
+"""Pausing a volunteer's peer (peer/machine/pause.py, peer/machine/pause.py): the schedule's parsing, the pure
 decision with an injected clock, and two real checks: a CPU load from processes outside our tree
 pauses a monitor, and SIGUSR1/SIGUSR2 pause and resume one."""
 
@@ -14,9 +14,8 @@ import time
 
 import psutil
 import pytest
-from crowdtrain.peer.config import PeerConfig
 from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.pause import (
+from crowdtrain.peer.machine.pause import (
     MANUAL_REASON,
     Decision,
     Observations,
@@ -33,6 +32,7 @@ from crowdtrain.peer.pause import (
     install_pause_signals,
     parse_schedule,
 )
+from crowdtrain.peer.settings.commands import PeerConfig
 
 NOON = datetime.time(12, 0)
 

@@ -1,4 +1,4 @@
-"""What a paused peer does between two steps (peer/pausing.py), against a stand-in for hivemind's
+"""What a paused peer does between two steps (peer/volunteer/pause_gate.py), against a stand-in for hivemind's
 optimizer and progress tracker (the real ones need a swarm: tests/test_volunteer.py runs those).
 The stand-in keeps hivemind's rules that matter here: a step joins the epoch's round once the swarm
 is ready, with the samples accumulated; the tracker fetches when woken."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from crowdtrain.peer.heartbeat import StatsBox
-from crowdtrain.peer.pause import Decision
-from crowdtrain.peer.pausing import PauseGate
+from crowdtrain.peer.link.heartbeat import StatsBox
+from crowdtrain.peer.machine.pause import Decision
+from crowdtrain.peer.volunteer.pause_gate import PauseGate
 
 
 @dataclass
@@ -80,7 +80,7 @@ def run_pause(opt: Optimizer) -> tuple[list, StatsBox]:
 
 
 def test_a_paused_peer_hands_in_its_samples_without_computing_then_idles(monkeypatch):
-    monkeypatch.setattr("crowdtrain.peer.pausing.HAND_IN_POLL_S", 0.0)
+    monkeypatch.setattr("crowdtrain.peer.volunteer.pause_gate.HAND_IN_POLL_S", 0.0)
     tracker = Tracker(swarm_epoch=5)
     opt = Optimizer(epoch=5, pending=48, tracker=tracker, round_after_steps=3)
     resyncs, stats = run_pause(opt)
@@ -90,7 +90,7 @@ def test_a_paused_peer_hands_in_its_samples_without_computing_then_idles(monkeyp
 
 
 def test_a_peer_the_swarm_left_behind_loads_its_state_before_contributing(monkeypatch):
-    monkeypatch.setattr("crowdtrain.peer.pausing.HAND_IN_POLL_S", 0.0)
+    monkeypatch.setattr("crowdtrain.peer.volunteer.pause_gate.HAND_IN_POLL_S", 0.0)
     tracker = Tracker(swarm_epoch=5)
     opt = Optimizer(epoch=5, pending=0, tracker=tracker, round_after_steps=99)
     tracker.swarm_epoch = 8  # the swarm went on while it idled; its tracker has not fetched since
@@ -99,7 +99,7 @@ def test_a_peer_the_swarm_left_behind_loads_its_state_before_contributing(monkey
 
 
 def test_samples_the_swarm_went_on_without_are_not_stepped_on(monkeypatch):
-    monkeypatch.setattr("crowdtrain.peer.pausing.HAND_IN_POLL_S", 0.0)
+    monkeypatch.setattr("crowdtrain.peer.volunteer.pause_gate.HAND_IN_POLL_S", 0.0)
     tracker = Tracker(swarm_epoch=6)  # the round for epoch 5 already happened without it
     opt = Optimizer(epoch=5, pending=48, tracker=tracker, round_after_steps=1)
     resyncs, _ = run_pause(opt)

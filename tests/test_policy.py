@@ -6,19 +6,19 @@ import dataclasses
 import math
 
 import pytest
-from crowdtrain.coordinator import policy
 from crowdtrain.coordinator.errors import (
     BannedError,
     InvalidRequestError,
     NotFoundError,
     UnauthenticatedError,
 )
-from crowdtrain.coordinator.groups import GroupReport
 from crowdtrain.coordinator.limits import REQUEST_LIMITS, check_value
-from crowdtrain.coordinator.policy import Admission
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
+from crowdtrain.coordinator.peers import policy
+from crowdtrain.coordinator.peers.groups import GroupReport
+from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord
+from crowdtrain.coordinator.peers.policy import Admission
 from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.report import PeerReport
+from crowdtrain.peer.run.report import PeerReport
 from crowdtrain.protos import coordinator_pb2 as pb
 
 HEALTH = HealthSettings(heartbeat_interval_s=5.0, heartbeat_timeout_s=20.0)

@@ -1,12 +1,12 @@
-"""peer/prefetch.py: batches are made ahead on a thread; order, errors and stopping are kept."""
+"""peer/data/prefetch.py: batches are made ahead on a thread; order, errors and stopping are kept."""
 
 import threading
 import time
 
 import pytest
-from crowdtrain.peer.data import DataError
-from crowdtrain.peer.prefetch import Prefetcher
-from crowdtrain.peer.shardread import Place, ShardReader
+from crowdtrain.peer.data.prefetch import Prefetcher
+from crowdtrain.peer.data.reader import Place, ShardReader
+from crowdtrain.peer.data.shards import DataError
 
 
 def test_items_arrive_in_order_and_transformed():

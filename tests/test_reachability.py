@@ -7,14 +7,14 @@ import socket
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator import reachability
+from crowdtrain.coordinator.api import reachability
+from crowdtrain.coordinator.api.servicer import CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.errors import NotServedError
-from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.standings import Standings, rank_totals
-from crowdtrain.coordinator.store import Store
-from crowdtrain.peer.client import CoordinatorRejected, CoordinatorUnavailable
+from crowdtrain.coordinator.peers.health import HealthSettings
+from crowdtrain.coordinator.peers.standings import Standings, rank_totals
+from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.link.client import CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.protos import coordinator_pb2 as pb
 
 from tests.conftest import serving
@@ -282,7 +282,7 @@ def test_reachability_requests_are_bounded_and_rate_limited(served):
 
 
 def test_a_peer_shows_a_hostile_coordinators_advice_as_bounded_plain_text(caplog):
-    from crowdtrain.peer.reach import MAX_ADVICE_CHARS, ensure_reachable
+    from crowdtrain.peer.link.reach import MAX_ADVICE_CHARS, ensure_reachable
 
     class Dht:
         stopped = False
@@ -310,9 +310,9 @@ def test_a_peer_shows_a_hostile_coordinators_advice_as_bounded_plain_text(caplog
 def test_a_coordinators_next_shard_hint_is_checked_before_it_is_read():
     from types import SimpleNamespace
 
-    from crowdtrain.peer.feed import DataFeed
-    from crowdtrain.peer.heartbeat import StatsBox
-    from crowdtrain.peer.shardread import Place
+    from crowdtrain.peer.data.feed import DataFeed
+    from crowdtrain.peer.data.reader import Place
+    from crowdtrain.peer.link.heartbeat import StatsBox
 
     answer = [None]
     config = SimpleNamespace(cache_dir="/nonexistent", coordinator="c:1", name="n")

@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 
 import pytest
-from crowdtrain.coordinator.registry import (
+from crowdtrain.coordinator.peers.health import (
     HealthSettings,
     PeerRecord,
     PeerState,

@@ -1,4 +1,4 @@
-"""peer/robust.py: the robust reduction of one all-reduce part, its evidence, the receive-side
+"""peer/robust/reduce.py: the robust reduction of one all-reduce part, its evidence, the receive-side
 check, and the optimizer that never applies a non-finite update (fixed seeds throughout)."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from crowdtrain.peer.optimizers import ClippedAdamW
-from crowdtrain.peer.robust import (
+from crowdtrain.peer.robust.reduce import (
     DEFAULT,
     SpanEvidence,
     check_delta,
@@ -16,6 +15,7 @@ from crowdtrain.peer.robust import (
     nonfinite_loss_message,
     robust_reduce,
 )
+from crowdtrain.peer.swarm.optimizers import ClippedAdamW
 
 D = 8192  # values per part (above min_flip_numel, as most parts of a real model are)
 
@@ -180,7 +180,7 @@ def test_an_honest_low_weight_sender_is_never_accused():
 def test_parameters_drifting_apart_are_not_evidence():
     """The state averager averages parameters: two copies agree to 1e-7 and a third that missed a
     round is 1e-3 away, thousands of tau. Reduced robustly, but never reported (robust.STATE)."""
-    from crowdtrain.peer.robust import STATE
+    from crowdtrain.peer.robust.reduce import STATE
 
     g = torch.Generator().manual_seed(3)
     params = torch.randn(D, generator=g)

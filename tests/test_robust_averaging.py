@@ -1,9 +1,9 @@
-"""Robust all-reduce and the admission gate inside hivemind's own averaging (peer/averaging.py).
+"""Robust all-reduce and the admission gate inside hivemind's own averaging (peer/swarm/averaging.py).
 
 Four averagers in this process on 127.0.0.1: three honest ones (`GuardedAverager`) and one
 attacker running stock hivemind (`DecentralizedAverager`) whose tensors are NaN, x1e4, sign-flipped
 or shifted. Honest tensors are `signal + noise`; the honest mean is what the three would agree on
-alone. Before peer/averaging.py existed (stock averagers everywhere) every attack put NaN or the
+alone. Before peer/swarm/averaging.py existed (stock averagers everywhere) every attack put NaN or the
 attacker's values into every member's tensors: `test_stock_hivemind_is_ruined_by_one_attacker`
 keeps that "before" figure measured.
 """
@@ -17,8 +17,8 @@ import time
 import hivemind
 import pytest
 import torch
-from crowdtrain.peer.averaging import GuardedAverager
-from crowdtrain.peer.evidence import EvidenceRecord, EvidenceSink
+from crowdtrain.peer.robust.evidence import EvidenceRecord, EvidenceSink
+from crowdtrain.peer.swarm.averaging import GuardedAverager
 from hivemind.averaging import DecentralizedAverager
 
 SIZE = 20_000  # values per averager: spans of ~5,000 per member, enough for statistical verdicts

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from crowdtrain.coordinator.signing import new_key, public_key_hex, sign_hex
-from crowdtrain.peer.manifest import (
+from crowdtrain.peer.checkpoints.trust import TrustStore, UntrustedKey, trust_joined_run
+from crowdtrain.peer.run.manifest import (
     DataSpec,
     ManifestError,
     ShardSpec,
@@ -18,8 +19,7 @@ from crowdtrain.peer.manifest import (
     build_manifest,
     get_preset,
 )
-from crowdtrain.peer.runproof import check_joined_run, signing_payload
-from crowdtrain.peer.trust import TrustStore, UntrustedKey, trust_joined_run
+from crowdtrain.peer.run.runproof import check_joined_run, signing_payload
 
 TOKENIZER_JSON = '{"model": "a tokenizer"}'
 
@@ -110,9 +110,9 @@ def test_a_coordinator_whose_signing_key_is_not_the_runs_refuses_to_start(tmp_pa
     """A lost signing.key replaced by a new one would make every peer refuse the coordinator:
     the operator is told at start, with what to do."""
     from crowdtrain.coordinator.config import CoordinatorConfig
-    from crowdtrain.coordinator.runs import RunDirError, open_run
+    from crowdtrain.coordinator.peers.store import Store
+    from crowdtrain.coordinator.run.runs import RunDirError, open_run
     from crowdtrain.coordinator.signing import save_key
-    from crowdtrain.coordinator.store import Store
 
     data_dir = tmp_path / "run"
     data_dir.mkdir()

@@ -10,18 +10,24 @@ from pathlib import Path
 
 import grpc
 import pytest
-from crowdtrain.coordinator import archive, errors
+from crowdtrain.coordinator import errors
+from crowdtrain.coordinator.admission.bans import EvidenceBook
+from crowdtrain.coordinator.api.grpcserver import create_server
+from crowdtrain.coordinator.api.servicer import STATUS_CODES, CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.errors import PortInUseError
-from crowdtrain.coordinator.evidence import EvidenceBook
-from crowdtrain.coordinator.grpcserver import create_server
 from crowdtrain.coordinator.limits import REQUEST_LIMITS
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord, PeerState, compute_state
-from crowdtrain.coordinator.service import STATUS_CODES, CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.status import PeerView, SwarmSummary
-from crowdtrain.coordinator.store import Store
-from crowdtrain.peer.checkpoint import CheckpointMeta
-from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable, retry_until
-from crowdtrain.peer.report import FIELD_NAMES
+from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord, PeerState, compute_state
+from crowdtrain.coordinator.peers.status import PeerView, SwarmSummary
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing import archive
+from crowdtrain.peer.checkpoints.format import CheckpointMeta
+from crowdtrain.peer.link.client import (
+    CoordinatorClient,
+    CoordinatorRejected,
+    CoordinatorUnavailable,
+    retry_until,
+)
+from crowdtrain.peer.run.report import FIELD_NAMES
 from crowdtrain.protos import coordinator_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -331,7 +337,7 @@ def test_a_new_phase_is_reported_at_once_not_one_heartbeat_interval_later(tmp_pa
     training must not look "joining" for a whole interval (60 s here)."""
     import time
 
-    from crowdtrain.peer.heartbeat import HeartbeatReporter, StatsBox
+    from crowdtrain.peer.link.heartbeat import HeartbeatReporter, StatsBox
 
     store = Store(tmp_path / "state.sqlite3")
     run = RunInfo("{}", "abc", "{}", 1, "http://127.0.0.1:1", tmp_path / "checkpoints")

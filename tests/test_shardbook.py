@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.shardbook import (
+from crowdtrain.coordinator.api.servicer import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.peers.health import HealthSettings
+from crowdtrain.coordinator.peers.shardbook import (
     Claim,
     Coverage,
     Cursor,
@@ -19,8 +19,8 @@ from crowdtrain.coordinator.shardbook import (
     choose_shard,
     coverage_of,
 )
-from crowdtrain.coordinator.store import Store
-from crowdtrain.peer.shardread import Place, PlaceFile, ShardReader, pass_order
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.peer.data.reader import Place, PlaceFile, ShardReader, pass_order
 from crowdtrain.protos import coordinator_pb2 as pb
 
 from tests.conftest import serving
@@ -121,7 +121,7 @@ def parquet_run(tmp_path: Path):
     """A coordinator servicer over a run whose data is a local Parquet file."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
-    from crowdtrain.coordinator import dataset
+    from crowdtrain.coordinator.run import dataset
 
     texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20 for i in range(400)]
     pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
@@ -211,7 +211,7 @@ def test_hostile_places_are_refused_or_ignored(parquet_run):
     _beat(client, a, other, 45)  # a shard it was neither given nor reserved
     assert servicer.shards.cursor(shard) == Cursor(0, 10, 50)
     assert servicer.shards.cursor(other).position == 0
-    from crowdtrain.peer.client import CoordinatorRejected
+    from crowdtrain.peer.link.client import CoordinatorRejected
 
     with pytest.raises(CoordinatorRejected, match="INVALID_ARGUMENT"):
         _beat(client, a, shard, -5)

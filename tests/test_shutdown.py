@@ -20,7 +20,7 @@ from tests.conftest import descendants_alive
 
 pytestmark = pytest.mark.swarm
 ROOT = Path(__file__).resolve().parent.parent
-# what hivemind printed at exit before peer/leaving.py: a DHT request stranded by an
+# what hivemind printed at exit before peer/swarm/lifecycle.py: a DHT request stranded by an
 # exiting averager (a FileNotFoundError traceback, then the DHT process killed "the hard way") and
 # asyncio tasks its progress tracker left pending
 NOISE = ("Traceback", "Task was destroyed", "the hard way")

@@ -10,12 +10,12 @@ import threading
 
 import pytest
 import torch
-from crowdtrain.coordinator.agreement import FetchedState
-from crowdtrain.coordinator.choice import admissible, choose_state
-from crowdtrain.coordinator.publisher import PublisherSettings
-from crowdtrain.coordinator.registry import HealthSettings, PeerRecord
-from crowdtrain.coordinator.vetting import ExpectedTensor, check_tensor, check_tensors
-from crowdtrain.coordinator.voters import (
+from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord
+from crowdtrain.coordinator.publishing.agreement import FetchedState
+from crowdtrain.coordinator.publishing.choice import admissible, choose_state
+from crowdtrain.coordinator.publishing.publisher import PublisherSettings
+from crowdtrain.coordinator.publishing.vetting import ExpectedTensor, check_tensor, check_tensors
+from crowdtrain.coordinator.publishing.voters import (
     VoterSettings,
     candidate_donors,
     eligible_voters,
@@ -239,8 +239,8 @@ def test_the_publisher_refuses_a_broadcastable_tensor_before_copying_it(tmp_path
     check of the model's own state. It must be refused before the copy, the model untouched."""
     from types import SimpleNamespace
 
-    from crowdtrain.coordinator.publisher import Publisher
-    from crowdtrain.coordinator.vetting import expected_tensors
+    from crowdtrain.coordinator.publishing.publisher import Publisher
+    from crowdtrain.coordinator.publishing.vetting import expected_tensors
 
     model = torch.nn.Linear(3, 4, bias=False)
     before = model.weight.detach().clone()
@@ -263,8 +263,8 @@ def test_a_donor_streaming_a_giant_state_is_cut_off_early():
     import time
 
     import hivemind
-    from crowdtrain.coordinator.statefetch import StateFetcher, StateLimits
-    from crowdtrain.peer.processes import use_fork_start_method
+    from crowdtrain.coordinator.publishing.statefetch import StateFetcher, StateLimits
+    from crowdtrain.peer.swarm.lifecycle import use_fork_start_method
     from hivemind.averaging import DecentralizedAverager
 
     # hivemind 1.1.12: the RPC's protocol name is "<prefix>::<class name>.rpc_download_state"
@@ -293,7 +293,7 @@ def test_a_donor_streaming_a_giant_state_is_cut_off_early():
 
         t0 = time.monotonic()
         states, failed = fetchers[1].fetch_all([peer])
-        # refused at its first part, before reading (or decoding) the rest: peer/statewire.py
+        # refused at its first part, before reading (or decoding) the rest: peer/swarm/statewire.py
         assert states == [] and failed[peer].startswith("StateRefused"), failed
         assert "declares shape (2560, 1024), ours is (256, 1024)" in failed[peer], failed
         assert time.monotonic() - t0 < 20
@@ -336,14 +336,14 @@ def _moved(rms: float) -> dict:
 def test_a_joiner_believes_a_state_only_as_far_from_the_checkpoint_as_the_epochs_allow(
     loaded, epochs, ok, why
 ):
-    from crowdtrain.peer.recovery import drift_check
+    from crowdtrain.peer.volunteer.recovery import drift_check
 
     decision, reason = drift_check(loaded, _weights(), epochs, peak_lr=1e-3)
     assert decision is ok and why in reason, reason
 
 
 def test_without_a_checkpoint_a_joiner_still_refuses_non_finite_state():
-    from crowdtrain.peer.recovery import drift_check
+    from crowdtrain.peer.volunteer.recovery import drift_check
 
     assert drift_check(_weights(), {}, 0, 0.0)[0]
     assert not drift_check(_weights() | {"w": torch.full((2,), float("inf"))}, {}, 0, 0.0)[0]
@@ -373,8 +373,8 @@ def test_a_joiner_discards_a_forged_state_and_starts_from_the_checkpoint(tmp_pat
     and loads the checkpoint's weights, joining at the swarm's epoch."""
     from types import SimpleNamespace
 
-    from crowdtrain.peer import pull
-    from crowdtrain.peer.recovery import Recovery
+    from crowdtrain.peer.checkpoints import pull
+    from crowdtrain.peer.volunteer.recovery import Recovery
 
     model = torch.nn.Linear(32, 64)
     published = {"weight": 0.02 * torch.randn(64, 32), "bias": torch.zeros(64)}
@@ -417,8 +417,8 @@ def test_a_joiner_that_holds_the_latest_checkpoint_joins_a_swarm_that_cannot_sen
     can offer: it joins the swarm's epoch with those weights rather than giving up (CI, issue 22)."""
     from types import SimpleNamespace
 
-    from crowdtrain.peer import pull
-    from crowdtrain.peer.recovery import Recovery
+    from crowdtrain.peer.checkpoints import pull
+    from crowdtrain.peer.volunteer.recovery import Recovery
 
     model = torch.nn.Linear(8, 4)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -428,7 +428,7 @@ def test_a_joiner_that_holds_the_latest_checkpoint_joins_a_swarm_that_cannot_sen
     monkeypatch.setattr(pull, "pull", lambda *a, **kw: pytest.fail("the checkpoint is pulled again"))
     recovery = Recovery("127.0.0.1:1", model, torch.device("cpu"), tmp_path, threading.Event())
     recovery.loaded_step = opt.local_epoch = 10  # as load_checkpoint + continue_epoch_count leave it
-    monkeypatch.setattr("crowdtrain.peer.recovery.CATCH_UP_RETRY_S", 0.0)
+    monkeypatch.setattr("crowdtrain.peer.volunteer.recovery.CATCH_UP_RETRY_S", 0.0)
     swarm = SimpleNamespace(matchmaking_time_s=1.0, load_state_timeout_s=0.1)
     with caplog.at_level("INFO"):
         recovery.catch_up(opt, swarm)

@@ -2,7 +2,7 @@
 
 hivemind decodes a state part with the codec and dtype its sender declares: UNIFORM_8BIT through a
 complex128 codebook turns 1 wire byte into 16. Both readers of the state stream, the publisher's
-(coordinator/statefetch.py) and a joiner's (peer/stateload.py), must refuse such a part before
+(coordinator/publishing/statefetch.py) and a joiner's (peer/swarm/stateload.py), must refuse such a part before
 anything is decoded. Every codec's decoder is replaced by a spy, so "refused before decoding" is
 checked directly: on the old code the spies saw the hostile part decoded.
 """
@@ -13,10 +13,10 @@ import asyncio
 
 import pytest
 import torch
-from crowdtrain.coordinator.statefetch import StateLimits, StreamReader
-from crowdtrain.coordinator.vetting import ExpectedTensor
-from crowdtrain.peer import stateload
-from crowdtrain.peer.statewire import StateAssembler, StateRefused, WireTensor
+from crowdtrain.coordinator.publishing.statefetch import StateLimits, StreamReader
+from crowdtrain.coordinator.publishing.vetting import ExpectedTensor
+from crowdtrain.peer.swarm import stateload
+from crowdtrain.peer.swarm.statewire import StateAssembler, StateRefused, WireTensor
 from hivemind.compression import NoCompression, Uniform8BitQuantization
 from hivemind.compression.base import CompressionInfo
 from hivemind.compression.serialization import _BASE_COMPRESSION_TYPES

@@ -90,8 +90,8 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
     # busy cores. 10% still fails any run whose averaging does not work.
     import urllib.request
 
-    from crowdtrain.peer.manifest import RunManifest
-    from crowdtrain.peer.model import build_model
+    from crowdtrain.peer.run.manifest import RunManifest
+    from crowdtrain.peer.run.model import build_model
 
     with urllib.request.urlopen(f"{endpoints['http']}/api/v1/run", timeout=10) as response:
         initial = build_model(RunManifest.from_json(response.read().decode())).state_dict()
@@ -130,8 +130,8 @@ def test_swarm_trains_publishes_and_a_late_joiner_catches_up(launcher, tmp_path:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    from crowdtrain.peer.data import read_shard, tokenize_blocks
-    from crowdtrain.peer.model import evaluate
+    from crowdtrain.peer.data.shards import read_shard, tokenize_blocks
+    from crowdtrain.peer.run.model import evaluate
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

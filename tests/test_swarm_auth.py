@@ -1,4 +1,4 @@
-"""The swarm itself refuses peers without a swarm token (peer/swarmauth.py), not only the coordinator.
+"""The swarm itself refuses peers without a swarm token (peer/admission/access.py), not only the coordinator.
 
 Real hivemind DHT nodes in this process on 127.0.0.1: nodes holding tokens signed by the run's key
 work together; a stock hivemind node that knows the addresses, a node with an expired token, one
@@ -15,13 +15,24 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 hivemind = pytest.importorskip("hivemind")
 
-from crowdtrain.coordinator.swarmnodes import RevocationPublisher  # noqa: E402
-from crowdtrain.peer.access import SwarmAccess  # noqa: E402
-from crowdtrain.peer.admission import Revocation, SwarmToken, parse_revocation, sign_revocation, sign_token  # noqa: E402
-from crowdtrain.peer.dhtrecords import owner_subkey, revocations_key, tokens_key  # noqa: E402
-from crowdtrain.peer.identity import PeerIdentity  # noqa: E402
-from crowdtrain.peer.swarm import SwarmError, start_dht  # noqa: E402
-from crowdtrain.peer.swarmauth import AdmittedPeers, MintedTokens, SwarmAuthorizer, publish_token  # noqa: E402
+from crowdtrain.coordinator.admission.swarmnodes import RevocationPublisher  # noqa: E402
+from crowdtrain.peer.admission.access import (  # noqa: E402
+    AdmittedPeers,
+    MintedTokens,
+    SwarmAccess,  # noqa: E402
+    SwarmAuthorizer,
+    publish_token,
+)
+from crowdtrain.peer.admission.dhtrecords import owner_subkey, revocations_key, tokens_key  # noqa: E402
+from crowdtrain.peer.admission.identity import PeerIdentity  # noqa: E402
+from crowdtrain.peer.admission.tokens import (  # noqa: E402
+    Revocation,
+    SwarmToken,
+    parse_revocation,
+    sign_revocation,
+    sign_token,
+)
+from crowdtrain.peer.swarm.wiring import SwarmError, start_dht  # noqa: E402
 from hivemind.utils import get_dht_time  # noqa: E402
 
 RUN = "auth-run"
@@ -129,7 +140,7 @@ def test_nodes_with_bad_tokens_are_refused(swarm, run_key, problem):
 
 
 def test_admitted_peers_reads_only_valid_published_tokens(swarm, run_key):
-    """A token record is its holder's (peer/dhtrecords.py): an admitted peer cannot publish another
+    """A token record is its holder's (peer/admission/dhtrecords.py): an admitted peer cannot publish another
     peer's token, a token under another owner's subkey or under a bare peer id, or garbage."""
     a, b, ib = swarm["a"], swarm["b"], swarm["ib"]
     outsider = PeerIdentity.fresh(swarm["tmp"])
@@ -171,7 +182,7 @@ def test_a_ban_reaches_the_gate_through_a_signed_revocation_before_the_token_exp
     expired (scripts/attacks.py: honest peers loaded a banned sign-flipper's state 57 s and 84 s
     after its ban). Now the coordinator publishes a revocation and the gate refuses at its next read;
     revocations signed by another key, for another run, or stored under another id are refused by
-    every honest node (peer/dhtrecords.py), and ignored by the gate."""
+    every honest node (peer/admission/dhtrecords.py), and ignored by the gate."""
     a, b, bystander = swarm["a"], swarm["b"], swarm["ib"]
     banned = PeerIdentity.fresh(swarm["tmp"])
     c = node(swarm["maddrs"], banned, run_key)
@@ -260,7 +271,7 @@ def test_swarm_access_keeps_only_its_own_valid_token(tmp_path, run_key):
 def test_a_token_renewed_by_the_main_process_reaches_the_dht_processs_reader(tmp_path):
     """The DHT process reads the token file (cached for `reread_s`, it asks on every request); the
     main process writes it: a renewal is seen within reread_s, the writer sees it at once."""
-    from crowdtrain.peer.swarmauth import TokenFile
+    from crowdtrain.peer.admission.access import TokenFile
 
     writer, reader = TokenFile(tmp_path / "t.json"), TokenFile(tmp_path / "t.json", reread_s=0.2)
     assert reader() == ""

@@ -13,19 +13,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator import archive
+from crowdtrain.coordinator.api.grpcserver import ServerTls, create_server
+from crowdtrain.coordinator.api.servicer import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.api.webserver import WebContext, WebServer
 from crowdtrain.coordinator.app import Coordinator
 from crowdtrain.coordinator.config import CoordinatorConfig
 from crowdtrain.coordinator.demo import cli_command
-from crowdtrain.coordinator.grpcserver import ServerTls, create_server
-from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.status import SwarmProgress, build_status
-from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.webserver import WebContext, WebServer
-from crowdtrain.peer.checkpoint import CheckpointMeta, list_checkpoints
-from crowdtrain.peer.client import CoordinatorClient, CoordinatorUnavailable
-from crowdtrain.peer.tls import ClientTls, TlsConfigError, server_ssl_context
+from crowdtrain.coordinator.peers.health import HealthSettings
+from crowdtrain.coordinator.peers.status import SwarmProgress, build_status
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing import archive
+from crowdtrain.peer.checkpoints.format import CheckpointMeta, list_checkpoints
+from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorUnavailable
+from crowdtrain.peer.link.tls import ClientTls, TlsConfigError, server_ssl_context
 
 from tests.certs import make_self_signed
 from tests.identities import signed_join

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import torch
-from crowdtrain.coordinator.vetting import check_candidate, model_card
+from crowdtrain.coordinator.publishing.vetting import check_candidate, model_card
 
 from tests.conftest import make_run
 
@@ -47,7 +47,7 @@ def test_eval_loss_regression_beyond_the_margin_is_refused():
 
 def test_model_card_states_what_a_downloader_needs(tmp_path: Path, small_corpus: Path):
     manifest, _ = make_run(tmp_path, small_corpus)
-    from crowdtrain.coordinator.shardbook import Cursor, coverage_of
+    from crowdtrain.coordinator.peers.shardbook import Cursor, coverage_of
 
     read = coverage_of([Cursor(1, 10, 100), Cursor(0, 40, 80), Cursor()]).describe()
     assert read == "150 of 180 training sequences (83.3%) in the 2 of 3 shards read so far"

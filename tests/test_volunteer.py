@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from crowdtrain.peer.client import CoordinatorClient, CoordinatorUnavailable
-from crowdtrain.peer.shardread import PlaceFile
+from crowdtrain.peer.data.reader import PlaceFile
+from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorUnavailable
 
 from scripts.harness import events_named, index_after
 
@@ -72,10 +72,10 @@ class ShardWatch:
 
 def cap_for(manifest_json: str, micro_batch: float) -> str:
     """--max-memory-gb under which the run's model fits `micro_batch` sequences, as a peer measures
-    it (peer/fit.py: 10% of the cap is kept spare)."""
-    from crowdtrain.peer.fit import measure_memory
-    from crowdtrain.peer.manifest import RunManifest
-    from crowdtrain.peer.model import build_model
+    it (peer/machine/fit.py: 10% of the cap is kept spare)."""
+    from crowdtrain.peer.machine.fit import measure_memory
+    from crowdtrain.peer.run.manifest import RunManifest
+    from crowdtrain.peer.run.model import build_model
 
     manifest = RunManifest.from_json(manifest_json)
     needs = measure_memory(build_model(manifest), manifest.data.seq_len, "cpu", mode=manifest.swarm.mode)

@@ -10,16 +10,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator.archive import finalize, new_staging_dir
-from crowdtrain.coordinator.grpcserver import create_server
-from crowdtrain.coordinator.metrics import CoordinatorMetrics
-from crowdtrain.coordinator.registry import HealthSettings
-from crowdtrain.coordinator.service import CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.status import SwarmProgress, build_status
-from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.webserver import WebContext, WebServer
-from crowdtrain.peer.checkpoint import CheckpointMeta, list_checkpoints
-from crowdtrain.peer.client import CoordinatorClient, CoordinatorRejected
+from crowdtrain.coordinator.api.grpcserver import create_server
+from crowdtrain.coordinator.api.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.api.servicer import CoordinatorServicer, RunInfo
+from crowdtrain.coordinator.api.webserver import WebContext, WebServer
+from crowdtrain.coordinator.peers.health import HealthSettings
+from crowdtrain.coordinator.peers.status import SwarmProgress, build_status
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing.archive import finalize, new_staging_dir
+from crowdtrain.peer.checkpoints.format import CheckpointMeta, list_checkpoints
+from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorRejected
 from crowdtrain.protos import coordinator_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -1,0 +1,180 @@
+"""The run a coordinator serves: created in DATA_DIR on the first start, opened on every later one.
+
+    DATA_DIR/state.sqlite3      run manifest, tokenizer, bound ports, every peer seen (WAL)
+    DATA_DIR/signing.key        the run's Ed25519 key; its public half is in the manifest
+    DATA_DIR/data/              the run's eval and training shards (served over HTTP)
+    DATA_DIR/checkpoints/       published checkpoints, one directory per step
+
+Creating a run builds the dataset from the corpus (`coordinator.dataset`), a manifest from the
+preset (`peer.manifest`) and a signing key; nothing counts as a run until state.sqlite3 holds its
+manifest, so an interrupted creation is simply redone. A data dir that cannot hold a run (not
+writable, not a directory, a damaged state file) is a `RunDirError` saying what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.coordinator.publishing import archive
+from crowdtrain.coordinator.signing import load_or_create_key, new_key, public_key_hex, save_key
+from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.run.manifest import RunManifest, build_manifest, get_preset, override_swarm
+
+if TYPE_CHECKING:  # config composes the components' settings: a type only, never an import
+    from crowdtrain.coordinator.config import CoordinatorConfig
+
+logger = logging.getLogger(__name__)
+
+
+class RunDirError(CrowdtrainError):
+    """DATA_DIR cannot hold a run, or holds a damaged one; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Run:
+    manifest: RunManifest
+    tokenizer_json: str
+    signing_key: object  # Ed25519PrivateKey; signs the run's checkpoints
+
+
+def create_run(config: CoordinatorConfig, data_dir: Path, signing_public_key: str) -> tuple[RunManifest, str]:
+    """Build a new run from the preset and corpus: shards, tokenizer, manifest. Pure of the store."""
+    from crowdtrain.coordinator.run.dataset import build_dataset, default_corpus, default_corpus_label
+
+    preset = get_preset(config.preset)
+    sources = list(config.data) or default_corpus()  # files, directories, globs, hf:NAME (see dataset.py)
+    label = ", ".join(str(p) for p in config.data) if config.data else default_corpus_label()
+    t0 = time.monotonic()
+    data, tokenizer, tokenizer_json = build_dataset(
+        sources,
+        data_dir / "data",
+        source_label=label,
+        num_shards=preset.num_shards,
+        eval_fraction=preset.eval_fraction,
+        max_bytes=preset.max_corpus_bytes,
+        seq_len=preset.seq_len,
+        eval_max_sequences=preset.eval_max_sequences,
+        vocab_size=preset.vocab_size,
+        field=config.data_field,  # the label then names it, and the corrupted records skipped
+    )
+    manifest = build_manifest(
+        preset,
+        run_id=f"ct_{preset.name}_{secrets.token_hex(4)}",
+        created_unix_s=time.time(),
+        tokenizer=tokenizer,
+        data=data,
+        signing_public_key=signing_public_key,
+        swarm=override_swarm(preset.swarm, config.swarm),
+    )
+    logger.info("created run %s (preset %s) in %.1fs", manifest.run_id, preset.name, time.monotonic() - t0)
+    return manifest, tokenizer_json
+
+
+def open_run(config: CoordinatorConfig, data_dir: Path) -> tuple[Store, Run]:
+    """The run in `data_dir` and its open store (the caller closes it), creating both if absent.
+
+    Also removes checkpoint writes a crash left unfinished. On any error the store is closed.
+    """
+    state_path = data_dir / "state.sqlite3"
+    if not state_path.exists():
+        store, run = _new_run(config, data_dir, state_path)
+    else:
+        store = _open_store(state_path, data_dir)
+        try:
+            run = _existing_run(config, data_dir, store)
+        except BaseException:
+            store.close()
+            raise
+    removed = archive.clean_staging(data_dir / "checkpoints")
+    if removed:
+        logger.warning("removed %d unfinished checkpoint write(s) left by a previous crash", removed)
+    return store, run
+
+
+def _new_run(config: CoordinatorConfig, data_dir: Path, state_path: Path) -> tuple[Store, Run]:
+    override_swarm(get_preset(config.preset).swarm, config.swarm)  # fail on a typo before writing anything
+    _check_writable(data_dir)  # and on a data dir that cannot be, before a minute of building
+    key = new_key()
+    try:
+        manifest, tokenizer_json = create_run(config, data_dir, public_key_hex(key))
+        save_key(data_dir / "signing.key", key)  # only once the run exists: nothing half-written
+    except OSError as e:
+        raise RunDirError(
+            f"cannot write the run to {data_dir} ({e.strerror or e}: {e.filename}); "
+            "free some space or pass a --data-dir you can write to"
+        ) from e
+    store = _open_store(state_path, data_dir)
+    try:
+        store.set_meta({"manifest_json": manifest.to_json(), "tokenizer_json": tokenizer_json})
+    except BaseException:
+        store.close()
+        raise
+    return store, Run(manifest, tokenizer_json, key)
+
+
+def _existing_run(config: CoordinatorConfig, data_dir: Path, store: Store) -> Run:
+    manifest_json, tokenizer_json = store.get_meta("manifest_json"), store.get_meta("tokenizer_json")
+    if manifest_json is None or tokenizer_json is None:
+        raise RunDirError(
+            f"{store.path} holds no run (a previous start was interrupted); remove {data_dir} and start again"
+        )
+    try:
+        manifest = RunManifest.from_json(manifest_json)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # ManifestError, or JSON of another shape
+        raise RunDirError(
+            f"the run manifest in {store.path} cannot be read ({e}); if this crowdtrain is up to date the "
+            f"file is damaged: restore {data_dir} from a backup or start a new run with another --data-dir"
+        ) from e
+    if manifest.preset != config.preset:
+        logger.warning(
+            "%s holds run %s with preset %r; ignoring --preset %r",
+            data_dir,
+            manifest.run_id,
+            manifest.preset,
+            config.preset,
+        )
+    if config.swarm and override_swarm(manifest.swarm, config.swarm) != manifest.swarm:
+        logger.warning(
+            "%s holds run %s, whose swarm settings are fixed in its signed manifest; ignoring --swarm %s",
+            data_dir,
+            manifest.run_id,
+            " ".join(config.swarm),
+        )
+    signing_key = load_or_create_key(data_dir / "signing.key")
+    if manifest.signing_public_key and manifest.signing_public_key != public_key_hex(signing_key):
+        raise RunDirError(
+            f"{data_dir / 'signing.key'} is not the key run {manifest.run_id}'s manifest names "
+            f"({manifest.signing_public_key[:16]}...): peers and downloaders would refuse this "
+            "coordinator; restore the run's original signing.key from a backup"
+        )
+    logger.info("resuming run %s from %s", manifest.run_id, data_dir)
+    return Run(manifest, tokenizer_json, signing_key)
+
+
+def _open_store(state_path: Path, data_dir: Path) -> Store:
+    try:
+        return Store(state_path)
+    except sqlite3.DatabaseError as e:  # not a database, a damaged one, or one we may not write
+        raise RunDirError(
+            f"cannot open the run's state {state_path} ({e}); if it is damaged, restore {data_dir} from "
+            "a backup or start a new run with another --data-dir"
+        ) from e
+
+
+def _check_writable(data_dir: Path) -> None:
+    """Raise RunDirError when `data_dir` could not be created or written, without creating it."""
+    existing = data_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"{existing} is not a directory; pass a --data-dir that is, or can be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write to {existing}; pass a --data-dir you can write to")

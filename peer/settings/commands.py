@@ -1,0 +1,196 @@
+"""Frozen settings of the participant's commands (peer, pull, checkpoints, verify) and the CLI
+generator every crowdtrain command uses.
+
+Each field's `help` metadata becomes its `--flag` help; units are in the names. Importing this module
+is cheap (no torch, no hivemind), so `crowdtrain --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+def option(default, help: str, **kw):  # noqa: A002 - mirrors argparse's own keyword
+    """A dataclass field that becomes a `--flag` with this help."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+REQUIRED = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API")
+    name: str = option("", "display name shown to operators (default: this machine's host name)")
+    device: str = option(
+        "auto", "where to train: auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps"
+    )
+    gpu: int = option(-1, "which CUDA GPU to train on, by index (-1: the first)")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    nice: int = option(
+        10, "lower this peer's CPU priority by this much, 0-19, so the machine's owner comes first"
+    )
+    batch_size: int = option(
+        0, "sequences per local step (0: the run's default; lower it if you run out of memory)"
+    )
+    max_memory_gb: float = option(
+        0.0,
+        "use at most this much memory for training (0: what the device has free); the peer picks the "
+        "largest micro-batch that fits and accumulates up to --batch-size",
+    )
+    precision: str = option(
+        "auto", "compute precision: auto (bf16 on hardware that supports it, else fp32), bf16 or fp32"
+    )
+    max_upload_mbps: float = option(
+        0.0, "cap what this peer sends to other peers (averaging, serving state), Mbit/s (0: no cap)"
+    )
+    schedule: str = option(
+        "",
+        "train only in these local-time windows, e.g. 22:00-08:00 or 09:00-12:00,13:00-17:00 (empty: always)",
+    )
+    pause_when_busy: float = option(
+        0.0, "pause while other processes keep the CPU (or GPU) busier than this percent (0: never)"
+    )
+    pause_on_battery: bool = option(False, "pause while this machine runs on battery")
+    listen_host: str = option("0.0.0.0", "interface the peer's DHT listens on")
+    listen_port: int = option(
+        0, "TCP port the peer's DHT listens on (0: any free one; fix it to forward it on your router)"
+    )
+    announce_host: str = option(
+        "", "public address other peers should dial (with --listen-port, behind port forwarding)"
+    )
+    client_mode: bool = option(
+        False, "do not accept incoming connections (behind NAT without port forwarding)"
+    )
+    cache_dir: str = option("~/.cache/crowdtrain", "where downloaded data shards are kept")
+    join_timeout_s: float = option(60.0, "give up when the coordinator cannot be reached for this long")
+    max_epochs: int = option(0, "leave after the swarm reaches this epoch (0: train until stopped)")
+    seed: int = option(0, "data-order seed (0: derived from the session id)")
+    save_dir: str = option("", "when leaving, save this peer's copy of the model here (HF format)")
+    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
+    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
+    invite: str = option("", "invite code from the run's operator (runs that admit by invitation)")
+    identity: str = option(
+        "",
+        "keep this peer's hivemind identity key in this file (created if missing), so its peer id "
+        "survives restarts (runs that admit by allowlist; `crowdtrain identity` prints the id); "
+        "default: a fresh identity per start",
+    )
+    token_wait_s: float = option(
+        60.0, "give up when the coordinator has not admitted this peer to the swarm within this long"
+    )
+    trust_new_run: bool = option(
+        False,
+        "join a run (and trust its key) although this machine trusted another run under another key "
+        "at this coordinator address: only after checking the new run's key with its operator (an "
+        "impostor can re-sign the real run under a new run id); needed once, never written to the service",
+    )
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    identity: str = option(
+        "",
+        "the identity key file (created if missing; default: identity.key in crowdtrain's config directory)",
+    )
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API, or its http://HOST:PORT")
+    out: str = option(
+        REQUIRED, "directory to write the checkpoint to (created; replaced if it holds an older pull)"
+    )
+    step: int = option(-1, "which checkpoint to download (-1: the latest)")
+    timeout_s: float = option(600.0, "give up when the download takes longer than this")
+    public_key: str = option(
+        "",
+        "the run's Ed25519 public key, hex (ask the run's operator); without it the key seen at this "
+        "coordinator address first is trusted and a different one later is refused",
+    )
+    trust_new_key: bool = option(
+        False, "accept the key the coordinator now signs with although it differs from the one trusted before"
+    )
+    trust_new_run: bool = option(
+        False,
+        "accept a run this machine has not trusted at this coordinator address, signed by a key not "
+        "trusted there (a run a training peer joined is not trusted by pull on that alone)",
+    )
+    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
+    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
+
+
+@dataclass(frozen=True)
+class CheckpointsConfig:
+    coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API, or its http://HOST:PORT")
+    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
+    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    directory: str = option(REQUIRED, "a checkpoint directory (from `crowdtrain pull`)", positional=True)
+    public_key: str = option(
+        "", "the run's Ed25519 public key, hex (from /api/v1/run); without it only integrity is checked"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, *, layered: bool = False) -> None:
+    """Add one `--flag` per dataclass field: name with dashes, type and help from the field.
+    `layered`: a flag not given is absent from the parsed namespace (nothing is required), so that
+    the environment and a config file can supply it (peer/settings/layered.py)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        kwargs: dict = {"help": f.metadata.get("help", ""), "dest": f.name}
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if layered:
+            parser.add_argument(flag, **_layered_kwargs(kwargs, tp, f.default, required))
+            continue
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=tp, help=kwargs["help"], metavar=f.name.upper())
+            continue
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = f.default
+        elif typing.get_origin(tp) is tuple:
+            kwargs.update(nargs="+", type=typing.get_args(tp)[0], default=f.default, metavar="PATH")
+        else:
+            kwargs.update(type=tp, required=required)
+            if not required:
+                kwargs["default"] = f.default
+                kwargs["help"] += f" (default: {f.default!r})"
+        parser.add_argument(flag, **kwargs)
+
+
+def _layered_kwargs(kwargs: dict, tp, default, required: bool) -> dict:
+    """argparse keywords for a flag whose absence is left to the environment, a file or the default."""
+    kwargs = dict(kwargs, default=argparse.SUPPRESS)
+    if tp is bool:
+        return kwargs | {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(tp) is tuple:
+        return kwargs | {"nargs": "+", "type": typing.get_args(tp)[0], "metavar": "PATH"}
+    note = " (required)" if required else f" (default: {default!r})"
+    return kwargs | {"type": tp, "help": kwargs["help"] + note}
+
+
+def given_flags(cls, namespace: argparse.Namespace) -> dict:
+    """The fields of `cls` given as flags on a layered command line (lists as tuples)."""
+    values = {
+        f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)
+    }
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def from_arguments(cls, namespace: argparse.Namespace):
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(namespace, f.name)
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)

@@ -1,0 +1,104 @@
+"""A volunteer that pauses: hand in what it accumulated, stay visible as PAUSED, re-sync, go on.
+
+`peer/machine/pause.py` decides *when* (SIGUSR1/SIGUSR2, `--schedule`, `--pause-when-busy`,
+`--pause-on-battery`); this is what the training loop does about it, between two steps:
+
+    gate = PauseGate(monitor, stats, stop_event)
+    if gate.paused():
+        gate.wait(opt, resync=lambda: recovery.catch_up(opt, swarm))
+
+While paused the peer computes nothing. Samples it accumulated towards the swarm's current epoch
+are not thrown away: it keeps calling hivemind's step with no new samples (no forward or
+backward, only a progress report) until the swarm's epoch turns, so those samples join that
+round; then it stays idle. The data place only moves for batches trained on (`peer/data/feed.py`), so
+no sequence is skipped. Its heartbeats carry phase "paused" and the reason; on resume, a peer the
+swarm left behind loads the swarm's state before it contributes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from crowdtrain.peer.events import emit
+
+logger = logging.getLogger(__name__)
+
+HAND_IN_POLL_S = 0.2  # while handing in: how often to look whether the swarm's round begins
+IDLE_POLL_S = 1.0
+
+
+class PauseGate:
+    def __init__(self, monitor, stats, stop_event: threading.Event):
+        self.monitor, self.stats, self.stop_event = monitor, stats, stop_event
+        self.pauses = 0
+
+    def paused(self) -> bool:
+        return self.monitor.decision.paused
+
+    def wait(self, opt, resync: Callable[[], None]) -> None:
+        """Block while paused (or until stopped): hand in, idle, then re-sync."""
+        t0, reason = time.monotonic(), self.monitor.decision.reason
+        self.pauses += 1
+        emit(logger, "paused", "paused: %s; no work is lost", reason, reason=reason)
+        self.stats.update(phase="paused", pause_reason=reason, samples_per_s=0.0)
+        epoch = opt.local_epoch
+        while not self.stop_event.is_set() and self.monitor.decision.paused:
+            reason = self._show(reason)
+            if _handing_in(opt, epoch):
+                opt.step(batch_size=0)  # joins the round when the swarm is ready; no compute
+                self.stop_event.wait(HAND_IN_POLL_S)
+            else:  # handed in (or too late for it): idle, no step, no state load until resumed
+                self.monitor.wait_until_resumed(self.stop_event, timeout_s=IDLE_POLL_S)
+        if self.stop_event.is_set():
+            return
+        local, swarm = opt.local_epoch, fresh_swarm_epoch(opt.tracker)
+        behind = local < swarm
+        if behind:  # the swarm went on without it: its state first, then contributions
+            self.stats.update(phase="loading_state", pause_reason="")
+            resync()
+        self.stats.update(phase="training", pause_reason="")
+        paused_s = time.monotonic() - t0
+        emit(
+            logger,
+            "resumed",
+            "resumed after %.0fs paused at epoch %d, the swarm at %d%s",
+            paused_s,
+            local,
+            swarm,
+            "; loaded the swarm's state first" if behind else "",
+            paused_s=round(paused_s, 3),
+            resynced=behind,
+        )
+
+    def _show(self, shown: str) -> str:
+        reason = self.monitor.decision.reason
+        if reason != shown and self.monitor.decision.paused:
+            self.stats.update(pause_reason=reason)
+        return reason
+
+
+def fresh_swarm_epoch(tracker, timeout_s: float = 15.0) -> int:
+    """The swarm's epoch read from its progress records now, not as hivemind's tracker last fetched
+    them (up to 10 s ago, long enough to miss epochs a small swarm took meanwhile).
+    hivemind 1.1.12 private: ProgressTracker's fetch loop wakes on `global_state_updated`, fetches
+    when `global_progress.next_fetch_time` has passed, then sets `fetched_global_progress_this_epoch`."""
+    tracker.fetched_global_progress_this_epoch.clear()
+    tracker.global_progress.next_fetch_time = 0.0
+    tracker.global_state_updated.set()
+    if not tracker.fetched_global_progress_this_epoch.wait(timeout_s):
+        logger.warning(
+            "the swarm's progress records did not arrive within %.0fs; using the last ones", timeout_s
+        )
+        tracker.fetched_global_progress_this_epoch.set()
+    return tracker.global_epoch
+
+
+def _handing_in(opt, epoch: int) -> bool:
+    """Whether samples this peer accumulated towards the swarm's current epoch still wait for that
+    epoch's round: not once the round took them (our epoch moved), nor once the swarm moved on
+    without them (they are stale; hivemind would load the swarm's state inside the step)."""
+    pending = opt.tracker.local_progress.samples_accumulated > 0
+    return pending and opt.local_epoch == epoch and opt.tracker.global_epoch <= epoch
