@@ -94,7 +94,7 @@ def test_a_byte_corrupted_in_transit_is_caught_while_downloading(
         DownloadCorrupted, match=f"is corrupted: sha256 {hashlib.sha256(BAD).hexdigest()[:12]}"
     ):
         download(f"{server}/bad", tmp_path / "model.safetensors", sha256=SHA, size=len(BODY), resume=resume)
-    assert list(tmp_path.iterdir()) == []  # deleted, as check_sha256 always did
+    assert list(tmp_path.iterdir()) == []  # deleted, as check_file_sha256 always did
 
 
 def test_a_resumed_download_hashes_the_prefix_on_disk_and_the_rest(server, tmp_path: Path, no_rereading):

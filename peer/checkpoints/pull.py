@@ -58,7 +58,7 @@ from crowdtrain.peer.link.download import (
     HashedFile,
     PlaintextRefused,
     bytes_already_here,
-    check_sha256,
+    check_file_sha256,
     download_resumable,
     open_url,
 )
@@ -154,7 +154,7 @@ class _Source:
             digest = _download_grpc(
                 self.client, self.info.step, staging / name, size, self.deadline, progress
             )
-            check_sha256(staging / name, sha256, name, digest)
+            check_file_sha256(staging / name, sha256, name, digest)
             return digest
         return download_resumable(
             f"{self.info.url}/{name}",

@@ -51,7 +51,7 @@ class DownloadCorrupted(DownloadError):
     """The bytes did not match their sha256 and were deleted: downloading again starts afresh."""
 
 
-def check_sha256(path: Path, sha256: str, what: str, digest: str = "") -> None:
+def check_file_sha256(path: Path, sha256: str, what: str, digest: str = "") -> None:
     """Raise DownloadCorrupted (after deleting `path`) unless its sha256 is `sha256` ("" = unknown).
     `digest`: the sha256 of the bytes this process wrote to `path` (a `HashedFile`'s); without it
     the file is read again."""
@@ -149,7 +149,7 @@ def download(
     part = Path(name)
     try:
         part.unlink()  # _fetch creates it again with O_EXCL: nobody can swap in a symlink unseen
-        check_sha256(part, sha256, clean_display(url, 300), _fetch(url, part, size, **fetch))
+        check_file_sha256(part, sha256, clean_display(url, 300), _fetch(url, part, size, **fetch))
     except BaseException:
         part.unlink(missing_ok=True)
         raise
@@ -171,7 +171,7 @@ def download_resumable(
     """`download(..., resume=True)`, returning the sha256 of `dest`'s bytes as this process read and
     wrote them (`HashedFile`), already checked against `sha256` when that is known."""
     digest = _fetch(url, dest, size, timeout_s, deadline, progress, ssl_context)
-    check_sha256(dest, sha256, clean_display(url, 300), digest)
+    check_file_sha256(dest, sha256, clean_display(url, 300), digest)
     return digest
 
 
