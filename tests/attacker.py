@@ -90,7 +90,7 @@ def _random_unit(tensors, seed: int) -> list[torch.Tensor]:
     return [x / norm for x in out]
 
 
-def _stock_optimizer(volunteer, model, attack: str):
+def _stock_optimizer(volunteer, joined, model, attack: str):
     """The run's optimizer with STOCK hivemind averagers in place of peer/swarm/averaging.py's guarded
     ones (test-only: swapped where make_optimizer looks them up), its contribution corrupted."""
     import hivemind.compression
@@ -149,7 +149,7 @@ def _stock_optimizer(volunteer, model, attack: str):
     averaging.GuardedStateAverager = StockStateAverager
     diloco.OuterStateAverager = StockOuterStateAverager
     return swarm.make_optimizer(
-        volunteer.manifest, model, volunteer.dht, batch_size_per_step=volunteer.batch_size, verbose=False
+        joined.manifest, model, volunteer.dht, batch_size_per_step=joined.batch_size, verbose=False
     )
 
 
@@ -179,31 +179,31 @@ def make_attacker(config, attack: str):
     from crowdtrain.peer.volunteer.trainer import Volunteer
 
     class Attacker(Volunteer):
-        def _make_optimizer(self, model):
+        def _make_optimizer(self, joined, model):
             if attack == "unscored":
                 _unscore_gradient_averagers()
-                return super()._make_optimizer(model)
+                return super()._make_optimizer(joined, model)
             self.evidence_sink = None
-            opt = _stock_optimizer(self, model, attack)
+            opt = _stock_optimizer(self, joined, model, attack)
             record = {"ts": round(time.time(), 3), "level": "WARNING", "logger": "attacker"}
-            record |= {"msg": f"attacking the swarm with {attack} as {self.identity.peer_id}"}
+            record |= {"msg": f"attacking the swarm with {attack} as {joined.identity.peer_id}"}
             print(
                 json.dumps(
-                    record | {"event": "attacking", "attack": attack, "dht_peer_id": self.identity.peer_id}
+                    record | {"event": "attacking", "attack": attack, "dht_peer_id": joined.identity.peer_id}
                 ),
                 flush=True,
             )
             return opt
 
-        def recover(self) -> None:
+        def recover(self, joined) -> None:
             if attack not in ("forge", "giant"):
-                super().recover()
+                super().recover(joined)
 
-        def train(self, model, batches) -> None:
+        def train(self, joined, model, batches) -> None:
             if attack in ("none", "unscored"):
-                return super().train(model, batches)
+                return super().train(joined, model, batches)
             if attack not in ("forge", "giant"):
-                return self._train_tolerating_nan(model, batches)
+                return self._train_tolerating_nan(joined.device, model, batches)
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(3.0)  # every forger serves the same forged state: sybils agree
@@ -215,7 +215,7 @@ def make_attacker(config, attack: str):
                 self.opt.state_averager.state_sharing_priority = 1e9
                 self.stats.update(phase="training", local_epoch=self.opt.state_averager.local_epoch)
 
-        def _train_tolerating_nan(self, model, batches) -> None:
+        def _train_tolerating_nan(self, device, model, batches) -> None:
             """Train as a volunteer does, but never stop: an attacker whose own model went bad
             goes back to its initial weights and keeps attacking."""
             from crowdtrain.peer.run.model import as_batch
@@ -226,7 +226,7 @@ def make_attacker(config, attack: str):
             model.train()
             while not self.stop_event.is_set():
                 blocks, place = next(batches)
-                batch = as_batch(blocks, self.device)
+                batch = as_batch(blocks, device)
                 self.feed.trained(place)
                 loss = model(input_ids=batch, labels=batch).loss
                 if torch.isfinite(loss):

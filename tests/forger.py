@@ -33,10 +33,10 @@ def make_forger(coordinator: str, scale: float, cache_dir: str):
     from crowdtrain.peer.volunteer.trainer import Volunteer
 
     class Forger(Volunteer):
-        def recover(self) -> None:  # nothing to load: it serves its own state
+        def recover(self, joined) -> None:  # nothing to load: it serves its own state
             pass
 
-        def train(self, model, batches) -> None:
+        def train(self, joined, model, batches) -> None:
             with torch.no_grad():
                 for param in model.parameters():
                     param.mul_(scale)

@@ -40,11 +40,27 @@ def as_tagged_batch(item: tuple[list[list[int]], Place], device) -> tuple[object
 
 
 class DataFeed:
+    """This peer's batches and its place in the run's data: where it starts (Join's lease), which
+    shard it reads next (the coordinator's hints), and where it stopped (the place file).
+
+    Called by the volunteer: `load_data()` builds it and calls `batches()`, which loads the first
+    shard on the main thread; the rest is read on the training loop's read-ahead thread
+    (`peer/data/prefetch.py`), which fetches later shards and, through `answers`, reads the
+    heartbeat thread's latest answer for hints. The training loop (main thread) calls `trained()`
+    after each step: that updates `stats` for the heartbeats and, every `save_every_s`, the place file.
+    Lifecycle: one per volunteer run, from `load_data()` to `Volunteer.shutdown()`, whose `save()`
+    writes where a restart continues; it starts no thread itself.
+    """
+
     def __init__(
         self, config, manifest, joined, cache_dir, stats, answers: Callable[[], object] = lambda: None
     ):
-        self.config, self.manifest, self.joined, self.cache_dir = config, manifest, joined, cache_dir
-        self.stats, self.answers = stats, answers
+        self.config = config  # the PeerConfig: TLS, seed, where the place file lives
+        self.manifest = manifest  # the run's shards and sequence length
+        self.joined = joined  # Join's answer: `settings` holds the lease and the shard server's URL
+        self.cache_dir = cache_dir  # this run's downloaded shards
+        self.stats = stats  # the heartbeat's StatsBox: our place goes to the coordinator
+        self.answers = answers  # the heartbeat's latest answer (next-shard hints), or None
         self.num_shards = len(manifest.data.shards)
         self.place_file = PlaceFile(config.cache_dir, config.coordinator, config.name or "default")
         settings = joined.settings
@@ -52,7 +68,8 @@ class DataFeed:
             settings.shard_index % self.num_shards, settings.shard_pass, settings.shard_position
         )
         self.place: Place | None = None  # of the last batch trained on
-        self.save_every_s, self._saved_at = 30.0, time.monotonic()
+        self.save_every_s = 30.0  # how often `trained()` writes the place file
+        self._saved_at = time.monotonic()
 
     @staticmethod
     def resume_fields(config) -> dict:

@@ -48,6 +48,21 @@ class StatsBox:
 
 
 class HeartbeatReporter:
+    """Tells the coordinator, every `interval_s`, that this peer lives and what it does (the latest
+    `StatsBox` report, plus what `evidence` says our averagers refused and with whom they averaged),
+    and takes in the coordinator's answers: the swarm token (`on_token`), next-shard hints and
+    standing (`answer`), a ban (`refused`).
+
+    Threads: `start()` runs the loop on its own daemon thread "heartbeat", which calls `beat_once()`
+    and, from that thread, the callbacks `on_token`, `on_reconnect` and `evidence` (none may block
+    for long; their errors are logged, never raised). The volunteer builds it after Join on the main
+    thread and calls `set_dht_proof()` and `start()`; its training loop reads `refused` and `answer`
+    between steps (the data read-ahead thread reads `answer` too) and updates `stats`, where a phase
+    change wakes the heartbeat thread so the coordinator learns it at once.
+    Lifecycle: one per session, `start()` after Join, `shutdown()` before Leave (also a context
+    manager); a ban (PERMISSION_DENIED) stops the loop by itself and leaves the reason in `refused`.
+    """
+
     def __init__(
         self,
         client: CoordinatorClient,
@@ -65,18 +80,22 @@ class HeartbeatReporter:
         on_token: Callable[[str], None] = lambda token_json: None,
         evidence: Callable[[], list] = list,
     ):
-        self.client, self.session_id, self.session_token, self.stats = (
-            client,
-            session_id,
-            session_token,
-            stats,
-        )
+        self.client = client
+        self.session_id = session_id
+        self.session_token = session_token  # Join's secret for this session; every heartbeat carries it
+        self.stats = stats
         # proof of the DHT peer id (`set_dht_proof`), sent until the coordinator accepts it
         self._dht_proof: tuple[bytes, bytes] = (b"", b"")
         self.dht_verified = False
-        self.name, self.version, self.device = name, version, device
-        self.interval_s, self.max_backoff_s, self.clock = interval_s, max_backoff_s, clock
-        self.on_reconnect, self.on_token, self.evidence = on_reconnect, on_token, evidence
+        self.name = name
+        self.version = version
+        self.device = device
+        self.interval_s = interval_s  # the coordinator may change it in its answers
+        self.max_backoff_s = max_backoff_s  # the longest wait between failed heartbeats
+        self.clock = clock
+        self.on_reconnect = on_reconnect  # called once the coordinator is reachable again
+        self.on_token = on_token  # called with each swarm token an answer carries
+        self.evidence = evidence  # what to report since the last heartbeat (pb.Rejection, pb.AveragingGroup)
         self._pending_evidence: list = []  # pb.Rejection not yet delivered (kept across failures)
         self._pending_groups: list = []  # pb.AveragingGroup not yet delivered (kept across failures)
         self.started = clock()
@@ -189,9 +208,8 @@ class HeartbeatReporter:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.stats.phase_changed.clear()  # this beat carries the current phase
-            if (
-                self._stop.is_set()
-            ):  # shutdown() set both just before the clear: do not sleep a whole interval
+            # shutdown() set both just before the clear: do not sleep a whole interval
+            if self._stop.is_set():
                 break
             delivered = self.beat_once()
             delay = (

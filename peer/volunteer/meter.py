@@ -18,7 +18,9 @@ class StatusLine:
     file or a pipe (the epoch log lines say it all there)."""
 
     def __init__(self, interval_s: float = 0.5):
-        self.live, self.interval_s, self._drawn = sys.stderr.isatty(), interval_s, 0.0
+        self.live = sys.stderr.isatty()
+        self.interval_s = interval_s
+        self._drawn = 0.0
 
     def draw(self, opt, loss: float, samples_per_s: float, swarm_peers: int, standing: str = "") -> None:
         if not self.live or time.monotonic() - self._drawn < self.interval_s:
@@ -45,11 +47,16 @@ class EpochMeter:
     the mean loss and throughput of the current epoch for its log line."""
 
     def __init__(self, epoch: int, clock=time.monotonic):
-        self.clock, self.samples_total, self.ema_rate = clock, 0, 0.0
+        self.clock = clock
+        self.samples_total = 0
+        self.ema_rate = 0.0
         self.start_epoch(epoch)
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.losses, self.samples, self.t0 = epoch, [], 0, self.clock()
+        self.epoch = epoch
+        self.losses = []
+        self.samples = 0
+        self.t0 = self.clock()
         self.compute_s = 0.0
 
     def add(self, samples: int, loss: float, seconds: float, compute_s: float = 0.0) -> None:
@@ -92,7 +99,9 @@ class ContributionSummary:
     the swarm accepted, its share of the run and its rank: "am I contributing?"."""
 
     def __init__(self, every_s: float = 300.0, clock=time.monotonic):
-        self.every_s, self.clock, self._logged = every_s, clock, clock()
+        self.every_s = every_s
+        self.clock = clock
+        self._logged = clock()
 
     def maybe_log(self, answer, force: bool = False) -> None:
         if not force and self.clock() - self._logged < self.every_s:

@@ -31,9 +31,21 @@ IDLE_POLL_S = 1.0
 
 
 class PauseGate:
+    """What the training loop does when the peer should pause: between two steps it asks `paused()`,
+    and if so `wait()` blocks it there, handing in, idling, then re-syncing with the swarm.
+
+    Called from the training loop (`Volunteer._train`, the main thread) only; it reads the decision
+    that `monitor` (`peer/machine/pause.py`) keeps up to date on its own thread and from signal
+    handlers, and reports "paused" through `stats`, which the heartbeat thread sends.
+    Lifecycle: built in `Volunteer.__init__` and kept for the volunteer's life; it owns no thread
+    and nothing to close (the monitor is started and shut down by the volunteer).
+    """
+
     def __init__(self, monitor, stats, stop_event: threading.Event):
-        self.monitor, self.stats, self.stop_event = monitor, stats, stop_event
-        self.pauses = 0
+        self.monitor = monitor  # a PauseMonitor: whether to pause now, and why
+        self.stats = stats  # the heartbeat's StatsBox: phase "paused" and the reason
+        self.stop_event = stop_event  # set when leaving: wait() returns within a poll
+        self.pauses = 0  # how many times the loop paused
 
     def paused(self) -> bool:
         return self.monitor.decision.paused

@@ -9,6 +9,10 @@ One log line per swarm epoch:
     averaged_with=2 group=3f9a0c1e
 
 `Volunteer._run` reads top to bottom as the steps a peer takes; each step is a method below it.
+`join()` returns a `Joined` record (what joining settled: the checked manifest, the run's key,
+where to resume from, the swarm access, ...) and every later step takes it as its argument; what
+the steps build for the steps after them (the heartbeat, the feed, the DHT node, the optimizer)
+is declared in `Volunteer.__init__`, so the whole state of a volunteer reads in one place.
 Catching up to the swarm lives in peer/volunteer/recovery.py, hivemind wiring in peer/swarm/wiring.py.
 """
 
@@ -20,8 +24,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crowdtrain.peer import __version__
 from crowdtrain.peer.admission.access import SwarmAccess
@@ -56,6 +62,10 @@ from crowdtrain.peer.volunteer.pause_gate import PauseGate
 from crowdtrain.peer.volunteer.recovery import Recovery
 from crowdtrain.protos import coordinator_pb2 as pb
 
+if TYPE_CHECKING:
+    import torch
+    from crowdtrain.peer.run.manifest import RunManifest
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,23 +73,64 @@ class PeerError(CrowdtrainError):
     """The volunteer cannot take part; the message says what to do."""
 
 
+@dataclass(frozen=True)
+class Joined:
+    """What joining settled, checked: `Volunteer.join()` returns it and every later step takes it as
+    its argument. Its fields never change after Join (the swarm access they hold takes in renewed
+    tokens on the heartbeat thread); what the steps build as the peer runs lives on the `Volunteer`."""
+
+    reply: pb.JoinResponse  # Join's answer: session, peer id, bootstrap peers, tokenizer, this peer's lease
+    manifest: RunManifest  # the run, its signature checked (peer/run/runproof.py)
+    run_key: str  # the run's signing key (hex), trusted before or now (peer/checkpoints/trust.py)
+    cache_dir: Path  # this run's shards, swarm token and checkpoints on this machine
+    batch_size: int  # samples per optimizer step: --batch-size, else the manifest's
+    device: torch.device  # where the model trains (--device, --gpu)
+    device_label: str  # the device as heartbeats and the dashboard show it
+    identity: PeerIdentity  # this peer's key: signs Join and proves its DHT peer id
+    access: SwarmAccess  # the swarm token (delivered on the heartbeat thread); who may average with us
+
+    @property
+    def settings(self) -> pb.PeerSettings:
+        """This peer's lease: its first shard and place, the heartbeat interval, the resume step."""
+        return self.reply.settings
+
+    @property
+    def resume_from_step(self) -> int:
+        """Where to resume from: 0 for the swarm's state; > 0 when nobody is training, the step of
+        the latest checkpoint, which this peer loads first."""
+        return self.reply.settings.resume_from_step
+
+
 class Volunteer:
     """One training peer. `run()` blocks until stopped (SIGINT/SIGTERM, --max-epochs or an error)."""
 
     def __init__(self, config: PeerConfig):
         self.config = config
-        self.name = config.name or socket.gethostname()
-        self.stop_event = threading.Event()
-        self.stats = StatsBox()
-        self.client = CoordinatorClient(
+        self.name = config.name or socket.gethostname()  # as Join, heartbeats and the views show it
+        self.stop_event = threading.Event()  # SIGINT/SIGTERM or shutdown(); steps and threads watch it
+        self.stats = StatsBox()  # what the heartbeats report; the steps and the feed update it
+        self.client = CoordinatorClient(  # Join, Heartbeat, Leave and the reachability check
             config.coordinator, tls=ClientTls.from_flags(config.tls, config.tls_ca)
         )
-        self.dht = self.opt = self.heartbeat = self.inner = None  # inner: DiLoCo's local optimizer
-        self.feed = self.upload_limit = None
-        self.session_id = ""
         # SIGUSR1/SIGUSR2, --schedule, --pause-when-busy, --pause-on-battery (a bad value fails here)
         self.pauser = PauseMonitor(PauseSettings.from_peer_config(config), sampler=SystemSampler())
         self.pause_gate = PauseGate(self.pauser, self.stats, self.stop_event)
+        # Set by the steps of `_run` (empty until then); shutdown() releases whatever was set.
+        # join(): this peer's session, kept as soon as Join answers so that shutdown() leaves it
+        # even when a check after Join fails
+        self.session_id = ""
+        self.session_token = ""
+        # start_heartbeat(): its thread reports `stats` and brings the swarm token and data hints
+        self.heartbeat: HeartbeatReporter | None = None
+        self.feed: DataFeed | None = None  # load_data(): this peer's place in the data
+        self.recovery: Recovery | None = None  # build_model(): loads a checkpoint or the swarm's state
+        self.stepper = None  # fit(): forward and backward in micro-batches this machine holds
+        self.upload_limit = None  # join_swarm(): the --max-upload-mbps cap, when set
+        self.dht = None  # join_swarm(): our DHT node (the heartbeat thread rejoins it on reconnect)
+        self.inner = None  # join_swarm(): DiLoCo's local optimizer (mode=diloco only)
+        # join_swarm(): what our averagers refused and with whom they averaged (heartbeat thread drains it)
+        self.evidence_sink = None
+        self.opt = None  # join_swarm(): the run's hivemind optimizer
 
     def run(self) -> int:
         self._install_signal_handlers()
@@ -90,74 +141,72 @@ class Volunteer:
             self.shutdown()
 
     def _run(self) -> int:
-        self.join()  # the run's manifest, our data shard, the swarm's bootstrap peers
-        self.start_heartbeat()
-        batches = self.load_data()  # the first shard now: a data problem fails before the swarm
-        model = self.build_model()  # the run's initial weights, or the checkpoint Join names
-        self.fit(model)  # the micro-batch this machine holds; refused here when none fits
-        self.join_swarm(model)  # admitted to the swarm, then DHT node and hivemind optimizer
+        joined = self.join()  # the run's manifest, our data shard, the swarm's bootstrap peers
+        self.start_heartbeat(joined)
+        batches = self.load_data(joined)  # the first shard now: a data problem fails before the swarm
+        model = self.build_model(joined)  # the run's initial weights, or the checkpoint Join names
+        self.fit(joined, model)  # the micro-batch this machine holds; refused here when none fits
+        self.join_swarm(joined, model)  # admitted to the swarm, then DHT node and hivemind optimizer
         if self.stop_event.is_set():
             return 0
-        self.recover()  # catch up to the swarm's state (or the latest checkpoint)
+        self.recover(joined)  # catch up to the swarm's state (or the latest checkpoint)
         if self.stop_event.is_set():
             return 0
-        self.train(model, batches)
-        self.save(model)
+        self.train(joined, model, batches)
+        self.save(joined, model)
         return 0
 
     # ------------------------------------------------------------------ the steps, in order
 
-    def join(self) -> None:
+    def join(self) -> Joined:
         import torch
 
         if self.config.threads > 0:
             torch.set_num_threads(self.config.threads)
-        self.device = pick_device(self.config.device, self.config.gpu)
-        self.device_label = describe_device(self.device)
-        self.identity = self._identity()  # before Join: an allowlist admits identities
-        request = pb.JoinRequest(
-            name=self.name,
-            version=__version__,
-            device=self.device_label,
-            invite_code=self.config.invite,
-            **DataFeed.resume_fields(self.config),  # where this peer stopped reading last time
-        )
-        self.joined = retry_until(  # signed anew at each try: the coordinator refuses an old signature
-            lambda: self.client.join(self.identity.signed_join(request)),
-            deadline_s=self.config.join_timeout_s,
-            what=f"joining the run at {self.config.coordinator}",
-            stop=self.stop_event,
-        )
-        self.session_id, self.settings = self.joined.session_id, self.joined.settings
-        joined = self.joined
-        self.manifest = check_joined_run(
-            joined.manifest_json, joined.manifest_sha256, joined.manifest_signature, joined.tokenizer_json
+        device = pick_device(self.config.device, self.config.gpu)
+        device_label = describe_device(device)
+        identity = self._identity()  # before Join: an allowlist admits identities
+        reply = self._ask_to_join(identity, device_label)
+        self.session_id = reply.session_id
+        self.session_token = reply.session_token
+        manifest = check_joined_run(
+            reply.manifest_json, reply.manifest_sha256, reply.manifest_signature, reply.tokenizer_json
         )
         # its key: trusted here before, or first contact; another run under a new key needs --trust-new-run
-        self.run_key = trust_joined_run(
+        run_key = trust_joined_run(
             self.config.coordinator,
-            self.manifest.run_id,
-            self.manifest.signing_public_key,
+            manifest.run_id,
+            manifest.signing_public_key,
             trust_new_run=self.config.trust_new_run,
         )
-        self.cache_dir = run_cache_dir(self.config.cache_dir, self.manifest.run_id)
-        self.batch_size = self.config.batch_size or self.manifest.swarm.batch_size_per_step
+        cache_dir = run_cache_dir(self.config.cache_dir, manifest.run_id)
         emit(
             logger,
             "joined",
             "joined run %s as %r (peer id %s): %s model, first shard %d, device %s",
-            self.manifest.run_id,
+            manifest.run_id,
             self.name,
-            self.joined.peer_id,
-            self.manifest.preset,
-            self.settings.shard_index,
-            self.device_label,
-            run_id=self.manifest.run_id,
+            reply.peer_id,
+            manifest.preset,
+            reply.settings.shard_index,
+            device_label,
+            run_id=manifest.run_id,
             name=self.name,
-            peer_id=self.joined.peer_id,
-            preset=self.manifest.preset,
-            shard_index=self.settings.shard_index,
-            device=self.device_label,
+            peer_id=reply.peer_id,
+            preset=manifest.preset,
+            shard_index=reply.settings.shard_index,
+            device=device_label,
+        )
+        return Joined(
+            reply=reply,
+            manifest=manifest,
+            run_key=run_key,
+            cache_dir=cache_dir,
+            batch_size=self.config.batch_size or manifest.swarm.batch_size_per_step,
+            device=device,
+            device_label=device_label,
+            identity=identity,
+            access=SwarmAccess(identity, manifest.run_id, run_key, cache_dir),
         )
 
     def _identity(self) -> PeerIdentity:
@@ -165,61 +214,80 @@ class Volunteer:
             return PeerIdentity(Path(self.config.identity).expanduser())
         return PeerIdentity.fresh(Path(self.config.cache_dir).expanduser())
 
-    def start_heartbeat(self) -> None:
-        initial_peers = list(self.joined.initial_peers)
-        self.access = SwarmAccess(self.identity, self.manifest.run_id, self.run_key, self.cache_dir)
-        self.stats.update(dht_peer_id=self.identity.peer_id)  # proven by the first heartbeats
+    def _ask_to_join(self, identity: PeerIdentity, device_label: str) -> pb.JoinResponse:
+        """The coordinator's answer to Join, retried until --join-timeout-s."""
+        request = pb.JoinRequest(
+            name=self.name,
+            version=__version__,
+            device=device_label,
+            invite_code=self.config.invite,
+            **DataFeed.resume_fields(self.config),  # where this peer stopped reading last time
+        )
+        return retry_until(  # signed anew at each try: the coordinator refuses an old signature
+            lambda: self.client.join(identity.signed_join(request)),
+            deadline_s=self.config.join_timeout_s,
+            what=f"joining the run at {self.config.coordinator}",
+            stop=self.stop_event,
+        )
+
+    def start_heartbeat(self, joined: Joined) -> None:
+        initial_peers = list(joined.reply.initial_peers)
+        self.stats.update(dht_peer_id=joined.identity.peer_id)  # proven by the first heartbeats
         self.heartbeat = HeartbeatReporter(
             self.client,
-            self.session_id,
-            self.joined.session_token,
+            joined.reply.session_id,
+            joined.reply.session_token,
             self.stats,
             name=self.name,
             version=__version__,
-            device=self.device_label,
-            interval_s=self.settings.heartbeat_interval_s,
+            device=joined.device_label,
+            interval_s=joined.settings.heartbeat_interval_s,
             on_reconnect=lambda: rejoin_in_background(self.dht, initial_peers),
-            on_token=self.access.on_token,
+            on_token=joined.access.on_token,
             evidence=self._evidence,
         )
-        self.heartbeat.set_dht_proof(*self.identity.prove(self.joined.dht_challenge))
+        self.heartbeat.set_dht_proof(*joined.identity.prove(joined.reply.dht_challenge))
         self.heartbeat.start()
 
     def _evidence(self) -> list:
         """Rejected contributions and averaging groups our averagers recorded since the last heartbeat."""
-        return heartbeat_messages(getattr(self, "evidence_sink", None), self.stats.get().local_epoch)
+        return heartbeat_messages(self.evidence_sink, self.stats.get().local_epoch)
 
-    def load_data(self) -> Iterator:
+    def load_data(self, joined: Joined) -> Iterator:
         """Endless (batch, place in the data) pairs, from where Join placed us (peer/data/feed.py)."""
         from tokenizers import Tokenizer
 
         self.feed = DataFeed(
-            self.config, self.manifest, self.joined, self.cache_dir, self.stats, self._answer
+            self.config, joined.manifest, joined.reply, joined.cache_dir, self.stats, self._answer
         )
-        return self.feed.batches(Tokenizer.from_str(self.joined.tokenizer_json), self.batch_size)
+        return self.feed.batches(Tokenizer.from_str(joined.reply.tokenizer_json), joined.batch_size)
 
     def _answer(self):
         return self.heartbeat.answer if self.heartbeat is not None else None
 
-    def build_model(self):
+    def build_model(self, joined: Joined):
         from crowdtrain.peer.run.model import build_model, num_parameters
 
-        model = build_model(self.manifest, self.device)
+        model = build_model(joined.manifest, joined.device)
         logger.info(
-            "model: %s with %.2fM parameters", self.manifest.model.model_type, num_parameters(model) / 1e6
+            "model: %s with %.2fM parameters", joined.manifest.model.model_type, num_parameters(model) / 1e6
         )
-        self.recovery = Recovery(self.config.coordinator, model, self.device, self.cache_dir, self.stop_event)
-        self.recovery.use_key(self.run_key, ClientTls.from_flags(self.config.tls, self.config.tls_ca))
-        if self.settings.resume_from_step > 0:  # nobody is training: start from the latest checkpoint
-            self.recovery.load_checkpoint(self.settings.resume_from_step)
+        self.recovery = Recovery(
+            self.config.coordinator, model, joined.device, joined.cache_dir, self.stop_event
+        )
+        self.recovery.use_key(joined.run_key, ClientTls.from_flags(self.config.tls, self.config.tls_ca))
+        if joined.resume_from_step > 0:  # nobody is training: start from the latest checkpoint
+            self.recovery.load_checkpoint(joined.resume_from_step)
         return model
 
-    def fit(self, model) -> None:
+    def fit(self, joined: Joined, model) -> None:
         """Precision and the largest micro-batch this machine holds (peer/machine/fit.py); refused here,
         before the swarm, when not even one sequence fits. Steps still count the whole batch."""
         from crowdtrain.peer.machine.accumulate import fit_to_machine
 
-        self.stepper, why = fit_to_machine(model, self.manifest, self.device, self.batch_size, self.config)
+        self.stepper, why = fit_to_machine(
+            model, joined.manifest, joined.device, joined.batch_size, self.config
+        )
         micro = self.stepper.micro_batch
         emit(
             logger,
@@ -227,87 +295,91 @@ class Volunteer:
             "memory: %s",
             why,
             micro_batch=micro,
-            batch_size=self.batch_size,
+            batch_size=joined.batch_size,
             reason=why,
         )
 
-    def join_swarm(self, model) -> None:
+    def join_swarm(self, joined: Joined, model) -> None:
         from crowdtrain.peer.swarm.lifecycle import tie_children_to_this_process, use_fork_start_method
         from crowdtrain.peer.swarm.optimizers import inner_optimizer
 
         use_fork_start_method()
         tie_children_to_this_process()  # no orphans, even after kill -9
-        self.access.wait_for_token(self.config.token_wait_s, self.stop_event)  # admitted first
+        joined.access.wait_for_token(self.config.token_wait_s, self.stop_event)  # admitted first
         if self.stop_event.is_set():
             return
         if self.config.max_upload_mbps > 0:  # before the DHT and averagers fork: they share the cap
             from crowdtrain.peer.machine.bandwidth import limit_upload
 
             self.upload_limit = limit_upload(self.config.max_upload_mbps)
-        self.dht = self._start_dht(self.config.client_mode)
+        self.dht = self._start_dht(joined, self.config.client_mode)
         if not self.config.client_mode:  # can others reach us? If not: client mode, and why
             from crowdtrain.peer.link.reach import ensure_reachable
 
-            ask = (self.client, self.session_id, self.joined.session_token, partial(self._start_dht, True))
-            self.dht, reachable = ensure_reachable(self.dht, *ask)
+            as_client = partial(self._start_dht, joined, True)
+            self.dht, reachable = ensure_reachable(
+                self.dht, self.client, joined.reply.session_id, joined.reply.session_token, as_client
+            )
             self.stats.update(client_mode=not reachable)
-        self.access.attach(self.dht)
-        if self.manifest.swarm.mode == "diloco":
-            self.inner = inner_optimizer(self.manifest, model)
-        self.opt = self._make_optimizer(model)
+        joined.access.attach(self.dht)
+        if joined.manifest.swarm.mode == "diloco":
+            self.inner = inner_optimizer(joined.manifest, model)
+        self.opt = self._make_optimizer(joined, model)
         self._install_signal_handlers()  # hivemind's averager just set SIGINT to "ignored"
 
-    def _start_dht(self, client_mode: bool):
+    def _start_dht(self, joined: Joined, client_mode: bool):
         from crowdtrain.peer.swarm.wiring import start_dht
 
         return start_dht(
-            list(self.joined.initial_peers),
+            list(joined.reply.initial_peers),
             listen_host=self.config.listen_host,
             port=0 if client_mode else self.config.listen_port,  # a client listens for nobody
             announce_host=self.config.announce_host,
             client_mode=client_mode,
             stop=self.stop_event,
-            identity_path=str(self.identity.path),
-            authorizer=self.access.authorizer(),
+            identity_path=str(joined.identity.path),
+            authorizer=joined.access.authorizer(),
         )
 
-    def _make_optimizer(self, model):
+    def _make_optimizer(self, joined: Joined, model):
         """The run's hivemind optimizer, averaging only with token holders and robustly."""
         from crowdtrain.peer.robust.evidence import EvidenceSink
         from crowdtrain.peer.swarm.wiring import make_optimizer
 
         self.evidence_sink = EvidenceSink()
         return make_optimizer(
-            self.manifest,
+            joined.manifest,
             model,
             self.dht,
-            batch_size_per_step=self.batch_size,
+            batch_size_per_step=joined.batch_size,
             verbose=False,
-            gate=self.access.gate(self.dht),
+            gate=joined.access.gate(self.dht),
             evidence=self.evidence_sink,
             extra_tensors=self.inner.state_tensors() if self.inner is not None else (),
         )
 
-    def recover(self) -> None:
-        if self.settings.resume_from_step > 0:
-            self.recovery.continue_epoch_count(self.opt, self.settings.resume_from_step)
+    def recover(self, joined: Joined) -> None:
+        if joined.resume_from_step > 0:
+            self.recovery.continue_epoch_count(self.opt, joined.resume_from_step)
         self.stats.update(phase="loading_state")
-        self.recovery.catch_up(self.opt, self.manifest.swarm)
+        self.recovery.catch_up(self.opt, joined.manifest.swarm)
 
-    def train(self, model, batches: Iterator[list[list[int]]]) -> None:
+    def train(self, joined: Joined, model, batches: Iterator[list[list[int]]]) -> None:
         """Step until stopped, banned, or --max-epochs; one log line per swarm epoch."""
         from crowdtrain.peer.data.feed import as_tagged_batch
         from crowdtrain.peer.data.prefetch import Prefetcher
 
         # batches (and the next shard's download and tokenization) are made ahead on a thread,
         # started here, after hivemind's last fork
-        tensors = partial(as_tagged_batch, device=self.device)
+        tensors = partial(as_tagged_batch, device=joined.device)
         with Prefetcher(batches, tensors, depth=8, name="batches") as ahead:
-            self._train(model, ahead)
+            self._train(joined, model, ahead)
 
-    def _train(self, model, batches) -> None:
+    def _train(self, joined: Joined, model, batches) -> None:
         self.stats.update(phase="training", local_epoch=self.opt.local_epoch)
-        meter, status, summary = EpochMeter(self.opt.local_epoch), StatusLine(), ContributionSummary()
+        meter = EpochMeter(self.opt.local_epoch)
+        status = StatusLine()
+        summary = ContributionSummary()
         model.train()
         while not self.stop_event.is_set():
             if self.heartbeat.refused is not None:
@@ -315,12 +387,11 @@ class Volunteer:
                     f"stopped training: {self.heartbeat.refused}. The run's operator no longer accepts "
                     "this peer; ask them, or run it under another --name only if they agree"
                 )
-            if (
-                self.pause_gate.paused()
-            ):  # hands in its samples, idles, re-syncs (peer/volunteer/pause_gate.py)
+            # paused: hands in its samples, idles, re-syncs (peer/volunteer/pause_gate.py)
+            if self.pause_gate.paused():
                 status.clear()
                 self.pause_gate.wait(
-                    self.opt, resync=partial(self.recovery.catch_up, self.opt, self.manifest.swarm)
+                    self.opt, resync=partial(self.recovery.catch_up, self.opt, joined.manifest.swarm)
                 )
                 continue
             t0 = time.monotonic()
@@ -365,14 +436,14 @@ class Volunteer:
             self.opt.zero_grad()
         return loss, compute_s
 
-    def save(self, model) -> None:
+    def save(self, joined: Joined, model) -> None:
         """With --save-dir: write this peer's model there atomically (staging directory, then rename)."""
         from crowdtrain.peer.run.model import save_hf_atomically
 
         if self.config.save_dir:
             out = Path(self.config.save_dir).expanduser()
             extra = {"epoch.txt": f"{self.opt.local_epoch}\n"}
-            save_hf_atomically(model, self.joined.tokenizer_json, self.manifest, out, extra)
+            save_hf_atomically(model, joined.reply.tokenizer_json, joined.manifest, out, extra)
             logger.info("saved this peer's model at epoch %d to %s", self.opt.local_epoch, out)
 
     # ------------------------------------------------------------------ signals and teardown
@@ -391,11 +462,14 @@ class Volunteer:
             self.heartbeat = None
         if self.session_id:
             try:
-                self.client.leave(self.session_id, self.joined.session_token, reason="shutdown")
+                self.client.leave(self.session_id, self.session_token, reason="shutdown")
             except (CoordinatorUnavailable, CoordinatorRejected) as e:
                 logger.info("could not tell the coordinator we leave: %s", e)
             self.session_id = ""
-        opt, dht, self.opt, self.dht = self.opt, self.dht, None, None
+            self.session_token = ""
+        opt, dht = self.opt, self.dht
+        self.opt = None
+        self.dht = None
         try:
             leave_swarm(opt, dht)
         except Exception:  # hivemind internals changed (docs/hivemind.md): report, keep the real exit
