@@ -1,20 +1,22 @@
 """Whose state the publisher trusts (voters), how far ahead a donor may claim to be (epoch bound), and
 which tensors may ever be copied into the model (shape, dtype, finite) - pure decisions, plus the
 publisher's round with a fake fetcher: two sybil identities serving the same forged state with the
-highest priority are never asked, while the honest voters' state is chosen."""
+highest priority are never asked, while the honest voters' state is chosen; a state the stream's
+reader refuses reaches the round as a typed refusal, and is recorded."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 
 import pytest
 import torch
 from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord
-from crowdtrain.coordinator.publishing.agreement import FetchedState
-from crowdtrain.coordinator.publishing.choice import admissible, choose_state
+from crowdtrain.coordinator.publishing.agreement import FetchedState, FetchFailed
+from crowdtrain.coordinator.publishing.choice import admissible, choose_state, stream_refusals
 from crowdtrain.coordinator.publishing.publisher import PublisherSettings
-from crowdtrain.coordinator.publishing.vetting import ExpectedTensor, check_tensor, check_tensors
+from crowdtrain.coordinator.publishing.statefetch import StateFetcher, publisher_limits
 from crowdtrain.coordinator.publishing.voters import (
     VoterSettings,
     candidate_donors,
@@ -22,6 +24,7 @@ from crowdtrain.coordinator.publishing.voters import (
     epoch_bound,
     voter_epochs,
 )
+from crowdtrain.peer.run.tensors import ExpectedTensor, check_tensor, check_tensors, expected_tensors
 
 NOW = 10_000.0
 SETTINGS = VoterSettings(HealthSettings(5.0, 20.0, 45.0), min_age_s=120.0, seen_within_s=45.0)
@@ -174,7 +177,6 @@ def run_round(fetcher, voters, last=0):
         dataclasses.replace(PublisherSettings(), agreement_retry_s=0.0),
         threading.Event(),
         lambda step, reason: rejected.append(reason),
-        [W],
     )
     return chosen, rejected
 
@@ -222,36 +224,108 @@ def test_a_voter_claiming_a_huge_epoch_is_refused_with_its_evidence():
     assert any("peer bad" in r and f"claims epoch {2**62}" in r for r in rejected), rejected
 
 
-def test_a_broadcastable_or_wrongly_typed_state_is_refused_before_judging():
-    states = [
-        FetchedState("one", 12, [torch.ones(1)]),
-        FetchedState("f64", 12, [torch.ones(4, 3, dtype=torch.float64)]),
-        FetchedState("ok", 12, HONEST),
-        FetchedState("old", 3, HONEST),
+def _stream(epoch: int, tensors: list) -> list:
+    """`tensors` as hivemind 1.1.12's rpc_download_state streams them, the metadata first."""
+    from hivemind.compression import serialize_torch_tensor
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils.serializer import MSGPackSerializer
+    from hivemind.utils.streaming import split_for_streaming
+
+    parts = [part for t in tensors for part in split_for_streaming(serialize_torch_tensor(t))]
+    metadata = MSGPackSerializer.dumps({"epoch": epoch})
+    return [
+        averaging_pb2.DownloadData(tensor_part=part, metadata=metadata if i == 0 else b"")
+        for i, part in enumerate(parts)
     ]
-    kept, refused = admissible(states, {"one": 12, "f64": 12, "ok": 12, "old": 12}, 5, [W])
+
+
+@contextlib.contextmanager
+def streaming_fetcher(served: dict, expected=(W,), gone=()):
+    """The publisher's real StateFetcher (its reading, checking and typed failures), whose donors
+    stream `served` (peer -> (epoch, tensors)) from memory; a peer in `gone` has left."""
+    fetcher = StateFetcher(None, "run", publisher_limits(tuple(expected)), timeout_s=10)
+
+    async def open_stream(peer):
+        if peer in gone:
+            raise ConnectionResetError(f"{peer} left the swarm")
+
+        async def stream():
+            for message in _stream(*served[peer]):
+                yield message
+
+        return stream()
+
+    fetcher._open_stream = open_stream
+    fetcher.progress_claims = lambda: (
+        [(p, served[p][0], False) for p in served] + [(p, 12, False) for p in gone]
+    )
+    try:
+        yield fetcher
+    finally:
+        fetcher.shutdown()
+
+
+def test_a_broadcastable_or_wrongly_typed_state_is_refused_before_judging():
+    served = {
+        "one": (12, [torch.ones(1)]),
+        "f64": (12, [torch.ones(4, 3, dtype=torch.float64)]),
+        "ok": (12, HONEST),
+        "old": (3, HONEST),
+    }
+    with streaming_fetcher(served) as fetcher:
+        fetched, failed = fetcher.fetch_all(list(served))
+    kept, refused = admissible(fetched, {"one": 12, "f64": 12, "ok": 12, "old": 12}, 5)
+    refused |= stream_refusals(failed)
     assert [s.peer for s in kept] == ["ok"]
     assert set(refused) == {"one", "f64"} and "shape (1,)" in refused["one"]
 
 
 def test_the_publisher_refuses_a_broadcastable_tensor_before_copying_it(tmp_path):
     """Tensor.copy_ broadcasts: a (1,) tensor would fill the whole matrix and then pass any shape
-    check of the model's own state. It must be refused before the copy, the model untouched."""
+    check of the model's own state. It must be refused before the copy (where its stream is read),
+    the model untouched."""
     from types import SimpleNamespace
 
     from crowdtrain.coordinator.publishing.publisher import Publisher
-    from crowdtrain.coordinator.publishing.vetting import expected_tensors
 
     model = torch.nn.Linear(3, 4, bias=False)
     before = model.weight.detach().clone()
-    publisher = Publisher.__new__(Publisher)  # no DHT, no swarm: only the round's last step
+    publisher = Publisher.__new__(Publisher)  # no DHT, no swarm: only the round itself
     rejected = []
-    publisher.settings, publisher.root, publisher.model = PublisherSettings(), tmp_path, model
+    publisher.settings = dataclasses.replace(PublisherSettings(), agreement_retry_s=0.0)
+    publisher.root, publisher.model, publisher._stop = tmp_path, model, threading.Event()
     publisher.expected, publisher._tracker = expected_tensors(model), SimpleNamespace(global_epoch=12)
     publisher.on_reject = lambda step, reason: rejected.append(reason)
-    publisher.fetch_agreed_state = lambda last: FetchedState("peer", 12, [torch.full((1,), 7.0)])
-    assert publisher.publish_once() is None
-    assert torch.equal(model.weight, before) and "weight has shape (1,)" in rejected[0], rejected
+    publisher.voters = lambda: (frozenset({"peer"}), "test")
+    with streaming_fetcher({"peer": (12, [torch.full((1,), 7.0)])}, publisher.expected) as fetcher:
+        publisher._fetcher = fetcher
+        assert publisher.publish_once() is None
+    assert torch.equal(model.weight, before) and "weight declares shape (1,)" in rejected[0], rejected
+
+
+def test_a_refused_stream_is_recorded_as_a_refusal_and_a_donor_that_left_is_not():
+    """The reader's StateRefused reaches choice's refusals as a typed `FetchFailed(refused=True)`
+    (no class name in a string); a donor that left is a failure, not evidence against it."""
+    served = {f"h{i}": (12, HONEST) for i in range(3)} | {"nan": (12, [torch.full((4, 3), float("nan"))])}
+    settings = dataclasses.replace(PublisherSettings(), agreement_retry_s=0.0, max_donors_asked=5)
+    rejected = []
+    with streaming_fetcher(served, gone=("left",)) as fetcher:
+        fetched, failed = fetcher.fetch_all(["h0", "nan", "left"])
+        chosen = choose_state(
+            fetcher,
+            frozenset({*served, "left"}),
+            "test",
+            0,
+            settings,
+            threading.Event(),
+            lambda step, reason: rejected.append(reason),
+        )
+    assert [s.peer for s in fetched] == ["h0"] and failed["nan"].refused and not failed["left"].refused
+    assert failed["nan"] == FetchFailed("w contains NaN or infinite values", refused=True)
+    assert "left the swarm" in failed["left"].reason
+    assert stream_refusals(failed) == {"nan": "w contains NaN or infinite values"}
+    assert chosen is not None and torch.equal(chosen.tensors[0], HONEST[0])
+    assert rejected == ["refused the state of peer nan: w contains NaN or infinite values"], rejected
 
 
 # ------------------------------------------------------------------ a real download over hivemind
@@ -263,7 +337,6 @@ def test_a_donor_streaming_a_giant_state_is_cut_off_early():
     import time
 
     import hivemind
-    from crowdtrain.coordinator.publishing.statefetch import StateFetcher, StateLimits
     from crowdtrain.peer.swarm.lifecycle import use_fork_start_method
     from hivemind.averaging import DecentralizedAverager
 
@@ -275,8 +348,8 @@ def test_a_donor_streaming_a_giant_state_is_cut_off_early():
 
     use_fork_start_method()
     served = torch.randn(2560, 1024)  # 10 MiB of float32
-    fair = StateLimits((ExpectedTensor("w", (2560, 1024), "torch.float32", 4),))
-    small = StateLimits((ExpectedTensor("w", (256, 1024), "torch.float32", 4),))  # 1 MiB
+    fair = publisher_limits((ExpectedTensor("w", (2560, 1024), "torch.float32", 4),))
+    small = publisher_limits((ExpectedTensor("w", (256, 1024), "torch.float32", 4),))  # 1 MiB
     maddrs = ["/ip4/127.0.0.1/tcp/0"]
     donor_dht = hivemind.DHT(start=True, host_maddrs=maddrs)
     fetcher_dht = hivemind.DHT(
@@ -294,8 +367,8 @@ def test_a_donor_streaming_a_giant_state_is_cut_off_early():
         t0 = time.monotonic()
         states, failed = fetchers[1].fetch_all([peer])
         # refused at its first part, before reading (or decoding) the rest: peer/swarm/statewire.py
-        assert states == [] and failed[peer].startswith("StateRefused"), failed
-        assert "declares shape (2560, 1024), ours is (256, 1024)" in failed[peer], failed
+        assert states == [] and failed[peer].refused, failed
+        assert "declares shape (2560, 1024), ours is (256, 1024)" in failed[peer].reason, failed
         assert time.monotonic() - t0 < 20
     finally:
         for fetcher in fetchers:
@@ -450,6 +523,5 @@ def test_an_operator_who_trusts_one_voter_gets_the_first_voters_state():
         PublisherSettings(agreement_peers=1),
         threading.Event(),
         lambda step, reason: rejected.append(reason),
-        [W],
     )
     assert chosen is not None and len(fetcher.asked) == 1 and not rejected

@@ -1,4 +1,6 @@
-"""What may be published: finite tensors of the manifest's shapes, no eval-loss regression."""
+"""What may be published: finite tensors of the manifest's shapes (the one check of a downloaded
+state, `peer.run.tensors.check_tensors`, which the publisher runs where the state's stream is read),
+no eval-loss regression (`vetting.check_candidate`)."""
 
 from __future__ import annotations
 
@@ -7,41 +9,41 @@ from pathlib import Path
 
 import torch
 from crowdtrain.coordinator.publishing.vetting import check_candidate, model_card
+from crowdtrain.peer.run.tensors import ExpectedTensor, check_tensors
 
 from tests.conftest import make_run
 
-SHAPES = {"a": (2, 3), "b": (4,)}
+MODEL = (ExpectedTensor("a", (2, 3), "torch.float32", 4), ExpectedTensor("b", (4,), "torch.float32", 4))
 
 
-def _tensors(**overrides):
+def _tensors(**overrides) -> list:
     tensors = {"a": torch.zeros(2, 3), "b": torch.ones(4)}
     tensors.update(overrides)
-    return tensors
+    return list(tensors.values())
 
 
 def test_a_healthy_state_passes():
-    assert check_candidate(_tensors(), SHAPES, 5.0, 5.2, 0.5) is None
-    assert check_candidate(_tensors(), SHAPES, 5.4, 5.0, 0.5) is None  # within the margin
-    assert check_candidate(_tensors(), SHAPES, 9.0, None, 0.5) is None  # nothing published yet
+    assert check_tensors(_tensors(), MODEL) is None
+    assert check_candidate(5.0, 5.2, 0.5) is None
+    assert check_candidate(5.4, 5.0, 0.5) is None  # within the margin
+    assert check_candidate(9.0, None, 0.5) is None  # nothing published yet
 
 
 def test_nan_or_inf_anywhere_is_refused():
     bad = torch.ones(4)
     bad[2] = math.nan
-    assert "b contains NaN" in check_candidate(_tensors(b=bad), SHAPES, 5.0, None, 0.5)
-    assert "contains NaN or infinite" in check_candidate(
-        _tensors(a=torch.full((2, 3), math.inf)), SHAPES, 5.0, None, 0.5
-    )
-    assert "eval loss is nan" in check_candidate(_tensors(), SHAPES, math.nan, None, 0.5)
+    assert "b contains NaN" in check_tensors(_tensors(b=bad), MODEL)
+    assert "contains NaN or infinite" in check_tensors(_tensors(a=torch.full((2, 3), math.inf)), MODEL)
+    assert "eval loss is nan" in check_candidate(math.nan, None, 0.5)
 
 
 def test_shape_or_name_mismatch_is_refused():
-    assert "shape (3, 2)" in check_candidate(_tensors(a=torch.zeros(3, 2)), SHAPES, 5.0, None, 0.5)
-    assert "missing ['b']" in check_candidate({"a": torch.zeros(2, 3)}, SHAPES, 5.0, None, 0.5)
+    assert "shape (3, 2)" in check_tensors(_tensors(a=torch.zeros(3, 2)), MODEL)
+    assert "missing ['b']" in check_tensors([torch.zeros(2, 3)], MODEL)
 
 
 def test_eval_loss_regression_beyond_the_margin_is_refused():
-    reason = check_candidate(_tensors(), SHAPES, 5.6, 5.0, 0.5)
+    reason = check_candidate(5.6, 5.0, 0.5)
     assert "worse than the last published 5.0000 by 0.6000 nats (allowed 0.5000)" in reason
 
 

@@ -22,6 +22,15 @@ class FetchedState:
 
 
 @dataclass(frozen=True)
+class FetchFailed:
+    """Why a peer gave no state: `refused` when it sent one we do not load (statewire's
+    `StateRefused`: evidence against it, recorded), else it left, timed out or failed to answer."""
+
+    reason: str
+    refused: bool = False
+
+
+@dataclass(frozen=True)
 class Verdict:
     decision: str  # "publish" | "disagree" | "wait"
     reason: str

@@ -3,9 +3,9 @@
 Only voters are asked (`voters`: proven, admitted, long-standing DHT identities, one vote each),
 and only those the swarm's signed progress records name (`voters.candidate_donors`). Each state
 that comes back must be newer than the latest checkpoint, no further ahead than the other voters'
-records allow (`voters.epoch_bound`) and fit the model tensor by tensor (checked while it streams,
-`statefetch.StreamReader`); a refusal is logged with its evidence and recorded. The rest is judged
-by `agreement.judge` (a strict majority of the voters asked at one epoch).
+records allow (`voters.epoch_bound`) and fit the model tensor by tensor (checked once, where its
+stream is read: `statefetch`, `FetchFailed.refused`); a refusal is logged with its evidence and
+recorded. The rest is judged by `agreement.judge` (a strict majority of the voters asked at one epoch).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from crowdtrain.coordinator.publishing.agreement import FetchedState, Verdict, judge
-from crowdtrain.coordinator.publishing.vetting import ExpectedTensor, check_tensors
+from crowdtrain.coordinator.publishing.agreement import FetchedState, FetchFailed, Verdict, judge
 from crowdtrain.coordinator.publishing.voters import candidate_donors, epoch_bound, voter_epochs
 from crowdtrain.peer.events import emit
 
@@ -23,17 +22,16 @@ logger = logging.getLogger(__name__)
 
 
 def admissible(
-    states: Sequence[FetchedState], epochs: dict[str, int], last: int, expected: Sequence[ExpectedTensor]
+    states: Sequence[FetchedState], epochs: dict[str, int], last: int
 ) -> tuple[list[FetchedState], dict[str, str]]:
-    """Pure: the states worth judging, and why each other one was refused (by peer). A state at or
-    before the latest checkpoint `last` is stale, not refused."""
+    """Pure: the states worth judging, and why each other one was refused (by peer). Their tensors
+    fit the model already (checked where the stream is read); here the epoch each claims must be
+    within the voters' records. A state at or before the latest checkpoint `last` is stale, not refused."""
     kept, refused = [], {}
     for state in states:
         ok, why = epoch_bound(state.peer, state.epoch, epochs)
-        problem = None if ok else why
-        problem = problem or check_tensors(state.tensors, expected)
-        if problem:
-            refused[state.peer] = problem
+        if not ok:
+            refused[state.peer] = why
         elif state.epoch > last:
             kept.append(state)
         else:
@@ -54,7 +52,6 @@ def choose_state(
     settings,
     stop: threading.Event,
     on_reject: Callable[[int, str], None],
-    expected: Sequence[ExpectedTensor],
 ) -> FetchedState | None:
     """A state newer than `last` that a majority of the voters asked agree on, else None.
 
@@ -62,7 +59,8 @@ def choose_state(
     majority must agree. Honest peers can still disagree for a moment (hivemind bumps a peer's
     epoch before its optimizer step lands, and applies a background state average later), so on no
     majority it asks again after `agreement_retry_s`, at most `agreement_attempts` times. A final
-    disagreement, any outvoted peer and every refused donor are recorded.
+    disagreement, any outvoted peer and every refused donor are recorded (a donor that left or
+    timed out is not refused: `FetchFailed.refused`).
     """
     s = settings
     claims = fetcher.progress_claims()
@@ -82,8 +80,8 @@ def choose_state(
         if attempt and stop.wait(s.agreement_retry_s):
             return None
         fetched, failed = fetcher.fetch_all(donors[:asked])
-        states, refused = admissible(fetched, epochs, last, expected)
-        refusals |= refused | {p: why for p, why in failed.items() if why.startswith("StateRefused")}
+        states, refused = admissible(fetched, epochs, last)
+        refusals |= refused | stream_refusals(failed)
         verdict = judge(states, len(donors) if asked > 1 else 1, s.agreement_rel_tol, asked=asked)
         if verdict.decision == "publish":
             break
@@ -93,6 +91,11 @@ def choose_state(
         on_reject(verdict.chosen.epoch if verdict.chosen else states[0].epoch, verdict.reason)
     report(verdict, len(donors))
     return verdict.chosen if verdict.decision == "publish" else None
+
+
+def stream_refusals(failed: dict[str, FetchFailed]) -> dict[str, str]:
+    """Pure: why each donor whose stream was refused (not one that left or timed out) was refused."""
+    return {peer: failure.reason for peer, failure in failed.items() if failure.refused}
 
 
 def record_refusal(

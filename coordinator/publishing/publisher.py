@@ -7,9 +7,10 @@ state from several voters itself (`statefetch.StateFetcher`: the `rpc_download_s
 uses) and keeps one only if a majority of them agree on it (`choice.choose_state`: voters are
 proven, long-standing identities named by the swarm's signed progress records, one vote each, so
 neither one forged donor nor a crowd of fresh DHT identities can publish a state). Every tensor is
-checked against the model before it is copied in. It evaluates that state on the held-out split
-(`vetting.check_candidate`), writes an HF-format directory atomically and signs it
-(`archive.finalize`), then applies retention (`archive.retention_victims`).
+checked against the model once, where its stream is read (peer/swarm/statewire.py), before it is
+copied in. It evaluates that state on the held-out split (`vetting.check_candidate`), writes an
+HF-format directory atomically and signs it (`archive.finalize`), then applies retention
+(`archive.retention_victims`).
 """
 
 from __future__ import annotations
@@ -25,16 +26,12 @@ from typing import TYPE_CHECKING
 from crowdtrain.coordinator.publishing import archive
 from crowdtrain.coordinator.publishing.agreement import FetchedState
 from crowdtrain.coordinator.publishing.choice import choose_state
-from crowdtrain.coordinator.publishing.statefetch import StateFetcher, StateLimits
-from crowdtrain.coordinator.publishing.vetting import (
-    check_candidate,
-    check_tensors,
-    expected_tensors,
-    model_card,
-)
+from crowdtrain.coordinator.publishing.statefetch import StateFetcher, publisher_limits
+from crowdtrain.coordinator.publishing.vetting import check_candidate, model_card
 from crowdtrain.peer.checkpoints import format as checkpoint
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.run.manifest import RunManifest
+from crowdtrain.peer.run.tensors import expected_tensors
 
 if TYPE_CHECKING:  # config composes the components' settings: a type only, never an import
     from crowdtrain.coordinator.config import CoordinatorConfig
@@ -114,7 +111,6 @@ class Publisher:
 
         hf_logging.disable_progress_bar()  # no tqdm bars in an operator's log
         self.model = build_model(self.manifest, self.settings.device)
-        self.expected_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         self.expected = expected_tensors(self.model)
         tokenizer = Tokenizer.from_str(self.tokenizer_json)
         blocks = tokenize_blocks(tokenizer, read_shard(self.eval_shard), self.manifest.data.seq_len)
@@ -136,7 +132,7 @@ class Publisher:
         self._fetcher = StateFetcher(
             self._dht,
             self.manifest.run_id,
-            StateLimits(self.expected, margin=self.settings.max_state_bytes_margin),
+            publisher_limits(self.expected, self.settings.max_state_bytes_margin),
             timeout_s=self.manifest.swarm.load_state_timeout_s,
         )
         self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
@@ -231,10 +227,8 @@ class Publisher:
         if state is None:
             return None
         epoch = state.epoch
-        problem = check_tensors(state.tensors, self.expected)  # before copy_, which broadcasts
-        if problem:
-            self.on_reject(epoch, f"state of peer {state.peer}: {problem}")
-            return None
+        # its tensors fit the model, shape for shape (checked where its stream was read, statefetch):
+        # Tensor.copy_ would broadcast a smaller one
         with torch.no_grad():
             for param, loaded in zip(self.model.parameters(), state.tensors, strict=True):
                 param.copy_(loaded)
@@ -263,11 +257,7 @@ class Publisher:
         logged and recorded."""
         metas = checkpoint.list_checkpoints(self.root)
         problem = check_candidate(
-            dict(self.model.state_dict()),
-            self.expected_shapes,
-            eval_loss,
-            metas[-1].eval_loss if metas else None,
-            self.settings.max_eval_regression_nats,
+            eval_loss, metas[-1].eval_loss if metas else None, self.settings.max_eval_regression_nats
         )
         if problem is None:
             return True
@@ -322,9 +312,7 @@ class Publisher:
         """A state newer than `last` that a majority of the voters asked agree on, else None
         (`choice.choose_state`: who is asked, what is refused, how often to ask again)."""
         voters, why = self.voters()
-        return choose_state(
-            self._fetcher, voters, why, last, self.settings, self._stop, self.on_reject, self.expected
-        )
+        return choose_state(self._fetcher, voters, why, last, self.settings, self._stop, self.on_reject)
 
     def prune(self) -> list[int]:
         """Apply retention: delete old checkpoints, never the latest nor one being downloaded."""

@@ -4,7 +4,10 @@ hivemind's `load_state_from_peers` picks the donor itself (the highest self-decl
 stops at the first answer, so the publisher could never get a second opinion. This asks the same
 `rpc_download_state` of a peer we name, through our own client of the DHT's p2p daemon, and keeps
 the model's parameters only (the first tensors of hivemind's flat state, in the order of
-`model.parameters()`, see `peer.swarm.make_optimizer`).
+`model.parameters()`, see `peer.swarm.wiring.make_optimizer`). The stream is read, bounded and
+checked by the one reader joiners use too (peer/swarm/statewire.py, `publisher_limits`): a state
+that comes out of `fetch_all` fits the model (count, shape, dtype, finite), and a donor whose
+state was refused is told apart from one that left (`FetchFailed.refused`).
 
 It relies on internals of hivemind 1.1.12 (no public API offers this), each marked "hivemind
 1.1.12 internals" below: the state averager's DHT prefix, its donor key, its download RPC and that
@@ -16,12 +19,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
 
 from crowdtrain.coordinator.limits import MAX_EPOCH
-from crowdtrain.coordinator.publishing.agreement import FetchedState
-from crowdtrain.coordinator.publishing.vetting import ExpectedTensor, check_tensor
-from crowdtrain.peer.swarm.statewire import STREAM_PART_BYTES, StateAssembler, StateRefused, WireTensor
+from crowdtrain.coordinator.publishing.agreement import FetchedState, FetchFailed
+from crowdtrain.peer.run.tensors import ExpectedTensor
+from crowdtrain.peer.swarm.statewire import (
+    PUBLISHER_BYTE_SLACK,
+    StateLimits,
+    StateRefused,
+    StateStreamReader,
+    read_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,28 +41,21 @@ async def _daemon_maddr(_dht, node):
     return node.p2p.daemon_listen_maddr
 
 
-@dataclass(frozen=True)
-class StateLimits:
-    """What a donor may send: the model's parameters (shapes, dtypes) and bounds on the stream."""
+def publisher_limits(
+    parameters: tuple[ExpectedTensor, ...], byte_slack: float = PUBLISHER_BYTE_SLACK
+) -> StateLimits:
+    """What a donor may send the publisher: the model's parameters (the first tensors of its state;
+    the optimizer statistics after them are not read), within `byte_slack` x their bytes."""
+    return StateLimits(tuple(parameters), byte_slack=byte_slack, read_all=False)
 
-    expected: tuple[ExpectedTensor, ...]  # the model's parameters in order
-    margin: float = 1.25  # bytes allowed beyond the parameters' own (headers, a different layout)
 
-    @property
-    def parameter_bytes(self) -> int:
-        return sum(t.nbytes for t in self.expected)
-
-    @property
-    def max_bytes(self) -> int:
-        """Serialized bytes a donor may send before we hang up: the parameters' bytes times
-        `margin`, plus 4 KiB per tensor of protobuf headers."""
-        return int(self.parameter_bytes * self.margin) + 4096 * len(self.expected)
-
-    @property
-    def max_messages(self) -> int:
-        """Stream messages a donor may send: each tensor in hivemind's 64 KiB parts, twice over."""
-        parts = sum(-(-max(t.nbytes, 1) // STREAM_PART_BYTES) for t in self.expected)
-        return 2 * parts + 16
+def fetched_state(peer: str, metadata, tensors: list) -> FetchedState:
+    """The state a stream read by `StateStreamReader` gave (its tensors already checked), with its
+    epoch; StateRefused if it carries none (it may not share state right now)."""
+    # hivemind 1.1.12 internals: the metadata of rpc_download_state is a dict with "epoch"
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int):
+        raise StateRefused("sent no state (no epoch in its metadata; it may not share state right now)")
+    return FetchedState(peer=peer, epoch=metadata["epoch"], tensors=tensors)
 
 
 class StateFetcher:
@@ -65,7 +66,6 @@ class StateFetcher:
 
     def __init__(self, dht, run_id: str, limits: StateLimits, timeout_s: float):
         self.dht, self.run_id, self.limits, self.timeout_s = dht, run_id, limits, timeout_s
-        self.num_parameters = len(limits.expected)
         # hivemind 1.1.12 internals: Optimizer._make_state_averager names its averager this way;
         # the RPC namespace below derives from it
         self.prefix = f"{run_id}_state_averager"
@@ -120,26 +120,37 @@ class StateFetcher:
                 claims.append((peer, epoch, client_mode))
         return claims
 
-    def fetch_all(self, peers: list[str]) -> tuple[list[FetchedState], dict[str, str]]:
+    def fetch_all(self, peers: list[str]) -> tuple[list[FetchedState], dict[str, FetchFailed]]:
         """The states `peers` serve, downloaded at once (as close in time as can be), and why each
-        other peer gave none: it left, timed out, sent garbage or too much (`StateRefused`)."""
+        other peer gave none: refused (`StateRefused`: it sent a state we do not load), or it left,
+        timed out or failed to answer."""
 
-        async def one(peer: str) -> FetchedState | str:
+        async def one(peer: str) -> FetchedState | FetchFailed:
             try:
                 return await asyncio.wait_for(self._fetch(peer), self.timeout_s)
-            except Exception as e:  # a donor that left, refused, timed out or sent garbage
+            except StateRefused as e:
+                logger.warning("refused the state of peer %s: %s", peer, e)
+                return FetchFailed(str(e), refused=True)
+            except Exception as e:  # a donor that left, timed out or failed to answer
                 logger.warning("could not download the state of peer %s: %s: %s", peer, type(e).__name__, e)
-                return f"{type(e).__name__}: {e}"
+                return FetchFailed(f"{type(e).__name__}: {e}")
 
         async def gather():
             return await asyncio.gather(*(one(peer) for peer in peers))
 
         results = self._run(gather(), self.timeout_s + 10)
         states = [r for r in results if isinstance(r, FetchedState)]
-        failed = {peer: r for peer, r in zip(peers, results, strict=True) if isinstance(r, str)}
+        failed = {peer: r for peer, r in zip(peers, results, strict=True) if isinstance(r, FetchFailed)}
         return states, failed
 
     async def _fetch(self, peer: str) -> FetchedState:
+        """The model's parameters as `peer` serves them, read and checked by statewire's reader."""
+        stream = await self._open_stream(peer)
+        metadata, tensors = await read_state(stream, StateStreamReader(self.limits))
+        return fetched_state(peer, metadata, tensors)
+
+    async def _open_stream(self, peer: str):
+        """`peer`'s `rpc_download_state` stream, through our client of the DHT's p2p daemon."""
         from hivemind.optim.state_averager import TrainingStateAverager
         from hivemind.p2p import P2P, PeerID
         from hivemind.proto import averaging_pb2
@@ -147,76 +158,8 @@ class StateFetcher:
         if self._p2p is None:
             maddr = self.dht.run_coroutine(_daemon_maddr)
             self._p2p = await P2P.replicate(maddr)
-        # hivemind 1.1.12 internals: the averager's RPC (get_stub, namespace=prefix)
+        # hivemind 1.1.12 internals: the averager's RPC (get_stub, namespace=prefix); its stream:
+        # metadata with "epoch" first, then the parameters before the optimizer statistics
+        # (TrainingStateAverager.get_current_state)
         stub = TrainingStateAverager.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
-        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-        reader = StreamReader(self.limits)
-        try:
-            async for message in stream:
-                if reader.add(message):
-                    break  # optimizer statistics follow: not needed to publish the model
-        finally:
-            if hasattr(stream, "aclose"):
-                await stream.aclose()  # tell the donor to stop sending
-        return FetchedState(peer=peer, epoch=reader.finish(), tensors=reader.tensors)
-
-
-class StreamReader:
-    """Reassembles the parameters from `rpc_download_state` messages, within `limits`: each tensor's
-    parts must declare the run's codec and the parameter's dtype and shape before they are decoded
-    (`peer.statewire.StateAssembler`, so its decoded bytes are the parameter's own), each tensor is
-    checked (finite: `vetting.check_tensor`) as soon as it is complete, and the stream is refused
-    (`StateRefused`) once it exceeds `max_bytes` or `max_messages`, so a donor can never make us
-    hold more than about the model's size."""
-
-    def __init__(self, limits: StateLimits):
-        self.limits = limits
-        self.metadata = None
-        self.assembler = StateAssembler(
-            [WireTensor(t.shape, t.dtype.removeprefix("torch."), t.element_size) for t in limits.expected]
-        )
-        self.received_bytes = self.messages = 0
-
-    @property
-    def tensors(self) -> list:
-        return self.assembler.tensors
-
-    def add(self, message) -> bool:
-        """Take one message; True once every parameter is in (stop reading)."""
-        # hivemind 1.1.12 internals: the stream of rpc_download_state: MSGPack metadata with "epoch"
-        # in the first message, a tensor's first part carries its codec, dtype and shape,
-        # parameters come before optimizer statistics (TrainingStateAverager.get_current_state)
-        from hivemind.utils.serializer import MSGPackSerializer
-
-        self.messages += 1
-        self.received_bytes += message.ByteSize()
-        if self.received_bytes > self.limits.max_bytes or self.messages > self.limits.max_messages:
-            raise StateRefused(
-                f"sent more than the model's parameters allow ({self.received_bytes} bytes in "
-                f"{self.messages} messages; limits {self.limits.max_bytes} bytes, "
-                f"{self.limits.max_messages} messages for {self.limits.parameter_bytes} parameter bytes)"
-            )
-        if message.metadata and self.metadata is None:
-            self.metadata = MSGPackSerializer.loads(message.metadata)
-        checked = len(self.tensors)
-        done = self.assembler.add(message.tensor_part)  # the parameters are in: optimizer statistics follow
-        self._check(checked)
-        return done
-
-    def _check(self, start: int) -> None:
-        """Refuse the tensors completed since `start` unless each is finite (and fits: belt and braces)."""
-        for index in range(start, len(self.tensors)):
-            problem = check_tensor(self.tensors[index], self.limits.expected[index])
-            if problem:
-                raise StateRefused(problem)
-
-    def finish(self) -> int:
-        """The state's epoch once the stream ended; StateRefused if it is not a whole state."""
-        checked = len(self.tensors)
-        self.assembler.finish()
-        self._check(checked)
-        if not isinstance(self.metadata, dict) or not isinstance(self.metadata.get("epoch"), int):
-            raise StateRefused("sent no state (no epoch in its metadata; it may not share state right now)")
-        if len(self.tensors) < len(self.limits.expected):
-            raise StateRefused(f"sent {len(self.tensors)} tensors, the model has {len(self.limits.expected)}")
-        return self.metadata["epoch"]
+        return await stub.rpc_download_state(averaging_pb2.DownloadRequest())

@@ -1,87 +1,22 @@
 """What a state must pass before it is published, and the model card that goes with it. Pure.
 
-`check_tensor` / `check_tensors` hold each downloaded tensor to the model's own parameter (shape,
-dtype, finite) *before* anything is copied into the model: `Tensor.copy_` broadcasts, so a (1,)
-tensor copied first would fill a whole matrix and pass any shape check made afterwards.
-`check_candidate` returns None for a publishable state or the reason it is rejected; the publisher
-records rejections (shown by `crowdtrain status`, /api/v1/state and the dashboard).
+A state reaches the publisher already shaped like the model and finite: the one check of its
+tensors runs where its stream is read (peer/swarm/statewire.py, `peer.run.tensors.check_tensors`),
+before anything is copied into the model. What is left to decide here is its quality:
+`check_candidate` returns None for a state whose held-out loss may be published, or why not; the
+publisher records rejections (shown by `crowdtrain status`, /api/v1/state and the dashboard).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from crowdtrain.peer.run.manifest import RunManifest
 
 
-@dataclass(frozen=True)
-class ExpectedTensor:
-    """One parameter of the model, as a downloaded state must hold it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # str(torch.dtype), e.g. "torch.float32"
-    element_size: int  # bytes per element
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.element_size
-
-
-def expected_tensors(model) -> tuple[ExpectedTensor, ...]:
-    """The model's parameters in `model.parameters()` order (hivemind's state order)."""
-    return tuple(
-        ExpectedTensor(name, tuple(p.shape), str(p.dtype), p.element_size())
-        for name, p in model.named_parameters()
-    )
-
-
-def check_tensor(tensor, expected: ExpectedTensor) -> str | None:
-    """None if `tensor` may stand for the parameter `expected`, else why not."""
-    import torch
-
-    if not isinstance(tensor, torch.Tensor):
-        return f"{expected.name} is a {type(tensor).__name__}, not a tensor"
-    if tuple(tensor.shape) != expected.shape:
-        return f"{expected.name} has shape {tuple(tensor.shape)}, the model has {expected.shape}"
-    if str(tensor.dtype) != expected.dtype:
-        return f"{expected.name} has dtype {tensor.dtype}, the model has {expected.dtype}"
-    if not bool(torch.isfinite(tensor).all()):
-        return f"{expected.name} contains NaN or infinite values"
-    return None
-
-
-def check_tensors(tensors: Sequence, expected: Sequence[ExpectedTensor]) -> str | None:
-    """None if `tensors` can be copied into the model's parameters one for one, else why not."""
-    if len(tensors) != len(expected):
-        return f"{len(tensors)} tensors, the model has {len(expected)} parameters"
-    for tensor, want in zip(tensors, expected, strict=True):
-        problem = check_tensor(tensor, want)
-        if problem:
-            return problem
-    return None
-
-
-def check_candidate(
-    tensors: Mapping[str, object],
-    expected_shapes: Mapping[str, tuple[int, ...]],
-    eval_loss: float,
-    last_eval_loss: float | None,
-    max_regression_nats: float,
-) -> str | None:
-    """None if the state may be published, else why not. `tensors` maps names to torch tensors."""
-    import torch
-
-    if set(tensors) != set(expected_shapes):
-        missing, extra = set(expected_shapes) - set(tensors), set(tensors) - set(expected_shapes)
-        return f"tensor names differ from the manifest's model (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})"
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected_shapes[name]):
-            return f"{name} has shape {tuple(tensor.shape)}, the manifest's model has {tuple(expected_shapes[name])}"
-        if not bool(torch.isfinite(tensor).all()):
-            return f"{name} contains NaN or infinite values"
+def check_candidate(eval_loss: float, last_eval_loss: float | None, max_regression_nats: float) -> str | None:
+    """None if a state with held-out loss `eval_loss` may be published after one at
+    `last_eval_loss` (None: nothing published yet), else why not."""
     if not math.isfinite(eval_loss):
         return f"eval loss is {eval_loss}"
     if last_eval_loss is not None and eval_loss > last_eval_loss + max_regression_nats:

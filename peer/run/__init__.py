@@ -6,4 +6,5 @@
     modelsize.py    Whether the run's model may be built here
     report.py       What a peer says about itself: one record from the trainer to the heartbeat
     runproof.py     Is the run a coordinator hands us at Join the run its key signed?
+    tensors.py      The tensors a state of the model must hold, and the one check that it does
 """

@@ -3,12 +3,13 @@
 hivemind 1.1.12's `DecentralizedAverager._load_state_from_peers` asks the donor with the highest
 self-declared priority (an unsigned DHT dictionary) and accepts whatever it streams: any number of
 tensors of any shape, NaN included, as many bytes as it likes. `load_state_checked` is that
-method with four changes: donors the gate refuses are skipped, the stream is cut as soon as it
-exceeds `BYTE_SLACK` x the bytes of our own state or holds more tensors than ours, each tensor's
-parts must declare our codec, dtype and shape before they are decoded (peer/swarm/statewire.py: a donor
-cannot make one wire byte decode into 16), and the result must match our own state tensor for
-tensor (count, shape, dtype) and be finite; otherwise the next donor is asked. Runs inside the
-averager process (it is an averager method's body).
+method with two changes: donors the gate refuses are skipped, and each download is read by the
+state stream's one reader (peer/swarm/statewire.py) within our own state's limits
+(`joiner_limits`): cut as soon as it exceeds `JOINER_BYTE_SLACK` x the bytes of our own state or
+holds more tensors than ours, each tensor's parts held to our codec, dtype and shape before they
+are decoded, and the result held to our own state tensor for tensor (count, shape, dtype, finite:
+`peer.run.tensors.check_tensors`); otherwise the next donor is asked, and the refused one is
+reported as `bad_state` evidence. Runs inside the averager process (it is an averager method's body).
 """
 
 from __future__ import annotations
@@ -18,51 +19,35 @@ import logging
 import random
 import time
 
-import torch
-from crowdtrain.peer.swarm.statewire import StateAssembler, StateRefused, WireTensor
+from crowdtrain.peer.run.tensors import expected_state
+from crowdtrain.peer.swarm.statewire import (
+    JOINER_BYTE_SLACK,
+    StateLimits,
+    StateRefused,
+    StateStreamReader,
+    read_state,
+)
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 logger = logging.getLogger(__name__)
 
-BYTE_SLACK = 1.1  # a donor may stream at most this x the bytes of our own state (tensors + metadata)
+
+def joiner_limits(own_metadata: bytes, own_tensors) -> StateLimits:
+    """What a donor may send a joiner: exactly a state like its own (`own_tensors`, parameters then
+    optimizer statistics), within `JOINER_BYTE_SLACK` x its bytes, metadata included."""
+    return StateLimits(
+        expected_state(own_tensors), byte_slack=JOINER_BYTE_SLACK, metadata_bytes=len(own_metadata or b"")
+    )
 
 
-def check_state(
-    tensors: list[torch.Tensor], expected: list[tuple[torch.Size, torch.dtype]]
-) -> tuple[bool, str]:
-    """Pure: does a downloaded state line up with ours and hold finite values only?"""
-    if len(tensors) != len(expected):
-        return False, f"{len(tensors)} tensors, ours has {len(expected)}"
-    for index, (tensor, (shape, dtype)) in enumerate(zip(tensors, expected, strict=False)):
-        if tensor.shape != shape or tensor.dtype != dtype:
-            return (
-                False,
-                f"tensor {index} is {tuple(tensor.shape)} {tensor.dtype}, ours is {tuple(shape)} {dtype}",
-            )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return False, f"tensor {index} holds NaN/Inf"
-    return True, "ok"
-
-
-async def _download(averager, peer: PeerID, timeout, expected, byte_cap: int):
-    """(metadata, tensors) streamed by `peer`, refused (StateRefused) the moment it is too big or a
-    tensor's parts do not fit the tensor of ours they stand for (`expected`: (shape, dtype) each)."""
+async def _download(averager, peer: PeerID, timeout, limits: StateLimits):
+    """(metadata, tensors) streamed by `peer`, read within `limits` (statewire.StateStreamReader):
+    StateRefused the moment it oversteps them; (None, []) if the donor sent nothing."""
     stub = averager.get_stub(averager._p2p, peer, namespace=averager.prefix)
     stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-    assembler = StateAssembler([WireTensor.like(shape, dtype) for shape, dtype in expected])
-    metadata, received = None, 0
-    async for message in aiter_with_timeout(stream, timeout=timeout):
-        received += len(message.metadata) + len(message.tensor_part.buffer)
-        if received > byte_cap:
-            raise StateRefused(f"streamed more than {byte_cap} bytes ({BYTE_SLACK}x our state)")
-        if message.metadata:
-            metadata = averager.serializer.loads(message.metadata)
-        if assembler.add(message.tensor_part):
-            raise StateRefused(f"streamed more tensors than our {len(expected)}")
-    return metadata, assembler.finish()
+    return await read_state(stream, StateStreamReader(limits, loads=averager.serializer.loads), timeout)
 
 
 async def _donors(averager, admit) -> list[PeerID]:
@@ -96,19 +81,14 @@ async def load_state_checked(averager, future, timeout, *, admit) -> None:
             logger.info("could not load state from peers: no admitted donor")
             return
         own_metadata, own_tensors, _ = await averager._get_current_state_from_host_process()
-        expected = [(t.shape, t.dtype) for t in own_tensors]
-        own_bytes = len(own_metadata) + sum(t.numel() * t.element_size() for t in own_tensors)
-        byte_cap = int(BYTE_SLACK * own_bytes)
+        limits = joiner_limits(own_metadata, own_tensors)
         for peer in donors:
             started = time.monotonic()
             try:
-                metadata, tensors = await _download(averager, peer, timeout, expected, byte_cap)
+                metadata, tensors = await _download(averager, peer, timeout, limits)
                 if not metadata:
                     logger.debug("donor %s did not send its state", peer)
                     continue
-                ok, reason = check_state(tensors, expected)
-                if not ok:
-                    raise StateRefused(reason)
             except StateRefused as e:
                 logger.warning("refused the state of donor %s: %s; trying the next donor", peer, e)
                 if getattr(averager, "evidence", None) is not None:

@@ -32,6 +32,7 @@ from crowdtrain.peer.events import emit
 from crowdtrain.peer.link.client import CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.peer.link.tls import ClientTls
 from crowdtrain.peer.run.manifest import SwarmSpec
+from crowdtrain.peer.run.tensors import check_finite
 from crowdtrain.peer.swarm.wiring import refresh_offloaded_parameters, set_local_epoch
 
 logger = logging.getLogger(__name__)
@@ -61,11 +62,10 @@ def drift_check(
     `checkpoint` (name -> tensor; names the checkpoint lacks, such as a tied lm_head, are not
     compared): every tensor finite, and RMS(loaded - checkpoint) <= slack * peak_lr * (epochs + 2)
     + spread * RMS(checkpoint) (+2: a step in flight, and the checkpoint's own lag). And why."""
-    import torch
-
     for name, tensor in loaded.items():
-        if not bool(torch.isfinite(tensor).all()):
-            return False, f"{name} contains NaN or infinite values"
+        problem = check_finite(tensor, name)
+        if problem:
+            return False, problem
     diff = norm = 0.0
     count = 0
     for name, ref in checkpoint.items():
