@@ -5,7 +5,7 @@
 The human line stays exactly as written; under `--log-format json` every log record becomes one
 JSON object per line, and records made by `emit` carry `event` and their fields. Harnesses, the
 benchmarks and the tests read those objects (never the human text). The schema is stable and
-documented in README.md ("Machine-readable progress"): keys `ts` (unix seconds), `level`, `logger`,
+documented in docs/events.md: keys `ts` (unix seconds), `level`, `logger`,
 `msg` (the human line), and for events `event` plus that event's fields, listed in `EVENTS`.
 """
 
@@ -17,7 +17,7 @@ import math
 
 SCHEMA_VERSION = 1
 
-# event name -> its fields (documentation and a check on emit; the README's table mirrors this)
+# event name -> its fields (documentation and a check on emit; docs/events.md's table mirrors this)
 EVENTS: dict[str, tuple[str, ...]] = {
     # a volunteer
     "joined": ("run_id", "name", "peer_id", "preset", "shard_index", "device"),

@@ -1,4 +1,4 @@
-"""One bad volunteer against three honest ones: does the run survive? (issue 11's figures)
+"""One bad volunteer against three honest ones: does the run survive?
 
     python -m scripts.attacks                        # every attack, then the table
     python -m scripts.attacks --attacks nan scale    # some of them
@@ -21,10 +21,10 @@ enough"), innorm_flip (a push against the swarm's direction within every per-rou
 const_shift (the same vector added every round), forge (two sybil identities serving the same
 forged state with the highest priority), giant (a state 10x the model's size) and frame (never
 trains: for 3 minutes, fake evidence against everyone from as many identities as it can make, and
-the N3 overwrite of the swarm's admission records: tests/framer.py). `--unscored A
+the overwrite of the swarm's admission records: tests/framer.py). `--unscored A
 ...` runs those attacks again with the honest peers' contribution scoring off (`A (unscored)`).
-Goals: honest peers keep training, final held-out loss within 10% of the baseline (issue 11;
-issue 22: 5% for bounded poisoning and framing), the attacker banned or quarantined, no forged state
+Goals: honest peers keep training, final held-out loss within 10% of the baseline (5% for
+bounded poisoning and framing), the attacker banned or quarantined, no forged state
 published, and (frame) nobody banned or quarantined.
 """
 

@@ -1,6 +1,6 @@
 """The benchmark suite: the swarm vs plain PyTorch and centralized training, all-reduce vs TCP.
 
-Everything runs side by side on this machine (issue 12) and is printed as one table, each figure
+Everything runs side by side on this machine and is printed as one table, each figure
 with its goal; the table goes to docs/benchmarks.md.
 
     python -m scripts.bench                                        # every figure (~45 minutes, 2 cores)
@@ -549,7 +549,7 @@ def quality_figures(
     central = centralized(prepared, samples // preset_batch, target_batch_size=preset_batch)
     runs = {n: swarm_to_epochs(prepared, n, epochs, work / f"swarm-{n}") for n in (2, 4)}
     label = f"quality (tiny{', ' + ' '.join(variant) if variant else ''}; {epochs} epochs)"
-    goal = 1.05 if manifest.swarm.mode == "diloco" else 1.02  # issue 13's goal for the low-communication mode
+    goal = 1.05 if manifest.swarm.mode == "diloco" else 1.02  # the goal for the low-communication mode
     rows = []
     for n, run in runs.items():
         baselines = {f"centralized, batch {preset_batch}": central}

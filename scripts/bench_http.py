@@ -1,5 +1,5 @@
 """Heartbeat latency while anonymous readers hammer the status API, and what the HTTP server holds
-for clients that do nothing (issue 10, attack 7). In process: servicer + gRPC + HTTP, no peers.
+for clients that do nothing (the slow-client attack). In process: servicer + gRPC + HTTP, no peers.
 
     .venv/bin/python -m scripts.bench_http --peers 2000 --readers 4 --seconds 5 [--no-rate-limit]
 

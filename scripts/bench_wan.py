@@ -1,4 +1,4 @@
-"""The WAN figure of issue 13 (`python -m scripts.bench --figures wan`): a 2-peer swarm whose peers
+"""The WAN figure (`python -m scripts.bench --figures wan`): a 2-peer swarm whose peers
 each sit in their own network namespace behind a link shaped to RATE Mbit/s each way
 (scripts/wan.py; needs root), the synchronous preset against low-communication settings.
 

@@ -1,7 +1,6 @@
 """The coordinator's bootstrap DHT node keeps only the run's records, and only so many of them.
 
-hivemind's node stores whatever any admitted peer sends it, under any key, without limit (security
-review N20). The coordinator's node is the one every peer knows, in the operator's process, so:
+hivemind's node stores whatever any admitted peer sends it, under any key, without limit. The coordinator's node is the one every peer knows, in the operator's process, so:
 
 - `RunKeysValidator` refuses records under keys other than the run's (peer/admission/dhtrecords.py
   `run_dht_keys`: validators see only hashed keys, so the run's keys are listed, not prefixes);

@@ -2,7 +2,7 @@
 
 The swarm's status (every peer's state, the leaderboard, the history) costs tens of milliseconds to
 build with thousands of peers. Built per request, on the loop that serves heartbeats, a few
-anonymous readers of /api/v1/peers starved the peers (heartbeat p50 above 1 s, issue 10). Here:
+anonymous readers of /api/v1/peers starved the peers (heartbeat p50 above 1 s). Here:
 
 - `Memo` keeps one value and rebuilds it at most once per `max_age_s`, whoever asks;
 - `ViewCache` keeps each view's encoded body the same way and builds it in a small thread pool, so

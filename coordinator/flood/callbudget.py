@@ -2,7 +2,7 @@
 limits per address, decided before the servicer runs. No grpc, no torch (`callgate` applies it).
 
 grpc.aio's own `maximum_concurrent_rpcs` is one counter for every call, taken before any handler
-runs: silent calls from one address filled it and every other RPC was refused (review N4). Here a
+runs: silent calls from one address filled it and every other RPC was refused. Here a
 call holds a slot in one pool at a time, and each pool has a total and a per-address cap:
 
 - WAITING: opened, its first message not read yet. Never refused: when the address (or everyone)

@@ -12,7 +12,7 @@ Who may average is published under two keys (peer/admission/access.py reads them
 `AdmissionRecordValidator` refuses anything else under those keys, and a plain (non-dictionary)
 value under any of the run's keys: in hivemind 1.1.12 a plain value with a later expiration
 replaces the dictionary and every later subkey store is refused (dht/storage.py, case 3), which
-let one admitted peer wipe every token for a year (security review N3). Validators apply at every
+let one admitted peer wipe every token for a year. Validators apply at every
 honest node both to what it is asked to store and to what a lookup returns, so a record a hostile
 node keeps for itself is dropped from its answer and the reader uses the honest nodes' copies.
 The validator reads no clock: every node decides the same for the same record (a lookup refuses a

@@ -388,7 +388,7 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-# small30m's model for volunteers behind home links (issue 13): DiLoCo with 8-bit pseudo-gradients.
+# small30m's model for volunteers behind home links: DiLoCo with 8-bit pseudo-gradients.
 # target_batch_size sets H, the local steps between exchanges (1024 / 2 peers / 8 per step = 64 on a
 # 2-peer swarm). With fp16, each round cost a peer about 36 s at 20 Mbit/s (a ~60 MB exchange and the
 # matchmaking around it) whatever H is: at 512, 0.89 of wall time computed on 2 CPU cores; at 1024,

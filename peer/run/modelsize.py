@@ -2,7 +2,7 @@
 
 peer/run/model.py builds the run's model in float32 on the CPU and then moves it to the device; the
 memory plan (peer/machine/fit.py) is measured on the built model. A hostile manifest could otherwise make
-a volunteer allocate any size first (security review 2026-12-07, N11: 15.6 B parameters, 58 GiB).
+a volunteer allocate any size first (one reviewed manifest asked for 15.6 B parameters: 58 GiB).
 So peer/run/model.py counts the parameters on torch's meta device (no memory), and building is refused
 here when the count passes `MAX_MODEL_PARAMETERS`, or when the float32 weights do not fit the
 memory available. With `mode` (a training peer), what must fit is fit.py's static count instead:
