@@ -25,11 +25,11 @@ import threading
 import time
 from pathlib import Path
 
-from crowdtrain.coordinator.admission.bans import counts_against
-from crowdtrain.coordinator.admission.gate import servicer_options
-from crowdtrain.coordinator.api import reachability
+from crowdtrain.coordinator.admission.bans import AutobanSettings, counts_against
+from crowdtrain.coordinator.admission.gate import AdmissionSettings, servicer_admission
 from crowdtrain.coordinator.api.grpcserver import GrpcLimits, ServerTls, create_server
 from crowdtrain.coordinator.api.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.api.reachability import ReachSettings
 from crowdtrain.coordinator.api.servicer import AbuseLimits, CoordinatorServicer, RunInfo
 from crowdtrain.coordinator.api.snapshots import Memo
 from crowdtrain.coordinator.api.webserver import WebContext, WebServer
@@ -41,7 +41,7 @@ from crowdtrain.coordinator.peers.status import SwarmProgress, SwarmStatus, buil
 from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.coordinator.publishing.archive import DownloadTracker
 from crowdtrain.coordinator.run.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
-from crowdtrain.coordinator.run.runs import Run, open_run
+from crowdtrain.coordinator.run.runs import Run, RunSettings, open_run
 from crowdtrain.coordinator.signing import public_key_hex, sign_hex
 from crowdtrain.peer import __version__
 from crowdtrain.peer.checkpoints import format as checkpoint
@@ -57,9 +57,7 @@ class Coordinator:
         self.config = config
         self.data_dir = Path(config.data_dir).expanduser()
         self.checkpoint_root = self.data_dir / "checkpoints"
-        self.health = HealthSettings(
-            config.heartbeat_interval_s, config.heartbeat_timeout_s, config.contribution_grace_s
-        )
+        self.health = config.settings(HealthSettings)
         self.public_host = config.public_host or guess_public_host(config.host)
         self.store: Store | None = None
         self.shards = None  # the servicer's ShardBook, once the gRPC API runs
@@ -97,7 +95,7 @@ class Coordinator:
         # fail fast, before spending a minute building a run, when a fixed port is taken
         for flag, port in (("--grpc-port", cfg.grpc_port), ("--http-port", cfg.http_port)):
             check_port_free(cfg.host, port, flag)
-        self.store, self.run = open_run(cfg, self.data_dir)
+        self.store, self.run = open_run(cfg.settings(RunSettings), self.data_dir)
         maddrs = self._start_dht()
         self._start_monitor()
         from crowdtrain.coordinator.admission.swarmnodes import RevocationPublisher
@@ -165,7 +163,6 @@ class Coordinator:
             self.health,
             # what the swarm accepts per epoch is in the signed manifest, not in any peer's record
             CreditSettings(manifest.swarm.target_batch_size, self.health.heartbeat_interval_s),
-            poll_interval_s=min(2.0, self.config.heartbeat_interval_s),
         ).start()
 
     def _start_web(self) -> DownloadTracker:
@@ -194,6 +191,14 @@ class Coordinator:
         """The gRPC API and its health service; returns the bound port."""
         run, cfg = self.run, self.config
         manifest_json = run.manifest.to_json()
+        admission = servicer_admission(
+            cfg.settings(AdmissionSettings),
+            cfg.settings(AutobanSettings),
+            run.manifest.run_id,
+            run.signing_key,
+            self.store,
+            self._own_dht_ids(),
+        )
         servicer = CoordinatorServicer(
             RunInfo(
                 manifest_json=manifest_json,
@@ -210,17 +215,13 @@ class Coordinator:
             self.store,
             self.health,
             initial_peers=lambda: maddrs,
-            abuse=AbuseLimits(
-                cfg.join_burst,
-                cfg.joins_per_minute,
-                prune_silent_joins_after_s=cfg.prune_silent_joins_after_s,
-                max_live_sessions_per_root=cfg.max_sessions_per_address,
-            ),
+            abuse=cfg.settings(AbuseLimits),
             status=self.cached_status.get,
             heartbeat_latency=self.metrics.heartbeat_latency.observe,
             downloads=downloads,
-            **servicer_options(cfg, run.manifest.run_id, run.signing_key, self.store, self._own_dht_ids()),
-            reach=reachability.ReachSettings.from_config(cfg),
+            gate=admission.gate,
+            evidence=admission.evidence,
+            reach=cfg.settings(ReachSettings),
         )
         self.shards = servicer.shards  # the data's coverage, for status
         self.grpc_server, grpc_port = bind_remembered(
@@ -248,7 +249,7 @@ class Coordinator:
         from crowdtrain.coordinator.publishing.voters import VoterSettings, eligible_voters
 
         run = self.run
-        settings = PublisherSettings.from_config(self.config)
+        settings = self.config.settings(PublisherSettings)
         voting = VoterSettings(self.health, settings.min_voter_age_s, self.health.contribution_grace_s)
         evidence = EvidenceBook(self.store, mode=self.config.admission)  # the servicer's tables, read
 

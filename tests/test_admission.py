@@ -463,22 +463,25 @@ def test_invite_cli_create_list_revoke(tmp_path: Path, capsys):
 
 def test_the_coordinators_flags_build_its_gate_and_evidence(tmp_path: Path):
     from crowdtrain.coordinator.admission.bans import AutobanConfigError
-    from crowdtrain.coordinator.admission.gate import servicer_options
+    from crowdtrain.coordinator.admission.gate import servicer_admission
     from crowdtrain.coordinator.config import CoordinatorConfig
+
+    def admission(config: CoordinatorConfig):
+        return servicer_admission(
+            config.settings(AdmissionSettings), config.settings(AutobanSettings), RUN_ID, run_key, store
+        )
 
     store, run_key = Store(tmp_path / "s.sqlite3", 0), new_key()
     try:
         config = CoordinatorConfig(data_dir=str(tmp_path), admission="invite", swarm_token_ttl_s=60.0)
-        options = servicer_options(config, RUN_ID, run_key, store)
-        assert options["gate"].settings == AdmissionSettings("invite", "", 60.0)
-        assert options["evidence"].settings == AutobanSettings(2, 6, 600.0)
+        built = admission(config)
+        assert built.gate.settings == AdmissionSettings("invite", "", 60.0)
+        assert built.evidence.settings == AutobanSettings(2, 6, 600.0)
         listed = tmp_path / "allow.txt"
         _write(listed, "")
         config = CoordinatorConfig(data_dir=str(tmp_path), admission="allowlist", allowlist_path=str(listed))
-        assert servicer_options(config, RUN_ID, run_key, store)["gate"].allowlisted() == frozenset()
+        assert admission(config).gate.allowlisted() == frozenset()
         with pytest.raises(AutobanConfigError, match="--autoban-min-reporters 0"):
-            servicer_options(
-                CoordinatorConfig(data_dir=str(tmp_path), autoban_min_reporters=0), RUN_ID, run_key, store
-            )
+            admission(CoordinatorConfig(data_dir=str(tmp_path), autoban_min_reporters=0))
     finally:
         store.close()

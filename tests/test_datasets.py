@@ -313,8 +313,7 @@ def test_bounded_lines_read_past_an_over_long_line():
 def test_a_run_created_from_the_operators_jsonl_names_the_field_and_the_skips(tmp_path: Path):
     import random
 
-    from crowdtrain.coordinator.config import CoordinatorConfig
-    from crowdtrain.coordinator.run.runs import create_run
+    from crowdtrain.coordinator.run.runs import RunSettings, create_run
 
     rng = random.Random(0)
     words = [
@@ -323,10 +322,8 @@ def test_a_run_created_from_the_operators_jsonl_names_the_field_and_the_skips(tm
     ]
     records = [{"body": " ".join(rng.choice(words) for _ in range(40))} for _ in range(600)]
     _write_jsonl(tmp_path / "corpus.jsonl", [*records, {"body": 1}, {"text": "wrong field"}])
-    config = CoordinatorConfig(
-        data_dir=str(tmp_path / "run"), data=(str(tmp_path / "corpus.jsonl"),), data_field="body"
-    )
-    manifest, _ = create_run(config, tmp_path / "run", signing_public_key="")
+    settings = RunSettings(data=(str(tmp_path / "corpus.jsonl"),), data_field="body")
+    manifest, _ = create_run(settings, tmp_path / "run", signing_public_key="")
     assert manifest.data.source == f"{tmp_path / 'corpus.jsonl'} (field body; 2 corrupted records skipped)"
     names = [manifest.data.eval.name, *(s.name for s in manifest.data.shards)]
     texts = [t for name in names for t in data.read_shard(tmp_path / "run" / "data" / name)]

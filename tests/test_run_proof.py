@@ -109,9 +109,8 @@ def test_a_manifest_naming_no_key_is_refused():
 def test_a_coordinator_whose_signing_key_is_not_the_runs_refuses_to_start(tmp_path: Path):
     """A lost signing.key replaced by a new one would make every peer refuse the coordinator:
     the operator is told at start, with what to do."""
-    from crowdtrain.coordinator.config import CoordinatorConfig
     from crowdtrain.coordinator.peers.store import Store
-    from crowdtrain.coordinator.run.runs import RunDirError, open_run
+    from crowdtrain.coordinator.run.runs import RunDirError, RunSettings, open_run
     from crowdtrain.coordinator.signing import save_key
 
     data_dir = tmp_path / "run"
@@ -124,8 +123,8 @@ def test_a_coordinator_whose_signing_key_is_not_the_runs_refuses_to_start(tmp_pa
     store.close()
     save_key(data_dir / "signing.key", other)
     with pytest.raises(RunDirError, match="restore the run's original signing.key"):
-        open_run(CoordinatorConfig(data_dir=str(data_dir)), data_dir)
+        open_run(RunSettings(), data_dir)
     save_key(data_dir / "signing.key", key)
-    store, run = open_run(CoordinatorConfig(data_dir=str(data_dir)), data_dir)
+    store, run = open_run(RunSettings(), data_dir)
     store.close()
     assert run.manifest.signing_public_key == public_key_hex(key)

@@ -12,7 +12,8 @@ and is admitted and not banned, its heartbeat response carries a `SwarmToken` (p
 for that identity, signed by the run's key and valid for `swarm_token_ttl_s`; it is renewed when
 less than half its lifetime is left. Banned, revoked or unlisted peers get no new token, so they
 drop out of honest peers' swarm within one token lifetime. `admit_join` and `token_decision` are
-pure; `Gate` holds the state (allowlist file, invites, tokens issued) for the servicer.
+pure; `Gate` holds the state (allowlist file, invites, tokens issued) for the servicer, and
+`servicer_admission` builds it, with the evidence book, from the operator's settings.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from crowdtrain.coordinator.admission.bans import AutobanSettings, EvidenceBook
 from crowdtrain.coordinator.admission.invites import InviteBook
 from crowdtrain.coordinator.admission.signatures import KEY_RSA, parse_public_key, verify_join
 from crowdtrain.coordinator.errors import BannedError, InvalidRequestError
@@ -297,18 +299,25 @@ class Gate:
             self._issued.pop(session_id, None)
 
 
-def servicer_options(
-    config, run_id: str, signing_key, store, protected: Callable[[], frozenset[str]] = frozenset
-) -> dict:
-    """The servicer's `gate` and `evidence` for a coordinator started with `config`
-    (a CoordinatorConfig), signing swarm tokens with the run's `signing_key`; `protected()` gives
-    the coordinator's own DHT node ids (no evidence counts against them)."""
-    from crowdtrain.coordinator.admission.bans import AutobanSettings, EvidenceBook
+@dataclass(frozen=True)
+class ServicerAdmission:
+    """The servicer's `gate` (who may join, swarm tokens) and `evidence` (reports against peers,
+    automatic bans) for one run, built from the operator's settings by `servicer_admission`."""
 
-    settings = AdmissionSettings(config.admission, config.allowlist_path, config.swarm_token_ttl_s)
-    autoban = AutobanSettings(
-        config.autoban_min_reporters, config.autoban_min_reports, config.autoban_window_s
-    )
+    gate: Gate
+    evidence: EvidenceBook
+
+
+def servicer_admission(
+    settings: AdmissionSettings,
+    autoban: AutobanSettings,
+    run_id: str,
+    signing_key,
+    store,
+    protected: Callable[[], frozenset[str]] = frozenset,
+) -> ServicerAdmission:
+    """The gate and evidence book of run `run_id`, signing swarm tokens with the run's `signing_key`;
+    `protected()` gives the coordinator's own DHT node ids (no evidence counts against them)."""
     gate = Gate(settings, run_id, lambda token: sign_token(signing_key, token), InviteBook(store))
     logger.info("admission: %s; swarm tokens valid %.0fs", settings.mode, settings.swarm_token_ttl_s)
-    return {"gate": gate, "evidence": EvidenceBook(store, autoban, settings.mode, protected)}
+    return ServicerAdmission(gate, EvidenceBook(store, autoban, settings.mode, protected))

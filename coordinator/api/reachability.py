@@ -32,14 +32,10 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from crowdtrain.coordinator.errors import NotServedError
 from crowdtrain.coordinator.flood.ratelimit import caller_key
 from crowdtrain.peer.errors import CrowdtrainError
-
-if TYPE_CHECKING:
-    from crowdtrain.coordinator.config import CoordinatorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +74,6 @@ class ReachSettings:
                 f"--trusted-proxy {self.trusted_proxy!r} is not a list of IP addresses or networks ({e}): "
                 "give the address your reverse proxy connects from, e.g. --trusted-proxy 127.0.0.1"
             ) from None
-
-    @classmethod
-    def from_config(cls, config: CoordinatorConfig) -> ReachSettings:
-        return cls(allow_loopback_dial=config.allow_loopback_dial, trusted_proxy=config.trusted_proxy)
 
 
 def parse_maddr(maddr: str) -> tuple[str, int] | None:

@@ -27,8 +27,8 @@ class PeerState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class HealthSettings:
-    heartbeat_interval_s: float
-    heartbeat_timeout_s: float
+    heartbeat_interval_s: float = 5.0  # how often peers send heartbeats (the Join response tells them)
+    heartbeat_timeout_s: float = 20.0  # a peer silent for this long is DEAD
     # how long a training peer may be missing from the DHT progress records before it is flagged
     # "not contributing" (progress records are re-published at least every 30 s by hivemind)
     contribution_grace_s: float = 45.0

@@ -1,10 +1,10 @@
 """The swarm monitor: reads hivemind's signed progress records from the DHT and keeps the books.
 
-Every `poll_interval_s` it reads `<run_id>_progress` (one RSA-signed entry per training peer),
-marks the heartbeating peers it finds as contributing, adds peers that train without heartbeats,
-moves the contribution ledger on (`credit`: per epoch the swarm passed, the run's target batch size
-shared among the proven identities that took part), and every `history_interval_s` appends a point
-to the swarm's history. All of it goes to SQLite.
+Every `poll_interval_s`, and at least once per heartbeat interval, it reads `<run_id>_progress`
+(one RSA-signed entry per training peer), marks the heartbeating peers it finds as contributing,
+adds peers that train without heartbeats, moves the contribution ledger on (`credit`: per epoch
+the swarm passed, the run's target batch size shared among the proven identities that took part),
+and every `history_interval_s` appends a point to the swarm's history. All of it goes to SQLite.
 
 The records are hostile input like any request: a record out of range is skipped with a log line,
 two records claiming one peer id in one read are both skipped (hivemind signs each record with a
@@ -134,11 +134,9 @@ class SwarmMonitor:
         clock: Callable[[], float] = time.time,
     ):
         self.dht, self.run_id, self.store, self.health = dht, run_id, store, health
-        self.poll_interval_s, self.history_interval_s, self.read_timeout_s = (
-            poll_interval_s,
-            history_interval_s,
-            read_timeout_s,
-        )
+        # at least once per heartbeat interval: a swarm with short intervals (tests, demo) is seen as fast
+        self.poll_interval_s = min(poll_interval_s, health.heartbeat_interval_s)
+        self.history_interval_s, self.read_timeout_s = history_interval_s, read_timeout_s
         self.clock = clock
         self.progress = SwarmProgress()
         self._last_history = 0.0

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from crowdtrain.coordinator.publishing import archive
 from crowdtrain.coordinator.publishing.agreement import FetchedState
@@ -32,9 +31,6 @@ from crowdtrain.peer.checkpoints import format as checkpoint
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.run.manifest import RunManifest
 from crowdtrain.peer.run.tensors import expected_tensors
-
-if TYPE_CHECKING:  # config composes the components' settings: a type only, never an import
-    from crowdtrain.coordinator.config import CoordinatorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +52,6 @@ class PublisherSettings:
     max_donors_asked: int = 4  # voters asked at once (at least agreement_peers), a strict majority must agree
     min_voter_age_s: float = 120.0  # a DHT identity's state counts once its first proven session is this old
     max_state_bytes_margin: float = 1.25  # a donor may send this times the parameters' bytes, then is cut off
-
-    @classmethod
-    def from_config(cls, config: CoordinatorConfig) -> PublisherSettings:
-        return cls(
-            interval_s=config.checkpoint_interval_s,
-            listen_host=config.host,
-            device=config.device,
-            max_eval_regression_nats=config.max_eval_regression_nats,
-            keep_last=config.keep_last_checkpoints,
-            keep_every_steps=config.keep_every_steps,
-            agreement_peers=config.state_agreement_peers,
-            agreement_rel_tol=config.state_agreement_rel_tol,
-            min_voter_age_s=config.min_voter_age_s,
-        )
 
 
 class Publisher:

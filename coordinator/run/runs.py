@@ -5,10 +5,11 @@
     DATA_DIR/data/              the run's eval and training shards (served over HTTP)
     DATA_DIR/checkpoints/       published checkpoints, one directory per step
 
-Creating a run builds the dataset from the corpus (`coordinator.dataset`), a manifest from the
-preset (`peer.manifest`) and a signing key; nothing counts as a run until state.sqlite3 holds its
-manifest, so an interrupted creation is simply redone. A data dir that cannot hold a run (not
-writable, not a directory, a damaged state file) is a `RunDirError` saying what to do.
+Creating a run builds the dataset from the corpus (`run.dataset`), a manifest from the preset
+(`peer.run.manifest`) and a signing key, as its `RunSettings` say; nothing counts as a run until
+state.sqlite3 holds its manifest, so an interrupted creation is simply redone. A data dir that
+cannot hold a run (not writable, not a directory, a damaged state file) is a `RunDirError` saying
+what to do.
 """
 
 from __future__ import annotations
@@ -20,16 +21,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.coordinator.publishing import archive
 from crowdtrain.coordinator.signing import load_or_create_key, new_key, public_key_hex, save_key
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.run.manifest import RunManifest, build_manifest, get_preset, override_swarm
-
-if TYPE_CHECKING:  # config composes the components' settings: a type only, never an import
-    from crowdtrain.coordinator.config import CoordinatorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +36,29 @@ class RunDirError(CrowdtrainError):
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """What a new run is made of; read only when DATA_DIR holds no run yet (a run's manifest is fixed)."""
+
+    preset: str = "tiny"  # a name in peer.run.manifest's PRESETS: model, data and swarm sizes
+    data: tuple[str, ...] = ()  # files, directories, globs or hf:NAME to train on (): the stdlib's source
+    data_field: str = "text"  # the record field holding a document's text in JSONL, Parquet and hf: data
+    swarm: tuple[str, ...] = ()  # KEY=VALUE overrides of the preset's swarm settings
+
+
+@dataclass(frozen=True)
 class Run:
     manifest: RunManifest
     tokenizer_json: str
     signing_key: object  # Ed25519PrivateKey; signs the run's checkpoints
 
 
-def create_run(config: CoordinatorConfig, data_dir: Path, signing_public_key: str) -> tuple[RunManifest, str]:
+def create_run(settings: RunSettings, data_dir: Path, signing_public_key: str) -> tuple[RunManifest, str]:
     """Build a new run from the preset and corpus: shards, tokenizer, manifest. Pure of the store."""
     from crowdtrain.coordinator.run.dataset import build_dataset, default_corpus, default_corpus_label
 
-    preset = get_preset(config.preset)
-    sources = list(config.data) or default_corpus()  # files, directories, globs, hf:NAME (see dataset.py)
-    label = ", ".join(str(p) for p in config.data) if config.data else default_corpus_label()
+    preset = get_preset(settings.preset)
+    sources = list(settings.data) or default_corpus()  # files, directories, globs, hf:NAME (see dataset.py)
+    label = ", ".join(str(p) for p in settings.data) if settings.data else default_corpus_label()
     t0 = time.monotonic()
     data, tokenizer, tokenizer_json = build_dataset(
         sources,
@@ -63,7 +70,7 @@ def create_run(config: CoordinatorConfig, data_dir: Path, signing_public_key: st
         seq_len=preset.seq_len,
         eval_max_sequences=preset.eval_max_sequences,
         vocab_size=preset.vocab_size,
-        field=config.data_field,  # the label then names it, and the corrupted records skipped
+        field=settings.data_field,  # the label then names it, and the corrupted records skipped
     )
     manifest = build_manifest(
         preset,
@@ -72,24 +79,25 @@ def create_run(config: CoordinatorConfig, data_dir: Path, signing_public_key: st
         tokenizer=tokenizer,
         data=data,
         signing_public_key=signing_public_key,
-        swarm=override_swarm(preset.swarm, config.swarm),
+        swarm=override_swarm(preset.swarm, settings.swarm),
     )
     logger.info("created run %s (preset %s) in %.1fs", manifest.run_id, preset.name, time.monotonic() - t0)
     return manifest, tokenizer_json
 
 
-def open_run(config: CoordinatorConfig, data_dir: Path) -> tuple[Store, Run]:
-    """The run in `data_dir` and its open store (the caller closes it), creating both if absent.
+def open_run(settings: RunSettings, data_dir: Path) -> tuple[Store, Run]:
+    """The run in `data_dir` and its open store (the caller closes it), creating both from `settings`
+    if absent.
 
     Also removes checkpoint writes a crash left unfinished. On any error the store is closed.
     """
     state_path = data_dir / "state.sqlite3"
     if not state_path.exists():
-        store, run = _new_run(config, data_dir, state_path)
+        store, run = _new_run(settings, data_dir, state_path)
     else:
         store = _open_store(state_path, data_dir)
         try:
-            run = _existing_run(config, data_dir, store)
+            run = _existing_run(settings, data_dir, store)
         except BaseException:
             store.close()
             raise
@@ -99,12 +107,13 @@ def open_run(config: CoordinatorConfig, data_dir: Path) -> tuple[Store, Run]:
     return store, run
 
 
-def _new_run(config: CoordinatorConfig, data_dir: Path, state_path: Path) -> tuple[Store, Run]:
-    override_swarm(get_preset(config.preset).swarm, config.swarm)  # fail on a typo before writing anything
+def _new_run(settings: RunSettings, data_dir: Path, state_path: Path) -> tuple[Store, Run]:
+    # fail on a typo before writing anything
+    override_swarm(get_preset(settings.preset).swarm, settings.swarm)
     _check_writable(data_dir)  # and on a data dir that cannot be, before a minute of building
     key = new_key()
     try:
-        manifest, tokenizer_json = create_run(config, data_dir, public_key_hex(key))
+        manifest, tokenizer_json = create_run(settings, data_dir, public_key_hex(key))
         save_key(data_dir / "signing.key", key)  # only once the run exists: nothing half-written
     except OSError as e:
         raise RunDirError(
@@ -120,7 +129,7 @@ def _new_run(config: CoordinatorConfig, data_dir: Path, state_path: Path) -> tup
     return store, Run(manifest, tokenizer_json, key)
 
 
-def _existing_run(config: CoordinatorConfig, data_dir: Path, store: Store) -> Run:
+def _existing_run(settings: RunSettings, data_dir: Path, store: Store) -> Run:
     manifest_json, tokenizer_json = store.get_meta("manifest_json"), store.get_meta("tokenizer_json")
     if manifest_json is None or tokenizer_json is None:
         raise RunDirError(
@@ -133,20 +142,20 @@ def _existing_run(config: CoordinatorConfig, data_dir: Path, store: Store) -> Ru
             f"the run manifest in {store.path} cannot be read ({e}); if this crowdtrain is up to date the "
             f"file is damaged: restore {data_dir} from a backup or start a new run with another --data-dir"
         ) from e
-    if manifest.preset != config.preset:
+    if manifest.preset != settings.preset:
         logger.warning(
             "%s holds run %s with preset %r; ignoring --preset %r",
             data_dir,
             manifest.run_id,
             manifest.preset,
-            config.preset,
+            settings.preset,
         )
-    if config.swarm and override_swarm(manifest.swarm, config.swarm) != manifest.swarm:
+    if settings.swarm and override_swarm(manifest.swarm, settings.swarm) != manifest.swarm:
         logger.warning(
             "%s holds run %s, whose swarm settings are fixed in its signed manifest; ignoring --swarm %s",
             data_dir,
             manifest.run_id,
-            " ".join(config.swarm),
+            " ".join(settings.swarm),
         )
     signing_key = load_or_create_key(data_dir / "signing.key")
     if manifest.signing_public_key and manifest.signing_public_key != public_key_hex(signing_key):

@@ -23,9 +23,28 @@ def option(default, help: str, **kw):  # noqa: A002 - mirrors argparse's own key
 REQUIRED = dataclasses.MISSING
 
 
+# flags that several commands share, each written once
+def coordinator_flag(*, http_too: bool = False):
+    """`--coordinator`: where the command's coordinator is (`http_too`: its HTTP address works too)."""
+    return option(
+        REQUIRED,
+        "HOST:PORT of the coordinator's gRPC API" + (", or its http://HOST:PORT" if http_too else ""),
+    )
+
+
+def tls_flag():
+    """`--tls`: with the system's trusted certificates."""
+    return option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
+
+
+def tls_ca_flag():
+    """`--tls-ca`: with one CA certificate."""
+    return option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
+
+
 @dataclass(frozen=True)
 class PeerConfig:
-    coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API")
+    coordinator: str = coordinator_flag()
     name: str = option("", "display name shown to operators (default: this machine's host name)")
     device: str = option(
         "auto", "where to train: auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps"
@@ -72,8 +91,8 @@ class PeerConfig:
     max_epochs: int = option(0, "leave after the swarm reaches this epoch (0: train until stopped)")
     seed: int = option(0, "data-order seed (0: derived from the session id)")
     save_dir: str = option("", "when leaving, save this peer's copy of the model here (HF format)")
-    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
-    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
+    tls: bool = tls_flag()
+    tls_ca: str = tls_ca_flag()
     invite: str = option("", "invite code from the run's operator (runs that admit by invitation)")
     identity: str = option(
         "",
@@ -102,7 +121,7 @@ class IdentityConfig:
 
 @dataclass(frozen=True)
 class PullConfig:
-    coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API, or its http://HOST:PORT")
+    coordinator: str = coordinator_flag(http_too=True)
     out: str = option(
         REQUIRED, "directory to write the checkpoint to (created; replaced if it holds an older pull)"
     )
@@ -121,15 +140,15 @@ class PullConfig:
         "accept a run this machine has not trusted at this coordinator address, signed by a key not "
         "trusted there (a run a training peer joined is not trusted by pull on that alone)",
     )
-    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
-    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
+    tls: bool = tls_flag()
+    tls_ca: str = tls_ca_flag()
 
 
 @dataclass(frozen=True)
 class CheckpointsConfig:
-    coordinator: str = option(REQUIRED, "HOST:PORT of the coordinator's gRPC API, or its http://HOST:PORT")
-    tls: bool = option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
-    tls_ca: str = option("", "talk to the coordinator over TLS, trusting this CA certificate (PEM)")
+    coordinator: str = coordinator_flag(http_too=True)
+    tls: bool = tls_flag()
+    tls_ca: str = tls_ca_flag()
 
 
 @dataclass(frozen=True)
