@@ -31,6 +31,7 @@ from crowdtrain.peer.checkpoints import format as checkpoint
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.run.manifest import RunManifest
 from crowdtrain.peer.run.tensors import expected_tensors
+from crowdtrain.peer.swarm.statewire import PUBLISHER_BYTE_SLACK
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class PublisherSettings:
     agreement_attempts: int = 3  # rounds of asking before a disagreement is recorded
     max_donors_asked: int = 4  # voters asked at once (at least agreement_peers), a strict majority must agree
     min_voter_age_s: float = 120.0  # a DHT identity's state counts once its first proven session is this old
-    max_state_bytes_margin: float = 1.25  # a donor may send this times the parameters' bytes, then is cut off
+    max_state_bytes_margin: float = PUBLISHER_BYTE_SLACK  # a donor may send this times the parameters' bytes
 
 
 class Publisher:
