@@ -154,7 +154,10 @@ class EvidenceBook:
         mode: str = "open",
         protected: Callable[[], frozenset[str]] = frozenset,
     ):
-        self.store, self.settings, self.mode, self.protected = store, settings, mode, protected
+        self.store = store
+        self.settings = settings
+        self.mode = mode
+        self.protected = protected
         with store.transaction() as db:
             for statement in _SCHEMA:
                 db.execute(statement)

@@ -219,7 +219,9 @@ class Gate:
         sign: Callable[[SwarmToken], SwarmToken] | None,
         invites: InviteBook | None = None,
     ):
-        self.settings, self.run_id, self.sign = settings, run_id, sign
+        self.settings = settings
+        self.run_id = run_id
+        self.sign = sign
         self.invites = invites
         if settings.mode == "invite" and invites is None:
             raise AdmissionConfigError("invite admission needs the run's invite book")

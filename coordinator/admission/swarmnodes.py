@@ -100,7 +100,10 @@ class RevocationPublisher:
         ttl_s: float,
         interval_s: float = 2.0,
     ):
-        self.dht, self.run_id, self.signing_key, self.banned = dht, run_id, signing_key, banned
+        self.dht = dht
+        self.run_id = run_id
+        self.signing_key = signing_key
+        self.banned = banned
         self.ttl_s, self.interval_s = ttl_s, interval_s
         self._until: dict[str, float] = {}  # what we published, by peer id
         self._stop = threading.Event()

@@ -126,7 +126,9 @@ class CoordinatorServicer:
     ):
         """`gate`: admission and swarm tokens (default: open, no tokens); `evidence`: reports
         against peers and automatic bans (default: the store's, with default thresholds)."""
-        self.run, self.store, self.health = run, store, health_settings
+        self.run = run
+        self.store = store
+        self.health = health_settings
         self.gate = gate or Gate(AdmissionSettings(), "", sign=None)
         self.evidence = evidence or (EvidenceBook(store) if store is not None else None)
         self.initial_peers, self.clock = initial_peers, clock

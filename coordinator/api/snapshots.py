@@ -30,7 +30,9 @@ class Memo(Generic[T]):
     concurrent callers of a stale value wait for one rebuild instead of each doing their own."""
 
     def __init__(self, build: Callable[[], T], max_age_s: float = 1.0, clock=time.monotonic):
-        self._build, self.max_age_s, self._clock = build, max_age_s, clock
+        self._build = build
+        self.max_age_s = max_age_s
+        self._clock = clock
         self._lock = threading.Lock()
         self._value: T | None = None
         self._built_at = -float("inf")
@@ -55,7 +57,9 @@ class ViewCache:
         workers: int = 1,
         clock=time.monotonic,
     ):
-        self._builders, self.max_age_s, self._clock = dict(builders), max_age_s, clock
+        self._builders = dict(builders)
+        self.max_age_s = max_age_s
+        self._clock = clock
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="status-views")
         self._lock = threading.Lock()
         self._done: dict[str, tuple[float, Future]] = {}

@@ -133,7 +133,10 @@ class SwarmMonitor:
         read_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
     ):
-        self.dht, self.run_id, self.store, self.health = dht, run_id, store, health
+        self.dht = dht
+        self.run_id = run_id
+        self.store = store
+        self.health = health
         # at least once per heartbeat interval: a swarm with short intervals (tests, demo) is seen as fast
         self.poll_interval_s = min(poll_interval_s, health.heartbeat_interval_s)
         self.history_interval_s, self.read_timeout_s = history_interval_s, read_timeout_s

@@ -166,7 +166,9 @@ class ShardBook:
     store's peer records at start (`lease_shard`, `next_shard`), cursors from its table."""
 
     def __init__(self, store, num_shards: int, shard_bytes: Sequence[int], live_s: float):
-        self.store, self.num_shards, self.live_s = store, num_shards, live_s
+        self.store = store
+        self.num_shards = num_shards
+        self.live_s = live_s
         self.shard_bytes = list(shard_bytes)
         self._lock = threading.Lock()
         self._cursors = [Cursor() for _ in range(num_shards)]

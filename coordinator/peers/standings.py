@@ -55,7 +55,9 @@ class Standings:
     def __init__(
         self, totals: Callable[[], dict[str, int]], clock: Callable[[], float], refresh_s: float = 10.0
     ):
-        self._totals, self._clock, self.refresh_s = totals, clock, refresh_s
+        self._totals = totals
+        self._clock = clock
+        self.refresh_s = refresh_s
         self._lock = threading.Lock()
         self._built_unix_s = -float("inf")
         self._ranks: dict[str, tuple[int, int]] = {}

@@ -76,9 +76,15 @@ class Publisher:
         in_use: Callable[[], set[int]] = set,
         data_read: Callable[[], str] = str,
     ):
-        self.settings, self.manifest, self.tokenizer_json = settings, manifest, tokenizer_json
-        self.eval_shard, self.root, self.initial_peers = eval_shard, checkpoint_root, initial_peers
-        self.signing_key, self.on_reject, self.in_use = signing_key, on_reject, in_use
+        self.settings = settings
+        self.manifest = manifest
+        self.tokenizer_json = tokenizer_json
+        self.eval_shard = eval_shard
+        self.root = checkpoint_root
+        self.initial_peers = initial_peers
+        self.signing_key = signing_key
+        self.on_reject = on_reject
+        self.in_use = in_use
         self.voters, self.data_read = voters, data_read  # data_read: the model card's coverage line
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

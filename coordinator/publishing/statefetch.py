@@ -65,7 +65,10 @@ class StateFetcher:
     """
 
     def __init__(self, dht, run_id: str, limits: StateLimits, timeout_s: float):
-        self.dht, self.run_id, self.limits, self.timeout_s = dht, run_id, limits, timeout_s
+        self.dht = dht
+        self.run_id = run_id
+        self.limits = limits
+        self.timeout_s = timeout_s
         # hivemind 1.1.12 internals: Optimizer._make_state_averager names its averager this way;
         # the RPC namespace below derives from it
         self.prefix = f"{run_id}_state_averager"

@@ -64,7 +64,9 @@ class AdmissionError(CrowdtrainError):
 class SwarmAccess:
     def __init__(self, identity: PeerIdentity, run_id: str, run_key_hex: str, cache_dir: Path):
 
-        self.identity, self.run_id, self.run_key_hex = identity, run_id, run_key_hex
+        self.identity = identity
+        self.run_id = run_id
+        self.run_key_hex = run_key_hex
         Path(cache_dir).mkdir(parents=True, exist_ok=True)  # a token may come before any shard
         self.token_file = TokenFile(Path(cache_dir) / f"swarm-token-{identity.peer_id}.json")
         self._admitted = threading.Event()
@@ -194,7 +196,9 @@ class SwarmAuthorizer(TokenAuthorizerBase):
         self, run_id: str, run_public_key_hex: str, local_private_key, token_source: Callable[[], str]
     ):
         super().__init__(local_private_key)
-        self.run_id, self.run_public_key_hex, self.token_source = run_id, run_public_key_hex, token_source
+        self.run_id = run_id
+        self.run_public_key_hex = run_public_key_hex
+        self.token_source = token_source
         self._verified: dict[str, float] = {}  # token JSON -> expiry (a signature is checked once)
 
     async def get_token(self) -> AccessToken:
@@ -269,7 +273,9 @@ class AdmittedPeers:
     def __init__(
         self, dht, run_id: str, run_public_key_hex: str, *, refresh_s: float = 5.0, min_refresh_s: float = 1.0
     ):
-        self.dht, self.run_id, self.run_public_key_hex = dht, run_id, run_public_key_hex
+        self.dht = dht
+        self.run_id = run_id
+        self.run_public_key_hex = run_public_key_hex
         self.refresh_s, self.min_refresh_s = refresh_s, min_refresh_s
         self._expiry: dict[str, float] = {}
         self._revoked: dict[str, float] = {}  # peer id -> until (signed revocations)

@@ -62,8 +62,13 @@ class ShardReader:
         seed: int = 0,
         next_place: Callable[[int], Place | None] = lambda shard: None,
     ):
-        self.load, self.num_shards, self.start = load, num_shards, start
-        self.batch_size, self.run_id, self.seed, self.next_place = batch_size, run_id, seed, next_place
+        self.load = load
+        self.num_shards = num_shards
+        self.start = start
+        self.batch_size = batch_size
+        self.run_id = run_id
+        self.seed = seed
+        self.next_place = next_place
 
     def __iter__(self) -> Iterator[tuple[list[list[int]], Place]]:
         place, blocks, held = self.start, None, self.start

@@ -146,7 +146,9 @@ class HeartbeatStream:
     """
 
     def __init__(self, stub, address: str, rpc_timeout_s: float):
-        self._stub, self.address, self.rpc_timeout_s = stub, address, rpc_timeout_s
+        self._stub = stub
+        self.address = address
+        self.rpc_timeout_s = rpc_timeout_s
         self._queue: queue.Queue | None = None
         self._responses = None
         self._unary = False

@@ -120,7 +120,9 @@ class RoundAgreement:
     round, from earlier rounds) and each sender's dot product with our part over the span's parts."""
 
     def __init__(self, scores: ContributionScores, senders: list[str], own_index: int | None):
-        self.scores, self.senders, self.own_index = scores, senders, own_index
+        self.scores = scores
+        self.senders = senders
+        self.own_index = own_index
         self.excluded = [scores.verdict(s)[0] != "keep" for s in senders]
         for sender, excluded in zip(senders, self.excluded, strict=True):
             if excluded:

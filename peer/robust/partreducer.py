@@ -34,7 +34,9 @@ class RobustPartReducer(TensorPartReducer):
         agreement: RoundAgreement | None = None,
     ):
         self._parts: dict[int, tuple[torch.Tensor, float]] = {}
-        self._report, self._cfg, self._agreement = report, cfg, agreement
+        self._report = report
+        self._cfg = cfg
+        self._agreement = agreement
         self._span = SpanEvidence(num_senders, cfg)
         self._reported = False
         super().__init__(part_shapes, num_senders)

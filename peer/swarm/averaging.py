@@ -130,7 +130,9 @@ class _Guarded:
         robust_cfg: RobustConfig = DEFAULT,
         **kwargs,
     ):
-        self.gate, self.evidence, self.robust_cfg = gate, evidence, robust_cfg
+        self.gate = gate
+        self.evidence = evidence
+        self.robust_cfg = robust_cfg
         self.contribution_scores = ContributionScores(robust_cfg.score)  # updated in the averager process
         super().__init__(*args, **kwargs)
 
