@@ -109,7 +109,7 @@ def _get_json(url: str):
 
 
 def _attacker_command(attack: str, grpc: str, cache_dir: Path, name: str) -> list[str]:
-    if attack == "frame":  # never trains: fake evidence from many identities, the N3 overwrite
+    if attack == "frame":  # never trains: fake evidence from many identities, admission-record overwrite
         args = ["--coordinator", grpc, "--cache-dir", str(cache_dir), "--seconds", str(FRAME_S)]
         return [sys.executable, "-m", "tests.framer", *args]
     args = ["--attack", attack, "--coordinator", grpc, "--name", name, "--listen-host", "127.0.0.1"]

@@ -1,4 +1,4 @@
-"""An attacker who never trains and tries to turn the defences against the honest (issue 22), for
+"""An attacker who never trains and tries to turn the defences against the honest, for
 tests and scripts/attacks.py's `frame` scenario only (never installed).
 
 From one address, in an `open` run, for `--seconds`:
@@ -8,7 +8,7 @@ From one address, in an `open` run, for `--seconds`:
   every honest peer and the coordinator's own DHT nodes, naming fake all-reduce groups whose member
   lists put its identities next to the victims (its identities vouch for one another);
 - with one identity's token it runs a hivemind DHT node WITHOUT crowdtrain's record validators and
-  repeats the review's N3 overwrite: a plain value under the run's swarm tokens and revocations keys
+  repeats the admission-record overwrite: a plain value under the run's swarm tokens and revocations keys
   expiring in a year, junk under each victim's token subkey.
 
 Usage: python -m tests.framer --coordinator HOST:PORT --cache-dir DIR [--seconds 180]
@@ -93,8 +93,9 @@ def fake_evidence(sybils: list[Sybil], victims: list[str]) -> tuple[list, list]:
 
 
 def overwrite_admission_records(sybil: Sybil, joined: pb.JoinResponse, victims: list[str]) -> dict:
-    """The review's N3: plain values for a year under the tokens and revocations keys, junk under
-    each victim's subkey, from a node without crowdtrain's validators; what each store answered."""
+    """The admission-record overwrite: plain values for a year under the tokens and revocations
+    keys, junk under each victim's subkey, from a node without crowdtrain's validators; what each
+    store answered."""
     import hivemind
     from crowdtrain.peer.admission.access import SwarmAuthorizer
     from crowdtrain.peer.admission.dhtrecords import IdentitySignatureValidator, revocations_key, tokens_key

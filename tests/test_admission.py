@@ -1,6 +1,6 @@
 """Admission (open, invite, allowlist) and swarm tokens, in process: gRPC on 127.0.0.1:0 with an
 injected clock, pure decisions as tables, and `crowdtrain invite create|list|revoke`. Every refusal
-here was an admission before issue 11 (no mode existed: anyone who reached Join was in, and no
+here used to be an admission (no mode existed: anyone who reached Join was in, and no
 peer got a swarm token)."""
 
 from __future__ import annotations

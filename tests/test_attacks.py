@@ -1,10 +1,10 @@
-"""One bad volunteer against three honest ones, as real processes (issue 11). Slow: ~4 minutes
+"""One bad volunteer against three honest ones, as real processes. Slow: ~4 minutes
 per scenario on 2 cores, so marked `attack` and left out of the default run; run them with
 `pytest -m attack tests/test_attacks.py`, or `python -m scripts.attacks` for the table of figures
 (docs/security.md).
 
 Each attack must leave the honest peers training to the end with a final held-out loss within
-10% of the same run without the attacker (5% for the bounded poisoning of issue 22: shift,
+10% of the same run without the attacker (5% for the bounded poisoning: shift,
 innorm_flip, const_shift), publish nothing the attacker served, and (for attacks whose
 contributions are refused) get the attacker banned or, in an open run such as these,
 quarantined by the evidence the honest peers report (coordinator/admission/bans.py). No honest peer's
@@ -21,7 +21,7 @@ from scripts.attacks import ACTED_ON, BANNABLE, run_scenario
 
 pytestmark = [pytest.mark.attack, pytest.mark.swarm]  # `-m "not swarm"` skips them too
 EPOCHS = 24
-BOUNDED = ("shift", "innorm_flip", "const_shift")  # poisoning within every per-round bound (issue 22)
+BOUNDED = ("shift", "innorm_flip", "const_shift")  # poisoning within every per-round bound
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,9 @@ def test_one_attacker_cannot_ruin_the_run(attack, baseline, tmp_path):
 
 
 def test_a_framer_gets_nobody_banned_and_the_run_goes_on(baseline, tmp_path):
-    """Issue 22's swarm test: for 3 minutes one open-admission attacker (tests/framer.py) sends
+    """Framing, in a real swarm: for 3 minutes one open-admission attacker (tests/framer.py) sends
     fake evidence against the honest peers and the coordinator's nodes from as many identities as
-    the coordinator lets it make, and tries the N3 overwrite of the swarm's admission records.
+    the coordinator lets it make, and tries to overwrite the swarm's admission records.
     Nobody is banned or quarantined, every honest peer keeps averaging to the end, held-out loss
     stays within 5% of the run without the attacker, and checkpoints keep being published."""
     outcome = run_scenario("frame", tmp_path, EPOCHS)

@@ -1,4 +1,4 @@
-"""Review 2026-12-07, N15: a hostile coordinator's words (gRPC status details, HTTP reasons, the
+"""A hostile coordinator's words (gRPC status details, HTTP reasons, the
 key it claims) must not reach the volunteer's terminal raw: no escape sequence retitles, clears or
 recolours it. An in-process gRPC server and an HTTP server on 127.0.0.1:0; the real CLI, in process."""
 

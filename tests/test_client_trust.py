@@ -1,6 +1,7 @@
-"""The volunteer's trust store (peer/checkpoints/trust.py) under a hostile coordinator: review 2026-12-07, N17
-(it grew with every run id met until, past 4 MiB, it no longer parsed and every pull and join from
-every coordinator failed) and the bookkeeping N7's fix relies on (how each key was trusted).
+"""The volunteer's trust store (peer/checkpoints/trust.py) under a hostile coordinator: it must not
+grow with every run id met (it did until, past 4 MiB, it no longer parsed and every pull and join
+from every coordinator failed), and it records how each key was trusted, which the refusal of an
+impostor that renames the run relies on.
 Pure file operations on tmp_path; no server, well under a second each."""
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def test_a_malformed_entry_is_not_mistaken_for_a_first_contact(store):
 
 
 def test_the_single_file_of_older_versions_is_still_read_even_past_4_mib(store):
-    """A trusted_keys.json an older crowdtrain grew past 4 MiB (the N17 state) is read, and whatever
+    """A trusted_keys.json an older crowdtrain grew past 4 MiB (unparseable before) is read, and whatever
     is learnt about an address from then on goes to that address's own file."""
     legacy = {
         f"10.0.{i // 250}.{i % 250}:50051": {f"ct_{i}": {"public_key": KEY, "newest_step": 1}}

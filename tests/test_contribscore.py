@@ -1,6 +1,6 @@
 """Contribution scores over many rounds (peer/robust/contribscore.py) with synthetic gradients.
 
-The attack of issue 22: one sender replaces its gradient, every round, by a push against the
+The attack: one sender replaces its gradient, every round, by a push against the
 swarm's direction that stays within every per-round bound (`innorm_flip`: ||g|| x (-0.5 g/||g||
 + 0.87 n), n random). Robust reduction alone lets it pull every round's aggregate away from the
 honest mean (`test_without_the_score_the_push_moves_every_round` keeps that "before" figure); the

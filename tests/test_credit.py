@@ -1,8 +1,8 @@
 """Credit is what the swarm accepted (`credit`), and the same proof for trainers and voters: a fake
 progress record stream earns nothing for epochs the swarm did not reach and nothing without a
-session (review N5), one admitted peer's own records do not send newcomers to random weights
-(review N14), and a lone honest volunteer is still credited. Pure functions with an injected clock,
-plus the monitor's scheduling over a fake DHT."""
+session, one admitted peer's own records do not send newcomers to random weights, and a lone honest
+volunteer is still credited. Pure functions with an injected clock, plus the monitor's scheduling
+over a fake DHT."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def test_monitor_credits_a_lone_volunteer_and_not_a_fake_record_stream(tmp_path:
     store.close()
 
 
-# ---------------------------------------------------------------- N14: who is a trainer
+# ---------------------------------------------------------------- who is a trainer
 
 
 HEALTH = HealthSettings(5.0, 20.0, 45.0)

@@ -156,7 +156,7 @@ def test_a_damaged_parquet_file_is_counted_not_a_crash(tmp_path: Path):
 
 @pytest.mark.parametrize("repeated", [False, True], ids=["distinct values", "one value repeated"])
 def test_a_parquet_decompression_bomb_is_skipped_without_copying_its_rows_out(tmp_path: Path, repeated):
-    """Security review 2026-12-07, N18: a few-KiB Parquet file of 8 rows x 5 MiB (40 MiB decoded)
+    """A decompression bomb: a few-KiB Parquet file of 8 rows x 5 MiB (40 MiB decoded)
     among ordinary rows. The oversized rows are counted as too large from Arrow's offsets, and never
     become Python strings: the traced peak stays far below one of them (the old reader converted
     256-row batches first, all 40 MiB at once)."""

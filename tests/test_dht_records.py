@@ -1,7 +1,7 @@
 """The run's admission records stay their writers' (peer/admission/dhtrecords.py), and the coordinator's DHT
 node keeps only the run's records, within limits, without UPnP (coordinator/admission/dhtstorage.py).
 
-Security review N3: one admitted peer stored a plain value under `<run_id>_swarm_tokens` and
+The attack: one admitted peer stored a plain value under `<run_id>_swarm_tokens` and
 `<run_id>_swarm_revocations`, expiring in a year; hivemind 1.1.12 let it replace the dictionaries
 and refuse every later subkey store, so a fresh reader admitted nobody and no ban reached the
 swarm. Here the same attacker (an admitted node running hivemind without our validators) tries it

@@ -1,9 +1,10 @@
 """Evidence against peers and automatic bans, in process (gRPC and HTTP on 127.0.0.1:0, injected
-clock), and the decision as a pure table. Before issue 11 the coordinator ignored
+clock), and the decision as a pure table. Before admission existed the coordinator ignored
 `HeartbeatRequest.rejections` whatever they held (1,000 garbage entries were accepted), banned no
-one however many peers reported it, and a capped sample claim was invisible in every view. Since
-issue 22 a report counts only from a proven token holder at least `min_reporter_age_s` into its
-session, confirmed by a groupmate of another admission root, and the action needs distinct roots."""
+one however many peers reported it, and a capped sample claim was invisible in every view. So that
+fake evidence frames nobody, a report now counts only from a proven token holder at least
+`min_reporter_age_s` into its session, confirmed by a groupmate of another admission root, and the
+action needs distinct roots."""
 
 from __future__ import annotations
 

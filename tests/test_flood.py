@@ -1,4 +1,4 @@
-"""Floods of the gRPC plane (review N4, N22): silent calls, hammering one RPC, and what stays
+"""Floods of the gRPC plane: silent calls, hammering one RPC, and what stays
 served meanwhile. In-process server on 127.0.0.1:0; an attacker at a different address is routed
 through a TCP relay whose connections to the server come from 127.0.0.2 (Linux routes 127/8 to lo).
 """
@@ -158,7 +158,7 @@ def pull(client: CoordinatorClient) -> bytes:
 
 
 def test_silent_streams_from_one_address_leave_everyone_else_served(served):
-    """The review's N4 probe from 127.0.0.2: before, every new call got RESOURCE_EXHAUSTED while
+    """The review's silent-stream probe from 127.0.0.2: before, every new call got RESOURCE_EXHAUSTED while
     the 2,000 silent streams were held. Now an existing session heartbeats (its stream opened in
     the flood), a newcomer joins and a checkpoint is pulled, and the flood ends by itself."""
     joined = served.client.join(signed_join(name="honest"))
@@ -223,7 +223,7 @@ def test_a_call_that_sends_no_request_is_ended_after_the_first_message_timeout(s
 
 
 def test_hammering_listings_and_status_is_refused_per_address(served):
-    """N22: one address calling ListCheckpoints/GetStatus as fast as it can gets its burst, then
+    """One address calling ListCheckpoints/GetStatus as fast as it can gets its burst, then
     RESOURCE_EXHAUSTED with a retry time, while another address is served."""
 
     async def hammer(port: int, method) -> list[grpc.StatusCode]:
@@ -255,8 +255,9 @@ def test_hammering_listings_and_status_is_refused_per_address(served):
 
 
 def test_the_listing_is_read_from_disk_only_when_a_checkpoint_changes(tmp_path: Path, monkeypatch):
-    """N22: the listing behind ListCheckpoints and every download is cached: re-read after a
-    publication, a retention removal or an edited crowdtrain.json, never per request."""
+    """So that hammering costs no disk reads, the listing behind ListCheckpoints and every download
+    is cached: re-read after a publication, a retention removal or an edited crowdtrain.json, never
+    per request."""
     root, reads = tmp_path / "checkpoints", []
     real = archive.list_checkpoints
     monkeypatch.setattr(archive, "list_checkpoints", lambda r: reads.append(r) or real(r))

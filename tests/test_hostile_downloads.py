@@ -1,6 +1,7 @@
-"""A malicious coordinator against `crowdtrain pull`, `verify` and a peer's data cache (issue 10,
-attacks 1, 2, 3 and 9). The coordinator here is a small HTTP (or gRPC) server on 127.0.0.1:0 that
-serves whatever listing, crowdtrain.json and files a test crafts; no swarm, seconds in all.
+"""A malicious coordinator against `crowdtrain pull`, `verify` and a peer's data cache: hostile
+file names, manifest names, keys and sizes. The coordinator here is a small HTTP (or gRPC)
+server on 127.0.0.1:0 that serves whatever listing, crowdtrain.json and files a test crafts; no
+swarm, seconds in all.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def _files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-# ---------------------------------------------------------------- attack 1: names become paths
+# ---------------------------------------------------------------- names become paths
 
 
 @pytest.mark.parametrize("where", ["listing", "signed crowdtrain.json"])
@@ -196,7 +197,7 @@ def test_a_grpc_listing_naming_a_path_is_refused(store, tmp_path: Path):
     assert not list(tmp_path.rglob("escaped.txt")) and "../../escaped.txt" not in served
 
 
-# ---------------------------------------------------------------- attack 2: the manifest's names
+# ---------------------------------------------------------------- the manifest's names
 
 
 def _manifest_json(run_id: str = "ct_tiny_1a2b3c4d", shard_name: str = "train-00000.jsonl") -> str:
@@ -230,7 +231,7 @@ def test_a_manifest_run_id_that_is_not_one_name_is_refused(run_id, tmp_path: Pat
         run_cache_dir(str(tmp_path), run_id)
 
 
-# ---------------------------------------------------------------- attack 3: whom to trust
+# ---------------------------------------------------------------- whom to trust
 
 
 def test_a_coordinator_resigning_with_a_fresh_key_is_refused(hostile, store, tmp_path: Path):
@@ -290,7 +291,7 @@ def test_a_peer_refuses_a_new_key_for_a_known_run(store):
 
 
 def test_an_impostor_renaming_the_run_neither_joins_nor_poisons_pull(hostile, store, tmp_path: Path):
-    """Review N7: an impostor re-signs the real manifest with its own key under a new run id. The
+    """An impostor re-signs the real manifest with its own key under a new run id. The
     peer refuses it (it used to trust any new run id on first use), and even once a volunteer let a
     peer accept it (--trust-new-run), a plain pull does not take the peer's word for it."""
     honest, impostor = new_key(), new_key()
@@ -374,7 +375,7 @@ def test_decide_key(known, run, served, kw, decision):
     assert decide_key(known, run, served, **kw)[0] == decision
 
 
-# ---------------------------------------------------------------- attack 9: sizes, numbers, verify
+# ---------------------------------------------------------------- sizes, numbers, verify
 
 
 def test_a_file_served_larger_than_its_signed_size_is_cut_off(hostile, store, tmp_path: Path):
@@ -539,7 +540,7 @@ def test_grpc_pull_over_tls_with_a_self_signed_certificate(store, tmp_path: Path
         server.stop(0).wait()
 
 
-# ---------------------------------------------------------------- review 2026-12-07, N16: TLS flags
+# ---------------------------------------------------------------- TLS flags
 
 
 def _https_hostile(tmp_path: Path, name: str) -> tuple[Hostile, Path]:

@@ -1,4 +1,4 @@
-"""A hostile manifest cannot size a volunteer's work (security review 2026-12-07, N11).
+"""A hostile manifest cannot size a volunteer's work.
 
 The review's coordinator served `model.config` 8192 hidden x 16 layers, which `build_model`
 allocated (58 GiB) before any memory check, passed any keyword to transformers, and claimed shards

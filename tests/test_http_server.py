@@ -1,4 +1,4 @@
-"""Attack 7 of issue 10: the HTTP server holds nothing for a client that does nothing, and status
+"""Slow and idle clients: the HTTP server holds nothing for a client that does nothing, and status
 readers cannot starve the peers' heartbeats. Short `HttpLimits` keep each test a few seconds."""
 
 from __future__ import annotations

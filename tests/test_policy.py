@@ -102,7 +102,7 @@ CONFIRMED = (GroupReport("g1", "Qmmate", "invite:mate", 3, frozenset({"Qms1", "Q
         ([], None, (), 0, "no checkpoint published yet"),
         ([], 12, (), 12, "start from checkpoint 12"),
         ([peer()], 12, CONFIRMED, 0, "peers are training"),
-        # its own progress record and "training" heartbeats are its own word (review N14)
+        # its own progress record and "training" heartbeats are its own word
         ([peer()], 12, (), 12, "nobody is training that a groupmate of another identity confirmed"),
         ([peer()], 12, [dataclasses.replace(CONFIRMED[0], reporter="Qms1")], 12, "nobody"),  # its own account
         # trainers of several roots: only a groupmate of another root confirms

@@ -117,9 +117,10 @@ def test_a_joiner_falls_back_to_the_latest_checkpoint_when_no_peer_can_send_the_
     os.killpg(donor.proc.pid, signal.SIGSTOP)
     try:
         joiner = launcher.start_peer("joiner", endpoints["grpc"], tmp_path / "cache-2")
-        # a lone trainer that no groupmate confirms is no proof the swarm can send its state (issue 22,
-        # N14), so Join names the latest checkpoint; had it said "load the live state", the joiner
-        # would have fallen back by itself (`checkpoint_fallback`) and resumed the same way
+        # a lone trainer that no groupmate confirms is no proof the swarm can send its state (its
+        # own records are its own word), so Join names the latest checkpoint; had it said "load the
+        # live state", the joiner would have fallen back by itself (`checkpoint_fallback`) and
+        # resumed the same way
         resumed = launcher.wait_for_event(joiner, "resumed_from_checkpoint", timeout_s=300)
         latest = checkpoints(endpoints["http"])[-1]
         assert resumed["step"] == latest["step"]

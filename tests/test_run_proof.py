@@ -1,6 +1,6 @@
 """A coordinator must prove the run it hands out at Join: the manifest (shards with their sha256,
 model, tokenizer digest) is signed by the run's key, which the peer trusts per coordinator address
-on first use (issue 10, attack 2: shard hashes that came in an unproven manifest proved nothing)."""
+on first use (shard hashes that came in an unproven manifest proved nothing)."""
 
 from __future__ import annotations
 

@@ -427,7 +427,8 @@ def test_reports_are_bounded_and_garbage_never_breaks_the_servicer(served):
 
 
 def test_joiners_resume_from_the_latest_checkpoint_only_when_nobody_trains(served, tmp_path: Path):
-    """Only a trainer another identity reported averaging with counts (issue 22, N14)."""
+    """Only a trainer another identity reported averaging with counts: one peer's own "training"
+    heartbeats and progress records must not send newcomers to load a live state nobody can send."""
     client, store, clock, *_ = served
     assert client.join(signed_join(name="first")).settings.resume_from_step == 0  # nothing published
     root = tmp_path / "checkpoints"  # the served run's checkpoint_root

@@ -487,7 +487,7 @@ def test_a_joiner_that_holds_the_latest_checkpoint_joins_a_swarm_that_cannot_sen
 ):
     """Join had the newcomer start from the latest checkpoint (step 10); the swarm is at epoch 12
     but its only trainer froze. Nothing newer is published, yet the joiner holds the best the run
-    can offer: it joins the swarm's epoch with those weights rather than giving up (CI, issue 22)."""
+    can offer: it joins the swarm's epoch with those weights rather than giving up (seen in CI)."""
     from types import SimpleNamespace
 
     from crowdtrain.peer.checkpoints import pull

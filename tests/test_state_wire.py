@@ -1,4 +1,4 @@
-"""A state donor cannot choose how its tensors are decoded (security review 2026-12-07, N6).
+"""A state donor cannot choose how its tensors are decoded.
 
 hivemind decodes a state part with the codec and dtype its sender declares: UNIFORM_8BIT through a
 complex128 codebook turns 1 wire byte into 16. Both users of the state stream's one reader

@@ -1,4 +1,4 @@
-"""TLS for gRPC and HTTP (issue 10, "whom to trust"): a coordinator started with a certificate made
+"""TLS for gRPC and HTTP, so a volunteer knows whom it talks to: a coordinator started with a certificate made
 by the test serves both only over TLS; a client that trusts it gets through, and one that talks
 plaintext or does not trust the certificate fails at once with an error that says why."""
 
