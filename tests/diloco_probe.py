@@ -45,7 +45,7 @@ def lone_peer(workdir: Path, device: str = "cpu", **swarm_settings):
     from crowdtrain.peer.swarm.optimizers import inner_optimizer
     from crowdtrain.peer.swarm.wiring import make_optimizer, start_dht
 
-    from tests.conftest import make_run
+    from tests.helpers import make_run
 
     corpus = workdir / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from crowdtrain.peer.checkpoints import format as checkpoint
 from crowdtrain.peer.checkpoints.format import CheckpointError, CheckpointMeta
 from crowdtrain.peer.checkpoints.pull import PullError, pull, staging_dir
 
-from tests.conftest import make_run
+from tests.helpers import make_run
 
 KEY = new_key()  # the coordinator's signing key in these tests
 

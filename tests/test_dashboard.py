@@ -24,7 +24,7 @@ from crowdtrain.coordinator.demo import cli_command
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.harness import events_named
-from tests.conftest import ARTIFACTS
+from tests.helpers import ARTIFACTS
 
 pytestmark = pytest.mark.swarm
 EVIL = "<img src=x onerror=alert(1)>"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 MAX_FUNCTION_LINES = 60
 # size by concept, not by file: a folder is one concept, small enough to hold in one's head

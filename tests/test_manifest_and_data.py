@@ -21,7 +21,7 @@ from crowdtrain.peer.run.manifest import (
     override_swarm,
 )
 
-from tests.conftest import make_run
+from tests.helpers import make_run
 
 
 def _docs(n: int) -> list[dataset.Document]:

@@ -17,7 +17,7 @@ from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.link.client import CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.protos import coordinator_pb2 as pb
 
-from tests.conftest import serving
+from tests.helpers import serving
 from tests.identities import signed_join
 
 

@@ -23,7 +23,7 @@ from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.peer.data.reader import Place, PlaceFile, ShardReader, pass_order
 from crowdtrain.protos import coordinator_pb2 as pb
 
-from tests.conftest import serving
+from tests.helpers import serving
 from tests.identities import signed_join
 
 FRESH = [Cursor() for _ in range(4)]

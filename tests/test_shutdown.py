@@ -16,7 +16,7 @@ import pytest
 from crowdtrain.coordinator.demo import cli_command
 
 from scripts.harness import events_named
-from tests.conftest import descendants_alive
+from tests.helpers import descendants_alive
 
 pytestmark = pytest.mark.swarm
 ROOT = Path(__file__).resolve().parent.parent

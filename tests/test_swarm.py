@@ -18,7 +18,7 @@ from crowdtrain.coordinator.demo import cli_command
 from safetensors.torch import load_file
 
 from scripts.harness import events_named, index_after, rounds_together
-from tests.conftest import ARTIFACTS
+from tests.helpers import ARTIFACTS
 
 pytestmark = pytest.mark.swarm
 MAX_EPOCHS = 16

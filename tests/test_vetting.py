@@ -11,7 +11,7 @@ import torch
 from crowdtrain.coordinator.publishing.vetting import check_candidate, model_card
 from crowdtrain.peer.run.tensors import ExpectedTensor, check_tensors
 
-from tests.conftest import make_run
+from tests.helpers import make_run
 
 MODEL = (ExpectedTensor("a", (2, 3), "torch.float32", 4), ExpectedTensor("b", (4,), "torch.float32", 4))
 
