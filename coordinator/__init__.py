@@ -2,7 +2,9 @@
 books on every peer, and publishes the community's checkpoints. Builds on `crowdtrain.peer` (the
 run contract), never the reverse. Layers, top down (enforced by import-linter, pyproject.toml):
 
-    cli.py, cli_invite.py, demo.py   the `crowdtrain` commands
+    cli.py        the `crowdtrain` program: the operator's commands, and the participant's
+                  (crowdtrain.peer.cli) mounted beside them
+    demo.py       `crowdtrain demo`: a local swarm of real processes, and how it starts and stops them
     app.py        the coordinator process: starts its components in order, stops them in reverse
     config.py     the operator's settings, composed of the components' own
     api/          what it serves: gRPC servicer and server, HTTP server, metrics, reachability

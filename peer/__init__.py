@@ -2,6 +2,7 @@
 `crowdtrain.protos`; the coordinator builds on it, never the reverse. Layers, top down (enforced by
 import-linter, pyproject.toml): a folder imports only from the folders below it.
 
+    cli.py        the participant's commands: peer, identity, pull, checkpoints, verify
     volunteer/    the training loop and its steps: join, recover, train, measure, pause
     swarm/        all hivemind wiring: DHT, optimizers, averagers, DiLoCo, state transfer, leaving
     admission/    who may take part in the swarm: identity, tokens, the DHT's and averagers' gates

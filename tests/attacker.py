@@ -256,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="json")
     add_arguments(parser, PeerConfig)
     args = parser.parse_args(argv)
-    from crowdtrain.coordinator.cli import _configure_logging
+    from crowdtrain.peer.cli import configure_logging
 
-    _configure_logging("INFO", args.log_format)
+    configure_logging("INFO", args.log_format)
     config = from_arguments(PeerConfig, args)
     try:
         return make_attacker(config, args.attack).run()

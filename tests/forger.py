@@ -67,9 +67,9 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=3.0)
     parser.add_argument("--cache-dir", default="")
     args = parser.parse_args()
-    from crowdtrain.coordinator.cli import _configure_logging
+    from crowdtrain.peer.cli import configure_logging
 
-    _configure_logging("INFO", "json")  # a volunteer's events and errors, as the test reads them
+    configure_logging("INFO", "json")  # a volunteer's events and errors, as the test reads them
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="forger-")
     return make_forger(args.coordinator, args.scale, cache_dir).run()
 

@@ -35,6 +35,22 @@ def test_help_does_not_import_torch():
     assert "--checkpoint-interval-s" in result.stdout
 
 
+def test_a_volunteer_s_command_loads_no_coordinator_module_but_the_entry_point():
+    """`crowdtrain peer` starts in the one console script, crowdtrain.coordinator.cli, which mounts
+    the participant's commands (crowdtrain.peer.cli); nothing else of the coordinator loads, not
+    even its settings."""
+    code = (
+        "import sys\n"
+        "from crowdtrain.coordinator.cli import main\n"
+        "try:\n    main(['--log-format', 'json', 'peer', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('crowdtrain.coordinator')), file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--coordinator" in result.stdout
+    assert result.stderr.strip() == "['crowdtrain.coordinator', 'crowdtrain.coordinator.cli']"
+
+
 def test_peer_with_a_wrong_address_says_what_to_check():
     result = run_cli("peer", "--coordinator", "127.0.0.1:1", "--join-timeout-s", "3")
     assert result.returncode == 1
@@ -174,6 +190,7 @@ def test_pull_from_nowhere_fails_cleanly(tmp_path: Path):
 def test_an_expected_error_is_one_line_and_a_bug_is_a_traceback(monkeypatch, capsys):
     """Only CrowdtrainError is "bad input"; a ValueError from a bug must not look like one."""
     from crowdtrain.coordinator import cli
+    from crowdtrain.peer import cli as peer_cli
     from crowdtrain.peer.errors import CrowdtrainError
 
     def expected(config):
@@ -182,13 +199,13 @@ def test_an_expected_error_is_one_line_and_a_bug_is_a_traceback(monkeypatch, cap
     def bug(config):
         return {}["missing"]
 
-    config_cls, _, help_text = cli.COMMANDS["verify"]
-    monkeypatch.setitem(cli.COMMANDS, "verify", (config_cls, expected, help_text))
+    config_cls, _, help_text = peer_cli.COMMANDS["verify"]
+    monkeypatch.setitem(peer_cli.COMMANDS, "verify", (config_cls, expected, help_text))
     assert cli.main(["verify", "somewhere"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "error: the thing failed; do this instead"
 
-    monkeypatch.setitem(cli.COMMANDS, "verify", (config_cls, bug, help_text))
+    monkeypatch.setitem(peer_cli.COMMANDS, "verify", (config_cls, bug, help_text))
     assert cli.main(["verify", "somewhere"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'missing'" in err and "this is a bug" in err
@@ -243,12 +260,13 @@ def test_a_data_dir_that_cannot_be_created_writes_nothing(tmp_path: Path, small_
 def test_the_operating_system_refusing_is_one_line_not_a_bug(monkeypatch, capsys):
     """An unwritable --out or --save-dir, a full disk: the user's to fix, so no traceback."""
     from crowdtrain.coordinator import cli
+    from crowdtrain.peer import cli as peer_cli
 
     def refused(config):
         raise PermissionError(13, "Permission denied", "/srv/model")
 
-    config_cls, _, help_text = cli.COMMANDS["verify"]
-    monkeypatch.setitem(cli.COMMANDS, "verify", (config_cls, refused, help_text))
+    config_cls, _, help_text = peer_cli.COMMANDS["verify"]
+    monkeypatch.setitem(peer_cli.COMMANDS, "verify", (config_cls, refused, help_text))
     assert cli.main(["verify", "somewhere"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: [Errno 13] Permission denied: '/srv/model'") and err.count("\n") == 1

@@ -62,8 +62,10 @@ def _lint_imports() -> Path:
         # the packages: the peer never imports the coordinator
         ("peer/zz_layer_probe.py", "from crowdtrain.coordinator.peers import health", "one-way layers"),
         # inside the peer: a lower folder never imports a higher one, siblings never each other
-        ("peer/run/zz_layer_probe.py", "from crowdtrain.peer.volunteer import trainer", "peer: volunteer"),
-        ("peer/data/zz_layer_probe.py", "from crowdtrain.peer.checkpoints import pull", "peer: volunteer"),
+        ("peer/run/zz_layer_probe.py", "from crowdtrain.peer.volunteer import trainer", "peer: cli"),
+        ("peer/data/zz_layer_probe.py", "from crowdtrain.peer.checkpoints import pull", "peer: cli"),
+        # the participant's commands are the top: nothing in the peer runs a command
+        ("peer/volunteer/zz_layer_probe.py", "from crowdtrain.peer import cli", "peer: cli"),
         # inside the coordinator: the books on peers never reach up into the servers
         (
             "coordinator/peers/zz_layer_probe.py",

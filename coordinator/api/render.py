@@ -1,0 +1,90 @@
+"""The operator's status table: a GetStatusResponse (what `GetStatus` serves) as the text
+`crowdtrain status` prints. Pure: the response and the time in, a string out.
+
+    print(format_status(client.get_status(), time.time()))
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from crowdtrain.peer.display import clean_display
+
+
+def _ago(now: float, t: float) -> str:
+    s = max(0.0, now - t)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
+
+
+# REPORTED: times other peers refused its contributions (evidence; enough of them ban it)
+_STATUS_COLUMNS = (
+    *"ID NAME STATE REASON DEVICE VERSION NETWORK DATA SAMPLES/S EPOCH COMPUTED CONTRIBUTED".split(),
+    *"REPORTED SWARM UPTIME".split(),
+    "LAST SEEN",
+)
+
+
+def _data_read(s) -> str:
+    """How much of the training data the swarm has read (every finished pass counted)."""
+    share = s.dataset_sequences_read / s.dataset_sequences
+    sized = (
+        f", {s.dataset_shards_sized} of {s.dataset_shards} shards sized"
+        if s.dataset_shards_sized < s.dataset_shards
+        else ""
+    )
+    return f"{s.dataset_sequences_read:,} of {s.dataset_sequences:,} training sequences ({share:.1%}{sized})"
+
+
+def format_status(status, now: float) -> str:
+    """Render a GetStatusResponse as the operator's table (SWARM: peers it sees in the run's progress
+    records; UPTIME: since its heartbeats started)."""
+    s = status.summary
+    loss = (
+        f"{s.latest_eval_loss:.3f} (step {s.latest_checkpoint_step})"
+        if s.latest_checkpoint_step >= 0
+        else "none yet"
+    )
+    states = ", ".join(f"{n} {state}" for state, n in sorted(s.peers_by_state.items()) if n) or "no peers"
+    versions = Counter(
+        p.version or "unknown" for p in status.peers if p.state in ("JOINING", "ONLINE", "PAUSED", "STALE")
+    )
+    lines = [
+        f"run {clean_display(s.run_id)}: global epoch {s.global_epoch}, swarm {s.samples_per_s:.1f} samples/s, "
+        f"latest checkpoint eval loss {loss}, {s.total_contributed_samples} samples contributed",
+        f"peers: {states}",
+        *([f"versions: {', '.join(f'{v} x{n}' for v, n in versions.most_common())}"] if versions else []),
+        *([f"last refused checkpoint: {clean_display(s.last_rejection)}"] if s.last_rejection else []),
+        *([f"data read: {_data_read(s)}"] if s.dataset_sequences else []),
+        "",
+    ]
+    header = _STATUS_COLUMNS
+    rows = [
+        (
+            p.peer_id,
+            p.name,
+            p.state,
+            p.reason,
+            p.device,
+            p.version or "-",
+            "client" if p.client_mode else p.reachability or "-",
+            f"{p.shard_index}:{p.shard_position}" if p.shard_position else "-",  # shard:sequence
+            f"{p.samples_per_s:.1f}",
+            str(p.local_epoch),
+            str(p.computed_samples),
+            str(p.contributed_samples),
+            str(p.rejections_against) if p.rejections_against else "-",
+            str(p.swarm_size) if p.swarm_size else "-",
+            _ago(p.uptime_s, 0.0).removesuffix(" ago") if p.uptime_s > 0 else "-",  # 0: no heartbeat yet
+            _ago(now, p.last_seen_unix_s),
+        )
+        for p in status.peers
+    ]
+    # names and reasons come from strangers: no control character reaches the terminal, even from a
+    # database written before display text was cleaned at input
+    rows = [tuple(clean_display(cell) for cell in row) for row in rows]
+    widths = [min(60, max(len(r[i]) for r in [header, *rows])) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell[:60].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if s.peers_not_listed:
+        lines.append(f"... and {s.peers_not_listed} more peer(s) not listed")
+    return "\n".join(lines)
