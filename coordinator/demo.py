@@ -8,6 +8,11 @@ in its own process group, so hivemind's p2pd daemons go too).
 
 The processes run with `--log-format json`: the demo reads their progress events (peer/events.py),
 never the human text, and writes that human text to each process's log file.
+
+How it starts, watches and stops them (`Child`, `spawn`, `stop_children`, `wait_for_endpoints`,
+`cli_command`, `coordinator_command`, `local_peer_command`) is here because `crowdtrain demo` runs
+on it, and the installed package never imports scripts/. The harnesses, benchmarks and tests start
+their processes with the same pieces; what only they need is in scripts/harness.py.
 """
 
 from __future__ import annotations
