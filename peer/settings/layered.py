@@ -9,7 +9,7 @@ The file holds the same names as the flags, with underscores (`coordinator = "ho
 `threads = 4`, `client_mode = true`). Everything read from the environment or the file is checked
 against the setting's type before use, and an unknown key in the file is an error naming the known
 ones (a typo must not silently leave a default in place). Pure, apart from `default_config_path`
-and `read_config_file`; the CLI (coordinator/cli.py) passes in the flags given and `os.environ`.
+and `read_config_file`; the CLI (peer/cli.py) passes in the flags given and `os.environ`.
 """
 
 from __future__ import annotations
