@@ -81,7 +81,11 @@ def coordinator_command(data_dir: Path, *extra: str) -> list[str]:
 
 
 def local_peer_command(grpc_address: str, cache_dir: Path, *extra: str) -> list[str]:
-    """`crowdtrain peer` listening on 127.0.0.1 only, with its own data cache."""
+    """`crowdtrain peer` listening on 127.0.0.1 only, with its own data cache and, unless `extra`
+    names one, a new identity key of its own under `cache_dir/identities/` (a peer holds its key
+    while it runs, so several peers on one machine, or a restart while the last one still exits,
+    must never share the config directory's default key)."""
+    identity = () if "--identity" in extra else ("--identity", str(_new_identity_path(cache_dir)))
     return cli_command(
         "peer",
         "--coordinator",
@@ -90,8 +94,14 @@ def local_peer_command(grpc_address: str, cache_dir: Path, *extra: str) -> list[
         "127.0.0.1",
         "--cache-dir",
         str(cache_dir),
+        *identity,
         *extra,
     )
+
+
+def _new_identity_path(cache_dir: Path) -> Path:
+    """A key path no other peer started by this process uses (the key is created by the peer)."""
+    return Path(cache_dir) / "identities" / f"peer-{os.getpid()}-{os.urandom(6).hex()}.key"
 
 
 def human_line(record: dict) -> str:

@@ -100,6 +100,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False, default=str)
 
 
+def writes_json(logger: logging.Logger) -> bool:
+    """Whether `logger`'s records reach a handler that writes them as JSON (`--log-format json`):
+    then a program reads them, and an event must not be left out to spare a person's screen."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(isinstance(h.formatter, JsonFormatter) for h in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False
+
+
 def parse_record(line: str) -> dict | None:
     """The object of one `--log-format json` log record, or None for anything else (other output,
     a line cut short)."""

@@ -7,14 +7,19 @@ heartbeats, before the DHT node dials anyone. One RSA-2048 key serves as the lib
 (hivemind's `identity_path` file: a libp2p `PrivateKey` protobuf), as the key of hivemind's DHT
 authorizer (peer/admission/access.py) and as the key the coordinator binds the token to.
 
-By default every process gets a fresh key in a private (0700) directory under the run's cache,
-removed when the process exits (peers sharing a cache never collide: hivemind refuses an identity
-another peer uses). With `--identity PATH` the key persists: an allowlisted volunteer keeps its peer
-id across restarts (`crowdtrain identity` prints it for the operator's allowlist).
+A volunteer's key persists: `crowdtrain peer` uses identity.key in crowdtrain's config directory
+(the key `crowdtrain identity` prints the id of), or the file `--identity PATH` names, created once
+(mode 0600), so its peer id, its `/peer/<id>` page, its credit and its allowlist entry survive
+restarts. The peer holds the key while it runs (`PeerIdentity.held`: an exclusive lock on
+`<key>.lock` beside it): a second peer on the same machine started with the same key is refused
+(hivemind refuses an identity another peer uses), and told to pass `--identity OTHER_FILE`.
+Tools that join as simulated peers use a fresh key per process (`PeerIdentity.fresh`, in a private
+0700 directory removed at exit).
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -49,11 +54,38 @@ def _new_key_file(path: Path) -> None:
         f.write(data)
 
 
+def lock_path(key_path: Path) -> Path:
+    """The lock file beside a key: `identity.key` -> `identity.key.lock`."""
+    return key_path.with_name(key_path.name + ".lock")
+
+
+def _lock(key_path: Path) -> int:
+    """An exclusive lock on the key's lock file (created 0600 when missing), as an open descriptor;
+    refused at once when another process (or another holder here) has it."""
+    path = lock_path(key_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as e:
+        raise IdentityError(f"cannot open the identity key's lock file {path}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise IdentityError(
+            f"the identity key {key_path} is in use by another crowdtrain peer on this machine (it holds "
+            f"{path}); two peers cannot share one identity: start this one with --identity OTHER_FILE "
+            "(a new file is created there)"
+        ) from None
+    return fd
+
+
 class PeerIdentity:
     """The identity key at `path` (created when missing) and what is derived from it."""
 
     def __init__(self, path: Path, *, _tempdir=None):
         self.path, self._tempdir = Path(path), _tempdir
+        self._lock_fd: int | None = None  # held(): the lock on `<path>.lock`, until release()
         if not self.path.exists():
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +103,27 @@ class PeerIdentity:
             prefix="dht-identity-", dir=cache_dir, ignore_cleanup_errors=True
         )
         return cls(Path(tempdir.name) / "identity.key", _tempdir=tempdir)
+
+    @classmethod
+    def held(cls, path: Path) -> PeerIdentity:
+        """The key at `path` (created when missing), held by this process until `release()` or its
+        exit: a second holder, here or in another process, gets an IdentityError saying to use
+        another --identity. The lock is taken before the key is made, so two peers starting at once
+        never race to create it."""
+        fd = _lock(Path(path))
+        try:
+            identity = cls(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        identity._lock_fd = fd
+        return identity
+
+    def release(self) -> None:
+        """Let another process hold this key; idempotent."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
 
     @property
     def persistent(self) -> bool:

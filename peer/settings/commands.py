@@ -96,9 +96,10 @@ class PeerConfig:
     invite: str = option("", "invite code from the run's operator (runs that admit by invitation)")
     identity: str = option(
         "",
-        "keep this peer's hivemind identity key in this file (created if missing), so its peer id "
-        "survives restarts (runs that admit by allowlist; `crowdtrain identity` prints the id); "
-        "default: a fresh identity per start",
+        "this peer's hivemind identity key file (created if missing, mode 0600): its peer id, page "
+        "and credit survive restarts (`crowdtrain identity` prints the id for an allowlist); a peer "
+        "holds its key while it runs, so give a second peer on this machine another file; "
+        "default: identity.key in crowdtrain's config directory",
     )
     token_wait_s: float = option(
         60.0, "give up when the coordinator has not admitted this peer to the swarm within this long"

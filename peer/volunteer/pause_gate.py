@@ -50,15 +50,19 @@ class PauseGate:
     def paused(self) -> bool:
         return self.monitor.decision.paused
 
-    def wait(self, opt, resync: Callable[[], None]) -> None:
-        """Block while paused (or until stopped): hand in, idle, then re-sync."""
+    def wait(self, opt, resync: Callable[[], None], show: Callable[[str], None] | None = None) -> None:
+        """Block while paused (or until stopped): hand in, idle, then re-sync. `show(reason)` is
+        called at every poll while paused (the live line keeps saying `PAUSED (reason)`)."""
         t0, reason = time.monotonic(), self.monitor.decision.reason
         self.pauses += 1
-        emit(logger, "paused", "paused: %s; no work is lost", reason, reason=reason)
+        # "paused: by SIGUSR1 ...", not "paused: paused by SIGUSR1 ..."
+        emit(logger, "paused", "paused: %s; no work is lost", reason.removeprefix("paused "), reason=reason)
         self.stats.update(phase="paused", pause_reason=reason, samples_per_s=0.0)
         epoch = opt.local_epoch
         while not self.stop_event.is_set() and self.monitor.decision.paused:
             reason = self._show(reason)
+            if show is not None:
+                show(reason)
             if _handing_in(opt, epoch):
                 opt.step(batch_size=0)  # joins the round when the swarm is ready; no compute
                 self.stop_event.wait(HAND_IN_POLL_S)

@@ -3,7 +3,8 @@
     crowdtrain peer --coordinator 127.0.0.1:50051
     crowdtrain peer --coordinator 127.0.0.1:50051 --device cpu --threads 1 --batch-size 8   # tiny CPU
 
-One log line per swarm epoch:
+One log line per swarm epoch (in the text log format at most every 30 s, the others at DEBUG;
+`--log-format json` has every `epoch` event):
 
     epoch=12 loss=5.231 samples_per_s=88.1 swarm_peers=2 lr=3.0e-03 samples_total=3456 compute_share=0.78
     averaged_with=2 group=3f9a0c1e
@@ -50,9 +51,11 @@ from crowdtrain.peer.machine.pause import PauseMonitor, PauseSettings, SystemSam
 from crowdtrain.peer.robust.evidence import heartbeat_messages
 from crowdtrain.peer.run.runproof import check_joined_run
 from crowdtrain.peer.settings.commands import PeerConfig
+from crowdtrain.peer.settings.layered import default_config_dir
 from crowdtrain.peer.swarm.lifecycle import leave_swarm, rejoin_in_background, stop_on_signals
 from crowdtrain.peer.volunteer.meter import (
     ContributionSummary,
+    EpochLines,
     EpochMeter,
     StatusLine,
     log_epoch,
@@ -101,6 +104,15 @@ class Joined:
         return self.reply.settings.resume_from_step
 
 
+def own_page_url(http_base_url: str, dht_peer_id: str) -> str:
+    """This peer's page on the coordinator's dashboard, by its hivemind id (kept across restarts
+    with its identity key, so the bookmark lasts); "" when the coordinator named no HTTP address."""
+    base = http_base_url.strip().rstrip("/")
+    if not base.startswith(("http://", "https://")) or not dht_peer_id:
+        return ""
+    return f"{base}/peer/{dht_peer_id}"
+
+
 class Volunteer:
     """One training peer. `run()` blocks until stopped (SIGINT/SIGTERM, --max-epochs or an error)."""
 
@@ -116,6 +128,8 @@ class Volunteer:
         self.pauser = PauseMonitor(PauseSettings.from_peer_config(config), sampler=SystemSampler())
         self.pause_gate = PauseGate(self.pauser, self.stats, self.stop_event)
         # Set by the steps of `_run` (empty until then); shutdown() releases whatever was set.
+        # join(): this peer's identity key, held (locked) until shutdown() so no other peer here uses it
+        self.identity: PeerIdentity | None = None
         # join(): this peer's session, kept as soon as Join answers so that shutdown() leaves it
         # even when a check after Join fails
         self.session_id = ""
@@ -165,7 +179,7 @@ class Volunteer:
             torch.set_num_threads(self.config.threads)
         device = pick_device(self.config.device, self.config.gpu)
         device_label = describe_device(device)
-        identity = self._identity()  # before Join: an allowlist admits identities
+        identity = self.identity = self._identity()  # before Join: an allowlist admits identities
         reply = self._ask_to_join(identity, device_label)
         self.session_id = reply.session_id
         self.session_token = reply.session_token
@@ -197,6 +211,9 @@ class Volunteer:
             shard_index=reply.settings.shard_index,
             device=device_label,
         )
+        page = own_page_url(reply.settings.http_base_url, identity.peer_id)
+        if page:
+            logger.info("your page: %s", page)
         return Joined(
             reply=reply,
             manifest=manifest,
@@ -210,9 +227,10 @@ class Volunteer:
         )
 
     def _identity(self) -> PeerIdentity:
-        if self.config.identity:
-            return PeerIdentity(Path(self.config.identity).expanduser())
-        return PeerIdentity.fresh(Path(self.config.cache_dir).expanduser())
+        """The key of --identity, else identity.key in the config directory (the one `crowdtrain
+        identity` prints), created once; held by this process (a second peer on it is refused)."""
+        path = Path(self.config.identity).expanduser() if self.config.identity else None
+        return PeerIdentity.held(path or default_config_dir() / "identity.key")
 
     def _ask_to_join(self, identity: PeerIdentity, device_label: str) -> pb.JoinResponse:
         """The coordinator's answer to Join, retried until --join-timeout-s."""
@@ -365,7 +383,7 @@ class Volunteer:
         self.recovery.catch_up(self.opt, joined.manifest.swarm)
 
     def train(self, joined: Joined, model, batches: Iterator[list[list[int]]]) -> None:
-        """Step until stopped, banned, or --max-epochs; one log line per swarm epoch."""
+        """Step until stopped, banned, or --max-epochs; one log line per swarm epoch (meter.EpochLines)."""
         from crowdtrain.peer.data.feed import as_tagged_batch
         from crowdtrain.peer.data.prefetch import Prefetcher
 
@@ -376,9 +394,14 @@ class Volunteer:
             self._train(joined, model, ahead)
 
     def _train(self, joined: Joined, model, batches) -> None:
+        """The training loop, under the live line (drawn on a terminal only)."""
         self.stats.update(phase="training", local_epoch=self.opt.local_epoch)
+        with StatusLine() as status:
+            self._train_steps(joined, model, batches, status)
+
+    def _train_steps(self, joined: Joined, model, batches, status: StatusLine) -> None:
         meter = EpochMeter(self.opt.local_epoch)
-        status = StatusLine()
+        epoch_lines = EpochLines()  # text logs: an epoch line every 30 s at most (json: each one)
         summary = ContributionSummary()
         model.train()
         while not self.stop_event.is_set():
@@ -391,7 +414,9 @@ class Volunteer:
             if self.pause_gate.paused():
                 status.clear()
                 self.pause_gate.wait(
-                    self.opt, resync=partial(self.recovery.catch_up, self.opt, joined.manifest.swarm)
+                    self.opt,
+                    resync=partial(self.recovery.catch_up, self.opt, joined.manifest.swarm),
+                    show=partial(self._show_paused, status),
                 )
                 continue
             t0 = time.monotonic()
@@ -407,16 +432,25 @@ class Volunteer:
                 samples_total=meter.samples_total,
                 swarm_size=swarm_peers,
             )
-            status.draw(self.opt, loss, meter.ema_rate, swarm_peers, standing_text(self._answer()))
+            status.draw(
+                self.opt, loss, meter.ema_rate, swarm_peers, standing_text(self._answer(), short=True)
+            )
             if self.opt.local_epoch != meter.epoch:
                 status.clear()
-                log_epoch(self.opt, self.inner, self.dht, meter, swarm_peers)
+                log_epoch(self.opt, self.inner, self.dht, meter, swarm_peers, epoch_lines.level())
                 summary.maybe_log(self._answer())
                 meter.start_epoch(self.opt.local_epoch)
                 if self.config.max_epochs and meter.epoch >= self.config.max_epochs:
                     logger.info("reached --max-epochs %d, leaving", self.config.max_epochs)
                     break
         summary.maybe_log(self._answer(), force=True)  # leaving: what the swarm accepted of its work
+
+    def _show_paused(self, status: StatusLine, reason: str) -> None:
+        """While paused, the live line says `PAUSED (reason)` (a terminal only)."""
+        swarm_peers = self.opt.tracker.global_progress.num_peers
+        status.draw_paused(
+            reason, self.opt.local_epoch, swarm_peers, standing_text(self._answer(), short=True)
+        )
 
     def _step(self, model, batch) -> tuple[float, float]:
         """Forward and backward in micro-batches (backing off on out-of-memory), then hivemind's
@@ -478,3 +512,5 @@ class Volunteer:
             self.client.close()
             if self.upload_limit is not None:
                 self.upload_limit.shutdown()
+            if self.identity is not None:  # another peer may use this key from now on
+                self.identity.release()
