@@ -14,7 +14,9 @@ volunteer's `crowdtrain peer` loads no coordinator module but this one. Heavy im
 hivemind, transformers) happen inside the command that needs them, so `crowdtrain coordinator
 --help` is instant. Expected failures (`CrowdtrainError`, and the operating system refusing
 something: `OSError`) print one `error:` line and exit 1; anything else is a bug: a full
-traceback, a request to report it, exit 2.
+traceback, a request to report it, exit 2. A mistyped subcommand, choice or flag is named with the
+closest one ("did you mean"); `--log-level`/`--log-format` work before or after the subcommand;
+Ctrl+C, even while the CLI is still loading, is one line and exit 130.
 
     CODE=$(crowdtrain invite create --data-dir runs/mine --uses 5 --expires-in-s 86400 --note "lab")
     crowdtrain invite list --data-dir runs/mine
@@ -24,8 +26,10 @@ traceback, a request to report it, exit 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 from typing import TYPE_CHECKING
 
@@ -33,9 +37,17 @@ from typing import TYPE_CHECKING
 # gRPC, so skip gRPC's fork handlers (which only log "Other threads are currently calling into gRPC")
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from crowdtrain.peer import cli as peer_cli
-from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.settings import commands as settings
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, as shells report it
+
+try:  # a Ctrl+C while these load (a fraction of a second) is one line, not a traceback
+    from crowdtrain.peer import __version__
+    from crowdtrain.peer import cli as peer_cli
+    from crowdtrain.peer.display import clean_display
+    from crowdtrain.peer.errors import CrowdtrainError
+    from crowdtrain.peer.settings import commands as settings
+except KeyboardInterrupt:
+    print("interrupted (Ctrl+C)", file=sys.stderr)
+    raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
 
 if TYPE_CHECKING:
     from crowdtrain.coordinator import config as cfg
@@ -74,22 +86,70 @@ def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
     return 0
 
 
-def cmd_status(config: cfg.StatusConfig) -> int:
+def cmd_status(config: cfg.StatusConfig, as_json: bool = False) -> int:
+    """The status table (or, `as_json`, one JSON document per refresh) over the gRPC API at HOST:PORT,
+    or over the HTTP API at an http(s):// URL or at a HOST:PORT that turns out to be the HTTP port."""
+    import json
     import time
 
-    from crowdtrain.coordinator.api.render import format_status
-    from crowdtrain.peer.link.client import CoordinatorClient
+    from crowdtrain.coordinator.api.render import format_status, status_json
+    from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorSpeaksHttp, is_http_url
     from crowdtrain.peer.link.tls import ClientTls
 
-    with CoordinatorClient(config.coordinator, tls=ClientTls.from_flags(config.tls, config.tls_ca)) as client:
+    tls = ClientTls.from_flags(config.tls, config.tls_ca)
+    base = config.coordinator.rstrip("/")
+    client = None if is_http_url(base) else CoordinatorClient(base, tls=tls)
+    try:
         while True:
-            text = format_status(client.get_status(), time.time())
-            if config.watch_s > 0:
+            try:
+                status = client.get_status() if client is not None else _status_over_http(base, tls)
+            except CoordinatorSpeaksHttp:  # the dashboard's HOST:PORT: its HTTP API has the same
+                client.close()
+                client, base = None, ("https://" if tls.enabled else "http://") + base
+                continue
+            text = json.dumps(status_json(status)) if as_json else format_status(status, time.time())
+            if config.watch_s > 0 and not as_json:
                 print("\033[2J\033[H" + text, flush=True)
-                time.sleep(config.watch_s)
             else:
-                print(text)
+                print(text, flush=True)
+            if config.watch_s <= 0:
                 return 0
+            time.sleep(config.watch_s)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _status_over_http(base: str, tls):
+    """The coordinator's status from its HTTP API (/api/v1/state and /api/v1/peers at `base`)."""
+    import json
+    import urllib.error
+
+    from crowdtrain.coordinator.api.render import status_from_json
+    from crowdtrain.peer.link.download import open_url
+    from crowdtrain.peer.link.tls import plaintext_refusal
+    from google.protobuf.json_format import ParseError
+
+    refused = plaintext_refusal(base, tls)
+    if refused:
+        raise CrowdtrainError(refused)
+    context = tls.ssl_context()
+    try:
+        documents = []
+        for view in ("state", "peers"):
+            with open_url(f"{base}/api/v1/{view}", 30, context) as response:
+                documents.append(json.loads(response.read(64 << 20)))
+        return status_from_json(*documents)
+    except (urllib.error.URLError, OSError) as e:
+        raise CrowdtrainError(
+            f"could not read the status at {base}: {clean_display(str(e), 300)}; check the address "
+            "(the coordinator's HTTP address, or its gRPC HOST:PORT) and that the coordinator is running"
+        ) from None
+    except (ValueError, TypeError, ParseError) as e:
+        raise CrowdtrainError(
+            f"{base} answered with something that is not a crowdtrain coordinator's status "
+            f"({clean_display(str(e), 200)}); is that the coordinator's address?"
+        ) from None
 
 
 def cmd_ban(config: cfg.BanConfig) -> int:
@@ -153,7 +213,8 @@ def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
-def cmd_invite_list(config: cfg.InviteListConfig) -> int:
+def cmd_invite_list(config: cfg.InviteListConfig, as_json: bool = False) -> int:
+    import json
     import time
 
     from crowdtrain.coordinator.admission.invites import invite_usable
@@ -164,12 +225,19 @@ def cmd_invite_list(config: cfg.InviteListConfig) -> int:
     finally:
         book.store.close()
     now = time.time()
-    print(f"{'ID':<8}  {'USES LEFT':>9}  {'EXPIRES':<23}  {'STATE':<9}  NOTE")
+    rows = []
     for i in invites:
         usable, why = invite_usable(i, now)
         state = (
             "usable" if usable else "revoked" if i.revoked else "expired" if "expired" in why else "used up"
         )
+        rows.append((i, state))
+    if as_json:  # never the codes, as in the table
+        keys = ("invite_id", "uses_left", "expires_unix_s", "created_unix_s", "revoked", "note")
+        print(json.dumps({"invites": [{k: getattr(i, k) for k in keys} | {"state": s} for i, s in rows]}))
+        return 0
+    print(f"{'ID':<8}  {'USES LEFT':>9}  {'EXPIRES':<23}  {'STATE':<9}  NOTE")
+    for i, state in rows:
         expires = _utc(i.expires_unix_s) if i.expires_unix_s is not None else "never"
         print(f"{i.invite_id:<8}  {i.uses_left:>9}  {expires:<23}  {state:<9}  {i.note}".rstrip())
     return 0
@@ -240,19 +308,53 @@ def _settings_class(name: str) -> type:
     return getattr(config, name)
 
 
+# the listing commands of the operator's that also print one JSON document (`--json`); the
+# participant's `checkpoints` has it among its settings
+JSON_COMMANDS = ("status", "invite list")
+
+
+def _add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (stable keys, for scripts) instead of the table",
+    )
+
+
 def _add_operator_command(sub, name: str, command: str | None) -> None:
     class_name, _, help_text = COMMANDS[name]
     sp = sub.add_parser(name, help=help_text, description=help_text)
+    peer_cli.add_logging_options(sp, on_subcommand=True)
     if command in (None, name):
         settings.add_arguments(sp, _settings_class(class_name))
+        if name in JSON_COMMANDS:
+            _add_json_flag(sp)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with "did you mean" for a mistyped subcommand or choice (subparsers are made of
+    the same class, so every level has it)."""
+
+    def error(self, message: str):
+        choice = re.match(r"argument .*: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            options = [c.strip().strip("'\"") for c in choice.group(2).split(",")]
+            message += did_you_mean(choice.group(1), options)
+        super().error(message)
+
+
+def did_you_mean(word: str, options) -> str:
+    """ "; did you mean X?" for the option closest to `word`, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every subcommand, listed as always: the coordinator, the participant's, the rest of the
-    operator's. Flags only for `command` (the one that runs), or for all when None."""
-    parser = argparse.ArgumentParser(
-        prog="crowdtrain", description="Train a shared transformer with volunteers."
-    )
+    operator's. Flags only for `command` (the one that runs), or for all when None. The logging
+    flags work before or after the subcommand."""
+    parser = _Parser(prog="crowdtrain", description="Train a shared transformer with volunteers.")
+    parser.add_argument("--version", action="version", version=f"crowdtrain {__version__}")
     peer_cli.add_logging_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_operator_command(sub, "coordinator", command)
@@ -260,12 +362,48 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name in ("status", "ban", "demo"):
         _add_operator_command(sub, name, command)
     invite = sub.add_parser("invite", help="invite codes for --admission invite (create, list, revoke)")
+    peer_cli.add_logging_options(invite, on_subcommand=True)
     invite_sub = invite.add_subparsers(dest="invite_command", required=True)
     for name, (class_name, _, help_text) in INVITE_COMMANDS.items():
         sp = invite_sub.add_parser(name, help=help_text, description=help_text)
+        peer_cli.add_logging_options(sp, on_subcommand=True)
         if command in (None, "invite"):
             settings.add_arguments(sp, _settings_class(class_name))
+            if f"invite {name}" in JSON_COMMANDS:
+                _add_json_flag(sp)
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """{name: parser} of `parser`'s subcommands ({} if it has none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _check_flags(parser: argparse.ArgumentParser, command: str | None, argv: list[str]) -> None:
+    """Name a flag no parser on `command`'s path knows, with the closest one, before argparse
+    would report something else first (a required flag "missing" because its name was mistyped)."""
+    sub = _subparsers(parser).get(command or "")
+    if sub is None:
+        return
+    known = set(parser._option_string_actions) | set(sub._option_string_actions)
+    tail = argv[argv.index(command) + 1 :] if command in argv else argv
+    for leaf_name, leaf in _subparsers(sub).items():  # `invite list` and the like
+        if leaf_name in tail:
+            sub, known = leaf, known | set(leaf._option_string_actions)
+            break
+    for token in tail:
+        if token == "--":
+            break
+        flag = token.split("=", 1)[0]
+        if not flag.startswith("--") or any(k.startswith(flag) for k in known):
+            continue  # a value, or a flag (argparse takes unique prefixes; it reports ambiguous ones)
+        sub.error(
+            f"unrecognized argument {flag}"
+            + did_you_mean(flag, sorted(k for k in known if k.startswith("--")))
+        )
 
 
 class _NamesOnly(argparse.ArgumentParser):
@@ -294,15 +432,23 @@ def _run(args: argparse.Namespace) -> int:
         (INVITE_COMMANDS, args.invite_command) if args.command == "invite" else (COMMANDS, args.command)
     )
     class_name, handler, _ = table[name]
-    return handler(settings.from_arguments(_settings_class(class_name), args))
+    config = settings.from_arguments(_settings_class(class_name), args)
+    return handler(config, as_json=args.json) if hasattr(args, "json") else handler(config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(_command_in(argv)).parse_args(argv)
+    try:
+        command = _command_in(argv)
+        parser = build_parser(command)
+        _check_flags(parser, command, sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # before the command starts; exit_code handles it after
+        print(peer_cli.interrupted(None), file=sys.stderr)
+        return INTERRUPTED_EXIT_STATUS
     peer_cli.configure_logging(args.log_level, args.log_format)
     if args.log_format == "json" and args.command in ("peer", "coordinator"):
         peer_cli.hivemind_logs_through_ours()
-    return peer_cli.exit_code(lambda: _run(args))
+    return peer_cli.exit_code(lambda: _run(args), args.command)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ hivemind) happen inside the command that needs them, so `crowdtrain peer --help`
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -31,12 +33,16 @@ from crowdtrain.peer.settings import commands as settings
 from crowdtrain.peer.settings.layered import add_layered_options, config_from_command_line
 
 
-def add_logging_options(parser: argparse.ArgumentParser) -> None:
-    """`--log-level` and `--log-format`, given before the subcommand."""
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+def add_logging_options(parser: argparse.ArgumentParser, *, on_subcommand: bool = False) -> None:
+    """`--log-level` and `--log-format`: on the program, and (`on_subcommand`) on each subcommand
+    too, so they work before or after it; there a flag not given leaves the program's value."""
+    default = argparse.SUPPRESS if on_subcommand else None
+    parser.add_argument(
+        "--log-level", default=default or "info", choices=["debug", "info", "warning", "error"]
+    )
     parser.add_argument(
         "--log-format",
-        default="text",
+        default=default or "text",
         choices=["text", "json"],
         help="json: one JSON object per log line, with progress events (schema in README.md)",
     )
@@ -66,6 +72,9 @@ def hivemind_logs_through_ours() -> None:
 
 
 def cmd_peer(config: settings.PeerConfig) -> int:
+    from crowdtrain.peer.link.client import parse_address
+
+    parse_address(config.coordinator)  # a malformed address or the dashboard's URL: said at once
     from crowdtrain.peer.volunteer.trainer import Volunteer
 
     if not 0 <= config.nice <= 19:
@@ -119,6 +128,9 @@ def cmd_checkpoints(config: settings.CheckpointsConfig) -> int:
     from crowdtrain.peer.link.tls import ClientTls
 
     listed, public_key = list_published(config.coordinator, ClientTls.from_flags(config.tls, config.tls_ca))
+    if config.json:
+        print(json.dumps(checkpoints_json(listed, public_key), indent=2))
+        return 0
     claimed = clean_display(public_key, 128) or "an unknown key"  # the coordinator's words, unchecked
     print(f"{len(listed)} checkpoint(s); the coordinator says they are signed by {claimed}")
     print(f"{'STEP':>8}  {'PUBLISHED (UTC)':<19}  {'EVAL LOSS':>9}  {'SIZE MB':>8}")
@@ -128,6 +140,24 @@ def cmd_checkpoints(config: settings.CheckpointsConfig) -> int:
             f"{c.step:>8}  {when:<19}  {c.eval_loss:>9.4f}  {sum(f.size_bytes for f in c.files) / 1e6:>8.1f}"
         )
     return 0
+
+
+def checkpoints_json(listed, public_key: str) -> dict:
+    """`crowdtrain checkpoints --json`: the listing with stable keys (a NaN loss is null)."""
+    return {
+        "signing_public_key": public_key,  # what the coordinator claims; `pull` checks it
+        "checkpoints": [
+            {
+                "step": c.step,
+                "created_unix_s": c.created_unix_s,
+                "eval_loss": c.eval_loss if math.isfinite(c.eval_loss) else None,
+                "size_bytes": sum(f.size_bytes for f in c.files),
+                "url": c.url,
+                "files": [{"name": f.name, "sha256": f.sha256, "size_bytes": f.size_bytes} for f in c.files],
+            }
+            for c in listed
+        ],
+    }
 
 
 def cmd_verify(config: settings.VerifyConfig) -> int:
@@ -174,6 +204,7 @@ def add_commands(sub, command: str | None = None) -> None:
     `command` (the one that runs), or for all of them when None."""
     for name, (config_cls, _, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
+        add_logging_options(sp, on_subcommand=True)
         if command in (None, name):
             settings.add_arguments(sp, config_cls, layered=name in LAYERED)
             if name in LAYERED:
@@ -190,13 +221,21 @@ def run(args: argparse.Namespace) -> int:
     return handler(settings.from_arguments(config_cls, args))
 
 
-def exit_code(command: Callable[[], int]) -> int:
+def interrupted(command_name: str | None) -> str:
+    """The one line a Ctrl+C that reached the CLI prints (no traceback), by command."""
+    if command_name == "pull":
+        return "interrupted (Ctrl+C); run the same command again to resume the download"
+    return "interrupted (Ctrl+C)"
+
+
+def exit_code(command: Callable[[], int], command_name: str | None = None) -> int:
     """Run `command`; its exit status. Expected failures (`CrowdtrainError`, and the operating
-    system refusing something: `OSError`) print one `error:` line and give 1; anything else is a
-    bug: a full traceback, a request to report it, 2."""
+    system refusing something: `OSError`) print one `error:` line and give 1; Ctrl+C prints one
+    line and gives 130; anything else is a bug: a full traceback, a request to report it, 2."""
     try:
         return command()
     except KeyboardInterrupt:
+        print(interrupted(command_name), file=sys.stderr)
         return 130
     except CrowdtrainError as e:  # expected, and its message says what to do
         # cleaned: a message may quote a coordinator (gRPC details, HTTP reasons), escapes and all

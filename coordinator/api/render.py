@@ -1,14 +1,51 @@
 """The operator's status table: a GetStatusResponse (what `GetStatus` serves) as the text
-`crowdtrain status` prints. Pure: the response and the time in, a string out.
+`crowdtrain status` prints, or as the JSON document `crowdtrain status --json` prints; and the
+HTTP API's JSON (/api/v1/state, /api/v1/peers) read back into a GetStatusResponse. Pure.
 
     print(format_status(client.get_status(), time.time()))
+    print(json.dumps(status_json(client.get_status())))
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from crowdtrain.peer.display import clean_display
+from crowdtrain.protos import coordinator_pb2 as pb
+from google.protobuf import json_format
+
+
+def _message_json(message) -> dict:
+    """Every field of a message by its proto name, defaults included (stable keys); maps as
+    objects, int64 as numbers, a non-finite float as null."""
+    out = {}
+    for f in message.DESCRIPTOR.fields:
+        value = getattr(message, f.name)
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            value = dict(value)
+        elif f.is_repeated:
+            value = [_message_json(v) if f.message_type is not None else v for v in value]
+        elif f.message_type is not None:
+            value = _message_json(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[f.name] = value
+    return out
+
+
+def status_json(status: pb.GetStatusResponse) -> dict:
+    """`crowdtrain status --json`: {"summary": {...}, "peers": [{...}, ...]}, keys as in the
+    proto (the same names as the HTTP API's /api/v1/state and /api/v1/peers)."""
+    return _message_json(status)
+
+
+def status_from_json(summary: dict, peers: list) -> pb.GetStatusResponse:
+    """A GetStatusResponse from the HTTP API's /api/v1/state (`summary`) and /api/v1/peers
+    (`peers`); fields the proto lacks are skipped, a null is the field's default."""
+    return json_format.ParseDict(
+        {"summary": summary, "peers": peers}, pb.GetStatusResponse(), ignore_unknown_fields=True
+    )
 
 
 def _ago(now: float, t: float) -> str:

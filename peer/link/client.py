@@ -34,7 +34,12 @@ MAX_DETAILS_CHARS = 500  # of a coordinator's error text shown to the volunteer
 
 
 class CoordinatorUnavailable(CrowdtrainError, ConnectionError):
-    """The coordinator could not be reached (wrong address, down, or the network is)."""
+    """The coordinator could not be reached (wrong address, down, or the network is). `failure`:
+    what failed and why, without the advice (so a retry loop that gives up adds its own once)."""
+
+    def __init__(self, message: str, failure: str = ""):
+        super().__init__(message)
+        self.failure = failure or message
 
 
 class CoordinatorRejected(CrowdtrainError):
@@ -46,11 +51,35 @@ class CoordinatorRejected(CrowdtrainError):
 
 
 class CoordinatorAddressError(CrowdtrainError, ValueError):
-    """The coordinator's address is malformed."""
+    """The coordinator's address is malformed, or names its HTTP port where the gRPC API is needed."""
+
+
+DEFAULT_GRPC_PORT = 50051  # the coordinator's --grpc-port unless its operator changed it
+NEXT_STEP = "check the address and that the coordinator is running and reachable from this machine"
+
+
+def is_http_url(address: str) -> bool:
+    """Whether `address` is an http(s):// URL (the coordinator's dashboard and HTTP API)."""
+    return address.lower().startswith(("http://", "https://"))
+
+
+def http_port_refusal(address: str) -> str:
+    """Pure: the one line that says which port to use when `address` (an http(s):// URL, or a
+    HOST:PORT that answered HTTP) names the coordinator's dashboard where its gRPC API is needed."""
+    rest = address.split("://", 1)[-1].split("/", 1)[0]
+    host = rest.rpartition(":")[0] if rest.rpartition(":")[2].isdigit() else rest
+    host = host or "HOST"
+    return (
+        f"{address} is the coordinator's HTTP address (its dashboard), not its gRPC API: pass its "
+        f"gRPC HOST:PORT, --coordinator {host}:{DEFAULT_GRPC_PORT} ({DEFAULT_GRPC_PORT} unless the operator "
+        "set --grpc-port; it is in the coordinator's `peers join with` line)"
+    )
 
 
 def parse_address(address: str) -> str:
     """Validate HOST:PORT and return it; raises CoordinatorAddressError with what to type instead."""
+    if is_http_url(address):
+        raise CoordinatorAddressError(http_port_refusal(address))
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise CoordinatorAddressError(
@@ -124,15 +153,46 @@ class CoordinatorClient:
         return self._call(self._stub.CheckReachability, request, timeout_s=max(self.rpc_timeout_s, 30.0))
 
 
+class CoordinatorSpeaksHttp(CoordinatorAddressError):
+    """HOST:PORT answered HTTP/1: it is the coordinator's dashboard port, not its gRPC API."""
+
+
+# gRPC's words for a transport failure -> what a user understands
+_WHY_UNREACHABLE = (
+    ("connection refused", "nothing accepts connections on that port"),
+    ("domain name not found", "the host name does not resolve"),
+    ("dns resolution failed", "the host name does not resolve"),
+    ("name or service not known", "the host name does not resolve"),
+    ("network is unreachable", "the network to that host is unreachable"),
+    ("no route to host", "there is no route to that host"),
+    ("timed out", "the connection timed out"),
+    ("deadline exceeded", "no answer in time"),
+)
+
+
+def _why_unreachable(code: grpc.StatusCode, details: str) -> str:
+    lowered = details.lower()
+    for words, why in _WHY_UNREACHABLE:
+        if words in lowered:
+            return why
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "no answer in time"
+    return f"{code.name}: {details[:200]}" if details else code.name
+
+
 def _translate(e: grpc.RpcError, address: str, tls: ClientTls | None = None) -> Exception:
-    """The error a caller sees. The status details are the coordinator's own words (a hostile one
-    may send terminal escape sequences): cleaned and cut before they reach any message or log."""
+    """The error a caller sees: what failed, why and what to do, in one line (gRPC's own text goes
+    to the debug log). The status details are the coordinator's own words (a hostile one may send
+    terminal escape sequences): cleaned and cut before they reach any message or log."""
     code, details = e.code(), clean_display(e.details() or "", MAX_DETAILS_CHARS)
+    logger.debug("coordinator at %s: %s: %s", address, code.name, details)
+    if "http1.x server" in details or "expected settings frame" in details.lower():
+        return CoordinatorSpeaksHttp(http_port_refusal(address))
     if code in _RETRYABLE or code is grpc.StatusCode.CANCELLED:
         hint = connection_hint(tls, details or "") if code is grpc.StatusCode.UNAVAILABLE else ""
+        failure = f"coordinator at {address} is unreachable: {_why_unreachable(code, details)}"
         return CoordinatorUnavailable(
-            f"coordinator at {address} is unreachable ({code.name}: {details})"
-            + (f"; {hint}" if hint else "")
+            f"{failure}; {hint or NEXT_STEP}", failure + (f"; {hint}" if hint else "")
         )
     return CoordinatorRejected(f"coordinator at {address} refused: {code.name}: {details}", code)
 
@@ -221,15 +281,14 @@ def retry_until(
             elapsed = time.monotonic() - start
             if elapsed + backoff > deadline_s or (stop is not None and stop.is_set()):
                 raise CoordinatorUnavailable(
-                    f"{e}; gave up on {what} after {elapsed:.0f}s - check the address and that the "
-                    "coordinator is running and reachable from this machine"
+                    f"{e.failure}; gave up on {what} after {elapsed:.0f}s - {NEXT_STEP}"
                 ) from None
             emit(
                 logger,
                 "coordinator_unreachable",
                 "%s: %s; retrying in %.1fs",
                 what,
-                e,
+                e.failure,
                 backoff,
                 level=logging.WARNING,
                 what=what,

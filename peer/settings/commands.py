@@ -32,6 +32,11 @@ def coordinator_flag(*, http_too: bool = False):
     )
 
 
+def json_flag():
+    """`--json`: a listing command prints one JSON document for scripts instead of its table."""
+    return option(False, "print one JSON document (stable keys, for scripts) instead of the table")
+
+
 def tls_flag():
     """`--tls`: with the system's trusted certificates."""
     return option(False, "talk to the coordinator over TLS, trusting the system's certificate store")
@@ -150,6 +155,7 @@ class CheckpointsConfig:
     coordinator: str = coordinator_flag(http_too=True)
     tls: bool = tls_flag()
     tls_ca: str = tls_ca_flag()
+    json: bool = json_flag()
 
 
 @dataclass(frozen=True)
