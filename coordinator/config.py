@@ -214,7 +214,7 @@ class CoordinatorConfig:
 
 @dataclass(frozen=True)
 class StatusConfig:
-    coordinator: str = coordinator_flag()
+    coordinator: str = coordinator_flag(http_too=True)
     watch_s: float = option(0.0, "refresh every this many seconds until Ctrl+C (0: print once)")
     tls: bool = tls_flag()
     tls_ca: str = tls_ca_flag()

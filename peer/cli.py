@@ -94,7 +94,12 @@ def cmd_identity(config: settings.IdentityConfig) -> int:
     path = Path(config.identity).expanduser() if config.identity else default_config_dir() / "identity.key"
     identity = PeerIdentity(path)
     print(identity.peer_id)
-    print(f"(key in {path}; start peers with --identity {path} to use it)", file=sys.stderr)
+    how = (
+        f"start peers with --identity {path} to use it"
+        if config.identity
+        else "`crowdtrain peer` uses it by default"
+    )
+    print(f"(key in {path}; {how})", file=sys.stderr)
     return 0
 
 

@@ -129,8 +129,9 @@ def admit_join(
     if mode == "allowlist":
         if not announced_dht_id:
             return False, (
-                "this run admits listed peers only: join with your hivemind identity (`crowdtrain peer "
-                "--identity FILE`) and ask the operator to add its peer id (`crowdtrain identity`)"
+                "this run admits listed peers only: join with a hivemind identity (`crowdtrain peer` uses one by "
+                "default, `--identity FILE` names another) and ask the operator to add its peer id "
+                "(`crowdtrain identity` prints it)"
             )
         if announced_dht_id not in allowlisted:
             return False, (

@@ -12,8 +12,8 @@ one.
 One peer's page: what a volunteer bookmarks to see "am I contributing?" (`/peer/<id>`).
 
 A peer is found by its public id (the short one every view shows, new for every session) or by
-its hivemind peer id (the same across restarts with `crowdtrain peer --identity`, so that is the
-bookmark that lasts). Pure: built from the status snapshot's peer views and the ledger, once per
+its hivemind peer id (the same across restarts: a peer keeps its key in crowdtrain's config
+directory, or in `--identity FILE`; so that is the bookmark that lasts). Pure: built from the status snapshot's peer views and the ledger, once per
 view refresh, in the status pool, as `{key: JSON bytes}`; a request only looks a key up.
 
     index = peer_index(status_json["peers"], store.contribution_totals())
