@@ -67,6 +67,12 @@ class CoordinatorConfig:
         "the record field holding each document's text in --data JSONL files, Parquet columns and "
         "hf: datasets (records without it are skipped and counted)",
     )
+    data_name: str = setting(
+        RunSettings,
+        "data_name",
+        "the data's public name in the run manifest and model cards, when DATA_DIR holds no run yet "
+        "(default: named from --data without local paths, e.g. '*.md in corpus')",
+    )
     swarm: tuple[str, ...] = setting(
         RunSettings,
         "swarm",

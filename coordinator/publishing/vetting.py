@@ -10,6 +10,7 @@ publisher records rejections (shown by `crowdtrain status`, /api/v1/state and th
 from __future__ import annotations
 
 import math
+import re
 
 from crowdtrain.peer.run.manifest import RunManifest
 
@@ -25,6 +26,17 @@ def check_candidate(eval_loss: float, last_eval_loss: float | None, max_regressi
             f"{eval_loss - last_eval_loss:.4f} nats (allowed {max_regression_nats:.4f})"
         )
     return None
+
+
+# an absolute local path (`/home/alice/texts`, `~/texts`, `C:\\texts`) starting a word and ending at a
+# space, comma or parenthesis
+_LOCAL_PATH = re.compile(r"(?<![^\s,(])(?:~|[A-Za-z]:)?[/\\][^\s,()]*")
+
+
+def _without_local_paths(text: str) -> str:
+    """`text` with each absolute path replaced by its base name: runs made before the manifest's data
+    name left out local paths still carry the operator's, which a card must not publish."""
+    return _LOCAL_PATH.sub(lambda m: re.split(r"[/\\]", m.group().rstrip("/\\"))[-1], text)
 
 
 def model_card(
@@ -63,9 +75,9 @@ A {m.num_parameters / 1e6:.2f}M-parameter {m.model_type} causal language model
 
 ## Data
 
-{d.source}; {len(d.shards)} training shards, {d.eval_fraction:.0%} of documents held out for
-evaluation (the loss above is measured on {d.eval_max_sequences} held-out sequences). Tokenizer:
-byte-level BPE trained on the training shards, sha256 `{manifest.tokenizer.sha256[:16]}...`.
+{_without_local_paths(d.source)}; {len(d.shards)} training shards, {d.eval_fraction:.0%} of documents
+held out for evaluation (the loss above is measured on {d.eval_max_sequences} held-out sequences).
+Tokenizer: byte-level BPE trained on the training shards, sha256 `{manifest.tokenizer.sha256[:16]}...`.
 {f"Read so far by the swarm: {data_read}." if data_read else ""}
 
 ## Use

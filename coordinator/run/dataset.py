@@ -28,12 +28,21 @@ import itertools
 import json
 import logging
 import os
+import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from crowdtrain.coordinator.run.sources import TEXT_SUFFIXES, Document, ReadCounts, iter_entry, plural
+from crowdtrain.coordinator.run.sources import (
+    HF_PREFIX,
+    TEXT_SUFFIXES,
+    Document,
+    ReadCounts,
+    is_glob,
+    iter_entry,
+    plural,
+)
 from crowdtrain.peer.checks import sha256_file
 from crowdtrain.peer.data.shards import EVAL_SHARD_NAME, DataError
 from crowdtrain.peer.run.manifest import (
@@ -71,9 +80,37 @@ def default_corpus() -> list[Path]:
 
 
 def default_corpus_label() -> str:
-    import platform
+    """The public name of `default_corpus()`, without its path on this machine."""
+    return f"the Python {sys.version_info.major}.{sys.version_info.minor} standard library source"
 
-    return f"python-stdlib {platform.python_version()} ({sysconfig.get_paths()['stdlib']})"
+
+def public_data_label(entries: Sequence[str]) -> str:
+    """Pure: the public name of the `--data` entries, without the operator's local paths.
+
+    `hf:NAME` is kept; a file or directory is named by its base name (`/home/alice/texts` ->
+    `texts`); a glob by its pattern and the directory it starts from (`corpus/**/*.md` -> `*.md in
+    corpus`). No entries: `default_corpus_label()`.
+    """
+    if not entries:
+        return default_corpus_label()
+    return ", ".join(_public_entry(str(entry)) for entry in entries)
+
+
+def _public_entry(entry: str) -> str:
+    if entry.startswith(HF_PREFIX):
+        return entry
+    path = Path(entry).expanduser()
+    if not is_glob(entry) or path.exists():  # an existing path is read literally (sources.expand_entry)
+        return _base_name(path)
+    parts = path.parts
+    first_glob = next(i for i, part in enumerate(parts) if is_glob(part))
+    base = _base_name(Path(*parts[:first_glob])) if first_glob else ""
+    return f"{parts[-1]} in {base}" if base else parts[-1]
+
+
+def _base_name(path: Path) -> str:
+    """The last component of `path`; for `.`, `..` or `~`, of the directory it stands for."""
+    return path.name if path.name not in ("", ".", "..") else (path.resolve().name or "/")
 
 
 class _Budget:

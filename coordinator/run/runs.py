@@ -42,6 +42,7 @@ class RunSettings:
     preset: str = "tiny"  # a name in peer.run.manifest's PRESETS: model, data and swarm sizes
     data: tuple[str, ...] = ()  # files, directories, globs or hf:NAME to train on (): the stdlib's source
     data_field: str = "text"  # the record field holding a document's text in JSONL, Parquet and hf: data
+    data_name: str = ""  # the data's public name in the manifest and model card ("": named from `data`)
     swarm: tuple[str, ...] = ()  # KEY=VALUE overrides of the preset's swarm settings
 
 
@@ -54,11 +55,12 @@ class Run:
 
 def create_run(settings: RunSettings, data_dir: Path, signing_public_key: str) -> tuple[RunManifest, str]:
     """Build a new run from the preset and corpus: shards, tokenizer, manifest. Pure of the store."""
-    from crowdtrain.coordinator.run.dataset import build_dataset, default_corpus, default_corpus_label
+    from crowdtrain.coordinator.run.dataset import build_dataset, default_corpus, public_data_label
 
     preset = get_preset(settings.preset)
     sources = list(settings.data) or default_corpus()  # files, directories, globs, hf:NAME (see dataset.py)
-    label = ", ".join(str(p) for p in settings.data) if settings.data else default_corpus_label()
+    # public (the manifest is served and signed): the operator's name for it, else one without local paths
+    label = " ".join(settings.data_name.split()) or public_data_label(settings.data)
     t0 = time.monotonic()
     data, tokenizer, tokenizer_json = build_dataset(
         sources,
@@ -156,6 +158,13 @@ def _existing_run(settings: RunSettings, data_dir: Path, store: Store) -> Run:
             data_dir,
             manifest.run_id,
             " ".join(settings.swarm),
+        )
+    if settings.data_name and not manifest.data.source.startswith(" ".join(settings.data_name.split())):
+        logger.warning(
+            "%s holds run %s, whose data name is fixed in its signed manifest (%r); ignoring --data-name",
+            data_dir,
+            manifest.run_id,
+            manifest.data.source,
         )
     signing_key = load_or_create_key(data_dir / "signing.key")
     if manifest.signing_public_key and manifest.signing_public_key != public_key_hex(signing_key):

@@ -50,7 +50,11 @@ def tls_ca_flag():
 @dataclass(frozen=True)
 class PeerConfig:
     coordinator: str = coordinator_flag()
-    name: str = option("", "display name shown to operators (default: this machine's host name)")
+    name: str = option(
+        "",
+        "public display name on the run's dashboard (default: a random handle such as volunteer-3f9a, "
+        "kept in the config directory; never this machine's host name)",
+    )
     device: str = option(
         "auto", "where to train: auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps"
     )

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
+import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -113,12 +114,32 @@ def own_page_url(http_base_url: str, dht_peer_id: str) -> str:
     return f"{base}/peer/{dht_peer_id}"
 
 
+def display_handle(config_dir: Path) -> str:
+    """The display name of a peer not given --name: a random `volunteer-XXXX`, never the host name,
+    kept in `config_dir`'s `display-name` so it lasts across restarts (one per start if that fails)."""
+    path = config_dir / "display-name"
+    try:
+        saved = path.read_text(encoding="utf-8").strip()
+        if re.fullmatch(r"volunteer-[0-9a-f]{4}", saved):
+            return saved
+    except OSError:  # none yet (or unreadable): make one
+        pass
+    handle = f"volunteer-{secrets.token_hex(2)}"
+    try:
+        config_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(handle + "\n", encoding="utf-8")
+    except OSError as e:
+        logger.info("display name %s is for this start only: cannot keep it in %s (%s)", handle, path, e)
+    return handle
+
+
 class Volunteer:
     """One training peer. `run()` blocks until stopped (SIGINT/SIGTERM, --max-epochs or an error)."""
 
     def __init__(self, config: PeerConfig):
         self.config = config
-        self.name = config.name or socket.gethostname()  # as Join, heartbeats and the views show it
+        # as Join, heartbeats and the public views show it: the volunteer's choice, else a random handle
+        self.name = config.name or display_handle(default_config_dir())
         self.stop_event = threading.Event()  # SIGINT/SIGTERM or shutdown(); steps and threads watch it
         self.stats = StatsBox()  # what the heartbeats report; the steps and the feed update it
         self.client = CoordinatorClient(  # Join, Heartbeat, Leave and the reachability check
