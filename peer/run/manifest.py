@@ -141,7 +141,7 @@ class ShardSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: str  # where the text came from, for provenance ("python-stdlib 3.11.7", or the user's paths)
+    source: str  # public provenance label, never a local path ("*.md in corpus", "hf:NAME", --data-name)
     seq_len: int  # tokens per training sequence
     eval_fraction: float  # share of documents held out for evaluation
     eval: ShardSpec  # the held-out documents
