@@ -4,6 +4,9 @@
     GET /checkpoints/<step|latest>/<file>     checkpoint files; `curl -C -` / `wget -c` resume works
     GET /                                     the live dashboard (no external scripts)
     GET /api/v1/run                           the run manifest
+    GET /api/v1/grpc                          where peers join: {"grpc": "HOST:PORT", "tls": bool}, the
+                                              public gRPC address the coordinator announces (503 until
+                                              its gRPC API is up), for a peer given the dashboard's address
     GET /api/v1/state                         summary: global epoch, throughput, peers by state, ...
     GET /api/v1/peers                         every peer with its state and the reason for it
     GET /api/v1/peers/<id>, GET /peer/<id>    one peer (public or hivemind id): sessions, accepted samples, rank
@@ -160,6 +163,7 @@ class _Routes:
             for p in STATIC_DIR.iterdir()
             if p.suffix in _STATIC_TYPES
         }
+        self.grpc_answer: bytes | None = None  # /api/v1/grpc, encoded once (`WebServer.announce_grpc`)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -209,6 +213,8 @@ class _Routes:
         if len(parts) == 3 and parts[:2] == ["api", "v1"]:
             if parts[2] == "run":
                 return await self._bytes(request, self.ctx.manifest_json.encode(), _JSON)
+            if parts[2] == "grpc":
+                return await self._grpc_address(request)
             if parts[2] in self.views and parts[2] not in ("metrics", "peer_index"):
                 return await self._view(request, parts[2], _JSON)
         if len(parts) == 4 and parts[:3] == ["api", "v1", "peers"] and PEER_KEY.fullmatch(parts[3]):
@@ -220,6 +226,14 @@ class _Routes:
         if len(parts) == 3 and parts[0] == "checkpoints":
             return await self._checkpoint_file(request, parts[1], parts[2])
         return await self._bytes(request, f"no such resource {path[:200]}\n".encode(), "text/plain", 404)
+
+    async def _grpc_address(self, request) -> web.StreamResponse:
+        answer = self.grpc_answer  # one read: set once from another thread
+        if answer is None:
+            return await self._bytes(
+                request, b"the gRPC API is not up yet; retry\n", "text/plain", 503, {"Retry-After": "2"}
+            )
+        return await self._bytes(request, answer, _JSON)
 
     async def _peer(self, request, key: str) -> web.StreamResponse:
         building = asyncio.shield(asyncio.wrap_future(self.views.future("peer_index")))
@@ -328,6 +342,11 @@ class WebServer:
                 f"cannot listen for HTTP on {host}:{port} ({e.strerror}); stop the other process or pass --http-port 0"
             ) from e
         return http, server
+
+    def announce_grpc(self, address: str, tls: bool) -> None:
+        """Answer /api/v1/grpc with `address` (the public HOST:PORT peers are told to join, never a
+        bind address that is not announced) and whether it takes TLS; encoded once, served as is."""
+        self._routes.grpc_answer = json.dumps({"grpc": address, "tls": tls}).encode()
 
     @property
     def connections(self) -> int:

@@ -2,23 +2,36 @@
 
 Only this module catches `grpc.RpcError`; callers see `CoordinatorUnavailable` (retryable: the
 network or the coordinator is down) or `CoordinatorRejected` (the coordinator said no).
+
+The coordinator's address may be its gRPC HOST:PORT or its dashboard's (`http(s)://HOST:PORT`, or
+the HTTP port's HOST:PORT, found out when it answers HTTP/1): then its HTTP API's /api/v1/grpc says
+where the gRPC API is, once per process (`resolve_address`). That answer is a stranger's: at most
+MAX_DASHBOARD_ANSWER_BYTES, a plain host name or IP and a port 1-65535 (`checked_grpc_address`), or
+the address is refused with the port to pass (`http_port_refusal`).
 """
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
+import json
 import logging
 import queue
 import random
+import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
+from crowdtrain.peer.checks import NetworkValueError, parse_ascii_int
 from crowdtrain.peer.display import clean_display
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
-from crowdtrain.peer.link.tls import ClientTls, connection_hint
+from crowdtrain.peer.link.download import open_url
+from crowdtrain.peer.link.tls import ClientTls, connection_hint, plaintext_refusal
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
@@ -77,9 +90,21 @@ def http_port_refusal(address: str) -> str:
 
 
 def parse_address(address: str) -> str:
-    """Validate HOST:PORT and return it; raises CoordinatorAddressError with what to type instead."""
+    """Validate HOST:PORT, or the dashboard's http(s)://HOST[:PORT] (asked where its gRPC API is
+    when a client connects: `resolve_address`), and return it; raises CoordinatorAddressError with
+    what to type instead. No network."""
     if is_http_url(address):
-        raise CoordinatorAddressError(http_port_refusal(address))
+        try:
+            parts = urllib.parse.urlsplit(address)
+            ok = bool(parts.hostname) and parts.port != 0
+        except ValueError:  # a port that is not a number or over 65535
+            ok = False
+        if not ok:
+            raise CoordinatorAddressError(
+                f"coordinator address {address!r} is neither HOST:PORT (for example 203.0.113.7:50051) "
+                "nor its dashboard's http(s)://HOST:PORT"
+            )
+        return address
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise CoordinatorAddressError(
@@ -88,17 +113,134 @@ def parse_address(address: str) -> str:
     return address
 
 
+MAX_DASHBOARD_ANSWER_BYTES = 1024  # /api/v1/grpc: {"grpc": "HOST:PORT", "tls": bool}, ~60 bytes
+DASHBOARD_TIMEOUT_S = 10.0  # for that one small answer
+MAX_HOST_CHARS = 253  # the longest DNS name
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")  # plain DNS name: letters, digits, hyphens, dots
+
+
+def checked_grpc_address(value: object) -> str:
+    """Pure: `value` (a coordinator's word) as a gRPC HOST:PORT: a plain host name, an IPv4 address or
+    a [bracketed] IPv6 address, and a port 1-65535 in ASCII digits; else NetworkValueError."""
+    if not isinstance(value, str) or not value.isascii() or len(value) > MAX_HOST_CHARS + 8:
+        raise NetworkValueError(f"{clean_display(str(value), 80)!r} is not a HOST:PORT")
+    host, sep, port_text = value.rpartition(":")
+    port = parse_ascii_int(port_text, "the port") if sep else 0
+    if not 0 < port < 65536:
+        raise NetworkValueError(f"{clean_display(value, 80)!r} has no port from 1 to 65535")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        ip = None
+    if ip is not None and "%" not in host:  # no IPv6 zone: it names an interface of the sender
+        return f"[{ip.compressed}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    if bracketed or len(host) > MAX_HOST_CHARS or not HOSTNAME.fullmatch(host):
+        raise NetworkValueError(f"{clean_display(host, 80)!r} is not a plain host name or IP address")
+    return f"{host}:{port}"
+
+
+def _tls_mismatch(base: str, grpc_address: str, serves_tls: bool, tls: ClientTls) -> str:
+    """Pure: why the gRPC API the dashboard at `base` names cannot be used with `tls` ("" if it can)."""
+    if serves_tls and not tls.enabled:
+        return (
+            f"the coordinator at {base} says its gRPC API {grpc_address} takes TLS: pass "
+            f"--coordinator {grpc_address} with --tls (or --tls-ca FILE, the operator's certificate)"
+        )
+    if tls.enabled and not serves_tls:
+        return (
+            f"TLS was asked for ({base} or --tls/--tls-ca), but the coordinator says its gRPC API "
+            f"{grpc_address} is plaintext; pass --coordinator {grpc_address} without --tls/--tls-ca to accept that"
+        )
+    return ""
+
+
+def grpc_address_from_dashboard(url: str, tls: ClientTls | None, given: str = "") -> tuple[str, ClientTls]:
+    """(HOST:PORT of the gRPC API, the TLS to reach it with) from the coordinator's HTTP API at `url`
+    (its scheme and HOST:PORT only). `given`: the address as the user typed it, for messages.
+    Raises CoordinatorAddressError: the refusal naming the gRPC port when the answer is missing,
+    oversized or malformed, and what to pass when the TLS the user asked for does not match."""
+    given = given or url
+    refused = plaintext_refusal(url, tls)
+    if refused:
+        raise CoordinatorAddressError(refused)
+    parts = urllib.parse.urlsplit(url)
+    base = f"{parts.scheme.lower()}://{parts.netloc}"
+    grpc_tls = tls if tls is not None and tls.enabled else ClientTls(enabled=parts.scheme.lower() == "https")
+    try:
+        with open_url(f"{base}/api/v1/grpc", DASHBOARD_TIMEOUT_S, grpc_tls.ssl_context()) as response:
+            body = response.read(MAX_DASHBOARD_ANSWER_BYTES + 1)
+        if len(body) > MAX_DASHBOARD_ANSWER_BYTES:
+            raise NetworkValueError(f"the answer is over {MAX_DASHBOARD_ANSWER_BYTES} bytes")
+        answer = json.loads(body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("tls"), bool):
+            raise NetworkValueError('the answer is not {"grpc": "HOST:PORT", "tls": true|false}')
+        grpc_address = checked_grpc_address(answer.get("grpc"))
+    except (OSError, ValueError, http.client.HTTPException, CrowdtrainError) as e:
+        logger.debug("%s/api/v1/grpc: %s", clean_display(base, 300), clean_display(str(e), 300))
+        raise CoordinatorAddressError(http_port_refusal(given)) from None
+    mismatch = _tls_mismatch(base, grpc_address, answer["tls"], grpc_tls)
+    if mismatch:
+        raise CoordinatorAddressError(mismatch)
+    return grpc_address, grpc_tls
+
+
+_RESOLVED: dict[tuple[str, ClientTls | None], tuple[str, ClientTls | None]] = {}
+_RESOLVED_LOCK = threading.Lock()
+MAX_RESOLVED = 64  # addresses remembered per process (a process talks to one coordinator)
+
+
+def _remember(key: tuple[str, ClientTls | None], found: tuple[str, ClientTls | None]) -> None:
+    logger.info("the coordinator's gRPC API is at %s (from its dashboard)", found[0])
+    with _RESOLVED_LOCK:
+        if len(_RESOLVED) >= MAX_RESOLVED:
+            _RESOLVED.clear()
+        _RESOLVED[key] = found
+
+
+def resolve_address(address: str, tls: ClientTls | None = None) -> tuple[str, ClientTls | None]:
+    """(gRPC HOST:PORT, TLS to reach it with) for `address` as the user gave it: a checked HOST:PORT
+    as is, or a dashboard URL asked once per process (`grpc_address_from_dashboard`; the one line
+    `the coordinator's gRPC API is at HOST:PORT (from its dashboard)` is logged then)."""
+    with _RESOLVED_LOCK:
+        found = _RESOLVED.get((address, tls))
+    if found is not None:
+        return found
+    if not is_http_url(parse_address(address)):
+        return address, tls
+    found = grpc_address_from_dashboard(address, tls)
+    _remember((address, tls), found)
+    return found
+
+
 class CoordinatorClient:
     def __init__(self, address: str, rpc_timeout_s: float = 10.0, tls: ClientTls | None = None):
-        self.address = parse_address(address)
+        self.given = address  # as the user typed it; `address` is the gRPC API's HOST:PORT
+        self.address, self.tls = resolve_address(address, tls)
         self.rpc_timeout_s = rpc_timeout_s
-        self.tls = tls
+        self._connect()
+
+    def _connect(self) -> None:
         options = [("grpc.max_receive_message_length", 64 << 20)]
-        if tls is not None and tls.enabled:
-            self._channel = grpc.secure_channel(self.address, tls.grpc_credentials(), options)
+        if self.tls is not None and self.tls.enabled:
+            self._channel = grpc.secure_channel(self.address, self.tls.grpc_credentials(), options)
         else:
             self._channel = grpc.insecure_channel(self.address, options=options)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def _follow_dashboard(self) -> None:
+        """`address` answered HTTP/1 (the dashboard's port given as HOST:PORT): ask its HTTP API
+        where the gRPC API is and connect there; else the refusal naming the gRPC port."""
+        scheme = "https" if self.tls is not None and self.tls.enabled else "http"
+        try:
+            found = grpc_address_from_dashboard(f"{scheme}://{self.address}", self.tls, self.address)
+        except CoordinatorAddressError as e:
+            raise CoordinatorSpeaksHttp(str(e)) from None
+        _remember((self.given, self.tls), found)
+        self._channel.close()
+        self.address, self.tls = found
+        self._connect()
 
     def close(self) -> None:
         self._channel.close()
@@ -115,21 +257,32 @@ class CoordinatorClient:
         except grpc.RpcError as e:
             raise _translate(e, self.address, self.tls) from None
 
+    def _rpc(self, name: str, request, timeout_s: float | None = None):
+        """The unary call `name`; when the address turns out to be the dashboard's port, once more
+        at the gRPC API its HTTP API names (`_follow_dashboard`)."""
+        try:
+            return self._call(getattr(self._stub, name), request, timeout_s)
+        except CoordinatorSpeaksHttp:
+            if is_http_url(self.given) or self.address != self.given:
+                raise  # already the address a dashboard named: never a second hop
+            self._follow_dashboard()
+        return self._call(getattr(self._stub, name), request, timeout_s)
+
     def join(self, request: pb.JoinRequest) -> pb.JoinResponse:
-        return self._call(self._stub.Join, request)
+        return self._rpc("Join", request)
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        return self._call(self._stub.Heartbeat, request)
+        return self._rpc("Heartbeat", request)
 
     def heartbeat_stream(self) -> HeartbeatStream:
         return HeartbeatStream(self._stub, self.address, self.rpc_timeout_s)
 
     def leave(self, session_id: str, session_token: str, reason: str) -> None:
         request = pb.LeaveRequest(session_id=session_id, session_token=session_token, reason=reason)
-        self._call(self._stub.Leave, request, timeout_s=3.0)
+        self._rpc("Leave", request, timeout_s=3.0)
 
     def list_checkpoints(self) -> pb.ListCheckpointsResponse:
-        return self._call(self._stub.ListCheckpoints, pb.ListCheckpointsRequest())
+        return self._rpc("ListCheckpoints", pb.ListCheckpointsRequest())
 
     def download_checkpoint_file(
         self, step: int, name: str, offset: int, timeout_s: float
@@ -142,7 +295,7 @@ class CoordinatorClient:
             raise _translate(e, self.address, self.tls) from None
 
     def get_status(self) -> pb.GetStatusResponse:
-        return self._call(self._stub.GetStatus, pb.GetStatusRequest())
+        return self._rpc("GetStatus", pb.GetStatusRequest())
 
     def check_reachability(
         self, session_id: str, session_token: str, maddrs: list[str]
@@ -150,7 +303,7 @@ class CoordinatorClient:
         request = pb.ReachabilityRequest(
             session_id=session_id, session_token=session_token, maddrs=maddrs[:16]
         )
-        return self._call(self._stub.CheckReachability, request, timeout_s=max(self.rpc_timeout_s, 30.0))
+        return self._rpc("CheckReachability", request, timeout_s=max(self.rpc_timeout_s, 30.0))
 
 
 class CoordinatorSpeaksHttp(CoordinatorAddressError):
