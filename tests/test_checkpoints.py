@@ -388,3 +388,46 @@ def test_pruning_never_touches_a_checkpoint_being_downloaded(tmp_path: Path):
     finally:
         web.shutdown()
         store.close()
+
+
+def test_a_pull_leaves_readable_files_and_removes_only_its_own_stale_partials(
+    coordinator_with_checkpoint, tmp_path: Path, caplog
+):
+    import logging
+    import os
+    import stat
+
+    address, _, _, meta = coordinator_with_checkpoint
+    out = tmp_path / "pulled"
+    stale = staging_dir(out, meta.step - 2)  # an abandoned pull of an older "latest"
+    (stale / "model.safetensors").write_bytes(b"half")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep").write_text("not crowdtrain's")
+    (stale / "link").symlink_to(outside)  # removed as a link; its target untouched
+    linked = tmp_path / f".pulled.pull-step-{meta.step - 1}-abcdefgh"  # the exact name, but a symlink
+    linked.symlink_to(outside)
+    others = [
+        tmp_path / "pulled.backup",
+        tmp_path / ".pulled.pull-step-1-short",
+        tmp_path / ".other.pull-step-1-abcdefgh",
+    ]
+    for path in others:
+        path.mkdir(mode=0o700)
+        (path / "model.safetensors").write_bytes(b"someone else's")
+    with caplog.at_level(logging.INFO, logger="crowdtrain.peer.checkpoints.pull"):
+        assert pull(address, out).step == meta.step
+    assert not stale.exists()
+    assert linked.is_symlink() and (outside / "keep").read_text() == "not crowdtrain's"
+    assert all((path / "model.safetensors").exists() for path in others)
+    [line] = [r.getMessage() for r in caplog.records if "partial download" in r.getMessage()]
+    assert (
+        line.startswith(f"removed 1 partial download(s) of other steps beside {out}") and stale.name in line
+    )
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert set(modes) == {checkpoint.META_NAME, *(f.name for f in meta.files)}
+    assert set(modes.values()) == {0o644}, modes
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".pulled.pull-step-{meta.step}-")]
+    staging = staging_dir(tmp_path / "again", meta.step)  # while filling, staging stays private
+    assert stat.S_IMODE(os.stat(staging).st_mode) == 0o700

@@ -12,10 +12,13 @@ training peer's word alone); a "latest" older than a step already verified from 
 (replay). Only then are the files it lists fetched, each name one allowed checkpoint file name, each
 download stopped at its signed size. Files land in a private staging directory beside OUT
 (`mkdtemp`, mode 0700, files created with O_EXCL|O_NOFOLLOW) and OUT is renamed into place only
-after `verify_dir` (exactly the listed files, regular, right sizes and sha256). Each sha256 is
+after `verify_dir` (exactly the listed files, regular, right sizes and sha256), its files made
+0644 and itself 0755 (readable by other users, like any download). Each sha256 is
 computed while the file is written (a resumed file's earlier bytes are read back first,
 `download.HashedFile`): no file is read again. An interrupted pull resumes in its own staging
-directory (HTTP Range, or the gRPC stream's offset); one that fails verification is deleted.
+directory (HTTP Range, or the gRPC stream's offset); one that fails verification is deleted. A pull
+removes the partial staging directories an interrupted pull of another step left beside OUT
+(`remove_stale_staging`: only directories of that exact name, ours and private, never a symlink).
 `crowdtrain verify OUT --public-key KEY` repeats the check offline.
 
 What a coordinator says it has published: its checkpoint listing, checked but not trusted. No torch.
@@ -35,6 +38,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -133,10 +137,52 @@ def staging_dir(out: Path, step: int) -> Path:
     (a real directory, owned by us, mode 0700), else a fresh `mkdtemp` one."""
     prefix = f".{out.name}.pull-step-{step}-"
     for candidate in sorted(out.parent.glob(glob.escape(prefix) + "*")):
-        st = candidate.lstat()
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+        if _is_our_private_dir(candidate):
             return candidate
     return Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+
+
+def _is_our_private_dir(path: Path) -> bool:
+    """A real directory (not a symlink), owned by this user, mode 0700 or stricter."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def remove_stale_staging(out: Path, step: int) -> list[str]:
+    """Remove the staging directories interrupted pulls of steps other than `step` left beside
+    `out` (they can never be resumed: a pull resumes only its own step); returns their names.
+    Only `staging_dir`'s exact names (`.OUT.pull-step-N-` and mkdtemp's 8 characters), only ours
+    and private; a symlink is never followed (rmtree removes links inside, not their targets)."""
+    pattern = re.compile(re.escape(f".{out.name}.pull-step-") + r"(\d{1,19})-[a-z0-9_]{8}")
+    removed = []
+    for candidate in sorted(out.parent.glob(glob.escape(f".{out.name}.pull-step-") + "*")):
+        found = pattern.fullmatch(candidate.name)
+        if found is None or int(found[1]) == step or not _is_our_private_dir(candidate):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate.name)
+    if removed:
+        logger.info(
+            "removed %d partial download(s) of other steps beside %s (interrupted pulls): %s",
+            len(removed),
+            out,
+            ", ".join(removed),
+        )
+    return removed
+
+
+def _share_files(staging: Path, meta: CheckpointMeta) -> None:
+    """Make the verified files 0644 (HashedFile created them 0600) while `staging` is still private;
+    each opened without following a symlink and changed through that descriptor."""
+    for name in [checkpoint.META_NAME, *(f.name for f in meta.files)]:
+        fd = os.open(staging / name, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, 0o644)
+        finally:
+            os.close(fd)
 
 
 class _Source:
@@ -274,9 +320,11 @@ def pull(
     )
     info = _choose(list_published(coordinator, tls)[0], step, coordinator)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out, info.step)
     staging = staging_dir(out, info.step)
     t0 = time.monotonic()
     meta, how = _download_verified(coordinator, info, step, staging, timeout_s, tls, policy)
+    _share_files(staging, meta)
     if out.exists():
         shutil.rmtree(out)
     os.rename(staging, out)
