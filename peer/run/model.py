@@ -12,6 +12,7 @@ what our presets build when the manifest was read (peer/run/modelconfig.py).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -93,10 +94,31 @@ def hf_tokenizer(tokenizer_json: str, manifest: RunManifest) -> PreTrainedTokeni
     return tok
 
 
+# transformers 5 names its fast tokenizer class "TokenizersBackend", which 4.x does not have; both
+# load a tokenizer.json through this name (5.x maps it to the same class)
+TOKENIZER_CLASS_4X_AND_5X = "PreTrainedTokenizerFast"
+
+
 def save_hf(model: PreTrainedModel, tokenizer_json: str, manifest: RunManifest, directory: Path) -> None:
-    """The model and its tokenizer in Hugging Face format, loadable with `from_pretrained(directory)`."""
+    """The model and its tokenizer in Hugging Face format, loadable with `from_pretrained(directory)`
+    by transformers 4.57 and 5.x alike (tests/test_hf_compat.py): what 5.x writes in a form 4.x cannot
+    read is rewritten in the form both read."""
     model.save_pretrained(directory)
     hf_tokenizer(tokenizer_json, manifest).save_pretrained(directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") != TOKENIZER_CLASS_4X_AND_5X:
+        config["tokenizer_class"] = TOKENIZER_CLASS_4X_AND_5X
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    # 5.x keeps rope_theta inside "rope_parameters", which 4.x ignores (it would use its default
+    # 10000 whatever the run chose); 5.x reads a top-level rope_theta that agrees. Our model configs
+    # allow only the default rope type (peer/run/modelconfig.py), so rope_theta is all 4.x needs.
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_hf_atomically(
