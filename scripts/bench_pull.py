@@ -65,18 +65,17 @@ def publish_initial_checkpoint(data_dir: Path, preset: str):
     step 0, signed with the run's key; returns the CheckpointMeta."""
     from crowdtrain.coordinator.config import CoordinatorConfig
     from crowdtrain.coordinator.publishing import archive
-    from crowdtrain.coordinator.run.runs import open_run
-    from crowdtrain.peer.run.model import build_model, hf_tokenizer
+    from crowdtrain.coordinator.run.runs import RunSettings, open_run
+    from crowdtrain.peer.run.model import build_model, save_hf
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpus = tuple(str(stdlib / p) for p in CORPUS_PACKAGES if (stdlib / p).is_dir())
     config = CoordinatorConfig(data_dir=str(data_dir), preset=preset, data=corpus)
-    store, run = open_run(config, data_dir)
+    store, run = open_run(config.settings(RunSettings), data_dir)
     try:
         root = data_dir / "checkpoints"
         staging = archive.new_staging_dir(root, 0)
-        build_model(run.manifest).save_pretrained(staging)
-        hf_tokenizer(run.tokenizer_json, run.manifest).save_pretrained(staging)
+        save_hf(build_model(run.manifest), run.tokenizer_json, run.manifest, staging)
         initial = CheckpointMeta(
             run_id=run.manifest.run_id,
             step=0,

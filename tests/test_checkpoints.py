@@ -39,12 +39,11 @@ def _meta(step: int, previous: int | None = None) -> CheckpointMeta:
 
 
 def _publish_real_model(root: Path, tmp_path: Path, small_corpus: Path, step: int) -> CheckpointMeta:
-    from crowdtrain.peer.run.model import build_model, hf_tokenizer
+    from crowdtrain.peer.run.model import build_model, save_hf
 
     manifest, tokenizer_json = make_run(tmp_path, small_corpus)
     staging = archive.new_staging_dir(root, step)
-    build_model(manifest).save_pretrained(staging)
-    hf_tokenizer(tokenizer_json, manifest).save_pretrained(staging)
+    save_hf(build_model(manifest), tokenizer_json, manifest, staging)
     return archive.finalize(staging, root, _meta(step), signing_key=KEY)
 
 

@@ -71,6 +71,10 @@ def swarm(
         min_group_size=4 if attack else 3,
         min_matchmaking_time=2.0,
         request_timeout=1.0,
+        # a member stalled mid-round (2 busy cores) must end the round, not hold the averaged tensors'
+        # lock forever: hivemind's defaults wait for it without limit, and `tensors_of` then never returns
+        allreduce_timeout=30.0,
+        next_chunk_timeout=10.0,
         start=True,
     )
     common.update(overrides)
