@@ -117,9 +117,15 @@ def average_once(averagers, timeout_s: float = 15.0) -> list[bool]:
     return done
 
 
-def tensors_of(averager) -> list[torch.Tensor]:
-    with averager.get_tensors() as tensors:
-        return [t.clone() for t in tensors]
+def tensors_of(averager, timeout_s: float = 60.0) -> list[torch.Tensor]:
+    """A copy of the averager's tensors. hivemind 1.1.12's `get_tensors()` waits for its lock without
+    limit (a round holds it); a round that never ends must fail the test, not hang the suite."""
+    lock = averager.lock_averaged_tensors
+    assert lock.acquire(timeout=timeout_s), f"the averager held its tensors for {timeout_s:.0f} s"
+    try:
+        return [t.clone() for t in averager._averaged_tensors]
+    finally:
+        lock.release()
 
 
 def honest_mean() -> list[torch.Tensor]:
