@@ -6,21 +6,24 @@ import dataclasses
 import json
 import math
 import re
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from crowdtrain.coordinator.api.grpcserver import create_server
-from crowdtrain.coordinator.api.metrics import CoordinatorMetrics
+from crowdtrain.coordinator.api.metrics import CoordinatorMetrics, VersionLabels
 from crowdtrain.coordinator.api.servicer import CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.api.webserver import WebContext, WebServer
+from crowdtrain.coordinator.api.webserver import HttpLimits, WebContext, WebServer
 from crowdtrain.coordinator.peers.health import HealthSettings
 from crowdtrain.coordinator.peers.status import SwarmProgress, build_status
 from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.coordinator.publishing.archive import finalize, new_staging_dir
+from crowdtrain.peer import __version__
 from crowdtrain.peer.checkpoints.format import CheckpointMeta, list_checkpoints
 from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorRejected
 from crowdtrain.protos import coordinator_pb2 as pb
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.identities import identity, signed_join
@@ -282,4 +285,92 @@ def test_history_reads_only_the_rows_it_returns_spread_over_the_whole_run(tmp_pa
         assert steps[0] * 100 < 150 * len(points), f"{steps[0] * 100} instructions for {len(points)} points"
         assert [p["t"] for p in store.history(max_points=3)] == [1.0, (rows + 1) // 2, rows]
     finally:
+        store.close()
+
+
+def test_metrics_follow_the_prometheus_naming_conventions(site):
+    """Before: the ledger's cumulative count was a gauge without `_total`, and there was no
+    `_info` metric and no count of peers by version."""
+    base, address, store, _, clock = site
+    with CoordinatorClient(address) as client:
+        client.join(signed_join(name="carol", device="cpu", version="0.1.0", now=clock[0]))
+    store.add_contributions([(A_ID, 1, 40)])
+    text = get(f"{base}/metrics")[2].decode()
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+    counters = [name for name, kind in types.items() if kind == "counter"]
+    assert counters == ["crowdtrain_contributed_samples_total"]  # the only count that never goes down
+    assert types["crowdtrain_checkpoints"] == "gauge"  # retention deletes old checkpoints
+    assert "crowdtrain_contributed_samples_total 40.0" in text.splitlines()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    [info] = families["crowdtrain_build_info"].samples
+    assert (info.labels, info.value) == ({"version": __version__, "run_id": "ct_test"}, 1.0)
+    by_state = {s.labels["state"]: s.value for s in families["crowdtrain_peers"].samples}
+    assert by_state["JOINING"] == 1 and by_state["ONLINE"] == 0  # a state with no peer is 0, not absent
+    by_version = {s.labels["version"]: s.value for s in families["crowdtrain_peers_by_version"].samples}
+    assert by_version == {"0.1.0": 1.0}
+    assert families["crowdtrain_latest_checkpoint_step"].samples[0].value == -1  # none yet
+
+
+def test_peer_versions_become_bounded_metric_labels(site):
+    """Versions are whatever peers send: malformed, long or rare ones are counted as "other", so
+    a hostile peer cannot add time series to the operator's Prometheus."""
+    _, address, store, _, clock = site
+    with CoordinatorClient(address) as client:
+        client.join(signed_join(name="carol", device="cpu", version="0.1.0", now=clock[0]))
+    status = build_status(
+        clock[0], "ct_test", store.list_peers(), {}, HealthSettings(2.0, 10.0, 20.0), SwarmProgress(), []
+    )
+    [carol] = status.peers
+    hostile = ["1.2.3-evil", "1.2.3\n", "x" * 40, "", "\uff11.\uff12.\uff13", "1.2." + "3" * 40, '1"} 1\n']
+    versions = ["0.1.0"] * 5 + [f"1.0.{i}" for i in range(25)] + hostile
+    peers = [dataclasses.replace(carol, version=v, peer_id=f"p{i}") for i, v in enumerate(versions)]
+    peers.append(dataclasses.replace(carol, version="9.9.9", state="DEAD"))  # not present: not counted
+    metrics = CoordinatorMetrics(lambda: dataclasses.replace(status, peers=tuple(peers)))
+    text = generate_latest(metrics.registry).decode()
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "crowdtrain_peers_by_version"]
+    by_version = {s.labels["version"]: s.value for s in family.samples}
+    assert len(by_version) == 21 and by_version["0.1.0"] == 5  # 20 versions, the most common first
+    assert by_version["other"] == 6 + len(hostile) and sum(by_version.values()) == len(versions)
+    assert all(v == "other" or re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", v) for v in by_version)
+    assert "9.9.9" not in by_version
+    assert VersionLabels(max_versions=1).count(["1.0.0", "2.0.0", "2.0.0"]) == {"2.0.0": 2, "other": 1}
+    assert VersionLabels().count([]) == {}
+
+
+def test_readyz_answers_ready_only_while_the_grpc_api_serves(tmp_path: Path):
+    """/readyz is cheap (it never builds the status: here building it fails) and rate limited like
+    every other answer."""
+
+    def no_status():
+        raise AssertionError("/readyz built the status")
+
+    store = Store(tmp_path / "s.sqlite3")
+    limits = HttpLimits(requests_burst=6, requests_per_s_per_address=0.01)
+    context = WebContext(tmp_path, frozenset(), tmp_path / "ckpt", "{}", store, no_status)
+    web = WebServer(context, "127.0.0.1", 0, limits).start()
+    url = f"http://127.0.0.1:{web.port}/readyz"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as before:
+            get(url)
+        assert before.value.code == 503 and before.value.headers["Retry-After"] == "2"
+        assert before.value.read() == b"not ready: the gRPC API is not up yet\n"
+        web.announce_grpc("203.0.113.5:50051", tls=False)
+        assert get(url) == (200, "text/plain", b"ready\n")
+        head = urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10)
+        assert head.status == 200
+        web.withdraw("the coordinator is\nshutting down")
+        with pytest.raises(urllib.error.HTTPError) as after:
+            get(url)
+        assert (
+            after.value.code == 503 and after.value.read() == b"not ready: the coordinator is shutting down\n"
+        )
+        statuses = []
+        for _ in range(3):
+            try:
+                statuses.append(get(url)[0])
+            except urllib.error.HTTPError as e:
+                statuses.append(e.code)
+        assert statuses == [503, 503, 429]  # the burst of 6 is spent
+    finally:
+        web.shutdown()
         store.close()

@@ -17,7 +17,10 @@
                                               publisher refused ("publisher"), peers' reports of refused
                                               contributions ("peer_evidence"), automatic bans ("automatic_ban")
     GET /metrics                              Prometheus metrics
-    GET /healthz                              "ok"
+    GET /healthz                              "ok": the HTTP server answers
+    GET /readyz                               "ready" (200) once the gRPC API serves peers
+                                              (`announce_grpc`); before that, and after `withdraw` or
+                                              once shutting down, 503 with a one-line reason
 
 Every path is resolved against an allow-list, never joined blindly, so `..` cannot escape the data
 directory: data shards against the manifest's, checkpoint files against their signed listing
@@ -164,6 +167,7 @@ class _Routes:
             if p.suffix in _STATIC_TYPES
         }
         self.grpc_answer: bytes | None = None  # /api/v1/grpc, encoded once (`WebServer.announce_grpc`)
+        self.withdrawn: bytes | None = None  # /readyz's 503 answer once `WebServer.withdraw` was called
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -204,6 +208,8 @@ class _Routes:
         parts = [p for p in path.split("/") if p]
         if path == "/healthz":
             return await self._bytes(request, b"ok\n", "text/plain")
+        if path == "/readyz":
+            return await self._ready(request)
         if path in ("/", "/index.html"):
             parts = ["static", "index.html"]
         if len(parts) == 2 and parts[0] == "static" and parts[1] in self.static:
@@ -234,6 +240,15 @@ class _Routes:
                 request, b"the gRPC API is not up yet; retry\n", "text/plain", 503, {"Retry-After": "2"}
             )
         return await self._bytes(request, answer, _JSON)
+
+    async def _ready(self, request) -> web.StreamResponse:
+        """Two reads of attributes other threads set once each: no status build, no lock."""
+        reason = self.withdrawn
+        if reason is None and self.grpc_answer is None:
+            reason = b"not ready: the gRPC API is not up yet\n"
+        if reason is not None:
+            return await self._bytes(request, reason, "text/plain", 503, {"Retry-After": "2"})
+        return await self._bytes(request, b"ready\n", "text/plain")
 
     async def _peer(self, request, key: str) -> web.StreamResponse:
         building = asyncio.shield(asyncio.wrap_future(self.views.future("peer_index")))
@@ -345,8 +360,16 @@ class WebServer:
 
     def announce_grpc(self, address: str, tls: bool) -> None:
         """Answer /api/v1/grpc with `address` (the public HOST:PORT peers are told to join, never a
-        bind address that is not announced) and whether it takes TLS; encoded once, served as is."""
+        bind address that is not announced) and whether it takes TLS; encoded once, served as is.
+        From then on /readyz answers "ready" (the run is open: this server exists only after it
+        is), until `withdraw`."""
         self._routes.grpc_answer = json.dumps({"grpc": address, "tls": tls}).encode()
+
+    def withdraw(self, reason: str) -> None:
+        """Answer /readyz with 503 and `reason` from now on (one line, e.g. "the coordinator is
+        shutting down"), so a load balancer or a probe stops sending callers here."""
+        line = " ".join(reason.split())[:200]
+        self._routes.withdrawn = f"not ready: {line}\n".encode()
 
     @property
     def connections(self) -> int:
@@ -360,6 +383,7 @@ class WebServer:
     def shutdown(self) -> None:
         if self._loop.closed:
             return
+        self.withdraw("the coordinator is shutting down")  # for requests on open connections meanwhile
         try:
             self._loop.run(self._close(), timeout_s=15)
         finally:
