@@ -1,8 +1,9 @@
 """Credit is what the swarm accepted (`credit`), and the same proof for trainers and voters: a fake
 progress record stream earns nothing for epochs the swarm did not reach and nothing without a
 session, one admitted peer's own records do not send newcomers to random weights, and a lone honest
-volunteer is still credited. Pure functions with an injected clock, plus the monitor's scheduling
-over a fake DHT."""
+volunteer is still credited; a pause costs an honest volunteer no credit, and a forged burst after
+a claimed pause earns no more than a share of epochs the swarm passed. Pure functions with an
+injected clock, plus the monitor's scheduling over a fake DHT."""
 
 from __future__ import annotations
 
@@ -267,3 +268,152 @@ def test_voters_need_a_groupmate_of_another_root_when_others_have_one_and_no_qua
     same = [h1, trainer("H2", "invite:1")]
     by_same_root = [group(3, "H1", {"H1", "H2"}, t=NOW - 30, root="invite:1")]
     assert eligible_voters(NOW, same, VOTING, by_same_root)[0] == {"H1", "H2"}
+
+
+# ---------------------------------------------------------------- pausing keeps its promise
+
+
+def paused_swarm(reads: int = 64, pause_at: int = 16, pause_reads: int = 16) -> list[list[Sighting]]:
+    """H2 trains throughout, an epoch every 2 reads (a read a second, as on `tiny`); H1 pauses at
+    read `pause_at` with samples accumulated towards its epoch, hands them in (its record stays in that epoch with
+    samples until the round), joins the round, idles `pause_reads` reads in the next epoch with no
+    samples (hivemind's record stays there while the swarm goes on), then loads the swarm's state
+    and trains again in the swarm's epoch."""
+    stream = []
+    for i in range(reads):
+        h1 = Sighting("H1", i // 2, True)
+        handed_in = (pause_at // 2 + 1) * 2  # the round that takes the handed-in samples
+        if pause_at <= i < handed_in + pause_reads:
+            h1 = (
+                Sighting("H1", pause_at // 2, True)
+                if i < handed_in
+                else Sighting("H1", pause_at // 2 + 1, False)
+            )
+        stream.append([h1, Sighting("H2", i // 2, True)])
+    return stream
+
+
+def epochs(who: str, ledger: dict) -> set[int]:
+    return {e for (peer, e) in ledger if peer == who}
+
+
+def test_a_paused_peer_loses_nothing_and_holds_back_no_one():
+    both = {"H1": "invite:1", "H2": "invite:2"}
+    _, steady = credit(
+        [[Sighting("H1", i // 2, True), Sighting("H2", i // 2, True)] for i in range(64)], both
+    )
+    _, ledger = credit(paused_swarm(), both)
+    # H1 took part in epochs 0..8 (8: the samples it handed in) and again from 17 on, when it resumed
+    trained = set(range(9)) | set(range(17, 30))
+    assert epochs("H1", ledger) == trained & epochs("H1", steady)
+    for e in trained & epochs("H1", steady):
+        assert ledger["H1", e] == steady["H1", e]  # the same share as had it never paused
+    # H2 trained alone while H1 idled: every epoch, the whole batch in those H1 sat out
+    assert epochs("H2", ledger) == epochs("H2", steady)
+    assert all(ledger["H2", e] == SETTINGS.target_batch_size for e in range(9, 17))
+
+
+def run_monitor(tmp_path: Path, name: str, records) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """Two volunteers of two admission roots under a monitor reading once a second (injected clock);
+    `records(i)` gives read i's progress entries and which of the two heartbeat as paused. Returns
+    the ledger's totals and its rows."""
+    store, clock = Store(tmp_path / f"{name}.sqlite3"), [1000.0]
+    dht = _FakeDHT()
+    monitor = SwarmMonitor(
+        dht, "run", store, HealthSettings(1.0, 10.0, 20.0), SETTINGS, clock=lambda: clock[0]
+    )
+    store.upsert_peer(session(0, "invite:0", clock[0]))
+    store.upsert_peer(session(1, "invite:1", clock[0]))
+    for i in range(64):
+        dht.entries, paused = records(i)
+        for seed in (0, 1):  # both heartbeat on time, "paused" while they are
+            record = store.get_peer(f"s{seed}")
+            phase = "paused" if seed in paused else "training"
+            store.upsert_peer(dataclasses.replace(record, last_seen_unix_s=clock[0], phase=phase))
+        monitor.tick()
+        clock[0] += 1.0
+    totals = store.contribution_totals()
+    rows = {(who, e): n for who, e, n in store.query("SELECT dht_peer_id, epoch, samples FROM contributions")}
+    store.close()
+    return totals, rows
+
+
+def test_monitor_the_reviews_pause_the_next_two_records_lose_nothing(tmp_path: Path):
+    """The users' review: after a 16 s pause the honest peer's next two progress records claimed 96
+    samples at 14.2 samples/s and 240 at 27.5 (hivemind's rate, measured across the pause, lags the
+    samples); the old clamp kept 58 and 178. Here a second volunteer trains on meanwhile, an epoch
+    every 2 s as on `tiny`: the paused peer's record, left in the epoch after its round, held the
+    swarm's epoch back, so what it trained on resuming, and what the other one trained while it was
+    paused, was read ahead of the swarm and lost."""
+
+    def steady(i: int):
+        return [entry(0, i // 2, 16 + 16 * (i % 2), 27.5), entry(1, i // 2, 16 + 16 * (i % 2), 27.5)], ()
+
+    def pausing(i: int):
+        other = entry(1, i // 2, 16 + 16 * (i % 2), 27.5)
+        if 16 <= i < 18:  # paused at read 16: hands in the 48 samples it accumulated towards epoch 8
+            return [entry(0, 8, 48, 27.5), other], {0}
+        if 18 <= i < 34:  # the round took them: 16 s idle in epoch 9, no samples, the record unchanged
+            return [entry(0, 9, 0, 27.5), other], {0}
+        if i == 34:  # resumed, loaded the swarm's state (epoch 17): the review's next two records
+            return [entry(0, 17, 96, 14.2), other], ()
+        if i == 35:
+            return [entry(0, 17, 240, 27.5), other], ()
+        return steady(i)
+
+    me, other = peer_id(0).to_base58(), peer_id(1).to_base58()
+    plain, plain_rows = run_monitor(tmp_path, "steady", steady)
+    totals, rows = run_monitor(tmp_path, "paused", pausing)
+    half = SETTINGS.target_batch_size // 2
+    assert rows[me, 8] == half  # what it handed in when it paused
+    assert rows[me, 17] == half  # the two records after the pause, in full
+    sat_out = range(9, 17)  # the epochs it was paused in: nothing for it, the whole batch for the other
+    assert all((me, e) not in rows and rows[other, e] == SETTINGS.target_batch_size for e in sat_out)
+    assert {k: v for k, v in rows.items() if k[1] not in sat_out} == {
+        k: v for k, v in plain_rows.items() if k[1] not in sat_out
+    }
+    assert totals[me] == plain[me] - len(sat_out) * half
+    assert totals[other] == plain[other] + len(sat_out) * half
+
+
+def test_a_forged_burst_after_a_claimed_pause_earns_no_more_than_a_share_of_real_epochs():
+    """An attacker "pauses", then claims 10^9 samples at 10^6 samples/s, in the swarm's epoch and
+    far ahead of it. No record's samples or rate are credited: it is at most a participant of epochs
+    the swarm really passes, and none where honest groupmates confirm each other and not it."""
+    roots = {**ROOTS, "A": "invite:a"}
+    reads = 64
+    idle = [Sighting("A", 0, False)] * 16  # its "pause": a record with no samples
+    burst = [[Sighting("A", e, True) for e in (i // 4, i // 4 + 1, 100 + i, 10**6)] for i in range(16, reads)]
+    stream = [[*honest(i, "H1", "H2"), *([idle[i]] if i < 16 else burst[i - 16])] for i in range(reads)]
+    reports = [group(e + 1, h, {"H1", "H2"}) for e in range(20) for h in ("H1", "H2")]
+    tally, ledger = credit(stream, roots, reports)
+    assert tally.swarm_epoch == reads // 4 - 1
+    assert total(ledger, "A") == 0  # the honest pair confirm each other, not it
+    assert total(ledger, "H1") == total(ledger, "H2") == (reads // 4 - 1) * 32  # epochs 0..14 settled
+    # nobody confirmed across roots: it shares the epochs the swarm passed, no more, and the ones far ahead never
+    tally, ledger = credit(stream, roots)
+    assert {e for (who, e) in ledger if who == "A"} <= set(range(4, reads // 4 - 1))
+    assert max(samples for (who, _), samples in ledger.items() if who == "A") == 64 // 3
+    # what it claimed far ahead is noted at most `ahead_epochs` ahead, and credited only if the swarm gets there
+    assert max(o.epoch for o in tally.open_epochs) <= tally.swarm_epoch + SETTINGS.ahead_epochs
+
+
+def test_a_part_noted_ahead_of_the_swarm_is_dropped_if_its_session_is_gone_when_the_swarm_arrives():
+    both = {"H1": "invite:1", "H2": "invite:2"}
+    tally, settled, _ = advance(
+        Tally(5), [Sighting("H1", 5, True), Sighting("H2", 9, True)], both, 0.0, SETTINGS
+    )
+    assert [o.epoch for o in tally.open_epochs] == [5, 9] and not settled
+    assert tally.open_epochs[1].ahead_only == {"H2"}
+    now, gone = 1.0, {"H1": "invite:1", "H3": "invite:3"}  # H2's session left (or was banned) meanwhile
+    for e in range(6, 11):
+        tally, settled, _ = advance(
+            tally, [Sighting("H1", e, True), Sighting("H3", e, True)], gone, now, SETTINGS
+        )
+        now += 1.0
+    nine = next(o for o in tally.open_epochs if o.epoch == 9)
+    assert set(nine.participants) == {"H1", "H3"} and not nine.ahead_only
+    # a part noted ahead, then seen again within the swarm's reach, is kept like any other
+    tally, _, _ = advance(Tally(5), [Sighting("H1", 5, True), Sighting("H2", 6, True)], both, 0.0, SETTINGS)
+    tally, _, _ = advance(tally, [Sighting("H1", 6, True), Sighting("H2", 6, True)], both, 1.0, SETTINGS)
+    assert not next(o for o in tally.open_epochs if o.epoch == 6).ahead_only

@@ -11,7 +11,13 @@ numbers is credited. What the monitor counts instead:
   least two admission roots reached (the only root's when one is active), never behind its last
   value (roots more than an epoch behind it are laggards and have no say) and at most one epoch
   ahead of it per read. An identity takes part in an epoch when a read finds it there with samples,
-  and only in the swarm's epoch or the one before; epochs ahead of the swarm are ignored;
+  in the swarm's epoch or the one before, or up to `ahead_epochs` ahead of it: such an epoch is
+  only noted, and credited like the others once the swarm passes it. The swarm's epoch lags the
+  training when a root's record stands still (its peer paused, its record left where its last round
+  put it, so two roots no longer agree on anything newer; then it walks up one epoch per read):
+  what the others trained meanwhile, and what the paused peer trains right after it resumes, would
+  otherwise be read ahead of the swarm and lost. Noting them gives a record nothing it could not
+  have had by sitting in the swarm's epoch: an even share of epochs the swarm really passes;
 - **how much**: an epoch the swarm passed is settled `settle_s` later (the groups that averaged it
   have reached the coordinator with heartbeats) and credited once (`epoch_rows`): the target batch
   size split evenly among its participants, and only among those that a groupmate of another
@@ -28,7 +34,12 @@ per read, `poll_interval_s`, and only while no other root is active); two collud
 for each other, and a peer that no groupmate of another root lists (they kept it out of their
 groups) is credited only in epochs where nobody is confirmed; and with one honest root and one
 hostile root the two disagree with no one to break the tie: the hostile root can then hold the
-swarm's epoch where it sits (credit stops for both) but not take the honest root's share.
+swarm's epoch where it sits (credit stops for both) but not take the honest root's share. A peer
+paused for longer than `ahead_epochs` epochs, as one of exactly two roots, holds the swarm's epoch
+back like that: the other root's epochs beyond that window, and its own first ones after resuming,
+are not credited. A part noted ahead is kept only by a session still proven when the swarm's epoch
+reaches it (`_reached`), and it is lost with the tally's other open epochs when the coordinator
+restarts.
 """
 
 from __future__ import annotations
@@ -48,6 +59,10 @@ class CreditSettings:
     heartbeat_interval_s: float  # groups arrive with heartbeats: an epoch settles a few intervals late
     settle_heartbeats: float = 3.0  # raise when peers' groups reach the coordinator later than this
     confirm_epochs: int = 2  # a group reported at epoch g confirms taking part in epochs g-2..g
+    # taking part this far ahead of the swarm's epoch is noted (credited once the swarm passes it):
+    # what is trained while a paused peer's record holds the swarm's epoch back is kept for pauses up
+    # to ahead_epochs epochs long (about an hour of 4 s epochs on `tiny`); raise it for longer pauses
+    ahead_epochs: int = 1024
 
     @property
     def settle_s(self) -> float:
@@ -71,6 +86,9 @@ class OpenEpoch:
     participants: Mapping[str, str]  # identity -> admission root
     first_seen_unix_s: float
     passed_unix_s: float | None = None  # when the swarm's epoch first went past it
+    # participants seen in it only while it was ahead of the swarm's epoch: they keep their part only
+    # if still proven (a live, unbanned session) when the swarm reaches it
+    ahead_only: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -175,17 +193,40 @@ def advance(
         return tally, [], why
     kept = tally.open_epochs if tally.swarm_epoch is None or epoch >= tally.swarm_epoch else ()
     by_epoch = {o.epoch: o for o in kept}
-    for s in seen:
-        if s.has_samples and epoch - 1 <= s.epoch <= epoch:
+    for s in seen:  # ahead of the swarm's epoch: noted, not passed, so not settled until the swarm is there
+        if s.has_samples and epoch - 1 <= s.epoch <= epoch + settings.ahead_epochs:
             o = by_epoch.get(s.epoch) or OpenEpoch(s.epoch, {}, now)
-            by_epoch[s.epoch] = replace(o, participants={**o.participants, s.identity: roots[s.identity]})
+            by_epoch[s.epoch] = _noted(o, s.identity, roots[s.identity], ahead=s.epoch > epoch)
     still, settled = [], []
     for o in sorted(by_epoch.values(), key=lambda o: o.epoch):
+        if o.ahead_only and epoch >= o.epoch:
+            o = _reached(o, roots)
         if o.passed_unix_s is None and epoch > o.epoch:
             o = replace(o, passed_unix_s=now)
         done = o.passed_unix_s is not None and now - o.passed_unix_s >= settings.settle_s
         (settled if done else still).append(o)
     return Tally(epoch, tuple(still)), settled, why
+
+
+def _noted(o: OpenEpoch, who: str, root: str, ahead: bool) -> OpenEpoch:
+    """`o` with `who` (admitted through `root`) taking part; `ahead`: seen while the swarm's epoch
+    had not reached `o` yet. A sighting within the swarm's reach makes the part unconditional."""
+    if not ahead:
+        ahead_only = o.ahead_only - {who}
+    elif who in o.participants:
+        ahead_only = o.ahead_only
+    else:
+        ahead_only = o.ahead_only | {who}
+    return replace(o, participants={**o.participants, who: root}, ahead_only=ahead_only)
+
+
+def _reached(o: OpenEpoch, roots: Mapping[str, str]) -> OpenEpoch:
+    """`o` as the swarm's epoch reaches it: its participants seen only ahead of the swarm keep their
+    part only if still proven now (`roots`), so a part noted ahead is not kept by a session that has
+    since left or been banned."""
+    gone = o.ahead_only - roots.keys()
+    kept = {who: root for who, root in o.participants.items() if who not in gone}
+    return replace(o, participants=kept, ahead_only=frozenset())
 
 
 def epoch_rows(
