@@ -112,6 +112,7 @@ class LiveCoordinator:
         self.grpc_server, port = create_server(servicer, "127.0.0.1", 0)
         self.grpc_server.start()
         self.grpc_address = f"127.0.0.1:{port}"
+        self.web.announce_grpc(self.grpc_address, tls=False)  # as the coordinator does once gRPC is up
 
     def hints(self) -> Hints:
         sizes = tuple(len(d) for d in CHECKPOINT_FILES.values())

@@ -240,6 +240,9 @@ def test_invite_list_json(capsys, tmp_path: Path):
 _INTERRUPT_DURING_IMPORT = """
 import os, runpy, signal, sys
 
+# a volunteer's terminal delivers Ctrl+C; a shell's background job (`cmd &`, as some CI runners
+# start the suite) starts with SIGINT ignored, and Python then installs no handler for it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 module = sys.argv[1]
 
 class Interrupt:
