@@ -18,9 +18,8 @@
                                               contributions ("peer_evidence"), automatic bans ("automatic_ban")
     GET /metrics                              Prometheus metrics
     GET /healthz                              "ok": the HTTP server answers
-    GET /readyz                               "ready" (200) once the gRPC API serves peers
-                                              (`announce_grpc`); before that, and after `withdraw` or
-                                              once shutting down, 503 with a one-line reason
+    GET /readyz                               "ready" once the gRPC API serves (`announce_grpc`); before,
+                                              and after `withdraw` or shutdown, 503 and the reason
 
 Every path is resolved against an allow-list, never joined blindly, so `..` cannot escape the data
 directory: data shards against the manifest's, checkpoint files against their signed listing
@@ -361,13 +360,11 @@ class WebServer:
     def announce_grpc(self, address: str, tls: bool) -> None:
         """Answer /api/v1/grpc with `address` (the public HOST:PORT peers are told to join, never a
         bind address that is not announced) and whether it takes TLS; encoded once, served as is.
-        From then on /readyz answers "ready" (the run is open: this server exists only after it
-        is), until `withdraw`."""
+        From then on /readyz answers "ready" (the run is open: this server exists only after it is)."""
         self._routes.grpc_answer = json.dumps({"grpc": address, "tls": tls}).encode()
 
     def withdraw(self, reason: str) -> None:
-        """Answer /readyz with 503 and `reason` from now on (one line, e.g. "the coordinator is
-        shutting down"), so a load balancer or a probe stops sending callers here."""
+        """Answer /readyz with 503 and `reason` (one line) from now on, so probes stop sending callers."""
         line = " ".join(reason.split())[:200]
         self._routes.withdrawn = f"not ready: {line}\n".encode()
 
