@@ -318,6 +318,8 @@ class Coordinator:
     def shutdown(self) -> None:
         """Stop every component, newest first; idempotent."""
         self._stopped.set()
+        if self.web is not None:  # load balancers stop sending peers here before gRPC's grace period
+            self.web.withdraw("the coordinator is shutting down")
         if self.publisher is not None:
             self.publisher.shutdown()
             self.publisher = None
