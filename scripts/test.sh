@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The test command: set up the venv from scratch if needed; check generated code, lint and the layer
 # contract; run pytest.
-#   scripts/test.sh                 # everything (about 20 minutes on 2 cores)
+#   scripts/test.sh                 # everything (about 21 minutes on 2 cores)
 #   scripts/test.sh -m "not swarm"  # skip the multi-process swarm tests
+#   scripts/test.sh -n 0            # one process (default: 2 workers; the swarm tests share one of them,
+#                                   # one after another, tests/conftest.py; CROWDTRAIN_TEST_WORKERS=N)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -22,4 +24,4 @@ fi
 "$VENV/bin/ruff" format --check .
 "$VENV/bin/lint-imports" --no-cache # the one-way layers and the light server core (pyproject.toml)
 export no_proxy=127.0.0.1,localhost
-exec "$PY" -m pytest -ra --durations=10 "$@"
+exec "$PY" -m pytest -ra --durations=10 -n "${CROWDTRAIN_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -49,3 +49,12 @@ def _no_proxy(monkeypatch):
     # urllib honours http_proxy; our servers are on 127.0.0.1
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """With `pytest -n 2 --dist loadgroup` (scripts/test.sh), the tests that launch a swarm run one
+    after another on one worker while the other worker takes everything else: two swarms at once on
+    two cores would starve each other's averaging rounds. Without xdist the mark does nothing."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in ("swarm", "attack", "compat")):
+            item.add_marker(pytest.mark.xdist_group("swarm"))
