@@ -8,6 +8,7 @@ run contract), never the reverse. Layers, top down (enforced by import-linter, p
     app.py        the coordinator process: starts its components in order, stops them in reverse
     config.py     the operator's settings, composed of the components' own
     api/          what it serves: gRPC servicer and server, HTTP server, metrics, reachability
+    dashboard/    how the run is read: the web dashboard, its numbers, the status table, shared views
     run/          creating and opening a run: data dir, ports, dataset, the operator's corpus
     publishing/   fetch the swarm's state, choose and vet it, sign and archive it
     admission/    who may join and stay: Join gate, identity proofs, invites, bans, DHT nodes

@@ -31,9 +31,9 @@ from crowdtrain.coordinator.api.grpcserver import GrpcLimits, ServerTls, create_
 from crowdtrain.coordinator.api.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.api.reachability import ReachSettings
 from crowdtrain.coordinator.api.servicer import AbuseLimits, CoordinatorServicer, RunInfo
-from crowdtrain.coordinator.api.snapshots import Memo
 from crowdtrain.coordinator.api.webserver import WebContext, WebServer
 from crowdtrain.coordinator.config import CoordinatorConfig
+from crowdtrain.coordinator.dashboard.snapshots import Memo
 from crowdtrain.coordinator.flood.callbudget import CallLimits, PoolCaps
 from crowdtrain.coordinator.peers.health import HealthSettings
 from crowdtrain.coordinator.peers.policy import minimum_peer_version

@@ -92,7 +92,7 @@ def cmd_status(config: cfg.StatusConfig, as_json: bool = False) -> int:
     import json
     import time
 
-    from crowdtrain.coordinator.api.render import format_status, status_json
+    from crowdtrain.coordinator.dashboard.render import format_status, status_json
     from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorSpeaksHttp, is_http_url
     from crowdtrain.peer.link.tls import ClientTls
 
@@ -125,7 +125,7 @@ def _status_over_http(base: str, tls):
     import json
     import urllib.error
 
-    from crowdtrain.coordinator.api.render import status_from_json
+    from crowdtrain.coordinator.dashboard.render import status_from_json
     from crowdtrain.peer.link.download import open_url
     from crowdtrain.peer.link.tls import plaintext_refusal
     from google.protobuf.json_format import ParseError

@@ -180,7 +180,7 @@ def test_status_json_is_one_document_with_stable_keys(capsys, dashboard: str):
 
 
 def test_status_json_writes_a_non_finite_number_as_null():
-    from crowdtrain.coordinator.api.render import status_json
+    from crowdtrain.coordinator.dashboard.render import status_json
     from crowdtrain.protos import coordinator_pb2 as pb
 
     status = pb.GetStatusResponse()

@@ -401,7 +401,7 @@ def test_bans_are_by_identity_so_a_copied_name_gets_no_one_banned(served, tmp_pa
 
 
 def test_newlines_and_escapes_in_names_reach_no_log_line_and_no_terminal(served, caplog):
-    from crowdtrain.coordinator.api.render import format_status
+    from crowdtrain.coordinator.dashboard.render import format_status
 
     caplog.set_level(logging.INFO)
     evil = served.join("eve\x1b[2J\x1b]0;title\x07\u202e", device="cpu\n2026-01-01 INFO peer 'root' joined")

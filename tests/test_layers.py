@@ -117,7 +117,7 @@ def test_a_built_wheel_installs_only_the_crowdtrain_namespace(tmp_path: Path):
         "crowdtrain/coordinator/cli.py",
         "crowdtrain/protos/coordinator_pb2.py",
         "crowdtrain/protos/coordinator.proto",
-        "crowdtrain/coordinator/api/static/app.js",
+        "crowdtrain/coordinator/dashboard/static/app.js",
     ):
         assert expected in names, expected
     assert not [n for n in names if "chaos" in n or "/wan.py" in n], "test harnesses stay out of the wheel"

@@ -225,7 +225,7 @@ def test_hostile_places_are_refused_or_ignored(parquet_run):
 
 
 def test_crowdtrain_status_says_how_much_of_the_data_was_read():
-    from crowdtrain.coordinator.api.render import format_status
+    from crowdtrain.coordinator.dashboard.render import format_status
 
     summary = pb.SwarmSummary(
         run_id="r",

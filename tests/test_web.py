@@ -156,7 +156,7 @@ def test_grpc_status_matches_the_json_api(site):
         "cuda:0",
     )
     assert math.isnan(status.summary.latest_eval_loss) and status.summary.latest_checkpoint_step == -1
-    from crowdtrain.coordinator.api.render import format_status
+    from crowdtrain.coordinator.dashboard.render import format_status
 
     table = format_status(status, now=clock[0] + 3)
     assert "carol" in table and "JOINING" in table and "3s ago" in table and "1234" in table

@@ -55,7 +55,8 @@ from crowdtrain.coordinator.admission import bans as evidence
 from crowdtrain.coordinator.api.httpfiles import send_bytes, send_file
 from crowdtrain.coordinator.api.loopthread import LoopThread
 from crowdtrain.coordinator.api.metrics import CoordinatorMetrics
-from crowdtrain.coordinator.api.snapshots import Memo, ViewCache
+from crowdtrain.coordinator.dashboard import STATIC_DIR
+from crowdtrain.coordinator.dashboard.snapshots import Memo, ViewCache
 from crowdtrain.coordinator.errors import NotFoundError, PortInUseError
 from crowdtrain.coordinator.flood.connections import BoundedServer, address_key
 from crowdtrain.coordinator.flood.ratelimit import BucketSettings, RateLimiter
@@ -67,7 +68,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 logger = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
 _JSON = "application/json"
 

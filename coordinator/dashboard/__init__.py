@@ -1,0 +1,12 @@
+"""How the run is read by people: the web dashboard the HTTP server serves (`api.webserver`), the
+numbers it shows (each defined once, here, and shared with `crowdtrain status`), the status table,
+and the status views built at most once per second.
+
+    render.py     The operator's status table, as `crowdtrain status` prints it
+    snapshots.py  Status views built at most once per second, off the event loops
+    static/       the dashboard's page and scripts (index.html, app.js, peer.html, peer.js, style.css)
+"""
+
+from pathlib import Path
+
+STATIC_DIR = Path(__file__).parent / "static"  # the dashboard's files, served under /static/
