@@ -73,6 +73,12 @@ class CoordinatorConfig:
         "the data's public name in the run manifest and model cards, when DATA_DIR holds no run yet "
         "(default: named from --data without local paths, e.g. '*.md in corpus')",
     )
+    data_url: str = setting(RunSettings, "data_url", "a public http(s) page about the data, for model cards")
+    data_license: str = setting(
+        RunSettings,
+        "data_license",
+        "the data's license for model cards: an SPDX id (CC-BY-4.0) or a short text",
+    )
     swarm: tuple[str, ...] = setting(
         RunSettings,
         "swarm",

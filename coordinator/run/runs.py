@@ -43,6 +43,8 @@ class RunSettings:
     data: tuple[str, ...] = ()  # files, directories, globs or hf:NAME to train on (): the stdlib's source
     data_field: str = "text"  # the record field holding a document's text in JSONL, Parquet and hf: data
     data_name: str = ""  # the data's public name in the manifest and model card ("": named from `data`)
+    data_url: str = ""  # where the public can read about the data (http or https), for the model card
+    data_license: str = ""  # the data's license, an SPDX id (CC-BY-4.0) or a short text, for the model card
     swarm: tuple[str, ...] = ()  # KEY=VALUE overrides of the preset's swarm settings
 
 
