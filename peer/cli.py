@@ -235,8 +235,9 @@ def interrupted(command_name: str | None) -> str:
 
 def exit_code(command: Callable[[], int], command_name: str | None = None) -> int:
     """Run `command`; its exit status. Expected failures (`CrowdtrainError`, and the operating
-    system refusing something: `OSError`) print one `error:` line and give 1; Ctrl+C prints one
-    line and gives 130; anything else is a bug: a full traceback, a request to report it, 2."""
+    system refusing something: `OSError`) print one `error:` line and give the error's
+    `exit_status` (1; a `RefusedByRun`: 3, "restarting will not help"); Ctrl+C prints one line and
+    gives 130; anything else is a bug: a full traceback, a request to report it, 2."""
     try:
         return command()
     except KeyboardInterrupt:
@@ -246,7 +247,7 @@ def exit_code(command: Callable[[], int], command_name: str | None = None) -> in
         # cleaned: a message may quote a coordinator (gRPC details, HTTP reasons), escapes and all
         print(f"error: {clean_display(str(e))}", file=sys.stderr)
         logging.getLogger(__name__).debug("details", exc_info=True)
-        return 1
+        return e.exit_status  # 1; 3 for a peer the run refused (its service must not restart it)
     except OSError as e:  # the machine said no (a path, permissions, a full disk, a closed pipe)
         print(
             f"error: {clean_display(str(e))}; check the path, its permissions and free space", file=sys.stderr
