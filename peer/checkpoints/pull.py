@@ -17,8 +17,11 @@ after `verify_dir` (exactly the listed files, regular, right sizes and sha256), 
 computed while the file is written (a resumed file's earlier bytes are read back first,
 `download.HashedFile`): no file is read again. An interrupted pull resumes in its own staging
 directory (HTTP Range, or the gRPC stream's offset); one that fails verification is deleted. A pull
-removes the partial staging directories an interrupted pull of another step left beside OUT
-(`remove_stale_staging`: only directories of that exact name, ours and private, never a symlink).
+of another step first takes over the files an interrupted pull of an earlier step left whose sha256
+is one the signed crowdtrain.json lists (`reuse_identical`: the tokenizer and config files, a tensor
+file that did not change), so they are not downloaded again, then removes those partial staging
+directories (`remove_stale_staging`: only directories of that exact name, ours and private, never a
+symlink).
 `crowdtrain verify OUT --public-key KEY` repeats the check offline.
 
 What a coordinator says it has published: its checkpoint listing, checked but not trusted. No torch.
@@ -35,6 +38,7 @@ here with a PullError, so nothing downstream ever sees it.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -151,17 +155,76 @@ def _is_our_private_dir(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
+def stale_staging(out: Path, step: int) -> list[Path]:
+    """The staging directories interrupted pulls of steps other than `step` left beside `out`:
+    only `staging_dir`'s exact names (`.OUT.pull-step-N-` and mkdtemp's 8 characters), only ours
+    and private, never a symlink."""
+    pattern = re.compile(re.escape(f".{out.name}.pull-step-") + r"(\d{1,19})-[a-z0-9_]{8}")
+    return [
+        candidate
+        for candidate in sorted(out.parent.glob(glob.escape(f".{out.name}.pull-step-") + "*"))
+        if (found := pattern.fullmatch(candidate.name)) is not None
+        and int(found[1]) != step
+        and _is_our_private_dir(candidate)
+    ]
+
+
+def _sha256_no_follow(path: Path) -> str:
+    """sha256 of a regular file, opened without following a symlink; "" if it is anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+
+def reuse_identical(sources: list[Path], meta: CheckpointMeta, staging: Path) -> dict[str, str]:
+    """Move into `staging` each file of `sources` (stale staging directories) whose size and sha256
+    are those `meta` signs for one of its files, under that file's name; returns {name: sha256} of
+    the files taken over. A file `staging` already holds whole is left to the ordinary resume;
+    only regular files are read (no symlink followed), each at most once."""
+    by_size: dict[int, list[Path]] = {}
+    for directory in sources:
+        for path in sorted(directory.iterdir()):
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode) and path.name != checkpoint.META_NAME:
+                by_size.setdefault(st.st_size, []).append(path)
+    digests: dict[Path, str] = {}
+    reused: dict[str, str] = {}
+    for entry in meta.files:
+        here = staging / entry.name
+        if here.is_file() and not here.is_symlink() and here.stat().st_size == entry.size_bytes:
+            continue
+        candidates = by_size.get(entry.size_bytes, [])
+        for path in candidates:
+            if path not in digests:
+                digests[path] = _sha256_no_follow(path)
+            if digests[path] == entry.sha256:
+                os.replace(path, here)
+                candidates.remove(path)
+                reused[entry.name] = entry.sha256
+                break
+    if reused:
+        logger.info(
+            "took over %d file(s) an interrupted pull of another step left, byte-identical by sha256: %s",
+            len(reused),
+            ", ".join(sorted(reused)),
+        )
+    return reused
+
+
 def remove_stale_staging(out: Path, step: int) -> list[str]:
     """Remove the staging directories interrupted pulls of steps other than `step` left beside
-    `out` (they can never be resumed: a pull resumes only its own step); returns their names.
-    Only `staging_dir`'s exact names (`.OUT.pull-step-N-` and mkdtemp's 8 characters), only ours
-    and private; a symlink is never followed (rmtree removes links inside, not their targets)."""
-    pattern = re.compile(re.escape(f".{out.name}.pull-step-") + r"(\d{1,19})-[a-z0-9_]{8}")
+    `out` (`stale_staging`; a pull resumes only its own step, after `reuse_identical` took what it
+    could); returns their names. rmtree removes symlinks inside, never their targets."""
     removed = []
-    for candidate in sorted(out.parent.glob(glob.escape(f".{out.name}.pull-step-") + "*")):
-        found = pattern.fullmatch(candidate.name)
-        if found is None or int(found[1]) == step or not _is_our_private_dir(candidate):
-            continue
+    for candidate in stale_staging(out, step):
         shutil.rmtree(candidate, ignore_errors=True)
         removed.append(candidate.name)
     if removed:
@@ -227,18 +290,24 @@ def _fetch_meta(source: _Source, staging: Path) -> CheckpointMeta:
     return meta
 
 
-def _fetch_files(source: _Source, meta: CheckpointMeta, staging: Path) -> dict[str, str]:
+def _fetch_files(
+    source: _Source, meta: CheckpointMeta, staging: Path, reused: dict[str, str]
+) -> dict[str, str]:
     """Every file crowdtrain.json lists (and nothing else stays in `staging`), each bounded by its
-    signed size and checked against its signed sha256 as it lands; returns {name: sha256 of the
-    bytes written to it}, for `verify_dir` not to read every file again."""
+    signed size and checked against its signed sha256 as it lands, except those `reused` (already
+    hashed: `reuse_identical`); returns {name: sha256 of the bytes written to it}, for `verify_dir`
+    not to read every file again."""
     listed = {f.name for f in meta.files} | {checkpoint.META_NAME}
     for path in staging.iterdir():  # leftovers of an earlier try at another version: not ours
         if path.name not in listed:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     progress = _progress_bar(sum(f.size_bytes for f in meta.files))
-    digests = {}
+    progress.update(sum(f.size_bytes for f in meta.files if f.name in reused))
+    digests = dict(reused)
     try:
         for entry in meta.files:
+            if entry.name in reused:
+                continue
             progress.set_description_str(entry.name)
             digests[entry.name] = source.fetch(staging, entry.name, entry.size_bytes, entry.sha256, progress)
     finally:
@@ -265,14 +334,22 @@ def _check_trust(
 
 
 def _download_verified(
-    coordinator: str, info: Listed, step: int, staging: Path, timeout_s: float, tls, policy: trust.TrustPolicy
+    coordinator: str,
+    info: Listed,
+    step: int,
+    staging: Path,
+    timeout_s: float,
+    tls,
+    policy: trust.TrustPolicy,
+    stale: list[Path],
 ) -> tuple[CheckpointMeta, str]:
-    """(the verified crowdtrain.json, how to record its key) for `info`, downloaded into `staging`."""
+    """(the verified crowdtrain.json, how to record its key) for `info`, downloaded into `staging`,
+    taking over what `stale` staging directories hold of it (`reuse_identical`)."""
     source = _Source(coordinator, info, tls, time.monotonic() + timeout_s)
     try:
         meta = _fetch_meta(source, staging)
         how = _check_trust(coordinator, meta, info, step, policy)
-        digests = _fetch_files(source, meta, staging)
+        digests = _fetch_files(source, meta, staging, reuse_identical(stale, meta, staging))
         return checkpoint.verify_dir(staging, public_key=meta.public_key, digests=digests), how
     except trust.UntrustedKey as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -320,10 +397,14 @@ def pull(
     )
     info = _choose(list_published(coordinator, tls)[0], step, coordinator)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out, info.step)
     staging = staging_dir(out, info.step)
     t0 = time.monotonic()
-    meta, how = _download_verified(coordinator, info, step, staging, timeout_s, tls, policy)
+    try:
+        meta, how = _download_verified(
+            coordinator, info, step, staging, timeout_s, tls, policy, stale_staging(out, info.step)
+        )
+    finally:  # what could be taken over was; what is left can never be resumed
+        remove_stale_staging(out, info.step)
     _share_files(staging, meta)
     if out.exists():
         shutil.rmtree(out)
