@@ -236,4 +236,8 @@ def test_crowdtrain_status_says_how_much_of_the_data_was_read():
         dataset_shards_sized=2,
     )
     text = format_status(pb.GetStatusResponse(summary=summary), 0.0)
-    assert "data read: 150 of 180 training sequences (83.3%, 2 of 3 shards sized)" in text
+    # no share while a shard's size is unknown: it would fall as more get sized (dashboard.numbers)
+    assert "data read: 150 training sequences; 2 of 3 shards sized (a share once every shard is)" in text
+    summary.dataset_shards_sized, summary.dataset_sequences = 3, 200
+    text = format_status(pb.GetStatusResponse(summary=summary), 0.0)
+    assert "data read: 150 of 200 training sequences (75.0%)" in text
