@@ -112,7 +112,12 @@ class Coordinator:
         http_base_url = f"{self.web.scheme}://{self.public_host}:{self.web.port}"
         grpc_port = self._start_grpc(maddrs, http_base_url, downloads)
         # /api/v1/grpc: the address the `peers join with` line names, for peers given the dashboard's
-        self.web.announce_grpc(f"{self.public_host}:{grpc_port}", self.tls is not None)
+        self.web.announce_grpc(
+            f"{self.public_host}:{grpc_port}",
+            self.tls is not None,
+            dht_port=tcp_port(maddrs[0]),
+            admission=cfg.admission,
+        )
         if with_publisher and cfg.checkpoint_interval_s > 0:
             self._start_publisher(maddrs, downloads)
         self._write_endpoints(grpc_port, http_base_url, maddrs)

@@ -374,3 +374,86 @@ def test_readyz_answers_ready_only_while_the_grpc_api_serves(tmp_path: Path):
     finally:
         web.shutdown()
         store.close()
+
+
+def test_data_read_never_goes_down_as_shards_get_sized():
+    """The review saw 91%, 94% then 62% within minutes: the share's denominator grew as shards
+    got sized. Now a share appears only once every shard is sized, and never falls after."""
+    from crowdtrain.coordinator.dashboard.numbers import DataRead, data_read
+
+    # (read, total known, shards sized) as peers read on and report shard sizes, 8 shards
+    seen = [(91, 100, 1), (188, 200, 2), (250, 265, 3), (400, 640, 7), (520, 800, 8), (560, 800, 8)]
+    shares = [DataRead(read, total, 8, sized).share for read, total, sized in seen]
+    assert shares[:4] == [None] * 4 and shares[4:] == [0.65, 0.7]
+    assert DataRead(91, 100, 8, 1).card() == "91 seq, 1/8 shards sized"
+    assert DataRead(560, 800, 8, 8).card() == "70.0%" and DataRead(1200, 800, 8, 8).card() == "150.0%"
+    summary = pb.SwarmSummary(dataset_shards=8)  # no shard sized yet: nothing to show
+    assert data_read(summary) is None
+
+
+def test_the_epoch_shown_is_the_latest_known():
+    """The swarm left (its records expired: epoch 0) while checkpoint 64 is published: 64, said so."""
+    from crowdtrain.coordinator.dashboard.numbers import dashboard_numbers, epoch_shown
+
+    assert epoch_shown(0, 64) == epoch_shown(12, 64) and epoch_shown(0, 64).source == "checkpoint"
+    assert (epoch_shown(70, 64).epoch, epoch_shown(70, 64).source) == (70, "swarm")
+    assert (epoch_shown(0, -1).epoch, epoch_shown(0, -1).source) == (0, "swarm")  # nothing published yet
+    numbers = dashboard_numbers(pb.SwarmSummary(global_epoch=0, latest_checkpoint_step=64, samples_per_s=2))
+    assert (numbers["epoch"], numbers["epoch_source"], numbers["data_read"]) == (64, "checkpoint", None)
+    assert "progress records" in numbers["swarm_throughput_label"]
+    assert "heartbeat" in numbers["peer_throughput_label"]
+
+
+def test_join_box_commands_use_the_real_flags():
+    """The join and pull commands parse with the real `crowdtrain` parser, flag for flag."""
+    from crowdtrain.coordinator.cli import build_parser
+    from crowdtrain.coordinator.dashboard.join import JoinFacts, join_json, pull_command
+
+    facts = JoinFacts("203.0.113.7:50051", False, 8080, 40123, "invite", "ab" * 32)
+    box = join_json(facts)
+    assert box["join_command"] == "crowdtrain peer --coordinator 203.0.113.7:50051"
+    assert box["invite_command"] == "crowdtrain peer --coordinator 203.0.113.7:50051 --invite CODE"
+    assert [(p["name"], p["port"]) for p in box["ports"]] == [("gRPC", 50051), ("HTTP", 8080), ("DHT", 40123)]
+    pull = pull_command(facts, 64)
+    assert box["pull_command"].replace("STEP", "64") == pull
+    parser = build_parser()
+    args = parser.parse_args(pull.split()[1:])
+    assert (args.coordinator, args.step, args.out, args.public_key) == (
+        "203.0.113.7:50051",
+        64,
+        "./model",
+        "ab" * 32,
+    )
+    args = parser.parse_args(box["invite_command"].replace("CODE", "x1").split()[1:])
+    assert (args.coordinator, args.invite) == ("203.0.113.7:50051", "x1")
+    tls = join_json(JoinFacts("[::1]:1", True, 2, 0, "open", ""))
+    assert tls["invite_command"] == "" and [p["name"] for p in tls["ports"]] == ["gRPC", "HTTP"]
+    assert tls["join_command"] == "crowdtrain peer --coordinator '[::1]:1' --tls"
+    assert "--public-key" not in tls["pull_command"]  # a run without a key: nothing to pin
+
+
+def test_join_box_is_served_once_the_grpc_api_is_announced(tmp_path: Path):
+    store = Store(tmp_path / "s.sqlite3")
+    manifest = json.dumps({"signing_public_key": "cd" * 32})
+    web = WebServer(
+        WebContext(tmp_path, frozenset(), tmp_path, manifest, store, lambda: None), "127.0.0.1", 0
+    )
+    with web:
+        base = f"http://127.0.0.1:{web.port}"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(f"{base}/api/v1/join")
+        assert e.value.code == 503
+        web.announce_grpc("198.51.100.1:50051", False, dht_port=4000, admission="open")
+        box = json.loads(get(f"{base}/api/v1/join")[2])
+    store.close()
+    assert box["run_key"] == "cd" * 32 and box["join_command"].endswith("--coordinator 198.51.100.1:50051")
+    assert {p["name"]: p["port"] for p in box["ports"]} == {"gRPC": 50051, "HTTP": web.port, "DHT": 4000}
+    assert box["pull_command"].endswith("--step STEP --out ./model --public-key " + "cd" * 32)
+
+
+def test_dashboard_numbers_are_served_beside_the_state(site):
+    base = site[0]
+    numbers = json.loads(get(f"{base}/api/v1/dashboard")[2])
+    state = json.loads(get(f"{base}/api/v1/state")[2])
+    assert (numbers["epoch"], numbers["epoch_source"]) == (state["global_epoch"], "swarm") == (7, "swarm")
+    assert numbers["swarm_samples_per_s"] == state["samples_per_s"] == 123.5

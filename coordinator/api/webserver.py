@@ -7,7 +7,10 @@
     GET /api/v1/grpc                          where peers join: {"grpc": "HOST:PORT", "tls": bool}, the
                                               public gRPC address the coordinator announces (503 until
                                               its gRPC API is up), for a peer given the dashboard's address
+    GET /api/v1/join                          the dashboard's "Join this run" box: join and pull commands,
+                                              run key, ports to open, admission (503 until announced)
     GET /api/v1/state                         summary: global epoch, throughput, peers by state, ...
+    GET /api/v1/dashboard                     the dashboard's numbers, each defined once (`dashboard.numbers`)
     GET /api/v1/peers                         every peer with its state and the reason for it
     GET /api/v1/peers/<id>, GET /peer/<id>    one peer (public or hivemind id): sessions, accepted samples, rank
     GET /api/v1/history                       swarm throughput/epoch/loss over time, eval loss per checkpoint
@@ -56,6 +59,8 @@ from crowdtrain.coordinator.api.httpfiles import send_bytes, send_file
 from crowdtrain.coordinator.api.loopthread import LoopThread
 from crowdtrain.coordinator.api.metrics import CoordinatorMetrics
 from crowdtrain.coordinator.dashboard import STATIC_DIR
+from crowdtrain.coordinator.dashboard.join import JoinFacts, join_json
+from crowdtrain.coordinator.dashboard.numbers import dashboard_numbers
 from crowdtrain.coordinator.dashboard.snapshots import Memo, ViewCache
 from crowdtrain.coordinator.errors import NotFoundError, PortInUseError
 from crowdtrain.coordinator.flood.connections import BoundedServer, address_key
@@ -120,6 +125,7 @@ def _views(ctx: WebContext, max_age_s: float) -> dict[str, Callable[[], bytes]]:
 
     views = {
         "state": lambda: json.dumps(snapshot.get()[1]["summary"]).encode(),
+        "dashboard": lambda: json.dumps(dashboard_numbers(snapshot.get()[0].summary)).encode(),
         "peers": lambda: json.dumps(snapshot.get()[1]["peers"]).encode(),
         "contributors": lambda: json.dumps(
             contributors(snapshot.get()[0], ctx.store.contribution_totals())
@@ -166,6 +172,7 @@ class _Routes:
             if p.suffix in _STATIC_TYPES
         }
         self.grpc_answer: bytes | None = None  # /api/v1/grpc, encoded once (`WebServer.announce_grpc`)
+        self.join_answer: bytes | None = None  # /api/v1/join, likewise
         self.withdrawn: bytes | None = None  # /readyz's 503 answer once `WebServer.withdraw` was called
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -218,8 +225,8 @@ class _Routes:
         if len(parts) == 3 and parts[:2] == ["api", "v1"]:
             if parts[2] == "run":
                 return await self._bytes(request, self.ctx.manifest_json.encode(), _JSON)
-            if parts[2] == "grpc":
-                return await self._grpc_address(request)
+            if parts[2] in ("grpc", "join"):
+                return await self._announced(request, parts[2])
             if parts[2] in self.views and parts[2] not in ("metrics", "peer_index"):
                 return await self._view(request, parts[2], _JSON)
         if len(parts) == 4 and parts[:3] == ["api", "v1", "peers"] and PEER_KEY.fullmatch(parts[3]):
@@ -232,8 +239,8 @@ class _Routes:
             return await self._checkpoint_file(request, parts[1], parts[2])
         return await self._bytes(request, f"no such resource {path[:200]}\n".encode(), "text/plain", 404)
 
-    async def _grpc_address(self, request) -> web.StreamResponse:
-        answer = self.grpc_answer  # one read: set once from another thread
+    async def _announced(self, request, name: str) -> web.StreamResponse:
+        answer = self.grpc_answer if name == "grpc" else self.join_answer  # one read: set once elsewhere
         if answer is None:
             return await self._bytes(
                 request, b"the gRPC API is not up yet; retry\n", "text/plain", 503, {"Retry-After": "2"}
@@ -357,10 +364,14 @@ class WebServer:
             ) from e
         return http, server
 
-    def announce_grpc(self, address: str, tls: bool) -> None:
+    def announce_grpc(self, address: str, tls: bool, *, dht_port: int = 0, admission: str = "open") -> None:
         """Answer /api/v1/grpc with `address` (the public HOST:PORT peers are told to join, never a
-        bind address that is not announced) and whether it takes TLS; encoded once, served as is.
-        From then on /readyz answers "ready" (the run is open: this server exists only after it is)."""
+        bind address that is not announced) and whether it takes TLS, and /api/v1/join with the
+        dashboard's join box (`dht_port`: the bootstrap node's; `admission`: --admission); encoded
+        once, served as is. From then on /readyz answers "ready" (the run is open)."""
+        run_key = json.loads(self._routes.ctx.manifest_json).get("signing_public_key", "")
+        facts = JoinFacts(address, tls, self.port, dht_port, admission, run_key)
+        self._routes.join_answer = json.dumps(join_json(facts)).encode()
         self._routes.grpc_answer = json.dumps({"grpc": address, "tls": tls}).encode()
 
     def withdraw(self, reason: str) -> None:

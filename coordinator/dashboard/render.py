@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from crowdtrain.coordinator.dashboard.numbers import data_read, epoch_shown
 from crowdtrain.peer.display import clean_display
 from crowdtrain.protos import coordinator_pb2 as pb
 from google.protobuf import json_format
@@ -61,17 +62,6 @@ _STATUS_COLUMNS = (
 )
 
 
-def _data_read(s) -> str:
-    """How much of the training data the swarm has read (every finished pass counted)."""
-    share = s.dataset_sequences_read / s.dataset_sequences
-    sized = (
-        f", {s.dataset_shards_sized} of {s.dataset_shards} shards sized"
-        if s.dataset_shards_sized < s.dataset_shards
-        else ""
-    )
-    return f"{s.dataset_sequences_read:,} of {s.dataset_sequences:,} training sequences ({share:.1%}{sized})"
-
-
 def format_status(status, now: float) -> str:
     """Render a GetStatusResponse as the operator's table (SWARM: peers it sees in the run's progress
     records; UPTIME: since its heartbeats started)."""
@@ -85,13 +75,15 @@ def format_status(status, now: float) -> str:
     versions = Counter(
         p.version or "unknown" for p in status.peers if p.state in ("JOINING", "ONLINE", "PAUSED", "STALE")
     )
+    epoch, read = epoch_shown(s.global_epoch, s.latest_checkpoint_step), data_read(s)
+    source = "" if epoch.source == "swarm" else " (the latest checkpoint's; no swarm records now)"
     lines = [
-        f"run {clean_display(s.run_id)}: global epoch {s.global_epoch}, swarm {s.samples_per_s:.1f} samples/s, "
+        f"run {clean_display(s.run_id)}: global epoch {epoch.epoch}{source}, swarm {s.samples_per_s:.1f} samples/s, "
         f"latest checkpoint eval loss {loss}, {s.total_contributed_samples} samples contributed",
         f"peers: {states}",
         *([f"versions: {', '.join(f'{v} x{n}' for v, n in versions.most_common())}"] if versions else []),
         *([f"last refused checkpoint: {clean_display(s.last_rejection)}"] if s.last_rejection else []),
-        *([f"data read: {_data_read(s)}"] if s.dataset_sequences else []),
+        *([f"data read: {read.text()}"] if read else []),
         "",
     ]
     header = _STATUS_COLUMNS
