@@ -107,3 +107,25 @@ def verify_hex(public_hex: str, payload: bytes, signature_hex: str) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def version_verdict(peer_version: str, minimum: str) -> tuple[bool, str]:
+    """Pure: may a peer that says it runs `peer_version` join a run whose minimum is `minimum`? The
+    coordinator's join refusal and `crowdtrain doctor` (which reads the minimum from the coordinator)
+    both ask this. A courtesy to honest peers that are out of date (they are told the command that
+    fixes it), not a defence: any client can claim any version, so one that is not a version number
+    (a modified or unknown client), or a minimum that is not one, is let through like before."""
+    from packaging.version import InvalidVersion, Version
+
+    if not minimum:
+        return True, "no minimum version"
+    try:
+        have, floor = Version(peer_version), Version(minimum)
+    except InvalidVersion:
+        return True, f"version {peer_version!r} or minimum {minimum!r:.40} unreadable: not checked"
+    if have < floor:
+        return False, (
+            f"this run needs crowdtrain >= {minimum} and this peer runs {have}; upgrade with: "
+            f"pip install -U 'crowdtrain>={minimum}'"
+        )
+    return True, f"{have} >= {minimum}"

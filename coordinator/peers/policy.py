@@ -2,8 +2,10 @@
 
 Which heartbeats and leaves are accepted (`admit_session`: the session's secret token, bans),
 which sessions are pruned (`never_heartbeated`), which checkpoint a joiner starts from
-(`resume_step`), and what of a peer's report is kept (`checked_report`, `apply_report`). Decisions return (decision, reason); the servicer turns a
-refusal into a domain error with `require_admitted`. Tests pass `now` and assert on the reason.
+(`resume_step`), and what of a peer's report is kept (`checked_report`, `apply_report`). Who is
+too out of date to join is `version_verdict`, in peer/checks.py: `crowdtrain doctor` asks it too.
+Decisions return (decision, reason); the servicer turns a refusal into a domain error with
+`require_admitted`. Tests pass `now` and assert on the reason.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from crowdtrain.coordinator.limits import check_request
 from crowdtrain.coordinator.peers.credit import identity_roots, vouched
 from crowdtrain.coordinator.peers.groups import GroupReport
 from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord, is_online
+from crowdtrain.peer.checks import version_verdict as version_verdict
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.run.report import FIELD_NAMES, PeerReport, report_values
 
@@ -121,26 +124,6 @@ def minimum_peer_version(configured: str, own_version: str) -> str:
     except InvalidVersion:
         return ""
     return "" if own.local else f"{own.major}.{own.minor}"
-
-
-def version_verdict(peer_version: str, minimum: str) -> tuple[bool, str]:
-    """May a peer that says it runs `peer_version` join? A courtesy to honest peers that are out of
-    date (they are told the command that fixes it), not a defence: any client can claim any version,
-    so one that is not a version number (a modified or unknown client) is let through like before."""
-    from packaging.version import InvalidVersion, Version
-
-    if not minimum:
-        return True, "no minimum version"
-    try:
-        have = Version(peer_version)
-    except InvalidVersion:
-        return True, f"version {peer_version!r} unreadable: not checked"
-    if have < Version(minimum):
-        return False, (
-            f"this run needs crowdtrain >= {minimum} and this peer runs {have}; upgrade with: "
-            f"pip install -U 'crowdtrain>={minimum}'"
-        )
-    return True, f"{have} >= {minimum}"
 
 
 def resume_step(
