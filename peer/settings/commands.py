@@ -1,4 +1,4 @@
-"""Frozen settings of the participant's commands (peer, pull, checkpoints, verify) and the CLI
+"""Frozen settings of the participant's commands (peer, pull, checkpoints, verify, doctor) and the CLI
 generator every crowdtrain command uses.
 
 Each field's `help` metadata becomes its `--flag` help; units are in the names. Importing this module
@@ -167,6 +167,24 @@ class VerifyConfig:
     directory: str = option(REQUIRED, "a checkpoint directory (from `crowdtrain pull`)", positional=True)
     public_key: str = option(
         "", "the run's Ed25519 public key, hex (from /api/v1/run); without it only integrity is checked"
+    )
+
+
+@dataclass(frozen=True)
+class DoctorConfig:
+    coordinator: str = option(
+        "",
+        "also check this coordinator: reachable, compatible, clocks agree (HOST:PORT of its gRPC API, "
+        "or its http://HOST:PORT); empty: this machine only",
+    )
+    gpu: int = option(-1, "which CUDA GPU to check, by index (-1: the first, as `crowdtrain peer` picks)")
+    cache_dir: str = option(
+        PeerConfig.cache_dir, "the cache directory `crowdtrain peer` will use (its --cache-dir)"
+    )
+    tls: bool = tls_flag()
+    tls_ca: str = tls_ca_flag()
+    json: bool = option(
+        False, "print one JSON list of the checks (stable keys, for scripts) instead of lines"
     )
 
 
