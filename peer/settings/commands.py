@@ -12,6 +12,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+import platformdirs
+
 
 def option(default, help: str, **kw):  # noqa: A002 - mirrors argparse's own keyword
     """A dataclass field that becomes a `--flag` with this help."""
@@ -95,7 +97,17 @@ class PeerConfig:
     client_mode: bool = option(
         False, "do not accept incoming connections (behind NAT without port forwarding)"
     )
-    cache_dir: str = option("~/.cache/crowdtrain", "where downloaded data shards are kept")
+    cache_dir: str = option(
+        platformdirs.user_cache_dir("crowdtrain"),  # honours XDG_CACHE_HOME; ~/Library/Caches on macOS
+        "where downloaded data shards and checkpoints are kept, one directory per run",
+    )
+    # a run's directory holds the shards this peer read and one resume checkpoint (base125m: ~0.5 GB
+    # of weights): 20 GB keeps several runs of any preset, a few percent of a volunteer's disk
+    max_cache_gb: float = option(
+        20.0,
+        "at start, remove other runs' cache directories, least recently used first, until the cache "
+        "fits in this many GB (never the current run's, never one another peer uses; 0: no cap)",
+    )
     join_timeout_s: float = option(60.0, "give up when the coordinator cannot be reached for this long")
     max_epochs: int = option(0, "leave after the swarm reaches this epoch (0: train until stopped)")
     seed: int = option(0, "data-order seed (0: derived from the session id)")

@@ -35,8 +35,8 @@ from crowdtrain.peer import __version__
 from crowdtrain.peer.admission.access import SwarmAccess
 from crowdtrain.peer.admission.identity import PeerIdentity
 from crowdtrain.peer.checkpoints.trust import trust_joined_run
+from crowdtrain.peer.data.cache import claim_run_cache
 from crowdtrain.peer.data.feed import DataFeed
-from crowdtrain.peer.data.shards import run_cache_dir
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.link.client import (
@@ -214,7 +214,7 @@ class Volunteer:
             manifest.signing_public_key,
             trust_new_run=self.config.trust_new_run,
         )
-        cache_dir = run_cache_dir(self.config.cache_dir, manifest.run_id)
+        cache_dir = claim_run_cache(self.config.cache_dir, manifest.run_id, self.config.max_cache_gb)
         emit(
             logger,
             "joined",
