@@ -125,7 +125,9 @@ def version_verdict(peer_version: str, minimum: str) -> tuple[bool, str]:
         return True, f"version {peer_version!r} or minimum {minimum!r:.40} unreadable: not checked"
     if have < floor:
         return False, (
-            f"this run needs crowdtrain >= {minimum} and this peer runs {have}; upgrade with: "
-            f"pip install -U 'crowdtrain>={minimum}'"
+            f"this run needs crowdtrain >= {minimum} and this peer runs {have}; upgrade crowdtrain to "
+            f">= {minimum} the way you installed it: `pipx upgrade crowdtrain` (or `pipx install --force` "
+            "with the new wheel or git URL the run's operator gives), `pip install -U` with that "
+            "wheel or 'crowdtrain @ git+URL' in your venv, or `git pull && pip install -e .` in a checkout"
         )
     return True, f"{have} >= {minimum}"

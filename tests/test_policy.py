@@ -258,7 +258,7 @@ def test_a_session_never_switches_the_identity_it_joined_with(admitted, claimed,
     [
         ("0.1.0", "0.1", True, "0.1.0 >= 0.1"),
         ("0.2.3", "0.2", True, "0.2.3 >= 0.2"),
-        ("0.1.9", "0.2", False, "pip install -U 'crowdtrain>=0.2'"),
+        ("0.1.9", "0.2", False, ">= 0.2 the way you installed it: `pipx upgrade crowdtrain`"),
         ("0.2.0rc1", "0.2", False, "this run needs crowdtrain >= 0.2 and this peer runs 0.2.0rc1"),
         ("0.0.1", "", True, "no minimum version"),
         ("", "0.2", True, "unreadable: not checked"),  # not a defence: a client may claim anything
@@ -268,6 +268,7 @@ def test_a_session_never_switches_the_identity_it_joined_with(admitted, claimed,
 def test_version_verdict(peer_version, minimum, allowed, reason):
     ok, why = policy.version_verdict(peer_version, minimum)
     assert ok is allowed and reason in why
+    assert "crowdtrain>=" not in why, "crowdtrain is on no index: a bare requirement installs nothing"
 
 
 @pytest.mark.parametrize(
