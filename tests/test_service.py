@@ -236,7 +236,11 @@ def test_an_out_of_date_peer_is_told_the_upgrade_command(tmp_path: Path):
     try:
         with pytest.raises(CoordinatorRejected, match="FAILED_PRECONDITION") as refused:
             client.join(signed_join(name="old", version="0.1.7", device="cpu"))
-        assert "pip install -U 'crowdtrain>=0.2'" in str(refused.value)
+        # the coordinator lists the ways to upgrade; the peer adds the command for its own install
+        from crowdtrain.peer.machine.install import upgrade_hint
+
+        assert "upgrade crowdtrain to >= 0.2 the way you installed it" in str(refused.value)
+        assert str(refused.value).endswith(f"; {upgrade_hint('0.2')}")
         assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
         assert store.count_peers() == 0, "a refused joiner leaves no session behind"
         assert client.join(signed_join(name="new", version="0.2.0", device="cpu")).session_id

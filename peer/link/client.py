@@ -32,6 +32,7 @@ from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.link.download import open_url
 from crowdtrain.peer.link.tls import ClientTls, connection_hint, plaintext_refusal
+from crowdtrain.peer.machine.install import upgrade_hint
 from crowdtrain.protos import coordinator_pb2 as pb
 from crowdtrain.protos import coordinator_pb2_grpc as pb_grpc
 
@@ -269,7 +270,14 @@ class CoordinatorClient:
         return self._call(getattr(self._stub, name), request, timeout_s)
 
     def join(self, request: pb.JoinRequest) -> pb.JoinResponse:
-        return self._rpc("Join", request)
+        """Join; a refusal of this crowdtrain as out of date adds the command that upgrades this
+        machine's install (the coordinator can only list the ways)."""
+        try:
+            return self._rpc("Join", request)
+        except CoordinatorRejected as e:
+            if e.code is not grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            raise CoordinatorRejected(f"{e}; {upgrade_hint(_minimum_named(str(e)))}", e.code) from None
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         return self._rpc("Heartbeat", request)
@@ -348,6 +356,18 @@ def _translate(e: grpc.RpcError, address: str, tls: ClientTls | None = None) -> 
             f"{failure}; {hint or NEXT_STEP}", failure + (f"; {hint}" if hint else "")
         )
     return CoordinatorRejected(f"coordinator at {address} refused: {code.name}: {details}", code)
+
+
+def _minimum_named(refusal: str) -> str:
+    """The version a version refusal names ("needs crowdtrain >= X"), normalized ("" if none): it
+    goes into a command the volunteer may paste, so only a well-formed version number is kept."""
+    from packaging.version import InvalidVersion, Version
+
+    found = re.search(r"needs crowdtrain >= ([0-9][0-9A-Za-z.!+-]{0,31})", refusal)
+    try:
+        return str(Version(found.group(1).rstrip("."))) if found else ""
+    except InvalidVersion:
+        return ""
 
 
 class HeartbeatStream:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from crowdtrain.peer import checks as names
 from crowdtrain.peer.errors import ManifestError
+from crowdtrain.peer.machine.install import upgrade_hint
 from crowdtrain.peer.run.modelconfig import check_model_config
 
 MANIFEST_FORMAT_VERSION = 1
@@ -183,7 +184,7 @@ class RunManifest:
         if raw.get("format_version") != MANIFEST_FORMAT_VERSION:
             raise ManifestError(
                 f"run manifest format {raw.get('format_version')!r} is not supported by this crowdtrain "
-                f"(expects {MANIFEST_FORMAT_VERSION}); upgrade with `pip install -U crowdtrain`"
+                f"(expects {MANIFEST_FORMAT_VERSION}); {upgrade_hint()}"
             )
         if not isinstance(raw, dict):
             raise ManifestError("run manifest is not a JSON object")
@@ -233,7 +234,7 @@ def _from_dict(cls, raw):
     if unknown:
         raise ManifestError(
             f"{cls.__name__} has fields this crowdtrain does not know ({sorted(unknown)}): it comes from a newer "
-            "version; upgrade with `pip install -U crowdtrain`"
+            f"version; {upgrade_hint()}"
         )
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -32,6 +32,7 @@ from typing import AsyncIterator  # noqa: UP035 (hivemind reads rpc_* annotation
 
 import torch
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.machine.install import upgrade_hint
 from crowdtrain.peer.robust import reduce as robust
 from crowdtrain.peer.robust.contribscore import ContributionScores, RoundAgreement
 from crowdtrain.peer.robust.evidence import EvidenceSink, Gate, admit
@@ -311,7 +312,7 @@ def grad_compression(name: str):
     if name not in codecs:
         raise CrowdtrainError(
             f"the run asks for gradient compression {name!r}, which this crowdtrain does not know "
-            f"({', '.join(codecs)}); upgrade with `pip install -U crowdtrain`"
+            f"({', '.join(codecs)}); {upgrade_hint()}"
         )
     return codecs[name]()
 
