@@ -19,6 +19,17 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "warning: chromium is missing and cannot be installed here; the dashboard test will be skipped" >&2
   fi
 fi
+# the monitoring test checks docs/alerts.yml and a real /metrics scrape with promtool (Debian's
+# prometheus package carries it); install it when missing
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's prometheus (for promtool) for the monitoring test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 ||
+      echo "warning: could not install prometheus; the promtool checks will be skipped" >&2
+  else
+    echo "warning: promtool is missing and cannot be installed here; the promtool checks will be skipped" >&2
+  fi
+fi
 "$PY" scripts/gen_protos.py --check
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
