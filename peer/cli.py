@@ -28,7 +28,12 @@ from collections.abc import Callable
 from crowdtrain.peer import __version__
 from crowdtrain.peer.display import clean_display
 from crowdtrain.peer.errors import CrowdtrainError
-from crowdtrain.peer.events import JsonFormatter, quiet_expected_averaging_failures
+from crowdtrain.peer.events import (
+    JsonFormatter,
+    TerminalHandler,
+    configure_hivemind_logging,
+    route_hivemind_logs,
+)
 from crowdtrain.peer.settings import commands as settings
 from crowdtrain.peer.settings.layered import add_layered_options, config_from_command_line
 
@@ -49,26 +54,23 @@ def add_logging_options(parser: argparse.ArgumentParser, *, on_subcommand: bool 
 
 
 def configure_logging(level: str, log_format: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = TerminalHandler(sys.stderr)  # on a terminal: a record never cuts into the live line
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
-    # hivemind installs its own handler on its loggers; keep them, but align their level and format
-    for noisy in ("hivemind", "transformers", "urllib3"):
+    for noisy in ("transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    quiet_expected_averaging_failures()
+    # hivemind's level is set through its environment: its import resets a level set here, and
+    # the processes it forks or starts must log at it too (peer/events.py)
+    configure_hivemind_logging(logging.getLogger().level)
 
 
 def hivemind_logs_through_ours() -> None:
     """hivemind logs through a handler of its own (colored text, installed on import); send its
     records to ours instead, so `--log-format json` output has no plain lines from it."""
-    from hivemind.utils.logging import use_hivemind_log_handler
-
-    level = logging.getLogger("hivemind").level
-    use_hivemind_log_handler("nowhere")
-    logging.getLogger("hivemind").setLevel(level)
+    route_hivemind_logs()
 
 
 def cmd_peer(config: settings.PeerConfig) -> int:

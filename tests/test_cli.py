@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from crowdtrain.coordinator.demo import cli_command
+from crowdtrain.peer.settings.commands import PeerConfig
+from crowdtrain.peer.settings.layered import read_config_file
 
 
 def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
@@ -132,9 +134,13 @@ def test_install_service_writes_a_systemd_unit_with_the_peer_s_settings(tmp_path
     text = unit.read_text()
     assert unit.stat().st_mode & 0o777 == 0o600, "it may hold an invite code"
     [exec_start] = [line for line in text.splitlines() if line.startswith("ExecStart=")]
-    assert '"--coordinator=203.0.113.7:50051"' in exec_start and '"--threads=2" "--client-mode"' in exec_start
-    assert '"--name=alice\'s 50%% $$HOME"' in exec_start, "systemd must not expand % or $ in a value"
+    toml = tmp_path / "ct" / "peer.toml"  # the settings given live there: edits apply (SIGHUP, restart)
+    assert exec_start.endswith(f' "peer" "--config={toml}"'), exec_start
+    kept = read_config_file(toml, PeerConfig, required=True)
+    assert (kept["coordinator"], kept["threads"], kept["client_mode"]) == ("203.0.113.7:50051", 2, True)
+    assert kept["name"] == "alice's 50% $HOME" and toml.stat().st_mode & 0o777 == 0o600
     assert "WantedBy=default.target" in text and "Restart=on-failure" in text
+    assert "RestartPreventExitStatus=3" in text and "ExecReload=/bin/kill -HUP $MAINPID" in text
     if shutil.which("systemd-analyze"):
         verify = subprocess.run(
             ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
@@ -280,19 +286,20 @@ def _systemd_words(exec_start: str) -> list[str]:
 
 
 @pytest.mark.parametrize("value", ["--x", "-h", "--coordinator=198.51.100.1:1", 'a b \\ " %n $USER'])
-def test_a_flag_like_value_stays_that_settings_value_in_the_service(value):
-    """Review N21: `"--name" "--x"` made the installed service's argparse fail at every start; each
-    setting is now one `--flag=VALUE` word, whatever VALUE looks like."""
+def test_a_flag_like_value_stays_that_settings_value_in_the_service(value, tmp_path: Path):
+    """Review N21: `"--name" "--x"` made the installed service's argparse fail at every start; a
+    peer's settings now live in its service's peer.toml, and each of the coordinator's unit is one
+    `--flag=VALUE` word, whatever VALUE looks like."""
     from crowdtrain.coordinator.cli import build_parser
-    from crowdtrain.peer.settings.commands import PeerConfig
-    from crowdtrain.peer.settings.service import unit_text
+    from crowdtrain.coordinator.config import CoordinatorConfig
+    from crowdtrain.peer.settings.service import coordinator_unit_text, write_peer_toml
 
     config = PeerConfig(coordinator="203.0.113.7:50051", name=value, schedule=value, trust_new_run=True)
-    [exec_start] = [
-        line for line in unit_text(config, "/usr/bin/python3").splitlines() if line.startswith("ExecStart=")
-    ]
+    kept = read_config_file(write_peer_toml(config, tmp_path / "peer.toml"), PeerConfig, required=True)
+    assert (kept["name"], kept["schedule"], kept["coordinator"]) == (value, value, "203.0.113.7:50051")
+    assert "trust_new_run" not in kept, "a one-time acceptance is never kept in the service"
+    unit = coordinator_unit_text(CoordinatorConfig(data_dir=value), "/usr/bin/python3", "/srv")
+    [exec_start] = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     words = _systemd_words(exec_start)
-    assert words[:4] == ["/usr/bin/python3", "-m", "crowdtrain.coordinator.cli", "peer"]
-    args = build_parser().parse_args(words[3:])
-    assert (args.name, args.schedule, args.coordinator) == (value, value, "203.0.113.7:50051")
-    assert not hasattr(args, "trust_new_run"), "a one-time acceptance is never kept in the service"
+    assert words[:4] == ["/usr/bin/python3", "-m", "crowdtrain.coordinator.cli", "coordinator"]
+    assert build_parser().parse_args(words[3:]).data_dir == value

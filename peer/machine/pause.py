@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 MAX_WINDOWS = 16
 MAX_SCHEDULE_CHARS = 1000
 MANUAL_REASON = "paused by SIGUSR1 (send SIGUSR2 to resume)"
+CTL_PAUSE_REASON = "paused by `crowdtrain ctl pause` (`crowdtrain ctl resume` resumes)"
+FINISHED_ROUND_REASON = (
+    "paused after finishing its round by `crowdtrain ctl finish-and-pause` (`crowdtrain ctl resume` resumes)"
+)
 _EXAMPLE = "e.g. --schedule 22:00-08:00 or --schedule 09:00-12:00,13:00-17:00"
 _WINDOW = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
 _DAY_S = 24 * 3600
@@ -282,13 +286,20 @@ def decide(
     return busy, new_state
 
 
+def round_finished(asked_at_epoch: int | None, local_epoch: int) -> bool:
+    """Pure: whether a `finish-and-pause` asked at `asked_at_epoch` is due: the round it was asked
+    in turned (the swarm took this peer's samples and its epoch moved on). None: nothing asked."""
+    return asked_at_epoch is not None and local_epoch > asked_at_epoch
+
+
 def _local_time_now() -> datetime.time:
     return datetime.datetime.now().time()
 
 
 class PauseMonitor:
-    """The shell around `decide`: a daemon thread samples every `settings.poll_s`; `pause()` and
-    `resume()` (signal-handler safe) set a flag that overrides everything."""
+    """The shell around `decide`: a daemon thread samples every `settings.poll_s`; `pause(reason)`
+    and `resume()` (signal-handler safe) set a manual pause that overrides everything; `update()`
+    takes new settings while it runs (`crowdtrain ctl set`, SIGHUP)."""
 
     def __init__(
         self,
@@ -301,8 +312,9 @@ class PauseMonitor:
         self._clock = clock
         self._sampler = sampler if sampler is not None else SystemSampler()
         self._local_time = local_time
-        self._manual = False
+        self._manual = ""  # the manual pause's reason; "" when none
         self._state = PauseState()
+        self._step_lock = threading.Lock()  # _step from the monitor's thread and from update()
         self._auto = Decision(False, "running")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -311,13 +323,25 @@ class PauseMonitor:
     @property
     def decision(self) -> Decision:
         """The current decision; a manual pause shows at once, the rest within `poll_s`."""
-        return Decision(True, MANUAL_REASON) if self._manual else self._auto
+        manual = self._manual
+        return Decision(True, manual) if manual else self._auto
 
-    def pause(self) -> None:
-        self._manual = True  # only a flag: this runs in signal handlers
+    @property
+    def manual(self) -> bool:
+        """Whether a manual pause (SIGUSR1, `crowdtrain ctl`) holds, whatever the automatic rules say."""
+        return bool(self._manual)
+
+    def pause(self, reason: str = MANUAL_REASON) -> None:
+        self._manual = reason  # one assignment only: this runs in signal handlers
 
     def resume(self) -> None:
-        self._manual = False
+        self._manual = ""
+
+    def update(self, settings: PauseSettings) -> None:
+        """Decide from now on by `settings` (checked when built); the decision is taken again at once."""
+        self.settings = settings
+        if self._thread is not None and not self._stop.is_set():
+            self._step()
 
     def start(self) -> PauseMonitor:
         if self._stop.is_set():
@@ -340,6 +364,10 @@ class PauseMonitor:
         self.shutdown()
 
     def _step(self) -> None:
+        with self._step_lock:
+            self._step_locked()
+
+    def _step_locked(self) -> None:
         try:
             wanted = self.settings.busy_threshold_pct > 0 or self.settings.pause_on_battery
             reading = self._sampler(self.decision.paused) if wanted else Reading()

@@ -200,6 +200,22 @@ class DoctorConfig:
     )
 
 
+@dataclass(frozen=True)
+class CtlConfig:
+    action: str = option(
+        REQUIRED, "status, pause, resume, finish-and-pause, or set", positional=True, metavar="ACTION"
+    )
+    setting: str = option(
+        "",
+        "with set: a setting that changes live (schedule, pause_when_busy, pause_on_battery, threads)",
+        positional=True,
+        metavar="KEY=VALUE",
+    )
+    pid: int = option(0, "which peer, when several of yours run on this machine (0: the only one)")
+    timeout_s: float = option(5.0, "give up when the peer does not answer within this long")
+    json: bool = option(False, "print the peer's reply as one JSON document (stable keys, for scripts)")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, *, layered: bool = False) -> None:
     """Add one `--flag` per dataclass field: name with dashes, type and help from the field.
     `layered`: a flag not given is absent from the parsed namespace (nothing is required), so that
@@ -214,7 +230,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, layered: bool = False
             parser.add_argument(flag, **_layered_kwargs(kwargs, tp, f.default, required))
             continue
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, type=tp, help=kwargs["help"], metavar=f.name.upper())
+            optional = {} if required else {"nargs": "?", "default": f.default}  # one that may be left out
+            metavar = f.metadata.get("metavar", f.name.upper())
+            parser.add_argument(f.name, type=tp, help=kwargs["help"], metavar=metavar, **optional)
             continue
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -123,26 +123,61 @@ def add_layered_options(parser, command: str) -> None:
     parser.add_argument(
         "--install-service",
         action="store_true",
-        help="write a systemd user unit that runs this peer with these settings at every login "
-        "(and boot, with lingering), print how to enable it, and exit",
+        help="write these settings into the --config file (default: peer.toml in crowdtrain's config "
+        "directory) and a systemd user unit that runs this peer with that file at every login (and "
+        "boot, with lingering); print how to enable it, and exit",
     )
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where a layered command's settings come from, kept so that a running peer can read them
+    again (SIGHUP, peer/volunteer/control.py): flags given and the environment at its start still
+    win over the file, as they did then."""
+
+    cls: type
+    flags: Mapping[str, typing.Any]
+    env: Mapping[str, str]
+    path: Path
+    required: bool  # the file was named with --config: missing is an error
+
+    def load(self) -> tuple[typing.Any, list[Setting]]:
+        """(the config, where each setting came from), reading the file now."""
+        file_values = read_config_file(self.path, self.cls, required=self.required)
+        return resolve(self.cls, self.flags, self.env, file_values, str(self.path))
+
+
+def config_source(command: str, cls, namespace, env: Mapping[str, str]) -> ConfigSource:
+    """The command's flags (`namespace`), a copy of `env`, and its TOML file."""
+    from crowdtrain.peer.settings.commands import given_flags
+
+    path = Path(namespace.config).expanduser() if namespace.config else default_config_path(command)
+    return ConfigSource(cls, given_flags(cls, namespace), dict(env), path, bool(namespace.config))
 
 
 def config_from_command_line(command: str, cls, namespace, env: Mapping[str, str]):
     """The command's config from its flags (`namespace`), `env`, its TOML file and the defaults;
     None once --print-config or --install-service has done its part (the CLI then exits 0)."""
-    from crowdtrain.peer.settings.commands import given_flags
+    return config_from_source(config_source(command, cls, namespace, env), namespace)
 
-    path = Path(namespace.config).expanduser() if namespace.config else default_config_path(command)
-    file_values = read_config_file(path, cls, required=bool(namespace.config))
-    config, settings = resolve(cls, given_flags(cls, namespace), env, file_values, str(path))
+
+def config_from_source(source: ConfigSource, namespace):
+    """`source`'s config; None once --print-config or --install-service has done its part. The
+    service runs `crowdtrain peer --config FILE`: the settings given are written into FILE first."""
+    config, settings = source.load()
     if namespace.print_config:
         print(describe(settings))
         return None
     if namespace.install_service:
-        from crowdtrain.peer.settings.service import how_to_enable, install_unit, unit_text
+        from crowdtrain.peer.settings.service import (
+            how_to_enable,
+            install_unit,
+            peer_unit_text,
+            write_peer_toml,
+        )
 
-        print(how_to_enable(install_unit(unit_text(config))))
+        path = write_peer_toml(config, source.path)
+        print(how_to_enable(install_unit(peer_unit_text(path, config.coordinator)), path))
         return None
     return config
 
@@ -155,6 +190,12 @@ def describe(settings: list[Setting]) -> str:
 
 def _field_type(cls, name: str):
     return typing.get_type_hints(cls)[name]
+
+
+def value_from_text(cls, name: str, raw: str, where: str):
+    """A setting's value from text (`crowdtrain ctl set KEY=VALUE`), checked as an environment
+    variable's is; ConfigError names `where` when it does not fit the setting's type."""
+    return _from_env(cls, name, raw, where)
 
 
 def _from_env(cls, name: str, raw: str, where: str):
@@ -204,9 +245,13 @@ def _type_name(tp) -> str:
 __all__ = [
     "ENV_PREFIX",
     "ConfigError",
+    "ConfigSource",
     "Setting",
     "add_layered_options",
     "config_from_command_line",
+    "config_from_source",
+    "config_source",
+    "value_from_text",
     "default_config_path",
     "describe",
     "read_config_file",

@@ -4,7 +4,7 @@
 `--pause-on-battery`); this is what the training loop does about it, between two steps:
 
     gate = PauseGate(monitor, stats, stop_event)
-    if gate.paused():
+    if gate.paused(opt.local_epoch):
         gate.wait(opt, resync=lambda: recovery.catch_up(opt, swarm))
 
 While paused the peer computes nothing. Samples it accumulated towards the swarm's current epoch
@@ -13,6 +13,11 @@ backward, only a progress report) until the swarm's epoch turns, so those sample
 round; then it stays idle. The data place only moves for batches trained on (`peer/data/feed.py`), so
 no sequence is skipped. Its heartbeats carry phase "paused" and the reason; on resume, a peer the
 swarm left behind loads the swarm's state before it contributes again.
+
+Two ways to pause by hand (`crowdtrain ctl`, peer/volunteer/control.py): `pause` (as SIGUSR1) stops
+computing at once; what it accumulated is handed in without new work. `finish-and-pause` keeps
+computing at full speed until the swarm's epoch turns (the round took this peer's whole share of
+it), then pauses with nothing left to hand in (`round_finished` in peer/machine/pause.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from crowdtrain.peer.events import emit
+from crowdtrain.peer.machine.pause import FINISHED_ROUND_REASON, round_finished
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +52,27 @@ class PauseGate:
         self.stats = stats  # the heartbeat's StatsBox: phase "paused" and the reason
         self.stop_event = stop_event  # set when leaving: wait() returns within a poll
         self.pauses = 0  # how many times the loop paused
+        # the epoch in which `finish-and-pause` was asked (set from the control thread); None: not asked
+        self.finish_after_epoch: int | None = None
 
-    def paused(self) -> bool:
+    def paused(self, local_epoch: int | None = None) -> bool:
+        """Whether to pause before the next step; a `finish-and-pause` whose round turned (the
+        loop's `local_epoch` moved past the one it was asked in) becomes a manual pause here."""
+        asked = self.finish_after_epoch
+        if local_epoch is not None and round_finished(asked, local_epoch):
+            self.finish_after_epoch = None
+            self.monitor.pause(FINISHED_ROUND_REASON)
+            logger.info("the round of epoch %d is finished and handed in: pausing", asked)
         return self.monitor.decision.paused
+
+    def finish_then_pause(self, local_epoch: int) -> None:
+        """Keep training until the epoch `local_epoch` turns, then pause (any thread)."""
+        self.finish_after_epoch = local_epoch
+
+    def resume(self) -> None:
+        """Lift a manual pause and forget a pending `finish-and-pause` (any thread)."""
+        self.finish_after_epoch = None
+        self.monitor.resume()
 
     def wait(self, opt, resync: Callable[[], None], show: Callable[[str], None] | None = None) -> None:
         """Block while paused (or until stopped): hand in, idle, then re-sync. `show(reason)` is

@@ -37,7 +37,7 @@ from crowdtrain.peer.admission.identity import PeerIdentity
 from crowdtrain.peer.checkpoints.trust import trust_joined_run
 from crowdtrain.peer.data.cache import claim_run_cache
 from crowdtrain.peer.data.feed import DataFeed
-from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.errors import CrowdtrainError, RefusedByRun
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.link.client import (
     CoordinatorClient,
@@ -54,6 +54,7 @@ from crowdtrain.peer.run.runproof import check_joined_run
 from crowdtrain.peer.settings.commands import PeerConfig
 from crowdtrain.peer.settings.layered import default_config_dir
 from crowdtrain.peer.swarm.lifecycle import leave_swarm, rejoin_in_background, stop_on_signals
+from crowdtrain.peer.volunteer.control import ControlServer, PeerControl, install_reload_signal
 from crowdtrain.peer.volunteer.meter import (
     ContributionSummary,
     EpochLines,
@@ -75,6 +76,13 @@ logger = logging.getLogger(__name__)
 
 class PeerError(CrowdtrainError):
     """The volunteer cannot take part; the message says what to do."""
+
+
+class PeerRefused(RefusedByRun, PeerError):
+    """The run refused this peer (banned, not admitted, out of date): exit status 3, not restarted."""
+
+
+REFUSAL_CODES = frozenset({"PERMISSION_DENIED", "FAILED_PRECONDITION"})  # a ban, admission, a version
 
 
 @dataclass(frozen=True)
@@ -136,8 +144,8 @@ def display_handle(config_dir: Path) -> str:
 class Volunteer:
     """One training peer. `run()` blocks until stopped (SIGINT/SIGTERM, --max-epochs or an error)."""
 
-    def __init__(self, config: PeerConfig):
-        self.config = config
+    def __init__(self, config: PeerConfig, source=None):
+        self.config = config  # live settings change it (peer/volunteer/control.py); source: its peer.toml
         # as Join, heartbeats and the public views show it: the volunteer's choice, else a random handle
         self.name = config.name or display_handle(default_config_dir())
         self.stop_event = threading.Event()  # SIGINT/SIGTERM or shutdown(); steps and threads watch it
@@ -148,6 +156,8 @@ class Volunteer:
         # SIGUSR1/SIGUSR2, --schedule, --pause-when-busy, --pause-on-battery (a bad value fails here)
         self.pauser = PauseMonitor(PauseSettings.from_peer_config(config), sampler=SystemSampler())
         self.pause_gate = PauseGate(self.pauser, self.stats, self.stop_event)
+        self.control = PeerControl(self, source)  # crowdtrain ctl, and SIGHUP's reload of peer.toml
+        self.control_server = ControlServer(self.control.handle, on_tick=self.control.tick)
         # Set by the steps of `_run` (empty until then); shutdown() releases whatever was set.
         # join(): this peer's identity key, held (locked) until shutdown() so no other peer here uses it
         self.identity: PeerIdentity | None = None
@@ -170,6 +180,8 @@ class Volunteer:
     def run(self) -> int:
         self._install_signal_handlers()
         install_pause_signals(self.pauser.start())  # before hivemind forks: its children inherit them
+        install_reload_signal(self.control)
+        self.control_server.start()
         try:
             return self._run()
         finally:
@@ -235,6 +247,7 @@ class Volunteer:
         page = own_page_url(reply.settings.http_base_url, identity.peer_id)
         if page:
             logger.info("your page: %s", page)
+            self.control.page_url = page
         return Joined(
             reply=reply,
             manifest=manifest,
@@ -262,12 +275,17 @@ class Volunteer:
             invite_code=self.config.invite,
             **DataFeed.resume_fields(self.config),  # where this peer stopped reading last time
         )
-        return retry_until(  # signed anew at each try: the coordinator refuses an old signature
-            lambda: self.client.join(identity.signed_join(request)),
-            deadline_s=self.config.join_timeout_s,
-            what=f"joining the run at {self.config.coordinator}",
-            stop=self.stop_event,
-        )
+        try:
+            return retry_until(  # signed anew at each try: the coordinator refuses an old signature
+                lambda: self.client.join(identity.signed_join(request)),
+                deadline_s=self.config.join_timeout_s,
+                what=f"joining the run at {self.config.coordinator}",
+                stop=self.stop_event,
+            )
+        except CoordinatorRejected as e:
+            if e.code is not None and e.code.name in REFUSAL_CODES:
+                raise PeerRefused(str(e)) from None  # a service must not ask again every minute
+            raise
 
     def start_heartbeat(self, joined: Joined) -> None:
         initial_peers = list(joined.reply.initial_peers)
@@ -426,13 +444,14 @@ class Volunteer:
         summary = ContributionSummary()
         model.train()
         while not self.stop_event.is_set():
+            self.control.apply_in_loop()  # a thread count `crowdtrain ctl set` or SIGHUP changed
             if self.heartbeat.refused is not None:
-                raise PeerError(
+                raise PeerRefused(
                     f"stopped training: {self.heartbeat.refused}. The run's operator no longer accepts "
                     "this peer; ask them, or run it under another --name only if they agree"
                 )
             # paused: hands in its samples, idles, re-syncs (peer/volunteer/pause_gate.py)
-            if self.pause_gate.paused():
+            if self.pause_gate.paused(self.opt.local_epoch):  # finish-and-pause: once the epoch turned
                 status.clear()
                 self.pause_gate.wait(
                     self.opt,
@@ -509,6 +528,7 @@ class Volunteer:
     def shutdown(self) -> None:
         """Leave the run and stop hivemind's processes; idempotent, safe from any exit path."""
         self.stop_event.set()
+        self.control_server.shutdown()
         self.pauser.shutdown()
         if self.feed is not None:
             self.feed.save()  # where this peer stopped reading, for its next start
