@@ -329,6 +329,13 @@ def _add_operator_command(sub, name: str, command: str | None) -> None:
         settings.add_arguments(sp, _settings_class(class_name))
         if name in JSON_COMMANDS:
             _add_json_flag(sp)
+        if name == "coordinator":
+            sp.add_argument(
+                "--install-service",
+                action="store_true",
+                help="write a systemd user unit that runs this coordinator with these settings at every "
+                "login (and boot, with lingering), print how to enable it, and exit",
+            )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -433,6 +440,17 @@ def _run(args: argparse.Namespace) -> int:
     )
     class_name, handler, _ = table[name]
     config = settings.from_arguments(_settings_class(class_name), args)
+    if getattr(args, "install_service", False):
+        from crowdtrain.peer.settings.service import (
+            COORDINATOR_UNIT_NAME,
+            coordinator_unit_text,
+            how_to_enable,
+            install_unit,
+            unit_path,
+        )
+
+        print(how_to_enable(install_unit(coordinator_unit_text(config), unit_path(COORDINATOR_UNIT_NAME))))
+        return 0
     return handler(config, as_json=args.json) if hasattr(args, "json") else handler(config)
 
 
