@@ -1,6 +1,8 @@
 """What the run publishes names nobody's machine: the data label in the signed manifest (served by
-/api/v1/run) and the model card carry no local path of the operator's, `--data-name` replaces the
-derived label, and a peer without `--name` shows a random handle, never its host name."""
+/api/v1/run), the model card and the whole checkpoint directory carry no local path of the
+operator's nor this machine's host name, `--data-name` replaces the derived label, `--data-url` and
+`--data-license` reach the cards and last across restarts, and a peer without `--name` shows a
+random handle, never its host name."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from crowdtrain.coordinator.publishing.vetting import model_card
+from crowdtrain.coordinator.publishing.card import CardFacts, markdown_text, model_card
 from crowdtrain.coordinator.run.dataset import default_corpus_label, public_data_label
-from crowdtrain.coordinator.run.runs import RunSettings, create_run
+from crowdtrain.coordinator.run.runs import RunSettings, create_run, open_run
 from crowdtrain.peer.settings.commands import PeerConfig
 from crowdtrain.peer.volunteer.trainer import Volunteer, display_handle
 
@@ -44,7 +46,9 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def _card(manifest) -> str:
-    return model_card(manifest, step=3, eval_loss=4.0, contributing_peers=1, created="2026-12-07 12:00 UTC")
+    return model_card(
+        manifest, CardFacts(step=3, eval_loss=4.0, contributing_peers=1, created="2026-12-07 12:00 UTC")
+    )
 
 
 @pytest.mark.parametrize(
@@ -80,7 +84,7 @@ def test_a_run_from_absolute_paths_publishes_none_of_them(tmp_path: Path, corpus
     assert manifest.data.source == "corpus, notes.txt, *.py in corpus"
     assert _leaked_components(manifest.to_json(), corpus, notes) == []  # what /api/v1/run serves
     card = _card(manifest)
-    assert "corpus, notes.txt, *.py in corpus" in card
+    assert markdown_text("corpus, notes.txt, *.py in corpus") in card
     assert _leaked_components(card, corpus, notes) == []
 
     named = RunSettings(data=entries, data_name="  Module sources\n2026 ")
@@ -118,3 +122,51 @@ def test_a_handle_that_cannot_be_kept_is_still_random_and_not_the_host_name(tmp_
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "display-name").write_text(socket.gethostname())  # not a handle: replaced
     assert HANDLE.fullmatch(display_handle(tmp_path / "config"))
+
+
+FAKE_HOST = "vetch-7qz4-host"  # what socket.gethostname and platform.node answer in the test below
+
+
+def _host_name_in(text: str, real_host: str) -> bool:
+    """FAKE_HOST, or this machine's real name where it is distinctive enough to look for."""
+    hosts = [FAKE_HOST] + ([real_host] if len(real_host) >= 6 and real_host != "localhost" else [])
+    return any(host.lower() in text.lower() for host in hosts)
+
+
+def test_a_published_checkpoint_names_no_path_and_no_host(tmp_path: Path, corpus: Path, monkeypatch):
+    """Every text file of a checkpoint directory (config, tokenizer, card) and the manifest
+    /api/v1/run serves hold neither the data dir, the corpus path nor this machine's name."""
+    import platform
+
+    from crowdtrain.peer.run.model import build_model, save_hf
+
+    real_host = socket.gethostname()
+    monkeypatch.setattr(socket, "gethostname", lambda: FAKE_HOST)
+    monkeypatch.setattr(platform, "node", lambda: FAKE_HOST)
+    data_dir = tmp_path / "private" / "run"
+    store, run = open_run(RunSettings(data=(str(corpus),), data_url="https://example.org/c"), data_dir)
+    store.close()
+    out = data_dir / "checkpoints" / "step-3"
+    save_hf(build_model(run.manifest), run.tokenizer_json, run.manifest, out)
+    (out / "README.md").write_text(model_card(run.manifest, CardFacts(3, 4.0, 1, "now"), run.data_terms))
+    texts = {"manifest": run.manifest.to_json()}
+    texts.update(
+        {p.name: p.read_text(errors="replace") for p in out.iterdir() if p.suffix in (".json", ".md")}
+    )
+    assert {"README.md", "config.json", "tokenizer_config.json", "manifest"} <= texts.keys()
+    for name, text in texts.items():
+        assert _leaked_components(text, corpus, data_dir) == [], name
+        assert not _host_name_in(text, real_host), name
+
+
+def test_the_data_url_and_license_last_across_restarts_and_may_be_replaced(tmp_path: Path, corpus: Path):
+    data_dir = tmp_path / "run"
+    first = RunSettings(data=(str(corpus),), data_url=" https://example.org/c ", data_license="CC-BY-4.0")
+    for settings, url, license_ in (
+        (first, "https://example.org/c", "CC-BY-4.0"),
+        (RunSettings(), "https://example.org/c", "CC-BY-4.0"),  # a restart without the flags keeps them
+        (RunSettings(data_license="CC0-1.0"), "https://example.org/c", "CC0-1.0"),  # a new one replaces it
+    ):
+        store, run = open_run(settings, data_dir)
+        store.close()
+        assert (run.data_terms.url, run.data_terms.license) == (url, license_)

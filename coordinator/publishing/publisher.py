@@ -24,9 +24,16 @@ from pathlib import Path
 
 from crowdtrain.coordinator.publishing import archive
 from crowdtrain.coordinator.publishing.agreement import FetchedState
+from crowdtrain.coordinator.publishing.card import (
+    NO_DATA_TERMS,
+    CardFacts,
+    DataTerms,
+    model_card,
+    project_url,
+)
 from crowdtrain.coordinator.publishing.choice import choose_state
 from crowdtrain.coordinator.publishing.statefetch import StateFetcher, publisher_limits
-from crowdtrain.coordinator.publishing.vetting import check_candidate, model_card
+from crowdtrain.coordinator.publishing.vetting import check_candidate
 from crowdtrain.peer.checkpoints import format as checkpoint
 from crowdtrain.peer.events import emit
 from crowdtrain.peer.run.manifest import RunManifest
@@ -59,7 +66,8 @@ class Publisher:
     """Publishes the run's checkpoints into `checkpoint_root`; `voters()` gives the DHT identities
     whose state counts and why others do not (`voters.eligible_voters` over the coordinator's
     sessions), `on_reject(step, reason)` records each refused or contested state, `in_use()` names
-    the steps being downloaded (kept)."""
+    the steps being downloaded (kept). Each checkpoint's model card (`card.model_card`) states
+    `data_terms` and credits `contributors()`, the leaderboard (`peers.status.contributors`)."""
 
     def __init__(
         self,
@@ -75,6 +83,8 @@ class Publisher:
         on_reject: Callable[[int, str], None] = lambda step, reason: None,
         in_use: Callable[[], set[int]] = set,
         data_read: Callable[[], str] = str,
+        data_terms: DataTerms = NO_DATA_TERMS,
+        contributors: Callable[[], list[dict]] = list,
     ):
         self.settings = settings
         self.manifest = manifest
@@ -86,6 +96,8 @@ class Publisher:
         self.on_reject = on_reject
         self.in_use = in_use
         self.voters, self.data_read = voters, data_read  # data_read: the model card's coverage line
+        self.data_terms, self.contributors = data_terms, contributors
+        self.project_url = project_url()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dht = self._tracker = self._fetcher = self._access = None
@@ -269,18 +281,18 @@ class Publisher:
 
         staging = archive.new_staging_dir(self.root, epoch)
         save_hf(self.model, self.tokenizer_json, self.manifest, staging)
-        (staging / "README.md").write_text(
-            model_card(
-                self.manifest,
-                step=epoch,
-                eval_loss=eval_loss,
-                # hivemind 1.1.12: ProgressTracker.global_progress, an attribute hivemind's own
-                # Optimizer reads (not documented API): peers in the swarm's progress records
-                contributing_peers=self._tracker.global_progress.num_peers,
-                created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                data_read=self.data_read(),
-            )
+        facts = CardFacts(
+            step=epoch,
+            eval_loss=eval_loss,
+            # hivemind 1.1.12: ProgressTracker.global_progress, an attribute hivemind's own
+            # Optimizer reads (not documented API): peers in the swarm's progress records
+            contributing_peers=self._tracker.global_progress.num_peers,
+            created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            data_read=self.data_read(),
+            contributors=tuple(self.contributors()),
         )
+        card = model_card(self.manifest, facts, self.data_terms, self.project_url)
+        (staging / "README.md").write_text(card, encoding="utf-8")
         return archive.finalize(
             staging,
             self.root,

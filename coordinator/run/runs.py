@@ -9,7 +9,10 @@ Creating a run builds the dataset from the corpus (`run.dataset`), a manifest fr
 (`peer.run.manifest`) and a signing key, as its `RunSettings` say; nothing counts as a run until
 state.sqlite3 holds its manifest, so an interrupted creation is simply redone. A data dir that
 cannot hold a run (not writable, not a directory, a damaged state file) is a `RunDirError` saying
-what to do.
+what to do. The public texts among its settings (`--data-name`, `--data-url`, `--data-license`) are
+checked on every start before anything is written (`check_settings`); the data's url and license
+are not in the signed manifest but kept in state.sqlite3 for the model cards, so a later start
+may replace them.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import os
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.coordinator.publishing import archive
+from crowdtrain.coordinator.publishing.card import NO_DATA_TERMS, DataTerms
 from crowdtrain.coordinator.signing import load_or_create_key, new_key, public_key_hex, save_key
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.run.manifest import RunManifest, build_manifest, get_preset, override_swarm
@@ -33,6 +39,17 @@ logger = logging.getLogger(__name__)
 
 class RunDirError(CrowdtrainError):
     """DATA_DIR cannot hold a run, or holds a damaged one; the message names the file and the fix."""
+
+
+class RunSettingsError(CrowdtrainError):
+    """A run setting the operator gave is malformed; the message names the flag and what to pass."""
+
+
+MAX_DATA_NAME_CHARS = 200  # --data-name, once its whitespace is collapsed
+MAX_DATA_URL_CHARS = 500
+MAX_DATA_LICENSE_CHARS = 120  # an SPDX id, or a short name: the full terms belong behind --data-url
+_INVISIBLE = frozenset({"Cc", "Cf", "Co", "Cs", "Cn"})  # controls, format (bidi), private, unassigned
+_NOT_IN_URLS = frozenset('<>"\\^`{|}')  # RFC 3986 allows these only percent-encoded
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,70 @@ class Run:
     manifest: RunManifest
     tokenizer_json: str
     signing_key: object  # Ed25519PrivateKey; signs the run's checkpoints
+    data_terms: DataTerms = NO_DATA_TERMS  # the data's url and license, for the model cards
+
+
+def check_settings(settings: RunSettings) -> RunSettings:
+    """Pure: `settings` with its public texts (`data_name`, `data_url`, `data_license`) checked and
+    their whitespace collapsed, else RunSettingsError naming the flag and what to pass instead."""
+    return replace(
+        settings,
+        data_name=_public_text(
+            settings.data_name, "--data-name", MAX_DATA_NAME_CHARS, "e.g. 'My notes 2024'"
+        ),
+        data_url=check_data_url(settings.data_url),
+        data_license=_public_text(
+            settings.data_license,
+            "--data-license",
+            MAX_DATA_LICENSE_CHARS,
+            "an SPDX id such as CC-BY-4.0 or a short name, with the full terms behind --data-url",
+        ),
+    )
+
+
+def _public_text(text: str, flag: str, max_chars: int, what: str) -> str:
+    bad = next((c for c in text if not c.isspace() and unicodedata.category(c) in _INVISIBLE), None)
+    if bad is not None:
+        raise RunSettingsError(
+            f"{flag} holds the control or invisible character {bad!r}; pass plain text: {what}"
+        )
+    text = " ".join(text.split())
+    if len(text) > max_chars:
+        raise RunSettingsError(f"{flag} is {len(text)} characters long, over {max_chars}; pass {what}")
+    return text
+
+
+def check_data_url(url: str) -> str:
+    """Pure: `url` as model cards link it ("" for none): an http(s) address with a host, without
+    spaces, control characters or credentials; else RunSettingsError saying what to pass."""
+    url = url.strip()
+    if not url:
+        return ""
+    example = "pass the public page about the data, e.g. --data-url https://example.org/my-corpus"
+    bad = next(
+        (c for c in url if c.isspace() or unicodedata.category(c)[0] == "C" or c in _NOT_IN_URLS), None
+    )
+    if bad is not None:
+        raise RunSettingsError(
+            f"--data-url holds {bad!r}, which an address cannot carry; percent-encode it (a space is %20)"
+        )
+    if len(url) > MAX_DATA_URL_CHARS:
+        raise RunSettingsError(
+            f"--data-url is {len(url)} characters long, over {MAX_DATA_URL_CHARS}; {example}"
+        )
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises on a port that is not a number
+    except ValueError as e:
+        raise RunSettingsError(f"--data-url {url[:80]!r} is not a valid address ({e}); {example}") from e
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise RunSettingsError(f"--data-url {url[:80]!r} is not an http:// or https:// address; {example}")
+    if parts.username is not None or parts.password is not None:
+        raise RunSettingsError(
+            "--data-url carries a user name or password (the part before @), which every model card "
+            "would publish; pass the address without it"
+        )
+    return url
 
 
 def create_run(settings: RunSettings, data_dir: Path, signing_public_key: str) -> tuple[RunManifest, str]:
@@ -93,18 +174,22 @@ def open_run(settings: RunSettings, data_dir: Path) -> tuple[Store, Run]:
     """The run in `data_dir` and its open store (the caller closes it), creating both from `settings`
     if absent.
 
-    Also removes checkpoint writes a crash left unfinished. On any error the store is closed.
+    Malformed settings are refused first (`check_settings`), before anything is written. Also
+    removes checkpoint writes a crash left unfinished. On any error the store is closed.
     """
+    settings = check_settings(settings)
     state_path = data_dir / "state.sqlite3"
+    run = None
     if not state_path.exists():
         store, run = _new_run(settings, data_dir, state_path)
     else:
         store = _open_store(state_path, data_dir)
-        try:
-            run = _existing_run(settings, data_dir, store)
-        except BaseException:
-            store.close()
-            raise
+    try:
+        run = run or _existing_run(settings, data_dir, store)
+        run = replace(run, data_terms=_data_terms(store, settings))
+    except BaseException:
+        store.close()
+        raise
     removed = archive.clean_staging(data_dir / "checkpoints")
     if removed:
         logger.warning("removed %d unfinished checkpoint write(s) left by a previous crash", removed)
@@ -177,6 +262,19 @@ def _existing_run(settings: RunSettings, data_dir: Path, store: Store) -> Run:
         )
     logger.info("resuming run %s from %s", manifest.run_id, data_dir)
     return Run(manifest, tokenizer_json, signing_key)
+
+
+def _data_terms(store: Store, settings: RunSettings) -> DataTerms:
+    """The data's url and license for model cards: those given now (kept for later starts), else
+    those a previous start kept."""
+    given = {key: value for key in ("data_url", "data_license") if (value := getattr(settings, key))}
+    for key, value in given.items():
+        kept = store.get_meta(key)
+        if kept is not None and kept != value:
+            logger.info("model cards now give --%s %r (was %r)", key.replace("_", "-"), value, kept)
+    if given:
+        store.set_meta(given)
+    return DataTerms(url=store.get_meta("data_url") or "", license=store.get_meta("data_license") or "")
 
 
 def _open_store(state_path: Path, data_dir: Path) -> Store:
