@@ -37,7 +37,7 @@ from crowdtrain.coordinator.dashboard.snapshots import Memo
 from crowdtrain.coordinator.flood.callbudget import CallLimits, PoolCaps
 from crowdtrain.coordinator.peers.health import HealthSettings
 from crowdtrain.coordinator.peers.policy import minimum_peer_version
-from crowdtrain.coordinator.peers.status import SwarmProgress, SwarmStatus, build_status
+from crowdtrain.coordinator.peers.status import SwarmProgress, SwarmStatus, build_status, contributors
 from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.coordinator.publishing.archive import DownloadTracker
 from crowdtrain.coordinator.run.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
@@ -268,6 +268,11 @@ class Coordinator:
                 now, self.store.peers_unordered(), voting, groups, evidence.quarantined(now)
             )
 
+        def leaderboard() -> list[dict]:
+            """Every credited identity, named as the dashboard names it: the model card's contributors."""
+            totals = self.store.contribution_totals()
+            return contributors(self.status(), totals, max_rows=len(totals))
+
         self.publisher = Publisher(
             settings,
             run.manifest,
@@ -280,6 +285,8 @@ class Coordinator:
             on_reject=lambda step, reason: self.store.add_rejection(time.time(), step, reason),
             in_use=downloads.in_use,
             data_read=lambda: self.shards.coverage().describe() if self.shards is not None else "",
+            data_terms=run.data_terms,
+            contributors=leaderboard,
         )
         self.publisher.start()  # assigned first: a failed start is still shut down
 
