@@ -173,3 +173,40 @@ def test_malformed_card_settings_are_refused_before_the_data_dir_is_written(tmp_
 def test_a_good_url_is_kept_as_given():
     assert check_data_url("  https://example.org/corpus#v2  ") == "https://example.org/corpus#v2"
     assert check_data_url("") == ""
+
+
+def test_a_published_checkpoint_carries_the_card_and_still_loads_in_transformers(
+    tmp_path: Path, small_corpus
+):
+    """The publisher's own write: README.md is the card (its contributors from the leaderboard),
+    listed and signed with the other files, and transformers loads the directory."""
+    from types import SimpleNamespace
+
+    from crowdtrain.coordinator.publishing.publisher import Publisher, PublisherSettings
+    from crowdtrain.coordinator.signing import new_key
+    from crowdtrain.peer.checkpoints.format import step_dirname
+    from crowdtrain.peer.run.model import build_model
+    from transformers import AutoModelForCausalLM
+
+    manifest, tokenizer_json = make_run(tmp_path, small_corpus)
+    publisher = Publisher(
+        PublisherSettings(),
+        manifest,
+        tokenizer_json,
+        tmp_path / "d" / "eval.jsonl",
+        tmp_path / "checkpoints",
+        [],
+        voters=lambda: (frozenset(), ""),
+        signing_key=new_key(),
+        data_terms=DataTerms(license="CC0-1.0"),
+        contributors=lambda: [_row("alice", 30), _row("volunteer-1a2b", 20)],
+    )
+    publisher.model = build_model(manifest)  # what start() builds; no swarm here
+    publisher._tracker = SimpleNamespace(global_progress=SimpleNamespace(num_peers=2))  # hivemind's tracker
+    meta = publisher._write_checkpoint(7, 4.25, 0)
+    out = tmp_path / "checkpoints" / step_dirname(7)
+    assert "README.md" in [f.name for f in meta.files]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "cc0-1.0" and card.data.eval_results[0].metric_value == 4.25
+    assert "Trained by alice and 1 anonymous volunteer." in card.text
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == manifest.model.num_parameters
