@@ -1,7 +1,8 @@
 """Health tracking end to end: real coordinator and peers, the dashboard in a real headless Chromium.
 
 One scenario, in order: two peers (one named like an XSS payload) show ONLINE; one is killed with
-kill -9 and shows DEAD within two heartbeat timeouts; the charts have points; the payload renders as
+kill -9 and shows DEAD within two heartbeat timeouts; the charts have points on one time axis; the
+join box and each checkpoint's pull command carry the real address and run key; the payload renders as
 text; /metrics agrees with the JSON API; `crowdtrain status` prints the table; the coordinator is
 killed with kill -9 and restarted on the same data dir with its history, ledger and peers intact,
 while the surviving peer trains on and reconnects; a clean exit shows LEFT at once.
@@ -120,6 +121,25 @@ def test_dashboard_health_and_coordinator_crash(launcher, tmp_path: Path):
                 timeout=60_000,
             )
             assert page.locator("#checkpoints tbody tr").count() >= 1
+
+            # --- what a newcomer copies: the join command with the announced address, the run key,
+            # and a pull command pinned to that key for each checkpoint
+            run_key, step = api(base, "run")["signing_public_key"], api(base, "checkpoints")[-1]["step"]
+            assert len(run_key) == 64 and page.locator("#run-key").text_content() == run_key
+            join = page.locator("#join-command").text_content()
+            assert join == f"crowdtrain peer --coordinator {endpoints['grpc']}", join
+            page.wait_for_selector(f"#checkpoints tr[data-step='{step}'] code", timeout=10_000)
+            assert page.locator(f"#checkpoints tr[data-step='{step}'] code").text_content() == (
+                f"crowdtrain pull --coordinator {endpoints['grpc']} --step {step} --out ./model --public-key {run_key}"
+            )
+            # --- both charts over one window, on one time axis, with values under the mouse
+            ticks = page.evaluate(
+                "['chart-throughput', 'chart-loss'].map((id) =>"
+                " [...document.querySelectorAll(`#${id} text.tick-x`)].map((t) => t.textContent))"
+            )
+            assert len(ticks[0]) == 5 and ticks[0] == ticks[1], ticks
+            page.hover("#chart-throughput rect", position={"x": 200, "y": 40})
+            assert "held-out" in page.locator("#chart-loss .cursor-label").text_content()
             assert page.locator("#contributors tbody tr").count() == 2
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)

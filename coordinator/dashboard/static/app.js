@@ -43,18 +43,23 @@ function fillTable(id, rows) {
   body.replaceChildren(...rows);
 }
 
-function renderSummary(s) {
+// The headline numbers come from /api/v1/dashboard (`n`), each defined once on the coordinator
+// (coordinator/dashboard/numbers.py) and shared with `crowdtrain status`: no arithmetic here.
+function renderSummary(s, n) {
   document.getElementById("run-id").textContent = s.run_id;
-  document.getElementById("global-epoch").textContent = s.global_epoch;
-  document.getElementById("samples-per-s").textContent = `${fmt(s.samples_per_s)} /s`;
+  document.getElementById("global-epoch").textContent = n.epoch;
+  document.getElementById("epoch-source").textContent =
+    n.epoch_source === "checkpoint" ? "the latest checkpoint's (no swarm records now)" : "the swarm's progress records";
+  document.getElementById("samples-per-s").textContent = `${fmt(n.swarm_samples_per_s)} /s`;
   document.getElementById("eval-loss").textContent =
     s.latest_checkpoint_step >= 0 ? `${fmt(s.latest_eval_loss, 3)} @ ${s.latest_checkpoint_step}` : "-";
   document.getElementById("checkpoint-count").textContent = s.checkpoints;
-  // how much of the training data the swarm has read (every finished pass counted)
-  document.getElementById("data-read").textContent = s.dataset_sequences
-    ? `${fmt(100 * s.dataset_sequences_read / s.dataset_sequences)}%` +
-      (s.dataset_shards_sized < s.dataset_shards ? ` of ${s.dataset_shards_sized}/${s.dataset_shards} shards` : "")
-    : "-";
+  // a share only once every shard is sized (it never falls); before, sequences read and shards sized
+  const read = document.getElementById("data-read");
+  read.textContent = n.data_read ? n.data_read.card : "-";
+  read.title = n.data_read ? n.data_read.text : "no peer has reported a shard's size yet";
+  document.getElementById("data-read-note").textContent =
+    n.data_read && n.data_read.share === null ? "a share once every shard is sized" : "";
   const states = document.getElementById("peer-states");
   states.replaceChildren();
   for (const [state, n] of Object.entries(s.peers_by_state)) {
@@ -110,15 +115,62 @@ function renderContributors(rows) {
   }));
 }
 
+// A command in a <code> with a copy button (the button copies its code element's text).
+function commandBox(text, id) {
+  const box = el("div", null, "cmd"), code = el("code", text), button = el("button", "copy");
+  if (id) code.id = id;
+  button.type = "button";
+  button.addEventListener("click", () => copyText(code, button));
+  box.append(code, button);
+  return box;
+}
+
+// navigator.clipboard exists only in a secure context (https, localhost): elsewhere select and copy.
+function copyText(code, button) {
+  const done = () => { button.textContent = "copied"; setTimeout(() => { button.textContent = "copy"; }, 1500); };
+  const fallback = () => {
+    const range = document.createRange();
+    range.selectNodeContents(code);
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    if (document.execCommand("copy")) done(); else button.textContent = "select and copy";
+  };
+  if (navigator.clipboard && window.isSecureContext) navigator.clipboard.writeText(code.textContent).then(done, fallback);
+  else fallback();
+}
+
+let join = null;  // /api/v1/join, fetched until the coordinator has announced its gRPC API
+
+function renderJoin(j) {
+  document.getElementById("join-command").textContent = j.join_command;
+  document.getElementById("invite-command").textContent = j.invite_command;
+  document.getElementById("invite-hint").hidden = !j.invite_command;
+  document.getElementById("tls-hint").hidden = !j.tls;
+  document.getElementById("run-key").textContent = j.run_key;
+  document.getElementById("run-key-line").hidden = !j.run_key;
+  fillTable("ports", j.ports.map((p) => {
+    const tr = el("tr");
+    tr.append(el("td", p.name), el("td", p.port, "num"), el("td", p.use));
+    return tr;
+  }));
+  document.getElementById("join").hidden = false;
+}
+
 function renderCheckpoints(list) {
+  document.getElementById("checkpoints-empty").hidden = list.length > 0;
+  document.getElementById("checkpoints").hidden = list.length === 0;
   fillTable("checkpoints", list.slice().reverse().map((c) => {
     const tr = el("tr");
+    tr.dataset.step = c.step;
     const links = el("td");
+    if (join) links.append(commandBox(join.pull_command.replace("--step STEP", `--step ${c.step}`)));
+    const files = el("div", "files: ", "files muted");
     for (const name of Object.keys(c.files).sort()) {
       const a = el("a", name);
       a.href = `/checkpoints/${c.step}/${encodeURIComponent(name)}`;
-      links.append(a, document.createTextNode(" "));
+      files.append(a, document.createTextNode(" "));
     }
+    links.append(files);
     const size = Object.values(c.files).reduce((a, f) => a + f.size_bytes, 0);
     tr.append(el("td", c.step, "num"), el("td", new Date(c.created_unix_s * 1000).toLocaleString()),
       el("td", fmt(c.eval_loss, 3), "num"), el("td", bytes(size), "num"), links);
@@ -139,23 +191,42 @@ function renderEvidence(rows) {
     return tr;
   }));
   document.getElementById("evidence-empty").hidden = shown.length > 0;
+  document.getElementById("evidence").hidden = shown.length === 0;
 }
 
-// A small line chart: series = [{points: [[x, y], ...], color}], drawn into an SVG viewBox 600x220.
-function lineChart(svg, series, yLabel) {
+// Line charts over one shared time window, with a time axis and a hover cursor shown on both at the
+// same instant. series = [{name, points: [[t, y], ...], color, digits}], drawn in a 600x230 viewBox.
+const GEOM = { W: 600, H: 230, L: 48, R: 10, T: 10, B: 34 };
+const charts = {};  // svg id -> what the cursor needs: scales and series
+let hoverT = null;  // the instant under the mouse, in seconds since the epoch (null: none)
+
+function svgEl(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function timeLabel(t, span) {  // local time; seconds for a short window, the day for a long one
+  const d = new Date(t * 1000);
+  const hm = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", ...(span < 600 ? { second: "2-digit" } : {}) });
+  return span > 86400 ? `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${hm}` : hm;
+}
+
+function finite(p) {
+  return p[1] !== null && Number.isFinite(p[1]);
+}
+
+function lineChart(svg, series, [x0, x1]) {
   svg.replaceChildren();
-  const W = 600, H = 220, L = 48, R = 10, T = 10, B = 24;
-  const all = series.flatMap((s) => s.points).filter(([, y]) => y !== null && Number.isFinite(y));
-  if (!all.length) {
-    const t = document.createElementNS(SVG, "text");
-    t.setAttribute("x", W / 2); t.setAttribute("y", H / 2); t.setAttribute("text-anchor", "middle");
-    t.textContent = "no data yet";
-    svg.append(t);
+  const { W, H, L, R, T, B } = GEOM;
+  const ys = series.flatMap((s) => s.points.filter(finite).map((p) => p[1]));
+  charts[svg.id] = null;
+  if (!ys.length) {
+    svg.append(svgEl("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no data yet"));
     return;
   }
-  const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
-  let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-  if (x1 === x0) x1 = x0 + 1;
+  let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
   if (y1 === y0) { y1 += 1; y0 -= 1; }
   const pad = (y1 - y0) * 0.08;
   y0 = y0 >= 0 && y0 - pad < 0 ? 0 : y0 - pad;  // rates and losses are never negative
@@ -164,44 +235,73 @@ function lineChart(svg, series, yLabel) {
   const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   for (let i = 0; i <= 4; i++) {
     const y = y0 + (y1 - y0) * i / 4;
-    const line = document.createElementNS(SVG, "line");
-    line.setAttribute("class", "axis");
-    line.setAttribute("x1", L); line.setAttribute("x2", W - R); line.setAttribute("y1", sy(y)); line.setAttribute("y2", sy(y));
-    const label = document.createElementNS(SVG, "text");
-    label.setAttribute("x", L - 6); label.setAttribute("y", sy(y) + 4); label.setAttribute("text-anchor", "end");
-    label.textContent = y.toFixed(y1 - y0 < 5 ? 2 : 0);
-    svg.append(line, label);
+    svg.append(svgEl("line", { class: "axis", x1: L, x2: W - R, y1: sy(y), y2: sy(y) }),
+      svgEl("text", { x: L - 6, y: sy(y) + 4, "text-anchor": "end" }, y.toFixed(y1 - y0 < 5 ? 2 : 0)));
   }
-  const span = document.createElementNS(SVG, "text");
-  span.setAttribute("x", W - R); span.setAttribute("y", H - 6); span.setAttribute("text-anchor", "end");
-  span.textContent = `last ${((x1 - x0) / 60).toFixed(1)} min`;
-  svg.append(span);
+  for (let i = 0; i <= 4; i++) {  // the time axis: the same five instants on every chart
+    const x = x0 + (x1 - x0) * i / 4, anchor = i === 0 ? "start" : i === 4 ? "end" : "middle";
+    svg.append(svgEl("line", { class: "tick", x1: sx(x), x2: sx(x), y1: H - B, y2: H - B + 4 }),
+      svgEl("text", { class: "tick-x", x: sx(x), y: H - B + 16, "text-anchor": anchor }, timeLabel(x, x1 - x0)));
+  }
+  svg.append(svgEl("line", { class: "baseline", x1: L, x2: W - R, y1: H - B, y2: H - B }));
   for (const s of series) {
-    const pts = s.points.filter(([, y]) => y !== null && Number.isFinite(y));
+    const pts = s.points.filter(finite);
     if (!pts.length) continue;
-    const path = document.createElementNS(SVG, "path");
-    path.setAttribute("class", "series");
-    path.setAttribute("stroke", s.color);
-    path.setAttribute("d", pts.map(([x, y], i) => `${i ? "L" : "M"}${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "));
-    svg.append(path);
+    svg.append(svgEl("path", { class: "series", stroke: s.color,
+      d: pts.map(([x, y], i) => `${i ? "L" : "M"}${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" ") }));
     for (const [x, y] of pts) {
-      const c = document.createElementNS(SVG, "circle");
-      c.setAttribute("class", "point");
-      c.setAttribute("cx", sx(x)); c.setAttribute("cy", sy(y)); c.setAttribute("r", s.radius || 2);
-      c.setAttribute("fill", s.color);
-      svg.append(c);
+      svg.append(svgEl("circle", { class: "point", cx: sx(x), cy: sy(y), r: s.radius || 2, fill: s.color }));
     }
+  }
+  const cursor = svgEl("g", { class: "cursor", visibility: "hidden" });
+  cursor.append(svgEl("line", { y1: T, y2: H - B }), svgEl("text", { class: "cursor-label", y: T + 12 }));
+  const overlay = svgEl("rect", { x: L, y: T, width: W - L - R, height: H - T - B, fill: "transparent" });
+  overlay.addEventListener("mousemove", (e) => {
+    const box = svg.getBoundingClientRect();
+    const x = (e.clientX - box.left) * W / box.width;
+    hover(x0 + (x - L) / (W - L - R) * (x1 - x0));
+  });
+  overlay.addEventListener("mouseleave", () => hover(null));
+  svg.append(cursor, overlay);
+  charts[svg.id] = { series, sx, x0, x1, cursor };
+}
+
+function nearest(points, t) {
+  let best = null;
+  for (const p of points) if (finite(p) && (best === null || Math.abs(p[0] - t) < Math.abs(best[0] - t))) best = p;
+  return best;
+}
+
+// The cursor at instant t on every chart, each labelled with its series' values nearest to t.
+function hover(t) {
+  hoverT = t;
+  for (const c of Object.values(charts)) {
+    if (!c) continue;
+    c.cursor.setAttribute("visibility", t === null ? "hidden" : "visible");
+    if (t === null) continue;
+    const x = c.sx(t), [line, label] = c.cursor.children;
+    line.setAttribute("x1", x); line.setAttribute("x2", x);
+    const values = c.series.map((s) => [s, nearest(s.points, t)]).filter(([, p]) => p)
+      .map(([s, p]) => `${s.name} ${fmt(p[1], s.digits)}`);
+    label.textContent = `${timeLabel(t, c.x1 - c.x0)}  ${values.join(", ")}`;
+    label.setAttribute("x", x > GEOM.W / 2 ? x - 6 : x + 6);
+    label.setAttribute("text-anchor", x > GEOM.W / 2 ? "end" : "start");
   }
 }
 
 function renderCharts(history) {
   const swarm = history.swarm;
-  lineChart(document.getElementById("chart-throughput"),
-    [{ points: swarm.map((h) => [h.t, h.samples_per_s]), color: "#16a34a" }]);
-  lineChart(document.getElementById("chart-loss"), [
-    { points: swarm.map((h) => [h.t, h.train_loss]), color: "#9ca3af", radius: 1.5 },
-    { points: history.eval.map((e) => [e.t, e.eval_loss]), color: "#2563eb", radius: 3 },
-  ]);
+  const throughput = [{ name: "samples/s", points: swarm.map((h) => [h.t, h.samples_per_s]), color: "#16a34a", digits: 1 }];
+  const loss = [
+    { name: "training", points: swarm.map((h) => [h.t, h.train_loss]), color: "#9ca3af", radius: 1.5, digits: 3 },
+    { name: "held-out", points: history.eval.map((e) => [e.t, e.eval_loss]), color: "#2563eb", radius: 3, digits: 3 },
+  ];
+  const ts = [...throughput, ...loss].flatMap((s) => s.points.filter(finite).map((p) => p[0]));
+  const window = ts.length ? [Math.min(...ts), Math.max(...ts)] : [0, 1];
+  if (window[1] === window[0]) window[1] = window[0] + 1;
+  lineChart(document.getElementById("chart-throughput"), throughput, window);
+  lineChart(document.getElementById("chart-loss"), loss, window);
+  if (hoverT !== null) hover(hoverT);  // keep the cursor where the mouse is across refreshes
 }
 
 async function getJSON(path) {
@@ -212,9 +312,10 @@ async function getJSON(path) {
 
 async function refresh() {
   try {
-    const [state, peers, history, contributors, checkpoints, rejections] = await Promise.all(
-      ["state", "peers", "history", "contributors", "checkpoints", "rejections"].map((n) => getJSON(`/api/v1/${n}`)));
-    renderSummary(state);
+    if (!join) join = await getJSON("/api/v1/join").then((j) => { renderJoin(j); return j; }, () => null);
+    const [state, numbers, peers, history, contributors, checkpoints, rejections] = await Promise.all(
+      ["state", "dashboard", "peers", "history", "contributors", "checkpoints", "rejections"].map((n) => getJSON(`/api/v1/${n}`)));
+    renderSummary(state, numbers);
     renderPeers(peers);
     renderCharts(history);
     renderContributors(contributors);
@@ -231,4 +332,7 @@ async function refresh() {
   }
 }
 
+for (const button of document.querySelectorAll("button[data-copy]")) {
+  button.addEventListener("click", () => copyText(document.getElementById(button.dataset.copy), button));
+}
 refresh();
