@@ -2,8 +2,9 @@
 `crowdtrain.protos`; the coordinator builds on it, never the reverse. Layers, top down (enforced by
 import-linter, pyproject.toml): a folder imports only from the folders below it.
 
-    cli.py        the participant's commands: peer, identity, pull, checkpoints, verify
+    cli.py        the participant's commands: peer, identity, pull, checkpoints, verify, doctor
     volunteer/    the training loop and its steps: join, recover, train, measure, pause
+    doctor/       `crowdtrain doctor`: this machine and a coordinator checked before joining
     swarm/        all hivemind wiring: DHT, optimizers, averagers, DiLoCo, state transfer, leaving
     admission/    who may take part in the swarm: identity, tokens, the DHT's and averagers' gates
     checkpoints/  published checkpoints: format, listing, pull and verify, whose keys to trust

@@ -6,6 +6,7 @@ from the settings classes (peer/settings/commands.py).
     crowdtrain pull --coordinator HOST:PORT --out ./model
     crowdtrain checkpoints --coordinator HOST:PORT
     crowdtrain verify ./model --public-key KEY
+    crowdtrain doctor [--coordinator HOST:PORT] [--json]   # exit status 1 when a check fails
 
 The `crowdtrain` program is crowdtrain.coordinator.cli: it mounts these commands beside the
 operator's (`add_commands`, `run`) and uses what every command shares, kept here so that a
@@ -84,6 +85,13 @@ def cmd_peer(config: settings.PeerConfig) -> int:
     if config.nice:  # before anything starts: hivemind's processes and p2pd inherit it
         os.nice(config.nice)
     return Volunteer(config).run()
+
+
+def cmd_doctor(config: settings.DoctorConfig) -> int:
+    """Check this machine (and a coordinator) before joining: 0 when nothing failed, else 1."""
+    from crowdtrain.peer.doctor.command import run_doctor
+
+    return run_doctor(config)
 
 
 def cmd_identity(config: settings.IdentityConfig) -> int:
@@ -200,6 +208,11 @@ COMMANDS = {
         settings.VerifyConfig,
         cmd_verify,
         "check a downloaded checkpoint offline: signature and every sha256",
+    ),
+    "doctor": (
+        settings.DoctorConfig,
+        cmd_doctor,
+        "check this machine (torch, memory, disk) and a coordinator before joining; exit 1 on a failure",
     ),
 }
 
