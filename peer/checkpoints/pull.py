@@ -45,7 +45,6 @@ import os
 import re
 import shutil
 import stat
-import sys
 import tempfile
 import time
 import urllib.error
@@ -58,6 +57,7 @@ from crowdtrain.peer.checkpoints import trust
 from crowdtrain.peer.checkpoints.format import CheckpointError, CheckpointMeta, FileEntry
 from crowdtrain.peer.display import clean_display
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.events import Progress
 from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorRejected, CoordinatorUnavailable
 from crowdtrain.peer.link.download import (
     UNKNOWN_SIZE_LIMIT_BYTES,
@@ -76,17 +76,9 @@ logger = logging.getLogger(__name__)
 
 
 def _progress_bar(total_bytes: int):
-    """One tqdm line on a terminal (bytes, percent, rate); silent when stderr is not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total_bytes,
-        unit="B",
-        unit_scale=True,
-        file=sys.stderr,
-        disable=not sys.stderr.isatty(),
-        dynamic_ncols=True,
-    )
+    """The pull's progress, as every long download shows it (peer/events.py `Progress`): a tqdm bar on
+    a terminal (bytes, percent, rate; named after the file being fetched), a line every 10 s elsewhere."""
+    return Progress(total_bytes, "checkpoint", log=logger, leave=True)
 
 
 def _download_grpc(
@@ -191,8 +183,11 @@ def reuse_identical(sources: list[Path], meta: CheckpointMeta, staging: Path) ->
     only regular files are read (no symlink followed), each at most once."""
     by_size: dict[int, list[Path]] = {}
     for directory in sources:
-        for path in sorted(directory.iterdir()):
-            st = path.lstat()
+        try:  # another pull beside OUT may be removing it right now
+            found = [(path, path.lstat()) for path in sorted(directory.iterdir())]
+        except OSError:
+            continue
+        for path, st in found:
             if stat.S_ISREG(st.st_mode) and path.name != checkpoint.META_NAME:
                 by_size.setdefault(st.st_size, []).append(path)
     digests: dict[Path, str] = {}
@@ -202,12 +197,15 @@ def reuse_identical(sources: list[Path], meta: CheckpointMeta, staging: Path) ->
         if here.is_file() and not here.is_symlink() and here.stat().st_size == entry.size_bytes:
             continue
         candidates = by_size.get(entry.size_bytes, [])
-        for path in candidates:
+        for path in list(candidates):
             if path not in digests:
                 digests[path] = _sha256_no_follow(path)
             if digests[path] == entry.sha256:
-                os.replace(path, here)
                 candidates.remove(path)
+                try:
+                    os.replace(path, here)
+                except OSError:  # gone meanwhile: downloaded as usual
+                    continue
                 reused[entry.name] = entry.sha256
                 break
     if reused:
