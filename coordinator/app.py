@@ -117,6 +117,7 @@ class Coordinator:
             self.tls is not None,
             dht_port=tcp_port(maddrs[0]),
             admission=cfg.admission,
+            min_peer_version=minimum_peer_version(cfg.min_peer_version, __version__),
         )
         if with_publisher and cfg.checkpoint_interval_s > 0:
             self._start_publisher(maddrs, downloads)

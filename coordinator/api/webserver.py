@@ -364,13 +364,22 @@ class WebServer:
             ) from e
         return http, server
 
-    def announce_grpc(self, address: str, tls: bool, *, dht_port: int = 0, admission: str = "open") -> None:
+    def announce_grpc(
+        self,
+        address: str,
+        tls: bool,
+        *,
+        dht_port: int = 0,
+        admission: str = "open",
+        min_peer_version: str = "",
+    ) -> None:
         """Answer /api/v1/grpc with `address` (the public HOST:PORT peers are told to join, never a
         bind address that is not announced) and whether it takes TLS, and /api/v1/join with the
-        dashboard's join box (`dht_port`: the bootstrap node's; `admission`: --admission); encoded
+        dashboard's join box (`dht_port`: the bootstrap node's; `admission`: --admission;
+        `min_peer_version`: the join refusal's floor, which `crowdtrain doctor` compares); encoded
         once, served as is. From then on /readyz answers "ready" (the run is open)."""
         run_key = json.loads(self._routes.ctx.manifest_json).get("signing_public_key", "")
-        facts = JoinFacts(address, tls, self.port, dht_port, admission, run_key)
+        facts = JoinFacts(address, tls, self.port, dht_port, admission, run_key, min_peer_version)
         self._routes.join_answer = json.dumps(join_json(facts)).encode()
         self._routes.grpc_answer = json.dumps({"grpc": address, "tls": tls}).encode()
 

@@ -20,6 +20,7 @@ class JoinFacts:
     dht_port: int  # the bootstrap DHT node's TCP port (0: unknown)
     admission: str  # "open", "invite", "allowlist", ... (`--admission`)
     run_key: str  # hex Ed25519 key that signs the run's checkpoints (manifest.signing_public_key)
+    min_peer_version: str = ""  # the oldest crowdtrain a joiner may run ("": any), for `crowdtrain doctor`
 
 
 def _coordinator_flags(facts: JoinFacts) -> list[str]:
@@ -61,6 +62,7 @@ def join_json(facts: JoinFacts) -> dict:
         "tls": facts.tls,
         "admission": facts.admission,
         "run_key": facts.run_key,
+        "min_peer_version": facts.min_peer_version,
         "join_command": join_command(facts),
         "invite_command": join_command(facts, invite="CODE") if invite else "",
         "pull_command": pull_command(facts, "STEP"),
