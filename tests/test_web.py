@@ -385,7 +385,10 @@ def test_data_read_never_goes_down_as_shards_get_sized():
     seen = [(91, 100, 1), (188, 200, 2), (250, 265, 3), (400, 640, 7), (520, 800, 8), (560, 800, 8)]
     shares = [DataRead(read, total, 8, sized).share for read, total, sized in seen]
     assert shares[:4] == [None] * 4 and shares[4:] == [0.65, 0.7]
-    assert DataRead(91, 100, 8, 1).card() == "91 seq, 1/8 shards sized"
+    assert (DataRead(91, 100, 8, 1).card(), DataRead(91, 100, 8, 1).note()) == (
+        "91 seq",
+        "1 of 8 shards sized; a share once all are",
+    )
     assert DataRead(560, 800, 8, 8).card() == "70.0%" and DataRead(1200, 800, 8, 8).card() == "150.0%"
     summary = pb.SwarmSummary(dataset_shards=8)  # no shard sized yet: nothing to show
     assert data_read(summary) is None

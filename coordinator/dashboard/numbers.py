@@ -48,11 +48,15 @@ class DataRead:
         return self.sequences_read / self.sequences_total
 
     def card(self) -> str:
-        """The dashboard's short form: "42.0%", or "1,234 seq, 2/8 shards sized"."""
+        """The dashboard's short form: "42.0%", or "1,234 seq" while a shard is not sized."""
         share = self.share
-        if share is not None:
-            return f"{share:.1%}"
-        return f"{self.sequences_read:,} seq, {self.shards_sized}/{self.shards} shards sized"
+        return f"{self.sequences_read:,} seq" if share is None else f"{share:.1%}"
+
+    def note(self) -> str:
+        """What the card's figure is, under it."""
+        if self.share is None:
+            return f"{self.shards_sized} of {self.shards} shards sized; a share once all are"
+        return f"of {self.sequences_total:,} training sequences, every pass counted"
 
     def text(self) -> str:
         """The long form `crowdtrain status` prints and the dashboard shows on hover."""
@@ -86,7 +90,7 @@ def dashboard_numbers(summary) -> dict:
         "epoch_source": epoch.source,
         "data_read": None
         if read is None
-        else {"card": read.card(), "text": read.text(), "share": read.share},
+        else {"card": read.card(), "note": read.note(), "text": read.text(), "share": read.share},
         "swarm_samples_per_s": summary.samples_per_s,
         "swarm_throughput_label": SWARM_THROUGHPUT_LABEL,
         "peer_throughput_label": PEER_THROUGHPUT_LABEL,

@@ -58,8 +58,7 @@ function renderSummary(s, n) {
   const read = document.getElementById("data-read");
   read.textContent = n.data_read ? n.data_read.card : "-";
   read.title = n.data_read ? n.data_read.text : "no peer has reported a shard's size yet";
-  document.getElementById("data-read-note").textContent =
-    n.data_read && n.data_read.share === null ? "a share once every shard is sized" : "";
+  document.getElementById("data-read-note").textContent = n.data_read ? n.data_read.note : "";
   const states = document.getElementById("peer-states");
   states.replaceChildren();
   for (const [state, n] of Object.entries(s.peers_by_state)) {
