@@ -145,6 +145,7 @@ function renderJoin(j) {
   document.getElementById("invite-command").textContent = j.invite_command;
   document.getElementById("invite-hint").hidden = !j.invite_command;
   document.getElementById("tls-hint").hidden = !j.tls;
+  document.getElementById("allowlist-hint").hidden = j.admission !== "allowlist";
   document.getElementById("run-key").textContent = j.run_key;
   document.getElementById("run-key-line").hidden = !j.run_key;
   fillTable("ports", j.ports.map((p) => {
