@@ -116,11 +116,12 @@ def add_layered_options(parser, command: str) -> None:
         f"file --config (default: {command}.toml in crowdtrain's config directory); a flag wins over "
         "the environment, which wins over the file."
     )
-    parser.add_argument("--config", default="", help="TOML file with this command's settings")
-    parser.add_argument(
+    group = parser.add_argument_group("Config file and service")
+    group.add_argument("--config", default="", metavar="PATH", help="TOML file with this command's settings")
+    group.add_argument(
         "--print-config", action="store_true", help="show the effective settings and their sources"
     )
-    parser.add_argument(
+    group.add_argument(
         "--install-service",
         action="store_true",
         help="write these settings into the --config file (default: peer.toml in crowdtrain's config "
