@@ -274,7 +274,8 @@ class ControlServer:
             except (TimeoutError, OSError):
                 continue
             with conn:
-                self.serve(conn)
+                if not self._stop.is_set():  # else: shutdown()'s wake-up call
+                    self.serve(conn)
 
     def serve(self, conn: socket.socket) -> None:
         """Answer one caller; nothing it sends can raise out of here."""
@@ -302,6 +303,13 @@ class ControlServer:
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self.path is not None:  # wake accept() now rather than at its next timeout
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
+                    wake.settimeout(0.5)
+                    wake.connect(str(self.path))
+            except OSError:
+                pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=ACCEPT_POLL_S + IO_TIMEOUT_S + 1)
         if self._sock is not None:
