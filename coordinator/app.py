@@ -285,7 +285,7 @@ class Coordinator:
             signing_key=run.signing_key,
             on_reject=lambda step, reason: self.store.add_rejection(time.time(), step, reason),
             in_use=downloads.in_use,
-            data_read=lambda: self.shards.coverage().describe() if self.shards is not None else "",
+            data_read=lambda: self.shards.coverage().text() if self.shards is not None else "",
             data_terms=run.data_terms,
             contributors=leaderboard,
         )

@@ -61,8 +61,8 @@ def test_the_card_round_trips_through_huggingface_hub(tmp_path: Path, manifest):
 def test_the_card_states_what_a_downloader_needs(manifest):
     from crowdtrain.coordinator.peers.shardbook import Cursor, coverage_of
 
-    read = coverage_of([Cursor(1, 10, 100), Cursor(0, 40, 80), Cursor()]).describe()
-    assert read == "150 of 180 training sequences (83.3%) in the 2 of 3 shards read so far"
+    read = coverage_of([Cursor(1, 10, 100), Cursor(0, 40, 80), Cursor()]).text()
+    assert read == "150 training sequences; 2 of 3 shards sized (a share once every shard is)"
     card = model_card(manifest, CardFacts(12, 4.5, 3, CREATED, data_read=read))
     for needle in (
         manifest.run_id,

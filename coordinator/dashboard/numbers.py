@@ -4,9 +4,7 @@
 - the epoch shown is the latest one known: the swarm's, from its progress records, or the latest
   published checkpoint's step (a checkpoint's step is the swarm epoch it was taken at) once the
   swarm's records are gone, so a swarm that left does not read "epoch 0" beside "step 64";
-- the data read is a share only once every shard's size is known (its denominator then never
-  changes, so the share never goes down); before, it is the sequences read and how many shards
-  are sized, with no share that would fall as more shards get sized;
+- the data read: `peers/shardbook.Coverage` (the model card's too), from the summary's fields;
 - throughput: the swarm's is the sum of the rates in the swarm's progress records; a peer's row
   shows the rate in its own heartbeat; both are labelled as such.
 """
@@ -14,6 +12,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from crowdtrain.coordinator.peers.shardbook import Coverage
 
 SWARM_THROUGHPUT_LABEL = "swarm samples/s (sum of the swarm's progress records)"
 PEER_THROUGHPUT_LABEL = "samples/s the peer reports in its heartbeat"
@@ -32,48 +32,11 @@ def epoch_shown(swarm_epoch: int, latest_checkpoint_step: int) -> EpochShown:
     return EpochShown(swarm_epoch, "swarm")
 
 
-@dataclass(frozen=True)
-class DataRead:
-    sequences_read: int  # every finished pass over a shard counted
-    sequences_total: int  # in the shards whose size is known
-    shards: int
-    shards_sized: int
-
-    @property
-    def share(self) -> float | None:
-        """Sequences read over all training sequences (above 1 after a full pass); None until every
-        shard is sized, since a share of a denominator that still grows could go down."""
-        if self.shards == 0 or self.shards_sized < self.shards or self.sequences_total <= 0:
-            return None
-        return self.sequences_read / self.sequences_total
-
-    def card(self) -> str:
-        """The dashboard's short form: "42.0%", or "1,234 seq" while a shard is not sized."""
-        share = self.share
-        return f"{self.sequences_read:,} seq" if share is None else f"{share:.1%}"
-
-    def note(self) -> str:
-        """What the card's figure is, under it."""
-        if self.share is None:
-            return f"{self.shards_sized} of {self.shards} shards sized; a share once all are"
-        return f"of {self.sequences_total:,} training sequences, every pass counted"
-
-    def text(self) -> str:
-        """The long form `crowdtrain status` prints and the dashboard shows on hover."""
-        share = self.share
-        if share is not None:
-            return f"{self.sequences_read:,} of {self.sequences_total:,} training sequences ({share:.1%})"
-        return (
-            f"{self.sequences_read:,} training sequences; {self.shards_sized} of {self.shards} shards "
-            "sized (a share once every shard is)"
-        )
-
-
-def data_read(summary) -> DataRead | None:
+def data_read(summary) -> Coverage | None:
     """From a SwarmSummary (proto or dataclass); None before any peer reported a shard's size."""
     if not summary.dataset_shards or not summary.dataset_sequences:
         return None
-    return DataRead(
+    return Coverage(
         int(summary.dataset_sequences_read),
         int(summary.dataset_sequences),
         int(summary.dataset_shards),
