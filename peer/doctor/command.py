@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -48,6 +49,15 @@ def exit_status(checks: list[Check]) -> int:
 
 
 _COLORS = {"ok": "32", "warn": "33", "fail": "31", "skip": "2"}
+_UNIT = re.compile(r"(\d) (GB|MB|kB|B|ms|s)\b")
+
+
+def _wrap(text: str, width: int, first: str, rest: str) -> list[str]:
+    """`text` in lines of at most `width` columns, the first after `first`, the others after `rest`;
+    a number and its unit ("4.5 MB") stay on one line."""
+    kept = _UNIT.sub("\\1\u00a0\\2", text)
+    lines = textwrap.wrap(kept, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+    return [line.replace("\u00a0", " ") for line in lines] or [first.rstrip()]
 
 
 def format_lines(checks: list[Check], *, tty: bool = False, columns: int = LINE_COLUMNS) -> list[str]:
@@ -58,24 +68,21 @@ def format_lines(checks: list[Check], *, tty: bool = False, columns: int = LINE_
     width = max(40, columns) - 1
     lines = []
     for c in checks:
-        verdict = f"\033[{_COLORS[c.verdict]}m{c.verdict:<4}\033[0m" if tty else f"{c.verdict:<4}"
-        text = c.detail if tty else c.detail.encode("ascii", "replace").decode()
-        wrapped = textwrap.wrap(text, width - len(indent), break_on_hyphens=False) or [""]
-        lines.append(f"{verdict}  {c.name:<{NAME_COLUMNS}}  {wrapped[0]}")
-        lines += [indent + rest for rest in wrapped[1:]]
-        if c.next_step and c.verdict in ("warn", "fail"):
-            step = c.next_step if tty else c.next_step.encode("ascii", "replace").decode()
-            lines += textwrap.wrap(
-                step,
-                width,
-                initial_indent=indent + "next: ",
-                subsequent_indent=indent + "  ",
-                break_on_hyphens=False,
-            )
+        detail, step = (c.detail, c.next_step) if tty else (_ascii(c.detail), _ascii(c.next_step))
+        wrapped = _wrap(detail, width, f"{c.verdict:<4}  {c.name:<{NAME_COLUMNS}}  ", indent)
+        if tty:  # the verdict in color; wrapped without the escapes, which take no columns
+            wrapped[0] = f"\033[{_COLORS[c.verdict]}m{c.verdict:<4}\033[0m" + wrapped[0][4:]
+        lines += wrapped
+        if step and c.verdict in ("warn", "fail"):
+            lines += _wrap(step, width, indent + "next: ", indent + "  ")
     counts = ", ".join(f"{sum(c.verdict == v for c in checks)} {v}" for v in VERDICTS)
     ready = "not ready: fix what failed above" if exit_status(checks) else "ready to join"
     lines.append(f"{ready} ({counts}; exit status {exit_status(checks)})")
     return lines
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode()
 
 
 def checks_json(checks: list[Check]) -> list[dict]:

@@ -168,12 +168,12 @@ def check_memory(
     def fits(m: ModelToFit) -> bool:
         return fits_before_building(m.num_parameters, ram, device, mode=m.mode, overlap=m.overlap)[0]
 
-    have = f"RAM {format_bytes(ram[0])}" + (f", GPU {format_bytes(device[0])}" if device is not None else "")
+    have = f"{format_bytes(ram[0])} RAM" + (f", {format_bytes(device[0])} GPU" if device is not None else "")
     have += " usable"
     advice = "close programs using memory, or use a machine with more"
     if run_model is not None:
         if fits(run_model):
-            return Check("memory", "ok", f"{run_model.label} fits: needs {needs(run_model)}; {have}")
+            return Check("memory", "ok", f"{run_model.label} needs {needs(run_model)}; {have}")
         return Check("memory", "fail", f"{run_model.label} needs {needs(run_model)}; {have}", advice)
     fitting = [m.label for m in models if fits(m)]
     too_big = [m for m in models if not fits(m)]
