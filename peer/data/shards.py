@@ -35,6 +35,7 @@ from typing import IO, TYPE_CHECKING
 
 from crowdtrain.peer import checks as names
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.events import Progress
 from crowdtrain.peer.link.download import DownloadCorrupted, DownloadError, download
 from crowdtrain.peer.run.manifest import EOS_TOKEN, MAX_SHARD_BYTES, ShardSpec
 
@@ -63,14 +64,16 @@ def load_shard_blocks(
 ) -> list[list[int]] | None:
     """The shard as token blocks (downloaded, verified, cached); None when it cannot be fetched now
     and it is not `required` (an earlier shard can stand in for it); DataError when it is."""
-    try:
-        path = download(
-            f"{base_url}/data/{shard.name}",
-            shard_path(cache_dir, shard.name),
-            sha256=shard.sha256,
-            size=shard.size_bytes,
-            ssl_context=ssl_context,
-        )
+    try:  # a bar on a terminal, a line every 10 s elsewhere; nothing for a shard already cached
+        with Progress(shard.size_bytes, f"data shard {shard.name}", log=logger) as progress:
+            path = download(
+                f"{base_url}/data/{shard.name}",
+                shard_path(cache_dir, shard.name),
+                sha256=shard.sha256,
+                size=shard.size_bytes,
+                ssl_context=ssl_context,
+                progress=progress,
+            )
     except (DownloadError, names.NetworkValueError) as e:
         advice = "retry" if isinstance(e, DownloadCorrupted) else "is the coordinator's HTTP port reachable?"
         error = DataError(f"data shard {shard.name}: {e}; {advice}")

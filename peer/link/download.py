@@ -36,6 +36,7 @@ from crowdtrain.peer.display import clean_display
 from crowdtrain.peer.errors import CrowdtrainError
 
 CHUNK_BYTES = 1 << 20
+READ_BYTES = 1 << 18  # read at a time from the network: a progress bar moves at least this often
 UNKNOWN_SIZE_LIMIT_BYTES = 1 << 20  # a file of unknown size (crowdtrain.json) may be at most this big
 
 
@@ -136,7 +137,9 @@ def download(
     """Fetch `url` into `dest` (see the module docstring). `size` (bytes, -1 = unknown: then at most
     UNKNOWN_SIZE_LIMIT_BYTES) bounds what is accepted and lets a resumed download skip a file that is
     already whole; `deadline` is a time.monotonic() bound on the whole download; `progress` is
-    anything with `update(n_bytes)` (a tqdm bar); `ssl_context` verifies https:// servers."""
+    anything with `update(n_bytes)` (peer/events.py `Progress`: what a person sees of a long
+    download; n_bytes < 0 when bytes counted are thrown away); `ssl_context` verifies https://
+    servers."""
     fetch = dict(timeout_s=timeout_s, deadline=deadline, progress=progress, ssl_context=ssl_context)
     if resume:
         download_resumable(url, dest, sha256=sha256, size=size, **fetch)
@@ -277,11 +280,15 @@ def _fetch(url: str, dest: Path, size: int, timeout_s: float, deadline, progress
     try:
         with open_url(request, timeout_s, ssl_context) as response:
             start, _ = expected_body_bytes(response.headers, response.status, have, size)
+            if progress is not None:
+                progress.update(0)  # the transfer starts: its progress is shown from now on
             if not start:  # nothing yet, or a server ignoring Range: start over
                 dest.unlink(missing_ok=True)
+                if progress is not None and have:
+                    progress.update(-have)  # counted by bytes_already_here, now thrown away
             written = start
             # one buffer for the whole body: `response.read(n)` would allocate and copy every chunk
-            buffer = memoryview(bytearray(CHUNK_BYTES))
+            buffer = memoryview(bytearray(READ_BYTES))
             with HashedFile(dest, start) as f:
                 while n := response.readinto(buffer):
                     written += n

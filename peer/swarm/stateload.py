@@ -19,6 +19,7 @@ import logging
 import random
 import time
 
+from crowdtrain.peer.events import Progress
 from crowdtrain.peer.run.tensors import expected_state
 from crowdtrain.peer.swarm.statewire import (
     JOINER_BYTE_SLACK,
@@ -44,10 +45,14 @@ def joiner_limits(own_metadata: bytes, own_tensors) -> StateLimits:
 
 async def _download(averager, peer: PeerID, timeout, limits: StateLimits):
     """(metadata, tensors) streamed by `peer`, read within `limits` (statewire.StateStreamReader):
-    StateRefused the moment it oversteps them; (None, []) if the donor sent nothing."""
+    StateRefused the moment it oversteps them; (None, []) if the donor sent nothing. Its progress
+    is shown as it arrives (peer/events.py `Progress`: a bar on a terminal, else a line every 10 s),
+    out of the bytes of our own state."""
     stub = averager.get_stub(averager._p2p, peer, namespace=averager.prefix)
     stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-    return await read_state(stream, StateStreamReader(limits, loads=averager.serializer.loads), timeout)
+    reader = StateStreamReader(limits, loads=averager.serializer.loads)
+    with Progress(limits.tensor_bytes + limits.metadata_bytes, "swarm state", log=logger) as progress:
+        return await read_state(stream, reader, timeout, progress)
 
 
 async def _donors(averager, admit) -> list[PeerID]:

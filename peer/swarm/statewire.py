@@ -240,16 +240,20 @@ class StateStreamReader:
         return self.metadata, tensors
 
 
-async def read_state(stream, reader: StateStreamReader, chunk_timeout_s: float | None = None):
+async def read_state(stream, reader: StateStreamReader, chunk_timeout_s: float | None = None, progress=None):
     """(metadata, tensors) of an `rpc_download_state` stream, read with `reader` (see `finish`);
     each message must arrive within `chunk_timeout_s` (None: no limit). The stream is closed
-    (the donor told to stop) however the reading ends."""
+    (the donor told to stop) however the reading ends. `progress` (peer/events.py `Progress`, or
+    None) counts the metadata's and the tensors' bytes as they arrive."""
     from hivemind.utils.asyncio import aiter_with_timeout
 
     messages = aiter_with_timeout(stream, timeout=chunk_timeout_s)
     try:
         async for message in messages:
-            if reader.add(message):
+            done = reader.add(message)
+            if progress is not None:
+                progress.update(len(message.metadata) + len(message.tensor_part.buffer))
+            if done:
                 break
     finally:
         await messages.aclose()

@@ -26,6 +26,7 @@ from pathlib import Path
 import hivemind
 import torch
 from crowdtrain.peer.errors import CrowdtrainError
+from crowdtrain.peer.events import route_hivemind_logs
 from crowdtrain.peer.run.manifest import RunManifest
 from crowdtrain.peer.run.report import dht_claim_message
 from hivemind.optim.progress_tracker import ProgressTracker
@@ -99,7 +100,11 @@ def start_dht(
     A node with the swarm's `authorizer` also validates the run's records (peer/admission/dhtrecords.py),
     with `extra_validators` besides; `nat_port_map=False` keeps p2pd from asking the local router
     for a UPnP port mapping (servers, whose port the operator opens).
+    hivemind's records, from this process and the ones it forks, go through our log handler at the
+    level peer/events.py `configure_hivemind_logging` chose (WARNING unless --log-level debug).
     """
+    # before the first of hivemind's processes forks: they all log through our handler, at our level
+    route_hivemind_logs()
     # a client looks for libp2p relays (hivemind's use_auto_relay) to be reachable through them
     kwargs = dict(
         host_maddrs=[f"/ip4/{listen_host}/tcp/{port}"],

@@ -16,13 +16,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
 
-from crowdtrain.peer.events import emit, writes_json
+from crowdtrain.peer.events import emit, progress_shown, terminal_width, writes_json
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +102,6 @@ def status_text(
     return fit_fields(fields, width)
 
 
-def terminal_width() -> int:
-    """The columns of the terminal stderr is on ($COLUMNS, else stdout's terminal, else 80)."""
-    try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
-    except (OSError, ValueError, AttributeError):
-        return shutil.get_terminal_size().columns
-
-
 class _ClearStatusLine(logging.Filter):
     """On the handler that writes to the live line's terminal: clear the live line before each log
     record, so the record starts at the left margin; the line is drawn again at the next step."""
@@ -188,7 +178,8 @@ class StatusLine:
         )
 
     def _due(self) -> bool:
-        return self.live and time.monotonic() - self._drawn >= self.interval_s
+        """Time to draw again, and no progress bar (a shard's download: peer/events.py) holds the line."""
+        return self.live and time.monotonic() - self._drawn >= self.interval_s and not progress_shown()
 
     def _write(self, text: str) -> None:
         self._drawn = time.monotonic()
