@@ -245,6 +245,8 @@ class DoctorConfig:
         "",
         "also check this coordinator: reachable, compatible, clocks agree (HOST:PORT of its gRPC API, "
         "or its http://HOST:PORT); empty: this machine only",
+        metavar="HOST:PORT",
+        topic=CONNECTION,
     )
     gpu: int = option(-1, "which CUDA GPU to check, by index (-1: the first, as `crowdtrain peer` picks)")
     cache_dir: str = option(
