@@ -59,7 +59,8 @@ MIN_CAP_MBPS = 0.1
 BURST_S = 0.25
 CHUNK_S = 0.02
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1024, 64 * 1024
-_LAYOUT = struct.Struct("<4d")  # tokens_bytes, updated_s, bytes_sent, waited_s
+_LAYOUT = struct.Struct("<5d")  # tokens_bytes, updated_s, bytes_sent, waited_s, rate_bytes_per_s
+UNCAPPED_MBPS = 100_000.0  # a cap set to 0 while the peer runs: 100 Gbit/s, no cap in practice
 _PEER_BOUND = frozenset({"callUnary", "unaryResponse"})
 
 
@@ -140,7 +141,7 @@ class SharedTokenBucket:
         self._file.truncate(_LAYOUT.size)
         self._map = mmap.mmap(self._file.fileno(), _LAYOUT.size, mmap.MAP_SHARED)
         self._thread_lock = threading.Lock()
-        self._map[:] = _LAYOUT.pack(cap.burst_bytes, clock(), 0.0, 0.0)
+        self._map[:] = _LAYOUT.pack(cap.burst_bytes, clock(), 0.0, 0.0, cap.rate_bytes_per_s)
         self._final: UploadCounters | None = None  # set by close()
         _buckets.add(self)
 
@@ -166,10 +167,12 @@ class SharedTokenBucket:
         decided: list[float] = [0.0]
 
         def update(cells: tuple[float, ...]) -> tuple[float, ...]:
-            tokens, updated_s, sent, waited_s = cells
+            tokens, updated_s, sent, waited_s, rate = cells
+            if rate != self.cap.rate_bytes_per_s:  # set_cap() in the peer's main process
+                self.cap = upload_cap(rate * 8 / 1e6)
             state, wait_s = reserve(self.clock(), BucketState(tokens, updated_s), n_bytes, self.cap)
             decided.append(wait_s)
-            return state.tokens_bytes, state.updated_s, sent + n_bytes, waited_s + wait_s
+            return state.tokens_bytes, state.updated_s, sent + n_bytes, waited_s + wait_s, rate
 
         self._locked(update)
         return decided[-1]
@@ -179,6 +182,11 @@ class SharedTokenBucket:
         wait_s = self.reserve(n_bytes)
         if wait_s > 0:
             sleep(wait_s)
+
+    def set_cap(self, cap: UploadCap) -> None:
+        """From now on, every process sharing the bucket sends at `cap` (`crowdtrain ctl set`)."""
+        self.cap = cap
+        self._locked(lambda cells: (min(cells[0], cap.burst_bytes), *cells[1:4], cap.rate_bytes_per_s))
 
     def counters(self) -> UploadCounters:
         """What all processes sent and waited so far; after close(), the figures at closing."""
@@ -228,6 +236,14 @@ class UploadLimit:
 
     def counters(self) -> UploadCounters:
         return self.bucket.counters()
+
+    def set_mbps(self, max_upload_mbps: float) -> None:
+        """Change the cap while the peer runs, for its forked processes too (0: no cap in practice);
+        raises UploadLimitError when unusable. Chunks keep the size of the cap they started with."""
+        cap = upload_cap(max_upload_mbps or UNCAPPED_MBPS)
+        self.cap = cap
+        self.bucket.set_cap(cap)
+        logger.info("capping what this peer sends at %.3g Mbit/s from now on", cap.mbps)
 
     def start(self) -> UploadLimit:
         global _active
