@@ -238,6 +238,8 @@ class FakeVolunteer:
             answer=types.SimpleNamespace(accepted_samples=512, share=0.5, rank=1, ranked_peers=2)
         )
         self.opt = None if epoch is None else types.SimpleNamespace(local_epoch=epoch)
+        self.upload_limit = None  # started without --max-upload-mbps
+        self.dht = object()  # in the swarm
 
 
 def test_pause_stops_at_once_and_finish_and_pause_after_the_round():
@@ -287,6 +289,32 @@ def test_set_changes_live_settings_and_torch_s_threads_on_the_loop_s_thread(monk
     with pytest.raises(ControlError, match="threads must be 1 or more"):
         ctl.handle({"action": "set", "setting": "threads=0"})
     assert (v.config.schedule, v.config.threads) == ("09:00-17:00", 3), "a refused value changes nothing"
+
+
+def test_the_upload_cap_changes_live_for_every_process_sharing_it():
+    from crowdtrain.peer.machine.bandwidth import SharedTokenBucket, UploadLimit, upload_cap
+
+    v = FakeVolunteer(PeerConfig(coordinator=COORDINATOR, max_upload_mbps=8.0))
+    v.upload_limit = UploadLimit(upload_cap(8.0), clock=lambda: 100.0)
+    try:
+        PeerControl(v).handle({"action": "set", "setting": "max_upload_mbps=80"})
+        assert v.upload_limit.cap.mbps == pytest.approx(80) and v.config.max_upload_mbps == 80
+        bucket: SharedTokenBucket = v.upload_limit.bucket
+        bucket.cap = upload_cap(8.0)  # a forked process's own copy, from before the change
+        bucket.reserve(10_000_000)  # 10 MB at 80 Mbit/s (10 MB/s): about 1 s of deficit
+        assert bucket.cap.mbps == pytest.approx(80), "it read the new rate from the shared cells"
+        # the tokens left of the old burst, then the deficit paid at 10 MB/s, not at 1 MB/s
+        assert bucket.reserve(1) == pytest.approx((10_000_000 - upload_cap(8.0).burst_bytes) / 10e6, rel=0.01)
+        with pytest.raises(CrowdtrainError, match="below 0.1 Mbit/s"):
+            PeerControl(v).handle({"action": "set", "setting": "max_upload_mbps=0.01"})
+    finally:
+        v.upload_limit.bucket.close()
+    v.upload_limit = None  # started without a cap: one cannot be added to hivemind's running processes
+    with pytest.raises(ControlError, match="started without an upload cap.*restart the peer"):
+        PeerControl(v).handle({"action": "set", "setting": "max_upload_mbps=5"})
+    v.dht = None  # not in the swarm yet: the new value is what it will join with
+    PeerControl(v).handle({"action": "set", "setting": "max_upload_mbps=5"})
+    assert v.config.max_upload_mbps == 5
 
 
 def test_sighup_reads_peer_toml_again_and_applies_the_live_keys(tmp_path: Path, caplog):

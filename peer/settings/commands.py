@@ -266,7 +266,8 @@ class CtlConfig:
     )
     setting: str = option(
         "",
-        "with set: a setting that changes live (schedule, pause_when_busy, pause_on_battery, threads)",
+        "with set: a setting that changes live (schedule, pause_when_busy, pause_on_battery, threads, "
+        "max_upload_mbps)",
         positional=True,
         metavar="KEY=VALUE",
     )

@@ -47,7 +47,7 @@ ACCEPT_POLL_S = 0.5  # how often the server looks for shutdown and a SIGHUP
 MAX_SOCKET_PATH_BYTES = 100  # AF_UNIX paths are at most 107 bytes on Linux, 103 on macOS
 ACTIONS = ("status", "pause", "resume", "finish-and-pause", "set")
 PAUSE_KEYS = ("schedule", "pause_when_busy", "pause_on_battery")
-LIVE_KEYS = (*PAUSE_KEYS, "threads")
+LIVE_KEYS = (*PAUSE_KEYS, "threads", "max_upload_mbps")
 _SOCKET_NAME = re.compile(r"peer-([0-9]+)\.sock")
 
 
@@ -404,6 +404,8 @@ class PeerControl:
                 busy_threshold_pct=new.pause_when_busy,
                 pause_on_battery=bool(new.pause_on_battery),
             )
+            if "max_upload_mbps" in values:
+                self._set_upload_cap(new.max_upload_mbps)
             old, v.config = v.config, new
             if "threads" in values:
                 self._pending_threads = new.threads
@@ -412,6 +414,22 @@ class PeerControl:
         changed = [f"{key}: {getattr(old, key)!r} -> {getattr(new, key)!r}" for key in values]
         logger.info("settings changed live: %s", ", ".join(changed))
         return ", ".join(changed)
+
+    def _set_upload_cap(self, max_upload_mbps: float) -> None:
+        """The cap is shared with hivemind's processes, so it must exist before they start: it
+        changes live where the peer started with one, or before it joined the swarm."""
+        v = self.volunteer
+        if v.upload_limit is not None:
+            v.upload_limit.set_mbps(max_upload_mbps)  # UploadLimitError (a CrowdtrainError) when unusable
+        elif v.dht is not None and max_upload_mbps > 0:
+            raise ControlError(
+                "max_upload_mbps: this peer started without an upload cap, and one must be in place "
+                "before hivemind's processes start; put it in peer.toml (or the flag) and restart the peer"
+            )
+        elif max_upload_mbps != 0:
+            from crowdtrain.peer.machine.bandwidth import upload_cap
+
+            upload_cap(max_upload_mbps)  # checked now; installed when the peer joins the swarm
 
     def apply_in_loop(self) -> None:
         """On the training loop's thread: what must be applied there (torch's threads)."""
