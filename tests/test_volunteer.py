@@ -3,8 +3,9 @@
 The coordinator trains on a local JSONL file (its text in a chosen field, with corrupted records
 mixed in). Peer A is an ordinary full peer. Peer B announces an address nobody can dial, as a peer
 behind NAT does: the coordinator tells it so, and it trains in client mode. Then B is paused with
-SIGUSR1 (PAUSED in the coordinator's status, no samples while paused) and resumed with SIGUSR2
-(it loads the swarm's state before contributing again), and at last stopped and restarted: it
+`crowdtrain ctl pause` (as SIGUSR1: PAUSED in the coordinator's status and in `ctl status --json`,
+no samples while paused) and resumed with `crowdtrain ctl resume` (it loads the swarm's state
+before contributing again), and at last stopped and restarted: it
 continues in its shard where it stopped. Throughout, no two peers read the same shard.
 """
 
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 import sysconfig
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from crowdtrain.coordinator.demo import cli_command
 from crowdtrain.peer.data.reader import PlaceFile
 from crowdtrain.peer.link.client import CoordinatorClient, CoordinatorUnavailable
 
@@ -88,6 +91,14 @@ def peer_view(client: CoordinatorClient, name: str):
     return views[0] if views else None
 
 
+def ctl(pid: int, *args: str) -> str:
+    """`crowdtrain ctl ARGS --pid PID`, as a volunteer types it; its output."""
+    command = cli_command("ctl", *args, "--pid", str(pid))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def wait_until(condition, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -149,13 +160,18 @@ def test_client_mode_pause_resume_restart_and_disjoint_shards_over_jsonl(launche
         assert view.client_mode and view.reachability == "unreachable"
         assert peer_view(status, "peer-a").reachability == "reachable"
 
-        # --- pause: PAUSED with its reason, nothing computed while paused
-        b.proc.send_signal(signal.SIGUSR1)
-        assert "SIGUSR1" in launcher.wait_for_event(b, "paused", timeout_s=30)["reason"]
+        # --- pause (`crowdtrain ctl pause`, as SIGUSR1): PAUSED with its reason, nothing computed while paused
+        assert "computing stops now" in ctl(b.proc.pid, "pause")
+        assert "ctl pause" in launcher.wait_for_event(b, "paused", timeout_s=30)["reason"]
+        local = json.loads(ctl(b.proc.pid, "status", "--json"))
+        assert (local["phase"], local["name"]) == ("paused", "peer-b") and "ctl pause" in local[
+            "pause_reason"
+        ]
+        assert local["live_settings"]["threads"] == 1, local
         paused = wait_until(
             lambda: (v := peer_view(status, "peer-b")) and v.state == "PAUSED" and v, 30, "PAUSED in status"
         )
-        assert "SIGUSR1" in paused.reason
+        assert "ctl pause" in paused.reason
         since = index_after(b, events_named(b, "paused")[-1])
         epoch_a = events_named(a, "epoch")[-1]["epoch"]
         # the swarm goes on: B handed its samples to at most the round ending epoch_a + 1, and the
@@ -168,8 +184,8 @@ def test_client_mode_pause_resume_restart_and_disjoint_shards_over_jsonl(launche
             e["samples_total"] == paused.computed_samples for e in events_named(b, "epoch", since)
         )
 
-        # --- resume: the swarm went on, so B loads its state before it contributes again
-        b.proc.send_signal(signal.SIGUSR2)
+        # --- resume (`crowdtrain ctl resume`, as SIGUSR2): the swarm went on, so B loads its state first
+        assert ctl(b.proc.pid, "resume").startswith("resumed")
         resumed = launcher.wait_for_event(b, "resumed", timeout_s=240, start=since)
         assert resumed["resynced"] is True, resumed
         after = launcher.wait_for_event(b, "epoch", timeout_s=240, start=index_after(b, resumed))
