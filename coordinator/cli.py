@@ -70,7 +70,9 @@ def cmd_coordinator(config: cfg.CoordinatorConfig) -> int:
 
     from crowdtrain.coordinator.api.loopthread import favour_event_loops
     from crowdtrain.coordinator.app import Coordinator
+    from crowdtrain.coordinator.config import check_ports_free
 
+    check_ports_free(config)  # not for --install-service: this coordinator may be running meanwhile
     coordinator = Coordinator(config)
     try:
         coordinator.start()
@@ -324,7 +326,6 @@ def _add_json_flag(parser: argparse.ArgumentParser) -> None:
 def _add_operator_command(sub, name: str, command: str | None) -> None:
     class_name, _, help_text = COMMANDS[name]
     sp = sub.add_parser(name, help=help_text, description=help_text)
-    peer_cli.add_logging_options(sp, on_subcommand=True)
     if command in (None, name):
         settings.add_arguments(sp, _settings_class(class_name))
         if name in JSON_COMMANDS:
@@ -336,18 +337,22 @@ def _add_operator_command(sub, name: str, command: str | None) -> None:
                 help="write a systemd user unit that runs this coordinator with these settings at every "
                 "login (and boot, with lingering), print how to enable it, and exit",
             )
+    peer_cli.add_logging_options(sp.add_argument_group("Logging"), on_subcommand=True)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with "did you mean" for a mistyped subcommand or choice (subparsers are made of
-    the same class, so every level has it)."""
+    the same class, so every level has it), and a usage line short enough to leave the error in view."""
 
     def error(self, message: str):
         choice = re.match(r"argument .*: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
         if choice:
             options = [c.strip().strip("'\"") for c in choice.group(2).split(",")]
             message += did_you_mean(choice.group(1), options)
-        super().error(message)
+        usage = self.format_usage()
+        if usage.count("\n") > 3:  # the coordinator's dozens of flags would bury the one line that matters
+            usage = f"usage: {self.prog} [options] (`{self.prog} --help` lists them by topic)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
 
 
 def did_you_mean(word: str, options) -> str:
@@ -440,6 +445,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     class_name, handler, _ = table[name]
     config = settings.from_arguments(_settings_class(class_name), args)
+    if args.command == "coordinator":  # every flag can work, before a file is written or torch loads
+        from crowdtrain.coordinator.config import check_usable
+
+        check_usable(config)
     if getattr(args, "install_service", False):
         from crowdtrain.peer.settings.service import (
             COORDINATOR_UNIT_NAME,
