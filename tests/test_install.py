@@ -22,7 +22,9 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import urllib.request
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -243,3 +245,40 @@ def test_the_wheel_installed_without_dev_runs_a_coordinator_status_and_a_peer(
     assert facts["upgrade_in_pipx"] == "pipx install --force NEW_WHEEL_OR_ITS_URL"
     monkeypatch.delenv("PYTHONPATH", raising=False)
     run_installed(fresh_venv, tmp_path, launcher, facts["version"])
+
+
+def _pypi_reachable() -> bool:
+    try:
+        with urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=10):
+            return True
+    except OSError:
+        return False
+
+
+def _bare_venv(tmp_path: Path, wheel: Path) -> Path:
+    """A venv with nothing but the wheel and what pip resolves for it: torch first (TORCH_SPEC, else
+    the torch of this venv: a CPU build here, where a bare `torch` would pull gigabytes of CUDA),
+    then the wheel (no extra), then `pip check`. Skips when PyPI is unreachable."""
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = [str(venv / "bin" / "python"), "-m", "pip"]
+    torch_spec = os.environ.get("TORCH_SPEC") or f"torch=={version('torch').split('+')[0]}"
+    for step in (["install", "-q", torch_spec], ["install", "-q", str(wheel)], ["check"]):
+        done = subprocess.run([*pip, *step], capture_output=True, text=True, timeout=1800, env=_clean_env())
+        if done.returncode != 0 and step[0] == "install" and not _pypi_reachable():
+            pytest.skip("PyPI is unreachable, so the wheel's dependencies cannot be installed")
+        assert done.returncode == 0, f"pip {' '.join(step)}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return venv
+
+
+@pytest.mark.install
+def test_the_wheel_installs_from_pypi_into_a_bare_venv_and_runs(
+    wheel: Path, tmp_path: Path, launcher: Launcher, request, monkeypatch
+):
+    # a `-m` given on the command line replaces the `not install` of addopts
+    if "install" not in request.config.getoption("markexpr"):
+        pytest.skip("installs from PyPI (minutes): run it with `-m install` or scripts/install_check.sh")
+    venv = _bare_venv(tmp_path, wheel)
+    facts = _check_installed(venv)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    run_installed(venv, tmp_path, launcher, facts["version"])
