@@ -387,3 +387,28 @@ def test_ctl_without_a_peer_says_how_to_start_one(monkeypatch, short_dir: Path):
         control.run_ctl(CtlConfig(action="set", setting="seed=3"))
     with pytest.raises(ControlError, match="takes no"):
         control.run_ctl(CtlConfig(action="pause", setting="threads=2"))
+
+
+def test_a_join_the_run_refuses_ends_the_peer_with_exit_status_3(monkeypatch):
+    import grpc
+    from crowdtrain.peer.link.client import CoordinatorRejected
+    from crowdtrain.peer.volunteer.trainer import Volunteer
+
+    volunteer = Volunteer(PeerConfig(coordinator="127.0.0.1:1", name="alice"))
+    identity = types.SimpleNamespace(signed_join=lambda request: request)
+    try:
+        for code, refused in (
+            (grpc.StatusCode.PERMISSION_DENIED, True),
+            (grpc.StatusCode.INVALID_ARGUMENT, False),
+        ):
+
+            def join(request, code=code):
+                raise CoordinatorRejected(f"coordinator at 127.0.0.1:1 refused: {code.name}: no", code)
+
+            monkeypatch.setattr(volunteer.client, "join", join)
+            with pytest.raises(CrowdtrainError) as raised:
+                volunteer._ask_to_join(identity, "cpu")
+            assert isinstance(raised.value, PeerRefused) == refused
+            assert exit_code(lambda e=raised.value: (_ for _ in ()).throw(e)) == (3 if refused else 1)
+    finally:
+        volunteer.client.close()
