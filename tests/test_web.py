@@ -379,18 +379,18 @@ def test_readyz_answers_ready_only_while_the_grpc_api_serves(tmp_path: Path):
 def test_data_read_never_goes_down_as_shards_get_sized():
     """The review saw 91%, 94% then 62% within minutes: the share's denominator grew as shards
     got sized. Now a share appears only once every shard is sized, and never falls after."""
-    from crowdtrain.coordinator.dashboard.numbers import data_read
+    from crowdtrain.coordinator.dashboard.numbers import data_read, read_card, read_note
     from crowdtrain.coordinator.peers.shardbook import Coverage
 
     # (read, total known, shards sized) as peers read on and report shard sizes, 8 shards
     seen = [(91, 100, 1), (188, 200, 2), (250, 265, 3), (400, 640, 7), (520, 800, 8), (560, 800, 8)]
     shares = [Coverage(read, total, 8, sized).share for read, total, sized in seen]
     assert shares[:4] == [None] * 4 and shares[4:] == [0.65, 0.7]
-    assert (Coverage(91, 100, 8, 1).card(), Coverage(91, 100, 8, 1).note()) == (
+    assert (read_card(Coverage(91, 100, 8, 1)), read_note(Coverage(91, 100, 8, 1))) == (
         "91 seq",
         "1 of 8 shards sized; a share once all are",
     )
-    assert Coverage(560, 800, 8, 8).card() == "70.0%" and Coverage(1200, 800, 8, 8).card() == "150.0%"
+    assert read_card(Coverage(560, 800, 8, 8)) == "70.0%" and read_card(Coverage(1200, 800, 8, 8)) == "150.0%"
     summary = pb.SwarmSummary(dataset_shards=8)  # no shard sized yet: nothing to show
     assert data_read(summary) is None
 

@@ -44,6 +44,18 @@ def data_read(summary) -> Coverage | None:
     )
 
 
+def read_card(read: Coverage) -> str:
+    """The dashboard's short form: "42.0%", or "1,234 seq" while a shard is not sized."""
+    return f"{read.read:,} seq" if read.share is None else f"{read.share:.1%}"
+
+
+def read_note(read: Coverage) -> str:
+    """What the card's figure is, under it."""
+    if read.share is None:
+        return f"{read.sized} of {read.shards} shards sized; a share once all are"
+    return f"of {read.total:,} training sequences, every pass counted"
+
+
 def dashboard_numbers(summary) -> dict:
     """/api/v1/dashboard's numbers from a SwarmSummary: what each card shows, with its definition."""
     epoch = epoch_shown(int(summary.global_epoch), int(summary.latest_checkpoint_step))
@@ -53,7 +65,7 @@ def dashboard_numbers(summary) -> dict:
         "epoch_source": epoch.source,
         "data_read": None
         if read is None
-        else {"card": read.card(), "note": read.note(), "text": read.text(), "share": read.share},
+        else {"card": read_card(read), "note": read_note(read), "text": read.text(), "share": read.share},
         "swarm_samples_per_s": summary.samples_per_s,
         "swarm_throughput_label": SWARM_THROUGHPUT_LABEL,
         "peer_throughput_label": PEER_THROUGHPUT_LABEL,

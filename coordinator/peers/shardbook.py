@@ -63,8 +63,7 @@ class Claim:
 @dataclass(frozen=True)
 class Coverage:
     """How much of the run's data the swarm has read: the one definition the dashboard,
-    `crowdtrain status` and the model card show. A share only once every shard's size is known:
-    its denominator then never changes, so the share never goes down as shards get sized."""
+    `crowdtrain status` and the model card show (dashboard/numbers.py words it for the cards)."""
 
     read: int  # sequences read, every finished pass counted
     total: int  # sequences in the shards whose size is known
@@ -73,32 +72,17 @@ class Coverage:
 
     @property
     def share(self) -> float | None:
-        """Sequences read over all training sequences (above 1 after a full pass); None until every
-        shard is sized, since a share of a denominator that still grows could go down."""
+        """Read over all training sequences (above 1 after a pass); None until every shard is sized."""
         if self.shards == 0 or self.sized < self.shards or self.total <= 0:
             return None
         return self.read / self.total
 
-    def card(self) -> str:
-        """The dashboard's short form: "42.0%", or "1,234 seq" while a shard is not sized."""
-        share = self.share
-        return f"{self.read:,} seq" if share is None else f"{share:.1%}"
-
-    def note(self) -> str:
-        """What the card's figure is, under it."""
-        if self.share is None:
-            return f"{self.sized} of {self.shards} shards sized; a share once all are"
-        return f"of {self.total:,} training sequences, every pass counted"
-
     def text(self) -> str:
-        """For people (`crowdtrain status`, the model card): "1,234 of 5,000 training sequences
-        (24.7%)", or the sequences read and the shards sized; "" before any shard is sized."""
-        if not self.total:
-            return ""
-        share = self.share
-        if share is not None:
-            return f"{self.read:,} of {self.total:,} training sequences ({share:.1%})"
-        return f"{self.read:,} training sequences; {self.sized} of {self.shards} shards sized (a share once every shard is)"
+        """For people (`crowdtrain status`, the model card); "" before any shard is sized."""
+        if self.share is not None:
+            return f"{self.read:,} of {self.total:,} training sequences ({self.share:.1%})"
+        sized = f"{self.sized} of {self.shards} shards sized (a share once every shard is)"
+        return f"{self.read:,} training sequences; {sized}" if self.total else ""
 
 
 def resume_claim(request, checked: dict, run_id: str) -> Claim | None:
