@@ -217,7 +217,6 @@ def route_hivemind_logs() -> None:
     level = hivemind_logger.level
     use_hivemind_log_handler("nowhere")  # its handler off, propagation on, its level reset...
     hivemind_logger.setLevel(level)  # ...so restored
-    logging.addLevelName(logging.WARNING, "WARNING")  # its import renamed it "WARN" for its format
 
 
 # ------------------------------------------------------------------ the terminal
@@ -240,9 +239,12 @@ class TerminalHandler(logging.StreamHandler):
     of another process. Forked hivemind children inherit this handler, so their records cannot cut
     into the parent's live line either. While a `Progress` bar of this process is shown, a record
     is written above it through tqdm, which draws the bar again below. Off a terminal, or under
-    `--log-format json`: a plain StreamHandler."""
+    `--log-format json`: a plain StreamHandler. WARNING is called WARNING throughout, also after
+    hivemind's import renamed it WARN."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelname == "WARN":  # hivemind's import renames WARNING for its own format
+            record.levelname = "WARNING"
         stream = self.stream
         if isinstance(self.formatter, JsonFormatter) or not _isatty(stream):
             super().emit(record)

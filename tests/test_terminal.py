@@ -231,16 +231,18 @@ class _Terminal(io.StringIO):
 
 
 def test_on_a_terminal_each_record_starts_on_a_cleared_line_elsewhere_unchanged():
-    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "careful", (), None)
     for stream, formatter, starts in (
-        (_Terminal(), logging.Formatter("%(message)s"), CLEAR_LINE + "careful\n"),
-        (io.StringIO(), logging.Formatter("%(message)s"), "careful\n"),
+        (_Terminal(), logging.Formatter("%(levelname)s %(message)s"), CLEAR_LINE + "WARNING careful\n"),
+        (io.StringIO(), logging.Formatter("%(levelname)s %(message)s"), "WARNING careful\n"),
         (_Terminal(), JsonFormatter(), '{"ts"'),  # JSON lines are for programs: nothing added
     ):
+        record = logging.LogRecord("x", logging.WARNING, __file__, 1, "careful", (), None)
+        record.levelname = "WARN"  # as named after hivemind's import
         handler = TerminalHandler(stream)
         handler.setFormatter(formatter)
         handler.emit(record)
         assert stream.getvalue().startswith(starts)
+    assert '"level": "WARNING"' in stream.getvalue()
 
 
 # ------------------------------------------------------------------ progress of long downloads
