@@ -204,6 +204,18 @@ def read_line(conn: socket.socket, limit: int, timeout_s: float) -> bytes:
     return bytes(buf).split(b"\n", 1)[0]
 
 
+def _drain(conn: socket.socket) -> None:
+    """Read what the caller still sends (bounded) before closing: a Unix socket closed with
+    unread data resets the caller's connection, which may lose it the reply."""
+    deadline, left = time.monotonic() + IO_TIMEOUT_S, MAX_REQUEST_BYTES * 16
+    while left > 0 and time.monotonic() < deadline:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = conn.recv(min(65536, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+
+
 def _encoded(reply: dict) -> bytes:
     return json.dumps(reply, allow_nan=False).encode("utf-8") + b"\n"
 
@@ -287,6 +299,8 @@ class ControlServer:
         try:
             conn.settimeout(IO_TIMEOUT_S)
             conn.sendall(_encoded(reply))
+            conn.shutdown(socket.SHUT_WR)
+            _drain(conn)
         except (OSError, ValueError):
             pass
 
