@@ -117,6 +117,27 @@ def test_on_a_terminal_the_line_is_redrawn_in_place_and_cleared_for_log_lines(mo
     assert "\r\033[Ka log line\n" in out  # cleared first: the record starts at the margin
 
 
+def test_the_live_line_waits_while_a_progress_bar_holds_the_line(monkeypatch):
+    """A shard downloading on the read-ahead thread shows a bar; the live line is not drawn over it
+    meanwhile, and is drawn again once the bar is gone."""
+    from crowdtrain.peer.events import Progress
+
+    stream = _Tty()
+    monkeypatch.setattr("sys.stderr", stream)
+    with StatusLine(interval_s=0.0, width=lambda: 80) as status:
+        with Progress(
+            1000, "data shard train-00001.jsonl", log=logging.getLogger("t"), width=lambda: 80
+        ) as bar:
+            bar.update(500)
+            status.draw_paused("on battery", 3, 1)
+            assert "PAUSED" not in stream.getvalue()
+        status.draw_paused("on battery", 3, 1)
+    assert "data shard train-00001.jsonl" in stream.getvalue()
+    assert (
+        stream.getvalue().removesuffix("\r\033[K").endswith("PAUSED (on battery) | epoch 3 | swarm 1 peers")
+    )
+
+
 def test_epoch_lines_are_thinned_on_text_logs_but_every_one_stays_in_json():
     now = [0.0]
     text = EpochLines(every_s=30.0, clock=lambda: now[0], json_logs=lambda: False)
