@@ -449,6 +449,8 @@ def _run(args: argparse.Namespace) -> int:
         from crowdtrain.coordinator.config import check_usable
 
         check_usable(config)
+        if args.log_format == "json":  # imports hivemind (seconds): only for settings that can work
+            peer_cli.hivemind_logs_through_ours()
     if getattr(args, "install_service", False):
         from crowdtrain.peer.settings.service import (
             COORDINATOR_UNIT_NAME,
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         print(peer_cli.interrupted(None), file=sys.stderr)
         return INTERRUPTED_EXIT_STATUS
     peer_cli.configure_logging(args.log_level, args.log_format)
-    if args.log_format == "json" and args.command in ("peer", "coordinator"):
+    if args.log_format == "json" and args.command == "peer":  # the coordinator's: once its flags pass
         peer_cli.hivemind_logs_through_ours()
     return peer_cli.exit_code(lambda: _run(args), args.command)
 
