@@ -119,6 +119,15 @@ class CoordinatorConfig:
         "(default: named from --data without local paths, e.g. '*.md in corpus')",
         metavar="NAME",
     )
+    data_url: str = setting(
+        RunSettings, "data_url", "a public http(s) page about the data, for model cards", metavar="URL"
+    )
+    data_license: str = setting(
+        RunSettings,
+        "data_license",
+        "the data's license for model cards: an SPDX id (CC-BY-4.0) or a short text",
+        metavar="LICENSE",
+    )
     swarm: tuple[str, ...] = setting(
         RunSettings,
         "swarm",
