@@ -412,3 +412,26 @@ def test_a_join_the_run_refuses_ends_the_peer_with_exit_status_3(monkeypatch):
             assert exit_code(lambda e=raised.value: (_ for _ in ()).throw(e)) == (3 if refused else 1)
     finally:
         volunteer.client.close()
+
+
+def test_coordinator_install_service_writes_its_unit(tmp_path: Path, monkeypatch, capsys):
+    from crowdtrain.coordinator.cli import main
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "coordinator",
+        "--data-dir",
+        "runs/mine",
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "0",
+        "--install-service",
+    ]
+    assert main(argv) == 0
+    unit = tmp_path / "xdg" / "systemd" / "user" / "crowdtrain-coordinator.service"
+    assert f"wrote {unit}" in capsys.readouterr().out and unit.stat().st_mode & 0o777 == 0o600
+    text = unit.read_text()
+    assert '"coordinator" "--data-dir=runs/mine" "--grpc-port=0" "--http-port=0"' in text
+    assert f"WorkingDirectory={tmp_path}" in text and not (tmp_path / "runs").exists(), "no run is made"
