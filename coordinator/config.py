@@ -31,7 +31,7 @@ from crowdtrain.coordinator.api.reachability import ReachSettings
 from crowdtrain.coordinator.api.servicer import AbuseLimits
 from crowdtrain.coordinator.peers.health import HealthSettings
 from crowdtrain.coordinator.publishing.publisher import PublisherSettings
-from crowdtrain.coordinator.run.runs import RunSettings
+from crowdtrain.coordinator.run.runs import RunSettings, check_settings
 from crowdtrain.peer.admission.tokens import ADMISSION_MODES
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.run.manifest import PRESETS
@@ -326,10 +326,10 @@ def check_usable(config: CoordinatorConfig) -> CoordinatorConfig:
     """`config`, once every flag can work; else SettingsError (or the owner's own error) naming the
     first flag that cannot. Run before anything is created or loaded, so that a mistake costs a
     second instead of leaving a half-made run: each value in its range and among its choices, each
-    component's settings built (their own checks), the preset's --swarm overrides, --device,
-    --min-peer-version, the TLS pair, the files named (certificate, key, allowlist) readable, and
-    each --data entry there.
-    Reads those files (and imports torch for a CUDA --device) but writes nothing."""
+    component's settings built (their own checks), the preset's --swarm overrides, the public
+    texts (--data-name, --data-url, --data-license), --device, --min-peer-version, the TLS pair,
+    the files named (certificate, key, allowlist) readable, and each --data entry there. Reads
+    those files (and imports torch for a CUDA --device) but writes nothing."""
     _check_values(config)
     for owner in OWNERS:
         config.settings(owner)  # each component's own checks (--admission, --trusted-proxy, ...)
@@ -374,6 +374,7 @@ def _check_together(config: CoordinatorConfig) -> None:
     if bool(config.tls_cert) != bool(config.tls_key):
         raise SettingsError("--tls-cert and --tls-key go together: pass both, or neither for plaintext")
     override_swarm(get_preset(config.preset).swarm, config.swarm)  # a KEY=VALUE typo, named
+    check_settings(config.settings(RunSettings))  # --data-name, --data-url, --data-license
     minimum_peer_version(config.min_peer_version, __version__)
 
 

@@ -105,6 +105,7 @@ def test_the_check_loads_neither_torch_nor_hivemind(tmp_path: Path):
         ({"device": "cuda:x"}, "--device 'cuda:x' is not a device"),
         ({"data": ("hf:",)}, "--data 'hf:' names no dataset"),
         ({"data_field": " "}, "--data-field must name the record field"),
+        ({"data_url": "/home/alice/corpus"}, "--data-url"),
     ],
 )
 def test_each_flag_is_checked_with_a_message_naming_it(tmp_path: Path, changes, error):
