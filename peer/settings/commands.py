@@ -342,7 +342,8 @@ def _flag_kwargs(f: dataclasses.Field, tp, required: bool) -> dict:
     kwargs.update(type=tp, required=required)
     if not required:
         kwargs["default"] = f.default
-        kwargs["help"] += f" (default: {f.default!r})"
+        if f.default != "" and "default:" not in kwargs["help"]:  # the help may say it better itself
+            kwargs["help"] += f" (default: {f.default!r})"
     return kwargs
 
 
