@@ -326,6 +326,9 @@ def _start_foreign_busy_loops(tmp_path) -> psutil.Process:
     return root
 
 
+# measures the machine's CPU: under `-n 2` it runs on the swarm tests' worker, between two of them,
+# not beside a swarm that takes the cores it measures
+@pytest.mark.xdist_group("swarm")
 def test_a_cpu_load_outside_our_process_tree_is_seen_and_pauses_the_monitor(tmp_path):
     idle = SystemSampler()
     idle()
