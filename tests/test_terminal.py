@@ -37,6 +37,7 @@ from crowdtrain.peer.events import (
     configure_hivemind_logging,
     hivemind_level,
     progress_text,
+    quiet_expected_averaging_failures,
 )
 
 # ------------------------------------------------------------------ a terminal, as far as we need one
@@ -215,14 +216,48 @@ def test_hivemind_levels_follow_ours(monkeypatch):
     hivemind_logging = types.SimpleNamespace(loglevel="INFO")  # as if hivemind were imported
     monkeypatch.setitem(sys.modules, "hivemind.utils.logging", hivemind_logging)
     hivemind_logger = logging.getLogger("hivemind")
-    monkeypatch.setattr(hivemind_logger, "level", hivemind_logger.level)
+    before = hivemind_logger.level
     for name in ("HIVEMIND_LOGLEVEL", "GOLOG_LOG_LEVEL"):
         monkeypatch.setenv(name, "INFO")
-    configure_hivemind_logging(logging.INFO)  # hivemind is imported already: set now, and for children
-    assert os.environ["HIVEMIND_LOGLEVEL"] == hivemind_logging.loglevel == "WARNING"
-    assert os.environ["GOLOG_LOG_LEVEL"] == "WARN" and hivemind_logger.level == logging.WARNING
-    configure_hivemind_logging(logging.DEBUG)
-    assert os.environ["HIVEMIND_LOGLEVEL"] == "DEBUG" and hivemind_logger.level == logging.DEBUG
+    try:
+        configure_hivemind_logging(logging.INFO)  # hivemind imported already: set now, and for children
+        assert os.environ["HIVEMIND_LOGLEVEL"] == hivemind_logging.loglevel == "WARNING"
+        assert os.environ["GOLOG_LOG_LEVEL"] == "WARN" and hivemind_logger.level == logging.WARNING
+        configure_hivemind_logging(logging.DEBUG)
+        assert os.environ["HIVEMIND_LOGLEVEL"] == "DEBUG" and hivemind_logger.level == logging.DEBUG
+    finally:
+        hivemind_logger.setLevel(before)  # setLevel: also clears the loggers' cached levels
+
+
+def test_a_round_that_lost_a_sliver_is_quiet_and_a_bigger_loss_one_plain_warning():
+    """hivemind said "Averaging: received 100.0% results" at WARNING when a peer left mid-round."""
+    quiet_expected_averaging_failures()
+    hivemind_logger, partition = (
+        logging.getLogger("hivemind"),
+        logging.getLogger("hivemind.averaging.partition"),
+    )
+    before = hivemind_logger.level
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    partition.addHandler(handler)
+    try:
+        for level in (logging.WARNING, logging.DEBUG):  # ours at info, then at debug
+            hivemind_logger.setLevel(level)
+            for share in (100.0, 62.5):  # as TensorPartReducer.finalize logs it
+                partition.warning(f"Averaging: received {share:.1f}% results")
+            partition.warning("something else")
+    finally:
+        partition.removeHandler(handler)
+        hivemind_logger.setLevel(before)
+    note = "% of the parts arrived (a peer was slow or left mid-round); what arrived was averaged"
+    assert out.getvalue().splitlines() == [
+        f"WARNING averaging round: 62.5{note}",
+        "WARNING something else",
+        f"DEBUG averaging round: 100.0{note}",
+        f"WARNING averaging round: 62.5{note}",
+        "WARNING something else",
+    ]
 
 
 class _Terminal(io.StringIO):
