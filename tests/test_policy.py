@@ -17,6 +17,7 @@ from crowdtrain.coordinator.peers import policy
 from crowdtrain.coordinator.peers.groups import GroupReport
 from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord
 from crowdtrain.coordinator.peers.policy import Admission
+from crowdtrain.peer.checks import version_verdict
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.run.report import PeerReport
 from crowdtrain.protos import coordinator_pb2 as pb
@@ -266,7 +267,7 @@ def test_a_session_never_switches_the_identity_it_joined_with(admitted, claimed,
     ],
 )
 def test_version_verdict(peer_version, minimum, allowed, reason):
-    ok, why = policy.version_verdict(peer_version, minimum)
+    ok, why = version_verdict(peer_version, minimum)
     assert ok is allowed and reason in why
     assert "crowdtrain>=" not in why, "crowdtrain is on no index: a bare requirement installs nothing"
 

@@ -46,6 +46,7 @@ from crowdtrain.coordinator.peers.standings import Standings
 from crowdtrain.coordinator.peers.status import SwarmStatus
 from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.coordinator.publishing import archive
+from crowdtrain.peer.checks import version_verdict
 from crowdtrain.peer.run.report import to_message
 from crowdtrain.protos import coordinator_pb2 as pb
 
@@ -157,7 +158,7 @@ class CoordinatorServicer:
         self.standings = Standings(store.contribution_totals if store else dict, clock)
 
     def _refuse_out_of_date(self, joiner: dict) -> None:
-        compatible, reason = policy.version_verdict(joiner["version"], self.run.min_peer_version)
+        compatible, reason = version_verdict(joiner["version"], self.run.min_peer_version)
         if not compatible:
             logger.info("refused peer %r: %s", joiner["name"], reason)
             raise IncompatibleError(reason)

@@ -26,7 +26,6 @@ from crowdtrain.coordinator.limits import check_request
 from crowdtrain.coordinator.peers.credit import identity_roots, vouched
 from crowdtrain.coordinator.peers.groups import GroupReport
 from crowdtrain.coordinator.peers.health import HealthSettings, PeerRecord, is_online
-from crowdtrain.peer.checks import version_verdict as version_verdict
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.run.report import FIELD_NAMES, PeerReport, report_values
 

@@ -71,4 +71,6 @@ def describe_device(device) -> str:
 
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "mps (Apple GPU)"
     return f"cpu ({torch.get_num_threads()} threads)"
