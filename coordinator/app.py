@@ -40,7 +40,13 @@ from crowdtrain.coordinator.peers.policy import minimum_peer_version
 from crowdtrain.coordinator.peers.status import SwarmProgress, SwarmStatus, build_status, contributors
 from crowdtrain.coordinator.peers.store import Store
 from crowdtrain.coordinator.publishing.archive import DownloadTracker
-from crowdtrain.coordinator.run.ports import bind_remembered, check_port_free, guess_public_host, tcp_port
+from crowdtrain.coordinator.run.ports import (
+    bind_remembered,
+    check_port_free,
+    dht_announce_host,
+    guess_public_host,
+    tcp_port,
+)
 from crowdtrain.coordinator.run.runs import Run, RunSettings, open_run
 from crowdtrain.coordinator.signing import public_key_hex, sign_hex
 from crowdtrain.peer import __version__
@@ -152,7 +158,9 @@ class Coordinator:
             self.run.manifest.run_id, self.run.signing_key, self.data_dir / "dht.key"
         )
         self.dht = access.start_bootstrap_node(
-            listen_host=cfg.host, port=dht_port, announce_host=self.public_host if dht_port else ""
+            listen_host=cfg.host,
+            port=dht_port,
+            announce_host=dht_announce_host(self.public_host) if dht_port else "",
         )
         maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if not dht_port:

@@ -6,6 +6,7 @@ dir reuse it (peers and bookmarks keep working across restarts) while it is free
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -13,10 +14,15 @@ from typing import TypeVar
 
 from crowdtrain.coordinator.errors import PortInUseError
 from crowdtrain.coordinator.peers.store import Store
+from crowdtrain.peer.errors import CrowdtrainError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class PublicHostError(CrowdtrainError):
+    """--public-host cannot be announced; the message says what to give instead."""
 
 
 def guess_public_host(host: str) -> str:
@@ -29,6 +35,23 @@ def guess_public_host(host: str) -> str:
             return s.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+def dht_announce_host(public_host: str) -> str:
+    """The IPv4 address the bootstrap DHT node announces (its multiaddr is /ip4/ADDRESS/tcp/PORT):
+    `public_host` itself, or the address its name resolves to now (a name such as the one a TLS
+    certificate holds made an unparseable multiaddr, and the node hung at start)."""
+    try:
+        return str(ipaddress.IPv4Address(public_host))
+    except ValueError:
+        pass
+    try:
+        return socket.getaddrinfo(public_host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except OSError as e:
+        raise PublicHostError(
+            f"--public-host {public_host!r} has no IPv4 address ({e}); the DHT node announces "
+            "/ip4/ADDRESS/tcp/PORT: give an IPv4 address, or a name that resolves to one"
+        ) from None
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
