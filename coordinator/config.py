@@ -357,6 +357,7 @@ def _check_values(config: CoordinatorConfig) -> None:
 def _check_together(config: CoordinatorConfig) -> None:
     """Flags that must agree with each other, and values that only a component's parser can check."""
     from crowdtrain.coordinator.peers.policy import minimum_peer_version
+    from crowdtrain.coordinator.run.ports import dht_announce_host
     from crowdtrain.peer import __version__
     from crowdtrain.peer.run.manifest import get_preset, override_swarm
 
@@ -375,6 +376,8 @@ def _check_together(config: CoordinatorConfig) -> None:
         raise SettingsError("--tls-cert and --tls-key go together: pass both, or neither for plaintext")
     override_swarm(get_preset(config.preset).swarm, config.swarm)  # a KEY=VALUE typo, named
     check_settings(config.settings(RunSettings))  # --data-name, --data-url, --data-license
+    if config.dht_port and config.public_host:  # the DHT node announces an IPv4 address
+        dht_announce_host(config.public_host)
     minimum_peer_version(config.min_peer_version, __version__)
 
 

@@ -17,6 +17,7 @@ from crowdtrain.coordinator import config
 from crowdtrain.coordinator.cli import build_parser, main
 from crowdtrain.coordinator.config import CoordinatorConfig, SettingsError, check_usable
 from crowdtrain.coordinator.demo import cli_command
+from crowdtrain.coordinator.run.ports import dht_announce_host
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.settings.commands import PeerConfig, default_metavar
 
@@ -106,6 +107,7 @@ def test_the_check_loads_neither_torch_nor_hivemind(tmp_path: Path):
         ({"data": ("hf:",)}, "--data 'hf:' names no dataset"),
         ({"data_field": " "}, "--data-field must name the record field"),
         ({"data_url": "/home/alice/corpus"}, "--data-url"),
+        ({"dht_port": 31337, "public_host": "no-such-host.invalid"}, "--public-host 'no-such-host.invalid'"),
     ],
 )
 def test_each_flag_is_checked_with_a_message_naming_it(tmp_path: Path, changes, error):
@@ -201,3 +203,12 @@ def test_a_component_s_flags_land_in_its_section_unless_named_otherwise():
     fields = {f.name: f for f in dataclasses.fields(CoordinatorConfig)}
     assert fields["joins_per_minute"].metadata["topic"] == config.LIMITS  # AbuseLimits' section
     assert fields["host"].metadata["topic"] == config.NETWORK  # the publisher's, named Network
+
+
+def test_the_dht_node_announces_the_address_a_public_host_name_resolves_to():
+    """A name as --public-host (the one a TLS certificate holds) once made /ip4/NAME/tcp/PORT, a
+    multiaddr hivemind could not parse: the coordinator hung at start, after building the run."""
+    assert dht_announce_host("203.0.113.7") == "203.0.113.7"
+    assert dht_announce_host("localhost") == "127.0.0.1"
+    with pytest.raises(CrowdtrainError, match="has no IPv4 address"):
+        dht_announce_host("no-such-host.invalid")
