@@ -12,7 +12,12 @@ once, and no code copies flags into settings field by field:
     publisher = config.settings(PublisherSettings)   # --checkpoint-interval-s -> interval_s, ...
 
 Only the coordinator process's own settings (its data dir, ports, TLS files, version floor) are
-written here with their defaults. Importing this module loads the components' modules but not torch
+written here with their defaults. A flag shows in `--help` under its component's topic (`TOPIC_OF`:
+Run, Network, Admission, Publishing, Peer health, Limits and flood) unless it names another, with
+a placeholder for its unit or kind (`metavar`, else `commands.default_metavar`). Before anything is
+created or loaded, `check_usable(config)` refuses a flag that cannot work (its range `check`, its
+`choices`, each component's own checks, the files it names), so a typo costs a second, not a
+half-made run. Importing this module loads the components' modules but not torch
 or hivemind, so `crowdtrain coordinator --help` stays quick.
 """
 
