@@ -13,8 +13,9 @@ The swarm admits only token holders: hivemind's DHT authorizer and the averagers
 Two places refuse a peer without a valid swarm token (peer/admission/tokens.py):
 
 - every DHT request and response (find, store, ping: so progress records, donor lists and
-  matchmaking declarations) carries the sender's token, checked by `SwarmAuthorizer`, hivemind's
-  `TokenAuthorizerBase` (DHT RPCs only, see docs/hivemind.md);
+  matchmaking declarations) carries the sender's token and is signed by an Ed25519 session key the
+  token's RSA identity key vouches for (peer/admission/sessionkeys.py), checked by `SwarmAuthorizer`,
+  a hivemind `TokenAuthorizerBase` (DHT RPCs only, see docs/hivemind.md);
 - averaging and state downloads, which hivemind does not authorize, ask `AdmittedPeers`: the peer
   ids whose tokens are published in the DHT under `<run_id>_swarm_tokens` (one record per holder,
   which only the holder can write: peer/admission/dhtrecords.py), each checked with the run's key, cached
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +49,12 @@ from crowdtrain.peer.admission.dhtrecords import (
     tokens_key,
 )
 from crowdtrain.peer.admission.identity import PeerIdentity
+from crowdtrain.peer.admission.sessionkeys import (
+    SessionKey,
+    check_delegation,
+    sign_delegation,
+    verify_session_signature,
+)
 from crowdtrain.peer.admission.tokens import SwarmToken, gate_decision, parse_and_check
 from crowdtrain.peer.errors import CrowdtrainError
 from crowdtrain.peer.events import emit
@@ -189,17 +197,25 @@ class MintedTokens:
 
 
 class SwarmAuthorizer(TokenAuthorizerBase):
-    """hivemind's DHT authorizer over swarm tokens: a request or response is accepted only with a
-    token the run's key signed, unexpired, naming the RSA key that signed the request."""
+    """hivemind's DHT authorizer over swarm tokens, signing with an Ed25519 session key
+    (peer/admission/sessionkeys.py): a request or response is accepted only with a token the run's
+    key signed, unexpired, whose RSA identity key vouches for the session key that signed the
+    message; requests stamped within hivemind's minute of our clock, each nonce once. The checks
+    and their order are hivemind's `TokenAuthorizerBase`'s; only the per-message signature changed
+    (Ed25519 instead of RSA-2048), and every refusal has a reason (`request_verdict`)."""
+
+    MAX_CLOCK_SKEW_S = TokenAuthorizerBase._MAX_CLIENT_SERVICER_TIME_DIFF.total_seconds()
+    MAX_VERIFIED = 4096  # (token, session key) pairs remembered as checked
 
     def __init__(
         self, run_id: str, run_public_key_hex: str, local_private_key, token_source: Callable[[], str]
     ):
-        super().__init__(local_private_key)
+        super().__init__(local_private_key)  # the identity key: vouches for the session key, signs records
         self.run_id = run_id
         self.run_public_key_hex = run_public_key_hex
         self.token_source = token_source
-        self._verified: dict[str, float] = {}  # token JSON -> expiry (a signature is checked once)
+        self.session_key = SessionKey()  # made before hivemind forks the DHT process: both hold it
+        self._verified: dict[tuple[str, bytes, bytes], float] = {}  # -> token expiry (checked once)
 
     async def get_token(self) -> AccessToken:
         text = self.token_source()
@@ -208,25 +224,112 @@ class SwarmAuthorizer(TokenAuthorizerBase):
             raise PermissionError(
                 f"this peer holds no valid swarm token ({reason}); the coordinator issues one"
             )
+        if token.public_key != self.local_public_key.to_bytes():
+            raise PermissionError(
+                "this peer's swarm token names another identity key than its DHT node's; the "
+                "coordinator issues one for the key the peer proved (restart the peer)"
+            )
+        session = self.session_key.public_bytes
         return AccessToken(
             username=text,
-            public_key=self.local_public_key.to_bytes(),
+            public_key=session,
             expiration_time=str(token.expires_unix_s),
+            signature=sign_delegation(self._local_private_key, token, session),
         )
 
     def is_token_valid(self, access_token: AccessToken) -> bool:
+        ok, reason = self.token_verdict(access_token)
+        if not ok:
+            logger.debug("refused a DHT peer: %s", reason)
+        return ok
+
+    def token_verdict(self, access_token: AccessToken) -> tuple[bool, str]:
+        """Whether `access_token` admits its presenter at our clock, and why not: a run-signed
+        token, unexpired, whose identity key vouches for the session key it carries."""
         now = get_dht_time()
-        text = access_token.username
-        expires = self._verified.get(text)
+        cached = (access_token.username, access_token.public_key, access_token.signature)
+        expires = self._verified.get(cached)
         if expires is None:
-            token, reason = parse_and_check(text, self.run_id, self.run_public_key_hex, now)
-            if token is None or token.public_key != access_token.public_key:
-                logger.debug("refused a DHT peer: %s", reason if token is None else "token names another key")
-                return False
-            if len(self._verified) > 4096:
-                self._verified = {t: e for t, e in self._verified.items() if e > now}
-            self._verified[text] = expires = token.expires_unix_s
-        return now < expires
+            token, reason = parse_and_check(access_token.username, self.run_id, self.run_public_key_hex, now)
+            if token is None:
+                return False, reason
+            ok, reason = check_delegation(token, access_token.public_key, access_token.signature)
+            if not ok:
+                return False, reason
+            if len(self._verified) >= self.MAX_VERIFIED:
+                self._verified = {k: e for k, e in self._verified.items() if e > now}
+                if len(self._verified) >= self.MAX_VERIFIED:
+                    self._verified.clear()
+            self._verified[cached] = expires = token.expires_unix_s
+        if now >= expires:
+            return False, f"token expired {now - expires:.0f}s ago"
+        return True, "a run-signed token whose identity key vouches for this session key"
+
+    async def sign_request(self, request, service_public_key) -> None:
+        await self.refresh_token_if_needed()
+        auth = request.auth
+        auth.client_access_token.CopyFrom(self._local_access_token)
+        if service_public_key is not None:
+            auth.service_public_key = service_public_key.to_bytes()
+        auth.time = get_dht_time()
+        auth.nonce = secrets.token_bytes(8)
+        assert auth.signature == b""
+        auth.signature = self.session_key.sign(request.SerializeToString())
+
+    async def validate_request(self, request) -> bool:
+        ok, reason = await self.request_verdict(request)
+        if not ok:
+            logger.debug("refused a DHT request: %s", reason)
+        return ok
+
+    async def request_verdict(self, request) -> tuple[bool, str]:
+        """Whether we serve `request`, and why not (a nonce is remembered only when we do)."""
+        await self.refresh_token_if_needed()
+        auth = request.auth
+        ok, reason = self.token_verdict(auth.client_access_token)
+        if not ok:
+            return False, f"the client's token: {reason}"
+        if not _signed_by_session_key(request, auth.client_access_token.public_key):
+            return False, "the request's signature does not verify with the client's session key"
+        if auth.service_public_key and auth.service_public_key != self.local_public_key.to_bytes():
+            return False, "the request was made for a node with another identity key"
+        with self._recent_nonces.freeze():
+            now = get_dht_time()
+            if abs(auth.time - now) > self.MAX_CLOCK_SKEW_S:
+                return False, (
+                    f"the request is stamped {auth.time - now:+.0f}s from this node's clock (more than "
+                    f"{self.MAX_CLOCK_SKEW_S:.0f}s: clocks apart, or a replay)"
+                )
+            if auth.nonce in self._recent_nonces:
+                return False, "the request's nonce was seen before (a replay)"
+        self._recent_nonces.store(auth.nonce, None, now + self.MAX_CLOCK_SKEW_S * 3)
+        return True, "signed by an admitted peer's session key, fresh"
+
+    async def sign_response(self, response, request) -> None:
+        await self.refresh_token_if_needed()
+        auth = response.auth
+        auth.service_access_token.CopyFrom(self._local_access_token)
+        auth.nonce = request.auth.nonce
+        assert auth.signature == b""
+        auth.signature = self.session_key.sign(response.SerializeToString())
+
+    async def validate_response(self, response, request) -> bool:
+        ok, reason = await self.response_verdict(response, request)
+        if not ok:
+            logger.debug("refused a DHT response: %s", reason)
+        return ok
+
+    async def response_verdict(self, response, request) -> tuple[bool, str]:
+        await self.refresh_token_if_needed()
+        auth = response.auth
+        ok, reason = self.token_verdict(auth.service_access_token)
+        if not ok:
+            return False, f"the service's token: {reason}"
+        if not _signed_by_session_key(response, auth.service_access_token.public_key):
+            return False, "the response's signature does not verify with the service's session key"
+        if auth.nonce != request.auth.nonce:
+            return False, "the response answers another request (nonce)"
+        return True, "signed by an admitted peer's session key, for our request"
 
     def record_validators(self) -> list:
         """The DHT record validators of a node with this authorizer: the run's admission records
@@ -241,6 +344,17 @@ class SwarmAuthorizer(TokenAuthorizerBase):
         return (
             expires - get_dht_time() < REFRESH_BEFORE_EXPIRY_S or self.token_source() != access_token.username
         )
+
+
+def _signed_by_session_key(message, session_public_key: bytes) -> bool:
+    """Whether `message.auth.signature` is the session key's signature of `message` without it
+    (the signature is put back: the message is left as it came)."""
+    auth = message.auth
+    signature, auth.signature = auth.signature, b""
+    try:
+        return verify_session_signature(session_public_key, message.SerializeToString(), signature)
+    finally:
+        auth.signature = signature
 
 
 def publish_token(dht, run_id: str, token_json: str, timeout_s: float = 10.0) -> bool:
