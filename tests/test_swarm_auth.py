@@ -120,12 +120,13 @@ def test_nodes_with_bad_tokens_are_refused(swarm, run_key, problem):
     # attacker's authorizer skips that check: the servicers must refuse it anyway
     authorizer = SwarmAuthorizer(RUN, _hex(run_key), identity.hivemind_private_key(), lambda: text)
 
-    async def present_anything():
+    async def present_anything():  # its own session key, vouched for by its own identity key
+        from crowdtrain.peer.admission.sessionkeys import sign_delegation
         from hivemind.proto.auth_pb2 import AccessToken
 
-        return AccessToken(
-            username=text, public_key=identity.hivemind_private_key().get_public_key().to_bytes()
-        )
+        session = authorizer.session_key.public_bytes
+        delegation = sign_delegation(identity.hivemind_private_key(), SwarmToken.from_json(text), session)
+        return AccessToken(username=text, public_key=session, signature=delegation)
 
     authorizer.get_token = present_anything
     authorizer.is_token_valid = lambda token: True  # the attacker trusts anything
