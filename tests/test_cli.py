@@ -141,6 +141,7 @@ def test_install_service_writes_a_systemd_unit_with_the_peer_s_settings(tmp_path
     assert kept["name"] == "alice's 50% $HOME" and toml.stat().st_mode & 0o777 == 0o600
     assert "WantedBy=default.target" in text and "Restart=on-failure" in text
     assert "RestartPreventExitStatus=3" in text and "ExecReload=/bin/kill -HUP $MAINPID" in text
+    assert "KillMode=mixed" in text  # the stop signal to the peer alone: it stops hivemind in order
     if shutil.which("systemd-analyze"):
         verify = subprocess.run(
             ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60

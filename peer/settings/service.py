@@ -150,7 +150,9 @@ def unit_text(
     service += ["Restart=on-failure", "RestartSec=60"]
     if prevent_restart:
         service.append("RestartPreventExitStatus=" + " ".join(map(str, prevent_restart)))
-    service += ["KillSignal=SIGTERM", "TimeoutStopSec=120"]
+    # KillMode=mixed: the stop's SIGTERM goes to the main process alone, which stops hivemind's
+    # processes in order; whatever is left after TimeoutStopSec gets SIGKILL
+    service += ["KillSignal=SIGTERM", "KillMode=mixed", "TimeoutStopSec=120"]
     return (
         "[Unit]\n"
         f"Description={description.replace('%', '%%')}\n"
