@@ -7,6 +7,7 @@ from the settings classes (peer/settings/commands.py).
     crowdtrain checkpoints --coordinator HOST:PORT
     crowdtrain verify ./model --public-key KEY
     crowdtrain doctor [--coordinator HOST:PORT] [--json]   # exit status 1 when a check fails
+    crowdtrain ctl status|pause|resume|finish-and-pause|set KEY=VALUE [--json]
 
 The `crowdtrain` program is crowdtrain.coordinator.cli: it mounts these commands beside the
 operator's (`add_commands`, `run`) and uses what every command shares, kept here so that a
@@ -36,7 +37,7 @@ from crowdtrain.peer.events import (
     route_hivemind_logs,
 )
 from crowdtrain.peer.settings import commands as settings
-from crowdtrain.peer.settings.layered import add_layered_options, config_from_command_line
+from crowdtrain.peer.settings.layered import add_layered_options, config_from_source, config_source
 
 
 def add_logging_options(parser: argparse.ArgumentParser, *, on_subcommand: bool = False) -> None:
@@ -74,7 +75,7 @@ def hivemind_logs_through_ours() -> None:
     route_hivemind_logs()
 
 
-def cmd_peer(config: settings.PeerConfig) -> int:
+def cmd_peer(config: settings.PeerConfig, source=None) -> int:
     from crowdtrain.peer.link.client import parse_address
 
     parse_address(config.coordinator)  # a malformed address or the dashboard's URL: said at once
@@ -84,7 +85,14 @@ def cmd_peer(config: settings.PeerConfig) -> int:
         raise CrowdtrainError(f"--nice must be 0 to 19, not {config.nice}")
     if config.nice:  # before anything starts: hivemind's processes and p2pd inherit it
         os.nice(config.nice)
-    return Volunteer(config).run()
+    return Volunteer(config, source).run()  # source: where to read peer.toml again on SIGHUP
+
+
+def cmd_ctl(config: settings.CtlConfig) -> int:
+    """Control the peer running on this machine over its local socket."""
+    from crowdtrain.peer.volunteer.control import run_ctl
+
+    return run_ctl(config)
 
 
 def cmd_doctor(config: settings.DoctorConfig) -> int:
@@ -214,6 +222,11 @@ COMMANDS = {
         cmd_doctor,
         "check this machine (torch, memory, disk) and a coordinator before joining; exit 1 on a failure",
     ),
+    "ctl": (
+        settings.CtlConfig,
+        cmd_ctl,
+        "control the peer running on this machine: status, pause, resume, finish-and-pause, set KEY=VALUE",
+    ),
 }
 
 LAYERED = ("peer",)  # commands whose settings may also come from the environment and a file
@@ -224,11 +237,11 @@ def add_commands(sub, command: str | None = None) -> None:
     `command` (the one that runs), or for all of them when None."""
     for name, (config_cls, _, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        add_logging_options(sp, on_subcommand=True)
         if command in (None, name):
             settings.add_arguments(sp, config_cls, layered=name in LAYERED)
             if name in LAYERED:
                 add_layered_options(sp, name)
+        add_logging_options(sp.add_argument_group("Logging"), on_subcommand=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,8 +249,9 @@ def run(args: argparse.Namespace) -> int:
     command, the environment and its config file) give."""
     config_cls, handler, _ = COMMANDS[args.command]
     if args.command in LAYERED:
-        config = config_from_command_line(args.command, config_cls, args, os.environ)
-        return 0 if config is None else handler(config)
+        source = config_source(args.command, config_cls, args, os.environ)
+        config = config_from_source(source, args)
+        return 0 if config is None else handler(config, source)
     return handler(settings.from_arguments(config_cls, args))
 
 
