@@ -361,11 +361,23 @@ def did_you_mean(word: str, options) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+ROLES = """by role:
+  volunteers    doctor, then peer --coordinator HOST:PORT; ctl to pause, resume or change it; identity
+  operators     coordinator --data-dir DIR; status, ban, invite; demo to try it on one machine
+  downloaders   checkpoints, pull --coordinator HOST:PORT --out DIR, verify
+`crowdtrain COMMAND --help` for each; README.md for the whole story."""
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every subcommand, listed as always: the coordinator, the participant's, the rest of the
     operator's. Flags only for `command` (the one that runs), or for all when None. The logging
     flags work before or after the subcommand."""
-    parser = _Parser(prog="crowdtrain", description="Train a shared transformer with volunteers.")
+    parser = _Parser(
+        prog="crowdtrain",
+        description="Train a shared transformer with volunteers.",
+        epilog=ROLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"crowdtrain {__version__}")
     peer_cli.add_logging_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)

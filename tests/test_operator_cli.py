@@ -212,3 +212,12 @@ def test_the_dht_node_announces_the_address_a_public_host_name_resolves_to():
     assert dht_announce_host("localhost") == "127.0.0.1"
     with pytest.raises(CrowdtrainError, match="has no IPv4 address"):
         dht_announce_host("no-such-host.invalid")
+
+
+def test_the_program_help_names_every_command_under_a_role():
+    from crowdtrain.coordinator.cli import ROLES, _subparsers, build_parser
+
+    commands = set(_subparsers(build_parser()))
+    assert commands >= {"coordinator", "peer", "pull", "doctor", "ctl"}
+    named = {word.strip(",;") for line in ROLES.splitlines()[1:4] for word in line.split()}
+    assert commands <= named, commands - named
