@@ -4,4 +4,5 @@ contribscore.py  Each sender's agreement with our own gradient, scored over many
 evidence.py      Evidence of rejected contributions, and the admission gate's answer
 partreducer.py   `RobustPartReducer`: hivemind's reducer of one span of an all-reduce
 reduce.py        Robust reduction of one all-reduce part from several senders
+sparsecodec.py   `TopKCodec`: pseudo-gradients as top-k per chunk with low-bit values, checked on arrival
 """

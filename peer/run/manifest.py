@@ -53,9 +53,17 @@ class SwarmSpec:
     outer_learning_rate: float = 0.7  # diloco: SGD learning rate of the outer step
     outer_momentum: float = 0.9  # diloco: its Nesterov momentum
     inner_warmup_steps: int = 50  # diloco: local steps over which the local AdamW's learning rate warms up
+    # grad_compression="topk2bit" (diloco only; peer/robust/sparsecodec.py): of each chunk of
+    # sparse_chunk values (a power of two) only the sparse_fraction largest travel, as sparse_bits-bit
+    # codes; the rest is carried to the next round (error feedback). Defaults: ~290x below fp32
+    sparse_fraction: float = 0.01
+    sparse_chunk: int = 4096
+    sparse_bits: int = 2
 
 
-GRAD_COMPRESSIONS = ("none", "float16", "scaled_float16", "uint8")
+GRAD_COMPRESSIONS = ("none", "float16", "scaled_float16", "uint8", "topk2bit")
+# compressions whose error only the low-communication mode carries over (its peers' residuals)
+DILOCO_ONLY_COMPRESSIONS = ("topk2bit",)
 TRAINING_MODES = ("sync", "diloco")
 
 
@@ -104,6 +112,7 @@ def check_swarm(spec: SwarmSpec) -> SwarmSpec:
         )
     if spec.mode not in TRAINING_MODES:
         raise ManifestError(f"swarm setting mode {spec.mode!r} is not one of {', '.join(TRAINING_MODES)}")
+    _check_sparse(spec)
     lr, momentum = spec.outer_learning_rate, spec.outer_momentum
     if not all(isinstance(v, (int, float)) for v in (lr, momentum)) or not (
         0 < lr <= 10 and 0 <= momentum < 1
@@ -113,6 +122,25 @@ def check_swarm(spec: SwarmSpec) -> SwarmSpec:
             f"{spec.outer_learning_rate!r} and {spec.outer_momentum!r}"
         )
     return spec
+
+
+def _check_sparse(spec: SwarmSpec) -> None:
+    """The sparse codec's knobs (checked whatever the compression: a manifest carries them all)."""
+    if spec.grad_compression in DILOCO_ONLY_COMPRESSIONS and spec.mode != "diloco":
+        raise ManifestError(
+            f"swarm setting grad_compression {spec.grad_compression!r} needs mode=diloco (only its "
+            "peers carry what the codec leaves out to the next round); set --swarm mode=diloco or "
+            "choose another compression"
+        )
+    fraction, chunk, bits = spec.sparse_fraction, spec.sparse_chunk, spec.sparse_bits
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ManifestError(f"swarm setting sparse_fraction must be in (0, 1], not {fraction!r}")
+    if not isinstance(chunk, int) or not 64 <= chunk <= 65536 or chunk & (chunk - 1):
+        raise ManifestError(
+            f"swarm setting sparse_chunk must be a power of two from 64 to 65536, not {chunk!r}"
+        )
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ManifestError(f"swarm setting sparse_bits must be an integer from 1 to 8, not {bits!r}")
 
 
 @dataclass(frozen=True)

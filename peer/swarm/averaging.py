@@ -38,15 +38,17 @@ from crowdtrain.peer.robust.contribscore import ContributionScores, RoundAgreeme
 from crowdtrain.peer.robust.evidence import EvidenceSink, Gate, admit
 from crowdtrain.peer.robust.partreducer import RobustPartReducer
 from crowdtrain.peer.robust.reduce import DEFAULT, STATE, RobustConfig, check_delta
+from crowdtrain.peer.robust.sparsecodec import TopKCodec
 from crowdtrain.peer.swarm.stateload import load_state_checked
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import AllreduceException
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,12 @@ GRAD_PART_SIZE_BYTES = 2**21
 class RobustAllReduceRunner(AllReduceRunner):
     """hivemind's AllReduceRunner with `RobustPartReducer` for our span and every average a reducer
     returns checked against our own part (`check_delta`); a refused average keeps our part, as
-    hivemind does for a reducer that failed. Evidence goes to `evidence` with the offender's id."""
+    hivemind does for a reducer that failed. Evidence goes to `evidence` with the offender's id.
+
+    With the sparse codec (`TopKCodec`, mode=diloco's "topk2bit") a reducer snaps its average to the
+    codec (`sparsify`) and sends every sender that same average, not `average - part` (which the
+    codec could not carry exactly): every peer applies the same update, and each converts it to
+    `average - part` itself before the check."""
 
     def __init__(
         self,
@@ -91,12 +98,44 @@ class RobustAllReduceRunner(AllReduceRunner):
         self._own_norm = math.sqrt(sum(robust.sq_norm(t.detach()) for t in container.local_tensors))
         self._register_unchecked = container.register_processed_part
         container.register_processed_part = self._register_checked  # register_failed_reducer uses it too
+        codec = container.compression
+        self._snap = codec if isinstance(codec, TopKCodec) else None
+        self._registering_failure = False
+        if self._snap is not None:
+            self._snap_to_codec(container)
+
+    def _snap_to_codec(self, container) -> None:
+        """Sparse codec: our reducer's averages pass through `sparsify` (one per part, the same for
+        every sender); a failed reducer's parts are registered as deltas (zeros), not averages."""
+        reduce_part, register_failed = (
+            self.tensor_part_reducer.accumulate_part,
+            container.register_failed_reducer,
+        )
+        snapped: list = [-1, None]  # (part index, its snapped average): parts finish in order
+
+        async def accumulate_snapped(sender_index, part_index, tensor_part, weight=1.0):
+            average = await reduce_part(sender_index, part_index, tensor_part, weight=weight)
+            if snapped[0] != part_index:
+                snapped[:] = [part_index, self._snap.sparsify(average)]
+            return snapped[1]
+
+        def register_failed_reducer(peer_index: int):
+            self._registering_failure = True
+            try:
+                register_failed(peer_index)
+            finally:
+                self._registering_failure = False
+
+        self.tensor_part_reducer.accumulate_part = accumulate_snapped
+        container.register_failed_reducer = register_failed_reducer
 
     def _register_checked(self, peer_index: int, part_index: int, delta: torch.Tensor):
         container = self.tensor_part_container
         if self.ordered_peer_ids[peer_index] != self.peer_id:
             # hivemind 1.1.12: the container keeps our (part, info) for each reducer until finalize
             own_part = container._input_parts_by_peer[peer_index][part_index][0]
+            if self._snap is not None and not self._registering_failure and delta.shape == own_part.shape:
+                delta = delta - own_part  # a sparse reducer sends its average itself
             share = math.sqrt(own_part.numel() / max(1, container.total_size))
             reference = max(math.sqrt(robust.sq_norm(own_part)), self._own_norm * share)
             ok, reason = check_delta(delta, own_part, reference, self._cfg)
@@ -105,6 +144,34 @@ class RobustAllReduceRunner(AllReduceRunner):
                 delta = torch.zeros_like(own_part)
                 container.failed_size += delta.numel()
         self._register_unchecked(peer_index, part_index, delta)
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        """hivemind 1.1.12's reducer loop; with the sparse codec each sender gets the snapped
+        average itself, encoded by our codec (exactly: it is already on the codec's grid)."""
+        if self._snap is None:
+            async for message in super()._accumulate_parts_streaming(stream, sender_index):
+                yield message
+            return
+        part_index, loop, codec = 0, asyncio.get_event_loop(), self._snap
+        try:
+            async for tensor_part, weight in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    average = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
+                    part_index += 1
+                except BannedException:
+                    break  # the sender was banned: we no longer aggregate its parts
+                info = CompressionInfo.from_tensor(average)
+                serialized = await loop.run_in_executor(None, codec.compress, average, info)
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
 
     def _accuse(self, peer_id, kind: str, detail: str) -> None:
         offender = peer_id.to_base58()
@@ -291,11 +358,13 @@ def all_on_host(tensors) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
 
 
-def grad_compression(name: str):
-    """hivemind's codec for a manifest's `swarm.grad_compression` (peer.swarmspec.GRAD_COMPRESSIONS).
+def grad_compression(name: str, spec=None):
+    """hivemind's codec for a manifest's `swarm.grad_compression` (peer.swarmspec.GRAD_COMPRESSIONS);
+    `spec` (the run's SwarmSpec) gives the sparse codec's knobs, defaults otherwise.
     "uint8" is hivemind's uniform 8-bit quantization (each part centred, 6 sigma in 256 bins, each
     bin decoded to its mean); numpy >= 2.4 breaks its decoder in 1.1.12, hence numpy<2.4 in
-    pyproject.toml (docs/hivemind.md)."""
+    pyproject.toml (docs/hivemind.md). "topk2bit" (mode=diloco only) is peer/robust/sparsecodec.py's
+    top-k per chunk with low-bit values, fed by the peer's error feedback (peer/swarm/diloco.py)."""
     from hivemind.compression import (
         Float16Compression,
         NoCompression,
@@ -303,11 +372,22 @@ def grad_compression(name: str):
         Uniform8BitQuantization,
     )
 
+    def topk():
+        if spec is None:
+            return TopKCodec(part_size_bytes=GRAD_PART_SIZE_BYTES)
+        return TopKCodec(
+            fraction=spec.sparse_fraction,
+            chunk=spec.sparse_chunk,
+            bits=spec.sparse_bits,
+            part_size_bytes=GRAD_PART_SIZE_BYTES,
+        )
+
     codecs = {
         "none": NoCompression,
         "float16": Float16Compression,
         "scaled_float16": ScaledFloat16Compression,
         "uint8": Uniform8BitQuantization,
+        "topk2bit": topk,
     }
     if name not in codecs:
         raise CrowdtrainError(

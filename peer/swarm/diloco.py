@@ -29,6 +29,12 @@ hivemind 1.1.12 specifics: `Optimizer._make_gradient_averager` passes `reuse_gra
 forced on: no accumulators are needed) and points the offloaded parameters' `.grad` at our averaged
 tensors, which the outer step then reads; `GradientAverager.step` calls
 `load_accumulators_into_averager_` right before the round.
+
+With the sparse codec (`grad_compression = "topk2bit"`, peer/robust/sparsecodec.py) the averager
+sends `sparsify(pseudo-gradient + residual)` and keeps the rest as its residual (error feedback,
+`ErrorFeedback`, in this process's memory: not in checkpoints; a peer that restarts, joins or
+downloads a state starts again from a zero residual). A round without partners steps with the
+sparse pseudo-gradient alone, keeping the residual, as a round with partners does.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from crowdtrain.peer.robust.sparsecodec import ErrorFeedback, TopKCodec
 from crowdtrain.peer.swarm.averaging import GuardedGradientAverager, GuardedStateAverager
 
 logger = logging.getLogger(__name__)
@@ -55,6 +62,8 @@ class PseudoGradients:
         super().__init__(*args, **kwargs)
         self.outer_parameters: Sequence[torch.Tensor] = ()
         self.progress: LocalProgress | None = None  # overlap: where the pseudo-gradient was taken
+        codec = kwargs.get("compression")
+        self.error_feedback = ErrorFeedback(codec) if isinstance(codec, TopKCodec) else None
 
     @torch.no_grad()
     def accumulate_grads_(self, batch_size: int):
@@ -73,6 +82,7 @@ class PseudoGradients:
             if self.progress is None:
                 for outer, local, out in zip(self.outer_parameters, self.parameters, averaged, strict=True):
                     torch.sub(outer, local.detach().to(outer.device), out=out)
+                self._feed_back(averaged)
                 return
             # overlap: inner steps may run meanwhile (a failed round reloads from hivemind's thread),
             # so read each tensor once, into the snapshot the outer step will be measured from
@@ -82,6 +92,12 @@ class PseudoGradients:
                 base.copy_(local.detach())
                 torch.sub(outer, base, out=out)
             self.progress.known = True
+            self._feed_back(averaged)
+
+    def _feed_back(self, averaged: Sequence[torch.Tensor]) -> None:
+        """Sparse codec: send `sparsify(pseudo-gradient + residual)`, keep the rest (error feedback)."""
+        if self.error_feedback is not None:
+            self.error_feedback.apply_(averaged)
 
     @torch.no_grad()
     def reset_accumulated_grads_(self):

@@ -1,0 +1,226 @@
+"""The sparse pseudo-gradient codec (peer/robust/sparsecodec.py, `grad_compression = "topk2bit"`):
+exact on what it produced, error feedback that loses nothing over rounds, its size against fp32,
+hostile parts refused, and averaging inside hivemind's all-reduce (peer/swarm/averaging.py)."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import hivemind
+import pytest
+import torch
+from crowdtrain.peer.robust.sparsecodec import HEADER, MAX_PART_VALUES, ErrorFeedback, TopKCodec, encoded_size
+from crowdtrain.peer.run.manifest import ManifestError, SwarmSpec, check_swarm, get_preset, override_swarm
+from crowdtrain.peer.swarm.averaging import GuardedAverager, grad_compression
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+
+LOCAL = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+
+
+def encode(codec: TopKCodec, tensor: torch.Tensor):
+    return codec.compress(tensor, CompressionInfo.from_tensor(tensor))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("numel", [1, 7, 41, 4096, 4096 * 3 + 1000, 100_003])
+def test_already_sparse_input_round_trips_exactly(numel: int, bits: int):
+    codec = TopKCodec(fraction=0.01, chunk=4096, bits=bits)
+    sparse = codec.sparsify(torch.randn(numel, generator=torch.Generator().manual_seed(numel)))
+    assert torch.equal(codec.sparsify(sparse), sparse)  # idempotent
+    message = encode(codec, sparse)
+    assert len(message.buffer) == encoded_size(numel, 4096, codec.k, bits)
+    received = deserialize_torch_tensor(message)  # through hivemind's own table
+    assert received.dtype == torch.float32 and torch.equal(received, sparse)
+    kept = int((sparse.view(-1)[: numel - numel % 4096] != 0).sum())
+    assert kept <= (numel // 4096) * codec.k  # at most k per full chunk
+
+
+def test_error_feedback_makes_the_sum_of_sent_updates_track_the_sum_of_true_ones():
+    """A steady direction plus noise each round: without error feedback top-k keeps dropping the
+    same small coordinates, so the sums drift apart linearly; with it, the gap is the residual,
+    which stays bounded."""
+    codec = TopKCodec(fraction=0.01, chunk=1024, bits=2)
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(8192, generator=g)
+    feedback = ErrorFeedback(codec)
+    true_sum, sent_sum, plain_sum = torch.zeros(8192), torch.zeros(8192), torch.zeros(8192)
+    gaps = []
+    for round_index in range(400):
+        update = direction + torch.randn(8192, generator=g)
+        sent = [update.clone()]
+        feedback.apply_(sent)
+        true_sum += update
+        sent_sum += sent[0]
+        plain_sum += codec.sparsify(update)
+        assert torch.allclose(true_sum - sent_sum, feedback.residuals[0], atol=1e-3)  # nothing lost
+        if round_index in (99, 399):
+            gaps.append(float((true_sum - sent_sum).norm()))
+    relative = float((true_sum - sent_sum).norm() / true_sum.norm())
+    plain_relative = float((true_sum - plain_sum).norm() / true_sum.norm())
+    assert relative < 0.15 and plain_relative > 0.8, (relative, plain_relative)
+    assert gaps[1] < 1.5 * gaps[0], gaps  # bounded: 4x the rounds, not 4x the gap
+
+
+def test_base125m_rounds_are_at_least_250x_smaller_than_fp32():
+    """Bytes per value from a real encoded buffer of a full part (2^24 values), scaled to base125m's
+    124.3M parameters, in both directions of a round (parts up, averages back)."""
+    codec = grad_compression("topk2bit")
+    sample = torch.randn(MAX_PART_VALUES, generator=torch.Generator().manual_seed(1)) * 1e-3
+    started = time.perf_counter()
+    message = encode(codec, sample)
+    assert time.perf_counter() - started < 5
+    assert len(message.buffer) == encoded_size(MAX_PART_VALUES, codec.chunk, codec.k, codec.bits)
+    bytes_per_value = len(message.SerializeToString()) / MAX_PART_VALUES
+    parameters = get_preset("base125m").num_parameters()
+    ratio = (4 * parameters) / (bytes_per_value * parameters)
+    assert ratio >= 250, ratio
+    assert codec.estimate_compression_ratio(CompressionInfo.from_tensor(sample)) == 2**21 / (4 * 2**24)
+
+
+def _message(buffer: bytes, numel: int, dtype: str = "float32"):
+    return hivemind.proto.runtime_pb2.Tensor(
+        compression=TopKCodec.compression_type, buffer=buffer, size=[numel], dtype=dtype
+    )
+
+
+def _hostile_parts():
+    codec = TopKCodec(fraction=0.01, chunk=64, bits=2)  # k = 1 of 64: one position per chunk
+    good = encode(codec, codec.sparsify(torch.randn(640)))
+    buffer, numel = bytes(good.buffer), 640
+    header = bytearray(buffer[: HEADER.size])
+    body = bytearray(buffer[HEADER.size :])
+    bitmap_bytes = 3  # Elias-Fano, k=1 of 64: 6 low bits, and 2 bits (k + 1 bucket) per chunk: 20 bits
+    scales_at = len(body) - 20
+
+    def patched(**fields):
+        values = dict(
+            zip(("magic", "version", "bits", "chunk", "k", "numel"), HEADER.unpack(header), strict=True)
+        )
+        values.update(fields)
+        return HEADER.pack(*values.values()) + bytes(body)
+
+    no_position = bytearray(body)
+    no_position[:bitmap_bytes] = bytes(bitmap_bytes)  # a chunk with 0 positions instead of k
+    beyond = bytearray(body)
+    beyond[:bitmap_bytes] = bytes(bitmap_bytes)
+    beyond[:bitmap_bytes] = bytes([0b01010101, 0b01010101, 0b01010000])  # every chunk in bucket 1: 64+
+    nan_scale, inf_scale, negative = bytearray(body), bytearray(body), bytearray(body)
+    nan_scale[scales_at : scales_at + 2] = struct.pack("<H", 0x7FC0)  # bfloat16 NaN
+    inf_scale[scales_at : scales_at + 2] = struct.pack("<H", 0x7F80)
+    negative[scales_at : scales_at + 2] = struct.pack("<H", 0xBF80)  # -1.0
+    return {
+        "truncated": _message(buffer[:-1], numel),
+        "too long": _message(buffer + b"\0", numel),
+        "empty": _message(b"", numel),
+        "huge count": _message(patched(numel=2**31), 2**31),
+        "count over the part limit": _message(patched(numel=MAX_PART_VALUES + 1), MAX_PART_VALUES + 1),
+        "size disagrees with header": _message(buffer, 2**32 - 1),
+        "not float32": _message(buffer, numel, "float64"),
+        "bad magic": _message(patched(magic=b"XXXX"), numel),
+        "chunk not a power of two": _message(patched(chunk=100), numel),
+        "k over chunk": _message(patched(k=65), numel),
+        "zero bits": _message(patched(bits=0), numel),
+        "no position in a chunk": _message(bytes(header) + bytes(no_position), numel),
+        "positions beyond the chunk": _message(bytes(header) + bytes(beyond), numel),
+        "nan scale": _message(bytes(header) + bytes(nan_scale), numel),
+        "inf scale": _message(bytes(header) + bytes(inf_scale), numel),
+        "negative scale": _message(bytes(header) + bytes(negative), numel),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_hostile_parts()))
+def test_a_hostile_part_is_refused_without_a_crash_or_a_big_allocation(kind: str):
+    message = _hostile_parts()[kind]
+    started = time.perf_counter()
+    with pytest.raises(ValueError):
+        deserialize_torch_tensor(message)
+    assert time.perf_counter() - started < 0.5, "refused only after allocating from the declared size"
+
+
+def test_the_positions_of_a_one_position_chunk_must_stay_inside_it():
+    """k=1 of 64 values: position 63 decodes, bucket 1 (positions 64 and up) is refused."""
+    codec = TopKCodec(fraction=0.01, chunk=64, bits=2)
+    message = encode(codec, torch.tensor([0.0] * 63 + [1.0]))  # one chunk, position 63
+    assert deserialize_torch_tensor(message)[63] == 1.0
+    body = bytearray(message.buffer)
+    body[HEADER.size] = 0b01000000  # the chunk's 2-bit bitmap says bucket 1: position 64 + low bits
+    with pytest.raises(ValueError, match="outside"):
+        deserialize_torch_tensor(_message(bytes(body), 64))
+
+
+def test_the_sparse_codec_needs_the_low_communication_mode_and_sane_knobs():
+    spec = get_preset("tiny").swarm
+    with pytest.raises(ManifestError, match="needs mode=diloco"):
+        override_swarm(spec, ["grad_compression=topk2bit"])
+    ok = override_swarm(spec, ["grad_compression=topk2bit", "mode=diloco", "sparse_fraction=0.02"])
+    assert grad_compression(ok.grad_compression, ok).k == round(0.02 * 4096)
+    for bad in (
+        "sparse_chunk=1000",
+        "sparse_chunk=32",
+        "sparse_bits=9",
+        "sparse_fraction=0",
+        "sparse_fraction=2",
+    ):
+        with pytest.raises(ManifestError, match=bad.split("=")[0]):
+            override_swarm(ok, [bad])
+    assert check_swarm(SwarmSpec(1, 1, 1.0, 1.0, 1, 1.0)).sparse_bits == 2
+
+
+@pytest.fixture(scope="module")
+def dhts():
+    root = hivemind.DHT(start=True, **LOCAL)
+    nodes = [root] + [
+        hivemind.DHT(initial_peers=root.get_visible_maddrs(), start=True, **LOCAL) for _ in range(2)
+    ]
+    yield nodes
+    for dht in nodes:
+        dht.shutdown()
+
+
+def test_three_averagers_agree_on_the_sparse_mean_within_the_codec_error(dhts):
+    """Three robust averagers with the codec average sparse pseudo-gradients (a shared direction
+    plus each peer's noise): every peer ends with the same update, the mean snapped by the codec."""
+    codec = grad_compression("topk2bit")
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(30_000, generator=g), torch.randn(5_000, generator=g)]
+    peers = [
+        [codec.sparsify(d + 0.5 * torch.randn(d.shape, generator=g)) for d in direction] for _ in range(3)
+    ]
+    mean = [torch.stack(parts).mean(0) for parts in zip(*peers, strict=True)]
+    averagers = [
+        GuardedAverager(
+            [t.clone() for t in tensors],
+            dht=dht,
+            prefix="sparse",
+            target_group_size=3,
+            min_group_size=3,
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            allreduce_timeout=30.0,
+            next_chunk_timeout=10.0,
+            compression=codec,
+            part_size_bytes=2**21,
+            start=True,
+        )
+        for tensors, dht in zip(peers, dhts, strict=True)
+    ]
+    try:
+        controls = [a.step(wait=False, timeout=20) for a in averagers]
+        for control in controls:
+            assert len(control.result(timeout=25)) == 3
+        results = []
+        for averager in averagers:
+            with averager.get_tensors() as tensors:
+                results.append([t.clone() for t in tensors])
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+    for result in results[1:]:
+        for a, b in zip(result, results[0], strict=True):
+            assert torch.allclose(a, b, atol=1e-6)  # the same update everywhere (to rounding)
+    for got, want in zip(results[0], mean, strict=True):
+        snapped = codec.sparsify(want)
+        assert torch.allclose(got, snapped, atol=1e-5), float((got - snapped).abs().max())
+        codec_error = float((snapped - want).norm())
+        assert float((got - want).norm()) <= codec_error * 1.01 + 1e-4
