@@ -206,7 +206,7 @@ def make_optimizer(
         delay_grad_averaging=swarm.overlap_communication,
         delay_state_averaging=swarm.mode != "diloco" or swarm.overlap_communication,
         extra_tensors=extra_tensors,
-        grad_compression=grad_compression(swarm.grad_compression),
+        grad_compression=grad_compression(swarm.grad_compression, swarm),
         # a request must not outlive matchmaking (hivemind warns, can deadlock); 1.1.12 forwards
         # averager_opts to the state averager only, hence the factory for gradients
         averager_opts=dict(request_timeout=request_timeout_s),
