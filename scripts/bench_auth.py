@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ops", type=int, default=300, help="store+get pairs per scheme between two DHT nodes"
     )
+    parser.add_argument(
+        "--swarm-seconds", type=float, default=0.0, help="profile a tiny swarm this long (0: no)"
+    )
     args = parser.parse_args(argv)
     run_key = ed25519.Ed25519PrivateKey.generate()
     with tempfile.TemporaryDirectory(prefix="bench-auth-") as tmp:
