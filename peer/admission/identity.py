@@ -4,8 +4,9 @@ The key is created here, not by hivemind when its DHT starts, because the swarm 
 without a swarm token (peer/admission/tokens.py) and the coordinator issues one only to a peer that proved
 it holds the key of the identity the token names: the peer id is known, and proven through the
 heartbeats, before the DHT node dials anyone. One RSA-2048 key serves as the libp2p identity
-(hivemind's `identity_path` file: a libp2p `PrivateKey` protobuf), as the key of hivemind's DHT
-authorizer (peer/admission/access.py) and as the key the coordinator binds the token to.
+(hivemind's `identity_path` file: a libp2p `PrivateKey` protobuf), as the key the coordinator binds
+the token to, and as the key that vouches, once per token, for the Ed25519 session key with which
+the DHT authorizer signs every request and response (peer/admission/access.py, sessionkeys.py).
 
 A volunteer's key persists: `crowdtrain peer` uses identity.key in crowdtrain's config directory
 (the key `crowdtrain identity` prints the id of), or the file `--identity PATH` names, created once
@@ -190,7 +191,8 @@ class PeerIdentity:
         return signed
 
     def hivemind_private_key(self):
-        """The same key as a hivemind `RSAPrivateKey` (for the DHT authorizer's request signatures)."""
+        """The same key as a hivemind `RSAPrivateKey` (for the DHT authorizer's session-key
+        delegations and the DHT records only this identity may write)."""
         from cryptography.hazmat.primitives import serialization
         from hivemind.utils.crypto import RSAPrivateKey
 

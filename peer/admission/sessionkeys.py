@@ -22,7 +22,7 @@ import base64
 import json
 
 from crowdtrain.peer.admission.tokens import SwarmToken
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
@@ -59,7 +59,7 @@ def check_delegation(token: SwarmToken, session_public_key: bytes, delegation: b
     try:
         identity = serialization.load_ssh_public_key(token.public_key)
         signature = base64.b64decode(delegation, validate=True)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         return False, f"the token's key or the delegation is malformed ({e})"
     if not isinstance(identity, rsa.RSAPublicKey):
         return False, "the token names a key that is not RSA"
