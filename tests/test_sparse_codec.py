@@ -48,8 +48,16 @@ def test_error_feedback_makes_the_sum_of_sent_updates_track_the_sum_of_true_ones
     gaps = []
     for round_index in range(400):
         update = direction + torch.randn(8192, generator=g)
+        outer = [torch.full((1,), float(round_index))]  # the outer model moves every round
         sent = [update.clone()]
-        feedback.apply_(sent)
+        feedback.sparsify_(sent, outer)
+        again = [update.clone()]  # hivemind may load a round again before it is used
+        feedback.sparsify_(again, outer)
+        feedback.commit(lambda update=update: iter([update]), outer)
+        after = [update.clone()]  # ... or after (a lone peer's pre-scheduled round): sent as it was
+        feedback.sparsify_(after, outer)
+        feedback.commit(lambda update=update: iter([update]), outer)  # and never committed twice
+        assert torch.equal(again[0], sent[0]) and torch.equal(after[0], sent[0])
         true_sum += update
         sent_sum += sent[0]
         plain_sum += codec.sparsify(update)

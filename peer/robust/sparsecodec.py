@@ -29,6 +29,7 @@ by `install()` when this module is imported, before hivemind forks its averager 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 
@@ -264,22 +265,60 @@ def _decode_block(
 class ErrorFeedback:
     """A peer's residual: what `codec.sparsify` left out of its pseudo-gradients so far, added to the
     next one. Lives with the peer's DiLoCo averager, in memory only: a peer that restarts or joins
-    starts with a zero residual."""
+    starts with a zero residual.
+
+    Two steps per round: `sparsify_` makes what is sent and leaves the residual alone; `commit`
+    updates it once the round's result is used (before the outer step, from the same pseudo-gradient
+    recomputed: no copy of the model is kept). hivemind 1.1.12 may load a round's pseudo-gradient
+    again after that (a lone peer with a pre-scheduled round: local gradients used, then loaded once
+    more): a round is recognised by a digest of the outer model and the pseudo-gradient, and a round
+    already committed is sent again as it was (its positions and values are kept: ~1% of the model)
+    and never committed twice."""
 
     def __init__(self, codec: TopKCodec):
         self.codec = codec
         self.residuals: list[torch.Tensor] | None = None
+        self._committed: tuple[bytes, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @torch.no_grad()
-    def apply_(self, tensors) -> None:
-        """Replace each pseudo-gradient in `tensors` by `sparsify(it + residual)`; keep the rest."""
+    def sparsify_(self, tensors, outer) -> None:
+        """Replace each pseudo-gradient in `tensors` by what it sends: `sparsify(it + residual)`.
+        `outer`: the outer model the pseudo-gradients were measured from."""
         if self.residuals is None:
             self.residuals = [torch.zeros_like(t) for t in tensors]
+        if self._committed is not None and self._committed[0] == _digest(outer, tensors):
+            for tensor, (positions, values) in zip(tensors, self._committed[1], strict=True):
+                tensor.zero_().view(-1)[positions] = values
+            return
         for tensor, residual in zip(tensors, self.residuals, strict=True):
-            residual.add_(tensor)
-            sent = self.codec.sparsify(residual)
-            residual.sub_(sent)
-            tensor.copy_(sent)
+            tensor.copy_(self.codec.sparsify(tensor.add_(residual)))
+
+    @torch.no_grad()
+    def commit(self, pseudo_gradients, outer) -> None:
+        """The round's pseudo-gradients were sent: keep what was left out. `pseudo_gradients()`
+        yields them (as `sparsify_` got them) one tensor at a time; it is called twice."""
+        if self.residuals is None:
+            return
+        digest = _digest(outer, pseudo_gradients())
+        if self._committed is not None and self._committed[0] == digest:
+            return
+        sent = []
+        for pseudo_gradient, residual in zip(pseudo_gradients(), self.residuals, strict=True):
+            residual.add_(pseudo_gradient)
+            flat = self.codec.sparsify(residual).view(-1)
+            positions = flat.nonzero().squeeze(1)
+            sent.append((positions, flat[positions]))
+            residual.view(-1)[positions] -= flat[positions]
+        self._committed = (digest, sent)
+
+
+def _digest(*tensor_lists) -> bytes:
+    """A digest of every value of the tensors given (CPU copies of ones elsewhere)."""
+    h = hashlib.blake2b(digest_size=16)
+    for tensors in tensor_lists:
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+    return h.digest()
 
 
 def install() -> None:

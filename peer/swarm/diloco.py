@@ -32,9 +32,12 @@ tensors, which the outer step then reads; `GradientAverager.step` calls
 
 With the sparse codec (`grad_compression = "topk2bit"`, peer/robust/sparsecodec.py) the averager
 sends `sparsify(pseudo-gradient + residual)` and keeps the rest as its residual (error feedback,
-`ErrorFeedback`, in this process's memory: not in checkpoints; a peer that restarts, joins or
-downloads a state starts again from a zero residual). A round without partners steps with the
-sparse pseudo-gradient alone, keeping the residual, as a round with partners does.
+`ErrorFeedback`, in this process's memory: not in checkpoints; a peer that restarts or joins starts
+from a zero residual; one that downloads a state mid-run keeps it: an update it has not sent yet).
+The residual is updated when the round's result is used, right before the outer step
+(`notify_used_averaged_gradients`), from the pseudo-gradient recomputed (the outer model and the
+local one, or the overlap's snapshot, have not changed since the round began). A round without
+partners steps with the sparse pseudo-gradient alone, as a round with partners does.
 """
 
 from __future__ import annotations
@@ -79,25 +82,29 @@ class PseudoGradients:
                 "PseudoGradientAverager.outer_parameters was not set to hivemind's offloaded copy"
             )
         with self.get_tensors() as averaged:
-            if self.progress is None:
-                for outer, local, out in zip(self.outer_parameters, self.parameters, averaged, strict=True):
-                    torch.sub(outer, local.detach().to(outer.device), out=out)
-                self._feed_back(averaged)
-                return
-            # overlap: inner steps may run meanwhile (a failed round reloads from hivemind's thread),
-            # so read each tensor once, into the snapshot the outer step will be measured from
-            for outer, local, base, out in zip(
-                self.outer_parameters, self.parameters, self.progress.base, averaged, strict=True
-            ):
-                base.copy_(local.detach())
-                torch.sub(outer, base, out=out)
-            self.progress.known = True
-            self._feed_back(averaged)
+            if self.progress is not None:
+                # overlap: inner steps may run meanwhile (a failed round reloads from hivemind's thread),
+                # so read each tensor once, into the snapshot the outer step will be measured from
+                for local, base in zip(self.parameters, self.progress.base, strict=True):
+                    base.copy_(local.detach())
+                self.progress.known = True
+            for out, pseudo_gradient in zip(averaged, self._pseudo_gradients(), strict=True):
+                out.copy_(pseudo_gradient)
+            if self.error_feedback is not None:
+                self.error_feedback.sparsify_(averaged, self.outer_parameters)
 
-    def _feed_back(self, averaged: Sequence[torch.Tensor]) -> None:
-        """Sparse codec: send `sparsify(pseudo-gradient + residual)`, keep the rest (error feedback)."""
+    def _pseudo_gradients(self):
+        """Outer minus local parameters, one tensor at a time (local: the snapshot when overlapping)."""
+        locals_ = self.parameters if self.progress is None else self.progress.base
+        for outer, local in zip(self.outer_parameters, locals_, strict=True):
+            yield outer.detach() - local.detach().to(outer.device)
+
+    def notify_used_averaged_gradients(self):
+        """The round's result goes into the outer step now (hivemind calls this before it steps):
+        the sparse codec's residual keeps what this round's pseudo-gradient did not send."""
         if self.error_feedback is not None:
-            self.error_feedback.apply_(averaged)
+            self.error_feedback.commit(self._pseudo_gradients, self.outer_parameters)
+        super().notify_used_averaged_gradients()
 
     @torch.no_grad()
     def reset_accumulated_grads_(self):
