@@ -48,6 +48,15 @@ def add_logging_options(parser: argparse.ArgumentParser, *, on_subcommand: bool 
         "--log-level", default=default or "info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const="debug",
+        default=argparse.SUPPRESS,
+        help="--log-level debug: every epoch line, hivemind's own messages",
+    )
+    parser.add_argument(
         "--log-format",
         default=default or "text",
         choices=["text", "json"],

@@ -113,6 +113,7 @@ def test_logging_flags_work_before_or_after_the_subcommand(capsys):
     assert parsed("status", *tail, "--log-format", "json", "--log-level", "debug") == ("debug", "json")
     assert parsed("--log-format", "json", "status", *tail) == ("info", "json")
     assert parsed("--log-level", "error", "status", *tail, "--log-level", "debug") == ("debug", "text")
+    assert parsed("-v", "status", *tail) == parsed("status", *tail, "--verbose") == ("debug", "text")
     with pytest.raises(SystemExit):
         main(["status", "--help"])
     assert "--log-format" in capsys.readouterr().out
