@@ -8,6 +8,7 @@ with its goal; the table goes to docs/benchmarks.md.
         --variants '' overlap_communication=true,grad_compression=float16   # compare swarm settings
     python -m scripts.bench --figures allreduce --sizes-mb 100 500 --group-sizes 2 4
     python -m scripts.bench --figures wan --rates-mbit 20 --wan-runs wan30m   # as root
+    python -m scripts.bench --figures codec --out ''                  # bytes per round, seconds
 
 Figures:
 - swarm (one run per preset in `--presets`, default `tiny` and the 30M-parameter `small30m`, and per
@@ -39,6 +40,12 @@ Figures:
 - wan (needs root; skipped with the reason elsewhere): scripts/bench_wan.py. For each of
   `--wan-runs` and each of `--rates-mbit`, 2 peers in network namespaces behind links shaped to that
   rate: the share of wall time computing and the bytes sent per 1,000 samples. Goal >= 0.90 at 20.
+- codec (seconds): bytes per round per peer for `base125m`'s parameter count with fp32, fp16,
+  hivemind's 8-bit and the sparse codec (`topk2bit`, peer/robust/sparsecodec.py), each measured by
+  encoding a real part of 2^24 values (protobuf message included) and scaled: in hivemind's butterfly
+  all-reduce a peer of N sends (N-1)/N of its vector as parts and as many values back as averages.
+  topk2bit's averages are re-sparsified; the alternative, a denser return (the union of the N
+  supports at 8 bits), is measured too. Goal: topk2bit >= 250x below fp32.
 - gpu: only where CUDA is available (`scripts/gpu_smoke.sh` measures MFU there); elsewhere the
   table says why it is skipped.
 """
@@ -58,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ("swarm", "quality", "allreduce", "pull", "gpu", "wan")
+FIGURES = ("swarm", "quality", "allreduce", "pull", "gpu", "wan", "codec")
 
 
 @dataclass
@@ -715,6 +722,57 @@ def allreduce_figures(
     return rows
 
 
+def codec_bytes_per_value(codec, values) -> tuple[float, float]:
+    """(bytes per value of `codec`'s protobuf message for `values`, seconds to encode it)."""
+    from hivemind.compression import CompressionInfo
+
+    started = time.perf_counter()
+    message = codec.compress(values, CompressionInfo.from_tensor(values))
+    return len(message.SerializeToString()) / values.numel(), time.perf_counter() - started
+
+
+def codec_figures(preset: str = "base125m", group_sizes: tuple[int, ...] = (2, 4)) -> list[Row]:
+    """Bytes per round per peer for `preset`'s parameter count, each codec measured on a real part."""
+    import torch
+    from crowdtrain.peer.robust.sparsecodec import MAX_PART_VALUES, TopKCodec
+    from crowdtrain.peer.run.manifest import get_preset
+    from crowdtrain.peer.swarm.averaging import grad_compression
+
+    parameters = get_preset(preset).num_parameters()
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(MAX_PART_VALUES, generator=g) * 1e-3  # a pseudo-gradient's scale
+    ours = grad_compression("topk2bit")
+    per_value = {
+        name: codec_bytes_per_value(grad_compression(name), sample) for name in ("none", "float16", "uint8")
+    }
+    per_value["topk2bit"] = codec_bytes_per_value(ours, ours.sparsify(sample))
+    fp32 = per_value["none"][0]
+    rows = []
+    for n in group_sizes:
+        share = (n - 1) / n * parameters  # values a peer sends as parts, and as many as averages
+        union = torch.stack(
+            [ours.sparsify(torch.randn(MAX_PART_VALUES, generator=g)) for _ in range(n)]
+        ).mean(0)
+        denser = TopKCodec(fraction=min(1.0, n * ours.fraction), chunk=ours.chunk, bits=8)
+        dense_return = codec_bytes_per_value(denser, union)[0]
+        options = [(name, 2 * b, s) for name, (b, s) in per_value.items()]
+        options.append(("topk2bit, union returned at 8 bits", per_value["topk2bit"][0] + dense_return, 0.0))
+        for name, both, seconds in options:
+            ratio = 2 * fp32 / both
+            sparse = name == "topk2bit"
+            rows.append(
+                Row(
+                    f"bytes per round per peer, {preset} ({parameters / 1e6:.1f}M), {n} peers, {name}",
+                    f"{share * both / 1e6:.1f} MB sent and as many received ({both * 4:.3f} bits per value each way), "
+                    f"{ratio:.0f}x below fp32"
+                    + (f"; encode {seconds:.2f} s per 2^24 values" if seconds else ""),
+                    ">= 250x below fp32" if sparse else "-",
+                    ratio >= 250 if sparse else None,
+                )
+            )
+    return rows
+
+
 def pull_rows(size_mb: float, work: Path, rounds: int) -> list[Row]:
     from scripts.bench_pull import pull_figures
 
@@ -835,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += pull_rows(args.pull_mb, Path(tmp) / "pull", args.pull_rounds)
         if "gpu" in args.figures:
             rows += gpu_figures()
+        if "codec" in args.figures:
+            rows += codec_figures()
         if "wan" in args.figures:
             from scripts.bench_wan import wan_rows
 
