@@ -112,15 +112,25 @@ def _unpack(buffer: bytes, count: int, width: int) -> np.ndarray:
     return np.packbits(padded, axis=1).view(">u4").reshape(-1).astype(np.int64)
 
 
-def _select(x: torch.Tensor, k: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Of each row of x (n, length): the k kept positions (ascending), their codes, the row's scale."""
+def _select(
+    x: torch.Tensor, k: int, bits: int, rounding: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of each row of x (n, length): the k kept positions (ascending), their codes, the row's scale.
+    Codes round to the nearest level, or up or down at random in proportion (unbiased) with a
+    `rounding` generator; a value on the grid keeps its code either way."""
     idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
     kept = torch.gather(x, 1, idx)
     scale = kept.abs().amax(dim=1).to(torch.bfloat16).float()
     top = 2**bits - 1
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round((kept / safe[:, None] * top + top) / 2).clamp_(0, top).long()
-    return idx, codes, scale
+    position = (kept / safe[:, None] * top + top) / 2  # in [0, top], levels at the integers
+    if rounding is None:
+        codes = torch.round(position)
+    else:
+        on_grid = position == torch.round(position)
+        randomly = torch.floor(position + torch.rand(position.shape, generator=rounding))
+        codes = torch.where(on_grid, position, randomly)
+    return idx, codes.clamp_(0, top).long(), scale
 
 
 def _dense(
@@ -138,25 +148,38 @@ class TopKCodec(CompressionBase):
     compression_type = runtime_pb2.CompressionType.BLOCKWISE_8BIT
 
     def __init__(
-        self, fraction: float = 0.01, chunk: int = 4096, bits: int = 2, part_size_bytes: int = 2**21
+        self,
+        fraction: float = 0.01,
+        chunk: int = 4096,
+        bits: int = 2,
+        part_size_bytes: int = 2**21,
+        return_bits: int = 4,
     ):
         if not (MIN_CHUNK <= chunk <= MAX_CHUNK and chunk & (chunk - 1) == 0):
             raise ValueError(f"chunk {chunk} is not a power of two in [{MIN_CHUNK}, {MAX_CHUNK}]")
-        if not 1 <= bits <= MAX_BITS or not 0 < fraction <= 1:
-            raise ValueError(f"bits {bits} must be in [1, {MAX_BITS}] and fraction {fraction} in (0, 1]")
+        if not (1 <= bits <= MAX_BITS and 1 <= return_bits <= MAX_BITS and 0 < fraction <= 1):
+            raise ValueError(
+                f"bits {bits} and return_bits {return_bits} must be in [1, {MAX_BITS}], fraction {fraction} in (0, 1]"
+            )
         if part_size_bytes & (part_size_bytes - 1):
             raise ValueError(f"part_size_bytes {part_size_bytes} is not a power of two")
-        self.fraction, self.chunk, self.bits = fraction, chunk, bits
+        self.fraction, self.chunk, self.bits, self.return_bits = fraction, chunk, bits, return_bits
         self.k = max(1, min(chunk, round(fraction * chunk)))
         self.part_size_bytes = part_size_bytes
 
-    def sparsify(self, tensor: torch.Tensor) -> torch.Tensor:
-        """What `tensor` (any shape, chunked along its flattened values) becomes through the codec."""
+    def for_returns(self) -> TopKCodec:
+        """The codec a reducer's averages travel in: the same positions per chunk, `return_bits`
+        per value (a 2-bit grid rounding a mean of several peers' values loses too much of it)."""
+        return TopKCodec(self.fraction, self.chunk, self.return_bits, self.part_size_bytes, self.return_bits)
+
+    def sparsify(self, tensor: torch.Tensor, rounding: torch.Generator | None = None) -> torch.Tensor:
+        """What `tensor` (any shape, chunked along its flattened values) becomes through the codec;
+        with a `rounding` generator its values round at random, unbiased (`_select`)."""
         flat = tensor.detach().reshape(-1).float()
         pieces, start = [], 0
         for n, length, k in _blocks(flat.numel(), self.chunk, self.k):
             x = flat[start : start + n * length].view(n, length)
-            pieces.append(_dense(*_select(x, k, self.bits), length, self.bits).view(-1))
+            pieces.append(_dense(*_select(x, k, self.bits, rounding), length, self.bits).view(-1))
             start += n * length
         out = torch.cat(pieces) if pieces else torch.zeros(0)
         return out.view(tensor.shape).to(tensor.dtype)
@@ -205,7 +228,10 @@ class TopKCodec(CompressionBase):
         return self.part_size_bytes / (element_size * MAX_PART_VALUES)
 
     def __repr__(self):
-        return f"TopKCodec(fraction={self.fraction}, chunk={self.chunk}, bits={self.bits})"
+        return (
+            f"TopKCodec(fraction={self.fraction}, chunk={self.chunk}, bits={self.bits}, "
+            f"return_bits={self.return_bits})"
+        )
 
 
 def _checked_header(message: runtime_pb2.Tensor) -> tuple[int, int, int, int]:
@@ -294,21 +320,32 @@ class ErrorFeedback:
             tensor.copy_(self.codec.sparsify(tensor.add_(residual)))
 
     @torch.no_grad()
-    def commit(self, pseudo_gradients, outer) -> None:
+    def commit(self, pseudo_gradients, outer, returned=None) -> None:
         """The round's pseudo-gradients were sent: keep what was left out. `pseudo_gradients()`
-        yields them (as `sparsify_` got them) one tensor at a time; it is called twice."""
+        yields them (as `sparsify_` got them) one tensor at a time; it is called twice.
+
+        `returned`: the round's average as the reducers sent it back (re-sparsified by the codec).
+        Where it is zero, what we sent was dropped on the way back: that stays in the residual too,
+        so it is sent again next round. Each peer keeping its own dropped values makes the next
+        round's mean carry what this round's mean lost outside its returned support (exactly, for
+        equal weights in both rounds; the 2-bit rounding of the returned values is not carried)."""
         if self.residuals is None:
             return
         digest = _digest(outer, pseudo_gradients())
         if self._committed is not None and self._committed[0] == digest:
             return
         sent = []
-        for pseudo_gradient, residual in zip(pseudo_gradients(), self.residuals, strict=True):
+        back = returned if returned is not None else [None] * len(self.residuals)
+        for pseudo_gradient, residual, got in zip(pseudo_gradients(), self.residuals, back, strict=True):
             residual.add_(pseudo_gradient)
             flat = self.codec.sparsify(residual).view(-1)
             positions = flat.nonzero().squeeze(1)
-            sent.append((positions, flat[positions]))
-            residual.view(-1)[positions] -= flat[positions]
+            values = flat[positions]
+            sent.append((positions, values))
+            if got is not None:  # only what the swarm applied leaves the residual
+                applied = got.reshape(-1)[positions] != 0
+                positions, values = positions[applied], values[applied]
+            residual.view(-1)[positions] -= values
         self._committed = (digest, sent)
 
 

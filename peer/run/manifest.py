@@ -55,10 +55,12 @@ class SwarmSpec:
     inner_warmup_steps: int = 50  # diloco: local steps over which the local AdamW's learning rate warms up
     # grad_compression="topk2bit" (diloco only; peer/robust/sparsecodec.py): of each chunk of
     # sparse_chunk values (a power of two) only the sparse_fraction largest travel, as sparse_bits-bit
-    # codes; the rest is carried to the next round (error feedback). Defaults: ~290x below fp32
+    # codes, and the averages come back the same way at sparse_return_bits; the rest is carried to
+    # the next round (error feedback). Defaults: ~270x fewer bytes than fp32 (docs/performance.md)
     sparse_fraction: float = 0.01
     sparse_chunk: int = 4096
     sparse_bits: int = 2
+    sparse_return_bits: int = 4
 
 
 GRAD_COMPRESSIONS = ("none", "float16", "scaled_float16", "uint8", "topk2bit")
@@ -132,15 +134,17 @@ def _check_sparse(spec: SwarmSpec) -> None:
             "peers carry what the codec leaves out to the next round); set --swarm mode=diloco or "
             "choose another compression"
         )
-    fraction, chunk, bits = spec.sparse_fraction, spec.sparse_chunk, spec.sparse_bits
+    fraction, chunk = spec.sparse_fraction, spec.sparse_chunk
     if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ManifestError(f"swarm setting sparse_fraction must be in (0, 1], not {fraction!r}")
     if not isinstance(chunk, int) or not 64 <= chunk <= 65536 or chunk & (chunk - 1):
         raise ManifestError(
             f"swarm setting sparse_chunk must be a power of two from 64 to 65536, not {chunk!r}"
         )
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ManifestError(f"swarm setting sparse_bits must be an integer from 1 to 8, not {bits!r}")
+    for key in ("sparse_bits", "sparse_return_bits"):
+        bits = getattr(spec, key)
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+            raise ManifestError(f"swarm setting {key} must be an integer from 1 to 8, not {bits!r}")
 
 
 @dataclass(frozen=True)

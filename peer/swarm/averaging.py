@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from typing import AsyncIterator  # noqa: UP035 (hivemind reads rpc_* annotations via typing)
 
 import torch
@@ -65,9 +66,9 @@ class RobustAllReduceRunner(AllReduceRunner):
     hivemind does for a reducer that failed. Evidence goes to `evidence` with the offender's id.
 
     With the sparse codec (`TopKCodec`, mode=diloco's "topk2bit") a reducer snaps its average to the
-    codec (`sparsify`) and sends every sender that same average, not `average - part` (which the
-    codec could not carry exactly): every peer applies the same update, and each converts it to
-    `average - part` itself before the check."""
+    codec's return grid (`for_returns().sparsify`) and sends every sender that same average, not
+    `average - part` (which the codec could not carry exactly): every peer applies the same update,
+    and each converts it to `average - part` itself before the check."""
 
     def __init__(
         self,
@@ -99,24 +100,27 @@ class RobustAllReduceRunner(AllReduceRunner):
         self._register_unchecked = container.register_processed_part
         container.register_processed_part = self._register_checked  # register_failed_reducer uses it too
         codec = container.compression
-        self._snap = codec if isinstance(codec, TopKCodec) else None
+        self._snap = codec.for_returns() if isinstance(codec, TopKCodec) else None
         self._registering_failure = False
         if self._snap is not None:
             self._snap_to_codec(container)
 
     def _snap_to_codec(self, container) -> None:
-        """Sparse codec: our reducer's averages pass through `sparsify` (one per part, the same for
-        every sender); a failed reducer's parts are registered as deltas (zeros), not averages."""
+        """Sparse codec: our reducer's averages pass through the return codec's `sparsify`, rounded
+        at random (unbiased: the peers' error feedback carries what is dropped, not the rounding),
+        one per part, the same for every sender; a failed reducer's parts are registered as deltas
+        (zeros), not averages."""
         reduce_part, register_failed = (
             self.tensor_part_reducer.accumulate_part,
             container.register_failed_reducer,
         )
         snapped: list = [-1, None]  # (part index, its snapped average): parts finish in order
+        rounding = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
         async def accumulate_snapped(sender_index, part_index, tensor_part, weight=1.0):
             average = await reduce_part(sender_index, part_index, tensor_part, weight=weight)
             if snapped[0] != part_index:
-                snapped[:] = [part_index, self._snap.sparsify(average)]
+                snapped[:] = [part_index, self._snap.sparsify(average, rounding=rounding)]
             return snapped[1]
 
         def register_failed_reducer(peer_index: int):
@@ -380,6 +384,7 @@ def grad_compression(name: str, spec=None):
             chunk=spec.sparse_chunk,
             bits=spec.sparse_bits,
             part_size_bytes=GRAD_PART_SIZE_BYTES,
+            return_bits=spec.sparse_return_bits,
         )
 
     codecs = {

@@ -36,7 +36,8 @@ sends `sparsify(pseudo-gradient + residual)` and keeps the rest as its residual 
 from a zero residual; one that downloads a state mid-run keeps it: an update it has not sent yet).
 The residual is updated when the round's result is used, right before the outer step
 (`notify_used_averaged_gradients`), from the pseudo-gradient recomputed (the outer model and the
-local one, or the overlap's snapshot, have not changed since the round began). A round without
+local one, or the overlap's snapshot, have not changed since the round began); values the reducers
+dropped when they re-sparsified the average stay in it too (`ErrorFeedback.commit`). A round without
 partners steps with the sparse pseudo-gradient alone, as a round with partners does.
 """
 
@@ -103,7 +104,8 @@ class PseudoGradients:
         """The round's result goes into the outer step now (hivemind calls this before it steps):
         the sparse codec's residual keeps what this round's pseudo-gradient did not send."""
         if self.error_feedback is not None:
-            self.error_feedback.commit(self._pseudo_gradients, self.outer_parameters)
+            with self.get_tensors() as averaged:  # the round's average, as the reducers returned it
+                self.error_feedback.commit(self._pseudo_gradients, self.outer_parameters, averaged)
         super().notify_used_averaged_gradients()
 
     @torch.no_grad()
