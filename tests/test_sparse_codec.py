@@ -97,6 +97,21 @@ def test_base125m_rounds_are_at_least_250x_smaller_than_fp32():
     assert codec.estimate_compression_ratio(CompressionInfo.from_tensor(sample)) == 2**21 / (4 * 2**24)
 
 
+def test_hivemind_cuts_parts_that_fit_its_messages_and_align_with_chunks():
+    """Dense knobs get smaller parts (a stream message must stay small); every part size is a power
+    of two of whole chunks, and hivemind's own split gives exactly that many values."""
+    from hivemind.averaging.partition import TensorPartContainer
+
+    for fraction, bits, chunk in ((0.01, 2, 4096), (0.5, 8, 64), (1.0, 8, 65536)):
+        codec = TopKCodec(fraction=fraction, chunk=chunk, bits=bits, return_bits=bits)
+        values = codec.part_values()
+        assert values % chunk == 0 and values & (values - 1) == 0
+        assert encoded_size(values, chunk, codec.k, bits) <= 2**21
+        tensor = torch.zeros(values + 5)
+        container = TensorPartContainer([tensor], (1.0,), compression=codec, part_size_bytes=2**21)
+        assert [len(part) for part, _ in container._input_parts_by_peer[0]] == [values, 5]
+
+
 def _message(buffer: bytes, numel: int, dtype: str = "float32"):
     return hivemind.proto.runtime_pb2.Tensor(
         compression=TopKCodec.compression_type, buffer=buffer, size=[numel], dtype=dtype

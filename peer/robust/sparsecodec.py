@@ -220,12 +220,21 @@ class TopKCodec(CompressionBase):
             values.append(block.view(-1))
         return torch.cat(values) if values else torch.zeros(0)
 
+    def part_values(self) -> int:
+        """Values per part: MAX_PART_VALUES (~230 KB encoded at 1% and 2 bits), halved while a part
+        or its average would encode to more than `part_size_bytes` (dense knobs); a power of two of
+        at least one chunk, so a part's chunks are its tensor's."""
+        values, bits = MAX_PART_VALUES, max(self.bits, self.return_bits)
+        while values > self.chunk and encoded_size(values, self.chunk, self.k, bits) > self.part_size_bytes:
+            values //= 2
+        return values
+
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        """Chosen so that hivemind cuts tensors into parts of exactly MAX_PART_VALUES values: hivemind
+        """Chosen so that hivemind cuts tensors into parts of exactly `part_values()` values: hivemind
         1.1.12 takes int(part_size_bytes / (element size x ratio)) values per part (powers of two:
-        exact). A part of 2^24 values encodes to ~230 KB at 1% and 2 bits."""
+        exact)."""
         element_size = torch.empty((), dtype=info.descriptor.dtype or torch.float32).element_size()
-        return self.part_size_bytes / (element_size * MAX_PART_VALUES)
+        return self.part_size_bytes / (element_size * self.part_values())
 
     def __repr__(self):
         return (
