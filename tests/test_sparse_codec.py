@@ -13,6 +13,7 @@ import torch
 from crowdtrain.peer.robust.sparsecodec import HEADER, MAX_PART_VALUES, ErrorFeedback, TopKCodec, encoded_size
 from crowdtrain.peer.run.manifest import ManifestError, SwarmSpec, check_swarm, get_preset, override_swarm
 from crowdtrain.peer.swarm.averaging import GuardedAverager, grad_compression
+from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
 LOCAL = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -205,51 +206,68 @@ def test_the_sparse_codec_needs_the_low_communication_mode_and_sane_knobs():
 def dhts():
     root = hivemind.DHT(start=True, **LOCAL)
     nodes = [root] + [
-        hivemind.DHT(initial_peers=root.get_visible_maddrs(), start=True, **LOCAL) for _ in range(2)
+        hivemind.DHT(initial_peers=root.get_visible_maddrs(), start=True, **LOCAL) for _ in range(3)
     ]
     yield nodes
     for dht in nodes:
         dht.shutdown()
 
 
-def test_three_averagers_agree_on_the_sparse_mean_within_the_codec_error(dhts):
-    """Three robust averagers with the codec average sparse pseudo-gradients (a shared direction
-    plus each peer's noise): every peer ends with the same update, the mean snapped by the codec."""
-    codec = grad_compression("topk2bit")
+def honest_sparse_parts(codec: TopKCodec, peers: int = 3) -> list[list[torch.Tensor]]:
+    """Each peer's sparse pseudo-gradients: a shared direction plus its own noise."""
     g = torch.Generator().manual_seed(3)
     direction = [torch.randn(30_000, generator=g), torch.randn(5_000, generator=g)]
-    peers = [
-        [codec.sparsify(d + 0.5 * torch.randn(d.shape, generator=g)) for d in direction] for _ in range(3)
+    return [
+        [codec.sparsify(d + 0.5 * torch.randn(d.shape, generator=g)) for d in direction] for _ in range(peers)
     ]
-    mean = [torch.stack(parts).mean(0) for parts in zip(*peers, strict=True)]
+
+
+def average_once(dhts, prefix: str, tensors_per_peer, attacker=None) -> list[list[torch.Tensor]]:
+    """One round of robust averagers with the sparse codec (+ a stock hivemind sender sending
+    `attacker`'s tensors with the same codec): the honest averagers' tensors afterwards."""
+    codec = grad_compression("topk2bit")
+    size = len(tensors_per_peer) + (attacker is not None)
+    common = dict(
+        prefix=prefix,
+        target_group_size=size,
+        min_group_size=size,
+        min_matchmaking_time=2.0,
+        request_timeout=1.0,
+        allreduce_timeout=30.0,
+        next_chunk_timeout=10.0,
+        compression=codec,
+        part_size_bytes=2**21,
+        start=True,
+    )
     averagers = [
-        GuardedAverager(
-            [t.clone() for t in tensors],
-            dht=dht,
-            prefix="sparse",
-            target_group_size=3,
-            min_group_size=3,
-            min_matchmaking_time=2.0,
-            request_timeout=1.0,
-            allreduce_timeout=30.0,
-            next_chunk_timeout=10.0,
-            compression=codec,
-            part_size_bytes=2**21,
-            start=True,
-        )
-        for tensors, dht in zip(peers, dhts, strict=True)
+        GuardedAverager([t.clone() for t in tensors], dht=dht, **common)
+        for tensors, dht in zip(tensors_per_peer, dhts, strict=False)
     ]
+    if attacker is not None:
+        averagers.append(
+            DecentralizedAverager(attacker, dht=dhts[len(tensors_per_peer)], client_mode=True, **common)
+        )
     try:
         controls = [a.step(wait=False, timeout=20) for a in averagers]
         for control in controls:
-            assert len(control.result(timeout=25)) == 3
+            assert len(control.result(timeout=25)) == size
         results = []
-        for averager in averagers:
+        for averager in averagers[: len(tensors_per_peer)]:
             with averager.get_tensors() as tensors:
                 results.append([t.clone() for t in tensors])
+        return results
     finally:
         for averager in averagers:
             averager.shutdown()
+
+
+def test_three_averagers_agree_on_the_sparse_mean_within_the_codec_error(dhts):
+    """Three robust averagers with the codec average sparse pseudo-gradients: every peer ends with
+    the same update, the mean re-sparsified on the way back."""
+    codec = grad_compression("topk2bit")
+    peers = honest_sparse_parts(codec)
+    mean = [torch.stack(parts).mean(0) for parts in zip(*peers, strict=True)]
+    results = average_once(dhts, "sparse", peers)
     for result in results[1:]:
         for a, b in zip(result, results[0], strict=True):
             assert torch.allclose(a, b, atol=1e-6)  # the same update everywhere (to rounding)
@@ -260,3 +278,18 @@ def test_three_averagers_agree_on_the_sparse_mean_within_the_codec_error(dhts):
         step = 2 / (2**back_codec.bits - 1) * float(want.abs().max())
         assert float((got - want)[got != 0].abs().max()) <= step + 1e-6
         assert float((got - want).norm()) <= 1.2 * float((nearest - want).norm()) + 1e-4
+
+
+def test_a_huge_sparse_part_is_dropped_by_robust_aggregation(dhts):
+    """A stock hivemind sender's well-encoded sparse part x1e4 goes through robust reduction like
+    any other: the honest peers end near their own mean, not pulled a thousand-fold."""
+    codec = grad_compression("topk2bit")
+    peers = honest_sparse_parts(codec)
+    honest_mean = [torch.stack(parts).mean(0) for parts in zip(*peers, strict=True)]
+    attack = [codec.sparsify(t * 1e4) for t in honest_sparse_parts(codec, peers=4)[3]]
+    results = average_once(dhts, "sparse-attacked", peers, attacker=attack)
+    for result in results:
+        for got, want in zip(result, honest_mean, strict=True):
+            assert float((got - want).norm()) < 2 * float(want.norm()), float(
+                (got - want).norm() / want.norm()
+            )
