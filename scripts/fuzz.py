@@ -82,6 +82,7 @@ ALLOWED_CODES = frozenset(
         "RESOURCE_EXHAUSTED",
         "FAILED_PRECONDITION",
         "ALREADY_EXISTS",
+        "ABORTED",  # a session's older HeartbeatStream, ended when the session opens a newer one
     )
 )
 GRPC_UNKNOWN_METHOD = "Method not found!"  # grpc's details of UNIMPLEMENTED for a method not served
