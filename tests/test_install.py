@@ -31,6 +31,10 @@ import pytest
 
 from tests.helpers import ROOT, Launcher
 
+# one worker for the tests that read or change the source tree (-n 2):
+# it copies the source tree, to which test_layers' probes add modules for a moment
+pytestmark = pytest.mark.xdist_group("source_tree")
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: tomli, a dependency there

@@ -15,6 +15,10 @@ import pytest
 
 from tests.helpers import ROOT
 
+# one worker for the tests that read or change the source tree (-n 2):
+# its probes add modules to the source tree for a moment, and the wheel test copies that tree
+pytestmark = pytest.mark.xdist_group("source_tree")
+
 MAX_FUNCTION_LINES = 60
 # size by concept, not by file: a folder is one concept, small enough to hold in one's head
 MAX_FILE_LINES = 600

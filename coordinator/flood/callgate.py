@@ -146,6 +146,8 @@ class CallGate(grpc.aio.ServerInterceptor):
             if not ticket.end_reason:  # the client went away, or the server stops
                 raise
             asyncio.current_task().uncancel()
+            if context.done():  # the client's deadline passed meanwhile: a status now fails in gRPC's core
+                return None
             code = grpc.StatusCode.ABORTED if ticket.session_id else grpc.StatusCode.RESOURCE_EXHAUSTED
             await context.abort(code, f"ended by the coordinator: {ticket.end_reason}")
         finally:
