@@ -204,6 +204,10 @@ def test_the_sparse_codec_needs_the_low_communication_mode_and_sane_knobs():
 
 @pytest.fixture(scope="module")
 def dhts():
+    # one torch thread while averagers fork from this process: a fork while torch's OpenMP pool is
+    # busy can leave the child broken (an averager child crashed in a two-worker run)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     root = hivemind.DHT(start=True, **LOCAL)
     nodes = [root] + [
         hivemind.DHT(initial_peers=root.get_visible_maddrs(), start=True, **LOCAL) for _ in range(3)
@@ -211,6 +215,7 @@ def dhts():
     yield nodes
     for dht in nodes:
         dht.shutdown()
+    torch.set_num_threads(threads)
 
 
 def honest_sparse_parts(codec: TopKCodec, peers: int = 3) -> list[list[torch.Tensor]]:

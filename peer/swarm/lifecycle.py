@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-# a hivemind child that got a SIGTERM meant for its whole process group waits this long for its
-# parent's orderly shutdown before it goes anyway (the parent's leave takes ~10 s)
-GROUP_SIGTERM_GRACE_S = 30.0
 _tied = False
 
 
@@ -81,28 +78,14 @@ def tie_children_to_this_process() -> None:
         _kill_own_children()
         os._exit(128 + signum)
 
-    forking, asked = [0], []
-
-    def on_sigterm(signum, frame):
-        """The parent died, or it (hivemind's "hard way", multiprocessing at exit) asks a second
-        time: go now. A first SIGTERM while the parent lives came to the whole process group
-        (`timeout`, `kill -- -PGID`, systemd's KillMode=control-group): the parent got it too and
-        shuts its children down in order, which a child dead at once would hang (hivemind's
-        shared MPFuture lock, held by a process that is gone). So stay, for a grace period."""
-        if os.getppid() != forking[0] or asked:
-            on_parent_death(signum, frame)
-        asked.append(time.monotonic())
-        timer = threading.Timer(GROUP_SIGTERM_GRACE_S, on_parent_death, (signum, None))
-        timer.daemon = True
-        timer.start()
+    forking = [0]
 
     def before() -> None:
         forking[0] = os.getpid()
 
     def in_child() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        signal.signal(signal.SIGTERM, on_sigterm)
-        asked.clear()
+        signal.signal(signal.SIGTERM, on_parent_death)
         if os.getppid() != forking[0]:  # the parent died before prctl took effect
             on_parent_death(signal.SIGTERM, None)
 
