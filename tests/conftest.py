@@ -3,6 +3,7 @@ what it started. The helpers they use, and that tests import, are in tests/helpe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -52,14 +53,25 @@ def _no_proxy(monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-    """With `pytest -n 2 --dist loadgroup` (scripts/test.sh), the tests that launch a swarm run one
-    after another on one worker while the other worker takes everything else: two swarms at once on
-    two cores would starve each other's averaging rounds. Without xdist the mark does nothing."""
+    """scripts/test.sh runs the suite in two phases (CROWDTRAIN_TEST_PHASE): `forks`, one process, the
+    test modules that fork hivemind from pytest's own process; `rest`, two xdist workers, where the
+    tests that launch a swarm (and those held to a latency bound) run one after another on one
+    worker while the other takes everything else: two swarms at once on two cores would starve each
+    other's averaging rounds. Unset: every test, and the xdist mark does nothing without xdist."""
+    phase = os.environ.get("CROWDTRAIN_TEST_PHASE", "")
+    kept, dropped = [], []
     for item in items:
+        forks = item.module.__name__.rsplit(".", 1)[-1] in FORKS_HIVEMIND_HERE
+        if phase and forks != (phase == "forks"):
+            dropped.append(item)
+            continue
+        kept.append(item)
         swarm = any(item.get_closest_marker(name) for name in ("swarm", "attack", "compat"))
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if swarm or module in FORKS_HIVEMIND_HERE or item.name in MEASURES_LATENCY:
+        if swarm or item.name in MEASURES_LATENCY:
             item.add_marker(pytest.mark.xdist_group("swarm"))
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 # tests that hold the coordinator to a latency bound (p99 of a good peer's heartbeats under a flood):
@@ -72,9 +84,10 @@ MEASURES_LATENCY = frozenset(
 )
 
 
-# test modules that fork hivemind's DHT or averagers from the pytest process itself (no exec): in
-# a two-worker run beside a swarm test, a fork of test_robust_averaging's averagers hung twice in
-# `wait_until_ready` (600 s each; the fork hazard of issue 26), so they run on the swarm tests' worker
+# test modules that fork hivemind's DHT or averagers (or other children) from pytest's own process,
+# without exec. In an xdist worker those forks went wrong: averager forks hung in wait_until_ready
+# (600 s each), forked children segfaulted in the garbage collector and in hivemind's matchmaking
+# (the fork hazard of issue 26: a fork beside other threads). So they run in a plain pytest process.
 FORKS_HIVEMIND_HERE = frozenset(
     {
         "test_credit",
@@ -88,5 +101,6 @@ FORKS_HIVEMIND_HERE = frozenset(
         "test_state_trust",
         "test_swarm_auth",
         "test_terminal",
+        "test_bandwidth",
     }
 )
